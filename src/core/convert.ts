@@ -1,0 +1,190 @@
+import {createHash} from 'node:crypto'
+import {copyFileSync, existsSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, mkdirSync} from 'node:fs'
+import {basename, dirname, join, resolve} from 'node:path'
+
+import {Checkpoint} from './checkpoint.js'
+import {UserError} from './errors.js'
+import {
+  BACKBONE_WEIGHTS_FILE,
+  COPIED_FILES,
+  MANIFEST_FILE,
+  PACKAGE_FORMAT,
+  PACKAGE_FORMAT_VERSION,
+  type PackageManifest,
+  type PackageVariant,
+  variantGraphFile,
+  variantWeightsFile,
+} from './model-package.js'
+import {ExternalDataFile} from './onnx/external-data.js'
+import {buildDecoderGraph} from './onnx/parscale-graph.js'
+import {CheckpointWeights, WeightStore, type WeightDtype} from './onnx/weights.js'
+import {TOOL_VERSION} from './version.js'
+
+export interface ConvertProgress {
+  phase: string
+  doneBytes: number
+  totalBytes: number
+}
+
+export interface ConvertOptions {
+  /** Checkpoint folders; several must share one backbone and differ in P. */
+  sources: string[]
+  outDir: string
+  dtype: WeightDtype
+  /** Replace an existing package at outDir. */
+  force?: boolean
+  /** How the source is named in the manifest (a hub repo id, say); default: its path. */
+  sourceLabel?: string
+  onProgress?: (progress: ConvertProgress) => void
+}
+
+/**
+ * Converts Hugging Face checkpoints into one model package. Everything is written into a
+ * temporary sibling folder that is renamed into place only when complete, so a failed or
+ * interrupted conversion leaves nothing a later command would load.
+ */
+export function convertCheckpoints(options: ConvertOptions): PackageManifest {
+  const checkpoints = options.sources.map((source) => Checkpoint.open(source))
+  checkSameFamily(checkpoints)
+  const outDir = resolve(options.outDir)
+  if (existsSync(outDir) && !options.force) {
+    throw new UserError(`${outDir} already exists; choose another --out or pass --force to replace it`)
+  }
+  mkdirSync(dirname(outDir), {recursive: true})
+  const tempDir = `${outDir}.partial-${process.pid}-${Date.now()}`
+  mkdirSync(tempDir)
+  const removeTemp = () => rmSync(tempDir, {recursive: true, force: true})
+  process.once('SIGINT', onInterrupt)
+  process.once('SIGTERM', onInterrupt)
+  function onInterrupt(signal: NodeJS.Signals): void {
+    removeTemp()
+    process.kill(process.pid, signal)
+  }
+  try {
+    const manifest = writePackage(tempDir, checkpoints, options)
+    replaceDir(tempDir, outDir)
+    return manifest
+  } catch (error) {
+    removeTemp()
+    if ((error as NodeJS.ErrnoException).code === 'ENOSPC') throw new UserError(`${outDir}: no space left on device while converting; nothing was written`)
+    throw error
+  } finally {
+    process.removeListener('SIGINT', onInterrupt)
+    process.removeListener('SIGTERM', onInterrupt)
+  }
+}
+
+function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOptions): PackageManifest {
+  const totalBytes = checkpoints.reduce((sum, c) => sum + c.totalBytes, 0)
+  let doneBytes = 0
+  const report = (phase: string) => options.onProgress?.({phase, doneBytes, totalBytes})
+  const backboneFile = new ExternalDataFile(join(dir, BACKBONE_WEIGHTS_FILE))
+  const store = new WeightStore(backboneFile)
+  const variants: PackageVariant[] = []
+  for (const checkpoint of checkpoints) {
+    const {config} = checkpoint
+    const phase = `converting P=${config.parallel}`
+    report(phase)
+    const streamFile = config.parallel > 1 ? new ExternalDataFile(join(dir, variantWeightsFile(config.parallel))) : undefined
+    store.setStreamFile(streamFile)
+    const graph = buildDecoderGraph(
+      config,
+      (g) =>
+        new CheckpointWeights(g, checkpoint, store, options.dtype, (bytes) => {
+          doneBytes += bytes
+          report(phase)
+        }),
+    )
+    streamFile?.close()
+    const graphFile = variantGraphFile(config.parallel)
+    writeFileSync(join(dir, graphFile), graph.toModelBytes(TOOL_VERSION, {parallel: String(config.parallel)}))
+    variants.push({
+      parallel: config.parallel,
+      graph: graphFile,
+      weights: streamFile ? variantWeightsFile(config.parallel) : null,
+      prefixTokens: config.prefixTokens,
+      attnSmooth: config.attnSmooth,
+      source: options.sourceLabel && checkpoints.length === 1 ? options.sourceLabel : resolve(checkpoint.dir),
+    })
+  }
+  backboneFile.close()
+
+  const first = checkpoints[0]
+  for (const name of COPIED_FILES) {
+    const file = join(first.dir, name)
+    if (existsSync(file)) copyFileSync(file, join(dir, name))
+  }
+  const c = first.config
+  const manifest: PackageManifest = {
+    format: PACKAGE_FORMAT,
+    formatVersion: PACKAGE_FORMAT_VERSION,
+    toolVersion: TOOL_VERSION,
+    createdAt: new Date().toISOString(),
+    source: options.sourceLabel ?? resolve(first.dir),
+    sourceFingerprint: checkpoints.map((cp) => checkpointFingerprint(cp.dir)).join('+'),
+    dtype: options.dtype,
+    model: {
+      vocabSize: c.vocabSize,
+      hiddenSize: c.hiddenSize,
+      intermediateSize: c.intermediateSize,
+      numLayers: c.numLayers,
+      numHeads: c.numHeads,
+      numKvHeads: c.numKvHeads,
+      headDim: c.headDim,
+      maxPositionEmbeddings: c.maxPositionEmbeddings,
+      rmsNormEps: c.rmsNormEps,
+      ropeTheta: c.ropeTheta,
+      tieWordEmbeddings: c.tieWordEmbeddings,
+    },
+    backbone: {weights: BACKBONE_WEIGHTS_FILE, bytes: backboneFile.size, sha256: store.backboneDigest()},
+    parallel: variants.map((v) => v.parallel),
+    variants,
+  }
+  // The manifest goes last: a folder without one is never taken for a package.
+  writeFileSync(join(dir, MANIFEST_FILE), JSON.stringify(manifest, null, 2) + '\n')
+  report('done')
+  return manifest
+}
+
+/** Several sources make one package only as P variants of one backbone shape. */
+function checkSameFamily(checkpoints: Checkpoint[]): void {
+  if (checkpoints.length === 0) throw new UserError('nothing to convert: give at least one checkpoint folder')
+  const shape = (cp: Checkpoint) => {
+    const {vocabSize, hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim, tieWordEmbeddings, rmsNormEps, ropeTheta} = cp.config
+    return JSON.stringify({vocabSize, hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim, tieWordEmbeddings, rmsNormEps, ropeTheta})
+  }
+  const seen = new Set<number>()
+  for (const cp of checkpoints) {
+    if (shape(cp) !== shape(checkpoints[0])) throw new UserError(`${cp.dir}: its backbone shape differs from ${checkpoints[0].dir}; only P variants of one model share a package`)
+    if (seen.has(cp.config.parallel)) throw new UserError(`${cp.dir}: P=${cp.config.parallel} is given twice`)
+    seen.add(cp.config.parallel)
+  }
+}
+
+/** Identifies a checkpoint's content cheaply: config text plus each weight file's size and mtime. */
+export function checkpointFingerprint(dir: string): string {
+  const hash = createHash('sha256')
+  hash.update(readFileSync(join(dir, 'config.json')))
+  for (const name of readdirSync(dir).sort()) {
+    if (!name.endsWith('.safetensors') && !name.endsWith('.json')) continue
+    const stat = statSync(join(dir, name))
+    hash.update(`${name}:${stat.size}:${stat.mtimeMs}\n`)
+  }
+  return hash.digest('hex').slice(0, 16)
+}
+
+/** Moves a finished folder to its final path, replacing what was there only at the end. */
+function replaceDir(from: string, to: string): void {
+  if (!existsSync(to)) {
+    renameSync(from, to)
+    return
+  }
+  const old = `${to}.old-${process.pid}-${Date.now()}`
+  renameSync(to, old)
+  renameSync(from, to)
+  rmSync(old, {recursive: true, force: true})
+}
+
+export function defaultOutDir(source: string): string {
+  return `${resolve(source)}-onnx`.replace(/[\\/]$/, '') || basename(source)
+}

@@ -1,0 +1,113 @@
+import {existsSync, readFileSync, statSync} from 'node:fs'
+import {join} from 'node:path'
+
+import type {ModelConfig} from './config.js'
+import {FileFormatError, UserError} from './errors.js'
+import type {WeightDtype} from './onnx/weights.js'
+
+export const MANIFEST_FILE = 'parscale.json'
+export const BACKBONE_WEIGHTS_FILE = 'backbone.weights'
+export const PACKAGE_FORMAT = 'parscale-onnx'
+export const PACKAGE_FORMAT_VERSION = 1
+
+/** Files copied from the checkpoint so a package runs on its own. */
+export const COPIED_FILES = ['config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt']
+
+/** One P of a package: its graph and the weights only it has (prefixes, aggregation). */
+export interface PackageVariant {
+  parallel: number
+  graph: string
+  weights: string | null
+  prefixTokens: number
+  attnSmooth: number
+  source: string
+}
+
+/**
+ * `parscale.json`: what run/eval/bench need to know without opening the graph. Several P
+ * values can share one backbone (published families freeze it), each a variant.
+ */
+export interface PackageManifest {
+  format: typeof PACKAGE_FORMAT
+  formatVersion: number
+  toolVersion: string
+  createdAt: string
+  source: string
+  /** The checkpoint's identity when it was converted (see `checkpointFingerprint`). */
+  sourceFingerprint: string
+  dtype: WeightDtype
+  /** The shared backbone: everything but prefixes and aggregation. */
+  model: {
+    vocabSize: number
+    hiddenSize: number
+    intermediateSize: number
+    numLayers: number
+    numHeads: number
+    numKvHeads: number
+    headDim: number
+    maxPositionEmbeddings: number
+    rmsNormEps: number
+    ropeTheta: number
+    tieWordEmbeddings: boolean
+  }
+  backbone: {weights: string; bytes: number; sha256: string}
+  /** Sorted list of the P values available (same order as variants). */
+  parallel: number[]
+  variants: PackageVariant[]
+}
+
+export function variantGraphFile(parallel: number): string {
+  return `model_p${parallel}.onnx`
+}
+
+export function variantWeightsFile(parallel: number): string {
+  return `p${parallel}.weights`
+}
+
+export function isModelPackage(dir: string): boolean {
+  return existsSync(join(dir, MANIFEST_FILE))
+}
+
+/** Reads and checks a package's manifest, and that the files it names are there. */
+export function readManifest(dir: string): PackageManifest {
+  const file = join(dir, MANIFEST_FILE)
+  if (!existsSync(file)) throw new UserError(`${dir}: not a parscale model package (no ${MANIFEST_FILE}); convert a checkpoint with \`parscale convert\``)
+  let manifest: PackageManifest
+  try {
+    manifest = JSON.parse(readFileSync(file, 'utf8')) as PackageManifest
+  } catch (error) {
+    throw new FileFormatError(file, `not valid JSON (${(error as Error).message})`)
+  }
+  if (manifest.format !== PACKAGE_FORMAT) throw new FileFormatError(file, `format is ${JSON.stringify(manifest.format)}, expected "${PACKAGE_FORMAT}"`)
+  if (manifest.formatVersion > PACKAGE_FORMAT_VERSION) {
+    throw new FileFormatError(file, `format version ${manifest.formatVersion} is newer than this parscale understands (${PACKAGE_FORMAT_VERSION}); upgrade parscale`)
+  }
+  for (const name of [manifest.backbone.weights, ...manifest.variants.flatMap((v) => [v.graph, v.weights ?? []].flat())]) {
+    if (!existsSync(join(dir, name))) throw new FileFormatError(join(dir, name), 'missing from the model package; convert again')
+  }
+  const backboneSize = statSync(join(dir, manifest.backbone.weights)).size
+  if (backboneSize !== manifest.backbone.bytes) {
+    throw new FileFormatError(join(dir, manifest.backbone.weights), `is ${backboneSize} bytes, the manifest says ${manifest.backbone.bytes}; convert again`)
+  }
+  return manifest
+}
+
+/** The variant for `parallel`, or an error listing the P values the package has. */
+export function selectVariant(manifest: PackageManifest, parallel: number | undefined, where: string): PackageVariant {
+  if (parallel === undefined) return manifest.variants[0]
+  const variant = manifest.variants.find((v) => v.parallel === parallel)
+  if (!variant) throw new UserError(`${where} has no --parallel ${parallel}; available: ${manifest.parallel.join(', ')}`)
+  return variant
+}
+
+/** The full ModelConfig of one variant, rebuilt from the manifest. */
+export function variantConfig(manifest: PackageManifest, variant: PackageVariant): ModelConfig {
+  return {
+    ...manifest.model,
+    modelType: variant.parallel > 1 ? 'qwen2_parscale' : 'qwen2',
+    parallel: variant.parallel,
+    prefixTokens: variant.prefixTokens,
+    attnSmooth: variant.attnSmooth,
+    raw: {},
+  }
+}

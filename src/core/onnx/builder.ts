@@ -1,0 +1,178 @@
+import onnxProto from 'onnx-proto'
+
+import type {ExternalLocation} from './external-data.js'
+
+const {onnx} = onnxProto
+
+export type ElementType = 'float32' | 'float16' | 'int64' | 'bool'
+/** A tensor dimension: a fixed size or a symbolic name such as "batch". */
+export type Dim = number | string
+export type AttributeValue = number | number[] | string | {float: number} | {floats: number[]}
+
+const ELEMENT_TYPES: Record<ElementType, number> = {
+  float32: onnx.TensorProto.DataType.FLOAT,
+  float16: onnx.TensorProto.DataType.FLOAT16,
+  int64: onnx.TensorProto.DataType.INT64,
+  bool: onnx.TensorProto.DataType.BOOL,
+}
+
+const OPSET = 17
+const MICROSOFT_OPSET = 1
+
+/**
+ * Builds one ONNX graph node by node. Large weights are initializers whose bytes live in
+ * external data files (written elsewhere, as they stream); small constants are inline.
+ * Node outputs get unique names from the node's name, so a reader of the graph can tell
+ * which block produced a value.
+ */
+export class GraphBuilder {
+  private readonly nodes: onnxProto.onnx.INodeProto[] = []
+  private readonly initializers: onnxProto.onnx.ITensorProto[] = []
+  private readonly inputs: onnxProto.onnx.IValueInfoProto[] = []
+  private readonly outputs: onnxProto.onnx.IValueInfoProto[] = []
+  private readonly constantCache = new Map<string, string>()
+  private readonly usedNames = new Set<string>()
+  private scope = ''
+
+  constructor(readonly graphName: string) {}
+
+  /** Runs `body` with node names prefixed by `scope` (e.g. "layers.3/attn"). */
+  within<T>(scope: string, body: () => T): T {
+    const outer = this.scope
+    this.scope = outer ? `${outer}/${scope}` : scope
+    try {
+      return body()
+    } finally {
+      this.scope = outer
+    }
+  }
+
+  input(name: string, type: ElementType, shape: Dim[]): string {
+    this.inputs.push(valueInfo(name, type, shape))
+    return name
+  }
+
+  /** Declares `value` as a graph output named `name` (an Identity keeps names stable). */
+  output(value: string, name: string, type: ElementType, shape: Dim[]): void {
+    this.nodes.push({opType: 'Identity', input: [value], output: [name], name: `output/${name}`})
+    this.outputs.push(valueInfo(name, type, shape))
+  }
+
+  /** Emits one node and returns the names of its outputs. */
+  nodeN(opType: string, inputs: string[], outputCount: number, attributes: Record<string, AttributeValue> = {}, domain = ''): string[] {
+    const name = this.uniqueName(`${this.scope ? this.scope + '/' : ''}${opType}`)
+    const outputs = Array.from({length: outputCount}, (_, i) => (outputCount === 1 ? name : `${name}:${i}`))
+    this.nodes.push({
+      opType,
+      domain,
+      name,
+      input: inputs,
+      output: outputs,
+      attribute: Object.entries(attributes).map(([key, value]) => attribute(key, value)),
+    })
+    return outputs
+  }
+
+  node(opType: string, inputs: string[], attributes: Record<string, AttributeValue> = {}, domain = ''): string {
+    return this.nodeN(opType, inputs, 1, attributes, domain)[0]
+  }
+
+  /** A small inline int64 tensor (shapes, axes, indices); identical constants are shared. */
+  int64(values: number[], shape: number[] = [values.length]): string {
+    return this.inlineConstant('int64', values, shape)
+  }
+
+  float(values: number[], shape: number[] = [values.length]): string {
+    return this.inlineConstant('float32', values, shape)
+  }
+
+  /** A float32 initializer held inline (for small tensors computed at conversion time). */
+  inlineFloat(name: string, data: Float32Array, shape: number[]): string {
+    this.initializers.push({
+      name,
+      dims: shape,
+      dataType: ELEMENT_TYPES.float32,
+      rawData: new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+    })
+    return name
+  }
+
+  /** An initializer whose bytes are stored in an external data file. */
+  externalInitializer(name: string, type: ElementType, shape: number[], location: ExternalLocation): string {
+    this.initializers.push({
+      name,
+      dims: shape,
+      dataType: ELEMENT_TYPES[type],
+      dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
+      externalData: [
+        {key: 'location', value: location.file},
+        {key: 'offset', value: String(location.offset)},
+        {key: 'length', value: String(location.length)},
+      ],
+    })
+    return name
+  }
+
+  /** Serializes the graph as an ONNX model. */
+  toModelBytes(producerVersion: string, metadata: Record<string, string> = {}): Uint8Array {
+    const model = onnx.ModelProto.create({
+      irVersion: 8,
+      producerName: 'parscale',
+      producerVersion,
+      opsetImport: [
+        {domain: '', version: OPSET},
+        {domain: 'com.microsoft', version: MICROSOFT_OPSET},
+      ],
+      metadataProps: Object.entries(metadata).map(([key, value]) => ({key, value})),
+      graph: {
+        name: this.graphName,
+        node: this.nodes,
+        initializer: this.initializers,
+        input: this.inputs,
+        output: this.outputs,
+      },
+    })
+    return onnx.ModelProto.encode(model).finish()
+  }
+
+  private inlineConstant(type: 'int64' | 'float32', values: number[], shape: number[]): string {
+    const key = `${type}:${shape.join('x')}:${values.join(',')}`
+    const cached = this.constantCache.get(key)
+    if (cached) return cached
+    const name = this.uniqueName(`const/${type}/${values.length <= 6 ? values.join('_') : 'n' + values.length}`)
+    const tensor: onnxProto.onnx.ITensorProto = {name, dims: shape, dataType: ELEMENT_TYPES[type]}
+    if (type === 'int64') tensor.int64Data = values
+    else tensor.floatData = values
+    this.initializers.push(tensor)
+    this.constantCache.set(key, name)
+    return name
+  }
+
+  private uniqueName(base: string): string {
+    let name = base
+    for (let i = 1; this.usedNames.has(name); i++) name = `${base}_${i}`
+    this.usedNames.add(name)
+    return name
+  }
+}
+
+function valueInfo(name: string, type: ElementType, shape: Dim[]): onnxProto.onnx.IValueInfoProto {
+  return {
+    name,
+    type: {
+      tensorType: {
+        elemType: ELEMENT_TYPES[type],
+        shape: {dim: shape.map((d) => (typeof d === 'number' ? {dimValue: d} : {dimParam: d}))},
+      },
+    },
+  }
+}
+
+function attribute(name: string, value: AttributeValue): onnxProto.onnx.IAttributeProto {
+  const {AttributeType} = onnx.AttributeProto
+  if (typeof value === 'number') return {name, type: AttributeType.INT, i: value}
+  if (typeof value === 'string') return {name, type: AttributeType.STRING, s: new TextEncoder().encode(value)}
+  if (Array.isArray(value)) return {name, type: AttributeType.INTS, ints: value}
+  if ('float' in value) return {name, type: AttributeType.FLOAT, f: value.float}
+  return {name, type: AttributeType.FLOATS, floats: value.floats}
+}

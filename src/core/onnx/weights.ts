@@ -1,0 +1,124 @@
+import {createHash} from 'node:crypto'
+
+import type {Checkpoint} from '../checkpoint.js'
+import {UserError} from '../errors.js'
+import {decodeToFloat32, encodeFloat16} from '../dtype.js'
+import {iterateTensorChunks, type TensorInfo} from '../safetensors.js'
+import type {GraphBuilder} from './builder.js'
+import type {ExternalDataFile, ExternalLocation} from './external-data.js'
+
+export type WeightDtype = 'fp32' | 'fp16'
+
+/** Hands the graph blocks float32-valued weights by their checkpoint names. */
+export interface WeightProvider {
+  /** The weight `name`, optionally viewed with another shape of the same size. */
+  get(name: string, shape?: number[]): string
+}
+
+const CHUNK_BYTES = 16 << 20
+
+/** Tensors that belong to one P (the rest is the backbone every P shares). */
+export function isStreamTensor(name: string): boolean {
+  return /\.prefix_[kv]$/.test(name) || name.startsWith('model.aggregate_layer.')
+}
+
+/** A backbone tensor already in the package: where, and a digest of its converted bytes. */
+export interface PlacedTensor {
+  location: ExternalLocation
+  sha256: string
+}
+
+/**
+ * Where converted weights go: the backbone file shared by every P of a package, and the
+ * file of the P being converted. A backbone tensor already placed (by an earlier P) is
+ * referenced again, not rewritten, once its bytes are proven identical.
+ */
+export class WeightStore {
+  readonly placedBackbone = new Map<string, PlacedTensor>()
+  private streams: ExternalDataFile | undefined
+
+  constructor(private readonly backbone: ExternalDataFile) {}
+
+  /** Later stream tensors (prefixes, aggregation) go to `file`. */
+  setStreamFile(file: ExternalDataFile | undefined): void {
+    this.streams = file
+  }
+
+  place(name: string, chunks: Iterable<Uint8Array>, source: string): ExternalLocation {
+    if (isStreamTensor(name)) {
+      if (!this.streams) throw new Error(`no stream weights file for ${name}`)
+      return this.streams.append(chunks)
+    }
+    const placed = this.placedBackbone.get(name)
+    if (!placed) {
+      const hash = createHash('sha256')
+      const location = this.backbone.append(hashing(chunks, hash))
+      this.placedBackbone.set(name, {location, sha256: hash.digest('hex')})
+      return location
+    }
+    const hash = createHash('sha256')
+    for (const chunk of chunks) hash.update(chunk)
+    if (hash.digest('hex') !== placed.sha256) {
+      throw new UserError(`${source}: tensor "${name}" differs from the backbone already in the package; the P values of one package must share one backbone`)
+    }
+    return placed.location
+  }
+
+  /** One digest of the whole backbone, in placement order. */
+  backboneDigest(): string {
+    const hash = createHash('sha256')
+    for (const [name, placed] of this.placedBackbone) hash.update(`${name}:${placed.sha256}\n`)
+    return hash.digest('hex')
+  }
+}
+
+function* hashing(chunks: Iterable<Uint8Array>, hash: ReturnType<typeof createHash>): Generator<Uint8Array> {
+  for (const chunk of chunks) {
+    hash.update(chunk)
+    yield chunk
+  }
+}
+
+/**
+ * Streams checkpoint tensors into the store as the graph asks for them. With fp16, matrices
+ * are stored in half precision and widened by a Cast in the graph; vectors (norms, biases)
+ * and the stream prefixes stay float32, as they are small and precision-sensitive.
+ */
+export class CheckpointWeights implements WeightProvider {
+  private readonly values = new Map<string, string>()
+
+  constructor(
+    private readonly g: GraphBuilder,
+    private readonly checkpoint: Checkpoint,
+    private readonly store: WeightStore,
+    private readonly dtype: WeightDtype,
+    private readonly onBytesRead: (bytes: number) => void = () => {},
+  ) {}
+
+  get(name: string, shape?: number[]): string {
+    const key = `${name}:${shape?.join('x') ?? ''}`
+    const cached = this.values.get(key)
+    if (cached) return cached
+    const info = this.checkpoint.get(name)
+    const half = this.dtype === 'fp16' && info.shape.length === 2
+    const location = this.store.place(name, convertedChunks(info, half), this.checkpoint.dir)
+    this.onBytesRead(info.byteLength)
+    const initializer = this.g.externalInitializer(
+      shape ? `${name}#${shape.join('x')}` : name,
+      half ? 'float16' : 'float32',
+      shape ?? info.shape,
+      location,
+    )
+    const value = half ? this.g.node('Cast', [initializer], {to: 1}) : initializer
+    this.values.set(key, value)
+    return value
+  }
+}
+
+function* convertedChunks(info: TensorInfo, half: boolean): Generator<Uint8Array> {
+  for (const chunk of iterateTensorChunks(info, CHUNK_BYTES)) {
+    const values = decodeToFloat32(info.dtype, chunk)
+    const out = half ? encodeFloat16(values) : values
+    yield new Uint8Array(out.buffer, out.byteOffset, out.byteLength)
+  }
+}
