@@ -1,0 +1,58 @@
+import {Args, Flags} from '@oclif/core'
+
+import {BaseCommand} from '../base-command.js'
+import {convertCheckpoints, defaultOutDir} from '../core/convert.js'
+import {formatBytes, percent, Progress} from '../ui/progress.js'
+import {resolveCheckpointSource} from '../core/resolve.js'
+
+export default class Convert extends BaseCommand {
+  static override summary = 'Convert a ParScale (or Qwen2) checkpoint into an ONNX model package'
+  static override description = `Reads a checkpoint in the Hugging Face layout (config.json plus model.safetensors, or an index and shards; F32, F16 or BF16) and writes a self-contained package: one ONNX graph per P with the stream prefixes and the aggregation head inside, weights as external data, the tokenizer and configs, and a parscale.json manifest that run, eval and bench read.
+
+Several sources that are P variants of one backbone (e.g. a family's -P2, -P4 and -P8) go into one package that stores the backbone once; \`run --parallel N\` then picks the variant.
+
+The package is written to a temporary folder and renamed into place when complete, so an interrupted conversion leaves nothing behind that would be loaded.`
+  static override examples = [
+    {description: 'Convert a local checkpoint (writes ./my-model-onnx)', command: '<%= config.bin %> convert ./my-model'},
+    {description: 'Convert a pulled hub model to half-precision weights', command: '<%= config.bin %> convert ParScale/ParScale-1.8B-P4 --dtype fp16 --out ./p4-onnx'},
+    {description: 'One package with three P values sharing one backbone', command: '<%= config.bin %> convert ./ckpt-P2 ./ckpt-P4 ./ckpt-P8 --out ./family-onnx'},
+  ]
+  static override strict = false
+  static override args = {
+    source: Args.string({description: 'checkpoint folder, or a hub repo id already pulled (several: P variants of one model)', required: true}),
+  }
+  static override flags = {
+    out: Flags.string({char: 'o', description: 'output folder (default: <source>-onnx next to the source)'}),
+    dtype: Flags.string({description: 'weight storage: fp32 (exact) or fp16 (half the size; computed in fp32)', options: ['fp32', 'fp16'], default: 'fp32'}),
+    force: Flags.boolean({description: 'replace an existing output folder'}),
+    json: Flags.boolean({description: 'print the manifest as JSON'}),
+  }
+
+  async run(): Promise<void> {
+    const {argv, flags} = await this.parse(Convert)
+    const sources = (argv as string[]).map((source) => resolveCheckpointSource(source))
+    const outDir = flags.out ?? defaultOutDir(sources[0])
+    const progress = new Progress('reading checkpoint')
+    const started = Date.now()
+    try {
+      const manifest = convertCheckpoints({
+        sources,
+        outDir,
+        dtype: flags.dtype as 'fp32' | 'fp16',
+        force: flags.force,
+        sourceLabel: sources.length === 1 ? (argv as string[])[0] : undefined,
+        onProgress: ({phase, doneBytes, totalBytes}) =>
+          progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
+      })
+      progress.stop()
+      if (flags.json) {
+        this.log(JSON.stringify({outDir, ...manifest}))
+        return
+      }
+      const seconds = ((Date.now() - started) / 1000).toFixed(1)
+      this.log(`converted ${sources.join(', ')} → ${outDir} (P = ${manifest.parallel.join(', ')}, ${manifest.dtype}, backbone ${formatBytes(manifest.backbone.bytes)}) in ${seconds} s`)
+    } finally {
+      progress.stop()
+    }
+  }
+}

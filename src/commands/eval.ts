@@ -1,0 +1,74 @@
+import {readFileSync} from 'node:fs'
+
+import {Args, Flags} from '@oclif/core'
+import Table from 'cli-table3'
+
+import {BaseCommand} from '../base-command.js'
+import {UserError} from '../core/errors.js'
+import {scoreTokens} from '../core/evaluate.js'
+import {resolveModel} from '../core/resolve.js'
+import {DecoderSession} from '../core/session.js'
+import {TextTokenizer} from '../core/tokenizer.js'
+import {formatBytes, percent, Progress} from '../ui/progress.js'
+
+export default class Eval extends BaseCommand {
+  static override summary = 'Score a text with a model: mean negative log-likelihood and perplexity'
+  static override description = `Tokenizes the text with the model's tokenizer (no special tokens added), predicts every next token from its prefix and reports the mean negative log-likelihood (natural log) and the perplexity. Texts longer than the model's context are scored in overlapping windows, each token once; the output says how many.
+
+MODEL is a converted package, a checkpoint folder (converted on first use and cached), or a pulled hub repo id; without it, the embedded default model.`
+  static override examples = [
+    {description: 'Held-out loss of the default model at P = 8', command: '<%= config.bin %> eval --text-file held_out.py --parallel 8'},
+    {description: 'Compare P values of one family package, as JSON', command: 'for p in 1 2 4 8; do <%= config.bin %> eval ./family-onnx --text-file text.txt --parallel $p --json; done'},
+  ]
+  static override args = {
+    model: Args.string({description: 'model package, checkpoint folder or hub repo id (default: the embedded model)'}),
+  }
+  static override flags = {
+    'text-file': Flags.string({char: 'f', description: 'text to score (- for stdin)', required: true}),
+    parallel: Flags.integer({char: 'p', description: 'number of parallel streams P (the model must provide it)', min: 1}),
+    context: Flags.integer({description: 'window length in tokens (default: the model\'s context)', min: 2}),
+    threads: Flags.integer({description: 'ONNX Runtime intra-op threads', min: 1}),
+    json: Flags.boolean({description: 'print one JSON object instead of a table'}),
+  }
+
+  async run(): Promise<void> {
+    const {args, flags} = await this.parse(Eval)
+    const text = readText(flags['text-file'])
+    const progress = new Progress('preparing model')
+    let model
+    try {
+      model = resolveModel(args.model, {
+        parallel: flags.parallel,
+        onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
+      })
+      progress.update('loading model')
+    } finally {
+      progress.stop()
+    }
+    const tokenizer = await TextTokenizer.load(model.packageDir)
+    const ids = tokenizer.encode(text)
+    if (ids.length < 2) throw new UserError(`${flags['text-file']}: needs at least 2 tokens to score, has ${ids.length}`)
+    const session = await DecoderSession.open(model.packageDir, {parallel: model.parallel, threads: flags.threads})
+    try {
+      const result = await scoreTokens(session, ids, flags.context)
+      if (flags.json) {
+        this.log(JSON.stringify({model: model.label, ...result}))
+        return
+      }
+      const table = new Table({head: ['model', 'P', 'tokens', 'predicted', 'mean NLL (nats)', 'perplexity']})
+      table.push([model.label, result.parallel, result.tokens, result.predicted, result.mean_nll.toFixed(4), result.perplexity.toFixed(3)])
+      this.log(table.toString())
+      if (result.windows > 1) this.log(`scored in ${result.windows} overlapping windows of ${result.window_tokens} tokens (the model's context)`)
+    } finally {
+      await session.release()
+    }
+  }
+}
+
+function readText(file: string): string {
+  try {
+    return readFileSync(file === '-' ? 0 : file, 'utf8')
+  } catch (error) {
+    throw new UserError(`${file}: cannot read the text file (${(error as NodeJS.ErrnoException).code ?? (error as Error).message})`)
+  }
+}

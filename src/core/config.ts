@@ -1,0 +1,150 @@
+import fs from 'node:fs'
+import path from 'node:path'
+
+import {FileFormatError} from './errors.js'
+
+export interface ModelConfig {
+  modelType: 'qwen2' | 'qwen2_parscale'
+  vocabSize: number
+  hiddenSize: number
+  intermediateSize: number
+  numLayers: number
+  numHeads: number
+  numKvHeads: number
+  /** hidden / heads unless config.json has head_dim. */
+  headDim: number
+  rmsNormEps: number
+  ropeTheta: number
+  maxPositionEmbeddings: number
+  tieWordEmbeddings: boolean
+  /** parscale_n; 1 for qwen2. */
+  parallel: number
+  /** parscale_n_tokens; 0 when parallel == 1. */
+  prefixTokens: number
+  /** parscale_attn_smooth; 0 when parallel == 1. */
+  attnSmooth: number
+  torchDtype?: string
+  /** The parsed JSON as is. */
+  raw: Record<string, unknown>
+}
+
+export const SUPPORTED_MODEL_TYPES = ['qwen2', 'qwen2_parscale'] as const
+
+function show(v: unknown): string {
+  return JSON.stringify(v) ?? String(v)
+}
+
+/** Validates a parsed config.json; every refusal names `file` and the field. */
+export function parseModelConfig(raw: unknown, file: string): ModelConfig {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) {
+    throw new FileFormatError(file, 'is not a JSON object')
+  }
+  const c = raw as Record<string, unknown>
+  const fail = (problem: string): never => {
+    throw new FileFormatError(file, problem)
+  }
+  const has = (k: string) => c[k] !== undefined && c[k] !== null
+
+  const posInt = (k: string, fallback?: number): number => {
+    if (!has(k)) return fallback ?? fail(`missing required field "${k}"`)
+    const v = c[k]
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) fail(`field "${k}" must be a positive integer (found ${show(v)})`)
+    return v as number
+  }
+  const posNumber = (k: string, fallback: number): number => {
+    if (!has(k)) return fallback
+    const v = c[k]
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) fail(`field "${k}" must be a positive number (found ${show(v)})`)
+    return v as number
+  }
+
+  const modelType = c.model_type
+  if (modelType === undefined) fail(`missing required field "model_type" (supported: ${SUPPORTED_MODEL_TYPES.join(', ')})`)
+  if (!(SUPPORTED_MODEL_TYPES as readonly unknown[]).includes(modelType)) {
+    fail(`unsupported model_type ${show(modelType)} (supported: ${SUPPORTED_MODEL_TYPES.join(', ')})`)
+  }
+
+  // Features that change the arithmetic and that the converter does not implement.
+  if (has('rope_scaling')) fail(`field "rope_scaling" is not supported (found ${show(c.rope_scaling)}; only plain RoPE)`)
+  if (c.use_sliding_window === true) fail('field "use_sliding_window" is true; sliding-window attention is not supported')
+  if (has('hidden_act') && c.hidden_act !== 'silu') fail(`field "hidden_act" is ${show(c.hidden_act)}; only "silu" is supported`)
+
+  const vocabSize = posInt('vocab_size')
+  const hiddenSize = posInt('hidden_size')
+  const intermediateSize = posInt('intermediate_size')
+  const numLayers = posInt('num_hidden_layers')
+  const numHeads = posInt('num_attention_heads')
+  // Defaults below are those of transformers' Qwen2Config.
+  const numKvHeads = posInt('num_key_value_heads', numHeads)
+  if (numHeads % numKvHeads !== 0) {
+    fail(`"num_attention_heads" (${numHeads}) is not divisible by "num_key_value_heads" (${numKvHeads})`)
+  }
+  let headDim: number
+  if (has('head_dim')) {
+    headDim = posInt('head_dim')
+  } else {
+    if (hiddenSize % numHeads !== 0) fail(`"hidden_size" (${hiddenSize}) is not divisible by "num_attention_heads" (${numHeads}) and there is no "head_dim"`)
+    headDim = hiddenSize / numHeads
+  }
+  if (headDim % 2 !== 0) fail(`head dimension ${headDim} is odd; rotary embeddings need an even one`)
+  const rmsNormEps = posNumber('rms_norm_eps', 1e-6)
+  const ropeTheta = posNumber('rope_theta', 10000)
+  const maxPositionEmbeddings = posInt('max_position_embeddings', 32768)
+  let tieWordEmbeddings = false
+  if (has('tie_word_embeddings')) {
+    if (typeof c.tie_word_embeddings !== 'boolean') fail(`field "tie_word_embeddings" must be true or false (found ${show(c.tie_word_embeddings)})`)
+    tieWordEmbeddings = c.tie_word_embeddings as boolean
+  }
+
+  let parallel = 1
+  let prefixTokens = 0
+  let attnSmooth = 0
+  if (modelType === 'qwen2_parscale') {
+    const n = c.parscale_n
+    if (n === undefined || n === null) fail('missing required field "parscale_n"')
+    if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 1) fail(`field "parscale_n" must be an integer ≥ 1 (found ${show(n)})`)
+    parallel = n as number
+    if (parallel > 1) {
+      const t = c.parscale_n_tokens
+      if (t === undefined || t === null) fail('missing required field "parscale_n_tokens" (parscale_n > 1)')
+      if (typeof t !== 'number' || !Number.isSafeInteger(t) || t < 1) fail(`field "parscale_n_tokens" must be an integer ≥ 1 when parscale_n > 1 (found ${show(t)})`)
+      prefixTokens = t as number
+      const s = c.parscale_attn_smooth
+      if (s === undefined || s === null) fail('missing required field "parscale_attn_smooth" (parscale_n > 1)')
+      if (typeof s !== 'number' || !(s >= 0 && s < 1)) fail(`field "parscale_attn_smooth" must be a number in [0, 1) (found ${show(s)})`)
+      attnSmooth = s as number
+    }
+  }
+
+  // Newer transformers write "dtype" instead of "torch_dtype".
+  const dt = c.torch_dtype ?? c.dtype
+  const torchDtype = typeof dt === 'string' ? dt : undefined
+
+  return {
+    modelType: modelType as ModelConfig['modelType'],
+    vocabSize, hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim,
+    rmsNormEps, ropeTheta, maxPositionEmbeddings, tieWordEmbeddings,
+    parallel, prefixTokens, attnSmooth,
+    ...(torchDtype === undefined ? {} : {torchDtype}),
+    raw: c,
+  }
+}
+
+/** Reads and validates `dir/config.json`. */
+export function readModelConfig(dir: string): ModelConfig {
+  const file = path.join(dir, 'config.json')
+  let text: string
+  try {
+    text = fs.readFileSync(file, 'utf8') // a few KB: reading it whole is fine
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code
+    throw new FileFormatError(file, code === 'ENOENT' ? 'not found (a checkpoint folder needs config.json)' : `cannot read (${code ?? String(err)})`)
+  }
+  let raw: unknown
+  try {
+    raw = JSON.parse(text)
+  } catch (err) {
+    throw new FileFormatError(file, `is not valid JSON (${(err as Error).message})`)
+  }
+  return parseModelConfig(raw, file)
+}

@@ -1,0 +1,59 @@
+import type {DecoderSession} from './session.js'
+
+export interface EvalResult {
+  /** Tokens of the text (no special tokens added). */
+  tokens: number
+  /** Tokens scored: every token but the first. */
+  predicted: number
+  mean_nll: number
+  perplexity: number
+  /** Context windows the text was scored in (1 when it fits the model's context). */
+  windows: number
+  window_tokens: number
+  parallel: number
+}
+
+/** −log softmax(row)[target], in float64 for a stable sum over long texts. */
+export function negativeLogLikelihood(logits: Float32Array, offset: number, vocab: number, target: number): number {
+  let max = -Infinity
+  for (let i = 0; i < vocab; i++) max = Math.max(max, logits[offset + i])
+  let sum = 0
+  for (let i = 0; i < vocab; i++) sum += Math.exp(logits[offset + i] - max)
+  return Math.log(sum) + max - logits[offset + target]
+}
+
+/**
+ * Scores every next token of `ids` from its prefix. Texts longer than the context are scored
+ * in windows that overlap by half, so each token after the first window still sees at least
+ * half a context of history; every token is scored exactly once.
+ */
+export async function scoreTokens(session: DecoderSession, ids: number[], contextLength = session.maxPositions): Promise<EvalResult> {
+  const window = Math.max(2, Math.min(contextLength, ids.length))
+  const stride = Math.max(1, Math.floor(window / 2))
+  let total = 0
+  let scored = 0
+  let windows = 0
+  let nextTarget = 1 // index of the first token not yet scored
+  for (let begin = 0; nextTarget < ids.length; begin += stride) {
+    const end = Math.min(begin + window, ids.length)
+    const chunk = ids.slice(begin, end)
+    const {logits, dims} = await session.forward([chunk], [chunk.map(() => 1)], session.emptyCache(1), 0)
+    const vocab = dims[2]
+    for (let target = nextTarget; target < end; target++) {
+      total += negativeLogLikelihood(logits, (target - 1 - begin) * vocab, vocab, ids[target])
+      scored++
+    }
+    nextTarget = end
+    windows++
+  }
+  const meanNll = scored > 0 ? total / scored : Number.NaN
+  return {
+    tokens: ids.length,
+    predicted: scored,
+    mean_nll: meanNll,
+    perplexity: Math.exp(meanNll),
+    windows,
+    window_tokens: window,
+    parallel: session.parallel,
+  }
+}
