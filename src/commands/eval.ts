@@ -21,7 +21,8 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     {description: 'Compare P values of one family package, as JSON', command: 'for p in 1 2 4 8; do <%= config.bin %> eval ./family-onnx --text-file text.txt --parallel $p --json; done'},
   ]
   static override args = {
-    model: Args.string({description: 'model package, checkpoint folder or hub repo id (default: the embedded model)'}),
+    // ignoreStdin: `--text-file -` reads stdin; oclif must not take it as the model name
+    model: Args.string({description: 'model package, checkpoint folder or hub repo id (default: the embedded model)', ignoreStdin: true}),
   }
   static override flags = {
     'text-file': Flags.string({char: 'f', description: 'text to score (- for stdin)', required: true}),

@@ -32,7 +32,10 @@ export interface ResolveOptions {
  * (converted on first use into the cache and reused), or a hub repo id already pulled.
  */
 export function resolveModel(model: string | undefined, options: ResolveOptions = {}): ResolvedModel {
-  if (model === undefined) return fromLocalFolder(DEFAULT_MODEL_DIR, 'the default model', options)
+  if (model === undefined) {
+    if (!existsSync(DEFAULT_MODEL_DIR)) throw new UserError(`the embedded default model is missing (${DEFAULT_MODEL_DIR}); name a model`)
+    return fromLocalFolder(DEFAULT_MODEL_DIR, 'the default model', options)
+  }
   if (existsSync(model)) return fromLocalFolder(model, model, options)
   if (isRepoId(model)) {
     const repoId = resolveFamilyName(model, options.parallel)

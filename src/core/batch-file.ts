@@ -1,0 +1,101 @@
+/**
+ * `--batch FILE.jsonl`: one request per line, `{"prompt": "…"}` or `{"messages": […]}`,
+ * with optional `max_new_tokens` and `temperature`. The whole file is validated before
+ * anything is generated; the first bad line is reported as `FILE:LINE: problem`.
+ */
+import {readFile} from 'node:fs/promises'
+
+import {FileFormatError} from './errors.js'
+import type {ChatMessage} from './tokenizer.js'
+
+export type BatchInput = {kind: 'prompt'; text: string} | {kind: 'messages'; messages: ChatMessage[]}
+
+export interface BatchItem {
+  /** 1-based line number in the file. */
+  line: number
+  input: BatchInput
+  maxNewTokens?: number
+  temperature?: number
+}
+
+const KEYS = new Set(['prompt', 'messages', 'max_new_tokens', 'temperature'])
+
+class LineProblem extends Error {}
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value)
+}
+
+function parseMessages(value: unknown): ChatMessage[] {
+  if (!Array.isArray(value) || value.length === 0) throw new LineProblem('"messages" must be a non-empty array')
+  return value.map((m, i) => {
+    if (!isRecord(m) || typeof m.role !== 'string' || typeof m.content !== 'string') {
+      throw new LineProblem(`messages[${i}] must be an object with string "role" and "content"`)
+    }
+    if (m.role.length === 0) throw new LineProblem(`messages[${i}].role is empty`)
+    return {role: m.role, content: m.content}
+  })
+}
+
+function parseItem(text: string, line: number): BatchItem {
+  let value: unknown
+  try {
+    value = JSON.parse(text)
+  } catch (error) {
+    throw new LineProblem(`not valid JSON (${(error as Error).message})`)
+  }
+  if (!isRecord(value)) throw new LineProblem('expected a JSON object')
+  const unknown = Object.keys(value).filter((k) => !KEYS.has(k))
+  if (unknown.length > 0) throw new LineProblem(`unknown field "${unknown[0]}" (expected prompt or messages, max_new_tokens, temperature)`)
+  const hasPrompt = 'prompt' in value
+  const hasMessages = 'messages' in value
+  if (hasPrompt === hasMessages) throw new LineProblem('needs exactly one of "prompt" or "messages"')
+  let input: BatchInput
+  if (hasPrompt) {
+    if (typeof value.prompt !== 'string' || value.prompt.length === 0) throw new LineProblem('"prompt" must be a non-empty string')
+    input = {kind: 'prompt', text: value.prompt}
+  } else {
+    input = {kind: 'messages', messages: parseMessages(value.messages)}
+  }
+  const item: BatchItem = {line, input}
+  if (value.max_new_tokens !== undefined) {
+    const n = value.max_new_tokens
+    if (typeof n !== 'number' || !Number.isInteger(n) || n < 1) throw new LineProblem('"max_new_tokens" must be a whole number >= 1')
+    item.maxNewTokens = n
+  }
+  if (value.temperature !== undefined) {
+    const t = value.temperature
+    if (typeof t !== 'number' || !Number.isFinite(t) || t < 0) throw new LineProblem('"temperature" must be a number >= 0')
+    item.temperature = t
+  }
+  return item
+}
+
+/** Parses and validates JSONL text; blank lines are skipped. `file` names the source in errors. */
+export function parseBatchFile(text: string, file: string): BatchItem[] {
+  const items: BatchItem[] = []
+  const lines = text.split('\n')
+  for (let i = 0; i < lines.length; i++) {
+    const raw = lines[i].replace(/\r$/, '')
+    if (raw.trim() === '') continue
+    try {
+      items.push(parseItem(raw, i + 1))
+    } catch (error) {
+      if (error instanceof LineProblem) throw new FileFormatError(`${file}:${i + 1}`, error.message)
+      throw error
+    }
+  }
+  if (items.length === 0) throw new FileFormatError(file, 'no prompts (expected one JSON object per line)')
+  return items
+}
+
+export async function readBatchFile(file: string): Promise<BatchItem[]> {
+  let text: string
+  try {
+    text = await readFile(file, 'utf8')
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code
+    throw new FileFormatError(file, code === 'ENOENT' ? 'no such file' : `cannot read (${code ?? (error as Error).message})`)
+  }
+  return parseBatchFile(text, file)
+}

@@ -1,0 +1,71 @@
+import assert from 'node:assert/strict'
+import fs from 'node:fs'
+import path from 'node:path'
+import {after, describe, it} from 'node:test'
+
+import {parseBatchFile, readBatchFile} from '../src/core/batch-file.js'
+import {FileFormatError} from '../src/core/errors.js'
+import {makeTempDir} from './helpers/safetensors-writer.js'
+
+const F = 'prompts.jsonl'
+
+function refuses(text: string, where: string, ...parts: string[]): void {
+  assert.throws(() => parseBatchFile(text, F), (err: unknown) => {
+    assert.ok(err instanceof FileFormatError, String(err))
+    assert.ok(err.message.startsWith(`${where}: `), err.message)
+    for (const p of parts) assert.ok(err.message.includes(p), `"${err.message}" lacks "${p}"`)
+    assert.ok(!err.message.includes('\n'))
+    return true
+  })
+}
+
+describe('batch file', () => {
+  const tmp = makeTempDir()
+  after(() => fs.rmSync(tmp, {recursive: true, force: true}))
+
+  it('parses prompts and messages with per-line options, skipping blank lines', () => {
+    const text = [
+      '{"prompt": "The quick brown fox"}',
+      '',
+      '{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "max_new_tokens": 5}',
+      '{"prompt": "P=8", "temperature": 0.7}\r',
+      '',
+    ].join('\n')
+    const items = parseBatchFile(text, F)
+    assert.equal(items.length, 3)
+    assert.deepEqual(items[0], {line: 1, input: {kind: 'prompt', text: 'The quick brown fox'}})
+    assert.deepEqual(items[1], {
+      line: 3,
+      input: {kind: 'messages', messages: [{role: 'system', content: 'be brief'}, {role: 'user', content: 'hi'}]},
+      maxNewTokens: 5,
+    })
+    assert.deepEqual(items[2], {line: 4, input: {kind: 'prompt', text: 'P=8'}, temperature: 0.7})
+  })
+
+  it('reports the first bad line as FILE:LINE', () => {
+    refuses('{"prompt": "a"}\n{"prompt": "b"\n', `${F}:2`, 'not valid JSON')
+    refuses('{"prompt": "a"}\n\n[1, 2]', `${F}:3`, 'JSON object')
+    refuses('{"prompt": "a", "messages": []}', `${F}:1`, 'exactly one')
+    refuses('{"max_new_tokens": 3}', `${F}:1`, 'exactly one')
+    refuses('{"prompt": ""}', `${F}:1`, '"prompt"')
+    refuses('{"prompt": 3}', `${F}:1`, '"prompt"')
+    refuses('{"messages": []}', `${F}:1`, '"messages"')
+    refuses('{"messages": [{"role": "user"}]}', `${F}:1`, 'messages[0]')
+    refuses('{"prompt": "a", "max_new_tokens": 0}', `${F}:1`, 'max_new_tokens')
+    refuses('{"prompt": "a", "max_new_tokens": 2.5}', `${F}:1`, 'max_new_tokens')
+    refuses('{"prompt": "a", "temperature": -1}', `${F}:1`, 'temperature')
+    refuses('{"prompt": "a", "temperature": "hot"}', `${F}:1`, 'temperature')
+    refuses('{"prompt": "a", "max_tokens": 3}', `${F}:1`, 'unknown field "max_tokens"')
+  })
+
+  it('refuses an empty file', () => {
+    refuses('\n\n', F, 'no prompts')
+  })
+
+  it('reads from disk and names a missing file', async () => {
+    const file = path.join(tmp, 'ok.jsonl')
+    fs.writeFileSync(file, '{"prompt": "x"}\n')
+    assert.equal((await readBatchFile(file)).length, 1)
+    await assert.rejects(readBatchFile(path.join(tmp, 'missing.jsonl')), /missing\.jsonl: no such file/)
+  })
+})

@@ -1,0 +1,68 @@
+// The decode loop over the real ONNX session of converted golden checkpoints.
+import assert from 'node:assert/strict'
+import fs from 'node:fs'
+import path from 'node:path'
+import {after, before, describe, it} from 'node:test'
+
+import {ChatSession, generateBatch, type GenerationOptions} from '../src/core/generation.js'
+import {resolveModel} from '../src/core/resolve.js'
+import {DecoderSession} from '../src/core/session.js'
+import {readGenerationDefaults, TextTokenizer} from '../src/core/tokenizer.js'
+import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
+
+interface Golden {
+  greedy: {prompt: string; prompt_ids: number[]; new_ids: number[]}[]
+}
+
+const cacheDir = makeTempDir('parscale-gen-')
+const previousCache = process.env.PARSCALE_CACHE
+process.env.PARSCALE_CACHE = cacheDir
+after(() => {
+  if (previousCache === undefined) delete process.env.PARSCALE_CACHE
+  else process.env.PARSCALE_CACHE = previousCache
+  fs.rmSync(cacheDir, {recursive: true, force: true})
+})
+
+async function open(name: string) {
+  const {packageDir, parallel} = resolveModel(goldenDir(name))
+  const session = await DecoderSession.open(packageDir, {parallel})
+  const tokenizer = await TextTokenizer.load(packageDir)
+  const defaults = await readGenerationDefaults(packageDir)
+  const options: GenerationOptions = {eosTokenIds: defaults.eosTokenIds, decode: (ids) => tokenizer.decode(ids), padId: tokenizer.padId, contextLength: session.maxPositions}
+  return {session, tokenizer, options}
+}
+
+for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
+  describe(`generation over ${name}`, () => {
+    let model: Awaited<ReturnType<typeof open>>
+    const golden = JSON.parse(fs.readFileSync(path.join(goldenDir(name), 'golden.json'), 'utf8')) as Golden
+    before(async () => {
+      model = await open(name)
+    })
+    after(async () => {
+      await model.session.release()
+    })
+
+    it('one batch of prompts of different lengths (left padding) gives the golden greedy ids', async () => {
+      const requests = golden.greedy.map((g) => ({promptIds: g.prompt_ids, maxNewTokens: 24, sampling: {temperature: 0}}))
+      assert.ok(new Set(requests.map((r) => r.promptIds.length)).size > 1)
+      const results = await generateBatch(model.session, requests, model.options)
+      assert.deepEqual(results.map((r) => r.tokenIds), golden.greedy.map((g) => g.new_ids))
+    })
+
+    it('a chat turn over the kept cache equals a fresh run over the same tokens', async () => {
+      const chat = new ChatSession(model.session, model.tokenizer, {...model.options, system: 'You are a test.'})
+      const req = {maxNewTokens: 6, sampling: {temperature: 0}}
+      const t1 = await chat.send('hello', req)
+      assert.equal(t1.reusedTokens, 0)
+      const t2 = await chat.send('and again', req)
+      assert.ok(t2.reusedTokens > 0, 'the cache was reused')
+      assert.equal(t2.prefillTokens, t2.promptIds.length - t2.reusedTokens)
+      // turn 1's prompt and answer (all but its unfed last token) are the reused part
+      assert.deepEqual(t2.promptIds.slice(0, t2.reusedTokens), [...t1.promptIds, ...t1.tokenIds].slice(0, t2.reusedTokens))
+      assert.equal(t2.reusedTokens, t1.promptIds.length + t1.tokenIds.length - 1)
+      const [fresh] = await generateBatch(model.session, [{promptIds: t2.promptIds, maxNewTokens: 6, sampling: {temperature: 0}}], model.options)
+      assert.deepEqual(t2.tokenIds, fresh.tokenIds)
+    })
+  })
+}

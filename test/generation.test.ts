@@ -1,0 +1,282 @@
+import assert from 'node:assert/strict'
+import {describe, it} from 'node:test'
+
+import {UserError} from '../src/core/errors.js'
+import {
+  ChatSession,
+  fitToContext,
+  generateAll,
+  generateBatch,
+  type GenerationOptions,
+  type GenerationRequest,
+  StopStringMatcher,
+} from '../src/core/generation.js'
+import type {ChatMessage} from '../src/core/tokenizer.js'
+import {ALPHABET, charTokenizer, END, FakeDecoder} from './helpers/fake-decoder.js'
+
+const V = 40 // larger than the alphabet, like the real models: ids past it decode to ''
+const opts: GenerationOptions = {eosTokenIds: [END], decode: charTokenizer.decode, padId: 0}
+const greedy = (promptIds: number[], maxNewTokens = 12, extra: Partial<GenerationRequest> = {}): GenerationRequest => ({
+  promptIds,
+  maxNewTokens,
+  sampling: {temperature: 0},
+  ...extra,
+})
+const enc = charTokenizer.encode
+
+describe('generation', () => {
+  it('a batch of different lengths gives the same ids as one at a time (left padding)', async () => {
+    const prompts = [enc('the quick brown fox'), enc('p'), enc('def parallel')]
+    const alone = []
+    for (const p of prompts) alone.push((await generateBatch(new FakeDecoder(V), [greedy(p)], opts))[0])
+    const decoder = new FakeDecoder(V)
+    const batch = await generateBatch(decoder, prompts.map((p) => greedy(p)), opts)
+    assert.deepEqual(batch.map((r) => r.tokenIds), alone.map((r) => r.tokenIds))
+    assert.deepEqual(batch.map((r) => r.text), alone.map((r) => r.text))
+    assert.deepEqual(decoder.calls[0], {batch: 3, seq: 19, past: 0}, 'one prefill, padded to the longest')
+    assert.ok(decoder.calls.slice(1).every((c) => c.seq === 1), 'then one token per step')
+    for (const [i, r] of batch.entries()) {
+      assert.equal(r.promptTokens, prompts[i].length)
+      assert.equal(r.generatedTokens, r.tokenIds.length)
+    }
+  })
+
+  it('seeded sampling: same seed, same output, alone or in a batch', async () => {
+    const req = (p: string, seed: number): GenerationRequest => ({promptIds: enc(p), maxNewTokens: 15, sampling: {temperature: 1, topK: 10, topP: 0.9, seed}})
+    const a = await generateBatch(new FakeDecoder(V), [req('abc', 1)], opts)
+    const b = await generateBatch(new FakeDecoder(V), [req('hello there', 5), req('abc', 1)], opts)
+    assert.deepEqual(b[1].tokenIds, a[0].tokenIds)
+    const c = await generateBatch(new FakeDecoder(V), [req('abc', 2)], opts)
+    assert.notDeepEqual(c[0].tokenIds, a[0].tokenIds)
+  })
+
+  it('stops a row on EOS (id kept, text without it) and drops it from the batch', async () => {
+    // row "x…" answers "ok" then END; the other runs to the limit
+    const script = (h: number[]) => {
+      if (h[0] !== ALPHABET.indexOf('x')) return undefined
+      const n = h.length - 2
+      return n === 0 ? enc('o')[0] : n === 1 ? enc('k')[0] : n === 2 ? END : undefined
+    }
+    const decoder = new FakeDecoder(V, script)
+    const [x, y] = await generateBatch(decoder, [greedy(enc('xy')), greedy(enc('hello'), 8)], {...opts, eosTokenIds: [33, END]})
+    assert.deepEqual(x.tokenIds, [...enc('ok'), END])
+    assert.equal(x.text, 'ok')
+    assert.equal(x.finishReason, 'stop')
+    assert.equal(y.finishReason, 'length')
+    assert.equal(y.generatedTokens, 8)
+    assert.deepEqual(decoder.calls.map((c) => c.batch), [2, 2, 2, 1, 1, 1, 1, 1])
+  })
+
+  it('stop strings end the text before them and finish with stop', async () => {
+    const script = (h: number[]) => enc('say hello world')[h.length]
+    const [r] = await generateBatch(new FakeDecoder(V, script), [greedy(enc('s'), 30, {stop: ['lo w', 'zzz']})], opts)
+    assert.equal(r.text, 'ay hel')
+    assert.equal(r.finishReason, 'stop')
+    assert.equal(charTokenizer.decode(r.tokenIds), 'ay hello w')
+  })
+
+  it('streams each token once; the pieces add up to the text', async () => {
+    const events: {index: number; tokenId: number; text: string}[] = []
+    const results = await generateBatch(new FakeDecoder(V), [greedy(enc('ab'), 10), greedy(enc('c'), 6, {stop: ['q']})], {...opts, onToken: (e) => events.push(e)})
+    for (const [i, r] of results.entries()) {
+      const mine = events.filter((e) => e.index === i)
+      assert.deepEqual(mine.map((e) => e.tokenId), r.tokenIds)
+      assert.equal(mine.map((e) => e.text).join(''), r.text)
+    }
+  })
+
+  it('ids past the tokenizer decode to nothing but still count', async () => {
+    const script = (h: number[]) => (h.length < 4 ? 35 : undefined)
+    const [r] = await generateBatch(new FakeDecoder(V, script), [greedy(enc('a'), 3)], opts)
+    assert.deepEqual(r.tokenIds, [35, 35, 35])
+    assert.equal(r.text, '')
+  })
+
+  it('reports timing', async () => {
+    const [r] = await generateBatch(new FakeDecoder(V), [greedy(enc('ab'), 5)], opts)
+    assert.ok(r.ttftMs >= 0)
+    assert.ok(r.decodeTokensPerS > 0)
+  })
+
+  it('stops at the context length', async () => {
+    const [r] = await generateBatch(new FakeDecoder(V), [greedy(enc('abcd'), 50)], {...opts, contextLength: 10})
+    assert.equal(r.generatedTokens, 6)
+    assert.equal(r.finishReason, 'length')
+    await assert.rejects(generateBatch(new FakeDecoder(V), [greedy(enc('abcdefghij'))], {...opts, contextLength: 10}), UserError)
+    await assert.rejects(generateBatch(new FakeDecoder(V), [greedy([])], opts), /empty/)
+  })
+
+  it('fitToContext errors or keeps the tail', () => {
+    const ids = Array.from({length: 20}, (_, i) => i)
+    assert.deepEqual(fitToContext(ids, undefined, 5, false), ids)
+    assert.deepEqual(fitToContext(ids, 30, 5, false), ids)
+    assert.throws(() => fitToContext(ids, 20, 5, false), /20 tokens.*context is 20.*--truncate/)
+    assert.deepEqual(fitToContext(ids, 16, 6, true), ids.slice(10))
+    assert.deepEqual(fitToContext(ids, 16, 100, true), ids.slice(19))
+    assert.deepEqual(fitToContext(ids, 30, 10, true), ids)
+  })
+
+  it('an abort finishes rows with abort', async () => {
+    const controller = new AbortController()
+    let n = 0
+    const [r] = await generateBatch(new FakeDecoder(V), [greedy(enc('ab'), 50)], {
+      ...opts,
+      signal: controller.signal,
+      onToken: () => {
+        if (++n === 3) controller.abort()
+      },
+    })
+    assert.equal(r.finishReason, 'abort')
+    assert.equal(r.generatedTokens, 3)
+  })
+
+  it('generateAll runs batch-size chunks, results in order', async () => {
+    const prompts = ['a', 'bcd', 'ef', 'ghijk', 'l'].map((p) => greedy(enc(p), 5))
+    const decoder = new FakeDecoder(V)
+    const all = await generateAll(decoder, prompts, 2, opts)
+    const alone = await Promise.all(prompts.map(async (p) => (await generateBatch(new FakeDecoder(V), [p], opts))[0]))
+    assert.deepEqual(all.map((r) => r.tokenIds), alone.map((r) => r.tokenIds))
+    assert.deepEqual(decoder.calls.filter((c) => c.past === 0).map((c) => c.batch), [2, 2, 1])
+  })
+})
+
+describe('stop strings', () => {
+  it('holds back a possible start of a stop string', () => {
+    const m = new StopStringMatcher(['END', 'xy'])
+    assert.equal(m.push('abcE'), 'abc')
+    assert.equal(m.push('N'), '')
+    assert.equal(m.push('x'), 'EN')
+    assert.equal(m.push('z'), 'xz')
+    assert.equal(m.push('EN'), '')
+    assert.equal(m.push('Dmore'), '')
+    assert.ok(m.matched)
+    assert.equal(m.flush(), '')
+  })
+
+  it('releases held text at the end; no stops = pass through', () => {
+    const m = new StopStringMatcher(['aab'])
+    assert.equal(m.push('xaa'), 'x')
+    assert.equal(m.push('a'), 'a')
+    assert.equal(m.flush(), 'aa')
+    const n = new StopStringMatcher([])
+    assert.equal(n.push('anything'), 'anything')
+  })
+})
+
+/** A toy chat template: user `u:text;`, assistant `a:text|` (| = the end token). */
+const toyFormat = {
+  renderChat: (messages: ChatMessage[], addGenerationPrompt: boolean) =>
+    messages.map((m) => (m.role === 'user' ? `u:${m.content};` : m.role === 'assistant' ? `a:${m.content}|` : `s:${m.content};`)).join('') +
+    (addGenerationPrompt ? 'a:' : ''),
+  encode: charTokenizer.encode,
+  decodeWithSpecial: charTokenizer.decodeWithSpecial,
+}
+
+/** Answers "ok" then the end token, after any "a:". */
+const answerOk = (h: number[]) => {
+  const colon = ALPHABET.indexOf(':')
+  const a = ALPHABET.indexOf('a')
+  let start = -1
+  for (let i = h.length - 1; i > 0; i--) if (h[i] === colon && h[i - 1] === a) {
+    start = i + 1
+    break
+  }
+  if (start < 0) return undefined
+  return [...enc('ok'), END][h.length - start]
+}
+
+describe('chat session', () => {
+  it('keeps the cache across turns: a new turn prefills only its own tokens', async () => {
+    const decoder = new FakeDecoder(V, answerOk)
+    const chat = new ChatSession(decoder, toyFormat, {...opts})
+    const req = {maxNewTokens: 10, sampling: {temperature: 0}}
+    const t1 = await chat.send('hi', req)
+    assert.equal(t1.text, 'ok')
+    assert.deepEqual(t1.tokenIds, [...enc('ok'), END])
+    assert.equal(t1.prefillTokens, enc('u:hi;a:').length)
+    // the cache holds the prompt and the fed answer tokens; the end token is not fed yet
+    assert.equal(chat.stats.cachedTokens, 7 + 2)
+
+    const before = decoder.calls.length
+    const t2 = await chat.send('yo', req)
+    const full = enc(toyFormat.renderChat([...chat.history.slice(0, 2), {role: 'user', content: 'yo'}], true))
+    assert.equal(t2.reusedTokens, 9)
+    assert.equal(t2.prefillTokens, full.length - 9)
+    assert.equal(chat.stats.lastPrefillTokens, 8, 'the end token of turn 1 and "u:yo;a:"')
+    assert.deepEqual(decoder.calls[before], {batch: 1, seq: 8, past: 9})
+    assert.equal(t2.promptTokens, full.length)
+    assert.equal(t2.text, 'ok')
+  })
+
+  it('gives the same answer as a full prefill of the conversation', async () => {
+    // a vocabulary of the alphabet only, so the answer's text re-encodes to the same ids
+    const W = ALPHABET.length
+    const chat = new ChatSession(new FakeDecoder(W), toyFormat, {...opts, system: 'be nice'})
+    const req = {maxNewTokens: 6, sampling: {temperature: 0}}
+    await chat.send('hi', req)
+    const t2 = await chat.send('and then', req)
+    const messages = [...chat.history.slice(0, -1)]
+    const [fresh] = await generateBatch(new FakeDecoder(W), [greedy(enc(toyFormat.renderChat(messages, true)), 6)], opts)
+    assert.deepEqual(t2.tokenIds, fresh.tokenIds)
+    assert.ok(t2.reusedTokens > 0)
+  })
+
+  it('keeps the model\'s own answer tokens even when their text does not re-encode to them', async () => {
+    // answers 35 (past the tokenizer: no text), "o", then the end token
+    const script = (h: number[]) => {
+      const i = h.lastIndexOf(ALPHABET.indexOf(':'))
+      return [35, enc('o')[0], END][h.length - i - 1]
+    }
+    const decoder = new FakeDecoder(V, script)
+    const chat = new ChatSession(decoder, toyFormat, {...opts})
+    const req = {maxNewTokens: 5, sampling: {temperature: 0}}
+    const t1 = await chat.send('hi', req)
+    assert.deepEqual(t1.tokenIds, [35, enc('o')[0], END])
+    assert.equal(t1.text, 'o')
+    const t2 = await chat.send('yo', req)
+    assert.equal(t2.reusedTokens, enc('u:hi;a:').length + 2)
+    assert.equal(t2.prefillTokens, 1 + enc('u:yo;a:').length)
+    // the same as one forward over exactly those tokens
+    const sequence = [...enc('u:hi;a:'), 35, enc('o')[0], END, ...enc('u:yo;a:')]
+    const [fresh] = await generateBatch(new FakeDecoder(V, script), [greedy(sequence, 5)], opts)
+    assert.deepEqual(t2.tokenIds, fresh.tokenIds)
+  })
+
+  it('an answer cut by max tokens: its last token and the closing text are fed next turn', async () => {
+    const chat = new ChatSession(new FakeDecoder(ALPHABET.length), toyFormat, {...opts})
+    const t1 = await chat.send('hi', {maxNewTokens: 3, sampling: {temperature: 0}})
+    assert.equal(t1.finishReason, 'length')
+    const t2 = await chat.send('yo', {maxNewTokens: 3, sampling: {temperature: 0}})
+    assert.equal(t2.reusedTokens, 7 + 2)
+    assert.equal(t2.prefillTokens, 1 + enc('|u:yo;a:').length)
+  })
+
+  it('prefills again from scratch when the cache no longer matches the conversation', async () => {
+    const chat = new ChatSession(new FakeDecoder(V, answerOk), toyFormat, {...opts})
+    await chat.send('hi', {maxNewTokens: 10, sampling: {temperature: 0}, stop: ['k']})
+    assert.equal(chat.history[1].content, 'o')
+    const t2 = await chat.send('yo', {maxNewTokens: 10, sampling: {temperature: 0}})
+    assert.equal(t2.reusedTokens, 0)
+    assert.equal(t2.prefillTokens, enc('u:hi;a:o|u:yo;a:').length)
+  })
+
+  it('reset forgets the conversation; setDecoder keeps it but not the cache', async () => {
+    const chat = new ChatSession(new FakeDecoder(V, answerOk), toyFormat, {...opts, system: 'x'})
+    const req = {maxNewTokens: 10, sampling: {temperature: 0}}
+    await chat.send('hi', req)
+    chat.setDecoder(new FakeDecoder(V, answerOk, 2))
+    assert.equal(chat.parallel, 2)
+    const t2 = await chat.send('yo', req)
+    assert.equal(t2.reusedTokens, 0)
+    assert.equal(t2.prefillTokens, enc('s:x;u:hi;a:ok|u:yo;a:').length)
+    chat.reset()
+    assert.deepEqual(chat.history, [{role: 'system', content: 'x'}])
+    const t3 = await chat.send('hi', req)
+    assert.equal(t3.prefillTokens, enc('s:x;u:hi;a:').length)
+  })
+
+  it('refuses a conversation longer than the context', async () => {
+    const chat = new ChatSession(new FakeDecoder(V, answerOk), toyFormat, {...opts, contextLength: 12})
+    await assert.rejects(chat.send('a long message', {maxNewTokens: 4, sampling: {temperature: 0}}), /context is 12.*\/reset/)
+  })
+})
