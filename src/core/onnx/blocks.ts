@@ -176,8 +176,22 @@ export function aggregateStreams(ctx: DecoderContext, hidden: string): string {
   return ops.reshape(ops.reduceSum(ops.mul(streams, perStream), [1], 0), ops.shapeOf([-1, H]))
 }
 
-/** Vocabulary logits from hidden rows: lm_head, or the embedding matrix when tied. */
+/** Largest slice of the LM head that ONNX Runtime repacks at once (see lmHead). */
+const HEAD_BLOCK_BYTES = 64 << 20
+
+/**
+ * Vocabulary logits from hidden rows: lm_head, or the embedding matrix when tied.
+ * Memory, not arithmetic, shapes this block. ONNX Runtime repacks each matmul weight into
+ * a buffer of its own and then drops the file-mapped original; while it packs, both are
+ * resident, so the head (the largest matrix) is split into vocabulary blocks to keep that
+ * overlap small. A tied head reads its own stored copy of the embeddings, as an
+ * initializer that Gather also reads would stay mapped next to its packed twin.
+ */
 export function lmHead(ctx: DecoderContext, rows: string): string {
-  const head = ctx.config.tieWordEmbeddings ? 'model.embed_tokens.weight' : 'lm_head.weight'
-  return ctx.ops.linear(rows, ctx.weights.get(head))
+  const {config, ops, weights} = ctx
+  const blocks = config.tieWordEmbeddings
+    ? weights.rowBlocks('model.embed_tokens.weight', 'lm_head.weight (tied to model.embed_tokens.weight)', HEAD_BLOCK_BYTES)
+    : weights.rowBlocks('lm_head.weight', 'lm_head.weight', HEAD_BLOCK_BYTES)
+  const logits = blocks.map((block) => ops.linear(rows, block))
+  return logits.length === 1 ? logits[0] : ops.concat(logits, 1)
 }

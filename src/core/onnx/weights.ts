@@ -13,6 +13,11 @@ export type WeightDtype = 'fp32' | 'fp16'
 export interface WeightProvider {
   /** The weight `name`, optionally viewed with another shape of the same size. */
   get(name: string, shape?: number[]): string
+  /**
+   * A 2-D weight stored under `storedAs` (a name of its own, so it may be a second copy),
+   * handed out as consecutive blocks of whole rows of at most `maxBlockBytes` each.
+   */
+  rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[]
 }
 
 const CHUNK_BYTES = 16 << 20
@@ -96,22 +101,49 @@ export class CheckpointWeights implements WeightProvider {
   ) {}
 
   get(name: string, shape?: number[]): string {
-    const key = `${name}:${shape?.join('x') ?? ''}`
-    const cached = this.values.get(key)
+    return this.load(name, shape ? `${name}#${shape.join('x')}` : name, shape)
+  }
+
+  rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[] {
+    const info = this.checkpoint.get(name)
+    const [rows, columns] = info.shape
+    const half = this.isHalf(info)
+    const rowBytes = columns * (half ? 2 : 4)
+    // Whole pages per block keep every block's offset page-aligned for memory mapping.
+    const rowsPerBlock = Math.max(1024, Math.floor(maxBlockBytes / rowBytes / 1024) * 1024)
+    const location = this.place(info, storedAs)
+    const blocks: string[] = []
+    for (let first = 0, i = 0; first < rows; first += rowsPerBlock, i++) {
+      const count = Math.min(rowsPerBlock, rows - first)
+      const block = {file: location.file, offset: location.offset + first * rowBytes, length: count * rowBytes}
+      blocks.push(this.initializer(`${storedAs}[${first}:${first + count}]`, half, [count, columns], block))
+    }
+    return blocks
+  }
+
+  private load(name: string, storedAs: string, shape?: number[]): string {
+    const cached = this.values.get(storedAs)
     if (cached) return cached
     const info = this.checkpoint.get(name)
-    const half = this.dtype === 'fp16' && info.shape.length === 2
-    const location = this.store.place(name, convertedChunks(info, half), this.checkpoint.dir)
-    this.onBytesRead(info.byteLength)
-    const initializer = this.g.externalInitializer(
-      shape ? `${name}#${shape.join('x')}` : name,
-      half ? 'float16' : 'float32',
-      shape ?? info.shape,
-      location,
-    )
-    const value = half ? this.g.node('Cast', [initializer], {to: 1}) : initializer
-    this.values.set(key, value)
+    const value = this.initializer(storedAs, this.isHalf(info), shape ?? info.shape, this.place(info, storedAs))
+    this.values.set(storedAs, value)
     return value
+  }
+
+  private isHalf(info: TensorInfo): boolean {
+    return this.dtype === 'fp16' && info.shape.length === 2
+  }
+
+  private place(info: TensorInfo, storedAs: string): ExternalLocation {
+    const location = this.store.place(storedAs, convertedChunks(info, this.isHalf(info)), this.checkpoint.dir)
+    this.onBytesRead(info.byteLength)
+    return location
+  }
+
+  /** A float32-valued initializer: half-precision storage is widened by a Cast. */
+  private initializer(name: string, half: boolean, shape: number[], location: ExternalLocation): string {
+    const initializer = this.g.externalInitializer(name, half ? 'float16' : 'float32', shape, location)
+    return half ? this.g.node('Cast', [initializer], {to: 1}) : initializer
   }
 }
 

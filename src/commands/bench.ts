@@ -1,0 +1,108 @@
+import {writeFileSync} from 'node:fs'
+
+import {Args, Flags} from '@oclif/core'
+
+import {BaseCommand} from '../base-command.js'
+import {renderCsv, renderTable, toJson} from '../core/bench/report.js'
+import {benchMachine, benchPackage, benchVsParams, probeRoofline, type BenchReport} from '../core/bench/run-bench.js'
+import {SCALING_FITS} from '../core/bench/scaling-law.js'
+import {ensureSyntheticPackage} from '../core/bench/synthetic-package.js'
+import {readManifest} from '../core/model-package.js'
+import {resolveModel} from '../core/resolve.js'
+import {UserError} from '../core/errors.js'
+import {SYNTHETIC_PRESETS, syntheticShape, type SyntheticShape} from '../core/synthetic.js'
+import {Progress} from '../ui/progress.js'
+
+function intList(text: string, flag: string): number[] {
+  const values = text.split(',').map((s) => Number(s.trim()))
+  if (values.length === 0 || values.some((v) => !Number.isSafeInteger(v) || v < 1)) throw new UserError(`--${flag} must be a comma-separated list of positive integers (found "${text}")`)
+  return values
+}
+
+const presetHelp = Object.entries(SYNTHETIC_PRESETS)
+  .map(([name, s]) => `${name}: hidden ${s.hiddenSize}, ${s.numLayers} layers, ${s.numHeads} heads / ${s.numKvHeads} KV, intermediate ${s.intermediateSize}, vocab ${s.vocabSize}${s.tieWordEmbeddings ? ', tied' : ''}`)
+  .join('\n  ')
+
+export default class Bench extends BaseCommand {
+  static override summary = 'Measure prefill, decode latency and peak memory per P (each configuration in its own process)'
+  static override description = `For each P × batch: prefill ms, time to first token, decode ms/token (median and p90 after a warm-up), tokens/s, peak RSS, weight and KV-cache bytes, each relative to P = 1. A roofline measured with ONNX Runtime in the same run (read bandwidth, matmul FLOP rate) puts decode against the bandwidth floor (weight bytes ÷ bandwidth) and prefill against the FLOP rate.
+
+--synthetic SHAPE uses random weights in real shapes (generated and converted once into the parscale cache). Presets:
+  ${presetHelp}
+(0.5b and 3b are Qwen2.5-0.5B/3B; 1.8b is Qwen1.5-1.8B's shape; 4.7b is a Qwen2.5-style widening, not a published model.) Explicit --hidden/--layers/--heads/--kv-heads/--intermediate/--vocab override a preset.
+
+--vs-params: the paper's parallel scaling law L = E + (A·1e9/(N·(k·ln P + 1)))^α says P streams match a P = 1 model of N′ = N·(k·ln P + 1) parameters (only k matters for N′). k = ${SCALING_FITS.map((f) => `${f.k} (${f.dataset})`).join(', ')}: approximate values of the paper's published fits, not re-fitted. A synthetic P = 1 model of about N′ (wider and deeper as Qwen2.5 grows; capped so its fp32 weights take at most half of RAM, stated when capped) is measured the same way, and memory and latency increases of parallel vs parameter scaling are printed side by side.`
+  static override examples = [
+    '<%= config.bin %> bench --synthetic 0.5b --parallel 1,2,4,8',
+    '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --vs-params --json bench.json',
+    '<%= config.bin %> bench ./my-package --batch 1,4 --csv',
+  ]
+  static override args = {
+    model: Args.string({description: 'converted package, checkpoint folder or pulled hub repo id (default: the bundled model)'}),
+  }
+  static override flags = {
+    parallel: Flags.string({description: 'P values to measure', default: '1,2,4,8'}),
+    batch: Flags.string({description: 'batch sizes', default: '1'}),
+    'prompt-len': Flags.integer({description: 'prompt tokens', default: 64, min: 1}),
+    'new-tokens': Flags.integer({description: 'generated tokens (decode steps + 1)', default: 32, min: 2}),
+    threads: Flags.integer({description: 'intra-op threads (default: all cores)', min: 1}),
+    repeat: Flags.integer({description: 'measured repetitions after one warm-up', default: 3, min: 1}),
+    synthetic: Flags.string({description: `random weights of a preset shape (${Object.keys(SYNTHETIC_PRESETS).join(', ')})`}),
+    hidden: Flags.integer({min: 1, description: 'synthetic: hidden size'}),
+    layers: Flags.integer({min: 1, description: 'synthetic: layers'}),
+    heads: Flags.integer({min: 1, description: 'synthetic: attention heads'}),
+    'kv-heads': Flags.integer({min: 1, description: 'synthetic: KV heads'}),
+    intermediate: Flags.integer({min: 1, description: 'synthetic: MLP size'}),
+    vocab: Flags.integer({min: 1, description: 'synthetic: vocabulary'}),
+    'vs-params': Flags.boolean({description: 'compare with parameter scaling of equal predicted loss (needs P = 1 and a synthetic shape)'}),
+    'no-roofline': Flags.boolean({description: 'skip the bandwidth and FLOP-rate probes'}),
+    json: Flags.string({description: 'also write the report as JSON to this file'}),
+    csv: Flags.boolean({description: 'print CSV instead of the table'}),
+    profile: Flags.string({description: 'write ONNX Runtime profiles with this file prefix'}),
+  }
+
+  async run(): Promise<void> {
+    const {args, flags} = await this.parse(Bench)
+    const parallel = intList(flags.parallel, 'parallel')
+    const batch = intList(flags.batch, 'batch')
+    const threads = flags.threads ?? benchMachine(0).cores
+    const explicit = [flags.hidden, flags.layers, flags.heads, flags['kv-heads'], flags.intermediate, flags.vocab].some((v) => v !== undefined)
+    if (flags.synthetic && args.model) throw new UserError('give a MODEL or --synthetic, not both')
+    if (flags['vs-params'] && !flags.synthetic && !explicit) throw new UserError('--vs-params needs a synthetic shape (--synthetic 0.5b)')
+    if (flags['vs-params'] && !parallel.includes(1)) parallel.unshift(1)
+
+    const progress = new Progress('preparing')
+    const onStatus = (text: string) => progress.update(text)
+    try {
+      let packageDir: string
+      let label: string
+      let shape: SyntheticShape | undefined
+      if (flags.synthetic || explicit) {
+        shape = syntheticShape(flags.synthetic, {
+          hiddenSize: flags.hidden, numLayers: flags.layers, numHeads: flags.heads, numKvHeads: flags['kv-heads'],
+          intermediateSize: flags.intermediate, vocabSize: flags.vocab,
+        })
+        packageDir = ensureSyntheticPackage(shape, {parallel, onProgress: onStatus})
+        label = `synthetic ${flags.synthetic ?? 'custom'} (hidden ${shape.hiddenSize}, ${shape.numLayers} layers, ${shape.numHeads}/${shape.numKvHeads} heads, intermediate ${shape.intermediateSize}, vocab ${shape.vocabSize}), fp32`
+      } else {
+        const resolved = resolveModel(args.model, {onProgress: (p) => onStatus(`converting: ${p.phase}`)})
+        packageDir = resolved.packageDir
+        label = resolved.label
+        const have = readManifest(packageDir).parallel
+        const missing = parallel.filter((p) => !have.includes(p))
+        if (missing.length) throw new UserError(`${label} has no P = ${missing.join(', ')} (it has ${have.join(', ')}); pass --parallel ${have.join(',')}`)
+      }
+      const model = readManifest(packageDir).model
+      const options = {parallel, batch, promptLength: flags['prompt-len'], newTokens: flags['new-tokens'], threads, repeat: flags.repeat, onStatus, ...(flags.profile ? {profilePrefix: flags.profile} : {})}
+      const report: BenchReport = {machine: benchMachine(threads), model: label, results: []}
+      if (!flags['no-roofline']) report.roofline = await probeRoofline(threads, model.hiddenSize, model.intermediateSize, onStatus)
+      report.results = await benchPackage(packageDir, options)
+      if (flags['vs-params'] && shape) report.vs_params = await benchVsParams(shape, options)
+      progress.stop()
+      if (flags.json) writeFileSync(flags.json, JSON.stringify(toJson(report), null, 2) + '\n')
+      this.log(flags.csv ? renderCsv(report).trimEnd() : renderTable(report))
+    } finally {
+      progress.stop()
+    }
+  }
+}

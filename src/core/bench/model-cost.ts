@@ -1,0 +1,30 @@
+import type {ModelConfig} from '../config.js'
+
+/** Bytes of fp32 weights one decode step reads: every matrix once (a tied embedding once). */
+export function weightBytes(config: ModelConfig): number {
+  const {hiddenSize: H, intermediateSize: I, numLayers, numHeads, numKvHeads, headDim, vocabSize: V, parallel: P, prefixTokens} = config
+  const q = numHeads * headDim
+  const kv = numKvHeads * headDim
+  const perLayer = H * (q + 2 * kv) + q + 2 * kv + q * H + 3 * H * I + 2 * H
+  let n = numLayers * perLayer + V * H + H + (config.tieWordEmbeddings ? 0 : V * H)
+  if (P > 1) n += numLayers * 2 * P * kv * prefixTokens + P * H * H + H + P * H + P
+  return n * 4
+}
+
+/** float32 KV cache bytes for `tokens` positions (the prefixes are weights, not cache). */
+export function kvCacheBytes(config: ModelConfig, batch: number, tokens: number): number {
+  return 2 * config.numLayers * batch * config.parallel * config.numKvHeads * tokens * config.headDim * 4
+}
+
+/** Matmul FLOPs (2·m·n·k) of a prefill of `tokens` per row that keeps the last position's logits. */
+export function prefillFlops(config: ModelConfig, batch: number, tokens: number): number {
+  const {hiddenSize: H, intermediateSize: I, numLayers, numHeads, numKvHeads, headDim, vocabSize: V, parallel: P, prefixTokens} = config
+  const rows = batch * P * tokens
+  const q = numHeads * headDim
+  const kv = numKvHeads * headDim
+  const projections = 2 * rows * (H * (q + 2 * kv) + q * H + 3 * H * I)
+  // scores and context: each query sees the prefix and (causally) about half the prompt
+  const attention = 2 * 2 * batch * P * numHeads * headDim * tokens * (prefixTokens + (tokens + 1) / 2)
+  const aggregate = P > 1 ? 2 * batch * (P * H * H + H * P) : 0
+  return numLayers * (projections + attention) + aggregate + 2 * batch * V * H
+}

@@ -1,0 +1,60 @@
+// Synthetic model packages in the parscale cache: random checkpoints, converted once, reused.
+import {createHash} from 'node:crypto'
+import fs from 'node:fs'
+import path from 'node:path'
+
+import {convertCheckpoints, type ConvertProgress} from '../convert.js'
+import {MANIFEST_FILE, readManifest} from '../model-package.js'
+import {parscaleCacheDir} from '../paths.js'
+import {writeSyntheticCheckpoint, type SyntheticShape} from '../synthetic.js'
+
+export interface SyntheticPackageOptions {
+  parallel: number[]
+  prefixTokens?: number
+  seed?: number
+  /** Where packages live; default `<parscale cache>/synthetic`. */
+  cacheDir?: string
+  onProgress?: (text: string, progress?: ConvertProgress) => void
+}
+
+/** A short stable name for a shape: the cache folder of its package. */
+export function syntheticKey(shape: SyntheticShape, prefixTokens: number, seed: number): string {
+  const text = JSON.stringify({...shape, prefixTokens, seed})
+  const s = shape
+  return `h${s.hiddenSize}-l${s.numLayers}-a${s.numHeads}x${s.numKvHeads}-i${s.intermediateSize}-v${s.vocabSize}${s.tieWordEmbeddings ? '-tied' : ''}-${createHash('sha256').update(text).digest('hex').slice(0, 8)}`
+}
+
+/**
+ * Returns a converted fp32 package holding every requested P of `shape`, building it when
+ * the cache lacks one (or lacks a P). Checkpoints are written next to it and deleted once
+ * converted, so the cache keeps one copy of the backbone.
+ */
+export function ensureSyntheticPackage(shape: SyntheticShape, options: SyntheticPackageOptions): string {
+  const prefixTokens = options.prefixTokens ?? 48
+  const seed = options.seed ?? 0
+  const root = options.cacheDir ?? path.join(parscaleCacheDir(), 'synthetic')
+  const dir = path.join(root, syntheticKey(shape, prefixTokens, seed))
+  let wanted = [...new Set(options.parallel)].sort((a, b) => a - b)
+  if (fs.existsSync(path.join(dir, MANIFEST_FILE))) {
+    const have = readManifest(dir).parallel
+    if (wanted.every((p) => have.includes(p))) return dir
+    wanted = [...new Set([...have, ...wanted])].sort((a, b) => a - b) // rebuild with the union
+  }
+  const work = `${dir}.checkpoints-${process.pid}`
+  fs.rmSync(work, {recursive: true, force: true})
+  try {
+    const sources = wanted.map((p) => {
+      options.onProgress?.(`writing synthetic checkpoint P=${p}`)
+      const source = path.join(work, `p${p}`)
+      writeSyntheticCheckpoint(source, shape, {parallel: p, prefixTokens, seed, dtype: 'f32'})
+      return source
+    })
+    convertCheckpoints({
+      sources, outDir: dir, dtype: 'fp32', force: true, sourceLabel: `synthetic ${path.basename(dir)}`,
+      onProgress: (p) => options.onProgress?.(`converting: ${p.phase}`, p),
+    })
+  } finally {
+    fs.rmSync(work, {recursive: true, force: true})
+  }
+  return dir
+}

@@ -1,0 +1,76 @@
+// Shapes of what the bench children receive and report (JSON over stdio).
+
+/** One configuration to measure, run in its own child process. */
+export interface RunSpec {
+  kind: 'run'
+  packageDir: string
+  parallel: number
+  batch: number
+  promptLength: number
+  newTokens: number
+  threads: number
+  /** Measured repetitions of prefill + decode after one warm-up. */
+  repeat: number
+  /** Write an ONNX Runtime profile with this prefix. */
+  profilePrefix?: string
+}
+
+/** Roofline probes: weights of about `bytes` in `layers` matmul pairs, read at 1 row and at `rows` rows. */
+export interface ProbeSpec {
+  kind: 'probe'
+  threads: number
+  hidden: number
+  intermediate: number
+  layers: number
+  rows: number
+  repeat: number
+}
+
+export type WorkerSpec = RunSpec | ProbeSpec
+
+export interface Summary {
+  median: number
+  p90: number
+  samples: number
+}
+
+export interface RunResult {
+  parallel: number
+  batch: number
+  prompt_length: number
+  new_tokens: number
+  threads: number
+  load_ms: number
+  prefill_ms: Summary
+  /** Prefill plus picking the first token. */
+  ttft_ms: Summary
+  decode_ms_per_token: Summary
+  /** batch · 1000 / median decode ms. */
+  tokens_per_s: number
+  peak_rss_bytes: number
+  weight_bytes: number
+  kv_cache_bytes: number
+  /** Prefill FLOPs (matmuls only, 2·m·n·k) of one prefill. */
+  prefill_flops: number
+}
+
+export interface ProbeResult {
+  /** Bytes of weights one pass reads. */
+  bytes: number
+  /** GEMV chain: weight bytes ÷ time at one row. */
+  gemv_bytes_per_s: number
+  /** GEMM chain at `rows` rows: 2·rows·k·n per matmul ÷ time. */
+  matmul_flops_per_s: number
+  /** ReduceSum over one large buffer. */
+  reduce_bytes_per_s: number
+}
+
+export interface MachineInfo {
+  cpu_model: string
+  cores: number
+  memory_bytes: number
+  threads: number
+  onnxruntime_version: string
+  node_version: string
+  platform: string
+}

@@ -1,0 +1,123 @@
+// Child-process entry of `parscale bench`: measures one configuration (or the roofline
+// probes) and prints one JSON line, so each measurement's peak RSS is its own.
+import {readSync} from 'node:fs'
+
+import {DecoderSession} from '../session.js'
+import {kvCacheBytes, prefillFlops, weightBytes} from './model-cost.js'
+import {runProbes} from './roofline.js'
+import {summarize} from './stats.js'
+import type {RunResult, RunSpec, WorkerSpec} from './types.js'
+
+/** Peak resident set of this process (getrusage maxrss, the kernel's high-water mark). */
+export function peakRssBytes(): number {
+  return process.resourceUsage().maxRSS * 1024
+}
+
+function argmaxRows(logits: Float32Array, rows: number, vocab: number): number[] {
+  const out: number[] = []
+  for (let r = 0; r < rows; r++) {
+    let best = 0
+    let bestValue = -Infinity
+    const base = (r + 1) * vocab - vocab
+    for (let i = 0; i < vocab; i++) {
+      const v = logits[base + i]!
+      if (v > bestValue) {
+        bestValue = v
+        best = i
+      }
+    }
+    out.push(best)
+  }
+  return out
+}
+
+async function measureRun(spec: RunSpec): Promise<RunResult> {
+  const loadStart = performance.now()
+  const session = await DecoderSession.open(spec.packageDir, {
+    parallel: spec.parallel,
+    threads: spec.threads,
+    ...(spec.profilePrefix ? {profilePrefix: spec.profilePrefix} : {}),
+  })
+  const loadMs = performance.now() - loadStart
+  const {batch, promptLength, newTokens} = spec
+  const vocab = session.vocabSize
+  // Deterministic prompt ids; random-weight models make the content irrelevant.
+  const prompt = Array.from({length: batch}, (_, b) => Array.from({length: promptLength}, (_, i) => (i * 7919 + b * 104729 + 13) % Math.min(vocab, 150000)))
+
+  const prefill: number[] = []
+  const ttft: number[] = []
+  const decode: number[] = []
+  for (let rep = 0; rep <= spec.repeat; rep++) {
+    const warm = rep === 0
+    const mask = prompt.map((row) => row.map(() => 1))
+    const t0 = performance.now()
+    const first = await session.forward(prompt, mask, session.emptyCache(batch), 1)
+    const t1 = performance.now()
+    let next = argmaxRows(first.logits, batch, vocab)
+    const t2 = performance.now()
+    if (!warm) {
+      prefill.push(t1 - t0)
+      ttft.push(t2 - t0)
+    }
+    let cache = first.present
+    // The warm-up only needs a few steps to settle allocations.
+    const steps = warm ? Math.min(3, newTokens - 1) : newTokens - 1
+    for (let step = 0; step < steps; step++) {
+      for (const row of mask) row.push(1)
+      const s0 = performance.now()
+      const out = await session.forward(next.map((id) => [id]), mask, cache, 1)
+      next = argmaxRows(out.logits, batch, vocab)
+      const s1 = performance.now()
+      if (!warm) decode.push(s1 - s0)
+      cache = out.present
+    }
+  }
+  await session.release()
+  const config = session.config
+  const decodeSummary = summarize(decode)
+  return {
+    parallel: spec.parallel,
+    batch,
+    prompt_length: promptLength,
+    new_tokens: newTokens,
+    threads: spec.threads,
+    load_ms: loadMs,
+    prefill_ms: summarize(prefill),
+    ttft_ms: summarize(ttft),
+    decode_ms_per_token: decodeSummary,
+    tokens_per_s: (batch * 1000) / decodeSummary.median,
+    peak_rss_bytes: peakRssBytes(),
+    weight_bytes: weightBytes(config),
+    kv_cache_bytes: kvCacheBytes(config, batch, promptLength + newTokens),
+    prefill_flops: prefillFlops(config, batch, promptLength),
+  }
+}
+
+function readStdin(): string {
+  const chunks: Buffer[] = []
+  const buf = Buffer.alloc(65536)
+  for (;;) {
+    let n: number
+    try {
+      n = readSync(0, buf, 0, buf.length, null)
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'EAGAIN') continue
+      if ((error as NodeJS.ErrnoException).code === 'EOF') break
+      throw error
+    }
+    if (n === 0) break
+    chunks.push(Buffer.from(buf.subarray(0, n)))
+  }
+  return Buffer.concat(chunks).toString('utf8')
+}
+
+async function main(): Promise<void> {
+  const spec = JSON.parse(readStdin()) as WorkerSpec
+  const result = spec.kind === 'probe' ? await runProbes(spec) : await measureRun(spec)
+  process.stdout.write(JSON.stringify({ok: true, result}) + '\n')
+}
+
+main().catch((error: unknown) => {
+  process.stdout.write(JSON.stringify({ok: false, error: error instanceof Error ? error.message : String(error)}) + '\n')
+  process.exitCode = 1
+})

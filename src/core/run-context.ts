@@ -1,0 +1,44 @@
+/**
+ * The model `parscale run` talks to: resolved (converted on first use), with its tokenizer,
+ * generation defaults and an ONNX Runtime session at the chosen P.
+ */
+import {UserError} from './errors.js'
+import {resolveModel, type ResolveOptions} from './resolve.js'
+import type {RunPlan} from './run-plan.js'
+import type {RequestContext} from './run-requests.js'
+import {DecoderSession} from './session.js'
+import {readGenerationDefaults, TextTokenizer} from './tokenizer.js'
+
+/** Everything a mode needs: the model session, tokenizer, defaults and the checked options. */
+export interface RunContext extends RequestContext {
+  /** Replaced when the chat switches P; whoever opened the context releases the current one. */
+  session: DecoderSession
+  tokenizer: TextTokenizer
+  options: RunPlan['options']
+  /** The model as the user named it, for messages. */
+  label: string
+}
+
+export interface LoadHooks {
+  /** Conversion or copy progress while the model is resolved. */
+  onProgress?: ResolveOptions['onProgress']
+  /** The package is ready; tokenizer and session are loading. */
+  onLoading?: () => void
+}
+
+export async function openRunContext(model: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RunContext> {
+  const {options, numbers} = plan
+  const resolved = resolveModel(model, {parallel: numbers.parallel, onProgress: hooks.onProgress})
+  hooks.onLoading?.()
+  const [tokenizer, defaults, session] = await Promise.all([
+    TextTokenizer.load(resolved.packageDir),
+    readGenerationDefaults(resolved.packageDir),
+    DecoderSession.open(resolved.packageDir, {parallel: resolved.parallel, threads: numbers.threads}),
+  ])
+  const useTemplate = !options.raw && tokenizer.hasChatTemplate
+  if (options.system !== undefined && !useTemplate) {
+    await session.release()
+    throw new UserError(options.raw ? '--system needs the chat template; drop --raw' : 'the model\'s tokenizer has no chat template, so --system cannot be used')
+  }
+  return {session, tokenizer, defaults, options, numbers, label: resolved.label, useTemplate, context: defaults.contextLength ?? session.maxPositions}
+}

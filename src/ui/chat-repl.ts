@@ -1,0 +1,102 @@
+/**
+ * `parscale run --chat`: a readline loop (interactive, or lines piped in) over a ChatSession
+ * that keeps the KV cache between turns. /commands manage the chat; Ctrl-C stops the
+ * current answer, or leaves when there is none.
+ */
+import {createInterface} from 'node:readline'
+
+import {UserError} from '../core/errors.js'
+import {ChatSession, rawChatFormat} from '../core/generation.js'
+import type {RunContext} from '../core/run-context.js'
+import {chatTurnRequest, generationOptions} from '../core/run-requests.js'
+import {DecoderSession, type KvCache} from '../core/session.js'
+import {chatJsonResult, type LineWriter, writeTokenText} from './run-output.js'
+
+const CHAT_HELP = `commands:
+  /reset       forget the conversation
+  /parallel N  switch to N parallel streams (the conversation is kept)
+  /help        this text
+  /exit        leave (or Ctrl-D); Ctrl-C stops the current answer`
+
+/** Runs the chat until /exit, Ctrl-D or the end of piped input. `/parallel` replaces `ctx.session`. */
+export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
+  const {options, tokenizer} = ctx
+  const interactive = Boolean(process.stdin.isTTY)
+  const format = ctx.useTemplate ? tokenizer : rawChatFormat(tokenizer)
+  const chat = new ChatSession(ctx.session, format, {...generationOptions(ctx), system: options.system})
+  const rl = createInterface({input: process.stdin, output: process.stdout, terminal: interactive, prompt: '> '})
+  let answering: AbortController | undefined
+  rl.on('SIGINT', () => {
+    if (answering) answering.abort()
+    else rl.close()
+  })
+  if (interactive && !options.quiet) {
+    process.stderr.write(`parscale chat · ${ctx.label} · P=${ctx.session.parallel}${ctx.useTemplate ? '' : ' · raw text (no chat template)'} · /help for commands\n`)
+  }
+  if (interactive) rl.prompt()
+  for await (const line of rl) {
+    const text = line.trim()
+    if (text === '') {
+      if (interactive) rl.prompt()
+      continue
+    }
+    if (text.startsWith('/')) {
+      if (await chatCommand(text, ctx, chat, rl)) break
+    } else {
+      answering = new AbortController()
+      try {
+        const result = await chat.send(line, chatTurnRequest(ctx), {
+          signal: answering.signal,
+          onToken: options.json ? undefined : writeTokenText,
+        })
+        if (options.json) log(JSON.stringify(chatJsonResult(result, chat.parallel)))
+        else process.stdout.write(result.finishReason === 'abort' ? ' [stopped]\n' : '\n')
+      } catch (error) {
+        // A turn that does not fit is reported; the chat goes on.
+        if (!(error instanceof UserError)) throw error
+        process.stderr.write(`parscale: ${error.message}\n`)
+      } finally {
+        answering = undefined
+      }
+    }
+    if (interactive) rl.prompt()
+  }
+  rl.close()
+}
+
+/** Handles a /command; returns true to leave the chat. */
+async function chatCommand(text: string, ctx: RunContext, chat: ChatSession<KvCache>, rl: {close(): void}): Promise<boolean> {
+  const [command, ...rest] = text.split(/\s+/)
+  switch (command) {
+    case '/exit':
+    case '/quit':
+      rl.close()
+      return true
+    case '/reset':
+      chat.reset()
+      process.stderr.write('conversation cleared\n')
+      return false
+    case '/help':
+      process.stderr.write(CHAT_HELP + '\n')
+      return false
+    case '/parallel': {
+      const p = Number(rest[0])
+      const available = ctx.session.availableParallel
+      if (!Number.isInteger(p) || !available.includes(p)) {
+        process.stderr.write(`parscale: /parallel takes one of ${available.join(', ')}\n`)
+        return false
+      }
+      if (p !== ctx.session.parallel) {
+        const next = await DecoderSession.open(ctx.session.packageDir, {parallel: p, threads: ctx.numbers.threads})
+        await ctx.session.release()
+        ctx.session = next
+        chat.setDecoder(next)
+      }
+      process.stderr.write(`P=${p}\n`)
+      return false
+    }
+    default:
+      process.stderr.write(`parscale: unknown command ${command}; /help lists them\n`)
+      return false
+  }
+}
