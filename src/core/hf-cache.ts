@@ -1,4 +1,4 @@
-import {existsSync, lstatSync, readdirSync, readFileSync, statSync} from 'node:fs'
+import {existsSync, readdirSync, readFileSync, statSync} from 'node:fs'
 import {mkdir, readdir, rename, rm, rmdir, symlink, copyFile, writeFile, lstat, readlink} from 'node:fs/promises'
 import {homedir} from 'node:os'
 import {dirname, isAbsolute, join, relative, resolve, sep} from 'node:path'

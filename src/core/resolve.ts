@@ -64,15 +64,15 @@ function fromLocalFolder(dir: string, label: string, options: ResolveOptions): R
   const variants = readdirSync(dir)
     .map((name) => join(dir, name))
     .filter((sub) => existsSync(join(sub, 'config.json')))
-  if (variants.length > 0) return fromCheckpoints(variants.sort(), label, options)
+  if (variants.length > 0) return fromCheckpoints(variants.sort(), label, options, basename(resolve(dir)))
   throw new UserError(`${dir}: no config.json and no parscale.json; not a checkpoint or a converted model`)
 }
 
 /** Converts on first use; a cached package is reused while its sources are unchanged. */
-function fromCheckpoints(sources: string[], label: string, options: ResolveOptions): ResolvedModel {
+function fromCheckpoints(sources: string[], label: string, options: ResolveOptions, name = basename(resolve(sources[0]))): ResolvedModel {
   const absolute = sources.map((s) => resolve(s))
   const key = createHash('sha256').update(absolute.join('\n')).digest('hex').slice(0, 12)
-  const packageDir = join(convertedCacheDir(), `${basename(absolute[0]).replace(/[^\w.-]/g, '_')}-${key}`)
+  const packageDir = join(convertedCacheDir(), `${name.replace(/[^\w.-]/g, '_')}-${key}`)
   const fingerprint = absolute.map((s) => checkpointFingerprint(s)).join('+')
   if (!isModelPackage(packageDir) || readManifest(packageDir).sourceFingerprint !== fingerprint) {
     convertCheckpoints({sources: absolute, outDir: packageDir, dtype: 'fp32', force: true, sourceLabel: label, onProgress: options.onProgress})

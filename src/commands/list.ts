@@ -1,0 +1,96 @@
+import {Flags} from '@oclif/core'
+
+import {BaseCommand} from '../base-command.js'
+import {hubCacheDir} from '../core/hf-cache.js'
+import {formatBytes} from '../core/hub-format.js'
+import {listCheckpoints, listConvertedPackages} from '../core/hub-inventory.js'
+import {convertedCacheDir} from '../core/paths.js'
+
+function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)))
+  const line = (cells: string[]): string =>
+    cells
+      .map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i])))
+      .join('  ')
+      .trimEnd()
+  return [line(header), ...rows.map(line)].join('\n')
+}
+
+export default class List extends BaseCommand {
+  static override summary = 'List cached checkpoints and converted packages.'
+
+  static override description = `Checkpoints are the snapshots in the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), including those Python's huggingface_hub downloaded. Converted packages are parscale's ONNX packages (PARSCALE_CACHE, else XDG_CACHE_HOME/parscale, else ~/.cache/parscale).`
+
+  static override examples = ['<%= config.bin %> list', '<%= config.bin %> list --json']
+
+  static override flags = {
+    json: Flags.boolean({description: 'print JSON on stdout'}),
+  }
+
+  async run(): Promise<void> {
+    const {flags} = await this.parse(List)
+    const checkpoints = listCheckpoints()
+    const packages = listConvertedPackages()
+    if (flags.json) {
+      this.log(
+        JSON.stringify(
+          {
+            hubCache: hubCacheDir(),
+            checkpoints: checkpoints.map((c) => ({
+              repoId: c.repoId,
+              revision: c.revision,
+              commit: c.commit,
+              sizeBytes: c.sizeBytes,
+              parallel: c.parallel ?? null,
+              dtype: c.dtype ?? null,
+              complete: c.complete,
+              path: c.snapshotDir,
+            })),
+            convertedCache: convertedCacheDir(),
+            packages: packages.map((p) => ({
+              name: p.name,
+              source: p.source ?? null,
+              parallel: p.parallel,
+              dtype: p.dtype ?? null,
+              sizeBytes: p.sizeBytes,
+              path: p.path,
+            })),
+          },
+          null,
+          2,
+        ),
+      )
+      return
+    }
+
+    const out: string[] = []
+    out.push(`Checkpoints (${hubCacheDir()}):`)
+    if (checkpoints.length === 0) out.push('  none — get one with: parscale pull <org/name>')
+    else {
+      out.push(
+        table(
+          ['REPO', 'REVISION', 'SIZE', 'P', 'DTYPE', 'PATH'],
+          checkpoints.map((c) => [
+            c.repoId,
+            c.revision === c.commit ? c.commit.slice(0, 7) : `${c.revision} (${c.commit.slice(0, 7)})`,
+            formatBytes(c.sizeBytes),
+            c.parallel === undefined ? '?' : String(c.parallel),
+            c.dtype ?? '?',
+            c.complete ? c.snapshotDir : `${c.snapshotDir} (incomplete)`,
+          ]),
+        ),
+      )
+    }
+    out.push('', `Converted packages (${convertedCacheDir()}):`)
+    if (packages.length === 0) out.push('  none')
+    else {
+      out.push(
+        table(
+          ['NAME', 'SOURCE', 'P', 'DTYPE', 'SIZE', 'PATH'],
+          packages.map((p) => [p.name, p.source ?? '?', p.parallel.join(',') || '?', p.dtype ?? '?', formatBytes(p.sizeBytes), p.path]),
+        ),
+      )
+    }
+    this.log(out.join('\n'))
+  }
+}

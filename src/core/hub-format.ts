@@ -1,0 +1,28 @@
+/** Human-readable sizes, rates and durations for pull/list/rm output. */
+
+export function formatBytes(n: number): string {
+  if (!Number.isFinite(n) || n < 0) return '?'
+  if (n < 1000) return `${n} B`
+  const units = ['kB', 'MB', 'GB', 'TB', 'PB']
+  let v = n
+  let i = -1
+  do {
+    v /= 1000
+    i++
+  } while (v >= 1000 && i < units.length - 1)
+  return `${v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2)} ${units[i]}`
+}
+
+export function formatDuration(seconds: number): string {
+  if (!Number.isFinite(seconds) || seconds < 0) return '?'
+  if (seconds < 10) return `${seconds.toFixed(1)} s`
+  const s = Math.round(seconds)
+  if (s < 60) return `${s} s`
+  const m = Math.floor(s / 60)
+  if (m < 60) return `${m}m${String(s % 60).padStart(2, '0')}s`
+  return `${Math.floor(m / 60)}h${String(m % 60).padStart(2, '0')}m`
+}
+
+export function formatRate(bytesPerSecond: number): string {
+  return `${formatBytes(Math.round(bytesPerSecond))}/s`
+}
