@@ -16,7 +16,7 @@ import {
   variantWeightsFile,
 } from './model-package.js'
 import {ExternalDataFile} from './onnx/external-data.js'
-import {buildDecoderGraph} from './onnx/parscale-graph.js'
+import {buildDecoderGraph, GRAPH_VERSION} from './onnx/parscale-graph.js'
 import {CheckpointWeights, WeightStore, type WeightDtype} from './onnx/weights.js'
 import {TOOL_VERSION} from './version.js'
 
@@ -119,6 +119,7 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     format: PACKAGE_FORMAT,
     formatVersion: PACKAGE_FORMAT_VERSION,
     toolVersion: TOOL_VERSION,
+    graphVersion: GRAPH_VERSION,
     createdAt: new Date().toISOString(),
     source: options.sourceLabel ?? resolve(first.dir),
     sourceFingerprint: checkpoints.map((cp) => checkpointFingerprint(cp.dir)).join('+'),

@@ -3,6 +3,7 @@ import {join} from 'node:path'
 
 import type {ModelConfig} from './config.js'
 import {FileFormatError, UserError} from './errors.js'
+import {GRAPH_VERSION} from './onnx/parscale-graph.js'
 import type {WeightDtype} from './onnx/weights.js'
 
 export const MANIFEST_FILE = 'parscale.json'
@@ -31,6 +32,8 @@ export interface PackageManifest {
   format: typeof PACKAGE_FORMAT
   formatVersion: number
   toolVersion: string
+  /** `GRAPH_VERSION` of the converter that wrote the graphs. */
+  graphVersion: number
   createdAt: string
   source: string
   /** The checkpoint's identity when it was converted (see `checkpointFingerprint`). */
@@ -90,6 +93,11 @@ export function readManifest(dir: string): PackageManifest {
     throw new FileFormatError(join(dir, manifest.backbone.weights), `is ${backboneSize} bytes, the manifest says ${manifest.backbone.bytes}; convert again`)
   }
   return manifest
+}
+
+/** Whether a cached package was written by this converter (else convert it again). */
+export function isCurrentGraph(manifest: PackageManifest): boolean {
+  return manifest.graphVersion === GRAPH_VERSION
 }
 
 /** The variant for `parallel`, or an error listing the P values the package has. */

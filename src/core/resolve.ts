@@ -7,7 +7,7 @@ import {checkpointFingerprint, convertCheckpoints, type ConvertProgress} from '.
 import {UserError} from './errors.js'
 import {findCachedSnapshot} from './hf-cache.js'
 import {isRepoId, resolveFamilyName} from './families.js'
-import {isModelPackage, readManifest} from './model-package.js'
+import {isCurrentGraph, isModelPackage, readManifest} from './model-package.js'
 import {convertedCacheDir} from './paths.js'
 
 /** The model shipped inside parscale: a tiny ParScale family trained on Python code. */
@@ -74,7 +74,8 @@ function fromCheckpoints(sources: string[], label: string, options: ResolveOptio
   const key = createHash('sha256').update(absolute.join('\n')).digest('hex').slice(0, 12)
   const packageDir = join(convertedCacheDir(), `${name.replace(/[^\w.-]/g, '_')}-${key}`)
   const fingerprint = absolute.map((s) => checkpointFingerprint(s)).join('+')
-  if (!isModelPackage(packageDir) || readManifest(packageDir).sourceFingerprint !== fingerprint) {
+  const cached = isModelPackage(packageDir) ? readManifest(packageDir) : undefined
+  if (!cached || cached.sourceFingerprint !== fingerprint || !isCurrentGraph(cached)) {
     convertCheckpoints({sources: absolute, outDir: packageDir, dtype: 'fp32', force: true, sourceLabel: label, onProgress: options.onProgress})
   }
   return withParallel(packageDir, label, options.parallel)

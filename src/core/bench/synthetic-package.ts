@@ -4,7 +4,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 
 import {convertCheckpoints, type ConvertProgress} from '../convert.js'
-import {MANIFEST_FILE, readManifest} from '../model-package.js'
+import {isCurrentGraph, MANIFEST_FILE, readManifest} from '../model-package.js'
 import {parscaleCacheDir} from '../paths.js'
 import {writeSyntheticCheckpoint, type SyntheticShape} from '../synthetic.js'
 
@@ -35,10 +35,10 @@ export function ensureSyntheticPackage(shape: SyntheticShape, options: Synthetic
   const root = options.cacheDir ?? path.join(parscaleCacheDir(), 'synthetic')
   const dir = path.join(root, syntheticKey(shape, prefixTokens, seed))
   let wanted = [...new Set(options.parallel)].sort((a, b) => a - b)
-  if (fs.existsSync(path.join(dir, MANIFEST_FILE))) {
-    const have = readManifest(dir).parallel
-    if (wanted.every((p) => have.includes(p))) return dir
-    wanted = [...new Set([...have, ...wanted])].sort((a, b) => a - b) // rebuild with the union
+  const cached = fs.existsSync(path.join(dir, MANIFEST_FILE)) ? readManifest(dir) : undefined
+  if (cached && isCurrentGraph(cached)) {
+    if (wanted.every((p) => cached.parallel.includes(p))) return dir
+    wanted = [...new Set([...cached.parallel, ...wanted])].sort((a, b) => a - b) // rebuild with the union
   }
   const work = `${dir}.checkpoints-${process.pid}`
   fs.rmSync(work, {recursive: true, force: true})
