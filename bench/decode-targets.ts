@@ -1,6 +1,6 @@
 // `npm run bench:decode`: the issue's performance targets on the 0.5b synthetic shape
 // (fp32, batch 1, prompt 64, 32 new tokens, 2 threads). Prints each target, met or not.
-import {decodeVsFloor, prefillVsRate, renderTable} from '../src/core/bench/report.js'
+import {decodeVsFloor, prefillVsRate, renderTable} from '../src/ui/bench-report.js'
 import {benchMachine, benchPackage, probeRoofline, type BenchReport} from '../src/core/bench/run-bench.js'
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import {SYNTHETIC_PRESETS} from '../src/core/synthetic.js'

@@ -3,7 +3,7 @@ import {writeFileSync} from 'node:fs'
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
-import {renderCsv, renderTable, toJson} from '../core/bench/report.js'
+import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {benchMachine, benchPackage, benchVsParams, probeRoofline, type BenchReport} from '../core/bench/run-bench.js'
 import {SCALING_FITS} from '../core/bench/scaling-law.js'
 import {ensureSyntheticPackage} from '../core/bench/synthetic-package.js'

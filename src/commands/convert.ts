@@ -2,7 +2,8 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
 import {convertCheckpoints, defaultOutDir} from '../core/convert.js'
-import {formatBytes, percent, Progress} from '../ui/progress.js'
+import {formatBytes, percent} from '../core/format.js'
+import {Progress} from '../ui/progress.js'
 import {resolveCheckpointSource} from '../core/resolve.js'
 
 export default class Convert extends BaseCommand {

@@ -1,7 +1,6 @@
 import {readFileSync} from 'node:fs'
 
 import {Args, Flags} from '@oclif/core'
-import Table from 'cli-table3'
 
 import {BaseCommand} from '../base-command.js'
 import {UserError} from '../core/errors.js'
@@ -9,7 +8,9 @@ import {scoreTokens} from '../core/evaluate.js'
 import {resolveModel} from '../core/resolve.js'
 import {DecoderSession} from '../core/session.js'
 import {TextTokenizer} from '../core/tokenizer.js'
-import {formatBytes, percent, Progress} from '../ui/progress.js'
+import {formatBytes, percent} from '../core/format.js'
+import {Progress} from '../ui/progress.js'
+import {createTable} from '../ui/table.js'
 
 export default class Eval extends BaseCommand {
   static override summary = 'Score a text with a model: mean negative log-likelihood and perplexity'
@@ -56,7 +57,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
         this.log(JSON.stringify({model: model.label, ...result}))
         return
       }
-      const table = new Table({head: ['model', 'P', 'tokens', 'predicted', 'mean NLL (nats)', 'perplexity']})
+      const table = createTable(['model', 'P', 'tokens', 'predicted', 'mean NLL (nats)', 'perplexity'])
       table.push([model.label, result.parallel, result.tokens, result.predicted, result.mean_nll.toFixed(4), result.perplexity.toFixed(3)])
       this.log(table.toString())
       if (result.windows > 1) this.log(`scored in ${result.windows} overlapping windows of ${result.window_tokens} tokens (the model's context)`)

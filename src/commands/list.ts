@@ -2,7 +2,7 @@ import {Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
 import {hubCacheDir} from '../core/hf-cache.js'
-import {formatBytes} from '../core/hub-format.js'
+import {formatBytes} from '../core/format.js'
 import {listCheckpoints, listConvertedPackages} from '../core/hub-inventory.js'
 import {convertedCacheDir} from '../core/paths.js'
 

@@ -5,7 +5,7 @@ import {BaseCommand} from '../base-command.js'
 import {UserError} from '../core/errors.js'
 import {resolveFamilyName} from '../core/families.js'
 import type {PullProgress} from '../core/hub.js'
-import {formatBytes, formatDuration, formatRate} from '../core/hub-format.js'
+import {formatBytes, formatDuration, formatRate} from '../core/format.js'
 
 /** Bytes per second over the last few seconds. */
 class RateMeter {

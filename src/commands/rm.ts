@@ -3,7 +3,7 @@ import {Args, Flags} from '@oclif/core'
 import {BaseCommand} from '../base-command.js'
 import {UserError} from '../core/errors.js'
 import {hubCacheDir, isRepoIdShape, removeCachedRepo, removeCachedRevision} from '../core/hf-cache.js'
-import {formatBytes} from '../core/hub-format.js'
+import {formatBytes} from '../core/format.js'
 import {cachedRepoId, packagesOf, removePackage} from '../core/hub-inventory.js'
 import {convertedCacheDir} from '../core/paths.js'
 

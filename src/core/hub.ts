@@ -21,7 +21,7 @@ import {
 import {downloadBlob, fileSize} from './hub-download.js'
 import {toUserError} from './hub-errors.js'
 import {selectFiles} from './hub-files.js'
-import {formatBytes} from './hub-format.js'
+import {formatBytes} from './format.js'
 import {createHubHttp, DEFAULT_RETRY, hubEndpoint, hubToken, isOffline, type RetryPolicy} from './hub-http.js'
 import {withFileLock} from './hub-lock.js'
 

@@ -29,18 +29,3 @@ export class Progress {
     this.spinner?.stop()
   }
 }
-
-export function formatBytes(bytes: number): string {
-  const units = ['B', 'KB', 'MB', 'GB', 'TB']
-  let value = bytes
-  let unit = 0
-  while (value >= 1000 && unit < units.length - 1) {
-    value /= 1000
-    unit++
-  }
-  return `${value.toFixed(value < 10 && unit > 0 ? 2 : value < 100 && unit > 0 ? 1 : 0)} ${units[unit]}`
-}
-
-export function percent(done: number, total: number): string {
-  return total > 0 ? `${Math.min(100, Math.floor((done / total) * 100))}%` : ''
-}

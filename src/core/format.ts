@@ -1,4 +1,4 @@
-/** Human-readable sizes, rates and durations for pull/list/rm output. */
+/** Human-readable sizes, rates, durations and shares for messages and progress. */
 
 export function formatBytes(n: number): string {
   if (!Number.isFinite(n) || n < 0) return '?'
@@ -25,4 +25,8 @@ export function formatDuration(seconds: number): string {
 
 export function formatRate(bytesPerSecond: number): string {
   return `${formatBytes(Math.round(bytesPerSecond))}/s`
+}
+
+export function percent(done: number, total: number): string {
+  return total > 0 ? `${Math.min(100, Math.floor((done / total) * 100))}%` : ''
 }

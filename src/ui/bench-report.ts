@@ -1,9 +1,8 @@
 // Renders a bench report: table (cli-table3), CSV, JSON.
-import Table from 'cli-table3'
-
-import {formatBytes} from '../../ui/progress.js'
-import type {BenchReport} from './run-bench.js'
-import type {ProbeResult, RunResult} from './types.js'
+import {formatBytes} from '../core/format.js'
+import type {BenchReport} from '../core/bench/run-bench.js'
+import type {ProbeResult, RunResult} from '../core/bench/types.js'
+import {createTable} from './table.js'
 
 const ms = (v: number) => (v >= 100 ? v.toFixed(0) : v.toFixed(1))
 const ratio = (v: number, base: number) => (base > 0 ? `${(v / base).toFixed(2)}×` : '–')
@@ -37,7 +36,7 @@ export function renderTable(report: BenchReport): string {
   const head = ['P', 'batch', 'prefill ms', 'TTFT ms', 'decode ms/tok (p90)', 'tok/s', 'peak RSS', 'weights', 'KV cache']
   if (roofline) head.push('decode vs floor', 'prefill vs FLOP rate')
   head.push('decode vs P=1', 'RSS vs P=1')
-  const table = new Table({head, style: {head: [], border: []}})
+  const table = createTable(head)
   for (const r of report.results) {
     const b = baseline(report.results, r)
     const row = [
@@ -60,10 +59,7 @@ function renderVsParams(report: BenchReport): string {
     '',
     `parallel vs parameter scaling: N′ = N·(k·ln P + 1) with N = ${(vs.base_parameters / 1e9).toFixed(3)}B (k per dataset: the paper's fit, approximate)`,
   ]
-  const table = new Table({
-    head: ['dataset', 'P', 'N′ (same loss)', 'measured P=1 size', 'memory increase: parallel / params', 'latency increase: parallel / params'],
-    style: {head: [], border: []},
-  })
+  const table = createTable(['dataset', 'P', 'N′ (same loss)', 'measured P=1 size', 'memory increase: parallel / params', 'latency increase: parallel / params'])
   for (const row of vs.rows) {
     const base = report.results.find((r) => r.parallel === 1 && r.batch === row.result.batch)
     const par = report.results.find((r) => r.parallel === row.parallel && r.batch === row.result.batch)
