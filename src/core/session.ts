@@ -32,15 +32,6 @@ export interface ForwardResult {
   present: KvCache
 }
 
-// Below this much weight a decode step is op dispatch, not arithmetic, and waking a second
-// thread for every op costs more than it saves (tiny default model: 11.6 vs 19.8 ms/step).
-const SINGLE_THREAD_BELOW_BYTES = 64 << 20
-
-/** One thread for tiny models; otherwise ONNX Runtime's own choice (one per core). */
-function defaultThreads(manifest: PackageManifest): number | undefined {
-  return manifest.backbone.bytes < SINGLE_THREAD_BELOW_BYTES ? 1 : undefined
-}
-
 /**
  * One ONNX Runtime session over one P of a converted package: a plain decoder whose batch
  * is the caller's batch (the streams live inside the cache's head axis).
@@ -56,11 +47,10 @@ export class DecoderSession {
   static async open(packageDir: string, options: SessionOptions = {}): Promise<DecoderSession> {
     const manifest = readManifest(packageDir)
     const variant = selectVariant(manifest, options.parallel, packageDir)
-    const threads = options.threads ?? defaultThreads(manifest)
     const sessionOptions: ort.InferenceSession.SessionOptions = {
       graphOptimizationLevel: 'all',
       executionMode: 'sequential',
-      ...(threads ? {intraOpNumThreads: threads, interOpNumThreads: 1} : {}),
+      ...(options.threads ? {intraOpNumThreads: options.threads, interOpNumThreads: 1} : {}),
       ...(options.profilePrefix ? {enableProfiling: true, profileFilePrefix: options.profilePrefix} : {}),
     }
     let session: ort.InferenceSession

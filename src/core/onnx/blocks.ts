@@ -17,10 +17,11 @@ export interface DecoderContext {
   dims: {batch: string; seq: string; batchStreams: string}
 }
 
-/** Rotary tables for the new tokens: cos and sin, [batch, 1, seq, head_dim]. */
+/** Rotary inputs: positions of the new tokens [batch, seq] and cos/sin tables [max_positions, head_dim / 2]. */
 export interface Rotary {
-  cos: string
-  sin: string
+  positions: string
+  cosTable: string
+  sinTable: string
 }
 
 /** Token embeddings copied into P streams: [batch·P·seq, hidden]. */
@@ -46,30 +47,38 @@ export function rmsNorm(ctx: DecoderContext, x: string, weightName: string): str
  */
 export function rotaryFromMask(ctx: DecoderContext, attentionMask: string): Rotary {
   const {ops, g, config, dims} = ctx
-  const positions = ops.sub(ops.cumsum(attentionMask, 1), g.int64([1], [])) // [B, past+S]
+  const counted = ops.sub(ops.cumsum(attentionMask, 1), g.int64([1], [])) // [B, past+S]
   const padded = ops.equal(attentionMask, g.int64([0], []))
-  const clamped = ops.where(padded, g.int64([1], []), positions)
+  const clamped = ops.where(padded, g.int64([1], []), counted)
   const total = ops.shape(attentionMask, 1, 2)
-  const newPositions = ops.slice(clamped, ops.sub(total, dims.seq), total, 1) // [B, S]
-  const halfDim = config.headDim / 2
-  const invFreq = new Float32Array(halfDim)
-  // float32 at each step, as the reference computes it
-  for (let i = 0; i < halfDim; i++) {
-    invFreq[i] = Math.fround(1 / Math.fround(config.ropeTheta ** Math.fround((2 * i) / config.headDim)))
-  }
-  const freqs = ops.mul(ops.unsqueeze(ops.castTo(newPositions, 'float32'), [2]), g.inlineFloat('rotary.inv_freq', invFreq, [halfDim]))
-  const angles = ops.unsqueeze(ops.concat([freqs, freqs], -1), [1]) // [B, 1, S, head_dim]
-  return {cos: ops.cos(angles), sin: ops.sin(angles)}
+  const positions = ops.slice(clamped, ops.sub(total, dims.seq), total, 1) // [B, S]
+  const {cos, sin} = rotaryTables(config)
+  const tableShape = [config.maxPositionEmbeddings, config.headDim / 2]
+  return {positions, cosTable: ctx.weights.computed('rotary.cos_table', cos, tableShape), sinTable: ctx.weights.computed('rotary.sin_table', sin, tableShape)}
 }
 
-/** x·cos + rotate_half(x)·sin for x [batch, heads, seq, head_dim]. */
-export function applyRotary(ctx: DecoderContext, x: string, rotary: Rotary): string {
-  const {ops, g, config} = ctx
+/**
+ * cos and sin of position · inverse frequency for every position the model supports, with
+ * the angle rounded to float32 as the reference computes it in float32.
+ */
+export function rotaryTables(config: ModelConfig): {cos: Float32Array; sin: Float32Array} {
   const half = config.headDim / 2
-  const first = ops.slice(x, g.int64([0]), g.int64([half]), 3)
-  const second = ops.slice(x, g.int64([half]), g.int64([config.headDim]), 3)
-  const rotated = ops.concat([ops.neg(second), first], 3)
-  return ops.add(ops.mul(x, rotary.cos), ops.mul(rotated, rotary.sin))
+  const invFreq = Array.from({length: half}, (_, i) => Math.fround(1 / Math.fround(config.ropeTheta ** Math.fround((2 * i) / config.headDim))))
+  const cos = new Float32Array(config.maxPositionEmbeddings * half)
+  const sin = new Float32Array(cos.length)
+  for (let position = 0; position < config.maxPositionEmbeddings; position++) {
+    for (let i = 0; i < half; i++) {
+      const angle = Math.fround(position * invFreq[i])
+      cos[position * half + i] = Math.cos(angle)
+      sin[position * half + i] = Math.sin(angle)
+    }
+  }
+  return {cos, sin}
+}
+
+/** x·cos + rotate_half(x)·sin for x [batch, heads, seq, head_dim], one fused ONNX Runtime op. */
+export function applyRotary(ctx: DecoderContext, x: string, rotary: Rotary): string {
+  return ctx.g.node('RotaryEmbedding', [x, rotary.positions, rotary.cosTable, rotary.sinTable], {interleaved: 0}, 'com.microsoft')
 }
 
 /**

@@ -52,9 +52,20 @@ export class GraphBuilder {
     return name
   }
 
-  /** Declares `value` as a graph output named `name` (an Identity keeps names stable). */
+  /**
+   * Declares `value` as a graph output named `name`. A node's output is renamed in place
+   * rather than copied through an Identity: outputs such as the KV cache are large and are
+   * produced at every step. Call it once every consumer of `value` exists.
+   */
   output(value: string, name: string, type: ElementType, shape: Dim[]): void {
-    this.nodes.push({opType: 'Identity', input: [value], output: [name], name: `output/${name}`})
+    const producer = this.nodes.find((n) => n.output?.includes(value))
+    const isOutputAlready = this.outputs.some((o) => o.name === value)
+    if (producer && !isOutputAlready) {
+      producer.output = producer.output!.map((o) => (o === value ? name : o))
+      for (const node of this.nodes) node.input = node.input?.map((i) => (i === value ? name : i))
+    } else {
+      this.nodes.push({opType: 'Identity', input: [value], output: [name], name: `output/${name}`})
+    }
     this.outputs.push(valueInfo(name, type, shape))
   }
 

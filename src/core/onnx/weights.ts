@@ -18,6 +18,8 @@ export interface WeightProvider {
    * handed out as consecutive blocks of whole rows of at most `maxBlockBytes` each.
    */
   rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[]
+  /** A float32 backbone tensor computed at conversion time (e.g. rotary tables). */
+  computed(name: string, values: Float32Array, shape: number[]): string
 }
 
 const CHUNK_BYTES = 16 << 20
@@ -119,6 +121,15 @@ export class CheckpointWeights implements WeightProvider {
       blocks.push(this.initializer(`${storedAs}[${first}:${first + count}]`, half, [count, columns], block))
     }
     return blocks
+  }
+
+  computed(name: string, values: Float32Array, shape: number[]): string {
+    const cached = this.values.get(name)
+    if (cached) return cached
+    const location = this.store.place(name, [new Uint8Array(values.buffer, values.byteOffset, values.byteLength)], this.checkpoint.dir)
+    const value = this.initializer(name, false, shape, location)
+    this.values.set(name, value)
+    return value
   }
 
   private load(name: string, storedAs: string, shape?: number[]): string {
