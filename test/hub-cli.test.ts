@@ -115,6 +115,23 @@ describe('parscale pull / list / rm (CLI)', () => {
     assertOneLineError(missing, /ParScale\/other is not in the Hugging Face cache .* HF_HUB_OFFLINE=1/)
   })
 
+  it('after a pull, run, eval and convert take the repo id and work offline', async () => {
+    const offline = {HF_HUB_OFFLINE: '1', HF_ENDPOINT: 'http://127.0.0.1:9', PARSCALE_CACHE: join(tmp, 'parscale-offline')}
+    const golden = JSON.parse(readFileSync(join(P4, 'golden.json'), 'utf8')) as {greedy: {prompt: string; new_ids: number[]}[]; eval: {text: string; mean_nll: number}}
+    const run = await cli(['run', 'ParScale/tiny-p4', '--raw', '--prompt', golden.greedy[0].prompt, '--max-new-tokens', '24', '--temperature', '0', '--json'], offline)
+    assert.equal(run.code, 0, run.stderr)
+    assert.deepEqual((JSON.parse(run.stdout) as {token_ids: number[]}).token_ids, golden.greedy[0].new_ids)
+    const textFile = join(tmp, 'eval.txt')
+    writeFileSync(textFile, golden.eval.text)
+    const evaluated = await cli(['eval', 'ParScale/tiny-p4', '--text-file', textFile, '--json'], offline)
+    assert.equal(evaluated.code, 0, evaluated.stderr)
+    assert.ok(Math.abs((JSON.parse(evaluated.stdout) as {mean_nll: number}).mean_nll - golden.eval.mean_nll) < 1e-3)
+    const out = join(tmp, 'tiny-p4-onnx')
+    const converted = await cli(['convert', 'ParScale/tiny-p4', '--out', out, '--json'], offline)
+    assert.equal(converted.code, 0, converted.stderr)
+    assert.deepEqual((JSON.parse(readFileSync(join(out, 'parscale.json'), 'utf8')) as {parallel: number[]}).parallel, [4])
+  })
+
   it('errors are one line with exit 1: 404, 401, --parallel, network down', async () => {
     const down = await startHubServer({repos: {}})
     await down.close()

@@ -3,8 +3,8 @@ import path from 'node:path'
 
 import {FileFormatError} from './errors.js'
 
-export interface ModelConfig {
-  modelType: 'qwen2' | 'qwen2_parscale'
+/** The Qwen2 backbone's dimensions: what every P of one ParScale family shares. */
+export interface BackboneShape {
   vocabSize: number
   hiddenSize: number
   intermediateSize: number
@@ -17,6 +17,10 @@ export interface ModelConfig {
   ropeTheta: number
   maxPositionEmbeddings: number
   tieWordEmbeddings: boolean
+}
+
+export interface ModelConfig extends BackboneShape {
+  modelType: 'qwen2' | 'qwen2_parscale'
   /** parscale_n; 1 for qwen2. */
   parallel: number
   /** parscale_n_tokens; 0 when parallel == 1. */
@@ -26,6 +30,12 @@ export interface ModelConfig {
   torchDtype?: string
   /** The parsed JSON as is. */
   raw: Record<string, unknown>
+}
+
+/** The backbone part of a config, and nothing else. */
+export function backboneShape(config: BackboneShape): BackboneShape {
+  const {vocabSize, hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim, rmsNormEps, ropeTheta, maxPositionEmbeddings, tieWordEmbeddings} = config
+  return {vocabSize, hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim, rmsNormEps, ropeTheta, maxPositionEmbeddings, tieWordEmbeddings}
 }
 
 export const SUPPORTED_MODEL_TYPES = ['qwen2', 'qwen2_parscale'] as const

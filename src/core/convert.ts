@@ -3,6 +3,7 @@ import {copyFileSync, existsSync, readdirSync, readFileSync, renameSync, rmSync,
 import {basename, dirname, join, resolve} from 'node:path'
 
 import {Checkpoint} from './checkpoint.js'
+import {backboneShape} from './config.js'
 import {UserError} from './errors.js'
 import {
   BACKBONE_WEIGHTS_FILE,
@@ -114,7 +115,6 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     const file = join(first.dir, name)
     if (existsSync(file)) copyFileSync(file, join(dir, name))
   }
-  const c = first.config
   const manifest: PackageManifest = {
     format: PACKAGE_FORMAT,
     formatVersion: PACKAGE_FORMAT_VERSION,
@@ -124,19 +124,7 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     source: options.sourceLabel ?? resolve(first.dir),
     sourceFingerprint: checkpoints.map((cp) => checkpointFingerprint(cp.dir)).join('+'),
     dtype: options.dtype,
-    model: {
-      vocabSize: c.vocabSize,
-      hiddenSize: c.hiddenSize,
-      intermediateSize: c.intermediateSize,
-      numLayers: c.numLayers,
-      numHeads: c.numHeads,
-      numKvHeads: c.numKvHeads,
-      headDim: c.headDim,
-      maxPositionEmbeddings: c.maxPositionEmbeddings,
-      rmsNormEps: c.rmsNormEps,
-      ropeTheta: c.ropeTheta,
-      tieWordEmbeddings: c.tieWordEmbeddings,
-    },
+    model: backboneShape(first.config),
     backbone: {weights: BACKBONE_WEIGHTS_FILE, bytes: backboneFile.size, sha256: store.backboneDigest()},
     parallel: variants.map((v) => v.parallel),
     variants,
@@ -150,10 +138,7 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
 /** Several sources make one package only as P variants of one backbone shape. */
 function checkSameFamily(checkpoints: Checkpoint[]): void {
   if (checkpoints.length === 0) throw new UserError('nothing to convert: give at least one checkpoint folder')
-  const shape = (cp: Checkpoint) => {
-    const {vocabSize, hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim, tieWordEmbeddings, rmsNormEps, ropeTheta} = cp.config
-    return JSON.stringify({vocabSize, hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim, tieWordEmbeddings, rmsNormEps, ropeTheta})
-  }
+  const shape = (cp: Checkpoint) => JSON.stringify(backboneShape(cp.config))
   const seen = new Set<number>()
   for (const cp of checkpoints) {
     if (shape(cp) !== shape(checkpoints[0])) throw new UserError(`${cp.dir}: its backbone shape differs from ${checkpoints[0].dir}; only P variants of one model share a package`)

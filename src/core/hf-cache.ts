@@ -207,30 +207,30 @@ export function findCachedSnapshot(repoId: string, revision?: string): string | 
   return isDir(snapshotDir) && snapshotIsComplete(snapshotDir) ? snapshotDir : undefined
 }
 
+/** Files below `root` as relative `/`-separated paths, following links; unreadable entries are skipped. */
+function* walkFiles(root: string, prefix = ''): Generator<{path: string; full: string; size: number}> {
+  let names: string[]
+  try {
+    names = readdirSync(root).sort()
+  } catch {
+    return
+  }
+  for (const name of names) {
+    const full = join(root, name)
+    let st
+    try {
+      st = statSync(full)
+    } catch {
+      continue // dangling link
+    }
+    if (st.isDirectory()) yield* walkFiles(full, `${prefix}${name}/`)
+    else if (st.isFile()) yield {path: `${prefix}${name}`, full, size: st.size}
+  }
+}
+
 /** Every file under a snapshot (relative, `/`-separated), following symlinks to blobs. */
 export function listSnapshotFiles(snapshotDir: string): {path: string; size: number}[] {
-  const out: {path: string; size: number}[] = []
-  const walk = (dir: string, prefix: string): void => {
-    let names: string[]
-    try {
-      names = readdirSync(dir)
-    } catch {
-      return
-    }
-    for (const name of names.sort()) {
-      const full = join(dir, name)
-      let st
-      try {
-        st = statSync(full)
-      } catch {
-        continue // dangling link
-      }
-      if (st.isDirectory()) walk(full, `${prefix}${name}/`)
-      else if (st.isFile()) out.push({path: `${prefix}${name}`, size: st.size})
-    }
-  }
-  walk(snapshotDir, '')
-  return out
+  return [...walkFiles(snapshotDir)].map(({path, size}) => ({path, size}))
 }
 
 export interface CachedModel {
@@ -247,27 +247,14 @@ export interface CachedModel {
 
 function readRefs(refsDir: string): Map<string, string[]> {
   const byCommit = new Map<string, string[]>()
-  const walk = (dir: string, prefix: string): void => {
-    let names: string[]
+  for (const ref of walkFiles(refsDir)) {
     try {
-      names = readdirSync(dir)
+      const commit = readFileSync(ref.full, 'utf8').trim()
+      byCommit.set(commit, [...(byCommit.get(commit) ?? []), ref.path])
     } catch {
-      return
-    }
-    for (const name of names) {
-      const full = join(dir, name)
-      if (isDir(full)) walk(full, `${prefix}${name}/`)
-      else {
-        try {
-          const commit = readFileSync(full, 'utf8').trim()
-          byCommit.set(commit, [...(byCommit.get(commit) ?? []), `${prefix}${name}`])
-        } catch {
-          /* unreadable ref: ignore */
-        }
-      }
+      /* unreadable ref: ignore */
     }
   }
-  walk(refsDir, '')
   return byCommit
 }
 

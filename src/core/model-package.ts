@@ -1,7 +1,7 @@
 import {existsSync, readFileSync, statSync} from 'node:fs'
 import {join} from 'node:path'
 
-import type {ModelConfig} from './config.js'
+import type {BackboneShape, ModelConfig} from './config.js'
 import {FileFormatError, UserError} from './errors.js'
 import {GRAPH_VERSION} from './onnx/parscale-graph.js'
 import type {WeightDtype} from './onnx/weights.js'
@@ -40,19 +40,7 @@ export interface PackageManifest {
   sourceFingerprint: string
   dtype: WeightDtype
   /** The shared backbone: everything but prefixes and aggregation. */
-  model: {
-    vocabSize: number
-    hiddenSize: number
-    intermediateSize: number
-    numLayers: number
-    numHeads: number
-    numKvHeads: number
-    headDim: number
-    maxPositionEmbeddings: number
-    rmsNormEps: number
-    ropeTheta: number
-    tieWordEmbeddings: boolean
-  }
+  model: BackboneShape
   backbone: {weights: string; bytes: number; sha256: string}
   /** Sorted list of the P values available (same order as variants). */
   parallel: number[]

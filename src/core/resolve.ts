@@ -41,7 +41,7 @@ export function resolveModel(model: string | undefined, options: ResolveOptions 
     const repoId = resolveFamilyName(model, options.parallel)
     const snapshot = findCachedSnapshot(repoId)
     if (!snapshot) throw new UserError(`${repoId} is not in the Hugging Face cache; fetch it first with \`parscale pull ${repoId}\``)
-    return fromCheckpoints([snapshot], repoId, {...options, parallel: options.parallel})
+    return fromCheckpoints([snapshot], repoId, options, repoId.replace('/', '--'))
   }
   throw new UserError(`unknown model "${model}": not a folder, and not a hub repo id (org/name)`)
 }
