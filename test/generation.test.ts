@@ -2,15 +2,9 @@ import assert from 'node:assert/strict'
 import {describe, it} from 'node:test'
 
 import {UserError} from '../src/core/errors.js'
-import {
-  ChatSession,
-  fitToContext,
-  generateAll,
-  generateBatch,
-  type GenerationOptions,
-  type GenerationRequest,
-  StopStringMatcher,
-} from '../src/core/generation.js'
+import {ChatSession} from '../src/core/chat-session.js'
+import {fitToContext, generateAll, generateBatch, type GenerationOptions, type GenerationRequest} from '../src/core/generation.js'
+import {StopStringMatcher} from '../src/core/stop-strings.js'
 import type {ChatMessage} from '../src/core/tokenizer.js'
 import {ALPHABET, charTokenizer, END, FakeDecoder} from './helpers/fake-decoder.js'
 

@@ -1,14 +1,15 @@
 /**
  * The decode loop over a decoder session: batched, left-padded prefill; incremental decode
  * with the KV cache; per-row stop on EOS, stop strings, max tokens or the context; finished
- * rows are dropped from the batch. `ChatSession` keeps the cache between turns.
+ * rows are dropped from the batch. `ChatSession` (chat-session.ts) keeps the cache between turns.
  *
  * Only the `Decoder` shape below is needed (DecoderSession satisfies it), so tests can
  * drive the loop with a fake model.
  */
 import {UserError} from './errors.js'
 import {Sampler, type SamplingOptions} from './sampling.js'
-import {IncrementalDetokenizer, type ChatMessage} from './tokenizer.js'
+import {StopStringMatcher} from './stop-strings.js'
+import {IncrementalDetokenizer} from './tokenizer.js'
 
 export interface CacheLike {
   readonly pastLength: number
@@ -62,59 +63,8 @@ export interface GenerationResult {
   decodeTokensPerS: number
 }
 
-/**
- * Streams text while watching for stop strings: text that could be the start of a stop
- * string is held back until it is known not to be one; on a match the text ends before it.
- */
-export class StopStringMatcher {
-  private pending = ''
-  matched = false
-
-  constructor(private readonly stops: string[]) {}
-
-  /** Returns the text that is safe to emit now. */
-  push(text: string): string {
-    if (this.matched) return ''
-    const s = this.pending + text
-    let cut = -1
-    for (const stop of this.stops) {
-      const at = stop === '' ? -1 : s.indexOf(stop)
-      if (at >= 0 && (cut < 0 || at < cut)) cut = at
-    }
-    if (cut >= 0) {
-      this.matched = true
-      this.pending = ''
-      return s.slice(0, cut)
-    }
-    const hold = this.heldSuffixLength(s)
-    this.pending = s.slice(s.length - hold)
-    return s.slice(0, s.length - hold)
-  }
-
-  /** Releases held-back text at the end of generation. */
-  flush(): string {
-    const s = this.matched ? '' : this.pending
-    this.pending = ''
-    return s
-  }
-
-  /** Length of the longest suffix of `s` that is a proper prefix of some stop string. */
-  private heldSuffixLength(s: string): number {
-    let best = 0
-    for (const stop of this.stops) {
-      for (let n = Math.min(stop.length - 1, s.length); n > best; n--) {
-        if (s.endsWith(stop.slice(0, n))) {
-          best = n
-          break
-        }
-      }
-    }
-    return best
-  }
-}
-
 /** One sequence in the loop: sampling, stop checks, text and timing. */
-class Row {
+export class Row {
   readonly sampler: Sampler
   readonly generated: number[] = []
   readonly seen: number[]
@@ -198,7 +148,7 @@ class Row {
  * step until every row has finished. Finished rows leave the batch (cache rows selected
  * away). Returns the cache as it stands when the last row finished.
  */
-async function decodeLoop<C extends CacheLike>(decoder: Decoder<C>, rows: Row[], inputIds: number[][], masks: number[][], cache: C, signal?: AbortSignal): Promise<C> {
+export async function decodeLoop<C extends CacheLike>(decoder: Decoder<C>, rows: Row[], inputIds: number[][], masks: number[][], cache: C, signal?: AbortSignal): Promise<C> {
   let active = rows.map((_, i) => i)
   let input = inputIds
   while (active.length > 0) {
@@ -229,7 +179,7 @@ async function decodeLoop<C extends CacheLike>(decoder: Decoder<C>, rows: Row[],
   return cache
 }
 
-function checkRequest(request: GenerationRequest, contextLength: number | undefined): void {
+export function checkRequest(request: GenerationRequest, contextLength: number | undefined): void {
   if (request.promptIds.length === 0) throw new UserError('the prompt is empty')
   if (!(Number.isInteger(request.maxNewTokens) && request.maxNewTokens >= 1)) throw new UserError('max new tokens must be a whole number >= 1')
   if (contextLength !== undefined && request.promptIds.length >= contextLength) {
@@ -287,168 +237,4 @@ export function fitToContext(ids: number[], contextLength: number | undefined, m
     throw new UserError(`the prompt is ${ids.length} tokens; the model's context is ${contextLength} (--truncate keeps the tail)`)
   }
   return ids
-}
-
-/** What a chat needs from the tokenizer (TextTokenizer provides it; see `rawChatFormat`). */
-export interface ChatFormat {
-  renderChat(messages: ChatMessage[], addGenerationPrompt: boolean): string
-  encode(text: string): number[]
-  decodeWithSpecial(ids: number[]): string
-}
-
-/** A chat without a template: the conversation is its texts one after another. */
-export function rawChatFormat(tokenizer: Pick<ChatFormat, 'encode' | 'decodeWithSpecial'>): ChatFormat {
-  return {
-    renderChat: (messages) => messages.filter((m) => m.role !== 'system').map((m) => m.content).join(''),
-    encode: (text) => tokenizer.encode(text),
-    decodeWithSpecial: (ids) => tokenizer.decodeWithSpecial(ids),
-  }
-}
-
-export interface ChatTurnResult extends GenerationResult {
-  /** Tokens this turn fed through the model before its first answer token. */
-  prefillTokens: number
-  /** Tokens whose cache was reused from earlier turns. */
-  reusedTokens: number
-  /** The whole conversation the answer was conditioned on (reused + prefilled tokens). */
-  promptIds: number[]
-}
-
-export interface ChatStats {
-  turns: number
-  /** Prefill length of the last turn (its new tokens only when the cache was reused). */
-  lastPrefillTokens: number
-  lastReusedTokens: number
-  /** Tokens held in the cache now. */
-  cachedTokens: number
-}
-
-/** What the cache holds of the last answer, to extend it on the next turn. */
-interface LastTurn {
-  /** The rendered prompt the answer followed. */
-  promptText: string
-  /** The answer's text, exactly the text of its generated tokens (without EOS). */
-  content: string
-  /** The EOS id the answer ended on (generated, not fed yet). */
-  eosId?: number
-}
-
-/**
- * A multi-turn conversation over one decoder. The cache outlives each turn and holds the
- * model's own answer tokens (never re-tokenized). The next turn renders the conversation,
- * checks that it extends the last prompt + answer, and feeds only the rest: the template's
- * text closing the answer (an EOS the model generated stands for its end-of-turn text) and
- * the new turn. If the rendering does not extend what is cached (a stop string cut the
- * answer, a template rewrites history) it prefills the conversation from scratch.
- */
-export class ChatSession<C extends CacheLike> {
-  private messages: ChatMessage[] = []
-  private cache: C | undefined
-  /** Tokens whose keys/values the cache holds. */
-  private cachedIds: number[] = []
-  /** Generated tokens not fed yet (the last token of an answer). */
-  private pendingIds: number[] = []
-  private last: LastTurn | undefined
-  readonly stats: ChatStats = {turns: 0, lastPrefillTokens: 0, lastReusedTokens: 0, cachedTokens: 0}
-
-  constructor(
-    private decoder: Decoder<C>,
-    private readonly format: ChatFormat,
-    private readonly options: Omit<GenerationOptions, 'onToken' | 'signal'> & {system?: string},
-  ) {
-    this.reset()
-  }
-
-  get parallel(): number {
-    return this.decoder.parallel
-  }
-
-  get history(): readonly ChatMessage[] {
-    return this.messages
-  }
-
-  /** Forgets the conversation and the cache. */
-  reset(): void {
-    this.messages = this.options.system === undefined ? [] : [{role: 'system', content: this.options.system}]
-    this.dropCache()
-  }
-
-  /** Switches model session (e.g. another P); history stays, the next turn prefills it. */
-  setDecoder(decoder: Decoder<C>): void {
-    this.decoder = decoder
-    this.dropCache()
-  }
-
-  async send(
-    content: string,
-    request: Omit<GenerationRequest, 'promptIds'>,
-    hooks: {onToken?: (event: TokenEvent) => void; signal?: AbortSignal} = {},
-  ): Promise<ChatTurnResult> {
-    const messages = [...this.messages, {role: 'user', content}]
-    const rendered = this.format.renderChat(messages, true)
-    const reuse = this.continuation(rendered)
-    if (!reuse) this.dropCache()
-    const cache = reuse ? this.cache! : this.decoder.emptyCache(1)
-    const newIds = reuse ?? this.format.encode(rendered)
-    if (newIds.length === 0) throw new UserError('nothing to send')
-    const reused = this.cachedIds.length
-    const total = reused + newIds.length
-    const context = this.options.contextLength
-    if (context !== undefined && total >= context) {
-      throw new UserError(`the conversation is ${total} tokens; the model's context is ${context} (/reset starts over)`)
-    }
-    const generationRequest: GenerationRequest = {...request, promptIds: newIds}
-    checkRequest(generationRequest, undefined)
-    const startAt = performance.now()
-    const row = new Row(0, generationRequest, total, [...this.cachedIds, ...newIds], {...this.options, ...hooks})
-    const mask = Array<number>(total).fill(1)
-    const previousIds = this.cachedIds
-    this.dropCache() // if the loop throws, the cache state is unknown: start over next turn
-    const finalCache = await decodeLoop(this.decoder, [row], [newIds], [mask], cache, hooks.signal)
-    const sequence = [...previousIds, ...newIds, ...row.generated]
-    this.cache = finalCache
-    this.cachedIds = sequence.slice(0, finalCache.pastLength)
-    this.pendingIds = sequence.slice(finalCache.pastLength)
-    const result = row.result(startAt)
-    const eos = new Set(this.options.eosTokenIds)
-    const lastId = row.generated.at(-1)
-    const eosId = lastId !== undefined && eos.has(lastId) ? lastId : undefined
-    const answerIds = eosId === undefined ? row.generated : row.generated.slice(0, -1)
-    // Reusable only if the history's text is exactly what the cached tokens say.
-    const exact = this.pendingIds.length <= 1 && result.text === this.options.decode(answerIds)
-    this.last = exact ? {promptText: rendered, content: result.text, eosId} : undefined
-    this.messages = [...messages, {role: 'assistant', content: result.text}]
-    this.stats.turns++
-    this.stats.lastPrefillTokens = newIds.length
-    this.stats.lastReusedTokens = reused
-    this.stats.cachedTokens = this.cachedIds.length
-    return {...result, promptTokens: total, prefillTokens: newIds.length, reusedTokens: reused, promptIds: [...previousIds, ...newIds]}
-  }
-
-  /** Tokens to feed over the kept cache for this rendering, or undefined to start over. */
-  private continuation(rendered: string): number[] | undefined {
-    if (!this.cache || !this.last) return undefined
-    const {promptText, content, eosId} = this.last
-    const before = this.format.renderChat(this.messages, false)
-    if (!rendered.startsWith(before) || !before.startsWith(promptText + content)) return undefined
-    let closing = before.slice(promptText.length + content.length)
-    let feed = this.pendingIds
-    if (eosId !== undefined) {
-      // The generated EOS stands for the template's end-of-turn text when they agree;
-      // otherwise it is left out (it was never fed) and the template's text is fed.
-      const eosText = this.format.decodeWithSpecial([eosId])
-      if (eosText !== '' && closing.startsWith(eosText)) closing = closing.slice(eosText.length)
-      else feed = []
-    }
-    const rest = closing + rendered.slice(before.length)
-    return [...feed, ...(rest === '' ? [] : this.format.encode(rest))]
-  }
-
-  private dropCache(): void {
-    this.cache = undefined
-    this.cachedIds = []
-    this.pendingIds = []
-    this.last = undefined
-    this.stats.cachedTokens = 0
-  }
 }

@@ -6,7 +6,7 @@
 import {createInterface} from 'node:readline'
 
 import {UserError} from '../core/errors.js'
-import {ChatSession, rawChatFormat} from '../core/generation.js'
+import {ChatSession, rawChatFormat} from '../core/chat-session.js'
 import type {RunContext} from '../core/run-context.js'
 import {chatTurnRequest, generationOptions} from '../core/run-requests.js'
 import {DecoderSession, type KvCache} from '../core/session.js'
