@@ -3,7 +3,7 @@ import {Flags} from '@oclif/core'
 import {BaseCommand} from '../base-command.js'
 import {hubCacheDir} from '../core/hf-cache.js'
 import {formatBytes} from '../core/format.js'
-import {listCheckpoints, listConvertedPackages} from '../core/hub-inventory.js'
+import {listCheckpoints, listConvertedPackages} from '../core/inventory.js'
 import {convertedCacheDir} from '../core/paths.js'
 
 function table(header: string[], rows: string[][]): string {

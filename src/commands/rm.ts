@@ -4,7 +4,7 @@ import {BaseCommand} from '../base-command.js'
 import {UserError} from '../core/errors.js'
 import {hubCacheDir, isRepoIdShape, removeCachedRepo, removeCachedRevision} from '../core/hf-cache.js'
 import {formatBytes} from '../core/format.js'
-import {cachedRepoId, packagesOf, removePackage} from '../core/hub-inventory.js'
+import {cachedRepoId, packagesOf, removePackage} from '../core/inventory.js'
 import {convertedCacheDir} from '../core/paths.js'
 
 interface Removed {
