@@ -179,6 +179,20 @@ describe('convert refuses bad input', () => {
     assert.equal(result.stderr.trimEnd().split('\n').length, 1)
   })
 
+  test('an interrupted conversion leaves only a work folder, which the next conversion removes', async () => {
+    const out = path.join(work, 'interrupted')
+    // A process id that is not running stands for a conversion killed by Ctrl-C.
+    const dead = path.join(work, 'interrupted.partial-999999999-1')
+    const live = path.join(work, `interrupted.partial-${process.pid}-1`)
+    fs.mkdirSync(dead)
+    fs.mkdirSync(live)
+    const result = await runCli(['convert', goldenDir('tiny-p1'), '--out', out])
+    assert.equal(result.code, 0, result.stderr)
+    assert.equal(fs.existsSync(dead), false, 'abandoned work removed')
+    assert.equal(fs.existsSync(live), true, 'a running conversion is left alone')
+    fs.rmSync(live, {recursive: true})
+  })
+
   test('an existing output folder is kept unless --force', async () => {
     const out = path.join(work, 'existing')
     fs.mkdirSync(out)

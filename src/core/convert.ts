@@ -42,7 +42,9 @@ export interface ConvertOptions {
 /**
  * Converts Hugging Face checkpoints into one model package. Everything is written into a
  * temporary sibling folder that is renamed into place only when complete, so a failed or
- * interrupted conversion leaves nothing a later command would load.
+ * interrupted conversion leaves nothing a later command would load. Conversion runs
+ * synchronously, so Ctrl-C ends the process at once (no handler could run before the end);
+ * the folder it leaves is removed by the next conversion to the same place.
  */
 export function convertCheckpoints(options: ConvertOptions): PackageManifest {
   const checkpoints = options.sources.map((source) => Checkpoint.open(source))
@@ -52,26 +54,38 @@ export function convertCheckpoints(options: ConvertOptions): PackageManifest {
     throw new UserError(`${outDir} already exists; choose another --out or pass --force to replace it`)
   }
   mkdirSync(dirname(outDir), {recursive: true})
-  const tempDir = `${outDir}.partial-${process.pid}-${Date.now()}`
+  removeAbandonedWork(outDir)
+  const tempDir = `${outDir}${PARTIAL}${process.pid}-${Date.now()}`
   mkdirSync(tempDir)
-  const removeTemp = () => rmSync(tempDir, {recursive: true, force: true})
-  process.once('SIGINT', onInterrupt)
-  process.once('SIGTERM', onInterrupt)
-  function onInterrupt(signal: NodeJS.Signals): void {
-    removeTemp()
-    process.kill(process.pid, signal)
-  }
   try {
     const manifest = writePackage(tempDir, checkpoints, options)
     replaceDir(tempDir, outDir)
     return manifest
   } catch (error) {
-    removeTemp()
+    rmSync(tempDir, {recursive: true, force: true})
     if ((error as NodeJS.ErrnoException).code === 'ENOSPC') throw new UserError(`${outDir}: no space left on device while converting; nothing was written`)
     throw error
-  } finally {
-    process.removeListener('SIGINT', onInterrupt)
-    process.removeListener('SIGTERM', onInterrupt)
+  }
+}
+
+const PARTIAL = '.partial-'
+const REPLACED = '.old-'
+
+/** Removes the work folders of conversions into `outDir` whose process has died. */
+function removeAbandonedWork(outDir: string): void {
+  const base = basename(outDir)
+  for (const name of readdirSync(dirname(outDir))) {
+    const match = /^\.(?:partial|old)-(\d+)-\d+$/.exec(name.slice(base.length))
+    if (name.startsWith(base) && match && !isAlive(Number(match[1]))) rmSync(join(dirname(outDir), name), {recursive: true, force: true})
+  }
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM'
   }
 }
 
@@ -165,7 +179,7 @@ function replaceDir(from: string, to: string): void {
     renameSync(from, to)
     return
   }
-  const old = `${to}.old-${process.pid}-${Date.now()}`
+  const old = `${to}${REPLACED}${process.pid}-${Date.now()}`
   renameSync(to, old)
   renameSync(from, to)
   rmSync(old, {recursive: true, force: true})
