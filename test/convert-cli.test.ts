@@ -1,6 +1,7 @@
 // `parscale convert` on real files: bad input gives one line naming the file, exit 1 and
 // nothing written; good input gives a package that a session loads.
 import assert from 'node:assert/strict'
+import {spawnSync} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 import {after, describe, test} from 'node:test'
@@ -191,6 +192,25 @@ describe('convert refuses bad input', () => {
     assert.equal(fs.existsSync(dead), false, 'abandoned work removed')
     assert.equal(fs.existsSync(live), true, 'a running conversion is left alone')
     fs.rmSync(live, {recursive: true})
+  })
+
+  test('a full disk: one line, exit 1, nothing left', async (t) => {
+    // A 300 kB tmpfs stands for a full disk; mounting needs root, as CI has.
+    const small = path.join(work, 'small-disk')
+    fs.mkdirSync(small)
+    if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=300k', 'tmpfs', small]).status !== 0) {
+      t.skip('cannot mount a tmpfs here (not root)')
+      return
+    }
+    try {
+      const result = await runCli(['convert', goldenDir('tiny-p1'), '--out', path.join(small, 'out')])
+      assert.equal(result.code, 1)
+      assert.match(result.stderr, /^parscale: .*small-disk\/out: no space left on device/)
+      assert.equal(result.stderr.trimEnd().split('\n').length, 1)
+      assert.deepEqual(fs.readdirSync(small), [], 'nothing written')
+    } finally {
+      spawnSync('umount', [small])
+    }
   })
 
   test('an existing output folder is kept unless --force', async () => {
