@@ -3,14 +3,13 @@ import {writeFileSync} from 'node:fs'
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
-import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {benchMachine, benchPackage, benchVsParams, probeRoofline, type BenchReport} from '../core/bench/run-bench.js'
+import {prepareBenchModel} from '../core/bench/bench-model.js'
 import {SCALING_FITS} from '../core/bench/scaling-law.js'
-import {ensureSyntheticPackage} from '../core/bench/synthetic-package.js'
-import {readManifest} from '../core/model-package.js'
-import {resolveModel} from '../core/resolve.js'
 import {UserError} from '../core/errors.js'
-import {SYNTHETIC_PRESETS, syntheticShape, type SyntheticShape} from '../core/synthetic.js'
+import {readManifest} from '../core/model-package.js'
+import {SYNTHETIC_PRESETS} from '../core/synthetic.js'
+import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {Progress} from '../ui/progress.js'
 
 function intList(text: string, flag: string): number[] {
@@ -38,7 +37,7 @@ export default class Bench extends BaseCommand {
     '<%= config.bin %> bench ./my-package --batch 1,4 --csv',
   ]
   static override args = {
-    model: Args.string({description: 'converted package, checkpoint folder or pulled hub repo id (default: the bundled model)'}),
+    model: Args.string({description: 'converted package, checkpoint folder or pulled hub repo id (default: the embedded model)', ignoreStdin: true}),
   }
   static override flags = {
     parallel: Flags.string({description: 'P values to measure', default: '1,2,4,8'}),
@@ -66,32 +65,18 @@ export default class Bench extends BaseCommand {
     const parallel = intList(flags.parallel, 'parallel')
     const batch = intList(flags.batch, 'batch')
     const threads = flags.threads ?? benchMachine(0).cores
-    const explicit = [flags.hidden, flags.layers, flags.heads, flags['kv-heads'], flags.intermediate, flags.vocab].some((v) => v !== undefined)
-    if (flags.synthetic && args.model) throw new UserError('give a MODEL or --synthetic, not both')
-    if (flags['vs-params'] && !flags.synthetic && !explicit) throw new UserError('--vs-params needs a synthetic shape (--synthetic 0.5b)')
+    const dims = {
+      hiddenSize: flags.hidden, numLayers: flags.layers, numHeads: flags.heads, numKvHeads: flags['kv-heads'],
+      intermediateSize: flags.intermediate, vocabSize: flags.vocab,
+    }
+    const synthetic = flags.synthetic !== undefined || Object.values(dims).some((v) => v !== undefined)
+    if (flags['vs-params'] && !synthetic) throw new UserError('--vs-params needs a synthetic shape (--synthetic 0.5b)')
     if (flags['vs-params'] && !parallel.includes(1)) parallel.unshift(1)
 
     const progress = new Progress('preparing')
     const onStatus = (text: string) => progress.update(text)
     try {
-      let packageDir: string
-      let label: string
-      let shape: SyntheticShape | undefined
-      if (flags.synthetic || explicit) {
-        shape = syntheticShape(flags.synthetic, {
-          hiddenSize: flags.hidden, numLayers: flags.layers, numHeads: flags.heads, numKvHeads: flags['kv-heads'],
-          intermediateSize: flags.intermediate, vocabSize: flags.vocab,
-        })
-        packageDir = ensureSyntheticPackage(shape, {parallel, onProgress: onStatus})
-        label = `synthetic ${flags.synthetic ?? 'custom'} (hidden ${shape.hiddenSize}, ${shape.numLayers} layers, ${shape.numHeads}/${shape.numKvHeads} heads, intermediate ${shape.intermediateSize}, vocab ${shape.vocabSize}), fp32`
-      } else {
-        const resolved = resolveModel(args.model, {onProgress: (p) => onStatus(`converting: ${p.phase}`)})
-        packageDir = resolved.packageDir
-        label = resolved.label
-        const have = readManifest(packageDir).parallel
-        const missing = parallel.filter((p) => !have.includes(p))
-        if (missing.length) throw new UserError(`${label} has no P = ${missing.join(', ')} (it has ${have.join(', ')}); pass --parallel ${have.join(',')}`)
-      }
+      const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel}, onStatus)
       const model = readManifest(packageDir).model
       const options = {parallel, batch, promptLength: flags['prompt-len'], newTokens: flags['new-tokens'], threads, repeat: flags.repeat, onStatus, ...(flags.profile ? {profilePrefix: flags.profile} : {})}
       const report: BenchReport = {machine: benchMachine(threads), model: label, results: []}
