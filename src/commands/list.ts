@@ -5,16 +5,7 @@ import {hubCacheDir} from '../core/hf-cache.js'
 import {formatBytes} from '../core/format.js'
 import {listCheckpoints, listConvertedPackages} from '../core/inventory.js'
 import {convertedCacheDir} from '../core/paths.js'
-
-function table(header: string[], rows: string[][]): string {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)))
-  const line = (cells: string[]): string =>
-    cells
-      .map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i])))
-      .join('  ')
-      .trimEnd()
-  return [line(header), ...rows.map(line)].join('\n')
-}
+import {columns} from '../ui/table.js'
 
 export default class List extends BaseCommand {
   static override summary = 'List cached checkpoints and converted packages.'
@@ -68,7 +59,7 @@ export default class List extends BaseCommand {
     if (checkpoints.length === 0) out.push('  none — get one with: parscale pull <org/name>')
     else {
       out.push(
-        table(
+        columns(
           ['REPO', 'REVISION', 'SIZE', 'P', 'DTYPE', 'PATH'],
           checkpoints.map((c) => [
             c.repoId,
@@ -85,7 +76,7 @@ export default class List extends BaseCommand {
     if (packages.length === 0) out.push('  none')
     else {
       out.push(
-        table(
+        columns(
           ['NAME', 'SOURCE', 'P', 'DTYPE', 'SIZE', 'PATH'],
           packages.map((p) => [p.name, p.source ?? '?', p.parallel.join(',') || '?', p.dtype ?? '?', formatBytes(p.sizeBytes), p.path]),
         ),
