@@ -136,22 +136,29 @@ export function attention(
   const presentKey = ops.concat([cache.pastKey, applyRotary(ctx, toHeads(project('k_proj'), numKvHeads), rotary)], 2)
   const presentValue = ops.concat([cache.pastValue, toHeads(project('v_proj'), numKvHeads)], 2)
 
-  let keys = presentKey
-  let values = presentValue
-  if (P > 1) {
-    // prefix_{k,v} [P, kv, n, d] is read as [1, P·kv, n, d] and shared by every batch row
-    const prefixShape = [1, P * numKvHeads, config.prefixTokens, headDim]
-    const batchPrefix = ops.shapeOf([dims.batch, P * numKvHeads, config.prefixTokens, headDim])
-    keys = ops.concat([ops.expand(weights.get(name('prefix_k'), prefixShape), batchPrefix), presentKey], 2)
-    values = ops.concat([ops.expand(weights.get(name('prefix_v'), prefixShape), batchPrefix), presentValue], 2)
-  }
-
   // Queries of one KV head's group become extra rows: [b·p, kv, group·s, d] against [b·p, kv, keys, d].
   const perKvHead = (t: string) => ops.reshape(t, ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
-  const scores = ops.matmul(perKvHead(query), ops.transpose(perKvHead(keys), [0, 1, 3, 2]))
+  const queries = perKvHead(query)
+  let scores = ops.matmul(queries, ops.transpose(perKvHead(presentKey), [0, 1, 3, 2])) // [b·p, kv, group·s, past+s]
+  const n = config.prefixTokens
+  // Stream p's prefix [P, kv, n, d] scores against its queries, broadcast over the batch: the
+  // cache is never copied next to the prefix, which would cost a copy of it per step.
+  const perStream = (t: string, last: number) => ops.reshape(t, ops.shapeOf([dims.batch, P, numKvHeads, -1, last]))
+  if (P > 1) {
+    const prefixScores = ops.matmul(perStream(queries, headDim), ops.transpose(weights.get(name('prefix_k')), [0, 1, 3, 2]))
+    scores = ops.concat([ops.reshape(prefixScores, ops.shapeOf([dims.batchStreams, numKvHeads, -1, n])), scores], 3)
+  }
   const masked = ops.add(ops.reshape(scores, ops.shapeOf([dims.batch, P * numHeads, dims.seq, -1])), bias)
   const probs = ops.reshape(ops.softmax(masked, -1), ops.shapeOf([dims.batchStreams, numKvHeads, -1, 0]))
-  const context = ops.matmul(probs, perKvHead(values)) // [b·p, kv, group·s, d]
+  let context: string // [b·p, kv, group·s, d]
+  if (P > 1) {
+    const prefixProbs = ops.slice(probs, g.int64([0]), g.int64([n]), 3)
+    const cacheProbs = ops.slice(probs, g.int64([n]), g.int64([Number.MAX_SAFE_INTEGER]), 3)
+    const fromPrefix = ops.matmul(perStream(prefixProbs, n), weights.get(name('prefix_v')))
+    context = ops.add(ops.matmul(cacheProbs, perKvHead(presentValue)), ops.reshape(fromPrefix, ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim])))
+  } else {
+    context = ops.matmul(probs, perKvHead(presentValue))
+  }
   const perToken = ops.transpose(ops.reshape(context, ops.shapeOf([dims.batch, P, numHeads, dims.seq, headDim])), [0, 1, 3, 2, 4])
   const rows = ops.reshape(perToken, ops.shapeOf([-1, numHeads * headDim]))
   return {output: ops.linear(rows, weights.get(name('o_proj.weight'))), presentKey, presentValue}

@@ -8,7 +8,7 @@ import type {WeightProvider} from './weights.js'
  * Bumped whenever the graph a conversion writes changes (ops, layout of stored weights), so
  * packages cached by an older parscale are converted again instead of silently reused.
  */
-export const GRAPH_VERSION = 3
+export const GRAPH_VERSION = 4
 
 /** Names of the decoder's inputs and outputs, as Hugging Face's ONNX decoder exports use. */
 export const io = {
