@@ -18,6 +18,7 @@ import {
 } from './model-package.js'
 import {ExternalDataFile} from './onnx/external-data.js'
 import {buildDecoderGraph, GRAPH_VERSION} from './onnx/parscale-graph.js'
+import {isProcessAlive} from './processes.js'
 import {CheckpointWeights, WeightStore, type WeightDtype} from './onnx/weights.js'
 import {TOOL_VERSION} from './version.js'
 
@@ -76,16 +77,7 @@ function removeAbandonedWork(outDir: string): void {
   const base = basename(outDir)
   for (const name of readdirSync(dirname(outDir))) {
     const match = /^\.(?:partial|old)-(\d+)-\d+$/.exec(name.slice(base.length))
-    if (name.startsWith(base) && match && !isAlive(Number(match[1]))) rmSync(join(dirname(outDir), name), {recursive: true, force: true})
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM'
+    if (name.startsWith(base) && match && !isProcessAlive(Number(match[1]))) rmSync(join(dirname(outDir), name), {recursive: true, force: true})
   }
 }
 

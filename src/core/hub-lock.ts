@@ -4,6 +4,7 @@ import {hostname} from 'node:os'
 import {dirname} from 'node:path'
 
 import {sleep} from './hub-http.js'
+import {isProcessAlive} from './processes.js'
 
 /**
  * A lock file shared by processes (and by concurrent pulls in one process): created with
@@ -26,15 +27,6 @@ interface LockContent {
   token?: string
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM'
-  }
-}
-
 async function readLock(path: string): Promise<{content: LockContent; mtimeMs: number} | undefined> {
   try {
     const [text, st] = await Promise.all([readFile(path, 'utf8'), stat(path)])
@@ -52,7 +44,7 @@ async function readLock(path: string): Promise<{content: LockContent; mtimeMs: n
 
 function isStale(lock: {content: LockContent; mtimeMs: number}, staleMs: number): boolean {
   const {pid, host} = lock.content
-  if (host === hostname() && typeof pid === 'number' && pid !== process.pid && !processAlive(pid)) return true
+  if (host === hostname() && typeof pid === 'number' && pid !== process.pid && !isProcessAlive(pid)) return true
   return Date.now() - lock.mtimeMs > staleMs
 }
 
