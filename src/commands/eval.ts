@@ -67,10 +67,13 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
   }
 }
 
+const READ_ERRORS: Record<string, string> = {ENOENT: 'no such file', EISDIR: 'is a folder, not a text file', EACCES: 'permission denied'}
+
 function readText(file: string): string {
   try {
     return readFileSync(file === '-' ? 0 : file, 'utf8')
   } catch (error) {
-    throw new UserError(`${file}: cannot read the text file (${(error as NodeJS.ErrnoException).code ?? (error as Error).message})`)
+    const code = (error as NodeJS.ErrnoException).code ?? ''
+    throw new UserError(`${file}: cannot read the text file (${READ_ERRORS[code] ?? code ?? (error as Error).message})`)
   }
 }
