@@ -74,6 +74,6 @@ function readText(file: string): string {
     return readFileSync(file === '-' ? 0 : file, 'utf8')
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code ?? ''
-    throw new UserError(`${file}: cannot read the text file (${READ_ERRORS[code] ?? code ?? (error as Error).message})`)
+    throw new UserError(`${file}: cannot read the text file (${READ_ERRORS[code] ?? (code || (error as Error).message)})`)
   }
 }
