@@ -36,6 +36,21 @@ describe('embedded default model', () => {
     assert.ok(p8 < p1, `P=8 ${p8} should be below P=1 ${p1}`)
   })
 
+  test('works when the variant folders lost their links to the shared files (as npm packs it)', async () => {
+    const copy = path.join(cache, 'packed', 'default-model')
+    fs.cpSync(path.join(REPO_ROOT, 'fixtures', 'default-model'), copy, {recursive: true, verbatimSymlinks: true})
+    for (const variant of ['p1', 'p2', 'p4', 'p8']) {
+      for (const name of fs.readdirSync(path.join(copy, variant))) {
+        if (fs.lstatSync(path.join(copy, variant, name)).isSymbolicLink()) fs.rmSync(path.join(copy, variant, name))
+      }
+    }
+    const result = await runCli(['run', copy, '--prompt', 'def fibonacci(n):', '--max-new-tokens', '8', '--parallel', '2', '--json'], {env})
+    assert.equal(result.code, 0, result.stderr)
+    const fromRepo = await runCli(['run', '--prompt', 'def fibonacci(n):', '--max-new-tokens', '8', '--parallel', '2', '--json'], {env})
+    const ids = (out: string) => (JSON.parse(out) as {token_ids: number[]}).token_ids
+    assert.deepEqual(ids(result.stdout), ids(fromRepo.stdout))
+  })
+
   test('a P the model lacks lists the ones it has', async () => {
     const result = await runCli(['run', '--prompt', 'x', '--parallel', '3'], {env})
     assert.equal(result.code, 1)

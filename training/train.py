@@ -609,14 +609,14 @@ def hf_config(c, P, vocab, sp):
 
 
 def export(args):
-    """Write DEST/default-model/: backbone.safetensors once, p{P}/ folders that point to it."""
+    """Write DEST/default-model/: model-backbone.safetensors once, p{P}/ folders that point to it."""
     c = load_cfg()
     man = json.load(open(os.path.join(args.work, "manifest.json")))
     sp = man["special_ids"]
     root = os.path.join(args.dest, "default-model")
     os.makedirs(root, exist_ok=True)
     bb = {k: v.float().numpy() for k, v in torch.load(os.path.join(args.work, "stage1.pt")).items()}
-    st_io.write(os.path.join(root, "backbone.safetensors"), bb, "BF16")
+    st_io.write(os.path.join(root, "model-backbone.safetensors"), bb, "BF16")
     for f in ("tokenizer.json", "tokenizer_config.json", "heldout.py"):
         shutil.copy(os.path.join(args.work, f), os.path.join(root, f))
     Ps = [1] + [P for P in c["stage2"]["parallel"] if os.path.exists(os.path.join(args.work, f"stage2_p{P}.pt"))]
@@ -634,7 +634,7 @@ def export(args):
         link = os.path.join(d, "model-backbone.safetensors")
         if os.path.lexists(link):
             os.remove(link)
-        os.symlink(os.path.join("..", "backbone.safetensors"), link)
+        os.symlink(os.path.join("..", "model-backbone.safetensors"), link)
         wm = {k: "model-backbone.safetensors" for k in bb}
         size = sum(v.size * 2 for v in bb.values())
         if P > 1:
@@ -674,10 +674,10 @@ def run_all(args):
     eval_all(args)
     args.dest = args.work
     root = export(args)
-    shutil.copy(os.path.join(root, "backbone.safetensors"), os.path.join(out, "backbone.safetensors"))
+    shutil.copy(os.path.join(root, "model-backbone.safetensors"), os.path.join(out, "model-backbone.safetensors"))
     with tarfile.open(os.path.join(out, "model-rest.tar"), "w") as tf:
         for name in sorted(os.listdir(root)):
-            if name != "backbone.safetensors":
+            if name != "model-backbone.safetensors":
                 tf.add(os.path.join(root, name), arcname=os.path.join("default-model", name))
     with tarfile.open(os.path.join(out, "meta.tar"), "w") as tf:
         for f in sorted(os.listdir(args.work)):

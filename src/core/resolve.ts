@@ -1,4 +1,4 @@
-import {existsSync, readdirSync, statSync} from 'node:fs'
+import {existsSync, mkdirSync, readdirSync, rmSync, statSync, symlinkSync} from 'node:fs'
 import {basename, join, resolve} from 'node:path'
 import {createHash} from 'node:crypto'
 import {fileURLToPath} from 'node:url'
@@ -8,7 +8,7 @@ import {UserError} from './errors.js'
 import {findCachedSnapshot} from './hf-cache.js'
 import {isRepoId, resolveFamilyName} from './families.js'
 import {isCurrentGraph, isModelPackage, readManifest} from './model-package.js'
-import {convertedCacheDir} from './paths.js'
+import {convertedCacheDir, parscaleCacheDir} from './paths.js'
 
 /** The model shipped inside parscale: a tiny ParScale family trained on Python code. */
 export const DEFAULT_MODEL_DIR = fileURLToPath(new URL('../../../fixtures/default-model', import.meta.url))
@@ -64,8 +64,31 @@ function fromLocalFolder(dir: string, label: string, options: ResolveOptions): R
   const variants = readdirSync(dir)
     .map((name) => join(dir, name))
     .filter((sub) => existsSync(join(sub, 'config.json')))
-  if (variants.length > 0) return fromCheckpoints(variants.sort(), label, options, basename(resolve(dir)))
+    .sort()
+  if (variants.length > 0) return fromCheckpoints(variants.map((v) => withSharedFiles(v, dir)), label, options, basename(resolve(dir)))
   throw new UserError(`${dir}: no config.json and no parscale.json; not a checkpoint or a converted model`)
+}
+
+/**
+ * A family folder keeps the files every P shares (backbone shard, tokenizer) once, at its
+ * root; its variant folders link to them. Where those links are missing (npm drops symlinks
+ * when it packs), the variant is assembled in the cache from links to both places.
+ */
+function withSharedFiles(variantDir: string, familyDir: string): string {
+  const shared = readdirSync(familyDir).filter((name) => statSync(join(familyDir, name)).isFile())
+  const missing = shared.filter((name) => isSharedFile(name) && !existsSync(join(variantDir, name)))
+  if (missing.length === 0) return variantDir
+  const key = createHash('sha256').update(resolve(variantDir)).digest('hex').slice(0, 12)
+  const staged = join(parscaleCacheDir(), 'staged', `${basename(variantDir)}-${key}`)
+  rmSync(staged, {recursive: true, force: true})
+  mkdirSync(staged, {recursive: true})
+  for (const name of readdirSync(variantDir)) symlinkSync(resolve(variantDir, name), join(staged, name))
+  for (const name of missing) symlinkSync(resolve(familyDir, name), join(staged, name))
+  return staged
+}
+
+function isSharedFile(name: string): boolean {
+  return name.endsWith('.safetensors') || name.startsWith('tokenizer') || name === 'special_tokens_map.json'
 }
 
 /** Converts on first use; a cached package is reused while its sources are unchanged. */
