@@ -179,11 +179,15 @@ export async function decodeLoop<C extends CacheLike>(decoder: Decoder<C>, rows:
   return cache
 }
 
+function promptTooLong(tokens: number, contextLength: number): UserError {
+  return new UserError(`the prompt is ${tokens} tokens; the model's context is ${contextLength} (--truncate keeps the tail)`)
+}
+
 export function checkRequest(request: GenerationRequest, contextLength: number | undefined): void {
   if (request.promptIds.length === 0) throw new UserError('the prompt is empty')
   if (!(Number.isInteger(request.maxNewTokens) && request.maxNewTokens >= 1)) throw new UserError('max new tokens must be a whole number >= 1')
   if (contextLength !== undefined && request.promptIds.length >= contextLength) {
-    throw new UserError(`the prompt is ${request.promptIds.length} tokens; the model's context is ${contextLength} (--truncate keeps the tail)`)
+    throw promptTooLong(request.promptIds.length, contextLength)
   }
 }
 
@@ -234,7 +238,7 @@ export function fitToContext(ids: number[], contextLength: number | undefined, m
     return ids.slice(ids.length - Math.max(1, Math.min(ids.length, contextLength - maxNewTokens)))
   }
   if (ids.length >= contextLength) {
-    throw new UserError(`the prompt is ${ids.length} tokens; the model's context is ${contextLength} (--truncate keeps the tail)`)
+    throw promptTooLong(ids.length, contextLength)
   }
   return ids
 }

@@ -39,9 +39,7 @@ export function resolveModel(model: string | undefined, options: ResolveOptions 
   if (existsSync(model)) return fromLocalFolder(model, model, options)
   if (isRepoId(model)) {
     const repoId = resolveFamilyName(model, options.parallel)
-    const snapshot = findCachedSnapshot(repoId)
-    if (!snapshot) throw new UserError(`${repoId} is not in the Hugging Face cache; fetch it first with \`parscale pull ${repoId}\``)
-    return fromCheckpoints([snapshot], repoId, options, repoId.replace('/', '--'))
+    return fromCheckpoints([pulledSnapshot(repoId)], repoId, options, repoId.replace('/', '--'))
   }
   throw new UserError(`unknown model "${model}": not a folder, and not a hub repo id (org/name)`)
 }
@@ -49,12 +47,15 @@ export function resolveModel(model: string | undefined, options: ResolveOptions 
 /** A checkpoint folder for `convert`: a local path, or a pulled hub repo's snapshot. */
 export function resolveCheckpointSource(source: string): string {
   if (existsSync(source)) return source
-  if (isRepoId(source)) {
-    const snapshot = findCachedSnapshot(source)
-    if (!snapshot) throw new UserError(`${source} is not in the Hugging Face cache; fetch it first with \`parscale pull ${source}\``)
-    return snapshot
-  }
+  if (isRepoId(source)) return pulledSnapshot(source)
   throw new UserError(`${source}: no such checkpoint folder`)
+}
+
+/** The cached snapshot of a hub repo, or an error that says how to get it. */
+function pulledSnapshot(repoId: string): string {
+  const snapshot = findCachedSnapshot(repoId)
+  if (!snapshot) throw new UserError(`${repoId} is not in the Hugging Face cache; fetch it first with \`parscale pull ${repoId}\``)
+  return snapshot
 }
 
 function fromLocalFolder(dir: string, label: string, options: ResolveOptions): ResolvedModel {
