@@ -3,7 +3,7 @@
 import {decodeVsFloor, prefillVsRate, renderTable} from '../src/ui/bench-report.js'
 import {benchMachine, benchPackage, probeRoofline, type BenchReport} from '../src/core/bench/run-bench.js'
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
-import {SYNTHETIC_PRESETS} from '../src/core/synthetic.js'
+import {SYNTHETIC_PRESETS} from '../src/core/checkpoint/synthetic.js'
 
 const threads = Number(process.env.BENCH_THREADS ?? 2)
 const shape = SYNTHETIC_PRESETS['0.5b']!

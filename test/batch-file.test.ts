@@ -3,7 +3,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, describe, it} from 'node:test'
 
-import {parseBatchFile, readBatchFile} from '../src/core/batch-file.js'
+import {parseBatchFile, readBatchFile} from '../src/core/run/batch-file.js'
 import {FileFormatError} from '../src/core/errors.js'
 import {makeTempDir} from './helpers/safetensors-writer.js'
 

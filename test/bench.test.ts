@@ -6,7 +6,7 @@ import {test} from 'node:test'
 
 import {equivalentParameters, SCALING_FITS, scaledShape, shapeParameters} from '../src/core/bench/scaling-law.js'
 import {percentile, summarize} from '../src/core/bench/stats.js'
-import {SYNTHETIC_PRESETS} from '../src/core/synthetic.js'
+import {SYNTHETIC_PRESETS} from '../src/core/checkpoint/synthetic.js'
 import {runCli} from './helpers/cli.js'
 
 test('percentiles are nearest-rank', () => {

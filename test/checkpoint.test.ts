@@ -3,10 +3,10 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, describe, it} from 'node:test'
 
-import {Checkpoint, expectedTensorShapes} from '../src/core/checkpoint.js'
-import {readTensorFloat32} from '../src/core/dtype.js'
+import {Checkpoint, expectedTensorShapes} from '../src/core/checkpoint/checkpoint.js'
+import {readTensorFloat32} from '../src/core/checkpoint/dtype.js'
 import {FileFormatError} from '../src/core/errors.js'
-import {readTensorBytes} from '../src/core/safetensors.js'
+import {readTensorBytes} from '../src/core/checkpoint/safetensors.js'
 import {copyCheckpointWith, editJson, f32Bytes, goldenDir, makeTempDir, rewriteSafetensors} from './helpers/safetensors-writer.js'
 
 const tmp = makeTempDir()

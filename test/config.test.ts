@@ -3,7 +3,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, describe, it} from 'node:test'
 
-import {parseModelConfig, readModelConfig} from '../src/core/config.js'
+import {parseModelConfig, readModelConfig} from '../src/core/checkpoint/config.js'
 import {FileFormatError} from '../src/core/errors.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 

@@ -6,9 +6,9 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, describe, test} from 'node:test'
 
-import {convertCheckpoints} from '../src/core/convert.js'
-import {readManifest} from '../src/core/model-package.js'
-import {DecoderSession} from '../src/core/session.js'
+import {convertCheckpoints} from '../src/core/package/convert.js'
+import {readManifest} from '../src/core/package/manifest.js'
+import {DecoderSession} from '../src/core/run/session.js'
 import {runCli} from './helpers/cli.js'
 import {copyCheckpointWith, editJson, goldenDir, makeTempDir, readSafetensorsForTest, rewriteSafetensors, writeSafetensors} from './helpers/safetensors-writer.js'
 

@@ -4,11 +4,11 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, before, describe, it} from 'node:test'
 
-import {ChatSession} from '../src/core/chat-session.js'
-import {generateBatch, type GenerationOptions} from '../src/core/generation.js'
-import {resolveModel} from '../src/core/resolve.js'
-import {DecoderSession} from '../src/core/session.js'
-import {readGenerationDefaults, TextTokenizer} from '../src/core/tokenizer.js'
+import {ChatSession} from '../src/core/run/chat.js'
+import {generateBatch, type GenerationOptions} from '../src/core/run/generation.js'
+import {resolveModel} from '../src/core/package/resolve.js'
+import {DecoderSession} from '../src/core/run/session.js'
+import {readGenerationDefaults, TextTokenizer} from '../src/core/run/tokenizer.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 
 interface Golden {

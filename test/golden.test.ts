@@ -4,9 +4,9 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, describe, test} from 'node:test'
 
-import {Checkpoint} from '../src/core/checkpoint.js'
-import {convertCheckpoints} from '../src/core/convert.js'
-import {DecoderSession} from '../src/core/session.js'
+import {Checkpoint} from '../src/core/checkpoint/checkpoint.js'
+import {convertCheckpoints} from '../src/core/package/convert.js'
+import {DecoderSession} from '../src/core/run/session.js'
 import {runCli} from './helpers/cli.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 

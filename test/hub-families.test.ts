@@ -5,8 +5,8 @@ import {join} from 'node:path'
 import {describe, it} from 'node:test'
 
 import {UserError} from '../src/core/errors.js'
-import {isRepoId, knownModelNames, resolveFamilyName, suggestModelNames} from '../src/core/families.js'
-import {globToRegExp, selectFiles} from '../src/core/hub-files.js'
+import {isRepoId, knownModelNames, resolveFamilyName, suggestModelNames} from '../src/core/hub/families.js'
+import {globToRegExp, selectFiles} from '../src/core/hub/files.js'
 
 function throwsUser(fn: () => unknown, ...patterns: RegExp[]): void {
   assert.throws(fn, (err: unknown) => {

@@ -7,8 +7,8 @@ import {fileURLToPath} from 'node:url'
 
 import {scanCacheDir, snapshotDownload} from '@huggingface/hub'
 
-import {findCachedSnapshot, repoCachePaths} from '../src/core/hf-cache.js'
-import {pullModel} from '../src/core/hub.js'
+import {findCachedSnapshot, repoCachePaths} from '../src/core/hub/cache.js'
+import {pullModel} from '../src/core/hub/pull.js'
 import {startHubServer, type HubServer} from './helpers/hub-server.js'
 
 /**

@@ -8,9 +8,9 @@ import {afterEach, beforeEach, describe, it} from 'node:test'
 import {fileURLToPath} from 'node:url'
 
 import {UserError} from '../src/core/errors.js'
-import {findCachedSnapshot, hubCacheDir, listCachedModels, repoCachePaths} from '../src/core/hf-cache.js'
-import {pullModel, type PullProgress} from '../src/core/hub.js'
-import {toUserError} from '../src/core/hub-errors.js'
+import {findCachedSnapshot, hubCacheDir, listCachedModels, repoCachePaths} from '../src/core/hub/cache.js'
+import {pullModel, type PullProgress} from '../src/core/hub/pull.js'
+import {toUserError} from '../src/core/hub/errors.js'
 import {startHubServer, type HubServer, type HubServerOptions} from './helpers/hub-server.js'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..')

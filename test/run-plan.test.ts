@@ -2,9 +2,9 @@
 import assert from 'node:assert/strict'
 import {describe, it} from 'node:test'
 
-import type {BatchItem} from '../src/core/batch-file.js'
+import type {BatchItem} from '../src/core/run/batch-file.js'
 import {UserError} from '../src/core/errors.js'
-import {parseRunNumbers, pickMode, planRun, promptFromStdin, type RunNumbers, type RunOptions, splitModelArgument} from '../src/core/run-plan.js'
+import {parseRunNumbers, pickMode, planRun, promptFromStdin, type RunNumbers, type RunOptions, splitModelArgument} from '../src/core/run/plan.js'
 import {
   batchRequest,
   encodeInput,
@@ -14,8 +14,8 @@ import {
   type RequestContext,
   type RequestTokenizer,
   resolveSampling,
-} from '../src/core/run-requests.js'
-import type {ChatMessage, GenerationDefaults} from '../src/core/tokenizer.js'
+} from '../src/core/run/requests.js'
+import type {ChatMessage, GenerationDefaults} from '../src/core/run/tokenizer.js'
 
 function options(extra: Partial<RunOptions> = {}): RunOptions {
   return {raw: false, chat: false, json: false, quiet: false, truncate: false, numbers: {}, ...extra}

@@ -3,9 +3,9 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, describe, it} from 'node:test'
 
-import {decodeToFloat32, encodeFloat16, readTensorFloat32} from '../src/core/dtype.js'
+import {decodeToFloat32, encodeFloat16, readTensorFloat32} from '../src/core/checkpoint/dtype.js'
 import {FileFormatError} from '../src/core/errors.js'
-import {iterateTensorChunks, readTensorBytes, SafetensorsFile} from '../src/core/safetensors.js'
+import {iterateTensorChunks, readTensorBytes, SafetensorsFile} from '../src/core/checkpoint/safetensors.js'
 import {f32Bytes, goldenDir, makeTempDir, type TestTensor, writeSafetensors, type WriteOptions} from './helpers/safetensors-writer.js'
 
 const tmp = makeTempDir()

@@ -4,9 +4,9 @@ import os from 'node:os'
 import path from 'node:path'
 import {test} from 'node:test'
 
-import {Checkpoint} from '../src/core/checkpoint.js'
-import {readTensorFloat32} from '../src/core/dtype.js'
-import {SYNTHETIC_PRESETS, syntheticShape, writeSyntheticCheckpoint} from '../src/core/synthetic.js'
+import {Checkpoint} from '../src/core/checkpoint/checkpoint.js'
+import {readTensorFloat32} from '../src/core/checkpoint/dtype.js'
+import {SYNTHETIC_PRESETS, syntheticShape, writeSyntheticCheckpoint} from '../src/core/checkpoint/synthetic.js'
 import {shapeParameters} from '../src/core/bench/scaling-law.js'
 
 const tiny = syntheticShape(undefined, {hiddenSize: 64, numLayers: 2, vocabSize: 300})

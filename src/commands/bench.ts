@@ -7,8 +7,8 @@ import {benchMachine, benchPackage, benchVsParams, probeRoofline, type BenchRepo
 import {prepareBenchModel} from '../core/bench/bench-model.js'
 import {SCALING_FITS} from '../core/bench/scaling-law.js'
 import {UserError} from '../core/errors.js'
-import {readManifest} from '../core/model-package.js'
-import {SYNTHETIC_PRESETS} from '../core/synthetic.js'
+import {readManifest} from '../core/package/manifest.js'
+import {SYNTHETIC_PRESETS} from '../core/checkpoint/synthetic.js'
 import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {Progress} from '../ui/progress.js'
 

@@ -1,10 +1,10 @@
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
-import {convertCheckpoints, defaultOutDir} from '../core/convert.js'
+import {convertCheckpoints, defaultOutDir} from '../core/package/convert.js'
 import {formatBytes, percent} from '../core/format.js'
 import {Progress} from '../ui/progress.js'
-import {resolveCheckpointSource} from '../core/resolve.js'
+import {resolveCheckpointSource} from '../core/package/resolve.js'
 
 export default class Convert extends BaseCommand {
   static override summary = 'Convert a ParScale (or Qwen2) checkpoint into an ONNX model package'

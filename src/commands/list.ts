@@ -1,10 +1,10 @@
 import {Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
-import {hubCacheDir} from '../core/hf-cache.js'
+import {hubCacheDir} from '../core/hub/cache.js'
 import {formatBytes} from '../core/format.js'
-import {listCheckpoints, listConvertedPackages} from '../core/inventory.js'
-import {convertedCacheDir} from '../core/paths.js'
+import {listCheckpoints, listConvertedPackages} from '../core/hub/inventory.js'
+import {convertedCacheDir} from '../core/package/paths.js'
 import {columns} from '../ui/table.js'
 
 export default class List extends BaseCommand {

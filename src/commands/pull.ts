@@ -3,8 +3,8 @@ import type {Ora} from 'ora'
 
 import {BaseCommand} from '../base-command.js'
 import {UserError} from '../core/errors.js'
-import {resolveFamilyName} from '../core/families.js'
-import type {PullProgress} from '../core/hub.js'
+import {resolveFamilyName} from '../core/hub/families.js'
+import type {PullProgress} from '../core/hub/pull.js'
 import {formatBytes, formatDuration, formatRate} from '../core/format.js'
 
 /** Bytes per second over the last few seconds. */
@@ -59,7 +59,7 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
   async run(): Promise<void> {
     const {args, flags} = await this.parse(Pull)
     // Loaded here, not at the top: oclif imports every command to list them.
-    const [{pullModel}, {default: ora}] = await Promise.all([import('../core/hub.js'), import('ora')])
+    const [{pullModel}, {default: ora}] = await Promise.all([import('../core/hub/pull.js'), import('ora')])
     const at = args.model.indexOf('@')
     const revision = at >= 0 ? args.model.slice(at + 1) : undefined
     if (at >= 0 && !revision) throw new UserError(`${args.model}: empty revision after "@"`)

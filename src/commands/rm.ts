@@ -2,10 +2,10 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
 import {UserError} from '../core/errors.js'
-import {hubCacheDir, isRepoIdShape, removeCachedRepo, removeCachedRevision} from '../core/hf-cache.js'
+import {hubCacheDir, isRepoIdShape, removeCachedRepo, removeCachedRevision} from '../core/hub/cache.js'
 import {formatBytes} from '../core/format.js'
-import {cachedRepoId, packagesOf, removePackage} from '../core/inventory.js'
-import {convertedCacheDir} from '../core/paths.js'
+import {cachedRepoId, packagesOf, removePackage} from '../core/hub/inventory.js'
+import {convertedCacheDir} from '../core/package/paths.js'
 
 interface Removed {
   kind: 'checkpoint' | 'converted'

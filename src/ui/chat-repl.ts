@@ -6,10 +6,10 @@
 import {createInterface} from 'node:readline'
 
 import {UserError} from '../core/errors.js'
-import {ChatSession, rawChatFormat} from '../core/chat-session.js'
-import type {RunContext} from '../core/run-context.js'
-import {chatTurnRequest, generationOptions} from '../core/run-requests.js'
-import {DecoderSession, type KvCache} from '../core/session.js'
+import {ChatSession, rawChatFormat} from '../core/run/chat.js'
+import type {RunContext} from '../core/run/context.js'
+import {chatTurnRequest, generationOptions} from '../core/run/requests.js'
+import {DecoderSession, type KvCache} from '../core/run/session.js'
 import {chatJsonResult, type LineWriter, writeTokenText} from './run-output.js'
 
 const CHAT_HELP = `commands:

@@ -2,10 +2,10 @@
  * The non-interactive `parscale run` modes: one prompt streamed to stdout, and a JSONL
  * batch printed in input order. Timing goes to stderr unless --quiet or --json.
  */
-import {readBatchFile} from '../core/batch-file.js'
-import {generateAll} from '../core/generation.js'
-import type {RunContext} from '../core/run-context.js'
-import {batchRequest, generationOptions, promptRequest, resolveSampling} from '../core/run-requests.js'
+import {readBatchFile} from '../core/run/batch-file.js'
+import {generateAll} from '../core/run/generation.js'
+import type {RunContext} from '../core/run/context.js'
+import {batchRequest, generationOptions, promptRequest, resolveSampling} from '../core/run/requests.js'
 import {batchItemText, batchSummaryLine, jsonResult, type LineWriter, timingLine, writeTokenText} from './run-output.js'
 
 /** One prompt: stream the answer (or print one JSON line), timing on stderr. */

@@ -2,8 +2,8 @@
  * How `parscale run` results look: the `--json` object, the timing line on stderr, batch
  * text blocks and summary, streamed tokens.
  */
-import type {ChatTurnResult} from '../core/chat-session.js'
-import type {GenerationResult, TokenEvent} from '../core/generation.js'
+import type {ChatTurnResult} from '../core/run/chat.js'
+import type {GenerationResult, TokenEvent} from '../core/run/generation.js'
 
 /** Prints one line to stdout (the command's `log`). */
 export type LineWriter = (line: string) => void

@@ -2,7 +2,7 @@
 // wrong attention mask, a lost row or a re-fed token changes what it predicts.
 import assert from 'node:assert/strict'
 
-import type {Decoder} from '../../src/core/generation.js'
+import type {Decoder} from '../../src/core/run/generation.js'
 
 export interface FakeCache {
   pastLength: number

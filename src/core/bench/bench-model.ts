@@ -1,8 +1,8 @@
 // Which package a benchmark measures: a synthetic shape (built once, cached) or a user's model.
 import {UserError} from '../errors.js'
-import {readManifest} from '../model-package.js'
-import {resolveModel} from '../resolve.js'
-import {syntheticShape, type SyntheticShape} from '../synthetic.js'
+import {readManifest} from '../package/manifest.js'
+import {resolveModel} from '../package/resolve.js'
+import {syntheticShape, type SyntheticShape} from '../checkpoint/synthetic.js'
 import {ensureSyntheticPackage} from './synthetic-package.js'
 
 export interface BenchModelRequest {

@@ -1,4 +1,4 @@
-import type {ModelConfig} from '../config.js'
+import type {ModelConfig} from '../checkpoint/config.js'
 
 /** Bytes of fp32 weights one decode step reads: every matrix once (a tied embedding once). */
 export function weightBytes(config: ModelConfig): number {

@@ -1,7 +1,7 @@
 // Orchestrates a benchmark: roofline probes, then one child process per configuration.
 import os from 'node:os'
 
-import type {SyntheticShape} from '../synthetic.js'
+import type {SyntheticShape} from '../checkpoint/synthetic.js'
 import {runWorker} from './child.js'
 import {machineInfo} from './machine.js'
 import {equivalentParameters, SCALING_FITS, scaledShape, shapeParameters} from './scaling-law.js'

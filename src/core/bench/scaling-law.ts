@@ -1,7 +1,7 @@
 // The paper's parallel scaling law, L = E + (A·1e9 / (N·(k·ln P + 1)))^α: P streams act
 // like multiplying the parameters N by (k·ln P + 1). The P = 1 size with the same predicted
 // loss is therefore N′ = N·(k·ln P + 1), which depends on k alone (E, A and α cancel).
-import type {SyntheticShape} from '../synthetic.js'
+import type {SyntheticShape} from '../checkpoint/synthetic.js'
 
 export interface ScalingFit {
   dataset: string

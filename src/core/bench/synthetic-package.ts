@@ -3,10 +3,10 @@ import {createHash} from 'node:crypto'
 import fs from 'node:fs'
 import path from 'node:path'
 
-import {convertCheckpoints, type ConvertProgress} from '../convert.js'
-import {isCurrentGraph, MANIFEST_FILE, readManifest} from '../model-package.js'
-import {parscaleCacheDir} from '../paths.js'
-import {writeSyntheticCheckpoint, type SyntheticShape} from '../synthetic.js'
+import {convertCheckpoints, type ConvertProgress} from '../package/convert.js'
+import {isCurrentGraph, MANIFEST_FILE, readManifest} from '../package/manifest.js'
+import {parscaleCacheDir} from '../package/paths.js'
+import {writeSyntheticCheckpoint, type SyntheticShape} from '../checkpoint/synthetic.js'
 
 export interface SyntheticPackageOptions {
   parallel: number[]

@@ -2,7 +2,7 @@
 // probes) and prints one JSON line, so each measurement's peak RSS is its own.
 import {readSync} from 'node:fs'
 
-import {DecoderSession} from '../session.js'
+import {DecoderSession} from '../run/session.js'
 import {kvCacheBytes, prefillFlops, weightBytes} from './model-cost.js'
 import {runProbes} from './roofline.js'
 import {summarize} from './stats.js'

@@ -1,4 +1,4 @@
-import type {ModelConfig} from '../config.js'
+import type {ModelConfig} from '../checkpoint/config.js'
 import type {GraphBuilder} from './builder.js'
 import type {Ops} from './ops.js'
 import type {WeightProvider} from './weights.js'

@@ -1,4 +1,4 @@
-import type {ModelConfig} from '../config.js'
+import type {ModelConfig} from '../checkpoint/config.js'
 import {aggregateStreams, attention, attentionBias, embedTokens, lmHead, mlp, rmsNorm, rotaryFromMask, type DecoderContext} from './blocks.js'
 import {GraphBuilder} from './builder.js'
 import {Ops} from './ops.js'

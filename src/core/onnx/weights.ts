@@ -1,9 +1,9 @@
 import {createHash} from 'node:crypto'
 
-import type {Checkpoint} from '../checkpoint.js'
+import type {Checkpoint} from '../checkpoint/checkpoint.js'
 import {UserError} from '../errors.js'
-import {decodeToFloat32, encodeFloat16} from '../dtype.js'
-import {iterateTensorChunks, type TensorInfo} from '../safetensors.js'
+import {decodeToFloat32, encodeFloat16} from '../checkpoint/dtype.js'
+import {iterateTensorChunks, type TensorInfo} from '../checkpoint/safetensors.js'
 import type {GraphBuilder} from './builder.js'
 import type {ExternalDataFile, ExternalLocation} from './external-data.js'
 

@@ -5,7 +5,7 @@
  */
 import {readFile} from 'node:fs/promises'
 
-import {FileFormatError} from './errors.js'
+import {FileFormatError} from '../errors.js'
 import type {ChatMessage} from './tokenizer.js'
 
 export type BatchInput = {kind: 'prompt'; text: string} | {kind: 'messages'; messages: ChatMessage[]}

@@ -2,8 +2,8 @@ import {existsSync, lstatSync, readdirSync, readFileSync, statSync} from 'node:f
 import {rm} from 'node:fs/promises'
 import {isAbsolute, join, resolve} from 'node:path'
 
-import {hubCacheDir, isInside, listCachedModels, repoCachePaths, repoFolderName, type CachedModel} from './hf-cache.js'
-import {convertedCacheDir} from './paths.js'
+import {hubCacheDir, isInside, listCachedModels, repoCachePaths, repoFolderName, type CachedModel} from './cache.js'
+import {convertedCacheDir} from '../package/paths.js'
 
 /**
  * What the caches hold, for `parscale list` and `parscale rm`: checkpoints in the Hugging Face

@@ -1,8 +1,8 @@
 import {HubApiError, InvalidApiResponseFormatError} from '@huggingface/hub'
 
-import {UserError} from './errors.js'
+import {UserError} from '../errors.js'
 import {suggestModelNames} from './families.js'
-import {networkErrorCode, UNREACHABLE_CODES} from './hub-http.js'
+import {networkErrorCode, UNREACHABLE_CODES} from './http.js'
 
 /** Turns what the Hub, the network or the disk threw during a pull into one-line UserErrors. */
 

@@ -1,9 +1,9 @@
 /**
  * What `parscale run` will do, decided before any model is loaded: numeric options checked
  * (one clear line per bad value), the prompt taken from one place, and the mode picked.
- * Pure: the command maps its flags to `RunOptions`; how a request is built is in run-requests.ts.
+ * Pure: the command maps its flags to `RunOptions`; how a request is built is in requests.ts.
  */
-import {UserError} from './errors.js'
+import {UserError} from '../errors.js'
 
 /** Options given as text and checked here, so a bad value is one line like every user error. */
 export type NumberOption = 'batch-size' | 'max-new-tokens' | 'temperature' | 'top-k' | 'top-p' | 'repetition-penalty' | 'seed' | 'parallel' | 'threads'

@@ -4,8 +4,8 @@ import {lstat, open, rename, rm, stat} from 'node:fs/promises'
 
 import {HubApiError} from '@huggingface/hub'
 
-import {UserError} from './errors.js'
-import {backoffMs, isTransientNetworkError, sleep, type RetryPolicy} from './hub-http.js'
+import {UserError} from '../errors.js'
+import {backoffMs, isTransientNetworkError, sleep, type RetryPolicy} from './http.js'
 
 /**
  * One file from the Hub into a blob of the cache: the bytes go to `<blob>.incomplete` (resumed

@@ -5,7 +5,7 @@
 import {readFile} from 'node:fs/promises'
 import {join, resolve} from 'node:path'
 
-import {FileFormatError, UserError} from './errors.js'
+import {FileFormatError, UserError} from '../errors.js'
 
 export interface ChatMessage {
   role: string

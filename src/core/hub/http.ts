@@ -2,7 +2,7 @@ import {readFileSync} from 'node:fs'
 import {homedir} from 'node:os'
 import {join} from 'node:path'
 
-import {UserError} from './errors.js'
+import {UserError} from '../errors.js'
 
 /** HTTP to the Hub: endpoint, token and offline settings from the environment; a fetch with retries. */
 

@@ -2,9 +2,9 @@ import {createHash} from 'node:crypto'
 import {copyFileSync, existsSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, mkdirSync} from 'node:fs'
 import {basename, dirname, join, resolve} from 'node:path'
 
-import {Checkpoint} from './checkpoint.js'
-import {backboneShape} from './config.js'
-import {UserError} from './errors.js'
+import {Checkpoint} from '../checkpoint/checkpoint.js'
+import {backboneShape} from '../checkpoint/config.js'
+import {UserError} from '../errors.js'
 import {
   BACKBONE_WEIGHTS_FILE,
   COPIED_FILES,
@@ -15,12 +15,12 @@ import {
   type PackageVariant,
   variantGraphFile,
   variantWeightsFile,
-} from './model-package.js'
-import {ExternalDataFile} from './onnx/external-data.js'
-import {buildDecoderGraph, GRAPH_VERSION} from './onnx/parscale-graph.js'
-import {isProcessAlive} from './processes.js'
-import {CheckpointWeights, WeightStore, type WeightDtype} from './onnx/weights.js'
-import {TOOL_VERSION} from './version.js'
+} from './manifest.js'
+import {ExternalDataFile} from '../onnx/external-data.js'
+import {buildDecoderGraph, GRAPH_VERSION} from '../onnx/parscale-graph.js'
+import {isProcessAlive} from '../processes.js'
+import {CheckpointWeights, WeightStore, type WeightDtype} from '../onnx/weights.js'
+import {TOOL_VERSION} from '../version.js'
 
 export interface ConvertProgress {
   phase: string

@@ -3,8 +3,8 @@ import {mkdir, open, readFile, rm, stat, utimes} from 'node:fs/promises'
 import {hostname} from 'node:os'
 import {dirname} from 'node:path'
 
-import {sleep} from './hub-http.js'
-import {isProcessAlive} from './processes.js'
+import {sleep} from './http.js'
+import {isProcessAlive} from '../processes.js'
 
 /**
  * A lock file shared by processes (and by concurrent pulls in one process): created with

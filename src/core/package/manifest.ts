@@ -1,10 +1,10 @@
 import {existsSync, readFileSync, statSync} from 'node:fs'
 import {join} from 'node:path'
 
-import type {BackboneShape, ModelConfig} from './config.js'
-import {FileFormatError, UserError} from './errors.js'
-import {GRAPH_VERSION} from './onnx/parscale-graph.js'
-import type {WeightDtype} from './onnx/weights.js'
+import type {BackboneShape, ModelConfig} from '../checkpoint/config.js'
+import {FileFormatError, UserError} from '../errors.js'
+import {GRAPH_VERSION} from '../onnx/parscale-graph.js'
+import type {WeightDtype} from '../onnx/weights.js'
 
 export const MANIFEST_FILE = 'parscale.json'
 export const BACKBONE_WEIGHTS_FILE = 'backbone.weights'

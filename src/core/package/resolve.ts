@@ -4,14 +4,14 @@ import {createHash} from 'node:crypto'
 import {fileURLToPath} from 'node:url'
 
 import {checkpointFingerprint, convertCheckpoints, type ConvertProgress} from './convert.js'
-import {UserError} from './errors.js'
-import {findCachedSnapshot} from './hf-cache.js'
-import {isRepoId, resolveFamilyName} from './families.js'
-import {isCurrentGraph, isModelPackage, readManifest} from './model-package.js'
+import {UserError} from '../errors.js'
+import {findCachedSnapshot} from '../hub/cache.js'
+import {isRepoId, resolveFamilyName} from '../hub/families.js'
+import {isCurrentGraph, isModelPackage, readManifest} from './manifest.js'
 import {convertedCacheDir, parscaleCacheDir} from './paths.js'
 
 /** The model shipped inside parscale: a tiny ParScale family trained on Python code. */
-export const DEFAULT_MODEL_DIR = fileURLToPath(new URL('../../../fixtures/default-model', import.meta.url))
+export const DEFAULT_MODEL_DIR = fileURLToPath(new URL('../../../../fixtures/default-model', import.meta.url))
 
 export interface ResolvedModel {
   packageDir: string

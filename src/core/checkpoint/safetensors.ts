@@ -1,6 +1,6 @@
 import fs from 'node:fs'
 
-import {FileFormatError} from './errors.js'
+import {FileFormatError} from '../errors.js'
 
 /** The element types parscale reads; every other safetensors dtype is refused at open. */
 export type SafetensorsDtype = 'F32' | 'F16' | 'BF16'

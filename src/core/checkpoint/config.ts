@@ -1,7 +1,7 @@
 import fs from 'node:fs'
 import path from 'node:path'
 
-import {FileFormatError} from './errors.js'
+import {FileFormatError} from '../errors.js'
 
 /** The Qwen2 backbone's dimensions: what every P of one ParScale family shares. */
 export interface BackboneShape {

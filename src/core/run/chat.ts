@@ -1,5 +1,5 @@
 /** Multi-turn chat over the decode loop, keeping the KV cache between turns. */
-import {UserError} from './errors.js'
+import {UserError} from '../errors.js'
 import {checkRequest, decodeLoop, Row, type CacheLike, type Decoder, type GenerationOptions, type GenerationRequest, type GenerationResult, type TokenEvent} from './generation.js'
 import type {ChatMessage} from './tokenizer.js'
 

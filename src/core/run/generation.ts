@@ -1,12 +1,12 @@
 /**
  * The decode loop over a decoder session: batched, left-padded prefill; incremental decode
  * with the KV cache; per-row stop on EOS, stop strings, max tokens or the context; finished
- * rows are dropped from the batch. `ChatSession` (chat-session.ts) keeps the cache between turns.
+ * rows are dropped from the batch. `ChatSession` (chat.ts) keeps the cache between turns.
  *
  * Only the `Decoder` shape below is needed (DecoderSession satisfies it), so tests can
  * drive the loop with a fake model.
  */
-import {UserError} from './errors.js'
+import {UserError} from '../errors.js'
 import {Sampler, type SamplingOptions} from './sampling.js'
 import {StopStringMatcher} from './stop-strings.js'
 import {IncrementalDetokenizer} from './tokenizer.js'

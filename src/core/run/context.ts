@@ -2,10 +2,10 @@
  * The model `parscale run` talks to: resolved (converted on first use), with its tokenizer,
  * generation defaults and an ONNX Runtime session at the chosen P.
  */
-import {UserError} from './errors.js'
-import {resolveModel, type ResolveOptions} from './resolve.js'
-import type {RunPlan} from './run-plan.js'
-import type {RequestContext} from './run-requests.js'
+import {UserError} from '../errors.js'
+import {resolveModel, type ResolveOptions} from '../package/resolve.js'
+import type {RunPlan} from './plan.js'
+import type {RequestContext} from './requests.js'
 import {DecoderSession} from './session.js'
 import {readGenerationDefaults, TextTokenizer} from './tokenizer.js'
 

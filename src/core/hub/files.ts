@@ -1,5 +1,5 @@
-import {UserError} from './errors.js'
-import {isSafeRelativePath} from './hf-cache.js'
+import {UserError} from '../errors.js'
+import {isSafeRelativePath} from './cache.js'
 
 /**
  * Which repo files a pull takes. Running a model needs its config, tokenizer and safetensors

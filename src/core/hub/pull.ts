@@ -4,7 +4,7 @@ import {basename, dirname, join} from 'node:path'
 
 import {fileDownloadInfo, listFiles, modelInfo, type ListFileEntry} from '@huggingface/hub'
 
-import {UserError} from './errors.js'
+import {UserError} from '../errors.js'
 import {
   findCachedSnapshot,
   hubCacheDir,
@@ -17,13 +17,13 @@ import {
   repoCachePaths,
   snapshotFileOk,
   writeRef,
-} from './hf-cache.js'
-import {downloadBlob, fileSize} from './hub-download.js'
-import {toUserError} from './hub-errors.js'
-import {selectFiles} from './hub-files.js'
-import {formatBytes} from './format.js'
-import {createHubHttp, DEFAULT_RETRY, hubEndpoint, hubToken, isOffline, type RetryPolicy} from './hub-http.js'
-import {withFileLock} from './hub-lock.js'
+} from './cache.js'
+import {downloadBlob, fileSize} from './download.js'
+import {toUserError} from './errors.js'
+import {selectFiles} from './files.js'
+import {formatBytes} from '../format.js'
+import {createHubHttp, DEFAULT_RETRY, hubEndpoint, hubToken, isOffline, type RetryPolicy} from './http.js'
+import {withFileLock} from './lock.js'
 
 /**
  * `pullModel`: a checkpoint from the Hugging Face Hub (or `HF_ENDPOINT`) into the standard

@@ -4,9 +4,9 @@
  * to the context. Pure over a `RequestContext`, so tests can use a fake tokenizer.
  */
 import type {BatchInput, BatchItem} from './batch-file.js'
-import {UserError} from './errors.js'
+import {UserError} from '../errors.js'
 import {fitToContext, type GenerationOptions, type GenerationRequest} from './generation.js'
-import type {RunNumbers, RunOptions} from './run-plan.js'
+import type {RunNumbers, RunOptions} from './plan.js'
 import {randomSeed, type SamplingOptions} from './sampling.js'
 import type {ChatMessage, GenerationDefaults, TextTokenizer} from './tokenizer.js'
 

@@ -1,7 +1,7 @@
 import {existsSync} from 'node:fs'
 
-import {UserError} from './errors.js'
-import {isRepoIdShape} from './hf-cache.js'
+import {UserError} from '../errors.js'
+import {isRepoIdShape} from './cache.js'
 
 /** The organisation that publishes the ParScale checkpoints on the Hugging Face Hub. */
 export const PARSCALE_ORG = 'ParScale'

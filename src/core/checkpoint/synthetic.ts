@@ -5,7 +5,7 @@ import path from 'node:path'
 
 import {parseModelConfig, type ModelConfig} from './config.js'
 import {expectedTensorShapes, SINGLE_WEIGHTS_FILE, WEIGHTS_INDEX_FILE} from './checkpoint.js'
-import {UserError} from './errors.js'
+import {UserError} from '../errors.js'
 
 export interface SyntheticShape {
   hiddenSize: number

@@ -2,10 +2,10 @@ import {join} from 'node:path'
 
 import ort from 'onnxruntime-node'
 
-import type {ModelConfig} from './config.js'
-import {UserError} from './errors.js'
-import {type PackageManifest, readManifest, selectVariant, variantConfig} from './model-package.js'
-import {io} from './onnx/parscale-graph.js'
+import type {ModelConfig} from '../checkpoint/config.js'
+import {UserError} from '../errors.js'
+import {type PackageManifest, readManifest, selectVariant, variantConfig} from '../package/manifest.js'
+import {io} from '../onnx/parscale-graph.js'
 
 type Tensor = ort.Tensor
 

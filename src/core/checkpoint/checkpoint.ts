@@ -2,7 +2,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 
 import {type ModelConfig, readModelConfig} from './config.js'
-import {FileFormatError} from './errors.js'
+import {FileFormatError} from '../errors.js'
 import {SafetensorsFile, type TensorInfo} from './safetensors.js'
 
 export const SINGLE_WEIGHTS_FILE = 'model.safetensors'

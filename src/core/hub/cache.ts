@@ -3,7 +3,7 @@ import {mkdir, readdir, rename, rm, rmdir, symlink, copyFile, writeFile, lstat, 
 import {homedir} from 'node:os'
 import {dirname, isAbsolute, join, relative, resolve, sep} from 'node:path'
 
-import {UserError} from './errors.js'
+import {UserError} from '../errors.js'
 
 /**
  * The standard Hugging Face hub cache, laid out exactly as Python's `huggingface_hub` writes it,
