@@ -108,6 +108,13 @@ export class SafetensorsFile {
   }
 }
 
+/** A tensor's entry in the header, with its offsets inside the data section. */
+interface HeaderEntry {
+  info: TensorInfo
+  begin: number
+  end: number
+}
+
 function parseHeader(
   path: string,
   header: Record<string, unknown>,
@@ -115,50 +122,63 @@ function parseHeader(
   fileSize: number,
 ): {tensors: Map<string, TensorInfo>; metadata: Record<string, string>} {
   const metadata: Record<string, string> = {}
-  const entries: {info: TensorInfo; begin: number; end: number}[] = []
+  const entries: HeaderEntry[] = []
   for (const [name, value] of Object.entries(header)) {
-    if (name === '__metadata__') {
-      if (!isPlainObject(value)) throw new FileFormatError(path, '"__metadata__" is not an object of strings')
-      for (const [k, v] of Object.entries(value)) {
-        if (typeof v !== 'string') throw new FileFormatError(path, `"__metadata__" value "${k}" is not a string`)
-        metadata[k] = v
-      }
-      continue
-    }
-    if (!isPlainObject(value)) throw new FileFormatError(path, `tensor "${name}": header entry is not an object`)
-    const {dtype, shape, data_offsets: offsets} = value
-    if (!isSupportedDtype(dtype)) {
-      const what = typeof dtype === 'string'
-        ? (OTHER_KNOWN_DTYPES.has(dtype) ? `dtype "${dtype}" is not supported` : `unknown dtype "${dtype}"`)
-        : `dtype ${JSON.stringify(dtype) ?? 'is missing'}`
-      throw new FileFormatError(path, `tensor "${name}": ${what} (supported: F32, F16, BF16)`)
-    }
-    if (!Array.isArray(shape) || !shape.every(isNonNegativeSafeInt)) {
-      throw new FileFormatError(path, `tensor "${name}": shape ${JSON.stringify(shape) ?? 'is missing'} is not an array of non-negative integers`)
-    }
-    if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every(isNonNegativeSafeInt)) {
-      throw new FileFormatError(path, `tensor "${name}": data_offsets ${JSON.stringify(offsets) ?? 'is missing'} is not [begin, end] of non-negative integers`)
-    }
-    const [begin, end] = offsets as [number, number]
-    if (begin > end) {
-      throw new FileFormatError(path, `tensor "${name}": data_offsets [${begin}, ${end}] begin after end`)
-    }
-    let elements = 1
-    for (const d of shape as number[]) elements *= d
-    const expected = elements * DTYPE_BYTES[dtype]
-    if (!Number.isSafeInteger(expected) || expected !== end - begin) {
-      throw new FileFormatError(
-        path,
-        `tensor "${name}": ${end - begin} bytes of data do not match shape [${(shape as number[]).join(', ')}] × ${dtype} (${expected} bytes)`,
-      )
-    }
-    entries.push({
-      begin, end,
-      info: {name, dtype, shape: [...(shape as number[])], file: path, byteOffset: dataOffset + begin, byteLength: end - begin},
-    })
+    if (name === '__metadata__') Object.assign(metadata, parseMetadata(path, value))
+    else entries.push(parseTensorEntry(path, name, value, dataOffset))
   }
+  checkNoOverlap(path, entries)
+  checkInsideFile(path, entries, dataOffset, fileSize)
+  return {tensors: new Map(entries.map((e) => [e.info.name, e.info])), metadata}
+}
 
-  // Overlap: sort by start; empty tensors occupy no bytes and cannot overlap anything.
+function parseMetadata(path: string, value: unknown): Record<string, string> {
+  if (!isPlainObject(value)) throw new FileFormatError(path, '"__metadata__" is not an object of strings')
+  const metadata: Record<string, string> = {}
+  for (const [k, v] of Object.entries(value)) {
+    if (typeof v !== 'string') throw new FileFormatError(path, `"__metadata__" value "${k}" is not a string`)
+    metadata[k] = v
+  }
+  return metadata
+}
+
+/** One tensor's header entry: a supported dtype, a shape, and offsets that hold exactly its bytes. */
+function parseTensorEntry(path: string, name: string, value: unknown, dataOffset: number): HeaderEntry {
+  if (!isPlainObject(value)) throw new FileFormatError(path, `tensor "${name}": header entry is not an object`)
+  const {dtype, shape, data_offsets: offsets} = value
+  if (!isSupportedDtype(dtype)) {
+    const what = typeof dtype === 'string'
+      ? (OTHER_KNOWN_DTYPES.has(dtype) ? `dtype "${dtype}" is not supported` : `unknown dtype "${dtype}"`)
+      : `dtype ${JSON.stringify(dtype) ?? 'is missing'}`
+    throw new FileFormatError(path, `tensor "${name}": ${what} (supported: F32, F16, BF16)`)
+  }
+  if (!Array.isArray(shape) || !shape.every(isNonNegativeSafeInt)) {
+    throw new FileFormatError(path, `tensor "${name}": shape ${JSON.stringify(shape) ?? 'is missing'} is not an array of non-negative integers`)
+  }
+  if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every(isNonNegativeSafeInt)) {
+    throw new FileFormatError(path, `tensor "${name}": data_offsets ${JSON.stringify(offsets) ?? 'is missing'} is not [begin, end] of non-negative integers`)
+  }
+  const [begin, end] = offsets as [number, number]
+  if (begin > end) {
+    throw new FileFormatError(path, `tensor "${name}": data_offsets [${begin}, ${end}] begin after end`)
+  }
+  let elements = 1
+  for (const d of shape as number[]) elements *= d
+  const expected = elements * DTYPE_BYTES[dtype]
+  if (!Number.isSafeInteger(expected) || expected !== end - begin) {
+    throw new FileFormatError(
+      path,
+      `tensor "${name}": ${end - begin} bytes of data do not match shape [${(shape as number[]).join(', ')}] × ${dtype} (${expected} bytes)`,
+    )
+  }
+  return {
+    begin, end,
+    info: {name, dtype, shape: [...(shape as number[])], file: path, byteOffset: dataOffset + begin, byteLength: end - begin},
+  }
+}
+
+/** Sorted by start; empty tensors occupy no bytes and cannot overlap anything. */
+function checkNoOverlap(path: string, entries: HeaderEntry[]): void {
   const sorted = entries.filter((e) => e.end > e.begin).sort((a, b) => a.begin - b.begin || a.end - b.end)
   for (let i = 1; i < sorted.length; i++) {
     const prev = sorted[i - 1]!, cur = sorted[i]!
@@ -169,10 +189,12 @@ function parseHeader(
       )
     }
   }
+}
 
-  // Range: report the tensor reaching furthest, so a truncated file names the real tail.
+/** Reports the tensor reaching furthest, so a truncated file names the real tail. */
+function checkInsideFile(path: string, entries: HeaderEntry[], dataOffset: number, fileSize: number): void {
   const dataSize = fileSize - dataOffset
-  const last = entries.reduce<(typeof entries)[number] | undefined>((m, e) => (m === undefined || e.end > m.end ? e : m), undefined)
+  const last = entries.reduce<HeaderEntry | undefined>((m, e) => (m === undefined || e.end > m.end ? e : m), undefined)
   if (last && last.end > dataSize) {
     const a = last.info.byteOffset, b = a + last.info.byteLength
     throw new FileFormatError(
@@ -180,8 +202,6 @@ function parseHeader(
       `tensor "${last.info.name}" data [${a}, ${b}) runs past the end of the file (${fileSize} bytes); the file is truncated or its offsets are out of range`,
     )
   }
-
-  return {tensors: new Map(entries.map((e) => [e.info.name, e.info])), metadata}
 }
 
 /** Positional read of bytes [start, end) of one tensor (defaults: the whole tensor). */

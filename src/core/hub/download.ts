@@ -186,58 +186,11 @@ async function transfer(o: BlobDownloadOptions, tmp: string, state: {hash?: Hash
   }
   const headers: Record<string, string> = {'accept-encoding': 'identity'}
   if (state.offset > 0) headers.range = `bytes=${state.offset}-`
-  let received = 0
   try {
     const res = await o.fetch(o.url, {headers, signal})
-    if (res.status === 206) {
-      const start = parseContentRangeStart(res.headers.get('content-range'))
-      if (start !== state.offset) {
-        await res.body?.cancel().catch(() => undefined)
-        throw new RestartDownload(`unexpected Content-Range ${res.headers.get('content-range')}`)
-      }
-    } else if (res.status === 200) {
-      if (state.offset > 0) {
-        // The server ignored the range: start over from the first byte.
-        await res.body?.cancel().catch(() => undefined)
-        throw new RestartDownload('range ignored')
-      }
-    } else if (res.status === 416) {
-      await res.body?.cancel().catch(() => undefined)
-      throw new RestartDownload('range not satisfiable')
-    } else {
-      const text = await res.text().catch(() => '')
-      throw new HubApiError(res.url || o.url, res.status, res.headers.get('x-request-id') ?? undefined, `HTTP ${res.status} ${text.slice(0, 200)}`)
-    }
+    await checkResumeStatus(o, res, state.offset)
     if (!res.body) throw new TransientDownloadError('empty response body')
-    const fh = await open(tmp, 'a')
-    try {
-      const reader = res.body.getReader()
-      const room = o.size - state.offset
-      for (;;) {
-        const {done, value} = await reader.read()
-        if (done) break
-        kick()
-        if (received + value.length > room) {
-          await reader.cancel().catch(() => undefined)
-          await fh.close().catch(() => undefined)
-          await rm(tmp, {force: true})
-          throw new UserError(`${o.file}: the server sent more than the ${o.size} bytes the hub listed; the download was discarded`)
-        }
-        try {
-          await writeAll(fh, value)
-        } catch (err) {
-          await reader.cancel().catch(() => undefined)
-          throw diskError(err, tmp) ?? err
-        }
-        state.hash?.update(value)
-        received += value.length
-        count(value.length)
-        o.onProgress?.(state.offset + received, value.length)
-      }
-    } finally {
-      await fh.close().catch(() => undefined)
-    }
-    return received
+    return await appendBody(o, tmp, res.body, state, kick, count)
   } catch (err) {
     if (idle.signal.aborted && !o.signal?.aborted) {
       throw new TransientDownloadError(`no data for ${Math.round(idleMs / 1000)} s`)
@@ -246,6 +199,70 @@ async function transfer(o: BlobDownloadOptions, tmp: string, state: {hash?: Hash
   } finally {
     clearTimeout(timer)
   }
+}
+
+/** Whether a response continues the file at `offset`: else a restart from the first byte, or the hub's error. */
+async function checkResumeStatus(o: BlobDownloadOptions, res: Response, offset: number): Promise<void> {
+  if (res.status === 206) {
+    const start = parseContentRangeStart(res.headers.get('content-range'))
+    if (start !== offset) {
+      await res.body?.cancel().catch(() => undefined)
+      throw new RestartDownload(`unexpected Content-Range ${res.headers.get('content-range')}`)
+    }
+  } else if (res.status === 200) {
+    if (offset > 0) {
+      // The server ignored the range: start over from the first byte.
+      await res.body?.cancel().catch(() => undefined)
+      throw new RestartDownload('range ignored')
+    }
+  } else if (res.status === 416) {
+    await res.body?.cancel().catch(() => undefined)
+    throw new RestartDownload('range not satisfiable')
+  } else {
+    const text = await res.text().catch(() => '')
+    throw new HubApiError(res.url || o.url, res.status, res.headers.get('x-request-id') ?? undefined, `HTTP ${res.status} ${text.slice(0, 200)}`)
+  }
+}
+
+/** Appends the body to `tmp` and hashes it; never past the listed size. Returns the bytes received. */
+async function appendBody(
+  o: BlobDownloadOptions,
+  tmp: string,
+  body: ReadableStream<Uint8Array>,
+  state: {hash?: Hash; offset: number},
+  onChunk: () => void,
+  count: (n: number) => void,
+): Promise<number> {
+  let received = 0
+  const fh = await open(tmp, 'a')
+  try {
+    const reader = body.getReader()
+    const room = o.size - state.offset
+    for (;;) {
+      const {done, value} = await reader.read()
+      if (done) break
+      onChunk()
+      if (received + value.length > room) {
+        await reader.cancel().catch(() => undefined)
+        await fh.close().catch(() => undefined)
+        await rm(tmp, {force: true})
+        throw new UserError(`${o.file}: the server sent more than the ${o.size} bytes the hub listed; the download was discarded`)
+      }
+      try {
+        await writeAll(fh, value)
+      } catch (err) {
+        await reader.cancel().catch(() => undefined)
+        throw diskError(err, tmp) ?? err
+      }
+      state.hash?.update(value)
+      received += value.length
+      count(value.length)
+      o.onProgress?.(state.offset + received, value.length)
+    }
+  } finally {
+    await fh.close().catch(() => undefined)
+  }
+  return received
 }
 
 /** The size of a file, or undefined when there is none. */
