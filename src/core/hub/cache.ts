@@ -1,3 +1,4 @@
+import {randomBytes} from 'node:crypto'
 import {existsSync, readdirSync, readFileSync, statSync} from 'node:fs'
 import {mkdir, readdir, rename, rm, rmdir, symlink, copyFile, writeFile, lstat, readlink} from 'node:fs/promises'
 import {homedir} from 'node:os'
@@ -296,6 +297,14 @@ export function listCachedModels(): CachedModel[] {
   return out
 }
 
+/**
+ * A temporary name beside `path` for write-then-rename, unique even between two writers of one
+ * process in one millisecond (concurrent pulls of one repo write the same ref).
+ */
+function tempPathBeside(path: string): string {
+  return `${path}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`
+}
+
 /** Writes `refs/<revision>` = commit atomically (no trailing newline, as huggingface_hub does). */
 export async function writeRef(repoId: string, revision: string, commit: string, cacheDir = hubCacheDir()): Promise<void> {
   if (revision === commit) return
@@ -303,7 +312,7 @@ export async function writeRef(repoId: string, revision: string, commit: string,
   const {refsDir} = repoCachePaths(repoId, cacheDir)
   const refPath = join(refsDir, revision)
   await mkdir(dirname(refPath), {recursive: true})
-  const tmp = `${refPath}.${process.pid}.${Date.now()}.tmp`
+  const tmp = tempPathBeside(refPath)
   await writeFile(tmp, commit)
   await rename(tmp, refPath)
 }
@@ -314,7 +323,7 @@ export async function writeRef(repoId: string, revision: string, commit: string,
  */
 export async function linkSnapshotFile(blobPath: string, finalPath: string): Promise<void> {
   await mkdir(dirname(finalPath), {recursive: true})
-  const tmp = `${finalPath}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`
+  const tmp = tempPathBeside(finalPath)
   try {
     await symlink(relative(dirname(finalPath), blobPath), tmp)
   } catch (err) {
