@@ -8,7 +8,7 @@ import {after, describe, test} from 'node:test'
 
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest} from '../src/core/package/manifest.js'
-import {DecoderSession} from '../src/core/run/session.js'
+import {ParScaleModel} from '../src/core/run/model.js'
 import {runCli} from './helpers/cli.js'
 import {copyCheckpointWith, editJson, goldenDir, makeTempDir, readSafetensorsForTest, rewriteSafetensors, writeSafetensors} from './helpers/safetensors-writer.js'
 
@@ -236,12 +236,17 @@ describe('convert output', () => {
     assert.equal(result.stderr, '', 'no spinner on a pipe')
     assert.match(result.stdout, /P = 4/)
     const files = fs.readdirSync(out).sort()
-    assert.deepEqual(files, ['backbone.weights', 'config.json', 'generation_config.json', 'model_p4.onnx', 'p4.weights', 'parscale.json', 'tokenizer.json', 'tokenizer_config.json'])
+    assert.deepEqual(files, ['backbone.weights', 'config.json', 'generation_config.json', 'model.onnx', 'p4.weights', 'parscale.json', 'tokenizer.json', 'tokenizer_config.json'])
     const manifest = readManifest(out)
     assert.equal(manifest.variants[0].prefixTokens, 48)
     assert.equal(manifest.model.numKvHeads, 2)
+    // Each layer's prefixes and the aggregation head, float32, indexed for the runtime.
+    const tensors = manifest.variants[0].tensors
+    assert.deepEqual(tensors['model.layers.0.self_attn.prefix_k'].shape, [4, 2, 48, 16])
+    assert.equal(tensors['model.aggregate_layer.0.weight'].length, 64 * 4 * 64 * 4)
+    assert.equal(Object.keys(tensors).length, 3 * 2 + 4)
     // The graph file holds structure only: the weights are external.
-    assert.ok(fs.statSync(path.join(out, 'model_p4.onnx')).size < 200_000)
+    assert.ok(fs.statSync(path.join(out, 'model.onnx')).size < 200_000)
   })
 
   test('P variants of one backbone share one package and one copy of the backbone', async () => {
@@ -262,15 +267,17 @@ describe('convert output', () => {
     const single = readManifest(path.join(work, 'pkg-p4'))
     assert.equal(manifest.backbone.bytes, single.backbone.bytes, 'backbone stored once')
     const golden = JSON.parse(fs.readFileSync(path.join(goldenDir('tiny-p4'), 'golden.json'), 'utf8')) as {logits: {prompt_ids: number[]; values: number[][]}}
-    const session = await DecoderSession.open(out, {parallel: 4})
+    const model = await ParScaleModel.open(out)
+    assert.deepEqual(model.parallelValues, [1, 4])
     const ids = golden.logits.prompt_ids
-    const {logits, dims} = await session.forward([ids], [ids.map(() => 1)], session.emptyCache(1), 1)
+    const cache = model.newCache(4)
+    cache.reserve(1, ids.length)
+    cache.reset(0)
+    const {logits, dims} = await model.forward(cache, 0, [ids], 1)
     golden.logits.values[ids.length - 1].forEach((v, j) => assert.ok(Math.abs(v - logits[j]) < 2e-3))
     assert.equal(dims[1], 1)
-    await session.release()
-    const p1Session = await DecoderSession.open(out, {parallel: 1})
-    assert.equal(p1Session.cacheHeads, 2)
-    await p1Session.release()
+    assert.equal(model.newCache(1).prefixTokens, 0, 'P = 1 of the same model has no prefix')
+    await model.release()
   })
 
   test('a family whose backbones differ is refused', async () => {

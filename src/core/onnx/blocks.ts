@@ -1,20 +1,21 @@
-import type {ModelConfig} from '../checkpoint/config.js'
+import type {BackboneShape} from '../checkpoint/config.js'
 import type {GraphBuilder} from './builder.js'
 import type {Ops} from './ops.js'
 import type {WeightProvider} from './weights.js'
 
 /**
  * What every block needs: the primitives, the weights and the run-time sizes.
- * Compute layout: the P streams of batch row b are rows b·P … b·P+P−1 ("(b p)"), so the
- * KV cache can keep streams inside its head axis, [batch, P·kv_heads, seq, head_dim].
+ * Compute layout: the P streams of batch row b are rows b·P … b·P+P−1 ("(b p)"), and P is a
+ * run-time size: one graph serves every P of a package. The KV cache keeps the streams in its
+ * batch axis, [batch·P, kv_heads, …].
  */
 export interface DecoderContext {
   g: GraphBuilder
   ops: Ops
   weights: WeightProvider
-  config: ModelConfig
-  /** 1-element int64 tensors: batch, new tokens, batch·P. */
-  dims: {batch: string; seq: string; batchStreams: string}
+  config: BackboneShape
+  /** 1-element int64 tensors: batch, new tokens, streams P, batch·P. */
+  dims: {batch: string; seq: string; streams: string; batchStreams: string}
 }
 
 /** Rotary inputs: positions of the new tokens [batch, seq] and cos/sin tables [max_positions, head_dim / 2]. */
@@ -28,8 +29,7 @@ export interface Rotary {
 export function embedTokens(ctx: DecoderContext, inputIds: string): string {
   const {ops, config, dims} = ctx
   const embedded = ops.gather(ctx.weights.get('model.embed_tokens.weight'), inputIds) // [B, S, H]
-  if (config.parallel === 1) return ops.reshape(embedded, ops.shapeOf([-1, config.hiddenSize]))
-  const streams = ops.expand(ops.unsqueeze(embedded, [1]), ops.shapeOf([dims.batch, config.parallel, dims.seq, config.hiddenSize]))
+  const streams = ops.expand(ops.unsqueeze(embedded, [1]), ops.shapeOf([dims.batch, dims.streams, dims.seq, config.hiddenSize]))
   return ops.reshape(streams, ops.shapeOf([-1, config.hiddenSize]))
 }
 
@@ -42,18 +42,12 @@ export function rmsNorm(ctx: DecoderContext, x: string, weightName: string): str
 }
 
 /**
- * Rotary tables from the attention mask: a real token's position is the number of real
- * tokens before it (cumsum − 1), so left padding and the prefix tokens shift nothing.
+ * Rotary tables for the new tokens' positions. A position counts real tokens only (the caller
+ * feeds them: 0 for a sequence's first token), so the stream prefixes shift nothing.
  */
-export function rotaryFromMask(ctx: DecoderContext, attentionMask: string): Rotary {
-  const {ops, g, config, dims} = ctx
-  const counted = ops.sub(ops.cumsum(attentionMask, 1), g.int64([1], [])) // [B, past+S]
-  const padded = ops.equal(attentionMask, g.int64([0], []))
-  const clamped = ops.where(padded, g.int64([1], []), counted)
-  const total = ops.shape(attentionMask, 1, 2)
-  const positions = ops.slice(clamped, ops.sub(total, dims.seq), total, 1) // [B, S]
-  const {cos, sin} = rotaryTables(config)
-  const tableShape = [config.maxPositionEmbeddings, config.headDim / 2]
+export function rotary(ctx: DecoderContext, positions: string): Rotary {
+  const {cos, sin} = rotaryTables(ctx.config)
+  const tableShape = [ctx.config.maxPositionEmbeddings, ctx.config.headDim / 2]
   return {positions, cosTable: ctx.weights.computed('rotary.cos_table', cos, tableShape), sinTable: ctx.weights.computed('rotary.sin_table', sin, tableShape)}
 }
 
@@ -61,7 +55,7 @@ export function rotaryFromMask(ctx: DecoderContext, attentionMask: string): Rota
  * cos and sin of position · inverse frequency for every position the model supports, with
  * the angle rounded to float32 as the reference computes it in float32.
  */
-export function rotaryTables(config: ModelConfig): {cos: Float32Array; sin: Float32Array} {
+export function rotaryTables(config: BackboneShape): {cos: Float32Array; sin: Float32Array} {
   const half = config.headDim / 2
   const invFreq = Array.from({length: half}, (_, i) => Math.fround(1 / Math.fround(config.ropeTheta ** Math.fround((2 * i) / config.headDim))))
   const cos = new Float32Array(config.maxPositionEmbeddings * half)
@@ -81,87 +75,85 @@ export function applyRotary(ctx: DecoderContext, x: string, rotary: Rotary): str
   return ctx.g.node('RotaryEmbedding', [x, rotary.positions, rotary.cosTable, rotary.sinTable], {interleaved: 0}, 'com.microsoft')
 }
 
+/** Additive masks, shared by every layer. */
+export interface AttentionMasks {
+  /** [batch, 1, 1, capacity]: a cache slot is visible when it is filled (prefix and earlier tokens). */
+  cache: string
+  /** [seq, seq]: a new token sees the new tokens up to itself. */
+  causal: string
+}
+
 /**
- * Additive attention mask [batch, 1, seq, prefix + past + seq]: prefix keys are visible to
- * every query; cached and new keys are visible when real (mask 1) and not in the future.
- * Masked scores get a large finite negative, so a fully padded row stays finite.
+ * Masked scores get a large finite negative rather than −inf, so a row with nothing visible
+ * in one part still has a finite softmax.
  */
-export function attentionBias(ctx: DecoderContext, attentionMask: string): string {
-  const {ops, g, config, dims} = ctx
-  const total = ops.shape(attentionMask, 1, 2)
+export function attentionMasks(ctx: DecoderContext, cacheLengths: string, pastKey: string): AttentionMasks {
+  const {ops, g, dims} = ctx
   const zero = g.int64([0], [])
   const one = g.int64([1], [])
-  const totalScalar = ops.reshape(total, g.int64([], [0]))
-  const keyIndex = ops.range(zero, totalScalar, one) // [T]
-  const queryIndex = ops.range(ops.reshape(ops.sub(total, dims.seq), g.int64([], [0])), totalScalar, one) // [S]
-  const causal = ops.lessOrEqual(ops.unsqueeze(keyIndex, [0]), ops.unsqueeze(queryIndex, [1])) // [S, T]
-  const real = ops.unsqueeze(ops.castTo(attentionMask, 'bool'), [1, 2]) // [B, 1, 1, T]
-  const visible = ops.and(causal, real) // [B, 1, S, T]
-  const bias = ops.where(visible, g.float([0], []), g.float([-1e30], []))
-  if (config.parallel === 1) return bias
-  const prefix = ops.expand(g.float([0], []), ops.shapeOf([dims.batch, 1, dims.seq, config.prefixTokens]))
-  return ops.concat([prefix, bias], 3)
+  const blocked = g.float([-1e30], [])
+  const open = g.float([0], [])
+  const capacity = ops.reshape(ops.shape(pastKey, 3, 4), g.int64([], [0]))
+  const slot = ops.range(zero, capacity, one) // [C]
+  const filled = ops.less(ops.unsqueeze(slot, [0]), ops.unsqueeze(cacheLengths, [1])) // [B, C]
+  const cache = ops.unsqueeze(ops.where(filled, open, blocked), [1, 2])
+  const seq = ops.reshape(dims.seq, g.int64([], [0]))
+  const position = ops.range(zero, seq, one) // [S]
+  const causal = ops.where(ops.lessOrEqual(ops.unsqueeze(position, [0]), ops.unsqueeze(position, [1])), open, blocked)
+  return {cache, causal}
 }
 
 export interface LayerCache {
+  /** [batch·P, kv, head_dim, capacity]: keys stored transposed, as the score MatMul reads them. */
   pastKey: string
+  /** [batch·P, kv, capacity, head_dim] */
   pastValue: string
 }
 
 /**
- * Grouped-query self-attention with the stream prefixes. Returns the output rows and the
- * updated cache ([batch, P·kv_heads, past + seq, head_dim], rotated keys, no prefix).
+ * Grouped-query self-attention over the cache (whose first slots hold the stream's prefix)
+ * and the new tokens. The cache is read where the caller keeps it, never copied: scores
+ * against it and against the new keys are computed apart and joined before the softmax.
+ * Returns the output rows and the new keys [batch·P, kv, head_dim, seq] and values
+ * [batch·P, kv, seq, head_dim], which the caller appends to its cache.
  */
 export function attention(
   ctx: DecoderContext,
   layer: number,
   x: string,
   rotary: Rotary,
-  bias: string,
+  masks: AttentionMasks,
   cache: LayerCache,
-): {output: string; presentKey: string; presentValue: string} {
+): {output: string; newKey: string; newValue: string} {
   const {ops, g, config, dims, weights} = ctx
-  const {parallel: P, numHeads, numKvHeads, headDim} = config
+  const {numHeads, numKvHeads, headDim} = config
   const name = (tensor: string) => `model.layers.${layer}.self_attn.${tensor}`
   const project = (proj: string) => ops.linear(x, weights.get(name(`${proj}.weight`)), weights.get(name(`${proj}.bias`)))
 
   // rows [(b p s), heads·d] → [b, p·heads, s, d]
   const toHeads = (rows: string, heads: number) => {
-    const split = ops.reshape(rows, ops.shapeOf([dims.batch, P, dims.seq, heads, headDim]))
-    return ops.reshape(ops.transpose(split, [0, 1, 3, 2, 4]), ops.shapeOf([dims.batch, P * heads, -1, headDim]))
+    const split = ops.reshape(rows, ops.shapeOf([dims.batchStreams, dims.seq, heads, headDim]))
+    return ops.reshape(ops.transpose(split, [0, 2, 1, 3]), ops.shapeOf([dims.batch, -1, dims.seq, headDim]))
   }
+  // Queries of one KV head's group become extra rows: [b·p, kv, group·s, d].
+  const perKvHead = (t: string) => ops.reshape(t, ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
 
   const scale = g.float([1 / Math.sqrt(headDim)], [])
-  const query = ops.mul(applyRotary(ctx, toHeads(project('q_proj'), numHeads), rotary), scale)
-  const presentKey = ops.concat([cache.pastKey, applyRotary(ctx, toHeads(project('k_proj'), numKvHeads), rotary)], 2)
-  const presentValue = ops.concat([cache.pastValue, toHeads(project('v_proj'), numKvHeads)], 2)
+  const queries = perKvHead(ops.mul(applyRotary(ctx, toHeads(project('q_proj'), numHeads), rotary), scale))
+  const newKey = ops.transpose(perKvHead(applyRotary(ctx, toHeads(project('k_proj'), numKvHeads), rotary)), [0, 1, 3, 2])
+  const newValue = perKvHead(toHeads(project('v_proj'), numKvHeads))
 
-  // Queries of one KV head's group become extra rows: [b·p, kv, group·s, d] against [b·p, kv, keys, d].
-  const perKvHead = (t: string) => ops.reshape(t, ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
-  const queries = perKvHead(query)
-  let scores = ops.matmul(queries, ops.transpose(perKvHead(presentKey), [0, 1, 3, 2])) // [b·p, kv, group·s, past+s]
-  const n = config.prefixTokens
-  // Stream p's prefix [P, kv, n, d] scores against its queries, broadcast over the batch: the
-  // cache is never copied next to the prefix, which would cost a copy of it per step.
-  const perStream = (t: string, last: number) => ops.reshape(t, ops.shapeOf([dims.batch, P, numKvHeads, -1, last]))
-  if (P > 1) {
-    const prefixScores = ops.matmul(perStream(queries, headDim), ops.transpose(weights.get(name('prefix_k')), [0, 1, 3, 2]))
-    scores = ops.concat([ops.reshape(prefixScores, ops.shapeOf([dims.batchStreams, numKvHeads, -1, n])), scores], 3)
-  }
-  const masked = ops.add(ops.reshape(scores, ops.shapeOf([dims.batch, P * numHeads, dims.seq, -1])), bias)
-  const probs = ops.reshape(ops.softmax(masked, -1), ops.shapeOf([dims.batchStreams, numKvHeads, -1, 0]))
-  let context: string // [b·p, kv, group·s, d]
-  if (P > 1) {
-    const prefixProbs = ops.slice(probs, g.int64([0]), g.int64([n]), 3)
-    const cacheProbs = ops.slice(probs, g.int64([n]), g.int64([Number.MAX_SAFE_INTEGER]), 3)
-    const fromPrefix = ops.matmul(perStream(prefixProbs, n), weights.get(name('prefix_v')))
-    context = ops.add(ops.matmul(cacheProbs, perKvHead(presentValue)), ops.reshape(fromPrefix, ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim])))
-  } else {
-    context = ops.matmul(probs, perKvHead(presentValue))
-  }
-  const perToken = ops.transpose(ops.reshape(context, ops.shapeOf([dims.batch, P, numHeads, dims.seq, headDim])), [0, 1, 3, 2, 4])
+  const perQueryHead = (scores: string) => ops.reshape(scores, ops.shapeOf([dims.batch, -1, dims.seq, 0]))
+  const cacheScores = ops.add(perQueryHead(ops.matmul(queries, cache.pastKey)), masks.cache) // [b, p·heads, s, C]
+  const newScores = ops.add(perQueryHead(ops.matmul(queries, newKey)), masks.causal) // [b, p·heads, s, s]
+  const probs = ops.reshape(ops.softmax(ops.concat([cacheScores, newScores], 3), -1), ops.shapeOf([dims.batchStreams, numKvHeads, -1, 0]))
+  const capacity = ops.shape(cache.pastKey, 3, 4)
+  const fromCache = ops.matmul(ops.slice(probs, g.int64([0]), capacity, 3), cache.pastValue)
+  const fromNew = ops.matmul(ops.slice(probs, capacity, g.int64([Number.MAX_SAFE_INTEGER]), 3), newValue)
+  const context = ops.add(fromCache, fromNew) // [b·p, kv, group·s, d]
+  const perToken = ops.transpose(ops.reshape(context, ops.shapeOf([dims.batchStreams, numHeads, dims.seq, headDim])), [0, 2, 1, 3])
   const rows = ops.reshape(perToken, ops.shapeOf([-1, numHeads * headDim]))
-  return {output: ops.linear(rows, weights.get(name('o_proj.weight'))), presentKey, presentValue}
+  return {output: ops.linear(rows, weights.get(name('o_proj.weight'))), newKey, newValue}
 }
 
 /** SiLU-gated MLP: down(silu(gate(x)) · up(x)). */
@@ -172,24 +164,35 @@ export function mlp(ctx: DecoderContext, layer: number, x: string): string {
   return ops.linear(gated, w('down_proj'))
 }
 
+/** The aggregation head of the P in use, fed per call (see `io.aggregate`). */
+export interface AggregationInputs {
+  weight0: string // [H_agg, P·H]
+  bias0: string
+  weight2: string // [P, H_agg]
+  bias2: string
+  /** parscale_attn_smooth, a float scalar. */
+  smooth: string
+}
+
 /**
  * Mixes the P streams of each token: features concatenated hidden-major (h·P + p) →
  * Linear → SiLU → Linear → softmax (float32) → smoothed weights → weighted sum.
- * `hidden` is [batch·P·tokens, H]; returns [batch·tokens, H].
+ * `hidden` is [batch·P·tokens, H]; returns the mixed rows [batch·tokens, H] and the weights
+ * [batch·tokens, P]. At P = 1 the caller feeds a one-unit zero head: the softmax over one
+ * stream is exactly 1 and the rows pass through unchanged.
  */
-export function aggregateStreams(ctx: DecoderContext, hidden: string): string {
-  const {ops, g, config, dims, weights} = ctx
-  const {parallel: P, hiddenSize: H, attnSmooth} = config
-  const streams = ops.reshape(hidden, ops.shapeOf([dims.batch, P, -1, H])) // [B, P, K, H]
-  const features = ops.reshape(ops.transpose(streams, [0, 2, 3, 1]), ops.shapeOf([-1, H * P])) // [(B K), H·P]
-  const scored = ops.linear(
-    ops.silu(ops.linear(features, weights.get('model.aggregate_layer.0.weight'), weights.get('model.aggregate_layer.0.bias'))),
-    weights.get('model.aggregate_layer.2.weight'),
-    weights.get('model.aggregate_layer.2.bias'),
-  ) // [(B K), P]
-  const mix = ops.add(ops.mul(ops.softmax(scored, -1), g.float([1 - attnSmooth], [])), g.float([attnSmooth / P], []))
-  const perStream = ops.unsqueeze(ops.transpose(ops.reshape(mix, ops.shapeOf([dims.batch, -1, P])), [0, 2, 1]), [3]) // [B, P, K, 1]
-  return ops.reshape(ops.reduceSum(ops.mul(streams, perStream), [1], 0), ops.shapeOf([-1, H]))
+export function aggregateStreams(ctx: DecoderContext, hidden: string, head: AggregationInputs): {mixed: string; weights: string} {
+  const {ops, g, config, dims} = ctx
+  const H = config.hiddenSize
+  const streams = ops.reshape(hidden, ops.shapeOf([dims.batch, dims.streams, -1, H])) // [B, P, K, H]
+  const featureWidth = ops.mul(dims.streams, g.int64([H]))
+  const features = ops.reshape(ops.transpose(streams, [0, 2, 3, 1]), ops.shapeOf([-1, featureWidth])) // [(B K), H·P]
+  const scored = ops.linear(ops.silu(ops.linear(features, head.weight0, head.bias0)), head.weight2, head.bias2) // [(B K), P]
+  const keep = ops.sub(g.float([1], []), head.smooth)
+  const floor = ops.div(head.smooth, ops.castTo(dims.streams, 'float32'))
+  const mix = ops.add(ops.mul(ops.softmax(scored, -1), keep), floor) // [(B K), P]
+  const perStream = ops.unsqueeze(ops.transpose(ops.reshape(mix, ops.shapeOf([dims.batch, -1, dims.streams])), [0, 2, 1]), [3]) // [B, P, K, 1]
+  return {mixed: ops.reshape(ops.reduceSum(ops.mul(streams, perStream), [1], 0), ops.shapeOf([-1, H])), weights: mix}
 }
 
 /** Largest slice of the LM head that ONNX Runtime repacks at once (see lmHead). */

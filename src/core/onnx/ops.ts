@@ -113,6 +113,10 @@ export class Ops {
     return this.g.node('And', [a, b])
   }
 
+  less(a: string, b: string): string {
+    return this.g.node('Less', [a, b])
+  }
+
   lessOrEqual(a: string, b: string): string {
     return this.g.node('LessOrEqual', [a, b])
   }

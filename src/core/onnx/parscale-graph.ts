@@ -1,80 +1,102 @@
-import type {ModelConfig} from '../checkpoint/config.js'
-import {aggregateStreams, attention, attentionBias, embedTokens, lmHead, mlp, rmsNorm, rotaryFromMask, type DecoderContext} from './blocks.js'
+import type {BackboneShape} from '../checkpoint/config.js'
+import {aggregateStreams, attention, attentionMasks, embedTokens, lmHead, mlp, rmsNorm, rotary, type AggregationInputs, type DecoderContext} from './blocks.js'
 import {GraphBuilder} from './builder.js'
 import {Ops} from './ops.js'
 import type {WeightProvider} from './weights.js'
 
 /**
- * Bumped whenever the graph a conversion writes changes (ops, layout of stored weights), so
- * packages cached by an older parscale are converted again instead of silently reused.
+ * Bumped whenever the graph a conversion writes changes (ops, inputs, layout of stored
+ * weights), so packages cached by an older parscale are converted again instead of reused.
  */
-export const GRAPH_VERSION = 4
+export const GRAPH_VERSION = 5
 
-/** Names of the decoder's inputs and outputs, as Hugging Face's ONNX decoder exports use. */
+/** Names of the decoder's inputs and outputs. */
 export const io = {
   inputIds: 'input_ids',
-  attentionMask: 'attention_mask',
+  positions: 'positions',
+  cacheLengths: 'cache_lengths',
   numLogitsToKeep: 'num_logits_to_keep',
-  logits: 'logits',
   pastKey: (layer: number) => `past_key_values.${layer}.key`,
   pastValue: (layer: number) => `past_key_values.${layer}.value`,
-  presentKey: (layer: number) => `present.${layer}.key`,
-  presentValue: (layer: number) => `present.${layer}.value`,
+  aggregate: {
+    weight0: 'aggregate.0.weight',
+    bias0: 'aggregate.0.bias',
+    weight2: 'aggregate.2.weight',
+    bias2: 'aggregate.2.bias',
+    smooth: 'aggregate.smooth',
+  },
+  logits: 'logits',
+  streamWeights: 'stream_weights',
+  newKey: (layer: number) => `cache_update.${layer}.key`,
+  newValue: (layer: number) => `cache_update.${layer}.value`,
 } as const
 
 /**
- * The whole ParScale decoder as one graph: embeddings copied into P streams, Qwen2 layers
- * whose attention sees each stream's prefix, the final norm, the stream aggregation and
- * the LM head. P = 1 is plain Qwen2. `makeWeights` binds the weights to the builder.
+ * The whole ParScale decoder as one graph for every P: embeddings copied into P streams,
+ * Qwen2 layers whose attention reads a cache that starts with each stream's prefix, the final
+ * norm, the stream aggregation (its weights are inputs, so P is chosen per call) and the LM
+ * head. P = 1 is plain Qwen2. `makeWeights` binds the backbone weights to the builder.
  */
-export function buildDecoderGraph(config: ModelConfig, makeWeights: (g: GraphBuilder) => WeightProvider): GraphBuilder {
-  const g = new GraphBuilder(`parscale-p${config.parallel}`)
+export function buildDecoderGraph(config: BackboneShape, makeWeights: (g: GraphBuilder) => WeightProvider): GraphBuilder {
+  const g = new GraphBuilder('parscale')
   const ops = new Ops(g)
-  const P = config.parallel
-  const cacheHeads = P * config.numKvHeads
-  const cacheShape = ['batch', cacheHeads, 'past_sequence_length', config.headDim]
-  const presentShape = ['batch', cacheHeads, 'total_sequence_length', config.headDim]
+  const {numKvHeads: kv, headDim, hiddenSize: H} = config
+  const keyShape = ['batch_streams', kv, headDim, 'capacity']
+  const valueShape = ['batch_streams', kv, 'capacity', headDim]
 
   const inputIds = g.input(io.inputIds, 'int64', ['batch', 'sequence_length'])
-  const attentionMask = g.input(io.attentionMask, 'int64', ['batch', 'total_sequence_length'])
+  const positions = g.input(io.positions, 'int64', ['batch', 'sequence_length'])
+  const cacheLengths = g.input(io.cacheLengths, 'int64', ['batch'])
   const caches = Array.from({length: config.numLayers}, (_, layer) => ({
-    pastKey: g.input(io.pastKey(layer), 'float32', cacheShape),
-    pastValue: g.input(io.pastValue(layer), 'float32', cacheShape),
+    pastKey: g.input(io.pastKey(layer), 'float32', keyShape),
+    pastValue: g.input(io.pastValue(layer), 'float32', valueShape),
   }))
+  const head: AggregationInputs = {
+    weight0: g.input(io.aggregate.weight0, 'float32', ['aggregate_hidden', 'streams_hidden']),
+    bias0: g.input(io.aggregate.bias0, 'float32', ['aggregate_hidden']),
+    weight2: g.input(io.aggregate.weight2, 'float32', ['streams', 'aggregate_hidden']),
+    bias2: g.input(io.aggregate.bias2, 'float32', ['streams']),
+    smooth: g.input(io.aggregate.smooth, 'float32', []),
+  }
   const numLogitsToKeep = g.input(io.numLogitsToKeep, 'int64', [])
 
   const weights = makeWeights(g)
   const batch = ops.shape(inputIds, 0, 1)
-  const dims = {batch, seq: ops.shape(inputIds, 1, 2), batchStreams: ops.mul(batch, g.int64([P]))}
+  const streams = ops.shape(head.weight2, 0, 1)
+  const dims = {batch, seq: ops.shape(inputIds, 1, 2), streams, batchStreams: ops.mul(batch, streams)}
   const ctx: DecoderContext = {g, ops, weights, config, dims}
 
   let hidden = g.within('embed', () => embedTokens(ctx, inputIds))
-  const rotary = g.within('rotary', () => rotaryFromMask(ctx, attentionMask))
-  const bias = g.within('mask', () => attentionBias(ctx, attentionMask))
+  const tables = g.within('rotary', () => rotary(ctx, positions))
+  const masks = g.within('mask', () => attentionMasks(ctx, cacheLengths, caches[0].pastKey))
 
   for (let layer = 0; layer < config.numLayers; layer++) {
     g.within(`layers.${layer}`, () => {
       const prefix = `model.layers.${layer}`
       const attn = g.within('attn', () =>
-        attention(ctx, layer, rmsNorm(ctx, hidden, `${prefix}.input_layernorm.weight`), rotary, bias, caches[layer]),
+        attention(ctx, layer, rmsNorm(ctx, hidden, `${prefix}.input_layernorm.weight`), tables, masks, caches[layer]),
       )
       hidden = ops.add(hidden, attn.output)
       hidden = ops.add(hidden, g.within('mlp', () => mlp(ctx, layer, rmsNorm(ctx, hidden, `${prefix}.post_attention_layernorm.weight`))))
-      g.output(attn.presentKey, io.presentKey(layer), 'float32', presentShape)
-      g.output(attn.presentValue, io.presentValue(layer), 'float32', presentShape)
+      g.output(attn.newKey, io.newKey(layer), 'float32', ['batch_streams', kv, headDim, 'sequence_length'])
+      g.output(attn.newValue, io.newValue(layer), 'float32', ['batch_streams', kv, 'sequence_length', headDim])
     })
   }
 
-  const logits = g.within('head', () => {
+  const {logits, mix} = g.within('head', () => {
     const normed = rmsNorm(ctx, hidden, 'model.norm.weight')
     // Keep only the positions whose logits are wanted before the (costly) head: 0 keeps all.
-    const perRow = ops.reshape(normed, ops.shapeOf([dims.batchStreams, -1, config.hiddenSize]))
+    const perRow = ops.reshape(normed, ops.shapeOf([dims.batchStreams, -1, H]))
     const start = ops.neg(ops.reshape(numLogitsToKeep, g.int64([1])))
     const kept = ops.slice(perRow, start, g.int64([Number.MAX_SAFE_INTEGER]), 1)
-    const rows = ops.reshape(kept, ops.shapeOf([-1, config.hiddenSize]))
-    const mixed = P > 1 ? g.within('aggregate', () => aggregateStreams(ctx, rows)) : rows
-    return ops.reshape(lmHead(ctx, mixed), ops.shapeOf([batch, -1, config.vocabSize]))
+    const rows = ops.reshape(kept, ops.shapeOf([-1, H]))
+    const aggregated = g.within('aggregate', () => aggregateStreams(ctx, rows, head))
+    return {
+      logits: ops.reshape(lmHead(ctx, aggregated.mixed), ops.shapeOf([batch, -1, config.vocabSize])),
+      mix: ops.reshape(aggregated.weights, ops.shapeOf([batch, -1, streams])),
+    }
   })
   g.output(logits, io.logits, 'float32', ['batch', 'logits_sequence_length', config.vocabSize])
+  g.output(mix, io.streamWeights, 'float32', ['batch', 'logits_sequence_length', 'streams'])
   return g
 }

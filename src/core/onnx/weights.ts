@@ -5,9 +5,16 @@ import {UserError} from '../errors.js'
 import {decodeToFloat32, encodeFloat16} from '../checkpoint/dtype.js'
 import {iterateTensorChunks, type TensorInfo} from '../checkpoint/safetensors.js'
 import type {GraphBuilder} from './builder.js'
-import type {ExternalDataFile, ExternalLocation} from './external-data.js'
+import {ExternalDataFile, type ExternalLocation} from './external-data.js'
 
 export type WeightDtype = 'fp32' | 'fp16'
+
+/** Where a float32 tensor of a P variant lies in that variant's weights file. */
+export interface StoredTensor {
+  offset: number
+  length: number
+  shape: number[]
+}
 
 /** Hands the graph blocks float32-valued weights by their checkpoint names. */
 export interface WeightProvider {
@@ -24,9 +31,30 @@ export interface WeightProvider {
 
 const CHUNK_BYTES = 16 << 20
 
-/** Tensors that belong to one P (the rest is the backbone every P shares). */
-export function isStreamTensor(name: string): boolean {
-  return /\.prefix_[kv]$/.test(name) || name.startsWith('model.aggregate_layer.')
+/** The tensors that belong to one P (the rest is the backbone every P shares). */
+export function streamTensorNames(numLayers: number): string[] {
+  const prefixes = Array.from({length: numLayers}, (_, layer) => [`model.layers.${layer}.self_attn.prefix_k`, `model.layers.${layer}.self_attn.prefix_v`]).flat()
+  return [...prefixes, 'model.aggregate_layer.0.weight', 'model.aggregate_layer.0.bias', 'model.aggregate_layer.2.weight', 'model.aggregate_layer.2.bias']
+}
+
+/**
+ * Writes one P's own tensors (prefixes, aggregation head) as float32 into `path`, whatever the
+ * package's dtype: they are small, precision-sensitive, and read by the runtime, not the graph.
+ */
+export function writeStreamTensors(path: string, checkpoint: Checkpoint, onBytesRead: (bytes: number) => void = () => {}): Record<string, StoredTensor> {
+  const file = new ExternalDataFile(path)
+  const tensors: Record<string, StoredTensor> = {}
+  try {
+    for (const name of streamTensorNames(checkpoint.config.numLayers)) {
+      const info = checkpoint.get(name)
+      const {offset, length} = file.append(convertedChunks(info, false))
+      tensors[name] = {offset, length, shape: info.shape}
+      onBytesRead(info.byteLength)
+    }
+  } finally {
+    file.close()
+  }
+  return tensors
 }
 
 /** A backbone tensor already in the package: where, and a digest of its converted bytes. */
@@ -36,26 +64,16 @@ export interface PlacedTensor {
 }
 
 /**
- * Where converted weights go: the backbone file shared by every P of a package, and the
- * file of the P being converted. A backbone tensor already placed (by an earlier P) is
- * referenced again, not rewritten, once its bytes are proven identical.
+ * Where converted backbone weights go: the file shared by every P of a package. A tensor
+ * already placed (by an earlier P) is referenced again, not rewritten, once its bytes are
+ * proven identical.
  */
 export class WeightStore {
   readonly placedBackbone = new Map<string, PlacedTensor>()
-  private streams: ExternalDataFile | undefined
 
   constructor(private readonly backbone: ExternalDataFile) {}
 
-  /** Later stream tensors (prefixes, aggregation) go to `file`. */
-  setStreamFile(file: ExternalDataFile | undefined): void {
-    this.streams = file
-  }
-
   place(name: string, chunks: Iterable<Uint8Array>, source: string): ExternalLocation {
-    if (isStreamTensor(name)) {
-      if (!this.streams) throw new Error(`no stream weights file for ${name}`)
-      return this.streams.append(chunks)
-    }
     const placed = this.placedBackbone.get(name)
     if (!placed) {
       const hash = createHash('sha256')

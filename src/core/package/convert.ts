@@ -13,13 +13,13 @@ import {
   PACKAGE_FORMAT_VERSION,
   type PackageManifest,
   type PackageVariant,
-  variantGraphFile,
+  GRAPH_FILE,
   variantWeightsFile,
 } from './manifest.js'
 import {ExternalDataFile} from '../onnx/external-data.js'
 import {buildDecoderGraph, GRAPH_VERSION} from '../onnx/parscale-graph.js'
 import {isProcessAlive} from '../processes.js'
-import {CheckpointWeights, WeightStore, type WeightDtype} from '../onnx/weights.js'
+import {CheckpointWeights, WeightStore, writeStreamTensors, type WeightDtype} from '../onnx/weights.js'
 import {TOOL_VERSION} from '../version.js'
 
 export interface ConvertProgress {
@@ -88,27 +88,24 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
   const backboneFile = new ExternalDataFile(join(dir, BACKBONE_WEIGHTS_FILE))
   const store = new WeightStore(backboneFile)
   const variants: PackageVariant[] = []
-  for (const checkpoint of checkpoints) {
+  for (const [index, checkpoint] of checkpoints.entries()) {
     const {config} = checkpoint
     const phase = `converting P=${config.parallel}`
     report(phase)
-    const streamFile = config.parallel > 1 ? new ExternalDataFile(join(dir, variantWeightsFile(config.parallel))) : undefined
-    store.setStreamFile(streamFile)
-    const graph = buildDecoderGraph(
-      config,
-      (g) =>
-        new CheckpointWeights(g, checkpoint, store, options.dtype, (bytes) => {
-          doneBytes += bytes
-          report(phase)
-        }),
-    )
-    streamFile?.close()
-    const graphFile = variantGraphFile(config.parallel)
-    writeFileSync(join(dir, graphFile), graph.toModelBytes(TOOL_VERSION, {parallel: String(config.parallel)}))
+    const onBytesRead = (bytes: number) => {
+      doneBytes += bytes
+      report(phase)
+    }
+    // Every P's backbone goes through the graph builder: the first writes it, the others are
+    // checked byte for byte against it (one graph serves every P).
+    const graph = buildDecoderGraph(config, (g) => new CheckpointWeights(g, checkpoint, store, options.dtype, onBytesRead))
+    if (index === 0) writeFileSync(join(dir, GRAPH_FILE), graph.toModelBytes(TOOL_VERSION))
+    const weights = config.parallel > 1 ? variantWeightsFile(config.parallel) : null
+    const tensors = weights ? writeStreamTensors(join(dir, weights), checkpoint, onBytesRead) : {}
     variants.push({
       parallel: config.parallel,
-      graph: graphFile,
-      weights: streamFile ? variantWeightsFile(config.parallel) : null,
+      weights,
+      tensors,
       prefixTokens: config.prefixTokens,
       attnSmooth: config.attnSmooth,
       source: options.sourceLabel && checkpoints.length === 1 ? options.sourceLabel : resolve(checkpoint.dir),
@@ -126,6 +123,7 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     formatVersion: PACKAGE_FORMAT_VERSION,
     toolVersion: TOOL_VERSION,
     graphVersion: GRAPH_VERSION,
+    graph: GRAPH_FILE,
     createdAt: new Date().toISOString(),
     source: options.sourceLabel ?? resolve(first.dir),
     sourceFingerprint: checkpoints.map((cp) => checkpointFingerprint(cp.dir)).join('+'),

@@ -4,21 +4,27 @@ import {join} from 'node:path'
 import type {BackboneShape, ModelConfig} from '../checkpoint/config.js'
 import {FileFormatError, UserError} from '../errors.js'
 import {GRAPH_VERSION} from '../onnx/parscale-graph.js'
-import type {WeightDtype} from '../onnx/weights.js'
+import type {StoredTensor, WeightDtype} from '../onnx/weights.js'
+
+export type {StoredTensor}
 
 export const MANIFEST_FILE = 'parscale.json'
 export const BACKBONE_WEIGHTS_FILE = 'backbone.weights'
 export const PACKAGE_FORMAT = 'parscale-onnx'
-export const PACKAGE_FORMAT_VERSION = 1
+export const PACKAGE_FORMAT_VERSION = 2
+export const GRAPH_FILE = 'model.onnx'
 
 /** Files copied from the checkpoint so a package runs on its own. */
 export const COPIED_FILES = ['config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt']
 
-/** One P of a package: its graph and the weights only it has (prefixes, aggregation). */
+/**
+ * One P of a package: the weights only it has (each layer's stream prefixes and the
+ * aggregation head), float32, in `weights`, indexed by `tensors`. P = 1 has none.
+ */
 export interface PackageVariant {
   parallel: number
-  graph: string
   weights: string | null
+  tensors: Record<string, StoredTensor>
   prefixTokens: number
   attnSmooth: number
   source: string
@@ -32,8 +38,10 @@ export interface PackageManifest {
   format: typeof PACKAGE_FORMAT
   formatVersion: number
   toolVersion: string
-  /** `GRAPH_VERSION` of the converter that wrote the graphs. */
+  /** `GRAPH_VERSION` of the converter that wrote the graph. */
   graphVersion: number
+  /** The one decoder graph every P runs. */
+  graph: string
   createdAt: string
   source: string
   /** The checkpoint's identity when it was converted (see `checkpointFingerprint`). */
@@ -45,10 +53,6 @@ export interface PackageManifest {
   /** Sorted list of the P values available (same order as variants). */
   parallel: number[]
   variants: PackageVariant[]
-}
-
-export function variantGraphFile(parallel: number): string {
-  return `model_p${parallel}.onnx`
 }
 
 export function variantWeightsFile(parallel: number): string {
@@ -73,7 +77,9 @@ export function readManifest(dir: string): PackageManifest {
   if (manifest.formatVersion > PACKAGE_FORMAT_VERSION) {
     throw new FileFormatError(file, `format version ${manifest.formatVersion} is newer than this parscale understands (${PACKAGE_FORMAT_VERSION}); upgrade parscale`)
   }
-  for (const name of [manifest.backbone.weights, ...manifest.variants.flatMap((v) => [v.graph, v.weights ?? []].flat())]) {
+  // A package of an older format is not read further: callers convert it again (isCurrentGraph).
+  if (!isCurrentGraph(manifest)) return manifest
+  for (const name of [manifest.graph, manifest.backbone.weights, ...manifest.variants.flatMap((v) => v.weights ?? [])]) {
     if (!existsSync(join(dir, name))) throw new FileFormatError(join(dir, name), 'missing from the model package; convert again')
   }
   const backboneSize = statSync(join(dir, manifest.backbone.weights)).size
