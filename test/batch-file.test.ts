@@ -30,9 +30,10 @@ describe('batch file', () => {
       '{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "max_new_tokens": 5}',
       '{"prompt": "P=8", "temperature": 0.7}\r',
       '',
+      '{"prompt": "at two streams", "parallel": 2}',
     ].join('\n')
     const items = parseBatchFile(text, F)
-    assert.equal(items.length, 3)
+    assert.equal(items.length, 4)
     assert.deepEqual(items[0], {line: 1, input: {kind: 'prompt', text: 'The quick brown fox'}})
     assert.deepEqual(items[1], {
       line: 3,
@@ -40,6 +41,7 @@ describe('batch file', () => {
       maxNewTokens: 5,
     })
     assert.deepEqual(items[2], {line: 4, input: {kind: 'prompt', text: 'P=8'}, temperature: 0.7})
+    assert.deepEqual(items[3], {line: 6, input: {kind: 'prompt', text: 'at two streams'}, parallel: 2})
   })
 
   it('reports the first bad line as FILE:LINE', () => {
@@ -56,6 +58,8 @@ describe('batch file', () => {
     refuses('{"prompt": "a", "temperature": -1}', `${F}:1`, 'temperature')
     refuses('{"prompt": "a", "temperature": "hot"}', `${F}:1`, 'temperature')
     refuses('{"prompt": "a", "max_tokens": 3}', `${F}:1`, 'unknown field "max_tokens"')
+    refuses('{"prompt": "a", "parallel": 0}', `${F}:1`, '"parallel" must be a whole number >= 1')
+    refuses('{"prompt": "a", "parallel": "8"}', `${F}:1`, '"parallel"')
   })
 
   it('refuses an empty file', () => {

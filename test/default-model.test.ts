@@ -51,6 +51,38 @@ describe('embedded default model', () => {
     assert.deepEqual(ids(result.stdout), ids(fromRepo.stdout))
   })
 
+  test('a mixed-P batch gives exactly the greedy ids of single-P runs, for every P', async () => {
+    const prompts = ['def fibonacci(n):', 'import os\n', 'class Parser:', 'for i in range(']
+    const lines = [1, 2, 4, 8].flatMap((parallel) => prompts.map((prompt) => ({prompt, parallel})))
+    const file = path.join(cache, 'mixed.jsonl')
+    fs.writeFileSync(file, lines.map((l) => JSON.stringify(l)).join('\n') + '\n')
+    const batch = await runCli(['run', '--batch', file, '--batch-size', '3', '--max-new-tokens', '12', '--json'], {env})
+    assert.equal(batch.code, 0, batch.stderr)
+    const results = batch.stdout.trim().split('\n').map((l) => JSON.parse(l) as {token_ids: number[]; parallel: number})
+    assert.deepEqual(results.map((r) => r.parallel), lines.map((l) => l.parallel), 'in input order, each at its own P')
+    for (const [i, line] of lines.entries()) {
+      const single = await runCli(['run', '--prompt', line.prompt, '--parallel', String(line.parallel), '--max-new-tokens', '12', '--json'], {env})
+      assert.equal(single.code, 0, single.stderr)
+      assert.deepEqual(results[i].token_ids, (JSON.parse(single.stdout) as {token_ids: number[]}).token_ids, `line ${i + 1} at P=${line.parallel}`)
+    }
+    const bad = path.join(cache, 'bad-parallel.jsonl')
+    fs.writeFileSync(bad, '{"prompt": "a"}\n{"prompt": "b", "parallel": 3}\n')
+    const refused = await runCli(['run', '--batch', bad], {env})
+    assert.equal(refused.code, 1)
+    assert.equal(refused.stdout, '')
+    assert.match(refused.stderr, /^parscale: .*bad-parallel\.jsonl:2: "parallel": 3 .*available: 1, 2, 4, 8\n$/)
+  })
+
+  test('chat switches P mid-conversation without reloading and keeps answering', async () => {
+    const result = await runCli(['run', '--chat', '--json', '--max-new-tokens', '6'], {env, input: 'def add(a, b):\n/parallel 2\n    return\n/parallel 8\nclass A:\n'})
+    assert.equal(result.code, 0, result.stderr)
+    const turns = result.stdout.trim().split('\n').map((l) => JSON.parse(l) as {parallel: number; generated_tokens: number; reused_tokens: number})
+    assert.deepEqual(turns.map((t) => t.parallel), [8, 2, 8])
+    assert.ok(turns.every((t) => t.generated_tokens > 0))
+    assert.ok(turns[1].reused_tokens > 0 && turns[2].reused_tokens > 0, 'the conversation was re-encoded at the new P, and reused')
+    assert.match(result.stderr, /P=2 \(conversation re-encoded in \d+ ms\)/)
+  })
+
   test('a P the model lacks lists the ones it has', async () => {
     const result = await runCli(['run', '--prompt', 'x', '--parallel', '3'], {env})
     assert.equal(result.code, 1)

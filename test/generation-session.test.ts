@@ -5,9 +5,10 @@ import path from 'node:path'
 import {after, before, describe, it} from 'node:test'
 
 import {ChatSession} from '../src/core/run/chat.js'
-import {generateBatch, type GenerationOptions} from '../src/core/run/generation.js'
+import {generateAll} from '../src/core/run/batcher.js'
+import type {GenerationOptions} from '../src/core/run/generation.js'
 import {resolveModel} from '../src/core/package/resolve.js'
-import {DecoderSession} from '../src/core/run/session.js'
+import {ParScaleModel} from '../src/core/run/model.js'
 import {readGenerationDefaults, TextTokenizer} from '../src/core/run/tokenizer.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 
@@ -26,11 +27,11 @@ after(() => {
 
 async function open(name: string) {
   const {packageDir, parallel} = resolveModel(goldenDir(name))
-  const session = await DecoderSession.open(packageDir, {parallel})
+  const session = await ParScaleModel.open(packageDir)
   const tokenizer = await TextTokenizer.load(packageDir)
   const defaults = await readGenerationDefaults(packageDir)
-  const options: GenerationOptions = {eosTokenIds: defaults.eosTokenIds, decode: (ids) => tokenizer.decode(ids), padId: tokenizer.padId, contextLength: session.maxPositions}
-  return {session, tokenizer, options}
+  const options: GenerationOptions = {eosTokenIds: defaults.eosTokenIds, decode: (ids) => tokenizer.decode(ids), contextLength: session.maxPositions}
+  return {session, parallel, tokenizer, options}
 }
 
 for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
@@ -44,15 +45,17 @@ for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
       await model.session.release()
     })
 
-    it('one batch of prompts of different lengths (left padding) gives the golden greedy ids', async () => {
-      const requests = golden.greedy.map((g) => ({promptIds: g.prompt_ids, maxNewTokens: 24, sampling: {temperature: 0}}))
+    it('one batch of prompts of different lengths gives the golden greedy ids, as one at a time does', async () => {
+      const requests = golden.greedy.map((g) => ({promptIds: g.prompt_ids, maxNewTokens: 24, sampling: {temperature: 0}, parallel: model.parallel}))
       assert.ok(new Set(requests.map((r) => r.promptIds.length)).size > 1)
-      const results = await generateBatch(model.session, requests, model.options)
-      assert.deepEqual(results.map((r) => r.tokenIds), golden.greedy.map((g) => g.new_ids))
+      const batched = await generateAll(model.session, requests, requests.length, model.options)
+      assert.deepEqual(batched.map((r) => r.tokenIds), golden.greedy.map((g) => g.new_ids))
+      const alone = await generateAll(model.session, requests, 1, model.options)
+      assert.deepEqual(alone.map((r) => r.tokenIds), golden.greedy.map((g) => g.new_ids))
     })
 
     it('a chat turn over the kept cache equals a fresh run over the same tokens', async () => {
-      const chat = new ChatSession(model.session, model.tokenizer, {...model.options, system: 'You are a test.'})
+      const chat = new ChatSession(model.session, model.parallel, model.tokenizer, {...model.options, system: 'You are a test.'})
       const req = {maxNewTokens: 6, sampling: {temperature: 0}}
       const t1 = await chat.send('hello', req)
       assert.equal(t1.reusedTokens, 0)
@@ -62,8 +65,24 @@ for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
       // turn 1's prompt and answer (all but its unfed last token) are the reused part
       assert.deepEqual(t2.promptIds.slice(0, t2.reusedTokens), [...t1.promptIds, ...t1.tokenIds].slice(0, t2.reusedTokens))
       assert.equal(t2.reusedTokens, t1.promptIds.length + t1.tokenIds.length - 1)
-      const [fresh] = await generateBatch(model.session, [{promptIds: t2.promptIds, maxNewTokens: 6, sampling: {temperature: 0}}], model.options)
+      const [fresh] = await generateAll(model.session, [{promptIds: t2.promptIds, maxNewTokens: 6, sampling: {temperature: 0}, parallel: model.parallel}], 1, model.options)
       assert.deepEqual(t2.tokenIds, fresh.tokenIds)
+    })
+
+    it('chat reuse across prefill chunk boundaries gives the answer of an unchunked run', async () => {
+      const {packageDir} = resolveModel(goldenDir(name))
+      const chunked = await ParScaleModel.open(packageDir, {maxPrefillChunk: 4})
+      try {
+        const chat = new ChatSession(chunked, model.parallel, model.tokenizer, {...model.options, system: 'You are a test.'})
+        const req = {maxNewTokens: 6, sampling: {temperature: 0}}
+        await chat.send('hello there', req)
+        const t2 = await chat.send('and once more, longer', req)
+        assert.ok(t2.reusedTokens > 4 && t2.prefillTokens > 4, 'both the reused part and the new part span chunks')
+        const [fresh] = await generateAll(model.session, [{promptIds: t2.promptIds, maxNewTokens: 6, sampling: {temperature: 0}, parallel: model.parallel}], 1, model.options)
+        assert.deepEqual(t2.tokenIds, fresh.tokenIds)
+      } finally {
+        await chunked.release()
+      }
     })
   })
 }

@@ -6,7 +6,7 @@ import {after, describe, test} from 'node:test'
 
 import {Checkpoint} from '../src/core/checkpoint/checkpoint.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
-import {DecoderSession} from '../src/core/run/session.js'
+import {ParScaleModel} from '../src/core/run/model.js'
 import {runCli} from './helpers/cli.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 
@@ -24,6 +24,15 @@ function readGolden(name: string): Golden {
   return JSON.parse(fs.readFileSync(path.join(goldenDir(name), 'golden.json'), 'utf8')) as Golden
 }
 
+/** One sequence through a fresh cache: all of `ids` in one call. */
+async function forwardWhole(model: ParScaleModel, ids: number[], keep: number) {
+  const parallel = Math.max(...model.parallelValues)
+  const cache = model.newCache(parallel)
+  cache.reserve(1, ids.length)
+  cache.reset(0)
+  return {cache, ...(await model.forward(cache, 0, [ids], keep))}
+}
+
 function maxLogitDiff(golden: Golden, logits: Float32Array, vocab: number): number {
   let max = 0
   golden.logits.values.forEach((row, i) => row.forEach((v, j) => (max = Math.max(max, Math.abs(v - logits[i * vocab + j])))))
@@ -37,48 +46,65 @@ for (const name of CASES) {
     test('fp32 conversion: full-sequence logits within 2e-3', async () => {
       const out = path.join(work, `${name}-fp32`)
       convertCheckpoints({sources: [goldenDir(name)], outDir: out, dtype: 'fp32'})
-      const session = await DecoderSession.open(out)
+      const model = await ParScaleModel.open(out)
       const ids = golden.logits.prompt_ids
-      const {logits, dims} = await session.forward([ids], [ids.map(() => 1)], session.emptyCache(1), 0)
+      const {logits, dims} = await forwardWhole(model, ids, 0)
       assert.deepEqual(dims, [1, ids.length, golden.logits.values[0].length])
       assert.ok(maxLogitDiff(golden, logits, dims[2]) < 2e-3)
-      await session.release()
+      await model.release()
     })
 
-    test('incremental decoding with the KV cache equals the full pass', async () => {
-      const out = path.join(work, `${name}-fp32`)
-      const session = await DecoderSession.open(out)
+    test('incremental decoding and chunked prefill over the KV cache equal the full pass', async () => {
+      const model = await ParScaleModel.open(path.join(work, `${name}-fp32`))
+      const parallel = Math.max(...model.parallelValues)
       const ids = golden.logits.prompt_ids
-      const split = 7
-      const first = await session.forward([ids.slice(0, split)], [Array(split).fill(1)], session.emptyCache(1), 1)
-      let cache = first.present
-      const vocab = first.dims[2]
+      const cache = model.newCache(parallel)
+      cache.reserve(1, ids.length)
+      cache.reset(0)
+      // three chunks of the prompt, then one token at a time
+      const first = await model.forward(cache, 0, [ids.slice(0, 3)], 1)
+      assert.equal(first.dims[1], 1, 'num_logits_to_keep = 1 returns one position')
+      const second = await model.forward(cache, 0, [ids.slice(3, 7)], 0)
+      assert.equal(second.dims[1], 4)
       let max = 0
-      for (let t = split; t < ids.length; t++) {
-        const step = await session.forward([[ids[t]]], [Array(t + 1).fill(1)], cache, 1)
-        cache = step.present
+      const vocab = second.dims[2]
+      for (let t = 3; t < 7; t++) golden.logits.values[t].forEach((v, j) => (max = Math.max(max, Math.abs(v - second.logits[(t - 3) * vocab + j]))))
+      for (let t = 7; t < ids.length; t++) {
+        const step = await model.forward(cache, 0, [[ids[t]]], 1)
         golden.logits.values[t].forEach((v, j) => (max = Math.max(max, Math.abs(v - step.logits[j]))))
       }
-      assert.equal(cache.pastLength, ids.length)
-      assert.equal(first.dims[1], 1, 'num_logits_to_keep = 1 returns one position')
+      assert.equal(cache.tokens(0), ids.length)
       assert.ok(max < 2e-3, `max diff ${max}`)
-      void vocab
-      await session.release()
+      await model.release()
     })
 
-    test('left padding does not change a row (batched with a longer one)', async () => {
-      const session = await DecoderSession.open(path.join(work, `${name}-fp32`))
+    test('a row decoding next to another is unchanged, whatever their lengths', async () => {
+      const model = await ParScaleModel.open(path.join(work, `${name}-fp32`))
+      const parallel = Math.max(...model.parallelValues)
       const short = golden.logits.prompt_ids.slice(0, 5)
-      const long = golden.logits.prompt_ids
-      const pad = long.length - short.length
-      const {logits, dims} = await session.forward([[...Array(pad).fill(0), ...short], long], [[...Array(pad).fill(0), ...short.map(() => 1)], long.map(() => 1)], session.emptyCache(2), 1)
+      const long = golden.logits.prompt_ids.slice(0, -1)
+      const last = golden.logits.prompt_ids.at(-1)!
+      const cache = model.newCache(parallel)
+      cache.reserve(2, long.length + 1)
+      for (const [slot, ids] of [short, long].entries()) {
+        cache.reset(slot)
+        await model.forward(cache, slot, [ids], 1)
+      }
+      const {logits, dims} = await model.forward(cache, 0, [[7], [last]], 1)
       const vocab = dims[2]
-      const alone = await session.forward([short], [short.map(() => 1)], session.emptyCache(1), 1)
+      const alone = await forwardWhole(model, [...short, 7], 1)
       let max = 0
       for (let j = 0; j < vocab; j++) max = Math.max(max, Math.abs(alone.logits[j] - logits[j]))
-      assert.ok(max < 1e-4, `padded row differs by ${max}`)
-      golden.logits.values[long.length - 1].forEach((v, j) => assert.ok(Math.abs(v - logits[vocab + j]) < 2e-3))
-      await session.release()
+      assert.ok(max < 1e-4, `batched row differs by ${max}`)
+      golden.logits.values[long.length].forEach((v, j) => assert.ok(Math.abs(v - logits[vocab + j]) < 2e-3))
+      // moving a slot (compaction) keeps its sequence
+      cache.move(1, 0)
+      const moved = await model.forward(cache, 0, [[5]], 1)
+      const reference = await forwardWhole(model, [...long, last, 5], 1)
+      max = 0
+      for (let j = 0; j < vocab; j++) max = Math.max(max, Math.abs(reference.logits[j] - moved.logits[j]))
+      assert.ok(max < 1e-4, `moved slot differs by ${max}`)
+      await model.release()
     })
 
     test('parscale eval on golden.eval.text: mean_nll within 1e-3', async () => {
@@ -104,11 +130,10 @@ for (const name of CASES) {
       const headCopy = checkpoint.config.tieWordEmbeddings ? elements('model.embed_tokens.weight') : 0
       const saved = fp32.backbone.bytes - manifest.backbone.bytes
       assert.ok(saved >= 2 * (matrices.reduce((sum, n) => sum + elements(n), 0) + headCopy) - 4096 * matrices.length, `saved ${saved} bytes`)
-      const session = await DecoderSession.open(out)
-      const ids = golden.logits.prompt_ids
-      const {logits, dims} = await session.forward([ids], [ids.map(() => 1)], session.emptyCache(1), 0)
+      const model = await ParScaleModel.open(out)
+      const {logits, dims} = await forwardWhole(model, golden.logits.prompt_ids, 0)
       assert.ok(maxLogitDiff(golden, logits, dims[2]) < 5e-2)
-      await session.release()
+      await model.release()
     })
   })
 }

@@ -33,7 +33,6 @@ function refuses(fn: () => unknown, message: string): void {
 /** One id per character; the chat template is `<role>content` per message, then `<assistant>`. */
 const fakeTokenizer: RequestTokenizer = {
   hasChatTemplate: true,
-  padId: 0,
   eosId: 3,
   encode: (text: string) => [...text].map((c) => c.charCodeAt(0)),
   encodeChat: (messages: ChatMessage[]) => fakeTokenizer.encode(messages.map((m) => `<${m.role}>${m.content}`).join('') + '<assistant>'),
@@ -49,6 +48,8 @@ function context(extra: {numbers?: Partial<RunNumbers>; defaults?: Partial<Gener
     tokenizer: fakeTokenizer,
     useTemplate: false,
     context: 4096,
+    parallel: 2,
+    availableParallel: [1, 2, 4],
     ...rest,
     numbers: {batchSize: 8, ...numbers},
     defaults: {...noDefaults, ...defaults},
@@ -182,7 +183,6 @@ describe('run requests: sampling resolution', () => {
     assert.deepEqual(generationOptions(context({defaults: {eosTokenIds: [7, 8]}})).eosTokenIds, [7, 8])
     const fallback = generationOptions(context({context: 100}))
     assert.deepEqual(fallback.eosTokenIds, [3])
-    assert.equal(fallback.padId, 0)
     assert.equal(fallback.contextLength, 100)
     assert.equal(fallback.decode([104, 105]), 'hi')
     assert.deepEqual(generationOptions(context({tokenizer: {...fakeTokenizer, eosId: undefined}})).eosTokenIds, [])
@@ -203,7 +203,7 @@ describe('run requests: prompts and batch lines', () => {
 
   it('a one-shot request carries the resolved options; too long is refused unless truncated', () => {
     const ctx = context({numbers: {maxNewTokens: 4, seed: 5}, options: {stop: ['\n'], truncate: false}})
-    assert.deepEqual(promptRequest(ctx, 'ab'), {promptIds: encoded('ab'), maxNewTokens: 4, sampling: {temperature: 0, topK: undefined, topP: undefined, repetitionPenalty: undefined, seed: 5}, stop: ['\n']})
+    assert.deepEqual(promptRequest(ctx, 'ab'), {promptIds: encoded('ab'), maxNewTokens: 4, sampling: {temperature: 0, topK: undefined, topP: undefined, repetitionPenalty: undefined, seed: 5}, stop: ['\n'], parallel: 2})
     refuses(() => promptRequest({...ctx, context: 10}, 'x'.repeat(12)), 'the prompt is 12 tokens; the model\'s context is 10 (--truncate keeps the tail)')
     assert.deepEqual(promptRequest({...ctx, context: 10, options: {truncate: true}}, 'abcdefghijkl').promptIds, encoded('ghijkl'))
   })
@@ -213,7 +213,7 @@ describe('run requests: prompts and batch lines', () => {
     const base = {temperature: 0, repetitionPenalty: 1.2, seed: 0xffffffff}
     const line = (n: number, extra: Partial<BatchItem> = {}): BatchItem => ({line: n, input: {kind: 'prompt', text: 'ab'}, ...extra})
     const first = batchRequest(ctx, 'f.jsonl', line(1), base, 0)
-    assert.deepEqual(first, {promptIds: encoded('ab'), maxNewTokens: 4, sampling: {...base, seed: 0xffffffff}, stop: undefined})
+    assert.deepEqual(first, {promptIds: encoded('ab'), maxNewTokens: 4, sampling: {...base, seed: 0xffffffff}, stop: undefined, parallel: 2})
     // the seed wraps around 2^32
     assert.equal(batchRequest(ctx, 'f.jsonl', line(2), base, 1).sampling.seed, 0)
     // a sampling line over a greedy run takes top-k / top-p from the options, then the config
@@ -234,5 +234,15 @@ describe('run requests: prompts and batch lines', () => {
       () => batchRequest(context({context: 3}), 'f.jsonl', {line: 7, input: {kind: 'prompt', text: 'abc'}}, base, 0),
       'f.jsonl:7: the prompt is 3 tokens; the model\'s context is 3 (--truncate keeps the tail)',
     )
+    refuses(
+      () => batchRequest(context(), 'f.jsonl', {line: 9, input: {kind: 'prompt', text: 'a'}, parallel: 8}, base, 0),
+      'f.jsonl:9: "parallel": 8 is not a P the model has; available: 1, 2, 4',
+    )
+  })
+
+  it('a batch line may run at its own P', () => {
+    const base = {temperature: 0}
+    assert.equal(batchRequest(context(), 'f.jsonl', {line: 1, input: {kind: 'prompt', text: 'a'}, parallel: 4}, base, 0).parallel, 4)
+    assert.equal(batchRequest(context(), 'f.jsonl', {line: 2, input: {kind: 'prompt', text: 'a'}}, base, 1).parallel, 2, 'else --parallel')
   })
 })

@@ -6,7 +6,7 @@ import {BaseCommand} from '../base-command.js'
 import {UserError} from '../core/errors.js'
 import {scoreTokens} from '../core/run/evaluate.js'
 import {resolveModel} from '../core/package/resolve.js'
-import {DecoderSession} from '../core/run/session.js'
+import {ParScaleModel} from '../core/run/model.js'
 import {TextTokenizer} from '../core/run/tokenizer.js'
 import {formatBytes, percent} from '../core/format.js'
 import {Progress} from '../ui/progress.js'
@@ -50,9 +50,9 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     const tokenizer = await TextTokenizer.load(model.packageDir)
     const ids = tokenizer.encode(text)
     if (ids.length < 2) throw new UserError(`${flags['text-file']}: needs at least 2 tokens to score, has ${ids.length}`)
-    const session = await DecoderSession.open(model.packageDir, {parallel: model.parallel, threads: flags.threads})
+    const session = await ParScaleModel.open(model.packageDir, {threads: flags.threads})
     try {
-      const result = await scoreTokens(session, ids, flags.context)
+      const result = await scoreTokens(session, model.parallel, ids, flags.context ?? session.maxPositions)
       if (flags.json) {
         this.log(JSON.stringify({model: model.label, ...result}))
         return

@@ -109,7 +109,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
       else if (prompt === undefined) await runChat(ctx, log)
       else await runOneShot(ctx, prompt, log)
     } finally {
-      await ctx.session.release()
+      await ctx.model.release()
     }
   }
 

@@ -9,7 +9,7 @@ import {UserError} from '../core/errors.js'
 import {ChatSession, rawChatFormat} from '../core/run/chat.js'
 import type {RunContext} from '../core/run/context.js'
 import {chatTurnRequest, generationOptions} from '../core/run/requests.js'
-import {DecoderSession, type KvCache} from '../core/run/session.js'
+import type {KvCache} from '../core/run/kv-cache.js'
 import {chatJsonResult, type LineWriter, writeTokenText} from './run-output.js'
 
 const CHAT_HELP = `commands:
@@ -18,12 +18,12 @@ const CHAT_HELP = `commands:
   /help        this text
   /exit        leave (or Ctrl-D); Ctrl-C stops the current answer`
 
-/** Runs the chat until /exit, Ctrl-D or the end of piped input. `/parallel` replaces `ctx.session`. */
+/** Runs the chat until /exit, Ctrl-D or the end of piped input. */
 export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
   const {options, tokenizer} = ctx
   const interactive = Boolean(process.stdin.isTTY)
   const format = ctx.useTemplate ? tokenizer : rawChatFormat(tokenizer)
-  const chat = new ChatSession(ctx.session, format, {...generationOptions(ctx), system: options.system})
+  const chat = new ChatSession(ctx.model, ctx.parallel, format, {...generationOptions(ctx), system: options.system})
   const rl = createInterface({input: process.stdin, output: process.stdout, terminal: interactive, prompt: '> '})
   let answering: AbortController | undefined
   rl.on('SIGINT', () => {
@@ -31,7 +31,7 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
     else rl.close()
   })
   if (interactive && !options.quiet) {
-    process.stderr.write(`parscale chat · ${ctx.label} · P=${ctx.session.parallel}${ctx.useTemplate ? '' : ' · raw text (no chat template)'} · /help for commands\n`)
+    process.stderr.write(`parscale chat · ${ctx.label} · P=${chat.parallel}${ctx.useTemplate ? '' : ' · raw text (no chat template)'} · /help for commands\n`)
   }
   if (interactive) rl.prompt()
   for await (const line of rl) {
@@ -49,7 +49,7 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
           signal: answering.signal,
           onToken: options.json ? undefined : writeTokenText,
         })
-        if (options.json) log(JSON.stringify(chatJsonResult(result, chat.parallel)))
+        if (options.json) log(JSON.stringify(chatJsonResult(result)))
         else process.stdout.write(result.finishReason === 'abort' ? ' [stopped]\n' : '\n')
       } catch (error) {
         // A turn that does not fit is reported; the chat goes on.
@@ -81,18 +81,13 @@ async function chatCommand(text: string, ctx: RunContext, chat: ChatSession<KvCa
       return false
     case '/parallel': {
       const p = Number(rest[0])
-      const available = ctx.session.availableParallel
+      const available = ctx.model.parallelValues
       if (!Number.isInteger(p) || !available.includes(p)) {
         process.stderr.write(`parscale: /parallel takes one of ${available.join(', ')}\n`)
         return false
       }
-      if (p !== ctx.session.parallel) {
-        const next = await DecoderSession.open(ctx.session.packageDir, {parallel: p, threads: ctx.numbers.threads})
-        await ctx.session.release()
-        ctx.session = next
-        chat.setDecoder(next)
-      }
-      process.stderr.write(`P=${p}\n`)
+      const reencodeMs = p === chat.parallel ? 0 : await chat.setParallel(p)
+      process.stderr.write(`P=${p}${reencodeMs > 0 ? ` (conversation re-encoded in ${reencodeMs.toFixed(0)} ms)` : ''}\n`)
       return false
     }
     default:

@@ -3,7 +3,7 @@
  * batch printed in input order. Timing goes to stderr unless --quiet or --json.
  */
 import {readBatchFile} from '../core/run/batch-file.js'
-import {generateAll} from '../core/run/generation.js'
+import {generateAll} from '../core/run/batcher.js'
 import type {RunContext} from '../core/run/context.js'
 import {batchRequest, generationOptions, promptRequest, resolveSampling} from '../core/run/requests.js'
 import {batchItemText, batchSummaryLine, jsonResult, type LineWriter, timingLine, writeTokenText} from './run-output.js'
@@ -14,27 +14,28 @@ export async function runOneShot(ctx: RunContext, prompt: string, log: LineWrite
   const request = promptRequest(ctx, prompt)
   const generation = generationOptions(ctx)
   if (!options.json) generation.onToken = writeTokenText
-  const [result] = await generateAll(ctx.session, [request], 1, generation)
-  if (options.json) log(JSON.stringify(jsonResult(result, ctx.session.parallel)))
+  const [result] = await generateAll(ctx.model, [request], 1, generation)
+  if (options.json) log(JSON.stringify(jsonResult(result)))
   else process.stdout.write('\n')
-  if (!options.quiet && !options.json) process.stderr.write(timingLine(result, ctx.session.parallel) + '\n')
+  if (!options.quiet && !options.json) process.stderr.write(timingLine(result) + '\n')
 }
 
-/** A JSONL file, checked whole first, run `--batch-size` at a time, printed in order. */
+/**
+ * A JSONL file, checked whole first, run `--batch-size` sequences at a time per P (a line may
+ * name its own P), printed in input order.
+ */
 export async function runBatch(ctx: RunContext, file: string, log: LineWriter): Promise<void> {
   const {options} = ctx
   const items = await readBatchFile(file)
   const baseSampling = resolveSampling(ctx)
   const requests = items.map((item, i) => batchRequest(ctx, file, item, baseSampling, i))
   const started = performance.now()
-  const results = await generateAll(ctx.session, requests, ctx.numbers.batchSize, generationOptions(ctx), (done, offset) => {
-    for (const [j, result] of done.entries()) {
-      if (options.json) log(JSON.stringify(jsonResult(result, ctx.session.parallel)))
-      else log(batchItemText(file, items[offset + j].line, result))
-    }
+  const results = await generateAll(ctx.model, requests, ctx.numbers.batchSize, generationOptions(ctx), (result, index) => {
+    if (options.json) log(JSON.stringify(jsonResult(result)))
+    else log(batchItemText(file, items[index].line, result))
   })
   if (!options.quiet && !options.json) {
     const seconds = (performance.now() - started) / 1000
-    process.stderr.write(batchSummaryLine(results, seconds, ctx.session.parallel) + '\n')
+    process.stderr.write(batchSummaryLine(results, seconds) + '\n')
   }
 }

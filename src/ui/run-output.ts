@@ -14,26 +14,26 @@ function round(value: number, digits: number): number {
 }
 
 /** One `--json` line; the field names are a public format. */
-export function jsonResult(r: GenerationResult, parallel: number): Record<string, unknown> {
+export function jsonResult(r: GenerationResult): Record<string, unknown> {
   return {
     text: r.text,
     token_ids: r.tokenIds,
     finish_reason: r.finishReason,
     prompt_tokens: r.promptTokens,
     generated_tokens: r.generatedTokens,
-    parallel,
+    parallel: r.parallel,
     ttft_ms: round(r.ttftMs, 2),
     decode_tokens_per_s: round(r.decodeTokensPerS, 2),
   }
 }
 
 /** A chat turn adds how much of the conversation the cache saved. */
-export function chatJsonResult(r: ChatTurnResult, parallel: number): Record<string, unknown> {
-  return {...jsonResult(r, parallel), prefill_tokens: r.prefillTokens, reused_tokens: r.reusedTokens}
+export function chatJsonResult(r: ChatTurnResult): Record<string, unknown> {
+  return {...jsonResult(r), prefill_tokens: r.prefillTokens, reused_tokens: r.reusedTokens}
 }
 
-export function timingLine(r: GenerationResult, parallel: number): string {
-  return `P=${parallel} · ${r.promptTokens} prompt tokens · TTFT ${r.ttftMs.toFixed(0)} ms · ${r.generatedTokens} tokens at ${r.decodeTokensPerS.toFixed(1)} tokens/s · ${r.finishReason}`
+export function timingLine(r: GenerationResult): string {
+  return `P=${r.parallel} · ${r.promptTokens} prompt tokens · TTFT ${r.ttftMs.toFixed(0)} ms · ${r.generatedTokens} tokens at ${r.decodeTokensPerS.toFixed(1)} tokens/s · ${r.finishReason}`
 }
 
 /** A batch result as text, headed by where its prompt came from. */
@@ -41,9 +41,10 @@ export function batchItemText(file: string, line: number, r: GenerationResult): 
   return `[${file}:${line}]\n${r.text}\n`
 }
 
-export function batchSummaryLine(results: GenerationResult[], seconds: number, parallel: number): string {
+export function batchSummaryLine(results: GenerationResult[], seconds: number): string {
   const tokens = results.reduce((n, r) => n + r.generatedTokens, 0)
-  return `${results.length} prompts · ${tokens} tokens in ${seconds.toFixed(1)} s (${(tokens / seconds).toFixed(1)} tokens/s overall) · P=${parallel}`
+  const parallel = [...new Set(results.map((r) => r.parallel))].sort((a, b) => a - b)
+  return `${results.length} prompts · ${tokens} tokens in ${seconds.toFixed(1)} s (${(tokens / seconds).toFixed(1)} tokens/s overall) · P=${parallel.join(', ')}`
 }
 
 export function writeTokenText(event: TokenEvent): void {

@@ -1,23 +1,49 @@
-// A fake decoder for generation tests: its "cache" is the real tokens of each row, so a
-// wrong attention mask, a lost row or a re-fed token changes what it predicts.
+// A fake decoder for generation tests: its "cache" is the real tokens of each slot, so a lost
+// row, a slot mixed up in compaction or a re-fed token changes what it predicts. Its logits
+// also depend on P, so a request run at the wrong P is caught.
 import assert from 'node:assert/strict'
 
-import type {Decoder} from '../../src/core/run/generation.js'
+import type {Decoder, DecoderOutput, SequenceCache} from '../../src/core/run/generation.js'
 
-export interface FakeCache {
-  pastLength: number
-  rows: number[][]
+export class FakeCache implements SequenceCache {
+  slotTokens: number[][] = []
+  capacity = 0
+  constructor(readonly parallel: number) {}
+
+  get slots(): number {
+    return this.slotTokens.length
+  }
+
+  tokens(slot: number): number {
+    return this.slotTokens[slot].length
+  }
+
+  reserve(slots: number, tokens: number): void {
+    while (this.slotTokens.length < slots) this.slotTokens.push([])
+    this.capacity = Math.max(this.capacity, tokens)
+  }
+
+  reset(slot: number): void {
+    this.slotTokens[slot] = []
+  }
+
+  move(from: number, to: number): void {
+    this.slotTokens[to] = [...this.slotTokens[from]]
+  }
 }
 
 export interface FakeCall {
-  batch: number
+  parallel: number
+  first: number
+  rows: number
   seq: number
-  past: number
+  /** Tokens each slot held before the call. */
+  past: number[]
 }
 
 /** Deterministic logits from a row's whole history (FNV-style hash → pseudo-random vector). */
-export function hashLogits(history: number[], vocab: number): Float32Array {
-  let h = 2166136261
+export function hashLogits(history: number[], vocab: number, parallel = 1): Float32Array {
+  let h = 2166136261 ^ (parallel * 7919)
   for (const t of history) h = Math.imul(h ^ (t + 1), 16777619) >>> 0
   const out = new Float32Array(vocab)
   for (let i = 0; i < vocab; i++) {
@@ -34,37 +60,45 @@ export class FakeDecoder implements Decoder<FakeCache> {
   constructor(
     readonly vocab: number,
     private readonly script: (history: number[]) => number | undefined = () => undefined,
-    readonly parallel = 1,
+    readonly parallelValues: number[] = [1],
+    /** Tokens per prefill call. */
+    readonly chunk = 1000,
   ) {}
 
-  emptyCache(batch: number): FakeCache {
-    return {pastLength: 0, rows: Array.from({length: batch}, () => [])}
+  newCache(parallel: number): FakeCache {
+    assert.ok(this.parallelValues.includes(parallel), `no P = ${parallel}`)
+    return new FakeCache(parallel)
   }
 
-  async forward(inputIds: number[][], attentionMask: number[][], past: FakeCache, numLogitsToKeep: number) {
-    const batch = inputIds.length
+  prefillChunk(): number {
+    return this.chunk
+  }
+
+  async forward(cache: FakeCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<DecoderOutput> {
+    const rows = inputIds.length
     const seq = inputIds[0].length
-    assert.equal(numLogitsToKeep, 1)
-    assert.equal(past.rows.length, batch, 'cache rows = batch')
-    assert.ok(inputIds.every((r) => r.length === seq))
-    assert.ok(attentionMask.every((m) => m.length === past.pastLength + seq), 'mask covers past + new')
-    this.calls.push({batch, seq, past: past.pastLength})
-    const rows = past.rows.map((r, b) => [...r, ...inputIds[b].filter((_, j) => attentionMask[b][past.pastLength + j] === 1)])
-    const logits = new Float32Array(batch * this.vocab)
-    rows.forEach((history, b) => {
-      // left padding only: once a row has a real token, the rest must be real too
-      const m = attentionMask[b]
-      assert.ok(m.indexOf(1) >= 0 && m.slice(m.indexOf(1)).every((x) => x === 1), 'left padding only')
-      const row = hashLogits(history, this.vocab)
-      const forced = this.script(history)
-      if (forced !== undefined) row[forced] = 100
-      logits.set(row, b * this.vocab)
-    })
-    return {logits, dims: [batch, 1, this.vocab] as [number, number, number], present: {pastLength: past.pastLength + seq, rows}}
-  }
-
-  selectRows(cache: FakeCache, rows: number[]): FakeCache {
-    return {pastLength: cache.pastLength, rows: rows.map((r) => cache.rows[r])}
+    assert.ok(inputIds.every((r) => r.length === seq), 'rows of one call are equally long')
+    assert.ok(first >= 0 && first + rows <= cache.slots, 'slots exist')
+    assert.ok(seq <= this.chunk, 'prefill respects the chunk size')
+    this.calls.push({parallel: cache.parallel, first, rows, seq, past: inputIds.map((_, r) => cache.tokens(first + r))})
+    const keep = numLogitsToKeep === 0 ? seq : numLogitsToKeep
+    const logits = new Float32Array(rows * keep * this.vocab)
+    const weights = new Float32Array(rows * keep * cache.parallel).fill(1 / cache.parallel)
+    for (let r = 0; r < rows; r++) {
+      const slot = first + r
+      for (let j = 0; j < seq; j++) {
+        cache.slotTokens[slot].push(inputIds[r][j])
+        assert.ok(cache.tokens(slot) <= cache.capacity, 'the cache was reserved')
+        const position = j - (seq - keep)
+        if (position < 0) continue
+        const history = cache.slotTokens[slot]
+        const row = hashLogits(history, this.vocab, cache.parallel)
+        const forced = this.script(history)
+        if (forced !== undefined) row[forced] = 100
+        logits.set(row, (r * keep + position) * this.vocab)
+      }
+    }
+    return {logits, dims: [rows, keep, this.vocab], streamWeights: weights}
   }
 }
 

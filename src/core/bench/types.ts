@@ -50,6 +50,8 @@ export interface RunResult {
   peak_rss_bytes: number
   weight_bytes: number
   kv_cache_bytes: number
+  /** What the run's cache buffers took (prefix positions and rounding included). */
+  kv_cache_allocated_bytes: number
   /** Prefill FLOPs (matmuls only, 2·m·n·k) of one prefill. */
   prefill_flops: number
 }

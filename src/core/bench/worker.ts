@@ -2,7 +2,9 @@
 // probes) and prints one JSON line, so each measurement's peak RSS is its own.
 import {readSync} from 'node:fs'
 
-import {DecoderSession} from '../run/session.js'
+import {variantConfig, selectVariant} from '../package/manifest.js'
+import {prefill} from '../run/generation.js'
+import {ParScaleModel} from '../run/model.js'
 import {kvCacheBytes, prefillFlops, weightBytes} from './model-cost.js'
 import {runProbes} from './roofline.js'
 import {summarize} from './stats.js'
@@ -33,62 +35,65 @@ function argmaxRows(logits: Float32Array, rows: number, vocab: number): number[]
 
 async function measureRun(spec: RunSpec): Promise<RunResult> {
   const loadStart = performance.now()
-  const session = await DecoderSession.open(spec.packageDir, {
-    parallel: spec.parallel,
+  const model = await ParScaleModel.open(spec.packageDir, {
     threads: spec.threads,
     ...(spec.profilePrefix ? {profilePrefix: spec.profilePrefix} : {}),
   })
   const loadMs = performance.now() - loadStart
-  const {batch, promptLength, newTokens} = spec
-  const vocab = session.vocabSize
+  const {batch, promptLength, newTokens, parallel} = spec
+  const vocab = model.vocabSize
   // Deterministic prompt ids; random-weight models make the content irrelevant.
   const prompt = Array.from({length: batch}, (_, b) => Array.from({length: promptLength}, (_, i) => (i * 7919 + b * 104729 + 13) % Math.min(vocab, 150000)))
 
-  const prefill: number[] = []
+  const prefillTimes: number[] = []
   const ttft: number[] = []
   const decode: number[] = []
+  let cacheBytes = 0
   for (let rep = 0; rep <= spec.repeat; rep++) {
     const warm = rep === 0
-    const mask = prompt.map((row) => row.map(() => 1))
+    const cache = model.newCache(parallel)
+    cache.reserve(batch, promptLength + newTokens)
     const t0 = performance.now()
-    const first = await session.forward(prompt, mask, session.emptyCache(batch), 1)
-    const t1 = performance.now()
-    let next = argmaxRows(first.logits, batch, vocab)
-    const t2 = performance.now()
-    if (!warm) {
-      prefill.push(t1 - t0)
-      ttft.push(t2 - t0)
+    let next: number[] = []
+    for (let b = 0; b < batch; b++) {
+      cache.reset(b)
+      const out = await prefill(model, cache, b, prompt[b])
+      next.push(...argmaxRows(out.logits, 1, vocab))
     }
-    let cache = first.present
+    const t1 = performance.now()
+    if (!warm) {
+      prefillTimes.push(t1 - t0)
+      ttft.push(t1 - t0)
+    }
     // The warm-up only needs a few steps to settle allocations.
     const steps = warm ? Math.min(3, newTokens - 1) : newTokens - 1
     for (let step = 0; step < steps; step++) {
-      for (const row of mask) row.push(1)
       const s0 = performance.now()
-      const out = await session.forward(next.map((id) => [id]), mask, cache, 1)
+      const out = await model.forward(cache, 0, next.map((id) => [id]), 1)
       next = argmaxRows(out.logits, batch, vocab)
       const s1 = performance.now()
       if (!warm) decode.push(s1 - s0)
-      cache = out.present
     }
+    cacheBytes = cache.bytes
   }
-  await session.release()
-  const config = session.config
+  await model.release()
+  const config = variantConfig(model.manifest, selectVariant(model.manifest, parallel, spec.packageDir))
   const decodeSummary = summarize(decode)
   return {
-    parallel: spec.parallel,
+    parallel,
     batch,
     prompt_length: promptLength,
     new_tokens: newTokens,
     threads: spec.threads,
     load_ms: loadMs,
-    prefill_ms: summarize(prefill),
+    prefill_ms: summarize(prefillTimes),
     ttft_ms: summarize(ttft),
     decode_ms_per_token: decodeSummary,
     tokens_per_s: (batch * 1000) / decodeSummary.median,
     peak_rss_bytes: peakRssBytes(),
     weight_bytes: weightBytes(config),
     kv_cache_bytes: kvCacheBytes(config, batch, promptLength + newTokens),
+    kv_cache_allocated_bytes: cacheBytes,
     prefill_flops: prefillFlops(config, batch, promptLength),
   }
 }

@@ -1,6 +1,6 @@
 /**
  * `--batch FILE.jsonl`: one request per line, `{"prompt": "…"}` or `{"messages": […]}`,
- * with optional `max_new_tokens` and `temperature`. The whole file is validated before
+ * with optional `max_new_tokens`, `temperature` and `parallel` (P for that line). The whole file is validated before
  * anything is generated; the first bad line is reported as `FILE:LINE: problem`.
  */
 import {readFile} from 'node:fs/promises'
@@ -16,9 +16,11 @@ export interface BatchItem {
   input: BatchInput
   maxNewTokens?: number
   temperature?: number
+  /** Streams P for this line (overrides --parallel). */
+  parallel?: number
 }
 
-const KEYS = new Set(['prompt', 'messages', 'max_new_tokens', 'temperature'])
+const KEYS = new Set(['prompt', 'messages', 'max_new_tokens', 'temperature', 'parallel'])
 
 class LineProblem extends Error {}
 
@@ -46,7 +48,7 @@ function parseItem(text: string, line: number): BatchItem {
   }
   if (!isRecord(value)) throw new LineProblem('expected a JSON object')
   const unknown = Object.keys(value).filter((k) => !KEYS.has(k))
-  if (unknown.length > 0) throw new LineProblem(`unknown field "${unknown[0]}" (expected prompt or messages, max_new_tokens, temperature)`)
+  if (unknown.length > 0) throw new LineProblem(`unknown field "${unknown[0]}" (expected prompt or messages, max_new_tokens, temperature, parallel)`)
   const hasPrompt = 'prompt' in value
   const hasMessages = 'messages' in value
   if (hasPrompt === hasMessages) throw new LineProblem('needs exactly one of "prompt" or "messages"')
@@ -67,6 +69,11 @@ function parseItem(text: string, line: number): BatchItem {
     const t = value.temperature
     if (typeof t !== 'number' || !Number.isFinite(t) || t < 0) throw new LineProblem('"temperature" must be a number >= 0')
     item.temperature = t
+  }
+  if (value.parallel !== undefined) {
+    const p = value.parallel
+    if (typeof p !== 'number' || !Number.isInteger(p) || p < 1) throw new LineProblem('"parallel" must be a whole number >= 1')
+    item.parallel = p
   }
   return item
 }

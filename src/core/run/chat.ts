@@ -1,6 +1,6 @@
 /** Multi-turn chat over the decode loop, keeping the KV cache between turns. */
 import {UserError} from '../errors.js'
-import {checkRequest, decodeLoop, Row, type CacheLike, type Decoder, type GenerationOptions, type GenerationRequest, type GenerationResult, type TokenEvent} from './generation.js'
+import {checkRequest, generateSequence, prefill, Row, type Decoder, type GenerationOptions, type GenerationRequest, type GenerationResult, type SequenceCache, type TokenEvent} from './generation.js'
 import type {ChatMessage} from './tokenizer.js'
 
 /** What a chat needs from the tokenizer (TextTokenizer provides it; see `rawChatFormat`). */
@@ -48,14 +48,14 @@ interface LastTurn {
 }
 
 /**
- * A multi-turn conversation over one decoder. The cache outlives each turn and holds the
- * model's own answer tokens (never re-tokenized). The next turn renders the conversation,
- * checks that it extends the last prompt + answer, and feeds only the rest: the template's
- * text closing the answer (an EOS the model generated stands for its end-of-turn text) and
- * the new turn. If the rendering does not extend what is cached (a stop string cut the
- * answer, a template rewrites history) it prefills the conversation from scratch.
+ * A multi-turn conversation over one decoder at one P (switchable). The cache outlives each
+ * turn and holds the model's own answer tokens (never re-tokenized). The next turn renders
+ * the conversation, checks that it extends the last prompt + answer, and feeds only the
+ * rest: the template's text closing the answer (an EOS the model generated stands for its
+ * end-of-turn text) and the new turn. If the rendering does not extend what is cached (a stop
+ * string cut the answer, a template rewrites history) it prefills the conversation from scratch.
  */
-export class ChatSession<C extends CacheLike> {
+export class ChatSession<C extends SequenceCache> {
   private messages: ChatMessage[] = []
   private cache: C | undefined
   /** Tokens whose keys/values the cache holds. */
@@ -66,7 +66,8 @@ export class ChatSession<C extends CacheLike> {
   readonly stats: ChatStats = {turns: 0, lastPrefillTokens: 0, lastReusedTokens: 0, cachedTokens: 0}
 
   constructor(
-    private decoder: Decoder<C>,
+    private readonly decoder: Decoder<C>,
+    private parallelStreams: number,
     private readonly format: ChatFormat,
     private readonly options: Omit<GenerationOptions, 'onToken' | 'signal'> & {system?: string},
   ) {
@@ -74,7 +75,7 @@ export class ChatSession<C extends CacheLike> {
   }
 
   get parallel(): number {
-    return this.decoder.parallel
+    return this.parallelStreams
   }
 
   get history(): readonly ChatMessage[] {
@@ -87,22 +88,41 @@ export class ChatSession<C extends CacheLike> {
     this.dropCache()
   }
 
-  /** Switches model session (e.g. another P); history stays, the next turn prefills it. */
-  setDecoder(decoder: Decoder<C>): void {
-    this.decoder = decoder
+  /**
+   * Switches to `parallel` streams. The model stays loaded; the cache is per P, so the
+   * conversation so far is encoded again at the new P (returns how long that took, in ms).
+   */
+  async setParallel(parallel: number): Promise<number> {
+    if (!this.decoder.parallelValues.includes(parallel)) {
+      throw new UserError(`no P = ${parallel}; available: ${this.decoder.parallelValues.join(', ')}`)
+    }
+    this.parallelStreams = parallel
     this.dropCache()
+    if (!this.messages.some((m) => m.role !== 'system')) return 0 // the next turn sends it all
+    const started = performance.now()
+    const text = this.format.renderChat(this.messages, false)
+    const ids = this.format.encode(text)
+    if (ids.length === 0) return 0
+    const cache = this.decoder.newCache(parallel)
+    cache.reserve(1, ids.length)
+    cache.reset(0)
+    await prefill(this.decoder, cache, 0, ids)
+    this.cache = cache
+    this.cachedIds = ids
+    this.last = {promptText: text, content: ''}
+    this.stats.cachedTokens = ids.length
+    return performance.now() - started
   }
 
   async send(
     content: string,
-    request: Omit<GenerationRequest, 'promptIds'>,
+    request: Omit<GenerationRequest, 'promptIds' | 'parallel'>,
     hooks: {onToken?: (event: TokenEvent) => void; signal?: AbortSignal} = {},
   ): Promise<ChatTurnResult> {
     const messages = [...this.messages, {role: 'user', content}]
     const rendered = this.format.renderChat(messages, true)
     const reuse = this.continuation(rendered)
     if (!reuse) this.dropCache()
-    const cache = reuse ? this.cache! : this.decoder.emptyCache(1)
     const newIds = reuse ?? this.format.encode(rendered)
     if (newIds.length === 0) throw new UserError('nothing to send')
     const reused = this.cachedIds.length
@@ -111,18 +131,24 @@ export class ChatSession<C extends CacheLike> {
     if (context !== undefined && total >= context) {
       throw new UserError(`the conversation is ${total} tokens; the model's context is ${context} (/reset starts over)`)
     }
-    const generationRequest: GenerationRequest = {...request, promptIds: newIds}
+    const generationRequest: GenerationRequest = {...request, promptIds: newIds, parallel: this.parallelStreams}
     checkRequest(generationRequest, undefined)
+    let cache = reuse ? this.cache! : undefined
+    if (!cache) {
+      cache = this.decoder.newCache(this.parallelStreams)
+      cache.reserve(1, newIds.length)
+      cache.reset(0)
+    }
     const startAt = performance.now()
     const row = new Row(0, generationRequest, total, [...this.cachedIds, ...newIds], {...this.options, ...hooks})
-    const mask = Array<number>(total).fill(1)
     const previousIds = this.cachedIds
-    this.dropCache() // if the loop throws, the cache state is unknown: start over next turn
-    const finalCache = await decodeLoop(this.decoder, [row], [newIds], [mask], cache, hooks.signal)
+    this.dropCache() // if generation throws, the cache state is unknown: start over next turn
+    await generateSequence(this.decoder, cache, row, newIds, hooks.signal)
     const sequence = [...previousIds, ...newIds, ...row.generated]
-    this.cache = finalCache
-    this.cachedIds = sequence.slice(0, finalCache.pastLength)
-    this.pendingIds = sequence.slice(finalCache.pastLength)
+    const held = cache.tokens(0)
+    this.cache = cache
+    this.cachedIds = sequence.slice(0, held)
+    this.pendingIds = sequence.slice(held)
     const result = row.result(startAt)
     const eos = new Set(this.options.eosTokenIds)
     const lastId = row.generated.at(-1)

@@ -1,18 +1,18 @@
 /**
  * The model `parscale run` talks to: resolved (converted on first use), with its tokenizer,
- * generation defaults and an ONNX Runtime session at the chosen P.
+ * generation defaults and one ONNX Runtime session that runs every P the package has.
  */
 import {UserError} from '../errors.js'
 import {resolveModel, type ResolveOptions} from '../package/resolve.js'
 import type {RunPlan} from './plan.js'
 import type {RequestContext} from './requests.js'
-import {DecoderSession} from './session.js'
+import {ParScaleModel} from './model.js'
 import {readGenerationDefaults, TextTokenizer} from './tokenizer.js'
 
 /** Everything a mode needs: the model session, tokenizer, defaults and the checked options. */
 export interface RunContext extends RequestContext {
-  /** Replaced when the chat switches P; whoever opened the context releases the current one. */
-  session: DecoderSession
+  /** Every P of the package, one backbone; whoever opened the context releases it. */
+  model: ParScaleModel
   tokenizer: TextTokenizer
   options: RunPlan['options']
   /** The model as the user named it, for messages. */
@@ -26,19 +26,24 @@ export interface LoadHooks {
   onLoading?: () => void
 }
 
-export async function openRunContext(model: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RunContext> {
+export async function openRunContext(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RunContext> {
   const {options, numbers} = plan
-  const resolved = resolveModel(model, {parallel: numbers.parallel, onProgress: hooks.onProgress})
+  const resolved = resolveModel(modelName, {parallel: numbers.parallel, onProgress: hooks.onProgress})
   hooks.onLoading?.()
-  const [tokenizer, defaults, session] = await Promise.all([
+  const [tokenizer, defaults, model] = await Promise.all([
     TextTokenizer.load(resolved.packageDir),
     readGenerationDefaults(resolved.packageDir),
-    DecoderSession.open(resolved.packageDir, {parallel: resolved.parallel, threads: numbers.threads}),
+    ParScaleModel.open(resolved.packageDir, {threads: numbers.threads}),
   ])
   const useTemplate = !options.raw && tokenizer.hasChatTemplate
   if (options.system !== undefined && !useTemplate) {
-    await session.release()
+    await model.release()
     throw new UserError(options.raw ? '--system needs the chat template; drop --raw' : 'the model\'s tokenizer has no chat template, so --system cannot be used')
   }
-  return {session, tokenizer, defaults, options, numbers, label: resolved.label, useTemplate, context: defaults.contextLength ?? session.maxPositions}
+  return {
+    model, tokenizer, defaults, options, numbers, label: resolved.label, useTemplate,
+    context: defaults.contextLength ?? model.maxPositions,
+    parallel: resolved.parallel,
+    availableParallel: model.parallelValues,
+  }
 }

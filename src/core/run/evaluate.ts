@@ -1,4 +1,4 @@
-import type {DecoderSession} from './session.js'
+import {prefill, type Decoder, type SequenceCache} from './generation.js'
 
 export interface EvalResult {
   /** Tokens of the text (no special tokens added). */
@@ -23,11 +23,12 @@ export function negativeLogLikelihood(logits: Float32Array, offset: number, voca
 }
 
 /**
- * Scores every next token of `ids` from its prefix. Texts longer than the context are scored
- * in windows that overlap by half, so each token after the first window still sees at least
- * half a context of history; every token is scored exactly once.
+ * Scores every next token of `ids` from its prefix at `parallel` streams. Texts longer than
+ * the context are scored in windows that overlap by half, so each token after the first window
+ * still sees at least half a context of history; every token is scored exactly once. Each
+ * window goes through the model in chunks (logits for every position).
  */
-export async function scoreTokens(session: DecoderSession, ids: number[], contextLength = session.maxPositions): Promise<EvalResult> {
+export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, parallel: number, ids: number[], contextLength: number): Promise<EvalResult> {
   const window = Math.max(2, Math.min(contextLength, ids.length))
   const stride = Math.max(1, Math.floor(window / 2))
   let total = 0
@@ -36,13 +37,19 @@ export async function scoreTokens(session: DecoderSession, ids: number[], contex
   let nextTarget = 1 // index of the first token not yet scored
   for (let begin = 0; nextTarget < ids.length; begin += stride) {
     const end = Math.min(begin + window, ids.length)
-    const chunk = ids.slice(begin, end)
-    const {logits, dims} = await session.forward([chunk], [chunk.map(() => 1)], session.emptyCache(1), 0)
-    const vocab = dims[2]
-    for (let target = nextTarget; target < end; target++) {
-      total += negativeLogLikelihood(logits, (target - 1 - begin) * vocab, vocab, ids[target])
-      scored++
-    }
+    const cache = decoder.newCache(parallel)
+    cache.reserve(1, end - begin)
+    cache.reset(0)
+    await prefill(decoder, cache, 0, ids.slice(begin, end), 0, ({logits, dims}, offset) => {
+      const [, positions, vocab] = dims
+      // logits of window position p predict token begin + p + 1
+      for (let j = 0; j < positions; j++) {
+        const target = begin + offset + j + 1
+        if (target < nextTarget || target >= end) continue
+        total += negativeLogLikelihood(logits, j * vocab, vocab, ids[target])
+        scored++
+      }
+    })
     nextTarget = end
     windows++
   }
@@ -54,6 +61,6 @@ export async function scoreTokens(session: DecoderSession, ids: number[], contex
     perplexity: Math.exp(meanNll),
     windows,
     window_tokens: window,
-    parallel: session.parallel,
+    parallel,
   }
 }

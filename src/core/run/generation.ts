@@ -1,26 +1,48 @@
 /**
- * The decode loop over a decoder session: batched, left-padded prefill; incremental decode
- * with the KV cache; per-row stop on EOS, stop strings, max tokens or the context; finished
- * rows are dropped from the batch. `ChatSession` (chat.ts) keeps the cache between turns.
+ * Generation over a decoder: the request and result shapes, one sequence's sampling and stop
+ * checks (`Row`), and prefill in chunks. Sequences live in slots of a cache of their P; the
+ * continuous batcher (batcher.ts) runs many of them, `generateSequence` one (chat).
  *
- * Only the `Decoder` shape below is needed (DecoderSession satisfies it), so tests can
- * drive the loop with a fake model.
+ * Only the `Decoder` shape below is needed (ParScaleModel satisfies it), so tests can drive
+ * generation with a fake model.
  */
 import {UserError} from '../errors.js'
 import {Sampler, type SamplingOptions} from './sampling.js'
 import {StopStringMatcher} from './stop-strings.js'
 import {IncrementalDetokenizer} from './tokenizer.js'
 
-export interface CacheLike {
-  readonly pastLength: number
+/** The KV cache of one P: slots of sequences, each with its own length. */
+export interface SequenceCache {
+  readonly parallel: number
+  readonly slots: number
+  /** Positions a slot can hold (its stream prefix included). */
+  readonly capacity: number
+  /** Real tokens a slot holds. */
+  tokens(slot: number): number
+  /** Makes room for `slots` sequences of `tokens` real tokens each. */
+  reserve(slots: number, tokens: number): void
+  /** Empties a slot. */
+  reset(slot: number): void
+  /** Copies one slot over another (compaction). */
+  move(from: number, to: number): void
 }
 
-export interface Decoder<C extends CacheLike> {
-  readonly parallel: number
-  emptyCache(batch: number): C
-  /** inputIds [batch][seq]; attentionMask [batch][pastLength + seq], 0 = left pad. */
-  forward(inputIds: number[][], attentionMask: number[][], past: C, numLogitsToKeep: number): Promise<{logits: Float32Array; dims: [number, number, number]; present: C}>
-  selectRows(cache: C, rows: number[]): C
+export interface DecoderOutput {
+  /** [rows, positions, vocab] */
+  logits: Float32Array
+  dims: [number, number, number]
+  /** [rows, positions, P] */
+  streamWeights?: Float32Array
+}
+
+export interface Decoder<C extends SequenceCache> {
+  /** The P values the model runs. */
+  readonly parallelValues: number[]
+  newCache(parallel: number): C
+  /** Tokens per prefill call at this P and cache capacity. */
+  prefillChunk(parallel: number, capacity: number, logitsForEveryToken?: boolean): number
+  /** Runs equally long `inputIds` for slots first … first+rows−1, appending to their cache. */
+  forward(cache: C, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<DecoderOutput>
 }
 
 export type FinishReason = 'stop' | 'length' | 'abort'
@@ -30,10 +52,12 @@ export interface GenerationRequest {
   maxNewTokens: number
   sampling: SamplingOptions
   stop?: string[]
+  /** Streams P to run this request at. */
+  parallel: number
 }
 
 export interface TokenEvent {
-  /** Index of the request in its batch. */
+  /** Index of the request among those of one call. */
   index: number
   tokenId: number
   /** Newly completed text (may be empty: a partial character, a held-back stop prefix, EOS). */
@@ -43,12 +67,12 @@ export interface TokenEvent {
 export interface GenerationOptions {
   eosTokenIds: number[]
   decode: (ids: number[]) => string
-  /** Id placed in left padding (masked out). */
-  padId?: number
   /** Longest sequence the model takes (prompt + answer). */
   contextLength?: number
+  /** Keep each generated token's stream weights (`GenerationResult.streamWeights`). */
+  collectStreamWeights?: boolean
   onToken?: (event: TokenEvent) => void
-  /** Aborting finishes every row after the current step with `abort`. */
+  /** Aborting finishes every sequence after the current step with `abort`. */
   signal?: AbortSignal
 }
 
@@ -61,13 +85,17 @@ export interface GenerationResult {
   generatedTokens: number
   ttftMs: number
   decodeTokensPerS: number
+  parallel: number
+  /** Per generated token, the weight of each of the P streams (with `collectStreamWeights`). */
+  streamWeights?: number[][]
 }
 
-/** One sequence in the loop: sampling, stop checks, text and timing. */
+/** One sequence: sampling, stop checks, text and timing. */
 export class Row {
   readonly sampler: Sampler
   readonly generated: number[] = []
   readonly seen: number[]
+  readonly weights: number[][] = []
   text = ''
   finishReason: FinishReason | undefined
   firstAt = 0
@@ -79,7 +107,7 @@ export class Row {
   constructor(
     readonly index: number,
     readonly request: GenerationRequest,
-    /** Real tokens in the sequence before generation (past cache + prompt). */
+    /** Real tokens in the sequence before generation (earlier turns + prompt). */
     readonly startLength: number,
     context: number[],
     private readonly options: GenerationOptions,
@@ -99,11 +127,13 @@ export class Row {
     return this.generated[this.generated.length - 1]
   }
 
-  step(logits: Float32Array, now: number): void {
+  /** Picks the next token from its logits (and keeps the stream weights behind them). */
+  step(logits: Float32Array, now: number, streamWeights?: Float32Array): void {
     const id = this.sampler.next(logits, this.request.sampling.repetitionPenalty ? this.seen : [])
     if (this.generated.length === 0) this.firstAt = now
     this.generated.push(id)
     this.seen.push(id)
+    if (this.options.collectStreamWeights && streamWeights) this.weights.push(Array.from(streamWeights))
     if (this.eos.has(id)) return this.finish('stop', now, id)
     const text = this.stops.push(this.detok.push(id))
     if (this.stops.matched) return this.finish('stop', now, id, text)
@@ -139,92 +169,65 @@ export class Row {
       generatedTokens: n,
       ttftMs: n > 0 ? this.firstAt - startAt : 0,
       decodeTokensPerS: n > 1 && decodeSeconds > 0 ? (n - 1) / decodeSeconds : 0,
+      parallel: this.request.parallel,
+      ...(this.options.collectStreamWeights ? {streamWeights: this.weights} : {}),
     }
   }
 }
 
-/**
- * Feeds `inputIds` (one list per row) over `cache`, then decodes one token per live row per
- * step until every row has finished. Finished rows leave the batch (cache rows selected
- * away). Returns the cache as it stands when the last row finished.
- */
-export async function decodeLoop<C extends CacheLike>(decoder: Decoder<C>, rows: Row[], inputIds: number[][], masks: number[][], cache: C, signal?: AbortSignal): Promise<C> {
-  let active = rows.map((_, i) => i)
-  let input = inputIds
-  while (active.length > 0) {
-    if (signal?.aborted) {
-      for (const i of active) rows[i].finish('abort', performance.now())
-      break
-    }
-    const out = await decoder.forward(input, masks, cache, 1)
-    cache = out.present
-    const [, keep, vocab] = out.dims
-    const now = performance.now()
-    const aborted = signal?.aborted ?? false
-    for (const [b, i] of active.entries()) {
-      const start = (b * keep + keep - 1) * vocab
-      if (aborted) rows[i].finish('abort', now)
-      else rows[i].step(out.logits.subarray(start, start + vocab), now)
-    }
-    const live = [...active.keys()].filter((b) => !rows[active[b]].done)
-    if (live.length === 0) break
-    if (live.length < active.length) {
-      cache = decoder.selectRows(cache, live)
-      masks = live.map((b) => masks[b])
-      active = live.map((b) => active[b])
-    }
-    input = active.map((i) => [rows[i].lastToken])
-    for (const m of masks) m.push(1)
+/** The logits (and stream weights) of one row's last position in a decoder output. */
+export function lastPosition(out: DecoderOutput, row: number): {logits: Float32Array; streamWeights?: Float32Array} {
+  const [, keep, vocab] = out.dims
+  const position = row * keep + keep - 1
+  const streams = out.streamWeights ? out.streamWeights.length / (out.dims[0] * keep) : 0
+  return {
+    logits: out.logits.subarray(position * vocab, (position + 1) * vocab),
+    ...(out.streamWeights ? {streamWeights: out.streamWeights.subarray(position * streams, (position + 1) * streams)} : {}),
   }
-  return cache
+}
+
+/**
+ * Feeds `ids` into one slot in chunks (so no prefill tensor grows with the square of a long
+ * prompt) and returns the output of the last chunk. `keep` as the decoder's numLogitsToKeep.
+ */
+export async function prefill<C extends SequenceCache>(decoder: Decoder<C>, cache: C, slot: number, ids: number[], keep = 1, onChunk?: (out: DecoderOutput, offset: number) => void): Promise<DecoderOutput> {
+  const chunk = decoder.prefillChunk(cache.parallel, cache.capacity, keep === 0)
+  let out: DecoderOutput | undefined
+  for (let offset = 0; offset < ids.length; offset += chunk) {
+    out = await decoder.forward(cache, slot, [ids.slice(offset, offset + chunk)], keep)
+    onChunk?.(out, offset)
+  }
+  if (!out) throw new Error('nothing to prefill')
+  return out
+}
+
+/**
+ * Generates one sequence in slot 0 of `cache` (which may already hold earlier turns): feeds
+ * `newIds`, then decodes until the row finishes.
+ */
+export async function generateSequence<C extends SequenceCache>(decoder: Decoder<C>, cache: C, row: Row, newIds: number[], signal?: AbortSignal): Promise<void> {
+  cache.reserve(1, cache.tokens(0) + newIds.length + row.request.maxNewTokens)
+  let out = await prefill(decoder, cache, 0, newIds)
+  for (;;) {
+    const now = performance.now()
+    if (signal?.aborted) return row.finish('abort', now)
+    const last = lastPosition(out, 0)
+    row.step(last.logits, now, last.streamWeights)
+    if (row.done) return
+    out = await decoder.forward(cache, 0, [[row.lastToken]], 1)
+  }
 }
 
 function promptTooLong(tokens: number, contextLength: number): UserError {
   return new UserError(`the prompt is ${tokens} tokens; the model's context is ${contextLength} (--truncate keeps the tail)`)
 }
 
-export function checkRequest(request: GenerationRequest, contextLength: number | undefined): void {
+export function checkRequest(request: Omit<GenerationRequest, 'parallel'>, contextLength: number | undefined): void {
   if (request.promptIds.length === 0) throw new UserError('the prompt is empty')
   if (!(Number.isInteger(request.maxNewTokens) && request.maxNewTokens >= 1)) throw new UserError('max new tokens must be a whole number >= 1')
   if (contextLength !== undefined && request.promptIds.length >= contextLength) {
     throw promptTooLong(request.promptIds.length, contextLength)
   }
-}
-
-/** Generates for several prompts at once: left padding, one shared decode loop. */
-export async function generateBatch<C extends CacheLike>(decoder: Decoder<C>, requests: GenerationRequest[], options: GenerationOptions): Promise<GenerationResult[]> {
-  if (requests.length === 0) return []
-  for (const r of requests) checkRequest(r, options.contextLength)
-  const startAt = performance.now()
-  const width = Math.max(...requests.map((r) => r.promptIds.length))
-  const pad = options.padId ?? 0
-  const rows = requests.map((r, i) => new Row(i, r, r.promptIds.length, r.promptIds, options))
-  const inputIds = requests.map((r) => [...Array<number>(width - r.promptIds.length).fill(pad), ...r.promptIds])
-  const masks = requests.map((r) => [...Array<number>(width - r.promptIds.length).fill(0), ...Array<number>(r.promptIds.length).fill(1)])
-  await decodeLoop(decoder, rows, inputIds, masks, decoder.emptyCache(requests.length), options.signal)
-  return rows.map((row) => row.result(startAt))
-}
-
-/** All requests, `batchSize` at a time, results in input order. */
-export async function generateAll<C extends CacheLike>(
-  decoder: Decoder<C>,
-  requests: GenerationRequest[],
-  batchSize: number,
-  options: GenerationOptions,
-  onBatchDone?: (results: GenerationResult[], offset: number) => void,
-): Promise<GenerationResult[]> {
-  const results: GenerationResult[] = []
-  for (let offset = 0; offset < requests.length; offset += batchSize) {
-    const chunk = requests.slice(offset, offset + batchSize)
-    const onToken = options.onToken
-    const batchResults = await generateBatch(decoder, chunk, {
-      ...options,
-      onToken: onToken && ((e) => onToken({...e, index: e.index + offset})),
-    })
-    results.push(...batchResults)
-    onBatchDone?.(batchResults, offset)
-  }
-  return results
 }
 
 /**

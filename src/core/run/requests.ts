@@ -11,7 +11,7 @@ import {randomSeed, type SamplingOptions} from './sampling.js'
 import type {ChatMessage, GenerationDefaults, TextTokenizer} from './tokenizer.js'
 
 /** What requests need from the tokenizer (TextTokenizer provides it). */
-export type RequestTokenizer = Pick<TextTokenizer, 'hasChatTemplate' | 'padId' | 'eosId' | 'encode' | 'encodeChat' | 'decode'>
+export type RequestTokenizer = Pick<TextTokenizer, 'hasChatTemplate' | 'eosId' | 'encode' | 'encodeChat' | 'decode'>
 
 export interface RequestContext {
   options: Pick<RunOptions, 'system' | 'stop' | 'truncate'>
@@ -22,6 +22,10 @@ export interface RequestContext {
   useTemplate: boolean
   /** Longest sequence (prompt + answer) the model takes. */
   context: number
+  /** Streams P a request runs at unless it names its own. */
+  parallel: number
+  /** The P values the model has. */
+  availableParallel: number[]
 }
 
 export function maxNewTokens(ctx: Pick<RequestContext, 'numbers' | 'defaults'>): number {
@@ -51,7 +55,6 @@ export function generationOptions(ctx: Pick<RequestContext, 'tokenizer' | 'defau
   return {
     eosTokenIds: eos,
     decode: (ids) => tokenizer.decode(ids),
-    padId: tokenizer.padId,
     contextLength: ctx.context,
   }
 }
@@ -73,11 +76,11 @@ export function encodeInput(ctx: RequestContext, input: BatchInput): number[] {
 export function promptRequest(ctx: RequestContext, prompt: string): GenerationRequest {
   const maxNew = maxNewTokens(ctx)
   const promptIds = fitToContext(encodeInput(ctx, {kind: 'prompt', text: prompt}), ctx.context, maxNew, ctx.options.truncate)
-  return {promptIds, maxNewTokens: maxNew, sampling: resolveSampling(ctx), stop: ctx.options.stop}
+  return {promptIds, maxNewTokens: maxNew, sampling: resolveSampling(ctx), stop: ctx.options.stop, parallel: ctx.parallel}
 }
 
 /** A chat turn's request (the chat session supplies the ids); a fresh seed each turn. */
-export function chatTurnRequest(ctx: RequestContext): Omit<GenerationRequest, 'promptIds'> {
+export function chatTurnRequest(ctx: RequestContext): Omit<GenerationRequest, 'promptIds' | 'parallel'> {
   return {maxNewTokens: maxNewTokens(ctx), sampling: resolveSampling(ctx), stop: ctx.options.stop}
 }
 
@@ -86,6 +89,10 @@ export function batchRequest(ctx: RequestContext, file: string, item: BatchItem,
   const where = `${file}:${item.line}`
   if (item.input.kind === 'messages' && !ctx.tokenizer.hasChatTemplate) {
     throw new UserError(`${where}: "messages" need a chat template and the model's tokenizer has none; use "prompt"`)
+  }
+  const parallel = item.parallel ?? ctx.parallel
+  if (!ctx.availableParallel.includes(parallel)) {
+    throw new UserError(`${where}: "parallel": ${parallel} is not a P the model has; available: ${ctx.availableParallel.join(', ')}`)
   }
   const maxNew = item.maxNewTokens ?? maxNewTokens(ctx)
   let promptIds: number[]
@@ -102,5 +109,5 @@ export function batchRequest(ctx: RequestContext, file: string, item: BatchItem,
   if (temperature > 0 && base.temperature === 0) {
     Object.assign(sampling, {topK: ctx.numbers.topK ?? ctx.defaults.topK, topP: ctx.numbers.topP ?? ctx.defaults.topP})
   }
-  return {promptIds, maxNewTokens: maxNew, sampling, stop: ctx.options.stop}
+  return {promptIds, maxNewTokens: maxNew, sampling, stop: ctx.options.stop, parallel}
 }
