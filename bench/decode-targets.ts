@@ -10,7 +10,7 @@ const shape = SYNTHETIC_PRESETS['0.5b']!
 const log = (t: string) => process.stderr.write(`${t}\n`)
 const packageDir = ensureSyntheticPackage(shape, {parallel: [1, 8], onProgress: log})
 const roofline = await probeRoofline(threads, shape.hiddenSize, shape.intermediateSize, log)
-const results = await benchPackage(packageDir, {parallel: [1, 8], batch: [1], promptLength: 64, newTokens: 32, threads, repeat: 3, onStatus: log})
+const results = await benchPackage(packageDir, {parallel: [1, 8], batch: [1], promptLengths: [64], newTokens: 32, threads, repeat: 3, onStatus: log})
 const report: BenchReport = {machine: benchMachine(threads), model: 'synthetic 0.5b, fp32', roofline, results}
 console.log(renderTable(report))
 

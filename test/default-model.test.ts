@@ -80,7 +80,7 @@ describe('embedded default model', () => {
     assert.deepEqual(turns.map((t) => t.parallel), [8, 2, 8])
     assert.ok(turns.every((t) => t.generated_tokens > 0))
     assert.ok(turns[1].reused_tokens > 0 && turns[2].reused_tokens > 0, 'the conversation was re-encoded at the new P, and reused')
-    assert.match(result.stderr, /P=2 \(conversation re-encoded in \d+ ms\)/)
+    assert.match(result.stderr, /P=2 \(switched in \d+ ms; conversation re-encoded in \d+ ms\)/)
   })
 
   test('a P the model lacks lists the ones it has', async () => {

@@ -352,8 +352,8 @@ describe('chat session', () => {
     const chat = new ChatSession(decoder, 1, toyFormat, {...opts, system: 'x'})
     const req = {maxNewTokens: 10, sampling: {temperature: 0}}
     await chat.send('hi', req)
-    const ms = await chat.setParallel(2)
-    assert.ok(ms >= 0)
+    const {switchMs, reencodeMs} = await chat.setParallel(2)
+    assert.ok(switchMs >= 0 && reencodeMs > 0)
     assert.equal(chat.parallel, 2)
     const reencoded = decoder.calls.at(-1)!
     assert.deepEqual([reencoded.parallel, reencoded.seq, reencoded.past[0]], [2, enc('s:x;u:hi;a:ok|').length, 0], 'the whole conversation at P = 2')

@@ -35,6 +35,7 @@ export default class Bench extends BaseCommand {
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,2,4,8',
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --vs-params --json bench.json',
     '<%= config.bin %> bench ./my-package --batch 1,4 --csv',
+    '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --prompt-len 64,1024,2048 --new-tokens 33 --repeat 1',
   ]
   static override args = {
     model: Args.string({description: 'converted package, checkpoint folder or pulled hub repo id (default: the embedded model)', ignoreStdin: true}),
@@ -42,7 +43,7 @@ export default class Bench extends BaseCommand {
   static override flags = {
     parallel: Flags.string({description: 'P values to measure', default: '1,2,4,8'}),
     batch: Flags.string({description: 'batch sizes', default: '1'}),
-    'prompt-len': Flags.integer({description: 'prompt tokens', default: 64, min: 1}),
+    'prompt-len': Flags.string({description: 'prompt tokens; a list (64,1024,2048) measures decode against context length', default: '64'}),
     'new-tokens': Flags.integer({description: 'generated tokens (decode steps + 1)', default: 32, min: 2}),
     threads: Flags.integer({description: 'intra-op threads (default: all cores)', min: 1}),
     repeat: Flags.integer({description: 'measured repetitions after one warm-up', default: 3, min: 1}),
@@ -64,6 +65,7 @@ export default class Bench extends BaseCommand {
     const {args, flags} = await this.parse(Bench)
     const parallel = intList(flags.parallel, 'parallel')
     const batch = intList(flags.batch, 'batch')
+    const promptLengths = intList(flags['prompt-len'], 'prompt-len')
     const threads = flags.threads ?? benchMachine(0).cores
     const dims = {
       hiddenSize: flags.hidden, numLayers: flags.layers, numHeads: flags.heads, numKvHeads: flags['kv-heads'],
@@ -78,7 +80,7 @@ export default class Bench extends BaseCommand {
     try {
       const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel}, onStatus)
       const model = readManifest(packageDir).model
-      const options = {parallel, batch, promptLength: flags['prompt-len'], newTokens: flags['new-tokens'], threads, repeat: flags.repeat, onStatus, ...(flags.profile ? {profilePrefix: flags.profile} : {})}
+      const options = {parallel, batch, promptLengths, newTokens: flags['new-tokens'], threads, repeat: flags.repeat, onStatus, ...(flags.profile ? {profilePrefix: flags.profile} : {})}
       const report: BenchReport = {machine: benchMachine(threads), model: label, results: []}
       if (!flags['no-roofline']) report.roofline = await probeRoofline(threads, model.hiddenSize, model.intermediateSize, onStatus)
       report.results = await benchPackage(packageDir, options)

@@ -22,7 +22,7 @@ export function prefillVsRate(result: RunResult, roofline: ProbeResult): number 
 }
 
 function baseline(results: RunResult[], r: RunResult): RunResult | undefined {
-  return results.find((b) => b.parallel === 1 && b.batch === r.batch)
+  return results.find((b) => b.parallel === 1 && b.batch === r.batch && b.prompt_length === r.prompt_length)
 }
 
 export function renderTable(report: BenchReport): string {
@@ -33,14 +33,15 @@ export function renderTable(report: BenchReport): string {
   if (roofline) {
     lines.push(`roofline (ONNX Runtime): read ${(bandwidth(roofline) / 1e9).toFixed(1)} GB/s (matmul chain at 1 row ${(roofline.gemv_bytes_per_s / 1e9).toFixed(1)}, ReduceSum ${(roofline.reduce_bytes_per_s / 1e9).toFixed(1)}), matmul ${(roofline.matmul_flops_per_s / 1e9).toFixed(0)} GFLOP/s`)
   }
-  const head = ['P', 'batch', 'prefill ms', 'TTFT ms', 'decode ms/tok (p90)', 'tok/s', 'peak RSS', 'weights', 'KV cache']
+  const sweep = new Set(report.results.map((r) => r.prompt_length)).size > 1
+  const head = ['P', 'batch', ...(sweep ? ['prompt'] : []), 'prefill ms', 'TTFT ms', 'decode ms/tok (p90)', 'tok/s', 'peak RSS', 'weights', 'KV cache']
   if (roofline) head.push('decode vs floor', 'prefill vs FLOP rate')
   head.push('decode vs P=1', 'RSS vs P=1')
   const table = createTable(head)
   for (const r of report.results) {
     const b = baseline(report.results, r)
     const row = [
-      String(r.parallel), String(r.batch), ms(r.prefill_ms.median), ms(r.ttft_ms.median),
+      String(r.parallel), String(r.batch), ...(sweep ? [String(r.prompt_length)] : []), ms(r.prefill_ms.median), ms(r.ttft_ms.median),
       `${ms(r.decode_ms_per_token.median)} (${ms(r.decode_ms_per_token.p90)})`, r.tokens_per_s.toFixed(1),
       formatBytes(r.peak_rss_bytes), formatBytes(r.weight_bytes), formatBytes(r.kv_cache_bytes),
     ]
@@ -49,8 +50,27 @@ export function renderTable(report: BenchReport): string {
     table.push(row)
   }
   lines.push(table.toString())
+  if (sweep) lines.push(renderContextCost(report.results))
   if (report.vs_params) lines.push(renderVsParams(report))
   return lines.join('\n')
+}
+
+/** Decode ms/token against the context it runs over, per P × batch, relative to the shortest prompt. */
+function renderContextCost(results: RunResult[]): string {
+  const lengths = [...new Set(results.map((r) => r.prompt_length))].sort((a, b) => a - b)
+  const table = createTable(['P', 'batch', ...lengths.map((n) => `decode ms/tok at prompt ${n}`)])
+  const keys = [...new Set(results.map((r) => `${r.parallel}:${r.batch}`))]
+  for (const key of keys) {
+    const rows = results.filter((r) => `${r.parallel}:${r.batch}` === key)
+    const shortest = rows.find((r) => r.prompt_length === lengths[0])
+    table.push([String(rows[0].parallel), String(rows[0].batch), ...lengths.map((n) => {
+      const r = rows.find((x) => x.prompt_length === n)
+      if (!r) return '–'
+      const cost = ms(r.decode_ms_per_token.median)
+      return shortest && n !== lengths[0] ? `${cost} (${ratio(r.decode_ms_per_token.median, shortest.decode_ms_per_token.median)})` : cost
+    })])
+  }
+  return ['', 'decode against context length (relative to the shortest prompt):', table.toString()].join('\n')
 }
 
 function renderVsParams(report: BenchReport): string {

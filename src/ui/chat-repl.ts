@@ -86,8 +86,13 @@ async function chatCommand(text: string, ctx: RunContext, chat: ChatSession<KvCa
         process.stderr.write(`parscale: /parallel takes one of ${available.join(', ')}\n`)
         return false
       }
-      const reencodeMs = p === chat.parallel ? 0 : await chat.setParallel(p)
-      process.stderr.write(`P=${p}${reencodeMs > 0 ? ` (conversation re-encoded in ${reencodeMs.toFixed(0)} ms)` : ''}\n`)
+      if (p === chat.parallel) {
+        process.stderr.write(`P=${p}\n`)
+        return false
+      }
+      const {switchMs, reencodeMs} = await chat.setParallel(p)
+      const reencoded = reencodeMs > 0 ? `; conversation re-encoded in ${reencodeMs.toFixed(0)} ms` : ''
+      process.stderr.write(`P=${p} (switched in ${switchMs.toFixed(0)} ms${reencoded})\n`)
       return false
     }
     default:

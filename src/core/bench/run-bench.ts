@@ -11,7 +11,8 @@ import type {MachineInfo, ProbeResult, RunResult} from './types.js'
 export interface BenchOptions {
   parallel: number[]
   batch: number[]
-  promptLength: number
+  /** Prompt lengths to measure each P × batch at (the context decode runs over). */
+  promptLengths: number[]
   newTokens: number
   threads: number
   repeat: number
@@ -48,17 +49,19 @@ export async function probeRoofline(threads: number, hidden = 896, intermediate 
   return runWorker({kind: 'probe', threads, hidden, intermediate, layers, rows: 512, repeat: 5})
 }
 
-/** Measures every P × batch of one package, each in its own process. */
+/** Measures every P × batch × prompt length of one package, each in its own process. */
 export async function benchPackage(packageDir: string, options: BenchOptions): Promise<RunResult[]> {
   const results: RunResult[] = []
   for (const parallel of options.parallel) {
     for (const batch of options.batch) {
-      options.onStatus?.(`running P=${parallel}, batch ${batch}`)
-      results.push(await runWorker({
-        kind: 'run', packageDir, parallel, batch,
-        promptLength: options.promptLength, newTokens: options.newTokens, threads: options.threads, repeat: options.repeat,
-        ...(options.profilePrefix ? {profilePrefix: `${options.profilePrefix}-p${parallel}-b${batch}`} : {}),
-      }))
+      for (const promptLength of options.promptLengths) {
+        options.onStatus?.(`running P=${parallel}, batch ${batch}, prompt ${promptLength}`)
+        results.push(await runWorker({
+          kind: 'run', packageDir, parallel, batch,
+          promptLength, newTokens: options.newTokens, threads: options.threads, repeat: options.repeat,
+          ...(options.profilePrefix ? {profilePrefix: `${options.profilePrefix}-p${parallel}-b${batch}-s${promptLength}`} : {}),
+        }))
+      }
     }
   }
   return results
@@ -84,7 +87,7 @@ export async function benchVsParams(base: SyntheticShape, options: BenchOptions,
       if (!result) {
         options.onStatus?.(`preparing a ${(shapeParameters(shape) / 1e9).toFixed(2)}B P=1 model (${fit.dataset}, P=${parallel})`)
         const dir = ensureSyntheticPackage(shape, {parallel: [1], cacheDir, onProgress: (t) => options.onStatus?.(t)})
-        ;[result] = await benchPackage(dir, {...options, parallel: [1], batch: [Math.min(...options.batch)]})
+        ;[result] = await benchPackage(dir, {...options, parallel: [1], batch: [Math.min(...options.batch)], promptLengths: [Math.min(...options.promptLengths)]})
         measured.set(key, result!)
       }
       rows.push({

@@ -26,7 +26,27 @@ export interface ProbeSpec {
   repeat: number
 }
 
-export type WorkerSpec = RunSpec | ProbeSpec
+/** One process generating a batch of requests at several P through one model (dynamic P). */
+export interface MixedSpec {
+  kind: 'mixed'
+  packageDir: string
+  /** P of each request, in submission order. */
+  parallel: number[]
+  batchSize: number
+  promptLength: number
+  newTokens: number
+  threads: number
+}
+
+export type WorkerSpec = RunSpec | ProbeSpec | MixedSpec
+
+export interface MixedResult {
+  peak_rss_bytes: number
+  seconds: number
+  generated_tokens: number
+  /** Per P, the first switch to it: reading its prefixes and aggregation head and making a cache (ms). */
+  switch_ms: Record<string, number>
+}
 
 export interface Summary {
   median: number

@@ -3,12 +3,13 @@
 import {readSync} from 'node:fs'
 
 import {variantConfig, selectVariant} from '../package/manifest.js'
+import {generateAll} from '../run/batcher.js'
 import {prefill} from '../run/generation.js'
 import {ParScaleModel} from '../run/model.js'
 import {kvCacheBytes, prefillFlops, weightBytes} from './model-cost.js'
 import {runProbes} from './roofline.js'
 import {summarize} from './stats.js'
-import type {RunResult, RunSpec, WorkerSpec} from './types.js'
+import type {MixedResult, MixedSpec, RunResult, RunSpec, WorkerSpec} from './types.js'
 
 /** Peak resident set of this process (getrusage maxrss, the kernel's high-water mark). */
 export function peakRssBytes(): number {
@@ -98,6 +99,29 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
   }
 }
 
+/** A batch of greedy requests at the given P values through one model: memory and switch cost. */
+async function measureMixed(spec: MixedSpec): Promise<MixedResult> {
+  const model = await ParScaleModel.open(spec.packageDir, {threads: spec.threads})
+  const switchMs: Record<string, number> = {}
+  for (const parallel of new Set(spec.parallel)) {
+    const t0 = performance.now()
+    model.newCache(parallel)
+    switchMs[parallel] = performance.now() - t0
+  }
+  const vocab = Math.min(model.vocabSize, 150000)
+  const requests = spec.parallel.map((parallel, r) => ({
+    promptIds: Array.from({length: spec.promptLength}, (_, i) => (i * 7919 + r * 104729 + 13) % vocab),
+    maxNewTokens: spec.newTokens,
+    sampling: {temperature: 0},
+    parallel,
+  }))
+  const t0 = performance.now()
+  const results = await generateAll(model, requests, spec.batchSize, {eosTokenIds: [], decode: () => ''})
+  const seconds = (performance.now() - t0) / 1000
+  await model.release()
+  return {peak_rss_bytes: peakRssBytes(), seconds, generated_tokens: results.reduce((n, r) => n + r.generatedTokens, 0), switch_ms: switchMs}
+}
+
 function readStdin(): string {
   const chunks: Buffer[] = []
   const buf = Buffer.alloc(65536)
@@ -118,7 +142,7 @@ function readStdin(): string {
 
 async function main(): Promise<void> {
   const spec = JSON.parse(readStdin()) as WorkerSpec
-  const result = spec.kind === 'probe' ? await runProbes(spec) : await measureRun(spec)
+  const result = spec.kind === 'probe' ? await runProbes(spec) : spec.kind === 'mixed' ? await measureMixed(spec) : await measureRun(spec)
   process.stdout.write(JSON.stringify({ok: true, result}) + '\n')
 }
 

@@ -89,21 +89,24 @@ export class ChatSession<C extends SequenceCache> {
   }
 
   /**
-   * Switches to `parallel` streams. The model stays loaded; the cache is per P, so the
-   * conversation so far is encoded again at the new P (returns how long that took, in ms).
+   * Switches to `parallel` streams. The model stays loaded (one session runs every P); the
+   * cache is per P, so the conversation so far is encoded again at the new P. Returns how
+   * long the switch itself took (the P's prefixes and a new cache) and the re-encode, in ms.
    */
-  async setParallel(parallel: number): Promise<number> {
+  async setParallel(parallel: number): Promise<{switchMs: number; reencodeMs: number}> {
     if (!this.decoder.parallelValues.includes(parallel)) {
       throw new UserError(`no P = ${parallel}; available: ${this.decoder.parallelValues.join(', ')}`)
     }
-    this.parallelStreams = parallel
-    this.dropCache()
-    if (!this.messages.some((m) => m.role !== 'system')) return 0 // the next turn sends it all
     const started = performance.now()
+    this.dropCache()
+    this.parallelStreams = parallel
+    const cache = this.decoder.newCache(parallel)
+    const switched = performance.now()
+    const switchMs = switched - started
+    if (!this.messages.some((m) => m.role !== 'system')) return {switchMs, reencodeMs: 0} // the next turn sends it all
     const text = this.format.renderChat(this.messages, false)
     const ids = this.format.encode(text)
-    if (ids.length === 0) return 0
-    const cache = this.decoder.newCache(parallel)
+    if (ids.length === 0) return {switchMs, reencodeMs: 0}
     cache.reserve(1, ids.length)
     cache.reset(0)
     await prefill(this.decoder, cache, 0, ids)
@@ -111,7 +114,7 @@ export class ChatSession<C extends SequenceCache> {
     this.cachedIds = ids
     this.last = {promptText: text, content: ''}
     this.stats.cachedTokens = ids.length
-    return performance.now() - started
+    return {switchMs, reencodeMs: performance.now() - switched}
   }
 
   async send(
