@@ -71,7 +71,7 @@ export default class Run extends BaseCommand {
   static override summary = 'Generate text with a ParScale model: one prompt, a chat, or a JSONL batch'
   static override description = `One-shot: give a PROMPT (or --prompt, or pipe it on stdin); the answer streams to stdout and a timing line (time to first token, tokens/s, P) goes to stderr.
 Chat: run with no prompt in a terminal (or pass --chat). The conversation's KV cache is kept between turns, so each turn only processes its own new tokens. Type /help for commands; Ctrl-C stops the current answer.
-Batch: --batch FILE.jsonl with one {"prompt": …} or {"messages": [{"role": …, "content": …}]} per line (optional "max_new_tokens", "temperature"); prompts run --batch-size at a time and results come out in input order. The whole file is checked first.
+Batch: --batch FILE.jsonl with one {"prompt": …} or {"messages": [{"role": …, "content": …}]} per line (optional "max_new_tokens", "temperature", and "parallel": the P for that line); --batch-size sequences decode together per P, new ones joining as others finish, and results come out in input order. The whole file is checked first.
 
 When the tokenizer has a chat template a prompt is sent as a user message (--system adds a system message); --raw sends the text as is, without the template or special tokens.
 Sampling defaults come from the model's generation_config.json; --temperature 0 is greedy. --parallel N picks how many parallel streams (P) to run; the model must provide it.
