@@ -109,24 +109,12 @@ export class Ops {
     return this.g.node('Where', [condition, ifTrue, ifFalse])
   }
 
-  and(a: string, b: string): string {
-    return this.g.node('And', [a, b])
-  }
-
   less(a: string, b: string): string {
     return this.g.node('Less', [a, b])
   }
 
   lessOrEqual(a: string, b: string): string {
     return this.g.node('LessOrEqual', [a, b])
-  }
-
-  equal(a: string, b: string): string {
-    return this.g.node('Equal', [a, b])
-  }
-
-  cumsum(x: string, axis: number): string {
-    return this.g.node('CumSum', [x, this.g.int64([axis], [])])
   }
 
   range(start: string, limit: string, delta: string): string {
