@@ -118,7 +118,10 @@ export class ContinuousBatcher<C extends SequenceCache> {
         } catch (error) {
           this.fail(group, error)
         }
-        if (group.decoding.length === 0 && !group.prefilling) this.groups.delete(parallel)
+        if (group.decoding.length === 0 && !group.prefilling) {
+          group.cache.dispose?.()
+          this.groups.delete(parallel)
+        }
       }
     }
   }
@@ -174,6 +177,7 @@ export class ContinuousBatcher<C extends SequenceCache> {
   /** One token for every decoding sequence of the group; finished ones leave. */
   private async decodeStep(group: Group<C>): Promise<void> {
     if (group.decoding.length === 0) return
+    const prefillSlot = group.decoding.length
     const out = await this.decoder.forward(group.cache, 0, group.decoding.map(({row}) => [row.lastToken]), 1)
     group.decoding.forEach(({row, job}, b) => {
       if (job.hooks.signal?.aborted) row.finish('abort', performance.now())
@@ -189,6 +193,8 @@ export class ContinuousBatcher<C extends SequenceCache> {
       }
       group.decoding.pop()
     }
+    // A prompt still going in sits right after the decoding slots: it follows them down.
+    if (group.prefilling && group.decoding.length !== prefillSlot) group.cache.move(prefillSlot, group.decoding.length)
   }
 
   private advance(row: Row, out: DecoderOutput, index: number): void {
