@@ -57,7 +57,7 @@ export class GraphBuilder {
    * rather than copied through an Identity: outputs such as the KV cache are large and are
    * produced at every step. Call it once every consumer of `value` exists.
    */
-  output(value: string, name: string, type: ElementType, shape: Dim[]): void {
+  output(value: string, name: string, type: ElementType, shape: Dim[] | null): void {
     const producer = this.nodes.find((n) => n.output?.includes(value))
     const isOutputAlready = this.outputs.some((o) => o.name === value)
     if (producer && !isOutputAlready) {
@@ -86,6 +86,17 @@ export class GraphBuilder {
 
   node(opType: string, inputs: string[], attributes: Record<string, AttributeValue> = {}, domain = ''): string {
     return this.nodeN(opType, inputs, 1, attributes, domain)[0]
+  }
+
+  /**
+   * One node whose optional outputs may be left out: `wanted[i]` false gives output i an empty
+   * name (not computed). Returns the names, '' where left out.
+   */
+  nodeSome(opType: string, inputs: string[], wanted: boolean[], attributes: Record<string, AttributeValue> = {}, domain = ''): string[] {
+    const names = this.nodeN(opType, inputs, wanted.length, attributes, domain)
+    const node = this.nodes[this.nodes.length - 1]
+    node.output = names.map((name, i) => (wanted[i] ? name : ''))
+    return node.output
   }
 
   /** A small inline int64 tensor (shapes, axes, indices); identical constants are shared. */
@@ -167,13 +178,14 @@ export class GraphBuilder {
   }
 }
 
-function valueInfo(name: string, type: ElementType, shape: Dim[]): onnxProto.onnx.IValueInfoProto {
+/** `shape` null: any rank (an output whose rank depends on an input's values). */
+function valueInfo(name: string, type: ElementType, shape: Dim[] | null): onnxProto.onnx.IValueInfoProto {
   return {
     name,
     type: {
       tensorType: {
         elemType: ELEMENT_TYPES[type],
-        shape: {dim: shape.map((d) => (typeof d === 'number' ? {dimValue: d} : {dimParam: d}))},
+        ...(shape ? {shape: {dim: shape.map((d) => (typeof d === 'number' ? {dimValue: d} : {dimParam: d}))}} : {}),
       },
     },
   }

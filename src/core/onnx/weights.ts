@@ -111,6 +111,9 @@ function* hashing(chunks: Iterable<Uint8Array>, hash: ReturnType<typeof createHa
  */
 export class CheckpointWeights implements WeightProvider {
   private readonly values = new Map<string, string>()
+  /** Every initializer made, by name, so another graph of the package can read the same bytes. */
+  private readonly made = new Map<string, {half: boolean; shape: number[]; location: ExternalLocation}>()
+  private readonly blocks = new Map<string, string[]>()
 
   constructor(
     private readonly g: GraphBuilder,
@@ -133,12 +136,43 @@ export class CheckpointWeights implements WeightProvider {
     const rowsPerBlock = Math.max(1024, Math.floor(maxBlockBytes / rowBytes / 1024) * 1024)
     const location = this.place(info, storedAs)
     const blocks: string[] = []
+    const names: string[] = []
     for (let first = 0, i = 0; first < rows; first += rowsPerBlock, i++) {
       const count = Math.min(rowsPerBlock, rows - first)
       const block = {file: location.file, offset: location.offset + first * rowBytes, length: count * rowBytes}
-      blocks.push(this.initializer(`${storedAs}[${first}:${first + count}]`, half, [count, columns], block))
+      names.push(`${storedAs}[${first}:${first + count}]`)
+      blocks.push(this.initializer(names[names.length - 1], half, [count, columns], block))
     }
+    this.blocks.set(storedAs, names)
     return blocks
+  }
+
+  /**
+   * The weights this provider placed, for a second graph of the same package (another device's
+   * form): same initializer names, same bytes in the same files, nothing written again. Asking
+   * it for a weight the first graph did not use is an error.
+   */
+  placedFor(g: GraphBuilder): WeightProvider {
+    const made = new Map<string, string>()
+    const initializer = (name: string): string => {
+      const cached = made.get(name)
+      if (cached) return cached
+      const entry = this.made.get(name)
+      if (!entry) throw new Error(`weight "${name}" was not placed by the first graph`)
+      const value = g.externalInitializer(name, entry.half ? 'float16' : 'float32', entry.shape, entry.location)
+      const out = entry.half ? g.node('Cast', [value], {to: 1}) : value
+      made.set(name, out)
+      return out
+    }
+    return {
+      get: (name, shape) => initializer(shape ? `${name}#${shape.join('x')}` : name),
+      rowBlocks: (_name, storedAs) => {
+        const names = this.blocks.get(storedAs)
+        if (!names) throw new Error(`weight "${storedAs}" was not placed in blocks by the first graph`)
+        return names.map((block) => initializer(block))
+      },
+      computed: (name) => initializer(name),
+    }
   }
 
   computed(name: string, values: Float32Array, shape: number[]): string {
@@ -171,6 +205,7 @@ export class CheckpointWeights implements WeightProvider {
 
   /** A float32-valued initializer: half-precision storage is widened by a Cast. */
   private initializer(name: string, half: boolean, shape: number[], location: ExternalLocation): string {
+    this.made.set(name, {half, shape, location})
     const initializer = this.g.externalInitializer(name, half ? 'float16' : 'float32', shape, location)
     return half ? this.g.node('Cast', [initializer], {to: 1}) : initializer
   }

@@ -15,9 +15,11 @@ import {
   type PackageVariant,
   GRAPH_FILE,
   variantWeightsFile,
+  WEBGPU_GRAPH_FILE,
 } from './manifest.js'
 import {ExternalDataFile} from '../onnx/external-data.js'
 import {buildDecoderGraph, GRAPH_VERSION} from '../onnx/parscale-graph.js'
+import {buildWebGpuDecoderGraph} from '../onnx/webgpu-graph.js'
 import {isProcessAlive} from '../processes.js'
 import {CheckpointWeights, WeightStore, writeStreamTensors, type WeightDtype} from '../onnx/weights.js'
 import {TOOL_VERSION} from '../version.js'
@@ -98,13 +100,19 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     }
     // Every P's backbone goes through the graph builder: the first writes it, the others are
     // checked byte for byte against it (one graph serves every P).
-    const graph = buildDecoderGraph(config, (g) => new CheckpointWeights(g, checkpoint, store, options.dtype, onBytesRead))
-    if (index === 0) writeFileSync(join(dir, GRAPH_FILE), graph.toModelBytes(TOOL_VERSION))
-    const weights = config.parallel > 1 ? variantWeightsFile(config.parallel) : null
-    const tensors = weights ? writeStreamTensors(join(dir, weights), checkpoint, onBytesRead) : {}
+    let weights: CheckpointWeights | undefined
+    const graph = buildDecoderGraph(config, (g) => (weights = new CheckpointWeights(g, checkpoint, store, options.dtype, onBytesRead)))
+    if (index === 0) {
+      writeFileSync(join(dir, GRAPH_FILE), graph.toModelBytes(TOOL_VERSION))
+      // The GPU form reads the weights the CPU graph placed: structure only, nothing written twice.
+      const gpu = buildWebGpuDecoderGraph(config, (g) => weights!.placedFor(g))
+      writeFileSync(join(dir, WEBGPU_GRAPH_FILE), gpu.toModelBytes(TOOL_VERSION))
+    }
+    const variantFile = config.parallel > 1 ? variantWeightsFile(config.parallel) : null
+    const tensors = variantFile ? writeStreamTensors(join(dir, variantFile), checkpoint, onBytesRead) : {}
     variants.push({
       parallel: config.parallel,
-      weights,
+      weights: variantFile,
       tensors,
       prefixTokens: config.prefixTokens,
       attnSmooth: config.attnSmooth,
@@ -124,6 +132,7 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     toolVersion: TOOL_VERSION,
     graphVersion: GRAPH_VERSION,
     graph: GRAPH_FILE,
+    webgpuGraph: WEBGPU_GRAPH_FILE,
     createdAt: new Date().toISOString(),
     source: options.sourceLabel ?? resolve(first.dir),
     sourceFingerprint: checkpoints.map((cp) => checkpointFingerprint(cp.dir)).join('+'),

@@ -13,6 +13,8 @@ export const BACKBONE_WEIGHTS_FILE = 'backbone.weights'
 export const PACKAGE_FORMAT = 'parscale-onnx'
 export const PACKAGE_FORMAT_VERSION = 2
 export const GRAPH_FILE = 'model.onnx'
+/** The decoder in the form for a GPU (see webgpu-graph.ts); it reads the same weight files. */
+export const WEBGPU_GRAPH_FILE = 'model.webgpu.onnx'
 
 /** Files copied from the checkpoint so a package runs on its own. */
 export const COPIED_FILES = ['config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt']
@@ -40,8 +42,10 @@ export interface PackageManifest {
   toolVersion: string
   /** `GRAPH_VERSION` of the converter that wrote the graph. */
   graphVersion: number
-  /** The one decoder graph every P runs. */
+  /** The one decoder graph every P runs (on the CPU). */
   graph: string
+  /** The same decoder in the form for `--device webgpu`. */
+  webgpuGraph: string
   createdAt: string
   source: string
   /** The checkpoint's identity when it was converted (see `checkpointFingerprint`). */
@@ -79,7 +83,7 @@ export function readManifest(dir: string): PackageManifest {
   }
   // A package of an older format is not read further: callers convert it again (isCurrentGraph).
   if (!isCurrentGraph(manifest)) return manifest
-  for (const name of [manifest.graph, manifest.backbone.weights, ...manifest.variants.flatMap((v) => v.weights ?? [])]) {
+  for (const name of [manifest.graph, manifest.webgpuGraph, manifest.backbone.weights, ...manifest.variants.flatMap((v) => v.weights ?? [])]) {
     if (!existsSync(join(dir, name))) throw new FileFormatError(join(dir, name), 'missing from the model package; convert again')
   }
   const backboneSize = statSync(join(dir, manifest.backbone.weights)).size
