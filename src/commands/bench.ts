@@ -8,6 +8,7 @@ import {prepareBenchModel} from '../core/bench/bench-model.js'
 import {SCALING_FITS} from '../core/bench/scaling-law.js'
 import {UserError} from '../core/errors.js'
 import {readManifest} from '../core/package/manifest.js'
+import {checkWebGpu, DEVICES, type Device} from '../core/run/device.js'
 import {SYNTHETIC_PRESETS} from '../core/checkpoint/synthetic.js'
 import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {Progress} from '../ui/progress.js'
@@ -59,6 +60,7 @@ export default class Bench extends BaseCommand {
     json: Flags.string({description: 'also write the report as JSON to this file'}),
     csv: Flags.boolean({description: 'print CSV instead of the table'}),
     profile: Flags.string({description: 'write ONNX Runtime profiles with this file prefix'}),
+    device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider (--threads then sizes the CPU side)', options: [...DEVICES], default: 'cpu'}),
   }
 
   async run(): Promise<void> {
@@ -67,6 +69,8 @@ export default class Bench extends BaseCommand {
     const batch = intList(flags.batch, 'batch')
     const promptLengths = intList(flags['prompt-len'], 'prompt-len')
     const threads = flags.threads ?? benchMachine(0).cores
+    const device = flags.device as Device
+    const adapter = device === 'webgpu' ? await checkWebGpu() : undefined // before preparing any model
     const dims = {
       hiddenSize: flags.hidden, numLayers: flags.layers, numHeads: flags.heads, numKvHeads: flags['kv-heads'],
       intermediateSize: flags.intermediate, vocabSize: flags.vocab,
@@ -80,9 +84,9 @@ export default class Bench extends BaseCommand {
     try {
       const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel}, onStatus)
       const model = readManifest(packageDir).model
-      const options = {parallel, batch, promptLengths, newTokens: flags['new-tokens'], threads, repeat: flags.repeat, onStatus, ...(flags.profile ? {profilePrefix: flags.profile} : {})}
-      const report: BenchReport = {machine: benchMachine(threads), model: label, results: []}
-      if (!flags['no-roofline']) report.roofline = await probeRoofline(threads, model.hiddenSize, model.intermediateSize, onStatus)
+      const options = {parallel, batch, promptLengths, newTokens: flags['new-tokens'], threads, device, repeat: flags.repeat, onStatus, ...(flags.profile ? {profilePrefix: flags.profile} : {})}
+      const report: BenchReport = {machine: benchMachine(threads, device, adapter && `${adapter.name} (${adapter.backend})`), model: label, results: []}
+      if (!flags['no-roofline']) report.roofline = await probeRoofline(threads, model.hiddenSize, model.intermediateSize, onStatus, device)
       report.results = await benchPackage(packageDir, options)
       if (flags['vs-params'] && shape) report.vs_params = await benchVsParams(shape, options)
       progress.stop()

@@ -6,6 +6,7 @@ import {BaseCommand} from '../base-command.js'
 import {UserError} from '../core/errors.js'
 import {scoreTokens} from '../core/run/evaluate.js'
 import {resolveModel} from '../core/package/resolve.js'
+import {checkWebGpu, DEVICES, type Device} from '../core/run/device.js'
 import {ParScaleModel} from '../core/run/model.js'
 import {TextTokenizer} from '../core/run/tokenizer.js'
 import {formatBytes, percent} from '../core/format.js'
@@ -30,12 +31,15 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     parallel: Flags.integer({char: 'p', description: 'number of parallel streams P (the model must provide it)', min: 1}),
     context: Flags.integer({description: 'window length in tokens (default: the model\'s context)', min: 2}),
     threads: Flags.integer({description: 'ONNX Runtime intra-op threads', min: 1}),
+    device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
     json: Flags.boolean({description: 'print one JSON object instead of a table'}),
   }
 
   async run(): Promise<void> {
     const {args, flags} = await this.parse(Eval)
     const text = readText(flags['text-file'])
+    const device = flags.device as Device
+    if (device === 'webgpu') await checkWebGpu() // before converting or loading anything
     const progress = new Progress('preparing model')
     let model
     try {
@@ -50,7 +54,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     const tokenizer = await TextTokenizer.load(model.packageDir)
     const ids = tokenizer.encode(text)
     if (ids.length < 2) throw new UserError(`${flags['text-file']}: needs at least 2 tokens to score, has ${ids.length}`)
-    const session = await ParScaleModel.open(model.packageDir, {threads: flags.threads})
+    const session = await ParScaleModel.open(model.packageDir, {threads: flags.threads, device})
     try {
       const result = await scoreTokens(session, model.parallel, ids, flags.context ?? session.maxPositions)
       if (flags.json) {

@@ -5,6 +5,7 @@ import {Args, Flags, type Interfaces} from '@oclif/core'
 import {BaseCommand} from '../base-command.js'
 import {isRepoId} from '../core/hub/families.js'
 import {openRunContext, type RunContext} from '../core/run/context.js'
+import {checkWebGpu, DEVICES, type Device} from '../core/run/device.js'
 import {planRun, promptFromStdin, type RunOptions, type RunPlan, splitModelArgument} from '../core/run/plan.js'
 import {runChat} from '../ui/chat-repl.js'
 import {formatBytes, percent} from '../core/format.js'
@@ -37,6 +38,7 @@ const runFlags = {
   parallel: numberFlag('number of parallel streams P (the model must provide it; default: the model\'s own)', 'N', 'p'),
   truncate: Flags.boolean({description: 'keep the tail of a prompt that is too long for the context, instead of failing'}),
   threads: numberFlag('ONNX Runtime intra-op threads'),
+  device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
 }
 
 type RunFlags = Interfaces.InferredFlags<typeof runFlags>
@@ -53,6 +55,7 @@ function runOptions(flags: RunFlags, promptArgument: string | undefined): RunOpt
     json: flags.json,
     quiet: flags.quiet,
     truncate: flags.truncate,
+    device: flags.device as Device,
     numbers: {
       'batch-size': flags['batch-size'],
       'max-new-tokens': flags['max-new-tokens'],
@@ -102,6 +105,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     // Defined exactly in one-shot mode.
     const prompt = plan.mode === 'one-shot' ? (plan.prompt ?? promptFromStdin(await readStdin())) : undefined
     endOnClosedPipe()
+    if (plan.options.device === 'webgpu') await checkWebGpu() // before converting or loading anything
     const ctx = await this.load(model, plan)
     const log = (line: string) => this.log(line)
     try {

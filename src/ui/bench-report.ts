@@ -30,8 +30,10 @@ export function renderTable(report: BenchReport): string {
   const lines: string[] = []
   lines.push(`model: ${report.model}`)
   lines.push(`machine: ${machine.cpu_model}, ${machine.cores} cores, ${formatBytes(machine.memory_bytes)}; ${machine.threads} threads; onnxruntime ${machine.onnxruntime_version}, node ${machine.node_version}`)
+  lines.push(`device: ${machine.device ?? 'cpu'}${machine.adapter ? `, adapter ${machine.adapter}` : ''}`)
   if (roofline) {
-    lines.push(`roofline (ONNX Runtime): read ${(bandwidth(roofline) / 1e9).toFixed(1)} GB/s (matmul chain at 1 row ${(roofline.gemv_bytes_per_s / 1e9).toFixed(1)}, ReduceSum ${(roofline.reduce_bytes_per_s / 1e9).toFixed(1)}), matmul ${(roofline.matmul_flops_per_s / 1e9).toFixed(0)} GFLOP/s`)
+    const reduce = roofline.reduce_bytes_per_s > 0 ? `, ReduceSum ${(roofline.reduce_bytes_per_s / 1e9).toFixed(1)}` : ''
+    lines.push(`roofline (ONNX Runtime): read ${(bandwidth(roofline) / 1e9).toFixed(1)} GB/s (matmul chain at 1 row ${(roofline.gemv_bytes_per_s / 1e9).toFixed(1)}${reduce}), matmul ${(roofline.matmul_flops_per_s / 1e9).toFixed(0)} GFLOP/s`)
   }
   const sweep = new Set(report.results.map((r) => r.prompt_length)).size > 1
   const head = ['P', 'batch', ...(sweep ? ['prompt'] : []), 'prefill ms', 'TTFT ms', 'decode ms/tok (p90)', 'tok/s', 'peak RSS', 'weights', 'KV cache']

@@ -9,7 +9,7 @@ import {UserError} from '../core/errors.js'
 import {ChatSession, rawChatFormat} from '../core/run/chat.js'
 import type {RunContext} from '../core/run/context.js'
 import {chatTurnRequest, generationOptions} from '../core/run/requests.js'
-import type {KvCache} from '../core/run/kv-cache.js'
+import type {ModelCache} from '../core/run/model.js'
 import {chatJsonResult, type LineWriter, writeTokenText} from './run-output.js'
 
 const CHAT_HELP = `commands:
@@ -65,7 +65,7 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
 }
 
 /** Handles a /command; returns true to leave the chat. */
-async function chatCommand(text: string, ctx: RunContext, chat: ChatSession<KvCache>, rl: {close(): void}): Promise<boolean> {
+async function chatCommand(text: string, ctx: RunContext, chat: ChatSession<ModelCache>, rl: {close(): void}): Promise<boolean> {
   const [command, ...rest] = text.split(/\s+/)
   switch (command) {
     case '/exit':

@@ -2,6 +2,7 @@ import fs from 'node:fs'
 import os from 'node:os'
 import {createRequire} from 'node:module'
 
+import type {Device} from '../run/device.js'
 import type {MachineInfo} from './types.js'
 
 function ortVersion(): string {
@@ -14,7 +15,7 @@ function ortVersion(): string {
 }
 
 /** CPU model, cores and versions, for the report header and --json. */
-export function machineInfo(threads: number): MachineInfo {
+export function machineInfo(threads: number, device: Device = 'cpu', adapter?: string): MachineInfo {
   let cpu = os.cpus()[0]?.model?.trim() ?? ''
   if (!cpu) {
     try {
@@ -28,6 +29,8 @@ export function machineInfo(threads: number): MachineInfo {
     cores: os.availableParallelism(),
     memory_bytes: os.totalmem(),
     threads,
+    device,
+    ...(adapter ? {adapter} : {}),
     onnxruntime_version: ortVersion(),
     node_version: process.version,
     platform: `${process.platform}-${process.arch}`,

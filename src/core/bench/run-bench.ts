@@ -2,6 +2,7 @@
 import os from 'node:os'
 
 import type {SyntheticShape} from '../checkpoint/synthetic.js'
+import type {Device} from '../run/device.js'
 import {runWorker} from './child.js'
 import {machineInfo} from './machine.js'
 import {equivalentParameters, SCALING_FITS, scaledShape, shapeParameters} from './scaling-law.js'
@@ -15,6 +16,8 @@ export interface BenchOptions {
   promptLengths: number[]
   newTokens: number
   threads: number
+  /** Default cpu. */
+  device?: Device
   repeat: number
   /** Skip the roofline probes (tests). */
   roofline?: boolean
@@ -42,11 +45,11 @@ export interface BenchReport {
   vs_params?: {base_parameters: number; rows: VsParamsRow[]; memory_cap_bytes: number}
 }
 
-export async function probeRoofline(threads: number, hidden = 896, intermediate = 4864, onStatus?: (t: string) => void): Promise<ProbeResult> {
+export async function probeRoofline(threads: number, hidden = 896, intermediate = 4864, onStatus?: (t: string) => void, device: Device = 'cpu'): Promise<ProbeResult> {
   onStatus?.('measuring bandwidth and matmul rate')
   // ~420 MB of weights: far past any cache, small next to the model.
   const layers = Math.max(1, Math.round((420e6 / (8 * hidden * intermediate))))
-  return runWorker({kind: 'probe', threads, hidden, intermediate, layers, rows: 512, repeat: 5})
+  return runWorker({kind: 'probe', threads, device, hidden, intermediate, layers, rows: 512, repeat: 5})
 }
 
 /** Measures every P × batch × prompt length of one package, each in its own process. */
@@ -58,7 +61,7 @@ export async function benchPackage(packageDir: string, options: BenchOptions): P
         options.onStatus?.(`running P=${parallel}, batch ${batch}, prompt ${promptLength}`)
         results.push(await runWorker({
           kind: 'run', packageDir, parallel, batch,
-          promptLength, newTokens: options.newTokens, threads: options.threads, repeat: options.repeat,
+          promptLength, newTokens: options.newTokens, threads: options.threads, device: options.device ?? 'cpu', repeat: options.repeat,
           ...(options.profilePrefix ? {profilePrefix: `${options.profilePrefix}-p${parallel}-b${batch}-s${promptLength}`} : {}),
         }))
       }
@@ -99,6 +102,6 @@ export async function benchVsParams(base: SyntheticShape, options: BenchOptions,
   return {base_parameters: n, rows, memory_cap_bytes: cap}
 }
 
-export function benchMachine(threads: number): MachineInfo {
-  return machineInfo(threads)
+export function benchMachine(threads: number, device: Device = 'cpu', adapter?: string): MachineInfo {
+  return machineInfo(threads, device, adapter)
 }

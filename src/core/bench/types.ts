@@ -1,4 +1,5 @@
 // Shapes of what the bench children receive and report (JSON over stdio).
+import type {Device} from '../run/device.js'
 
 /** One configuration to measure, run in its own child process. */
 export interface RunSpec {
@@ -9,6 +10,8 @@ export interface RunSpec {
   promptLength: number
   newTokens: number
   threads: number
+  /** Default cpu. */
+  device?: Device
   /** Measured repetitions of prefill + decode after one warm-up. */
   repeat: number
   /** Write an ONNX Runtime profile with this prefix. */
@@ -19,6 +22,7 @@ export interface RunSpec {
 export interface ProbeSpec {
   kind: 'probe'
   threads: number
+  device?: Device
   hidden: number
   intermediate: number
   layers: number
@@ -36,6 +40,7 @@ export interface MixedSpec {
   promptLength: number
   newTokens: number
   threads: number
+  device?: Device
 }
 
 export type WorkerSpec = RunSpec | ProbeSpec | MixedSpec
@@ -60,6 +65,7 @@ export interface RunResult {
   prompt_length: number
   new_tokens: number
   threads: number
+  device: Device
   load_ms: number
   prefill_ms: Summary
   /** Prefill plus picking the first token. */
@@ -83,7 +89,7 @@ export interface ProbeResult {
   gemv_bytes_per_s: number
   /** GEMM chain at `rows` rows: 2·rows·k·n per matmul ÷ time. */
   matmul_flops_per_s: number
-  /** ReduceSum over one large buffer. */
+  /** ReduceSum over one large buffer (0 on a GPU: its input would be uploaded first). */
   reduce_bytes_per_s: number
 }
 
@@ -92,6 +98,9 @@ export interface MachineInfo {
   cores: number
   memory_bytes: number
   threads: number
+  /** Where the model ran, and the GPU adapter for webgpu. */
+  device: Device
+  adapter?: string
   onnxruntime_version: string
   node_version: string
   platform: string

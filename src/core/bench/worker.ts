@@ -38,6 +38,7 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
   const loadStart = performance.now()
   const model = await ParScaleModel.open(spec.packageDir, {
     threads: spec.threads,
+    device: spec.device,
     ...(spec.profilePrefix ? {profilePrefix: spec.profilePrefix} : {}),
   })
   const loadMs = performance.now() - loadStart
@@ -76,6 +77,7 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
       if (!warm) decode.push(s1 - s0)
     }
     cacheBytes = cache.bytes
+    cache.dispose()
   }
   await model.release()
   const config = variantConfig(model.manifest, selectVariant(model.manifest, parallel, spec.packageDir))
@@ -86,6 +88,7 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
     prompt_length: promptLength,
     new_tokens: newTokens,
     threads: spec.threads,
+    device: spec.device ?? 'cpu',
     load_ms: loadMs,
     prefill_ms: summarize(prefillTimes),
     ttft_ms: summarize(ttft),
@@ -101,7 +104,7 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
 
 /** A batch of greedy requests at the given P values through one model: memory and switch cost. */
 async function measureMixed(spec: MixedSpec): Promise<MixedResult> {
-  const model = await ParScaleModel.open(spec.packageDir, {threads: spec.threads})
+  const model = await ParScaleModel.open(spec.packageDir, {threads: spec.threads, device: spec.device})
   const switchMs: Record<string, number> = {}
   for (const parallel of new Set(spec.parallel)) {
     const t0 = performance.now()

@@ -85,7 +85,7 @@ export class ChatSession<C extends SequenceCache> {
   /** Forgets the conversation and the cache. */
   reset(): void {
     this.messages = this.options.system === undefined ? [] : [{role: 'system', content: this.options.system}]
-    this.dropCache()
+    this.releaseCache()
   }
 
   /**
@@ -98,7 +98,7 @@ export class ChatSession<C extends SequenceCache> {
       throw new UserError(`no P = ${parallel}; available: ${this.decoder.parallelValues.join(', ')}`)
     }
     const started = performance.now()
-    this.dropCache()
+    this.releaseCache()
     this.parallelStreams = parallel
     const cache = this.decoder.newCache(parallel)
     const switched = performance.now()
@@ -125,7 +125,7 @@ export class ChatSession<C extends SequenceCache> {
     const messages = [...this.messages, {role: 'user', content}]
     const rendered = this.format.renderChat(messages, true)
     const reuse = this.continuation(rendered)
-    if (!reuse) this.dropCache()
+    if (!reuse) this.releaseCache()
     const newIds = reuse ?? this.format.encode(rendered)
     if (newIds.length === 0) throw new UserError('nothing to send')
     const reused = this.cachedIds.length
@@ -146,7 +146,12 @@ export class ChatSession<C extends SequenceCache> {
     const row = new Row(0, generationRequest, total, [...this.cachedIds, ...newIds], {...this.options, ...hooks})
     const previousIds = this.cachedIds
     this.dropCache() // if generation throws, the cache state is unknown: start over next turn
-    await generateSequence(this.decoder, cache, row, newIds, hooks.signal)
+    try {
+      await generateSequence(this.decoder, cache, row, newIds, hooks.signal)
+    } catch (error) {
+      cache.dispose?.()
+      throw error
+    }
     const sequence = [...previousIds, ...newIds, ...row.generated]
     const held = cache.tokens(0)
     this.cache = cache
@@ -185,6 +190,12 @@ export class ChatSession<C extends SequenceCache> {
     }
     const rest = closing + rendered.slice(before.length)
     return [...feed, ...(rest === '' ? [] : this.format.encode(rest))]
+  }
+
+  /** Drops the cache and frees it (device memory). */
+  private releaseCache(): void {
+    this.cache?.dispose?.()
+    this.dropCache()
   }
 
   private dropCache(): void {

@@ -40,16 +40,20 @@ export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, 
     const cache = decoder.newCache(parallel)
     cache.reserve(1, end - begin)
     cache.reset(0)
-    await prefill(decoder, cache, 0, ids.slice(begin, end), 0, ({logits, dims}, offset) => {
-      const [, positions, vocab] = dims
-      // logits of window position p predict token begin + p + 1
-      for (let j = 0; j < positions; j++) {
-        const target = begin + offset + j + 1
-        if (target < nextTarget || target >= end) continue
-        total += negativeLogLikelihood(logits, j * vocab, vocab, ids[target])
-        scored++
-      }
-    })
+    try {
+      await prefill(decoder, cache, 0, ids.slice(begin, end), 0, ({logits, dims}, offset) => {
+        const [, positions, vocab] = dims
+        // logits of window position p predict token begin + p + 1
+        for (let j = 0; j < positions; j++) {
+          const target = begin + offset + j + 1
+          if (target < nextTarget || target >= end) continue
+          total += negativeLogLikelihood(logits, j * vocab, vocab, ids[target])
+          scored++
+        }
+      })
+    } finally {
+      cache.dispose?.()
+    }
     nextTarget = end
     windows++
   }

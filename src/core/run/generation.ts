@@ -25,6 +25,8 @@ export interface SequenceCache {
   reset(slot: number): void
   /** Copies one slot over another (compaction). */
   move(from: number, to: number): void
+  /** Frees what the cache holds outside JavaScript's heap (device memory); optional. */
+  dispose?(): void
 }
 
 export interface DecoderOutput {

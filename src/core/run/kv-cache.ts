@@ -108,6 +108,9 @@ export class KvCache {
     this.filled[to] = this.filled[from]
   }
 
+  /** Nothing to free: the cache is JavaScript memory. */
+  dispose(): void {}
+
   /** Views of slots first … first+count−1, as the graph's past inputs take them. */
   views(first: number, count: number): {keys: Float32Array[]; values: Float32Array[]; dims: {keys: number[]; values: number[]}} {
     const size = this.slotSize()

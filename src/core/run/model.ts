@@ -10,9 +10,15 @@ import ort from 'onnxruntime-node'
 import type {BackboneShape} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {io} from '../onnx/parscale-graph.js'
+import {MASKED, webgpuIo} from '../onnx/webgpu-graph.js'
 import {isCurrentGraph, readManifest, selectVariant, type PackageManifest} from '../package/manifest.js'
+import {attentionMask, DeviceKvCache, DeviceOps, type DeviceCacheHost, type DeviceSegment, type InitialCache} from './device-cache.js'
+import {checkWebGpu, webgpuSessionOptions, type AdapterInfo, type Device} from './device.js'
 import {KvCache} from './kv-cache.js'
 import {loadStreamWeights, type HostTensor, type StreamWeights} from './stream-weights.js'
+
+/** A cache of one P: in JavaScript (CPU) or in device memory (WebGPU). */
+export type ModelCache = KvCache | DeviceKvCache
 
 export interface ModelOptions {
   /** Intra-op threads; default: ONNX Runtime's choice (one per core). */
@@ -21,6 +27,13 @@ export interface ModelOptions {
   profilePrefix?: string
   /** Most tokens per prefill call (default MAX_PREFILL_CHUNK; smaller in tests of chunking). */
   maxPrefillChunk?: number
+  /** Where to run (default cpu). */
+  device?: Device
+  /**
+   * The graph form, default the device's. Tests run the WebGPU form (device-resident cache,
+   * its device graphs) on the CPU provider, where every machine can check it.
+   */
+  form?: Device
 }
 
 export interface ForwardResult {
@@ -43,35 +56,57 @@ const PREFILL_LOGITS_BYTES = 64 << 20
 const MAX_PREFILL_CHUNK = 256
 const MIN_PREFILL_CHUNK = 16
 
-export class ParScaleModel {
+export class ParScaleModel implements DeviceCacheHost {
   private readonly streamCache = new Map<number, StreamWeights>()
+  /** Per P, the aggregation head and the initial cache as device tensors (WebGPU form). */
+  private readonly deviceHeads = new Map<number, Promise<Record<string, ort.Tensor>>>()
+  private readonly initialCaches = new Map<number, Promise<InitialCache>>()
 
   private constructor(
     private readonly session: ort.InferenceSession,
     readonly packageDir: string,
     readonly manifest: PackageManifest,
     private readonly maxPrefillChunk: number,
+    readonly device: Device,
+    /** The WebGPU form's device graphs (cache joins, uploads); undefined in the CPU form. */
+    private readonly deviceOps: DeviceOps | undefined,
+    /** The GPU adapter (WebGPU only). */
+    readonly adapter: AdapterInfo | undefined,
   ) {}
 
   static async open(packageDir: string, options: ModelOptions = {}): Promise<ParScaleModel> {
+    const device = options.device ?? 'cpu'
+    const adapter = device === 'webgpu' ? await checkWebGpu() : undefined // before any loading: fail at once
     const manifest = readManifest(packageDir)
     if (!isCurrentGraph(manifest)) {
       throw new UserError(`${packageDir}: converted by an older parscale (graph version ${manifest.graphVersion}); convert it again`)
     }
-    const sessionOptions: ort.InferenceSession.SessionOptions = {
+    const form = options.form ?? device
+    const base: ort.InferenceSession.SessionOptions = {
       graphOptimizationLevel: 'all',
       executionMode: 'sequential',
       ...(options.threads ? {intraOpNumThreads: options.threads, interOpNumThreads: 1} : {}),
-      ...(options.profilePrefix ? {enableProfiling: true, profileFilePrefix: options.profilePrefix} : {}),
+      ...(device === 'webgpu' ? webgpuSessionOptions() : {}),
     }
-    const graph = join(packageDir, manifest.graph)
+    const sessionOptions: ort.InferenceSession.SessionOptions = {
+      ...base,
+      ...(options.profilePrefix ? {enableProfiling: true, profileFilePrefix: options.profilePrefix} : {}),
+      // the cache stays in device memory between calls; logits come back to the CPU
+      ...(device === 'webgpu'
+        ? {preferredOutputLocation: Object.fromEntries(Array.from({length: manifest.model.numLayers}, (_, l) => [webgpuIo.presentKey(l), webgpuIo.presentValue(l)]).flat().map((name) => [name, 'gpu-buffer']))}
+        : {}),
+    }
+    const graph = join(packageDir, form === 'webgpu' ? manifest.webgpuGraph : manifest.graph)
     let session: ort.InferenceSession
     try {
       session = await ort.InferenceSession.create(graph, sessionOptions)
     } catch (error) {
       throw new UserError(`${graph}: ONNX Runtime cannot load it (${(error as Error).message.split('\n')[0]}); convert again`)
     }
-    return new ParScaleModel(session, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK)
+    const deviceOps = form === 'webgpu'
+      ? await DeviceOps.create(manifest.model.numLayers, {...base, ...(device === 'webgpu' ? {preferredOutputLocation: 'gpu-buffer'} : {})})
+      : undefined
+    return new ParScaleModel(session, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter)
   }
 
   get shape(): BackboneShape {
@@ -103,7 +138,8 @@ export class ParScaleModel {
   }
 
   /** An empty cache for sequences at `parallel` streams (`reserve` sizes it). */
-  newCache(parallel: number): KvCache {
+  newCache(parallel: number): ModelCache {
+    if (this.deviceOps) return new DeviceKvCache(this.shape, this.streams(parallel), this)
     return new KvCache(this.shape, this.streams(parallel))
   }
 
@@ -119,10 +155,11 @@ export class ParScaleModel {
    * `cache` and appends their keys and values to it. `numLogitsToKeep` 0 returns logits for
    * every new position, k the last k.
    */
-  async forward(cache: KvCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
+  async forward(cache: ModelCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
     const count = inputIds.length
     const seq = inputIds[0]?.length ?? 0
     if (count === 0 || seq === 0 || inputIds.some((row) => row.length !== seq)) throw new Error('forward needs rows of equal, non-zero length')
+    if (cache instanceof DeviceKvCache) return this.forwardDevice(cache, first, inputIds, numLogitsToKeep)
     const positions = new BigInt64Array(count * seq)
     const lengths = new BigInt64Array(count)
     for (let r = 0; r < count; r++) {
@@ -163,7 +200,86 @@ export class ParScaleModel {
     return {logits: logits.data as Float32Array, dims: logits.dims as [number, number, number], streamWeights: out[io.streamWeights].data as Float32Array}
   }
 
+  /** The WebGPU form: the cache goes in as the last call's device tensors and comes back longer. */
+  private async forwardDevice(cache: DeviceKvCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
+    const count = inputIds.length
+    const seq = inputIds[0].length
+    const P = cache.parallel
+    const segment = await cache.prepare(first, count)
+    const positions = new BigInt64Array(count * P * seq)
+    segment.slots.forEach((slot, b) => {
+      for (let p = 0; p < P; p++) for (let i = 0; i < seq; i++) positions[(b * P + p) * seq + i] = BigInt(slot.tokens + i)
+    })
+    const feeds: Record<string, ort.Tensor> = {
+      ...(await this.deviceHead(P)),
+      [webgpuIo.inputIds]: new ort.Tensor('int64', BigInt64Array.from(inputIds.flat(), BigInt), [count, seq]),
+      [webgpuIo.positions]: new ort.Tensor('int64', positions, [count * P, seq]),
+      [webgpuIo.attentionMask]: new ort.Tensor('float32', attentionMask(segment, seq, MASKED), [count, 1, seq, segment.length + seq]),
+      [webgpuIo.numLogitsToKeep]: new ort.Tensor('int64', BigInt64Array.of(BigInt(numLogitsToKeep)), []),
+    }
+    for (let layer = 0; layer < this.shape.numLayers; layer++) {
+      feeds[webgpuIo.pastKey(layer)] = segment.keys[layer]
+      feeds[webgpuIo.pastValue(layer)] = segment.values[layer]
+    }
+    const out = await this.session.run(feeds)
+    const layers = Array.from({length: this.shape.numLayers}, (_, layer) => layer)
+    cache.commit(segment, layers.map((l) => out[webgpuIo.presentKey(l)]), layers.map((l) => out[webgpuIo.presentValue(l)]), seq)
+    const logits = out[io.logits]
+    return {logits: logits.data as Float32Array, dims: logits.dims as [number, number, number], streamWeights: out[io.streamWeights].data as Float32Array}
+  }
+
+  /** The aggregation head of one P as device tensors, uploaded once. */
+  private deviceHead(parallel: number): Promise<Record<string, ort.Tensor>> {
+    let head = this.deviceHeads.get(parallel)
+    if (!head) {
+      const {aggregate} = this.streams(parallel)
+      const up = (t: HostTensor) => this.deviceOps!.upload(t.data, t.dims)
+      head = (async () => ({
+        [io.aggregate.weight0]: await up(aggregate.weight0),
+        [io.aggregate.bias0]: await up(aggregate.bias0),
+        [io.aggregate.weight2]: await up(aggregate.weight2),
+        [io.aggregate.bias2]: await up(aggregate.bias2),
+        [io.aggregate.smooth]: await up({data: Float32Array.of(aggregate.smooth), dims: []}),
+      }))()
+      this.deviceHeads.set(parallel, head)
+    }
+    return head
+  }
+
+  /** A sequence's cache at the start, uploaded once per P: its prefixes, or one masked placeholder position. */
+  initialCache(parallel: number): Promise<InitialCache> {
+    let initial = this.initialCaches.get(parallel)
+    if (!initial) {
+      const streams = this.streams(parallel)
+      const {numLayers, numKvHeads: kv, headDim: d} = this.shape
+      const n = streams.prefixTokens
+      const P = parallel
+      initial = (async () => {
+        const keys: ort.Tensor[] = []
+        const values: ort.Tensor[] = []
+        for (let layer = 0; layer < numLayers; layer++) {
+          keys.push(await this.deviceOps!.upload(n > 0 ? streams.prefixKeys[layer] : new Float32Array(P * kv * d), [P, kv, d, Math.max(n, 1)]))
+          values.push(await this.deviceOps!.upload(n > 0 ? streams.prefixValues[layer] : new Float32Array(P * kv * d), [P, kv, Math.max(n, 1), d]))
+        }
+        return {keys, values, valid: new Uint8Array(Math.max(n, 1)).fill(n > 0 ? 1 : 0)}
+      })()
+      this.initialCaches.set(parallel, initial)
+    }
+    return initial
+  }
+
+  select(tensors: ort.Tensor[], rows: number[]): Promise<ort.Tensor[]> {
+    return this.deviceOps!.select(tensors, rows)
+  }
+
+  join(a: DeviceSegment, b: DeviceSegment, length: number): Promise<{keys: ort.Tensor[]; values: ort.Tensor[]}> {
+    return this.deviceOps!.join(a, b, length)
+  }
+
   async release(): Promise<void> {
+    for (const head of this.deviceHeads.values()) for (const t of Object.values(await head)) t.dispose()
+    for (const initial of this.initialCaches.values()) for (const t of [...(await initial).keys, ...(await initial).values]) t.dispose()
+    await this.deviceOps?.release()
     await this.session.release()
   }
 }

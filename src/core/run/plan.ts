@@ -4,6 +4,7 @@
  * Pure: the command maps its flags to `RunOptions`; how a request is built is in requests.ts.
  */
 import {UserError} from '../errors.js'
+import type {Device} from './device.js'
 
 /** Options given as text and checked here, so a bad value is one line like every user error. */
 export type NumberOption = 'batch-size' | 'max-new-tokens' | 'temperature' | 'top-k' | 'top-p' | 'repetition-penalty' | 'seed' | 'parallel' | 'threads'
@@ -23,6 +24,8 @@ export interface RunOptions {
   json: boolean
   quiet: boolean
   truncate: boolean
+  /** Where the model runs (default cpu). */
+  device?: Device
   numbers: Partial<Record<NumberOption, string>>
 }
 

@@ -1,0 +1,123 @@
+// --device webgpu: the GPU form of the decoder (cache in device memory, device graphs for joins)
+// is checked on the CPU provider everywhere; on a machine with a GPU adapter the same checks run
+// on the GPU, and without one the CLI refuses at once.
+import assert from 'node:assert/strict'
+import fs from 'node:fs'
+import path from 'node:path'
+import {after, before, describe, test} from 'node:test'
+
+import {convertCheckpoints} from '../src/core/package/convert.js'
+import {generateAll} from '../src/core/run/batcher.js'
+import {checkWebGpu} from '../src/core/run/device.js'
+import {ParScaleModel, type ModelOptions} from '../src/core/run/model.js'
+import {runCli} from './helpers/cli.js'
+import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
+
+interface Golden {
+  logits: {prompt_ids: number[]; values: number[][]}
+}
+
+const CASES = ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']
+const work = makeTempDir()
+after(() => fs.rmSync(work, {recursive: true, force: true}))
+
+const golden = (name: string) => JSON.parse(fs.readFileSync(path.join(goldenDir(name), 'golden.json'), 'utf8')) as Golden
+const packageOf = (name: string) => {
+  const out = path.join(work, name)
+  if (!fs.existsSync(out)) convertCheckpoints({sources: [goldenDir(name)], outDir: out, dtype: 'fp32'})
+  return out
+}
+
+let adapter: string | undefined
+before(async () => {
+  adapter = await checkWebGpu().then((a) => a.name, () => undefined)
+})
+
+function maxDiff(a: Float32Array, b: Float32Array): number {
+  let max = 0
+  for (let i = 0; i < a.length; i++) max = Math.max(max, Math.abs(a[i] - b[i]))
+  return max
+}
+
+/** Logits of every position of the golden prompt: in one call, and decoded a token at a time. */
+async function logitsOf(dir: string, options: ModelOptions, ids: number[]) {
+  const model = await ParScaleModel.open(dir, options)
+  const P = Math.max(...model.parallelValues)
+  const cache = model.newCache(P)
+  cache.reserve(1, ids.length)
+  cache.reset(0)
+  const whole = await model.forward(cache, 0, [ids], 0)
+  cache.dispose()
+  const steps = model.newCache(P)
+  steps.reserve(1, ids.length)
+  steps.reset(0)
+  const vocab = whole.dims[2]
+  const incremental = new Float32Array(whole.logits.length)
+  const first = await model.forward(steps, 0, [ids.slice(0, 3)], 0)
+  incremental.set(first.logits)
+  for (let t = 3; t < ids.length; t++) incremental.set((await model.forward(steps, 0, [[ids[t]]], 1)).logits, t * vocab)
+  steps.dispose()
+  await model.release()
+  return {whole: whole.logits, incremental, vocab}
+}
+
+/** Greedy answers to prompts of different lengths and P, through the continuous batcher. */
+async function batchedAnswers(dir: string, options: ModelOptions, ids: number[]) {
+  const model = await ParScaleModel.open(dir, {...options, maxPrefillChunk: 4})
+  const requests = [3, 9, 5, ids.length, 2, 7].map((n, i) => ({
+    promptIds: ids.slice(0, n), maxNewTokens: 3 + (i % 3) * 4, sampling: {temperature: 0}, parallel: model.parallelValues[i % model.parallelValues.length],
+  }))
+  const results = await generateAll(model, requests, 3, {eosTokenIds: [], decode: () => ''})
+  await model.release()
+  return results.map((r) => r.tokenIds)
+}
+
+for (const name of CASES) {
+  describe(`WebGPU form, ${name}`, () => {
+    const {prompt_ids: ids, values} = golden(name).logits
+
+    test('on the CPU provider: the same logits as the CPU form, whole and token by token', async () => {
+      const dir = packageOf(name)
+      const cpu = await logitsOf(dir, {}, ids)
+      const form = await logitsOf(dir, {form: 'webgpu'}, ids)
+      assert.ok(maxDiff(cpu.whole, form.whole) < 1e-4, `whole ${maxDiff(cpu.whole, form.whole)}`)
+      assert.ok(maxDiff(cpu.whole, form.incremental) < 1e-4, `incremental ${maxDiff(cpu.whole, form.incremental)}`)
+      let reference = 0
+      values.forEach((row, i) => row.forEach((v, j) => (reference = Math.max(reference, Math.abs(v - form.whole[i * form.vocab + j])))))
+      assert.ok(reference < 2e-3, `vs the PyTorch reference: ${reference}`)
+    })
+
+    test('on the CPU provider: sequences joining and leaving a batch decode as the CPU form does', async () => {
+      const dir = packageOf(name)
+      assert.deepEqual(await batchedAnswers(dir, {form: 'webgpu'}, ids), await batchedAnswers(dir, {}, ids))
+    })
+
+    test('on the GPU: logits within 1e-3 of the CPU, and the batcher agrees', async (t) => {
+      if (!adapter) return t.skip('no WebGPU adapter on this machine')
+      const dir = packageOf(name)
+      const cpu = await logitsOf(dir, {}, ids)
+      const gpu = await logitsOf(dir, {device: 'webgpu'}, ids)
+      assert.ok(maxDiff(cpu.whole, gpu.whole) < 1e-3, `whole ${maxDiff(cpu.whole, gpu.whole)}`)
+      assert.ok(maxDiff(cpu.whole, gpu.incremental) < 1e-3, `incremental ${maxDiff(cpu.whole, gpu.incremental)}`)
+      assert.deepEqual(await batchedAnswers(dir, {device: 'webgpu'}, ids), await batchedAnswers(dir, {}, ids))
+    })
+  })
+}
+
+describe('--device webgpu without a GPU adapter', () => {
+  for (const command of [['run', '--prompt', 'x'], ['eval', '--text-file', 'README.md'], ['bench', '--synthetic', '0.5b']]) {
+    test(`${command[0]}: one line, exit 1, before any model is loaded`, async (t) => {
+      if (adapter) return t.skip(`this machine has an adapter (${adapter})`)
+      const result = await runCli([...command, '--device', 'webgpu'], {env: {PARSCALE_CACHE: path.join(work, 'nothing-here')}})
+      assert.equal(result.code, 1)
+      assert.match(result.stderr, /^parscale: no WebGPU adapter found \(.+\)\n$/)
+      assert.ok(!fs.existsSync(path.join(work, 'nothing-here')), 'nothing was converted or generated')
+    })
+  }
+
+  test('an unknown device is a usage error', async () => {
+    const result = await runCli(['run', '--prompt', 'x', '--device', 'tpu'])
+    assert.equal(result.code, 2)
+    assert.match(result.stderr, /^parscale: .*cpu, webgpu/)
+  })
+})
