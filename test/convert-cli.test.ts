@@ -236,7 +236,7 @@ describe('convert output', () => {
     assert.equal(result.stderr, '', 'no spinner on a pipe')
     assert.match(result.stdout, /P = 4/)
     const files = fs.readdirSync(out).sort()
-    assert.deepEqual(files, ['backbone.weights', 'config.json', 'generation_config.json', 'model.onnx', 'p4.weights', 'parscale.json', 'tokenizer.json', 'tokenizer_config.json'])
+    assert.deepEqual(files, ['backbone.weights', 'config.json', 'generation_config.json', 'model.onnx', 'model.webgpu.onnx', 'p4.weights', 'parscale.json', 'tokenizer.json', 'tokenizer_config.json'])
     const manifest = readManifest(out)
     assert.equal(manifest.variants[0].prefixTokens, 48)
     assert.equal(manifest.model.numKvHeads, 2)

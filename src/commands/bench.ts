@@ -60,7 +60,7 @@ export default class Bench extends BaseCommand {
     json: Flags.string({description: 'also write the report as JSON to this file'}),
     csv: Flags.boolean({description: 'print CSV instead of the table'}),
     profile: Flags.string({description: 'write ONNX Runtime profiles with this file prefix'}),
-    device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider (--threads then sizes the CPU side)', options: [...DEVICES], default: 'cpu'}),
+    device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider (one CPU thread launches its kernels; --threads is for cpu)', options: [...DEVICES], default: 'cpu'}),
   }
 
   async run(): Promise<void> {

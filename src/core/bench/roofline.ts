@@ -36,9 +36,11 @@ function writeChainModel(dir: string, spec: ProbeSpec): {file: string; bytes: nu
     bytes += rows * cols * 4
     return g.externalInitializer(name, 'float32', [rows, cols], data.append([randomChunk(rows * cols, seed)]))
   }
+  // On a GPU, the decoder's form: MatMul on weights transposed at load (Gemm(transB) is slower there).
+  const linear = (v: string, w: string) => (spec.device === 'webgpu' ? ops.matmul(v, ops.transpose(w, [1, 0])) : ops.linear(v, w))
   for (let l = 0; l < spec.layers; l++) {
-    const up = ops.linear(x, matrix(`up${l}`, spec.intermediate, spec.hidden, 2 * l + 1))
-    x = ops.linear(up, matrix(`down${l}`, spec.hidden, spec.intermediate, 2 * l + 2))
+    const up = linear(x, matrix(`up${l}`, spec.intermediate, spec.hidden, 2 * l + 1))
+    x = linear(up, matrix(`down${l}`, spec.hidden, spec.intermediate, 2 * l + 2))
   }
   g.output(x, 'y', 'float32', ['rows', spec.hidden])
   data.close()

@@ -1,5 +1,5 @@
 import type {BackboneShape} from '../checkpoint/config.js'
-import {aggregateStreams, embedTokens, lmHead, rotary, type AggregationInputs, type DecoderContext, type Rotary} from './blocks.js'
+import {embedTokens, rotary, type DecoderContext, type Rotary} from './blocks.js'
 import {GraphBuilder} from './builder.js'
 import {Ops} from './ops.js'
 import {io} from './parscale-graph.js'
@@ -40,15 +40,57 @@ export const webgpuIo = {
   pastValue: (layer: number) => `past_key_values.${layer}.value`,
   presentKey: (layer: number) => `present.${layer}.key`,
   presentValue: (layer: number) => `present.${layer}.value`,
+  /** The aggregation head as MatMul takes it: weights transposed ([P·H, H_agg] and [H_agg, P]). */
+  aggregate: {
+    weight0: 'aggregate.0.weight_t',
+    bias0: 'aggregate.0.bias',
+    weight2: 'aggregate.2.weight_t',
+    bias2: 'aggregate.2.bias',
+    smooth: 'aggregate.smooth',
+  },
 } as const
 
 /** The additive value of a masked position (finite, so a softmax row never sees only −inf). */
 export const MASKED = -1e30
 
-export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: GraphBuilder) => WeightProvider): GraphBuilder {
+/** Forms of the projections, measured against each other on the GPU (docs/benchmarks.md). */
+export interface WebGpuGraphOptions {
+  /**
+   * matmul: MatMul on [in, out] weights, transposed once by ONNX Runtime's constant folding when
+   * the session loads. gemm: Gemm(transB) on the stored [out, in] weights (measured slower).
+   */
+  linear?: 'matmul' | 'gemm'
+  /** One projection for q, k, v and one for gate, up (weights concatenated at load), then Split. */
+  fuse?: boolean
+  /**
+   * Split-K, for projections whose few output columns give the GPU few workgroups at one row
+   * (a MatMul workgroup computes 32 columns): the input is cut into k slices, k partial products
+   * run as one batched MatMul and are summed. k is chosen per projection so that about
+   * `splitK` workgroups run (0 turns it off), on the projections `splitOn` names.
+   */
+  splitK?: number
+  splitOn?: 'all' | 'mlp' | 'down'
+}
+
+export const DEFAULT_WEBGPU_GRAPH: Required<WebGpuGraphOptions> = {linear: 'matmul', fuse: true, splitK: 1536, splitOn: 'all'}
+
+/** Slices of the input for split-K: about `target` workgroups of 32 output columns; slices of at least 32, a multiple of 4. */
+export function splitFactor(inner: number, out: number, target: number): number {
+  const groups = Math.ceil(out / 32)
+  if (target <= 0 || groups * 2 > target) return 1
+  let best = 1
+  for (let k = 2; k <= inner / 32; k++) {
+    if (inner % k !== 0 || (inner / k) % 4 !== 0) continue
+    if (Math.abs(k * groups - target) < Math.abs(best * groups - target)) best = k
+  }
+  return best
+}
+
+export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: GraphBuilder) => WeightProvider, options: WebGpuGraphOptions = {}): GraphBuilder {
+  const form = {...DEFAULT_WEBGPU_GRAPH, ...options}
   const g = new GraphBuilder('parscale-webgpu')
   const ops = new Ops(g)
-  const {numKvHeads: kv, headDim: d, hiddenSize: H, numHeads} = config
+  const {numKvHeads: kv, headDim: d, hiddenSize: H, numHeads, intermediateSize: I} = config
   const group = numHeads / kv
 
   const inputIds = g.input(webgpuIo.inputIds, 'int64', ['batch', 'sequence_length'])
@@ -58,31 +100,58 @@ export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: 
     key: g.input(webgpuIo.pastKey(layer), 'float32', ['batch_streams', kv, d, 'past_length']),
     value: g.input(webgpuIo.pastValue(layer), 'float32', ['batch_streams', kv, 'past_length', d]),
   }))
-  const head: AggregationInputs = {
-    weight0: g.input(io.aggregate.weight0, 'float32', ['aggregate_hidden', 'streams_hidden']),
-    bias0: g.input(io.aggregate.bias0, 'float32', ['aggregate_hidden']),
-    weight2: g.input(io.aggregate.weight2, 'float32', ['streams', 'aggregate_hidden']),
-    bias2: g.input(io.aggregate.bias2, 'float32', ['streams']),
-    smooth: g.input(io.aggregate.smooth, 'float32', []),
+  const head = {
+    weight0: g.input(webgpuIo.aggregate.weight0, 'float32', ['streams_hidden', 'aggregate_hidden']),
+    bias0: g.input(webgpuIo.aggregate.bias0, 'float32', ['aggregate_hidden']),
+    weight2: g.input(webgpuIo.aggregate.weight2, 'float32', ['aggregate_hidden', 'streams']),
+    bias2: g.input(webgpuIo.aggregate.bias2, 'float32', ['streams']),
+    smooth: g.input(webgpuIo.aggregate.smooth, 'float32', []),
   }
   const numLogitsToKeep = g.input(io.numLogitsToKeep, 'int64', [])
 
   const weights = makeWeights(g)
   const batch = ops.shape(inputIds, 0, 1)
   const seq = ops.shape(inputIds, 1, 2)
-  const streams = ops.shape(head.weight2, 0, 1)
+  const streams = ops.shape(head.weight2, 1, 2)
   const rows = ops.mul(batch, streams)
+  const total = ops.add(ops.shape(past[0].key, 3, 4), seq) // every layer's cache length after this call
   const dims = {batch, seq, streams, batchStreams: rows}
   const ctx: DecoderContext = {g, ops, weights, config, dims}
   const eps = {float: config.rmsNormEps}
   const w = (name: string) => weights.get(name)
-  const linear = (x: string, name: string, bias?: string, scale?: number) =>
-    g.node('Gemm', bias ? [x, w(name), w(bias)] : [x, w(name)], scale === undefined ? {transB: 1} : {transB: 1, alpha: {float: scale}, beta: {float: scale}})
-  const flat = (x: string, width: number) => ops.reshape(x, ops.shapeOf([-1, width]))
-  const perRow = (x: string, width: number) => ops.reshape(x, ops.shapeOf([rows, seq, width]))
 
-  // The residual stream as [rows, seq, H]: the fused norms take 3-D input.
-  let residual = perRow(g.within('embed', () => embedTokens(ctx, inputIds)), H)
+  /**
+   * x·Wᵀ (+ b) (times `scale` when given) on activations [rows·seq, in], for weights stored
+   * [out, in]. Several weights make one projection (concatenated along out by constant folding
+   * at load), split afterwards along the last axis.
+   */
+  const project = (x: string, inner: number, role: 'attn' | 'mlp' | 'down', parts: {weight: string; bias?: string; scale?: number; width: number}[]): string[] => {
+    const scaled = (t: string, scale?: number) => (scale === undefined ? t : ops.mul(t, g.float([scale], [])))
+    const joined = (list: string[]) => (list.length === 1 ? list[0] : ops.concat(list, 0))
+    const W = joined(parts.map((p) => scaled(w(p.weight), p.scale))) // [out, in]
+    const bias = parts.some((p) => p.bias) ? joined(parts.map((p) => scaled(w(p.bias!), p.scale))) : undefined
+    const out = parts.reduce((sum, p) => sum + p.width, 0)
+    const splits = form.splitOn === 'all' || form.splitOn === role || (form.splitOn === 'mlp' && role === 'down')
+    const k = splits ? splitFactor(inner, out, form.splitK) : 1
+    let y: string
+    if (form.linear === 'gemm') {
+      y = g.node('Gemm', bias ? [x, W, bias] : [x, W], {transB: 1})
+    } else if (k > 1) {
+      // [k, M, in/k] · [k, in/k, out] → Σ over k; the weight slices are made by constant folding at load
+      const slices = ops.transpose(ops.reshape(W, g.int64([out, k, inner / k])), [1, 2, 0])
+      const partsOfX = ops.transpose(ops.reshape(x, g.int64([-1, k, inner / k])), [1, 0, 2])
+      y = ops.reduceSum(ops.matmul(partsOfX, slices), [0], 0)
+      if (bias) y = ops.add(y, bias)
+    } else {
+      y = ops.matmul(x, ops.transpose(W, [1, 0]))
+      if (bias) y = ops.add(y, bias)
+    }
+    if (parts.length === 1) return [y]
+    return g.nodeN('Split', [y, g.int64(parts.map((p) => p.width))], parts.length, {axis: -1})
+  }
+
+  // The residual stream as [rows·seq, H] (rows (batch, stream), then positions).
+  let residual = g.within('embed', () => embedTokens(ctx, inputIds))
   const tables: Rotary = g.within('rotary', () => rotary(ctx, positions))
   const rope = (x: string) => g.node('RotaryEmbedding', [x, tables.positions, tables.cosTable, tables.sinTable], {interleaved: 0}, 'com.microsoft')
 
@@ -98,12 +167,13 @@ export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: 
   for (let layer = 0; layer < config.numLayers; layer++) {
     g.within(`layers.${layer}`, () => {
       const name = (tensor: string) => `model.layers.${layer}.${tensor}`
-      const x = flat(norm(name('input_layernorm.weight')), H)
-      const attn = g.within('attn', () => {
-        const proj = (p: string, scale?: number) => linear(x, name(`self_attn.${p}.weight`), name(`self_attn.${p}.bias`), scale)
-        const q = rope(perRow(proj('q_proj', 1 / Math.sqrt(d)), numHeads * d)) // [R, S, heads·d]
-        const k = rope(perRow(proj('k_proj'), kv * d))
-        const v = proj('v_proj')
+      const x = norm(name('input_layernorm.weight'))
+      pending = g.within('attn', () => {
+        const part = (p: string, width: number, scale?: number) => ({weight: name(`self_attn.${p}.weight`), bias: name(`self_attn.${p}.bias`), scale, width})
+        const parts = [part('q_proj', numHeads * d, 1 / Math.sqrt(d)), part('k_proj', kv * d), part('v_proj', kv * d)]
+        const [qp, kp, v] = form.fuse ? project(x, H, 'attn', parts) : parts.map((p) => project(x, H, 'attn', [p])[0])
+        const q = rope(ops.reshape(qp, ops.shapeOf([rows, seq, numHeads * d]))) // [R, S, heads·d]
+        const k = rope(ops.reshape(kp, ops.shapeOf([rows, seq, kv * d])))
         // queries of one KV head's group become rows: [R, kv, group·S, d]
         const queries = ops.reshape(
           ops.transpose(ops.reshape(q, ops.shapeOf([rows, seq, kv, group, d])), [0, 2, 3, 1, 4]),
@@ -113,39 +183,66 @@ export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: 
         const newValue = ops.transpose(ops.reshape(v, ops.shapeOf([rows, seq, kv, d])), [0, 2, 1, 3]) // [R, kv, S, d]
         const keys = ops.concat([past[layer].key, newKey], 3)
         const values = ops.concat([past[layer].value, newValue], 2)
-        const total = ops.shape(keys, 3, 4)
         // scores [R, kv, group·S, T] viewed as [B, P·kv·group, S, T] take the mask [B, 1, S, T]
         const scores = ops.add(ops.reshape(ops.matmul(queries, keys), ops.shapeOf([batch, -1, seq, total])), mask)
         const probs = ops.reshape(ops.softmax(scores, -1), ops.shapeOf([rows, kv, -1, total]))
         const context = ops.reshape(ops.matmul(probs, values), ops.shapeOf([rows, kv, group, seq, d]))
-        const perToken = ops.reshape(ops.transpose(context, [0, 3, 1, 2, 4]), ops.shapeOf([-1, numHeads * d]))
+        const perToken = ops.reshape(ops.transpose(context, [0, 3, 1, 2, 4]), g.int64([-1, numHeads * d]))
         // declared once all their consumers exist (outputs are renamed in place)
         g.output(keys, webgpuIo.presentKey(layer), 'float32', ['batch_streams', kv, d, 'total_length'])
         g.output(values, webgpuIo.presentValue(layer), 'float32', ['batch_streams', kv, 'total_length', d])
-        return linear(perToken, name('self_attn.o_proj.weight'))
+        return project(perToken, numHeads * d, 'attn', [{weight: name('self_attn.o_proj.weight'), width: H}])[0]
       })
-      pending = perRow(attn, H)
-      const y = flat(norm(name('post_attention_layernorm.weight')), H)
-      const mlp = g.within('mlp', () => {
-        const gate = g.node('QuickGelu', [linear(y, name('mlp.gate_proj.weight'))], {alpha: {float: 1}}, 'com.microsoft') // x·sigmoid(x): SiLU
-        return linear(ops.mul(gate, linear(y, name('mlp.up_proj.weight'))), name('mlp.down_proj.weight'))
+      const y = norm(name('post_attention_layernorm.weight'))
+      pending = g.within('mlp', () => {
+        const part = (p: string) => ({weight: name(`mlp.${p}.weight`), width: I})
+        const [gate, up] = form.fuse ? project(y, H, 'mlp', [part('gate_proj'), part('up_proj')]) : [project(y, H, 'mlp', [part('gate_proj')])[0], project(y, H, 'mlp', [part('up_proj')])[0]]
+        const silu = g.node('QuickGelu', [gate], {alpha: {float: 1}}, 'com.microsoft') // x·sigmoid(x)
+        return project(ops.mul(silu, up), I, 'down', [{weight: name('mlp.down_proj.weight'), width: H}])[0]
       })
-      pending = perRow(mlp, H)
     })
   }
 
   const {logits, mix} = g.within('head', () => {
-    const normed = norm('model.norm.weight') // [R, S, H]
+    const normed = ops.reshape(norm('model.norm.weight'), ops.shapeOf([rows, seq, H]))
     // Keep only the positions whose logits are wanted before the (costly) head: 0 keeps all.
     const start = ops.neg(ops.reshape(numLogitsToKeep, g.int64([1])))
-    const kept = flat(ops.slice(normed, start, g.int64([Number.MAX_SAFE_INTEGER]), 1), H)
-    const aggregated = g.within('aggregate', () => aggregateStreams(ctx, kept, head))
+    const kept = ops.reshape(ops.slice(normed, start, g.int64([Number.MAX_SAFE_INTEGER]), 1), g.int64([-1, H]))
+    const aggregated = g.within('aggregate', () => mixStreams(ctx, kept, head))
+    // The LM head's row blocks (stored so for the CPU) as one [H, vocab] matrix, built at load.
+    const blocks = config.tieWordEmbeddings
+      ? weights.rowBlocks('model.embed_tokens.weight', 'lm_head.weight (tied to model.embed_tokens.weight)', HEAD_BLOCK_BYTES)
+      : weights.rowBlocks('lm_head.weight', 'lm_head.weight', HEAD_BLOCK_BYTES)
+    const matrix = blocks.length === 1 ? ops.transpose(blocks[0], [1, 0]) : ops.concat(blocks.map((b) => ops.transpose(b, [1, 0])), 1)
     return {
-      logits: ops.reshape(lmHead(ctx, aggregated.mixed), ops.shapeOf([batch, -1, config.vocabSize])),
+      logits: ops.reshape(ops.matmul(aggregated.mixed, matrix), ops.shapeOf([batch, -1, config.vocabSize])),
       mix: ops.reshape(aggregated.weights, ops.shapeOf([batch, -1, streams])),
     }
   })
   g.output(logits, io.logits, 'float32', ['batch', 'logits_sequence_length', config.vocabSize])
   g.output(mix, io.streamWeights, 'float32', ['batch', 'logits_sequence_length', 'streams'])
   return g
+}
+
+/** The CPU graph's LM head blocks (blocks.ts): the same stored tensors. */
+const HEAD_BLOCK_BYTES = 64 << 20
+
+/**
+ * aggregateStreams (blocks.ts) with the head's weights fed transposed, for MatMul: features
+ * hidden-major (h·P + p) → Linear → SiLU → Linear → softmax → smoothed → weighted sum.
+ */
+function mixStreams(ctx: DecoderContext, hidden: string, head: {weight0: string; bias0: string; weight2: string; bias2: string; smooth: string}): {mixed: string; weights: string} {
+  const {ops, g, config, dims} = ctx
+  const H = config.hiddenSize
+  const streams = ops.reshape(hidden, ops.shapeOf([dims.batch, dims.streams, -1, H])) // [B, P, K, H]
+  const featureWidth = ops.mul(dims.streams, g.int64([H]))
+  // 3-D, so ONNX Runtime does not fuse MatMul + Add into a Gemm (a slower kernel on the GPU)
+  const features = ops.reshape(ops.transpose(streams, [0, 2, 3, 1]), ops.shapeOf([dims.batch, -1, featureWidth])) // [B, K, H·P]
+  const hiddenUnits = g.node('QuickGelu', [ops.add(ops.matmul(features, head.weight0), head.bias0)], {alpha: {float: 1}}, 'com.microsoft')
+  const scored = ops.add(ops.matmul(hiddenUnits, head.weight2), head.bias2) // [B, K, P]
+  const keep = ops.sub(g.float([1], []), head.smooth)
+  const floor = ops.div(head.smooth, ops.castTo(dims.streams, 'float32'))
+  const mix = ops.add(ops.mul(ops.softmax(scored, -1), keep), floor) // [B, K, P]
+  const perStream = ops.unsqueeze(ops.transpose(mix, [0, 2, 1]), [3]) // [B, P, K, 1]
+  return {mixed: ops.reshape(ops.reduceSum(ops.mul(streams, perStream), [1], 0), ops.shapeOf([-1, H])), weights: mix}
 }

@@ -25,18 +25,23 @@ export interface AdapterInfo {
 
 /**
  * Session options for ONNX Runtime's WebGPU provider, with the settings parscale measured
- * (docs/benchmarks.md): validation off (a release build validates every dispatch on the CPU)
- * and more dispatches recorded per queue submit. `PARSCALE_WEBGPU_OPTIONS` (JSON: provider
- * options and session config entries) overrides them, for measuring.
+ * (docs/benchmarks.md): validation off (a release build validates every dispatch on the CPU),
+ * more dispatches recorded per queue submit, and one CPU thread that does not spin (the CPU
+ * only launches kernels and runs shape arithmetic; spinning pool threads would compete with the
+ * thread that launches). `PARSCALE_WEBGPU_OPTIONS` (JSON: `provider` options, `config` entries,
+ * `threads`) overrides them, for measuring.
  */
-export function webgpuSessionOptions(): Pick<ort.InferenceSession.SessionOptions, 'executionProviders' | 'extra'> {
-  let override: {provider?: Record<string, string>; config?: Record<string, string>} = {}
+export function webgpuSessionOptions(): Pick<ort.InferenceSession.SessionOptions, 'executionProviders' | 'extra' | 'intraOpNumThreads' | 'interOpNumThreads'> {
+  let override: {provider?: Record<string, string>; config?: Record<string, string>; threads?: number} = {}
   if (process.env.PARSCALE_WEBGPU_OPTIONS) override = JSON.parse(process.env.PARSCALE_WEBGPU_OPTIONS) as typeof override
   const provider = {name: 'webgpu', validationMode: 'disabled', ...override.provider}
   const config = {maxNumPendingDispatches: '64', ...override.config}
+  const threads = override.threads ?? 1
   return {
     executionProviders: [provider as unknown as ort.InferenceSession.ExecutionProviderConfig],
-    extra: {ep: {webgpuexecutionprovider: config}},
+    intraOpNumThreads: threads,
+    interOpNumThreads: 1,
+    extra: {ep: {webgpuexecutionprovider: config}, ...(threads === 1 ? {session: {intra_op: {allow_spinning: '0'}}} : {})},
   }
 }
 

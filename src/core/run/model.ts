@@ -34,6 +34,8 @@ export interface ModelOptions {
    * its device graphs) on the CPU provider, where every machine can check it.
    */
   form?: Device
+  /** Another graph file of the package in the WebGPU form (measuring graph variants). */
+  graphFile?: string
 }
 
 export interface ForwardResult {
@@ -86,7 +88,7 @@ export class ParScaleModel implements DeviceCacheHost {
       graphOptimizationLevel: 'all',
       executionMode: 'sequential',
       ...(options.threads ? {intraOpNumThreads: options.threads, interOpNumThreads: 1} : {}),
-      ...(device === 'webgpu' ? webgpuSessionOptions() : {}),
+      ...(device === 'webgpu' ? webgpuSessionOptions() : {}), // its own thread settings
     }
     const sessionOptions: ort.InferenceSession.SessionOptions = {
       ...base,
@@ -96,7 +98,7 @@ export class ParScaleModel implements DeviceCacheHost {
         ? {preferredOutputLocation: Object.fromEntries(Array.from({length: manifest.model.numLayers}, (_, l) => [webgpuIo.presentKey(l), webgpuIo.presentValue(l)]).flat().map((name) => [name, 'gpu-buffer']))}
         : {}),
     }
-    const graph = join(packageDir, form === 'webgpu' ? manifest.webgpuGraph : manifest.graph)
+    const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph : manifest.graph))
     let session: ort.InferenceSession
     try {
       session = await ort.InferenceSession.create(graph, sessionOptions)
@@ -228,18 +230,19 @@ export class ParScaleModel implements DeviceCacheHost {
     return {logits: logits.data as Float32Array, dims: logits.dims as [number, number, number], streamWeights: out[io.streamWeights].data as Float32Array}
   }
 
-  /** The aggregation head of one P as device tensors, uploaded once. */
+  /** The aggregation head of one P as device tensors (weights transposed for MatMul), uploaded once. */
   private deviceHead(parallel: number): Promise<Record<string, ort.Tensor>> {
     let head = this.deviceHeads.get(parallel)
     if (!head) {
       const {aggregate} = this.streams(parallel)
       const up = (t: HostTensor) => this.deviceOps!.upload(t.data, t.dims)
+      const names = webgpuIo.aggregate
       head = (async () => ({
-        [io.aggregate.weight0]: await up(aggregate.weight0),
-        [io.aggregate.bias0]: await up(aggregate.bias0),
-        [io.aggregate.weight2]: await up(aggregate.weight2),
-        [io.aggregate.bias2]: await up(aggregate.bias2),
-        [io.aggregate.smooth]: await up({data: Float32Array.of(aggregate.smooth), dims: []}),
+        [names.weight0]: await up(transposed(aggregate.weight0)),
+        [names.bias0]: await up(aggregate.bias0),
+        [names.weight2]: await up(transposed(aggregate.weight2)),
+        [names.bias2]: await up(aggregate.bias2),
+        [names.smooth]: await up({data: Float32Array.of(aggregate.smooth), dims: []}),
       }))()
       this.deviceHeads.set(parallel, head)
     }
@@ -282,4 +285,12 @@ export class ParScaleModel implements DeviceCacheHost {
     await this.deviceOps?.release()
     await this.session.release()
   }
+}
+
+/** A matrix [rows, cols] as [cols, rows]. */
+function transposed(t: HostTensor): HostTensor {
+  const [rows, cols] = t.dims
+  const data = new Float32Array(t.data.length)
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) data[c * rows + r] = t.data[r * cols + c]
+  return {data, dims: [cols, rows]}
 }
