@@ -1,0 +1,208 @@
+// Measurements for the GPU machine that the CLI does not make (bundled by pack.sh):
+//   golden ROOT OUT.json        WebGPU vs CPU logits and batcher answers on fixtures/golden/*
+//   decode PKG FORM P…          decode ms/token of one graph form (provider settings from the environment)
+//   profile PKG OUT.json P      ONNX Runtime's profile of decode steps, summarized per provider and op
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+
+import onnxProto from 'onnx-proto'
+
+import {GraphBuilder} from '../../src/core/onnx/builder.js'
+import {buildWebGpuDecoderGraph, type WebGpuGraphOptions} from '../../src/core/onnx/webgpu-graph.js'
+import type {WeightProvider} from '../../src/core/onnx/weights.js'
+import {convertCheckpoints} from '../../src/core/package/convert.js'
+import {readManifest} from '../../src/core/package/manifest.js'
+import {generateAll} from '../../src/core/run/batcher.js'
+import {ParScaleModel, type ModelOptions} from '../../src/core/run/model.js'
+
+const [command, ...args] = process.argv.slice(2)
+const write = (file: string, value: unknown) => fs.writeFileSync(file, JSON.stringify(value, null, 1) + '\n')
+/** EXP_ON_CPU=1 runs the WebGPU form on the CPU provider (checking this script anywhere). */
+const gpu: ModelOptions = process.env.EXP_ON_CPU ? {form: 'webgpu'} : {device: 'webgpu'}
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
+
+function maxDiff(a: Float32Array, b: Float32Array): number {
+  let max = 0
+  for (let i = 0; i < a.length; i++) max = Math.max(max, Math.abs(a[i] - b[i]))
+  return max
+}
+
+async function logitsOf(dir: string, options: ModelOptions, ids: number[]) {
+  const model = await ParScaleModel.open(dir, options)
+  const P = Math.max(...model.parallelValues)
+  const cache = model.newCache(P)
+  cache.reserve(1, ids.length)
+  cache.reset(0)
+  const whole = await model.forward(cache, 0, [ids], 0)
+  cache.dispose?.()
+  const steps = model.newCache(P)
+  steps.reserve(1, ids.length)
+  steps.reset(0)
+  const vocab = whole.dims[2]
+  const incremental = new Float32Array(whole.logits.length)
+  incremental.set((await model.forward(steps, 0, [ids.slice(0, 3)], 0)).logits)
+  for (let t = 3; t < ids.length; t++) incremental.set((await model.forward(steps, 0, [[ids[t]]], 1)).logits, t * vocab)
+  steps.dispose?.()
+  await model.release()
+  return {whole: whole.logits, incremental}
+}
+
+async function batched(dir: string, options: ModelOptions, ids: number[]) {
+  const model = await ParScaleModel.open(dir, {...options, maxPrefillChunk: 4})
+  const requests = [3, 9, 5, ids.length, 2, 7].map((n, i) => ({
+    promptIds: ids.slice(0, n), maxNewTokens: 3 + (i % 3) * 4, sampling: {temperature: 0}, parallel: model.parallelValues[i % model.parallelValues.length],
+  }))
+  const results = await generateAll(model, requests, 3, {eosTokenIds: [], decode: () => ''})
+  await model.release()
+  return results.map((r) => r.tokenIds)
+}
+
+async function golden(root: string, out: string): Promise<void> {
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'golden-'))
+  const rows = []
+  for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
+    const source = path.join(root, 'fixtures/golden', name)
+    const dir = path.join(work, name)
+    convertCheckpoints({sources: [source], outDir: dir, dtype: 'fp32'})
+    const {prompt_ids: ids, values} = (JSON.parse(fs.readFileSync(path.join(source, 'golden.json'), 'utf8')) as {logits: {prompt_ids: number[]; values: number[][]}}).logits
+    const cpu = await logitsOf(dir, {}, ids)
+    const onGpu = await logitsOf(dir, gpu, ids)
+    const vocab = values[0].length
+    let reference = 0
+    values.forEach((row, i) => row.forEach((v, j) => (reference = Math.max(reference, Math.abs(v - onGpu.whole[i * vocab + j])))))
+    const answersCpu = await batched(dir, {}, ids)
+    const answersGpu = await batched(dir, gpu, ids)
+    const row = {
+      name, whole_vs_cpu: maxDiff(cpu.whole, onGpu.whole), incremental_vs_cpu: maxDiff(cpu.whole, onGpu.incremental),
+      gpu_vs_pytorch: reference, batcher_same_answers: JSON.stringify(answersCpu) === JSON.stringify(answersGpu),
+    }
+    console.log(JSON.stringify(row))
+    rows.push(row)
+  }
+  write(out, rows)
+}
+
+/** The package's WebGPU-graph weights, by the names the graph builder asks for. */
+function packageWeights(dir: string): (g: GraphBuilder) => WeightProvider {
+  const model = onnxProto.onnx.ModelProto.decode(fs.readFileSync(path.join(dir, readManifest(dir).webgpuGraph)))
+  const table = new Map(model.graph!.initializer!.filter((t) => t.externalData?.length).map((t) => [t.name!, t]))
+  return (g) => {
+    const made = new Map<string, string>()
+    const get = (name: string) => {
+      if (made.has(name)) return made.get(name)!
+      const t = table.get(name)
+      if (!t) throw new Error(`no initializer ${name}`)
+      const ext = Object.fromEntries(t.externalData!.map((e) => [e.key, e.value]))
+      made.set(name, g.externalInitializer(name, 'float32', t.dims!.map(Number), {file: ext.location!, offset: Number(ext.offset), length: Number(ext.length)}))
+      return made.get(name)!
+    }
+    return {
+      get: (name, shape) => get(shape ? `${name}#${shape.join('x')}` : name),
+      rowBlocks: (_name, storedAs) => [...table.keys()].filter((n) => n.startsWith(`${storedAs}[`)).sort((a, b) => Number(/\[(\d+)/.exec(a)![1]) - Number(/\[(\d+)/.exec(b)![1])).map(get),
+      computed: (name) => get(name),
+    }
+  }
+}
+
+async function decodeMs(dir: string, options: ModelOptions, parallel: number[], steps = 32) {
+  const t0 = performance.now()
+  const model = await ParScaleModel.open(dir, {...gpu, ...options})
+  const result: Record<string, unknown> = {load_ms: Math.round(performance.now() - t0)}
+  for (const P of parallel) {
+    const prompt = Array.from({length: 64}, (_, i) => (i * 7919 + 13) % 150000)
+    const runs: number[] = []
+    let prefillMs = 0
+    for (let rep = 0; rep < 2; rep++) {
+      const cache = model.newCache(P)
+      cache.reserve(1, 64 + steps + 4)
+      cache.reset(0)
+      const p0 = performance.now()
+      await model.forward(cache, 0, [prompt], 1)
+      prefillMs = performance.now() - p0
+      for (let s = 0; s < (rep === 0 ? 3 : steps); s++) {
+        const s0 = performance.now()
+        await model.forward(cache, 0, [[(s * 31 + 7) % 150000]], 1)
+        if (rep > 0) runs.push(performance.now() - s0)
+      }
+      cache.dispose?.()
+    }
+    result[`P${P}`] = {decode_ms: +median(runs).toFixed(2), min_ms: +Math.min(...runs).toFixed(2), prefill_ms: +prefillMs.toFixed(1)}
+  }
+  await model.release()
+  return result
+}
+
+/**
+ * Decode ms/token of one graph form (written next to the package's graphs from its weight
+ * table) under the provider settings of PARSCALE_WEBGPU_OPTIONS; one process per setting, as
+ * the WebGPU context takes its settings from the first session of a process.
+ */
+async function decode(dir: string, form: string, parallel: number[]): Promise<void> {
+  const forms: Record<string, WebGpuGraphOptions> = {
+    default: {}, gemm: {linear: 'gemm', fuse: false}, unfused: {fuse: false},
+    nosplit: {splitK: 0}, t1536: {splitK: 1536}, t3072: {splitK: 3072}, t768: {splitK: 768}, mlp: {splitOn: 'mlp'}, down: {splitOn: 'down'},
+  }
+  const file = `model.webgpu.${form}.onnx`
+  fs.writeFileSync(path.join(dir, file), buildWebGpuDecoderGraph(readManifest(dir).model, packageWeights(dir), forms[form]).toModelBytes('variant'))
+  let row: Record<string, unknown>
+  try {
+    row = {form, settings: process.env.PARSCALE_WEBGPU_OPTIONS ?? 'parscale defaults', ...(await decodeMs(dir, {graphFile: file}, parallel))}
+  } catch (error) {
+    row = {form, settings: process.env.PARSCALE_WEBGPU_OPTIONS ?? 'parscale defaults', error: String(error).slice(0, 500)}
+  }
+  console.log(JSON.stringify(row))
+}
+
+async function profile(dir: string, out: string, P: number, form?: string): Promise<void> {
+  const prefix = path.join(os.tmpdir(), 'wgprof')
+  const model = await ParScaleModel.open(dir, {...gpu, profilePrefix: prefix, ...(form ? {graphFile: `model.webgpu.${form}.onnx`} : {})})
+  const cache = model.newCache(P)
+  cache.reserve(1, 80)
+  cache.reset(0)
+  await model.forward(cache, 0, [Array.from({length: 64}, (_, i) => i + 5)], 1)
+  const marks: number[] = []
+  for (let s = 0; s < 4; s++) {
+    marks.push(performance.now())
+    await model.forward(cache, 0, [[s + 9]], 1)
+  }
+  await model.release()
+  const file = fs.readdirSync(os.tmpdir()).filter((f) => f.startsWith('wgprof')).map((f) => path.join(os.tmpdir(), f)).sort().at(-1)!
+  const events = JSON.parse(fs.readFileSync(file, 'utf8')) as {cat: string; name: string; dur: number; ts: number; args?: {provider?: string; op_name?: string}}[]
+  const runs = events.filter((e) => e.cat === 'Session' && e.name === 'model_run')
+  const last = runs.at(-1)!
+  const inLast = events.filter((e) => e.cat === 'Node' && e.ts >= last.ts && e.ts <= last.ts + last.dur && e.name.endsWith('_kernel_time'))
+  const byProvider: Record<string, number> = {}
+  const byOp: Record<string, {count: number; us: number; provider: string}> = {}
+  for (const e of inLast) {
+    const provider = e.args?.provider ?? '?'
+    byProvider[provider] = (byProvider[provider] ?? 0) + 1
+    const key = `${e.args?.op_name ?? '?'}@${provider}`
+    byOp[key] ??= {count: 0, us: 0, provider}
+    byOp[key].count++
+    byOp[key].us += e.dur
+  }
+  // Events other than the CPU-side node times (the WebGPU provider's GPU timestamps, if any)
+  const categories: Record<string, number> = {}
+  for (const e of events) categories[e.cat] = (categories[e.cat] ?? 0) + 1
+  const gpuEvents = events.filter((e) => e.cat !== 'Node' && e.cat !== 'Session' && e.ts >= last.ts)
+  const gpuByName: Record<string, {count: number; us: number}> = {}
+  for (const e of gpuEvents) {
+    const key = e.name.replace(/_\d+$/, '').slice(0, 60)
+    gpuByName[key] ??= {count: 0, us: 0}
+    gpuByName[key].count++
+    gpuByName[key].us += e.dur
+  }
+  const cpuNodes = [...new Set(inLast.filter((e) => !(e.args?.provider ?? '').includes('WebGpu')).map((e) => e.name.replace(/_kernel_time$/, '')))].slice(0, 30)
+  write(out, {
+    parallel: P, model_run_us: runs.slice(-4).map((r) => r.dur), kernels: inLast.length, byProvider, categories,
+    gpu_events_us: gpuEvents.reduce((a, e) => a + e.dur, 0), gpuByName: Object.entries(gpuByName).sort((a, b) => b[1].us - a[1].us).slice(0, 40),
+    sample_gpu_events: gpuEvents.slice(0, 5), byOp: Object.entries(byOp).sort((a, b) => b[1].us - a[1].us), cpuNodes,
+  })
+  fs.rmSync(file)
+}
+
+if (command === 'golden') await golden(args[0], args[1])
+else if (command === 'decode') await decode(args[0], args[1], args.slice(2).map(Number))
+else if (command === 'profile') await profile(args[0], args[1], Number(args[2]), args[3])
+else throw new Error(`unknown command ${command}`)
