@@ -62,12 +62,12 @@ async function logitsOf(dir: string, options: ModelOptions, ids: number[]) {
 }
 
 /** Greedy answers to prompts of different lengths and P, through the continuous batcher. */
-async function batchedAnswers(dir: string, options: ModelOptions, ids: number[]) {
+async function batchedAnswers(dir: string, options: ModelOptions, ids: number[], batchSize = 3) {
   const model = await ParScaleModel.open(dir, {...options, maxPrefillChunk: 4})
   const requests = [3, 9, 5, ids.length, 2, 7].map((n, i) => ({
     promptIds: ids.slice(0, n), maxNewTokens: 3 + (i % 3) * 4, sampling: {temperature: 0}, parallel: model.parallelValues[i % model.parallelValues.length],
   }))
-  const results = await generateAll(model, requests, 3, {eosTokenIds: [], decode: () => ''})
+  const results = await generateAll(model, requests, batchSize, {eosTokenIds: [], decode: () => ''})
   await model.release()
   return results.map((r) => r.tokenIds)
 }
@@ -85,6 +85,11 @@ for (const name of CASES) {
       let reference = 0
       values.forEach((row, i) => row.forEach((v, j) => (reference = Math.max(reference, Math.abs(v - form.whole[i * form.vocab + j])))))
       assert.ok(reference < 2e-3, `vs the PyTorch reference: ${reference}`)
+    })
+
+    test('CPU form: a batch answers as each request alone (a prompt still going in when a sequence finishes)', async () => {
+      const dir = packageOf(name)
+      assert.deepEqual(await batchedAnswers(dir, {}, ids), await batchedAnswers(dir, {}, ids, 1))
     })
 
     test('on the CPU provider: sequences joining and leaving a batch decode as the CPU form does', async () => {
