@@ -16,12 +16,15 @@ import type {WeightProvider} from './weights.js'
  * (onnxruntime-node copies every CPU output), which is why the CPU graph returns only the new
  * keys and values and JavaScript appends them in place.
  *
- * Every kernel launch costs the GPU path far more than its arithmetic, so this graph is built
- * for few, large kernels: fused RMSNorm with the residual add (SkipSimplifiedLayerNormalization),
- * the query scale folded into its Gemm (alpha, beta), rotary on the projections as they come
- * out ([rows, seq, heads·d], positions per row), SiLU as QuickGelu(alpha = 1), one score MatMul
- * over the whole cache with the mask computed by the caller (valid slots and causality as one
- * additive [batch, 1, seq, total] input), one softmax.
+ * Measured on an H200 (docs/benchmarks.md): the provider's Gemm(transB) streams weights slowly
+ * at one row, so projections are MatMuls on weights transposed (and concatenated: q·k·v,
+ * gate·up, the LM head's blocks) by constant folding at load; narrow projections are split
+ * along K for enough workgroups; and every kernel launch costs CPU time, so the graph is built
+ * for few kernels: fused RMSNorm with the residual add (SkipSimplifiedLayerNormalization), the
+ * query scale folded into the q weights, rotary on the projections as they come out ([rows,
+ * seq, heads·d], positions per row), SiLU as QuickGelu(alpha = 1), one score MatMul over the
+ * whole cache with the mask computed by the caller (valid slots and causality as one additive
+ * [batch, 1, seq, total] input), one softmax.
  *
  * P is a run-time size as in the CPU graph (streams in the batch axis), so one session serves
  * every P. Rows of the cache are (batch, stream); a batch's rows all gain `seq` positions per
