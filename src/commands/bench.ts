@@ -11,6 +11,7 @@ import {readManifest} from '../core/package/manifest.js'
 import {checkWebGpu, DEVICES, type Device} from '../core/run/device.js'
 import {SYNTHETIC_PRESETS} from '../core/checkpoint/synthetic.js'
 import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
+import {plotTarget, writePlots} from '../ui/bench-plot.js'
 import {Progress} from '../ui/progress.js'
 
 function intList(text: string, flag: string): number[] {
@@ -31,12 +32,16 @@ export default class Bench extends BaseCommand {
   ${presetHelp}
 (0.5b and 3b are Qwen2.5-0.5B/3B; 1.8b is Qwen1.5-1.8B's shape; 4.7b is a Qwen2.5-style widening, not a published model.) Explicit --hidden/--layers/--heads/--kv-heads/--intermediate/--vocab override a preset.
 
---vs-params: the paper's parallel scaling law L = E + (A·1e9/(N·(k·ln P + 1)))^α says P streams match a P = 1 model of N′ = N·(k·ln P + 1) parameters (only k matters for N′). k = ${SCALING_FITS.map((f) => `${f.k} (${f.dataset})`).join(', ')}: approximate values of the paper's published fits, not re-fitted. A synthetic P = 1 model of about N′ (wider and deeper as Qwen2.5 grows; capped so its fp32 weights take at most half of RAM, stated when capped) is measured the same way, and memory and latency increases of parallel vs parameter scaling are printed side by side.`
+--vs-params: the paper's parallel scaling law L = E + (A·1e9/(N·(k·ln P + 1)))^α says P streams match a P = 1 model of N′ = N·(k·ln P + 1) parameters (only k matters for N′). k = ${SCALING_FITS.map((f) => `${f.k} (${f.dataset})`).join(', ')}: approximate values of the paper's published fits, not re-fitted. A synthetic P = 1 model of about N′ (wider and deeper as Qwen2.5 grows; capped so its fp32 weights take at most half of RAM, stated when capped) is measured the same way, and memory and latency increases of parallel vs parameter scaling are printed side by side.
+
+--plot FILE.svg|FILE.html draws the profile with Vega-Lite (rendered in Node, no browser): decode ms/token, prefill and peak RSS against P with the roofline floors dashed, the parameter-scaling curve beside ParScale's after --vs-params, and one line per P against batch and prompt length when several were measured. The HTML page holds the charts and the table and needs no network. The file's folder must exist; it is checked before anything runs.`
   static override examples = [
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,2,4,8',
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --vs-params --json bench.json',
     '<%= config.bin %> bench ./my-package --batch 1,4 --csv',
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --prompt-len 64,1024,2048 --new-tokens 33 --repeat 1',
+    '<%= config.bin %> bench --synthetic 0.5b --parallel 1,2,4,8 --plot profile.html',
+    '<%= config.bin %> bench --synthetic 0.5b --vs-params --plot charts.svg --plot report.html',
   ]
   static override args = {
     model: Args.string({description: 'converted package, checkpoint folder or pulled hub repo id (default: the embedded model)', ignoreStdin: true}),
@@ -59,6 +64,13 @@ export default class Bench extends BaseCommand {
     'no-roofline': Flags.boolean({description: 'skip the bandwidth and FLOP-rate probes'}),
     json: Flags.string({description: 'also write the report as JSON to this file'}),
     csv: Flags.boolean({description: 'print CSV instead of the table'}),
+    plot: Flags.string({
+      multiple: true,
+      // One file per --plot: `--plot a.svg MODEL` must not read MODEL as a second file.
+      multipleNonGreedy: true,
+      description: 'also draw charts to FILE.svg, or FILE.html (charts and table in one offline page); repeat for both',
+      helpValue: 'FILE.svg|FILE.html',
+    }),
     profile: Flags.string({description: 'write ONNX Runtime profiles with this file prefix'}),
     device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider (one CPU thread launches its kernels; --threads is for cpu)', options: [...DEVICES], default: 'cpu'}),
   }
@@ -78,6 +90,8 @@ export default class Bench extends BaseCommand {
     const synthetic = flags.synthetic !== undefined || Object.values(dims).some((v) => v !== undefined)
     if (flags['vs-params'] && !synthetic) throw new UserError('--vs-params needs a synthetic shape (--synthetic 0.5b)')
     if (flags['vs-params'] && !parallel.includes(1)) parallel.unshift(1)
+    // A bad --plot target fails now, not after minutes of measuring.
+    const plots = (flags.plot ?? []).map(plotTarget)
 
     const progress = new Progress('preparing')
     const onStatus = (text: string) => progress.update(text)
@@ -92,6 +106,7 @@ export default class Bench extends BaseCommand {
       progress.stop()
       if (flags.json) writeFileSync(flags.json, JSON.stringify(toJson(report), null, 2) + '\n')
       this.log(flags.csv ? renderCsv(report).trimEnd() : renderTable(report))
+      await writePlots(report, plots)
     } finally {
       progress.stop()
     }
