@@ -11,16 +11,20 @@ import {ParScaleModel} from '../core/run/model.js'
 import {TextTokenizer} from '../core/run/tokenizer.js'
 import {formatBytes, percent} from '../core/format.js'
 import {Progress} from '../ui/progress.js'
+import {renderStreamSummary} from '../ui/stream-view.js'
 import {createTable} from '../ui/table.js'
 
 export default class Eval extends BaseCommand {
   static override summary = 'Score a text with a model: mean negative log-likelihood and perplexity'
   static override description = `Tokenizes the text with the model's tokenizer (no special tokens added), predicts every next token from its prefix and reports the mean negative log-likelihood (natural log) and the perplexity. Texts longer than the model's context are scored in overlapping windows, each token once; the output says how many.
 
+--streams also shows what the aggregation head does with the P streams over the scored tokens (each token's weights are the ones that mixed the streams for its prediction): each stream's mean weight, how often it has the largest weight, and the mean entropy of the weights against ln P (an even split; 100 % = the head averages, lower = it picks streams). Run once per P to compare.
+
 MODEL is a converted package, a checkpoint folder (converted on first use and cached), or a pulled hub repo id; without it, the embedded default model.`
   static override examples = [
     {description: 'Held-out loss of the default model at P = 8', command: '<%= config.bin %> eval --text-file held_out.py --parallel 8'},
     {description: 'Compare P values of one family package, as JSON', command: 'for p in 1 2 4 8; do <%= config.bin %> eval ./family-onnx --text-file text.txt --parallel $p --json; done'},
+    {description: 'How the default model weighs its 4 streams on held-out Python', command: '<%= config.bin %> eval --text-file held_out.py --parallel 4 --streams'},
   ]
   static override args = {
     // ignoreStdin: `--text-file -` reads stdin; oclif must not take it as the model name
@@ -33,6 +37,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     threads: Flags.integer({description: 'ONNX Runtime intra-op threads', min: 1}),
     device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
     json: Flags.boolean({description: 'print one JSON object instead of a table'}),
+    streams: Flags.boolean({description: 'also summarize the stream weights: mean per stream, how often each is the top one, entropy against ln P'}),
   }
 
   async run(): Promise<void> {
@@ -56,7 +61,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     if (ids.length < 2) throw new UserError(`${flags['text-file']}: needs at least 2 tokens to score, has ${ids.length}`)
     const session = await ParScaleModel.open(model.packageDir, {threads: flags.threads, device})
     try {
-      const result = await scoreTokens(session, model.parallel, ids, flags.context ?? session.maxPositions)
+      const result = await scoreTokens(session, model.parallel, ids, flags.context ?? session.maxPositions, {streams: flags.streams})
       if (flags.json) {
         this.log(JSON.stringify({model: model.label, ...result}))
         return
@@ -65,6 +70,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
       table.push([model.label, result.parallel, result.tokens, result.predicted, result.mean_nll.toFixed(4), result.perplexity.toFixed(3)])
       this.log(table.toString())
       if (result.windows > 1) this.log(`scored in ${result.windows} overlapping windows of ${result.window_tokens} tokens (the model's context)`)
+      if (result.streams) this.log(renderStreamSummary(result.streams))
     } finally {
       await session.release()
     }

@@ -37,6 +37,7 @@ const runFlags = {
   quiet: Flags.boolean({char: 'q', description: 'no progress or timing on stderr'}),
   parallel: numberFlag('number of parallel streams P (the model must provide it; default: the model\'s own)', 'N', 'p'),
   truncate: Flags.boolean({description: 'keep the tail of a prompt that is too long for the context, instead of failing'}),
+  streams: Flags.boolean({description: 'after each answer, show how the P streams were weighted per generated token (with --json: "stream_weights")'}),
   threads: numberFlag('ONNX Runtime intra-op threads'),
   device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
 }
@@ -56,6 +57,7 @@ function runOptions(flags: RunFlags, promptArgument: string | undefined): RunOpt
     quiet: flags.quiet,
     truncate: flags.truncate,
     device: flags.device as Device,
+    streams: flags.streams,
     numbers: {
       'batch-size': flags['batch-size'],
       'max-new-tokens': flags['max-new-tokens'],
@@ -78,6 +80,7 @@ Batch: --batch FILE.jsonl with one {"prompt": …} or {"messages": [{"role": …
 
 When the tokenizer has a chat template a prompt is sent as a user message (--system adds a system message); --raw sends the text as is, without the template or special tokens.
 Sampling defaults come from the model's generation_config.json; --temperature 0 is greedy. --parallel N picks how many parallel streams (P) to run; the model must provide it.
+--streams shows, after the answer, the weight the aggregation head gave each stream for each generated token (one bar per stream per token; colour on a terminal unless NO_COLOR is set); with --json each result carries "stream_weights", one array of P weights per generated token.
 
 MODEL is a converted package, a checkpoint folder (converted on first use and cached), or a pulled hub repo id; without it, the embedded default model.`
 
@@ -88,6 +91,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     {description: 'Pipe a prompt in, sample with a fixed seed', command: 'cat prompt.txt | <%= config.bin %> run ./my-model --temperature 0.7 --top-p 0.9 --seed 42'},
     {description: 'Run a JSONL file 16 prompts at a time, one JSON result per line', command: '<%= config.bin %> run ./my-model --batch prompts.jsonl --batch-size 16 --json > results.jsonl'},
     {description: 'Stop at a blank line, at most 64 tokens, with 2 streams', command: '<%= config.bin %> run ./my-model "Once upon a time" --stop $\'\\n\\n\' --max-new-tokens 64 --parallel 2'},
+    {description: 'Which of the 8 streams the default model trusts, token by token', command: '<%= config.bin %> run "def fibonacci(n):" --parallel 8 --streams'},
   ]
 
   static override args = {

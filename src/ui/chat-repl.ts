@@ -11,6 +11,7 @@ import type {RunContext} from '../core/run/context.js'
 import {chatTurnRequest, generationOptions} from '../core/run/requests.js'
 import type {ModelCache} from '../core/run/model.js'
 import {chatJsonResult, type LineWriter, writeTokenText} from './run-output.js'
+import {answerStreamView} from './stream-view.js'
 
 const CHAT_HELP = `commands:
   /reset       forget the conversation
@@ -51,6 +52,8 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
         })
         if (options.json) log(JSON.stringify(chatJsonResult(result)))
         else process.stdout.write(result.finishReason === 'abort' ? ' [stopped]\n' : '\n')
+        const streams = options.json ? undefined : answerStreamView(result, (ids) => tokenizer.decode(ids))
+        if (streams) log(streams)
       } catch (error) {
         // A turn that does not fit is reported; the chat goes on.
         if (!(error instanceof UserError)) throw error

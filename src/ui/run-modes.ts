@@ -7,6 +7,7 @@ import {generateAll} from '../core/run/batcher.js'
 import type {RunContext} from '../core/run/context.js'
 import {batchRequest, generationOptions, promptRequest, resolveSampling} from '../core/run/requests.js'
 import {batchItemText, batchSummaryLine, jsonResult, type LineWriter, timingLine, writeTokenText} from './run-output.js'
+import {answerStreamView} from './stream-view.js'
 
 /** One prompt: stream the answer (or print one JSON line), timing on stderr. */
 export async function runOneShot(ctx: RunContext, prompt: string, log: LineWriter): Promise<void> {
@@ -17,6 +18,8 @@ export async function runOneShot(ctx: RunContext, prompt: string, log: LineWrite
   const [result] = await generateAll(ctx.model, [request], 1, generation)
   if (options.json) log(JSON.stringify(jsonResult(result)))
   else process.stdout.write('\n')
+  const streams = options.json ? undefined : answerStreamView(result, (ids) => ctx.tokenizer.decode(ids))
+  if (streams) log(streams)
   if (!options.quiet && !options.json) process.stderr.write(timingLine(result) + '\n')
 }
 
@@ -32,7 +35,10 @@ export async function runBatch(ctx: RunContext, file: string, log: LineWriter): 
   const started = performance.now()
   const results = await generateAll(ctx.model, requests, ctx.numbers.batchSize, generationOptions(ctx), (result, index) => {
     if (options.json) log(JSON.stringify(jsonResult(result)))
-    else log(batchItemText(file, items[index].line, result))
+    else {
+      const streams = answerStreamView(result, (ids) => ctx.tokenizer.decode(ids))
+      log(batchItemText(file, items[index].line, result) + (streams ? `${streams}\n` : ''))
+    }
   })
   if (!options.quiet && !options.json) {
     const seconds = (performance.now() - started) / 1000

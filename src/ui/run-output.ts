@@ -24,6 +24,8 @@ export function jsonResult(r: GenerationResult): Record<string, unknown> {
     parallel: r.parallel,
     ttft_ms: round(r.ttftMs, 2),
     decode_tokens_per_s: round(r.decodeTokensPerS, 2),
+    // Six decimals: a token's P weights still sum to 1 within 1e-5.
+    ...(r.streamWeights ? {stream_weights: r.streamWeights.map((weights) => weights.map((w) => round(w, 6)))} : {}),
   }
 }
 

@@ -1,4 +1,5 @@
 import {prefill, type Decoder, type SequenceCache} from './generation.js'
+import {StreamWeightStats, type StreamSummary} from './stream-stats.js'
 
 export interface EvalResult {
   /** Tokens of the text (no special tokens added). */
@@ -11,6 +12,8 @@ export interface EvalResult {
   windows: number
   window_tokens: number
   parallel: number
+  /** With `streams`: how the aggregation head weighted the streams over the scored tokens. */
+  streams?: StreamSummary
 }
 
 /** −log softmax(row)[target], in float64 for a stable sum over long texts. */
@@ -26,9 +29,11 @@ export function negativeLogLikelihood(logits: Float32Array, offset: number, voca
  * Scores every next token of `ids` from its prefix at `parallel` streams. Texts longer than
  * the context are scored in windows that overlap by half, so each token after the first window
  * still sees at least half a context of history; every token is scored exactly once. Each
- * window goes through the model in chunks (logits for every position).
+ * window goes through the model in chunks (logits for every position). `streams` also sums up
+ * the stream weights of the positions that were scored (each once, as the loss).
  */
-export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, parallel: number, ids: number[], contextLength: number): Promise<EvalResult> {
+export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, parallel: number, ids: number[], contextLength: number, options: {streams?: boolean} = {}): Promise<EvalResult> {
+  const stats = options.streams ? new StreamWeightStats(parallel) : undefined
   const window = Math.max(2, Math.min(contextLength, ids.length))
   const stride = Math.max(1, Math.floor(window / 2))
   let total = 0
@@ -41,7 +46,7 @@ export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, 
     cache.reserve(1, end - begin)
     cache.reset(0)
     try {
-      await prefill(decoder, cache, 0, ids.slice(begin, end), 0, ({logits, dims}, offset) => {
+      await prefill(decoder, cache, 0, ids.slice(begin, end), 0, ({logits, dims, streamWeights}, offset) => {
         const [, positions, vocab] = dims
         // logits of window position p predict token begin + p + 1
         for (let j = 0; j < positions; j++) {
@@ -49,6 +54,7 @@ export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, 
           if (target < nextTarget || target >= end) continue
           total += negativeLogLikelihood(logits, j * vocab, vocab, ids[target])
           scored++
+          if (stats && streamWeights) stats.add(streamWeights, j * parallel)
         }
       })
     } finally {
@@ -66,5 +72,6 @@ export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, 
     windows,
     window_tokens: window,
     parallel,
+    ...(stats ? {streams: stats.summary()} : {}),
   }
 }

@@ -34,7 +34,7 @@ export interface ModelOptions {
    * its device graphs) on the CPU provider, where every machine can check it.
    */
   form?: Device
-  /** Another graph file of the package in the WebGPU form (measuring graph variants). */
+  /** Another graph file of the package, in the chosen form (measuring graph variants; bench/stream-weights-cost.ts). */
   graphFile?: string
 }
 
@@ -42,8 +42,8 @@ export interface ForwardResult {
   /** [batch, positions, vocab] row-major */
   logits: Float32Array
   dims: [number, number, number]
-  /** [batch, positions, P]: the aggregation weights of each stream (all 1 at P = 1). */
-  streamWeights: Float32Array
+  /** [batch, positions, P]: the aggregation weights of each stream (all 1 at P = 1); absent if the graph lacks the output. */
+  streamWeights?: Float32Array
 }
 
 /**
@@ -199,7 +199,8 @@ export class ParScaleModel implements DeviceCacheHost {
       layers.map((layer) => out[io.newValue(layer)].data as Float32Array),
     )
     const logits = out[io.logits]
-    return {logits: logits.data as Float32Array, dims: logits.dims as [number, number, number], streamWeights: out[io.streamWeights].data as Float32Array}
+    const weights = out[io.streamWeights]
+    return {logits: logits.data as Float32Array, dims: logits.dims as [number, number, number], ...(weights ? {streamWeights: weights.data as Float32Array} : {})}
   }
 
   /** The WebGPU form: the cache goes in as the last call's device tensors and comes back longer. */

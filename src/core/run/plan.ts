@@ -26,6 +26,8 @@ export interface RunOptions {
   truncate: boolean
   /** Where the model runs (default cpu). */
   device?: Device
+  /** Keep each generated token's stream weights and show them (`--streams`). */
+  streams?: boolean
   numbers: Partial<Record<NumberOption, string>>
 }
 

@@ -14,7 +14,7 @@ import type {ChatMessage, GenerationDefaults, TextTokenizer} from './tokenizer.j
 export type RequestTokenizer = Pick<TextTokenizer, 'hasChatTemplate' | 'eosId' | 'encode' | 'encodeChat' | 'decode'>
 
 export interface RequestContext {
-  options: Pick<RunOptions, 'system' | 'stop' | 'truncate'>
+  options: Pick<RunOptions, 'system' | 'stop' | 'truncate' | 'streams'>
   numbers: RunNumbers
   tokenizer: RequestTokenizer
   defaults: GenerationDefaults
@@ -48,14 +48,15 @@ export function resolveSampling(ctx: Pick<RequestContext, 'numbers' | 'defaults'
   }
 }
 
-/** EOS from generation_config, else the tokenizer's. */
-export function generationOptions(ctx: Pick<RequestContext, 'tokenizer' | 'defaults' | 'context'>): GenerationOptions {
+/** EOS from generation_config, else the tokenizer's; stream weights kept with --streams. */
+export function generationOptions(ctx: Pick<RequestContext, 'tokenizer' | 'defaults' | 'context'> & Partial<Pick<RequestContext, 'options'>>): GenerationOptions {
   const {tokenizer, defaults} = ctx
   const eos = defaults.eosTokenIds.length > 0 ? defaults.eosTokenIds : tokenizer.eosId !== undefined ? [tokenizer.eosId] : []
   return {
     eosTokenIds: eos,
     decode: (ids) => tokenizer.decode(ids),
     contextLength: ctx.context,
+    ...(ctx.options?.streams ? {collectStreamWeights: true} : {}),
   }
 }
 
