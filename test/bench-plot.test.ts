@@ -122,6 +122,13 @@ describe('bench --plot (CLI)', () => {
     })
   }
 
+  test('a prompt longer than the model takes is refused before any run', async () => {
+    const r = await runCli(['bench', '--parallel', '1', '--prompt-len', '64,1024', '--new-tokens', '2', '--repeat', '1', '--no-roofline'], {env})
+    assert.equal(r.code, 1)
+    assert.match(r.stderr, /^parscale: --prompt-len 1024 \+ --new-tokens 2 = 1026 positions; the default model takes 512\n$/)
+    assert.equal(r.stdout, '')
+  })
+
   test('bench on the default model writes the SVG and the HTML report', async () => {
     const svgFile = path.join(temp, 'out.svg')
     const htmlFile = path.join(temp, 'out.html')

@@ -98,6 +98,9 @@ export default class Bench extends BaseCommand {
     try {
       const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel}, onStatus)
       const model = readManifest(packageDir).model
+      // A prompt past the model's positions would fail inside ONNX Runtime after minutes of other runs.
+      const longest = Math.max(...promptLengths) + flags['new-tokens']
+      if (longest > model.maxPositionEmbeddings) throw new UserError(`--prompt-len ${Math.max(...promptLengths)} + --new-tokens ${flags['new-tokens']} = ${longest} positions; ${label} takes ${model.maxPositionEmbeddings}`)
       const options = {parallel, batch, promptLengths, newTokens: flags['new-tokens'], threads, device, repeat: flags.repeat, onStatus, ...(flags.profile ? {profilePrefix: flags.profile} : {})}
       const report: BenchReport = {machine: benchMachine(threads, device, adapter && `${adapter.name} (${adapter.backend})`), model: label, results: []}
       if (!flags['no-roofline']) report.roofline = await probeRoofline(threads, model.hiddenSize, model.intermediateSize, onStatus, device)
