@@ -1,0 +1,118 @@
+import {Args, Flags} from '@oclif/core'
+
+import {BaseCommand} from '../base-command.js'
+import {formatBytes, percent} from '../core/format.js'
+import {ServeEngine} from '../core/serve/engine.js'
+import {parseServeOptions, SERVE_DEFAULTS, type ServeOptions} from '../core/serve/options.js'
+import {RunningServer} from '../core/serve/server.js'
+import {Progress} from '../ui/progress.js'
+
+/** A number flag; checked in `parseServeOptions` so a bad value is one line, like every user error. */
+function numberFlag(description: string, helpValue = 'N', char?: 'p') {
+  return Flags.string({description, helpValue, ...(char ? {char} : {})})
+}
+
+export default class Serve extends BaseCommand {
+  static override summary = 'Serve a ParScale model over an OpenAI-compatible HTTP API, with continuous batching'
+  static override description = `Endpoints: POST /v1/chat/completions, POST /v1/completions (both with "stream": true for server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus).
+A request may pick its number of parallel streams with the extension field "parallel" (one of the P values /v1/models lists); without it, --parallel. Requests that arrive while others decode join the running batch at the next step (up to --max-batch sequences per P); past --max-queue running + waiting generations, requests get 429 with Retry-After.
+Sampling fields left out of a request come from the model's generation_config.json, as with \`parscale run\`. A model without a chat template (like the embedded default model, a base model) answers chat requests by continuing the conversation's texts joined together, system messages left out.
+SIGTERM or Ctrl-C stops accepting requests and lets running ones finish for up to --shutdown-timeout seconds (Ctrl-C again cuts them off), then exits 0.
+
+MODEL is a converted package, a checkpoint folder (converted on first use and cached), or a pulled hub repo id; without it, the embedded default model.`
+
+  static override examples = [
+    {description: 'Serve the default model on 127.0.0.1:8080', command: '<%= config.bin %> serve'},
+    {description: 'Ask it with curl', command: `curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' -d '{"messages": [{"role": "user", "content": "def fibonacci(n):"}], "max_tokens": 32, "parallel": 4}'`},
+    {description: 'Serve a pulled model on every interface, with a key', command: '<%= config.bin %> serve ParScale/ParScale-1.8B-P8-Inst --host 0.0.0.0 --api-key "$KEY"'},
+  ]
+
+  static override args = {
+    model: Args.string({description: 'model package, checkpoint folder or hub repo id (default: the embedded model)'}),
+  }
+
+  static override flags = {
+    host: Flags.string({description: `address to listen on (default ${SERVE_DEFAULTS.host}; 0.0.0.0 for every interface)`, helpValue: 'ADDRESS'}),
+    port: numberFlag(`port to listen on (default ${SERVE_DEFAULTS.port}; 0 picks a free one)`, 'PORT'),
+    parallel: numberFlag('parallel streams P of requests that name none (default: the model\'s largest)', 'N', 'p'),
+    'max-batch': numberFlag(`most sequences of one P decoding together (default ${SERVE_DEFAULTS.maxBatch})`),
+    'max-queue': numberFlag(`most generations running or waiting; more get 429 (default ${SERVE_DEFAULTS.maxQueue})`),
+    'api-key': Flags.string({description: 'require "Authorization: Bearer KEY" on /v1 requests', helpValue: 'KEY', env: 'PARSCALE_API_KEY'}),
+    threads: numberFlag('ONNX Runtime intra-op threads'),
+    'shutdown-timeout': numberFlag(`seconds running requests get to finish after SIGTERM / Ctrl-C (default ${SERVE_DEFAULTS.shutdownTimeout})`, 'SECONDS'),
+  }
+
+  async run(): Promise<void> {
+    const {args, flags} = await this.parse(Serve)
+    const options = parseServeOptions({
+      host: flags.host,
+      apiKey: flags['api-key'],
+      numbers: {
+        port: flags.port,
+        parallel: flags.parallel,
+        'max-batch': flags['max-batch'],
+        'max-queue': flags['max-queue'],
+        threads: flags.threads,
+        'shutdown-timeout': flags['shutdown-timeout'],
+      },
+    })
+    const engine = await this.load(args.model, options)
+    let server: RunningServer
+    try {
+      server = await RunningServer.listen(engine, {host: options.host, port: options.port, apiKey: options.apiKey, onInternalError: reportInternalError})
+    } catch (error) {
+      await engine.close()
+      throw error
+    }
+    const {served} = engine
+    process.stderr.write(
+      `serving ${served.id} (P ${served.parallelValues.join(', ')}; default ${served.defaultParallel}) at ${server.url}/v1 · ` +
+        `max batch ${options.maxBatch} per P, max queue ${options.maxQueue}${options.apiKey ? ' · API key required' : ''}\n`,
+    )
+    await untilStopped(server, options.shutdownTimeout)
+  }
+
+  private async load(model: string | undefined, options: ServeOptions): Promise<ServeEngine> {
+    const progress = new Progress('preparing model')
+    try {
+      return await ServeEngine.open(model, {
+        parallel: options.parallel,
+        threads: options.threads,
+        maxBatch: options.maxBatch,
+        maxQueue: options.maxQueue,
+        onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
+      })
+    } finally {
+      progress.stop()
+    }
+  }
+}
+
+/** Serves until SIGTERM or SIGINT, then drains: the first signal waits for running requests, a second cuts them off. */
+function untilStopped(server: RunningServer, timeoutSeconds: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let stopping = false
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (stopping) {
+        process.stderr.write(`${signal}: cutting off the running requests\n`)
+        server.hurry()
+        return
+      }
+      stopping = true
+      const running = server.inProgress
+      process.stderr.write(`${signal}: stopping${running > 0 ? `; ${running} generation${running === 1 ? '' : 's'} finishing (up to ${timeoutSeconds} s, Ctrl-C again to cut off)` : ''}\n`)
+      server.shutdown(timeoutSeconds * 1000).then(() => {
+        process.off('SIGTERM', onSignal)
+        process.off('SIGINT', onSignal)
+        process.stderr.write('stopped\n')
+        resolve()
+      }, reject)
+    }
+    process.on('SIGTERM', onSignal)
+    process.on('SIGINT', onSignal)
+  })
+}
+
+function reportInternalError(error: unknown): void {
+  process.stderr.write(`parscale serve: internal error: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`)
+}

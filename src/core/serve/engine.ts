@@ -1,0 +1,189 @@
+/**
+ * What the HTTP layer serves: one model (every P it has, one session), its tokenizer and
+ * generation defaults, and the continuous batcher every request joins. The engine admits
+ * generations up to --max-queue (running + queued), ties each to an abort signal (the client
+ * going away, or shutdown running out of time) and feeds the metrics.
+ */
+import {basename, resolve} from 'node:path'
+
+import {ContinuousBatcher} from '../run/batcher.js'
+import type {Decoder, GenerationOptions, GenerationRequest, GenerationResult, SequenceCache} from '../run/generation.js'
+import {ParScaleModel} from '../run/model.js'
+import {generationOptions} from '../run/requests.js'
+import {readGenerationDefaults, TextTokenizer} from '../run/tokenizer.js'
+import {isRepoId} from '../hub/families.js'
+import {resolveModel, type ResolveOptions} from '../package/resolve.js'
+import {queueFull, shuttingDown} from './api-error.js'
+import {ServerMetrics} from './metrics.js'
+import type {ServedModel} from './openai-requests.js'
+
+export interface EngineOptions {
+  /** Most sequences of one P decoding together (--max-batch). */
+  maxBatch: number
+  /** Most generations running or waiting (--max-queue); more get 429. */
+  maxQueue: number
+}
+
+export interface OpenEngineOptions extends EngineOptions {
+  /** --parallel: the P of requests that name none (default: the model's largest). */
+  parallel?: number
+  threads?: number
+  onProgress?: ResolveOptions['onProgress']
+}
+
+/** Room for some generations, held from admission until they finish. */
+export interface Admission {
+  readonly count: number
+  release(): void
+}
+
+export interface GenerateHooks {
+  /** New text of choice `choice` (never empty). */
+  onText?: (choice: number, text: string) => void
+  /** The client went away. */
+  signal?: AbortSignal
+}
+
+/** What the engine runs on: a decoder it releases at the end (ParScaleModel; a fake one in tests). */
+export type EngineModel<C extends SequenceCache> = Decoder<C> & {release(): Promise<void>}
+
+/** The batcher's part the engine uses; none of it depends on the cache type. */
+type Batcher = Pick<ContinuousBatcher<SequenceCache>, 'submit' | 'stats' | 'close'>
+
+/** Seconds a refused client is told to wait: about one request's time on a small model. */
+const RETRY_AFTER_SECONDS = 1
+
+/** The name clients use for the model: the embedded one, a hub repo id, or a folder's name. */
+export function servedModelId(modelName: string | undefined): string {
+  if (modelName === undefined) return 'parscale-default'
+  if (isRepoId(modelName)) return modelName
+  return basename(resolve(modelName))
+}
+
+export class ServeEngine {
+  readonly metrics: ServerMetrics
+  private admitted = 0
+  private closing = false
+  /** Aborted when shutdown runs out of time: every generation stops at its next step. */
+  private readonly shutdown = new AbortController()
+  private readonly idleWaiters: (() => void)[] = []
+
+  private constructor(
+    readonly served: ServedModel,
+    private readonly batcher: Batcher,
+    private readonly releaseModel: () => Promise<void>,
+    private readonly options: EngineOptions,
+  ) {
+    this.metrics = new ServerMetrics({
+      parallelValues: served.parallelValues,
+      queued: () => this.batcher.stats.queued,
+      running: () => this.batcher.stats.running,
+      inProgress: () => this.admitted,
+    })
+  }
+
+  /** An engine over a loaded model; `generation` as the batcher takes it (EOS ids, detokenizer, context). */
+  static over<C extends SequenceCache>(
+    served: ServedModel,
+    model: EngineModel<C>,
+    generation: Omit<GenerationOptions, 'onToken' | 'signal'>,
+    options: EngineOptions,
+  ): ServeEngine {
+    const batcher = new ContinuousBatcher(model, {maxBatch: options.maxBatch, generation})
+    return new ServeEngine(served, batcher, () => model.release(), options)
+  }
+
+  static async open(modelName: string | undefined, options: OpenEngineOptions): Promise<ServeEngine> {
+    const resolved = resolveModel(modelName, {parallel: options.parallel, onProgress: options.onProgress})
+    const [tokenizer, defaults, model] = await Promise.all([
+      TextTokenizer.load(resolved.packageDir),
+      readGenerationDefaults(resolved.packageDir),
+      ParScaleModel.open(resolved.packageDir, {threads: options.threads}),
+    ])
+    const served: ServedModel = {
+      id: servedModelId(modelName),
+      tokenizer,
+      defaults,
+      context: defaults.contextLength ?? model.maxPositions,
+      parallelValues: model.parallelValues,
+      defaultParallel: resolved.parallel,
+    }
+    const context = served.context
+    return ServeEngine.over(served, model, generationOptions({tokenizer, defaults, context}), options)
+  }
+
+  get inProgress(): number {
+    return this.admitted
+  }
+
+  get isClosing(): boolean {
+    return this.closing
+  }
+
+  /** Takes room for `count` generations, or refuses at once (429 over --max-queue, 503 while closing). */
+  admit(count: number): Admission {
+    if (this.closing) throw shuttingDown()
+    if (this.admitted + count > this.options.maxQueue) throw queueFull(this.options.maxQueue, RETRY_AFTER_SECONDS)
+    this.admitted += count
+    let released = false
+    return {
+      count,
+      release: () => {
+        if (released) return
+        released = true
+        this.admitted -= count
+        if (this.admitted === 0) for (const wake of this.idleWaiters.splice(0)) wake()
+      },
+    }
+  }
+
+  /** Generates the admitted requests (one per choice) in the shared batch; releases the admission when all are done. */
+  async generate(admission: Admission, requests: GenerationRequest[], hooks: GenerateHooks = {}): Promise<GenerationResult[]> {
+    if (requests.length !== admission.count) throw new Error('generate: admitted for a different number of requests')
+    const signal = hooks.signal ? AbortSignal.any([hooks.signal, this.shutdown.signal]) : this.shutdown.signal
+    try {
+      // Settled, not Promise.all: the admission is released only when every choice is done.
+      const settled = await Promise.allSettled(
+        requests.map(async (request, choice) => {
+          const timer = this.metrics.generation(request.parallel)
+          const result = await this.batcher.submit(request, {
+            signal,
+            onToken: ({text}) => {
+              timer.token()
+              if (text !== '') hooks.onText?.(choice, text)
+            },
+          })
+          timer.finish(result)
+          return result
+        }),
+      )
+      const failed = settled.find((s) => s.status === 'rejected')
+      if (failed) throw failed.reason
+      return settled.map((s) => (s as PromiseFulfilledResult<GenerationResult>).value)
+    } finally {
+      admission.release()
+    }
+  }
+
+  /** Refuses new generations from now on (503); those admitted go on. */
+  stopAccepting(): void {
+    this.closing = true
+  }
+
+  /** Ends every running generation at its next step (finish reason `abort`). */
+  abortAll(): void {
+    this.shutdown.abort()
+  }
+
+  /** Resolves once no admitted generation is left. */
+  idle(): Promise<void> {
+    if (this.admitted === 0) return Promise.resolve()
+    return new Promise((resolve) => this.idleWaiters.push(resolve))
+  }
+
+  async close(): Promise<void> {
+    this.stopAccepting()
+    await this.batcher.close()
+    await this.releaseModel()
+  }
+}
