@@ -1,0 +1,142 @@
+// `npm run bench:serve`: a bounded load test of `parscale serve` on the default model with the
+// official openai client. Starts the server (a child process, as deployed), sends requests one
+// after another, then all at once (streaming), and prints throughput and time to first token.
+// Every concurrent answer must equal the sequential answer to the same prompt (greedy): none
+// lost, none mangled. Settings (environment): BENCH_REQUESTS (64), BENCH_SEQUENTIAL (16),
+// BENCH_MAX_TOKENS (64), BENCH_PARALLEL (1), BENCH_MAX_BATCH (server --max-batch, 8), BENCH_THREADS;
+// BENCH_URL=http://host:port load-tests a server already running instead (its own settings).
+import {spawn} from 'node:child_process'
+import path from 'node:path'
+import {fileURLToPath} from 'node:url'
+
+import OpenAI from 'openai'
+
+const setting = (name: string, fallback: number) => Number(process.env[name] ?? fallback)
+const REQUESTS = setting('BENCH_REQUESTS', 64)
+const SEQUENTIAL = setting('BENCH_SEQUENTIAL', 16)
+const MAX_TOKENS = setting('BENCH_MAX_TOKENS', 64)
+const PARALLEL = setting('BENCH_PARALLEL', 1)
+const MAX_BATCH = setting('BENCH_MAX_BATCH', 8)
+const THREADS = process.env.BENCH_THREADS
+
+const PROMPTS = ['def fibonacci(n):', 'import os\n', 'class Parser:', 'for i in range(', 'def read_config(path):', 'import json\n\n', 'class Stack:\n    def push(self, item):', 'def main():\n']
+
+interface Outcome {
+  prompt: string
+  text: string
+  tokens: number
+  finishReason: string | null
+  ttftMs: number
+  totalMs: number
+}
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..')
+const log = (line: string) => process.stderr.write(`${line}\n`)
+
+async function startServer(): Promise<{url: string; stop: () => Promise<number | null>}> {
+  if (process.env.BENCH_URL) return {url: process.env.BENCH_URL.replace(/\/$/, ''), stop: async () => 0}
+  const args = ['serve', '--port', '0', '--max-batch', String(MAX_BATCH), '--max-queue', String(Math.max(64, REQUESTS)), ...(THREADS ? ['--threads', THREADS] : [])]
+  const child = spawn(process.execPath, [path.join(root, 'bin', 'run.js'), ...args], {cwd: root, stdio: ['ignore', 'ignore', 'pipe']})
+  const exited = new Promise<number | null>((resolve) => child.on('close', resolve))
+  let stderr = ''
+  const url = await new Promise<string>((resolve, reject) => {
+    child.stderr.on('data', (data: Buffer) => {
+      stderr += data.toString()
+      const match = /serving .* at (http:\/\/\S+)\/v1/.exec(stderr)
+      if (match) resolve(match[1])
+    })
+    exited.then((code) => reject(new Error(`parscale serve exited (${code}): ${stderr}`)))
+  })
+  return {
+    url,
+    stop: () => {
+      child.kill('SIGTERM')
+      return exited
+    },
+  }
+}
+
+async function streamOne(client: OpenAI, prompt: string): Promise<Outcome> {
+  const started = performance.now()
+  const stream = await client.chat.completions.create({
+    model: 'parscale-default',
+    messages: [{role: 'user', content: prompt}],
+    max_tokens: MAX_TOKENS,
+    temperature: 0,
+    stream: true,
+    stream_options: {include_usage: true},
+    parallel: PARALLEL,
+  } as OpenAI.Chat.ChatCompletionCreateParamsStreaming)
+  let text = ''
+  let ttftMs = NaN
+  let tokens = 0
+  let finishReason: string | null = null
+  for await (const chunk of stream) {
+    const choice = chunk.choices[0]
+    if (choice?.delta.content) {
+      if (Number.isNaN(ttftMs)) ttftMs = performance.now() - started
+      text += choice.delta.content
+    }
+    if (choice?.finish_reason) finishReason = choice.finish_reason
+    if (chunk.usage) tokens = chunk.usage.completion_tokens
+  }
+  return {prompt, text, tokens, finishReason, ttftMs, totalMs: performance.now() - started}
+}
+
+function percentile(values: number[], p: number): number {
+  const sorted = values.filter((v) => !Number.isNaN(v)).sort((a, b) => a - b)
+  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]
+}
+
+function summary(name: string, outcomes: Outcome[], seconds: number): {tokensPerS: number} {
+  const tokens = outcomes.reduce((sum, o) => sum + o.tokens, 0)
+  const tokensPerS = tokens / seconds
+  const ttft = outcomes.map((o) => o.ttftMs)
+  console.log(
+    `${name.padEnd(22)} ${String(outcomes.length).padStart(4)} requests  ${String(tokens).padStart(6)} tokens  ${seconds.toFixed(2).padStart(7)} s  ` +
+      `${tokensPerS.toFixed(1).padStart(7)} tokens/s  TTFT p50 ${percentile(ttft, 50).toFixed(0)} ms  p99 ${percentile(ttft, 99).toFixed(0)} ms`,
+  )
+  return {tokensPerS}
+}
+
+const server = await startServer()
+const client = new OpenAI({baseURL: `${server.url}/v1`, apiKey: 'unused', maxRetries: 0, timeout: 600_000})
+let failed = false
+try {
+  log(`server at ${server.url}: P = ${PARALLEL}, ${MAX_TOKENS} tokens at most per request`)
+  await streamOne(client, PROMPTS[0]) // warm-up: first-call costs out of the figures
+  const reference = new Map<string, Outcome>()
+  const sequential: Outcome[] = []
+  let started = performance.now()
+  for (let i = 0; i < SEQUENTIAL; i++) {
+    const outcome = await streamOne(client, PROMPTS[i % PROMPTS.length])
+    sequential.push(outcome)
+    reference.set(outcome.prompt, outcome)
+  }
+  const sequentialSeconds = (performance.now() - started) / 1000
+  for (const prompt of PROMPTS) if (!reference.has(prompt)) reference.set(prompt, await streamOne(client, prompt))
+
+  started = performance.now()
+  const concurrent = await Promise.all(Array.from({length: REQUESTS}, (_, i) => streamOne(client, PROMPTS[i % PROMPTS.length])))
+  const concurrentSeconds = (performance.now() - started) / 1000
+
+  const mangled = concurrent.filter((o) => {
+    const ref = reference.get(o.prompt)!
+    return o.text !== ref.text || o.tokens !== ref.tokens || o.finishReason !== ref.finishReason
+  })
+  const settings = process.env.BENCH_URL ? server.url : `--max-batch ${MAX_BATCH}${THREADS ? ` --threads ${THREADS}` : ''}`
+  console.log(`parscale serve load test · default model · P = ${PARALLEL} · ${settings} · max_tokens ${MAX_TOKENS} · greedy · streaming`)
+  const seq = summary('sequential', sequential, sequentialSeconds)
+  const con = summary(`${REQUESTS} concurrent`, concurrent, concurrentSeconds)
+  const ratio = con.tokensPerS / seq.tokensPerS
+  console.log(`answers: ${concurrent.length - mangled.length}/${concurrent.length} complete and equal to the sequential ones${mangled.length ? ` (${mangled.length} differ)` : ''}`)
+  console.log(`${ratio >= 3 ? 'MET   ' : 'MISSED'} concurrent / sequential throughput (≥ 3×): ${ratio.toFixed(2)}×`)
+  failed = mangled.length > 0 || concurrent.length !== REQUESTS
+} finally {
+  const code = await server.stop()
+  if (code !== 0) {
+    log(`parscale serve exited with ${code} after SIGTERM`)
+    failed = true
+  }
+}
+if (failed) process.exitCode = 1
