@@ -2,6 +2,7 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
 import {formatBytes, percent} from '../core/format.js'
+import {checkWebGpu, DEVICES, type Device} from '../core/run/device.js'
 import {ServeEngine} from '../core/serve/engine.js'
 import {parseServeOptions, SERVE_DEFAULTS, type ServeOptions} from '../core/serve/options.js'
 import {RunningServer} from '../core/serve/server.js'
@@ -39,6 +40,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     'max-queue': numberFlag(`most generations running or waiting; more get 429 (default ${SERVE_DEFAULTS.maxQueue})`),
     'api-key': Flags.string({description: 'require "Authorization: Bearer KEY" on /v1 requests', helpValue: 'KEY', env: 'PARSCALE_API_KEY'}),
     threads: numberFlag('ONNX Runtime intra-op threads'),
+    device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
     'shutdown-timeout': numberFlag(`seconds running requests get to finish after SIGTERM / Ctrl-C (default ${SERVE_DEFAULTS.shutdownTimeout})`, 'SECONDS'),
   }
 
@@ -56,7 +58,9 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
         'shutdown-timeout': flags['shutdown-timeout'],
       },
     })
-    const engine = await this.load(args.model, options)
+    const device = flags.device as Device
+    if (device === 'webgpu') await checkWebGpu() // before converting or loading anything
+    const engine = await this.load(args.model, options, device)
     let server: RunningServer
     try {
       server = await RunningServer.listen(engine, {host: options.host, port: options.port, apiKey: options.apiKey, onInternalError: reportInternalError})
@@ -72,12 +76,13 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     await untilStopped(server, options.shutdownTimeout)
   }
 
-  private async load(model: string | undefined, options: ServeOptions): Promise<ServeEngine> {
+  private async load(model: string | undefined, options: ServeOptions, device: Device): Promise<ServeEngine> {
     const progress = new Progress('preparing model')
     try {
       return await ServeEngine.open(model, {
         parallel: options.parallel,
         threads: options.threads,
+        device,
         maxBatch: options.maxBatch,
         maxQueue: options.maxQueue,
         onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),

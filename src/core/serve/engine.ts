@@ -8,6 +8,7 @@ import {basename, resolve} from 'node:path'
 
 import {ContinuousBatcher} from '../run/batcher.js'
 import type {Decoder, GenerationOptions, GenerationRequest, GenerationResult, SequenceCache} from '../run/generation.js'
+import type {Device} from '../run/device.js'
 import {ParScaleModel} from '../run/model.js'
 import {generationOptions} from '../run/requests.js'
 import {readGenerationDefaults, TextTokenizer} from '../run/tokenizer.js'
@@ -28,6 +29,7 @@ export interface OpenEngineOptions extends EngineOptions {
   /** --parallel: the P of requests that name none (default: the model's largest). */
   parallel?: number
   threads?: number
+  device?: Device
   onProgress?: ResolveOptions['onProgress']
 }
 
@@ -98,7 +100,7 @@ export class ServeEngine {
     const [tokenizer, defaults, model] = await Promise.all([
       TextTokenizer.load(resolved.packageDir),
       readGenerationDefaults(resolved.packageDir),
-      ParScaleModel.open(resolved.packageDir, {threads: options.threads}),
+      ParScaleModel.open(resolved.packageDir, {threads: options.threads, device: options.device ?? 'cpu'}),
     ])
     const served: ServedModel = {
       id: servedModelId(modelName),
