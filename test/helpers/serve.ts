@@ -14,8 +14,8 @@ import {REPO_ROOT} from './cli.js'
 import {ALPHABET, charTokenizer, END, FakeCache, FakeDecoder} from './fake-decoder.js'
 
 /**
- * The fake decoder, with a step that yields to the event loop (as ONNX Runtime's does, so HTTP
- * keeps flowing) and can be held: `hold()` stops every step until `release()`.
+ * The fake decoder, with a step that yields to the event loop (as onnxruntime-node does before
+ * each run, so HTTP keeps flowing) and can be held: `hold()` stops every step until `resume()`.
  */
 export class HeldDecoder extends FakeDecoder {
   private gate: Promise<void> | undefined
