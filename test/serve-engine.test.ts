@@ -41,6 +41,25 @@ describe('serve: limits and lifecycle (fake model)', () => {
       assert.equal(metricValue(await metrics(s), 'parscale_requests_total', {endpoint: '/v1/completions', status: '429'}), 1)
     }))
 
+  test('a request that arrives mid-stream joins the running batch at the next step, and leaves when done', () =>
+    withServer({}, async (s) => {
+      const controller = new AbortController()
+      const long = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 100_000, stream: true}, {signal: controller.signal})
+      const chunks = long[Symbol.asyncIterator]()
+      for (let i = 0; i < 3; i++) assert.equal((await chunks.next()).value?.choices[0].text, 'a')
+      const joinedAt = s.decoder.calls.length
+      // Not streamed: it must come back while the long stream is still going, not after it.
+      const short = await s.client.completions.create({model: 'fake-model', prompt: 'cd', max_tokens: 4})
+      assert.equal(short.choices[0].text, 'aaaa')
+      assert.equal(s.engine.inProgress, 1, 'the long stream is still running')
+      const decodes = s.decoder.calls.slice(joinedAt).filter((c) => c.seq === 1).map((c) => c.rows)
+      assert.ok(decodes.includes(2), `the two decoded in one batch (${decodes})`)
+      await eventually('the short one has left the batch', () => s.decoder.calls.at(-1)?.rows === 1)
+      assert.equal(metricValue(await metrics(s), 'parscale_running_rows', {parallel: '1'}), 1)
+      controller.abort()
+      await eventually('the long one is gone', () => s.engine.inProgress === 0)
+    }))
+
   test('a list of prompts counts once per prompt against --max-queue', () =>
     withServer({maxQueue: 2}, async (s) => {
       await assert.rejects(s.client.completions.create({model: 'fake-model', prompt: ['a', 'b', 'c'], max_tokens: 1}), OpenAI.RateLimitError)
