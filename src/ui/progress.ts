@@ -14,11 +14,19 @@ export class Progress {
 
   update(text: string): void {
     if (!this.spinner) return
+    // The text always changes (the spinner's own frames show the latest); painting is throttled.
+    this.spinner.text = text
     const now = Date.now()
     if (now - this.lastPaint < 80) return
     this.lastPaint = now
-    this.spinner.text = text
     this.spinner.render()
+  }
+
+  /** A line on stderr above the spinner. */
+  log(line: string): void {
+    this.spinner?.clear()
+    process.stderr.write(line + '\n')
+    this.spinner?.render()
   }
 
   succeed(text: string): void {
