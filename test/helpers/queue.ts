@@ -75,13 +75,13 @@ export async function statusNow(url: string, name: string): Promise<StatusJson> 
  * Polls the batch's status until `until` holds (or fails after `timeoutMs`, with the last status).
  * In this process, with the code `batch status` runs: a CLI process per poll would take a core.
  */
-export async function waitForStatus(url: string, name: string, until: (s: StatusJson) => boolean, timeoutMs = 60_000): Promise<StatusJson> {
+export async function waitForStatus(url: string, name: string, until: (s: StatusJson) => boolean, timeoutMs = 60_000, intervalMs = 250): Promise<StatusJson> {
   const deadline = Date.now() + timeoutMs
   for (;;) {
     const s = await statusNow(url, name)
     if (until(s)) return s
     if (Date.now() > deadline) assert.fail(`batch ${name} did not reach the expected state: ${JSON.stringify(s)}`)
-    await new Promise((r) => setTimeout(r, 250))
+    await new Promise((r) => setTimeout(r, intervalMs))
   }
 }
 
