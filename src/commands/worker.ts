@@ -2,7 +2,7 @@ import {Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
 import {checkQueueUrl} from '../core/queue/connection.js'
-import {QueueWorker} from '../core/queue/worker.js'
+import {defaultConcurrency, QueueWorker} from '../core/queue/worker.js'
 import {queueFlag} from '../queue-flags.js'
 import {Progress} from '../ui/progress.js'
 import {workerProgress} from '../ui/queue-report.js'
@@ -22,7 +22,7 @@ Progress is shown when stderr is a terminal.`
   static override flags = {
     queue: queueFlag,
     'batch-size': Flags.integer({description: 'sequences of one model and P decoding together (new lines join as others finish)', min: 1, default: 8}),
-    concurrency: Flags.integer({description: 'lines held at once per model (default: --batch-size); more keeps lines ready to join, or feeds several P at once', min: 1}),
+    concurrency: Flags.integer({description: 'lines held at once per model (default: --batch-size + max(2, --batch-size / 4), so a finished line\'s place is refilled at the next step)', min: 1}),
     model: Flags.string({description: 'a model this machine has (package, checkpoint folder or hub repo id), served to jobs whose fingerprint it matches (repeatable)', multiple: true, helpValue: 'MODEL'}),
     threads: Flags.integer({description: 'ONNX Runtime intra-op threads', min: 1}),
     'stall-timeout': Flags.integer({description: 'seconds before the lines of a worker that stopped answering go to another worker', min: 1, default: 30, helpValue: 'SECONDS'}),
@@ -41,7 +41,7 @@ Progress is shown when stderr is a terminal.`
     const settings = {
       url,
       batchSize: flags['batch-size'],
-      concurrency: flags.concurrency ?? flags['batch-size'],
+      concurrency: flags.concurrency ?? defaultConcurrency(flags['batch-size']),
       threads: flags.threads,
       models: flags.model ?? [],
       stallSeconds: flags['stall-timeout'],
