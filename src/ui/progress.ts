@@ -9,7 +9,10 @@ export class Progress {
   private lastPaint = 0
 
   constructor(text: string, enabled = Boolean(process.stderr.isTTY)) {
-    this.spinner = enabled ? ora({text, stream: process.stderr}).start() : undefined
+    // A terminal of zero columns (a pseudo-terminal nobody sized) made ora erase lines without
+    // end, megabytes a second: no spinner there.
+    const sized = process.stderr.columns !== 0
+    this.spinner = enabled && sized ? ora({text, stream: process.stderr}).start() : undefined
   }
 
   update(text: string): void {
