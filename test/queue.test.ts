@@ -3,6 +3,7 @@
 // failing lines, refusing a model, a Redis restart, an unreachable Redis. The kill -9 target is
 // in queue-fault.test.ts.
 import assert from 'node:assert/strict'
+import {spawn} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
 import {after, before, beforeEach, describe, test} from 'node:test'
@@ -100,6 +101,89 @@ describe('parscale batch on a Redis queue', () => {
     const converted = path.join(env.PARSCALE_CACHE, 'converted')
     const sources = fs.readdirSync(converted).map((dir) => (JSON.parse(fs.readFileSync(path.join(converted, dir, 'parscale.json'), 'utf8')) as {sourceFingerprint: string}).sourceFingerprint)
     assert.equal(new Set(sources).size, 2, 'two packages, whose sourceFingerprints differ')
+  })
+
+  test('a job records the model, its fingerprint, the sampling and the line\'s fields; collect writes run --batch --json\'s objects, mixed P and all', async () => {
+    const file = jsonl('mixed.jsonl', [
+      {prompt: 'def fibonacci(n):', temperature: 0},
+      {prompt: 'import os\n', parallel: 1},
+      {prompt: 'class Stack:', parallel: 4, max_new_tokens: 5, temperature: 0},
+      {prompt: 'for i in range(10):', temperature: 0.5},
+      {prompt: 'with open(path) as f:', parallel: 1, max_new_tokens: 3},
+      {prompt: 'return sorted(', parallel: 4},
+    ])
+    // Sampled lines too (a seed per line, so the same as run --batch); greedy where a line says 0.
+    const gen = ['--max-new-tokens', '8', '--parallel', '2', '--temperature', '0.8', '--top-k', '20', '--repetition-penalty', '1.1', '--seed', '7']
+    const submitted = await cli(['batch', 'submit', file, '--queue', redis.url, ...gen])
+    assert.equal(submitted.code, 0, submitted.stderr)
+    const fingerprint = /fingerprint (\w+)/.exec(submitted.stdout)![1]
+
+    const queue = new Queue<LineJob>(modelQueueName(fingerprint), {connection: client, prefix: BULL_PREFIX})
+    const third = (await queue.getJob(lineJobId('mixed', 3)))!
+    const fourth = (await queue.getJob(lineJobId('mixed', 4)))!
+    await queue.close()
+    assert.deepEqual(third.data.model, {reference: null, label: 'the default model', fingerprint})
+    assert.equal(third.data.line, 3)
+    assert.deepEqual(third.data.fields, {input: {kind: 'prompt', text: 'class Stack:'}, max_new_tokens: 5, temperature: 0, parallel: 4})
+    assert.deepEqual([third.data.request.parallel, third.data.request.maxNewTokens], [4, 5])
+    assert.deepEqual(third.data.request.sampling, {temperature: 0, topK: 20, repetitionPenalty: 1.1, seed: 7 + 2})
+    assert.deepEqual(fourth.data.fields, {input: {kind: 'prompt', text: 'for i in range(10):'}, temperature: 0.5})
+    assert.deepEqual(fourth.data.request.sampling, {temperature: 0.5, topK: 20, repetitionPenalty: 1.1, seed: 7 + 3})
+    assert.equal(fourth.data.request.parallel, 2)
+
+    const worker = startWorker(['--queue', redis.url, '--batch-size', '4'], env)
+    await waitForStatus(redis.url, 'mixed', (s) => s.done === 6)
+    worker.child.kill('SIGTERM')
+    assert.equal(await worker.exited, 0, worker.stderr())
+    // The worker adds its tokens to the batch's counters every second, and as it exits.
+    const done = await statusNow(redis.url, 'mixed')
+    const collected = await cli(['batch', 'collect', 'mixed', '--queue', redis.url])
+    assert.equal(collected.code, 0, collected.stderr)
+    assert.match(collected.stderr, /^6 lines → stdout \(6 done\)\n$/)
+    const reference = await cli(['run', '--batch', file, '--json', ...gen])
+    assert.equal(reference.code, 0, reference.stderr)
+    // Everything but the timings, which are the run's own.
+    const untimed = (text: string) => text.trim().split('\n').map((l) => {
+      const {ttft_ms: ttft, decode_tokens_per_s: rate, ...rest} = JSON.parse(l) as Record<string, unknown>
+      assert.equal(typeof ttft, 'number')
+      assert.equal(typeof rate, 'number')
+      return rest
+    })
+    const results = untimed(collected.stdout)
+    assert.deepEqual(results, untimed(reference.stdout))
+    assert.deepEqual(results.map((r) => r.parallel), [2, 1, 4, 2, 1, 4])
+    const tokens = results.reduce((sum, r) => sum + (r.generated_tokens as number), 0)
+    assert.equal(done.tokens, tokens, 'status counts the generated tokens')
+    assert.ok(done.tokens_per_s !== null && done.tokens_per_s > 0, JSON.stringify(done))
+  })
+
+  test('on a terminal the worker shows its progress; on a pipe, only its one-line messages', async () => {
+    const file = prompts('shown.jsonl', 3)
+    assert.equal((await cli(['batch', 'submit', file, '--queue', redis.url, ...GEN])).code, 0)
+    // `script` gives the worker a pseudo-terminal; the pid file lets the test signal the worker itself.
+    const pidFile = path.join(tmp, 'tty-worker.pid')
+    const command = `stty cols 100 rows 30; echo $$ > '${pidFile}'; exec '${process.execPath}' bin/run.js worker --queue ${redis.url}`
+    const {CI: _ci, ...parentEnv} = process.env
+    const tty = spawn('script', ['-qfec', command, '/dev/null'], {cwd: REPO_ROOT, env: {...parentEnv, ...env, TERM: 'xterm', NODE_NO_WARNINGS: '1'}, stdio: ['pipe', 'pipe', 'pipe']})
+    let screen = ''
+    tty.stdout.on('data', (d: Buffer) => (screen += d.toString()))
+    const exited = new Promise<number | null>((resolve) => tty.once('exit', (code) => resolve(code)))
+    try {
+      await waitFor('the progress line', () => /3 lines done · [\d.]+ tokens\/s · serving the default model/.test(screen.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, '')))
+      assert.match(screen, /serving the default model \(fingerprint \w+\)\r?\n/)
+      process.kill(Number(fs.readFileSync(pidFile, 'utf8')), 'SIGTERM')
+      assert.equal(await exited, 0, screen)
+    } finally {
+      // The worker runs in the terminal's own session: `script` going does not take it along.
+      if (fs.existsSync(pidFile)) {
+        try {
+          process.kill(Number(fs.readFileSync(pidFile, 'utf8')), 'SIGKILL')
+        } catch {
+          // already gone
+        }
+      }
+      tty.kill('SIGKILL')
+    }
   })
 
   test('collect refuses while lines are unfinished; --partial keeps each line in its place', async () => {
