@@ -3,6 +3,7 @@ import {existsSync} from 'node:fs'
 import {Args, Flags, type Interfaces} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
+import {generationFlags, generationFlagOptions, numberFlag} from '../generation-flags.js'
 import {isRepoId} from '../core/hub/families.js'
 import {openRunContext, type RunContext} from '../core/run/context.js'
 import {checkWebGpu, DEVICES, type Device} from '../core/run/device.js'
@@ -14,29 +15,14 @@ import {runBatch, runOneShot} from '../ui/run-modes.js'
 import {endOnClosedPipe} from '../ui/run-output.js'
 import {readStdin} from '../ui/stdin.js'
 
-/** A number flag; checked in `planRun` so a bad value is one line, like every user error. */
-function numberFlag(description: string, helpValue = 'N', char?: 'n' | 'p') {
-  return Flags.string({description, helpValue, ...(char ? {char} : {})})
-}
-
 const runFlags = {
   prompt: Flags.string({description: 'prompt text (instead of the PROMPT argument)', helpValue: 'TEXT'}),
-  system: Flags.string({description: 'system message for the chat template', helpValue: 'TEXT'}),
-  raw: Flags.boolean({description: 'send the prompt as is: no chat template, no special tokens'}),
   chat: Flags.boolean({description: 'interactive multi-turn chat (the default in a terminal without a prompt)'}),
   batch: Flags.string({description: 'JSONL file of prompts to run in batches', helpValue: 'FILE'}),
   'batch-size': numberFlag('prompts per batch with --batch (default 8)'),
-  'max-new-tokens': numberFlag('most tokens to generate (default: generation_config max_new_tokens, else 256)', 'N', 'n'),
-  temperature: numberFlag('sampling temperature; 0 = greedy (default: from generation_config, else greedy)', 'T'),
-  'top-k': numberFlag('sample from the k most likely tokens (0 = all)', 'K'),
-  'top-p': numberFlag('nucleus sampling: the smallest set of tokens whose probability reaches p, in (0, 1]', 'P'),
-  'repetition-penalty': numberFlag('penalty (> 1) for tokens already in the sequence', 'X'),
-  seed: numberFlag('random seed: the same seed gives the same output'),
-  stop: Flags.string({description: 'stop when this text is generated (repeatable); it is not printed', multiple: true, helpValue: 'TEXT'}),
+  ...generationFlags,
   json: Flags.boolean({description: 'print one JSON object per prompt per line (text, token_ids, finish_reason, timing)'}),
   quiet: Flags.boolean({char: 'q', description: 'no progress or timing on stderr'}),
-  parallel: numberFlag('number of parallel streams P (the model must provide it; default: the model\'s own)', 'N', 'p'),
-  truncate: Flags.boolean({description: 'keep the tail of a prompt that is too long for the context, instead of failing'}),
   streams: Flags.boolean({description: 'after each answer, show how the P streams were weighted per generated token (with --json: "stream_weights")'}),
   threads: numberFlag('ONNX Runtime intra-op threads'),
   device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
@@ -45,30 +31,18 @@ const runFlags = {
 type RunFlags = Interfaces.InferredFlags<typeof runFlags>
 
 function runOptions(flags: RunFlags, promptArgument: string | undefined): RunOptions {
+  const generation = generationFlagOptions(flags)
   return {
+    ...generation,
     promptArgument,
     prompt: flags.prompt,
-    system: flags.system,
-    raw: flags.raw,
     chat: flags.chat,
     batch: flags.batch,
-    stop: flags.stop,
     json: flags.json,
     quiet: flags.quiet,
-    truncate: flags.truncate,
     device: flags.device as Device,
     streams: flags.streams,
-    numbers: {
-      'batch-size': flags['batch-size'],
-      'max-new-tokens': flags['max-new-tokens'],
-      temperature: flags.temperature,
-      'top-k': flags['top-k'],
-      'top-p': flags['top-p'],
-      'repetition-penalty': flags['repetition-penalty'],
-      seed: flags.seed,
-      parallel: flags.parallel,
-      threads: flags.threads,
-    },
+    numbers: {...generation.numbers, 'batch-size': flags['batch-size'], threads: flags.threads},
   }
 }
 

@@ -5,7 +5,7 @@
 import {readBatchFile} from '../core/run/batch-file.js'
 import {generateAll} from '../core/run/batcher.js'
 import type {RunContext} from '../core/run/context.js'
-import {batchRequest, generationOptions, promptRequest, resolveSampling} from '../core/run/requests.js'
+import {batchRequests, generationOptions, promptRequest} from '../core/run/requests.js'
 import {batchItemText, batchSummaryLine, jsonResult, type LineWriter, timingLine, writeTokenText} from './run-output.js'
 import {answerStreamView} from './stream-view.js'
 
@@ -30,8 +30,7 @@ export async function runOneShot(ctx: RunContext, prompt: string, log: LineWrite
 export async function runBatch(ctx: RunContext, file: string, log: LineWriter): Promise<void> {
   const {options} = ctx
   const items = await readBatchFile(file)
-  const baseSampling = resolveSampling(ctx)
-  const requests = items.map((item, i) => batchRequest(ctx, file, item, baseSampling, i))
+  const requests = batchRequests(ctx, file, items)
   const started = performance.now()
   const results = await generateAll(ctx.model, requests, ctx.numbers.batchSize, generationOptions(ctx), (result, index) => {
     if (options.json) log(JSON.stringify(jsonResult(result)))

@@ -1,33 +1,15 @@
 /**
- * How `parscale run` results look: the `--json` object, the timing line on stderr, batch
- * text blocks and summary, streamed tokens.
+ * How `parscale run` results look: the `--json` object (built in core), the timing line on
+ * stderr, batch text blocks and summary, streamed tokens.
  */
 import type {ChatTurnResult} from '../core/run/chat.js'
 import type {GenerationResult, TokenEvent} from '../core/run/generation.js'
+import {jsonResult} from '../core/run/json-result.js'
+
+export {jsonResult}
 
 /** Prints one line to stdout (the command's `log`). */
 export type LineWriter = (line: string) => void
-
-function round(value: number, digits: number): number {
-  const f = 10 ** digits
-  return Math.round(value * f) / f
-}
-
-/** One `--json` line; the field names are a public format. */
-export function jsonResult(r: GenerationResult): Record<string, unknown> {
-  return {
-    text: r.text,
-    token_ids: r.tokenIds,
-    finish_reason: r.finishReason,
-    prompt_tokens: r.promptTokens,
-    generated_tokens: r.generatedTokens,
-    parallel: r.parallel,
-    ttft_ms: round(r.ttftMs, 2),
-    decode_tokens_per_s: round(r.decodeTokensPerS, 2),
-    // Six decimals: a token's P weights still sum to 1 within 1e-5.
-    ...(r.streamWeights ? {stream_weights: r.streamWeights.map((weights) => weights.map((w) => round(w, 6)))} : {}),
-  }
-}
 
 /** A chat turn adds how much of the conversation the cache saved. */
 export function chatJsonResult(r: ChatTurnResult): Record<string, unknown> {

@@ -1,3 +1,4 @@
+import {createHash} from 'node:crypto'
 import {existsSync, readFileSync, statSync} from 'node:fs'
 import {join} from 'node:path'
 
@@ -116,4 +117,19 @@ export function variantConfig(manifest: PackageManifest, variant: PackageVariant
     attnSmooth: variant.attnSmooth,
     raw: {},
   }
+}
+
+/**
+ * What a package computes, from its content: the graph version, dtype and shapes, the
+ * backbone's digest, each P's weights and the copied tokenizer and config files. Two
+ * conversions of the same checkpoint on two machines agree, where `sourceFingerprint` (sizes
+ * and modification times of the checkpoint's files) does not; a queue worker serves a job
+ * only when its own package has the job's fingerprint.
+ */
+export function packageFingerprint(dir: string, manifest: PackageManifest = readManifest(dir)): string {
+  const fileDigest = (name: string) => createHash('sha256').update(readFileSync(join(dir, name))).digest('hex')
+  const variants = manifest.variants.map(({source: _source, weights, ...rest}) => ({...rest, weights: weights === null ? null : fileDigest(weights)}))
+  const copied = COPIED_FILES.filter((name) => existsSync(join(dir, name))).map((name) => [name, fileDigest(name)])
+  const content = {formatVersion: manifest.formatVersion, graphVersion: manifest.graphVersion, dtype: manifest.dtype, model: manifest.model, backbone: manifest.backbone.sha256, variants, copied}
+  return createHash('sha256').update(JSON.stringify(content)).digest('hex').slice(0, 16)
 }

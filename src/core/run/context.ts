@@ -3,11 +3,22 @@
  * generation defaults and one ONNX Runtime session that runs every P the package has.
  */
 import {UserError} from '../errors.js'
-import {resolveModel, type ResolveOptions} from '../package/resolve.js'
+import {readManifest} from '../package/manifest.js'
+import {resolveModel, type ResolvedModel, type ResolveOptions} from '../package/resolve.js'
 import type {RunPlan} from './plan.js'
 import type {RequestContext} from './requests.js'
 import {ParScaleModel} from './model.js'
 import {readGenerationDefaults, TextTokenizer} from './tokenizer.js'
+
+/** What requests are built from, without the ONNX Runtime session: enough to check and encode prompts. */
+export interface RequestModel extends RequestContext {
+  tokenizer: TextTokenizer
+  options: RunPlan['options']
+  /** The model as the user named it, for messages. */
+  label: string
+  /** The converted package. */
+  packageDir: string
+}
 
 /** Everything a mode needs: the model session, tokenizer, defaults and the checked options. */
 export interface RunContext extends RequestContext {
@@ -26,24 +37,39 @@ export interface LoadHooks {
   onLoading?: () => void
 }
 
-export async function openRunContext(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RunContext> {
-  const {options, numbers} = plan
-  const resolved = resolveModel(modelName, {parallel: numbers.parallel, onProgress: hooks.onProgress})
+/** The model resolved, its tokenizer and defaults loaded, the options checked against them. */
+export async function openRequestModel(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RequestModel> {
+  const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, onProgress: hooks.onProgress})
   hooks.onLoading?.()
-  const [tokenizer, defaults, model] = await Promise.all([
-    TextTokenizer.load(resolved.packageDir),
-    readGenerationDefaults(resolved.packageDir),
-    ParScaleModel.open(resolved.packageDir, {threads: numbers.threads, device: options.device ?? 'cpu'}),
-  ])
+  return loadRequestModel(resolved, plan)
+}
+
+async function loadRequestModel(resolved: ResolvedModel, {options, numbers}: Pick<RunPlan, 'options' | 'numbers'>): Promise<RequestModel> {
+  const [tokenizer, defaults] = await Promise.all([TextTokenizer.load(resolved.packageDir), readGenerationDefaults(resolved.packageDir)])
   const useTemplate = !options.raw && tokenizer.hasChatTemplate
   if (options.system !== undefined && !useTemplate) {
-    await model.release()
     throw new UserError(options.raw ? '--system needs the chat template; drop --raw' : 'the model\'s tokenizer has no chat template, so --system cannot be used')
   }
+  const manifest = readManifest(resolved.packageDir)
   return {
-    model, tokenizer, defaults, options, numbers, label: resolved.label, useTemplate,
-    context: defaults.contextLength ?? model.maxPositions,
+    tokenizer, defaults, options, numbers, label: resolved.label, useTemplate,
+    context: defaults.contextLength ?? manifest.model.maxPositionEmbeddings,
     parallel: resolved.parallel,
-    availableParallel: model.parallelValues,
+    availableParallel: manifest.parallel,
+    packageDir: resolved.packageDir,
   }
+}
+
+export async function openRunContext(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RunContext> {
+  const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, onProgress: hooks.onProgress})
+  hooks.onLoading?.()
+  const opening = ParScaleModel.open(resolved.packageDir, {threads: plan.numbers.threads, device: plan.options.device ?? 'cpu'})
+  const [loaded, model] = await Promise.allSettled([loadRequestModel(resolved, plan), opening])
+  if (loaded.status === 'rejected') {
+    if (model.status === 'fulfilled') await model.value.release()
+    throw loaded.reason
+  }
+  if (model.status === 'rejected') throw model.reason
+  const {packageDir: _packageDir, ...ctx} = loaded.value
+  return {...ctx, model: model.value}
 }

@@ -112,3 +112,9 @@ export function batchRequest(ctx: RequestContext, file: string, item: BatchItem,
   }
   return {promptIds, maxNewTokens: maxNew, sampling, stop: ctx.options.stop, parallel}
 }
+
+/** Every line of a batch file (`run --batch`, `batch submit`): one base sampling, a seed per line. */
+export function batchRequests(ctx: RequestContext, file: string, items: BatchItem[]): GenerationRequest[] {
+  const base = resolveSampling(ctx)
+  return items.map((item, i) => batchRequest(ctx, file, item, base, i))
+}

@@ -1,0 +1,25 @@
+/**
+ * The JSON object `run --json` prints for one result, one per line. The field names are a
+ * public format: `batch collect` writes the same objects, stored on each queue job.
+ */
+import type {GenerationResult} from './generation.js'
+
+function round(value: number, digits: number): number {
+  const f = 10 ** digits
+  return Math.round(value * f) / f
+}
+
+export function jsonResult(r: GenerationResult): Record<string, unknown> {
+  return {
+    text: r.text,
+    token_ids: r.tokenIds,
+    finish_reason: r.finishReason,
+    prompt_tokens: r.promptTokens,
+    generated_tokens: r.generatedTokens,
+    parallel: r.parallel,
+    ttft_ms: round(r.ttftMs, 2),
+    decode_tokens_per_s: round(r.decodeTokensPerS, 2),
+    // Six decimals: a token's P weights still sum to 1 within 1e-5.
+    ...(r.streamWeights ? {stream_weights: r.streamWeights.map((weights) => weights.map((w) => round(w, 6)))} : {}),
+  }
+}
