@@ -28,7 +28,7 @@ export interface Rotary {
 /** Token embeddings copied into P streams: [batch·P·seq, hidden]. */
 export function embedTokens(ctx: DecoderContext, inputIds: string): string {
   const {ops, config, dims} = ctx
-  const embedded = ops.gather(ctx.weights.get('model.embed_tokens.weight'), inputIds) // [B, S, H]
+  const embedded = ctx.weights.embed('model.embed_tokens.weight', inputIds) // [B, S, H]
   const streams = ops.expand(ops.unsqueeze(embedded, [1]), ops.shapeOf([dims.batch, dims.streams, dims.seq, config.hiddenSize]))
   return ops.reshape(streams, ops.shapeOf([-1, config.hiddenSize]))
 }
@@ -128,7 +128,7 @@ export function attention(
   const {ops, g, config, dims, weights} = ctx
   const {numHeads, numKvHeads, headDim} = config
   const name = (tensor: string) => `model.layers.${layer}.self_attn.${tensor}`
-  const project = (proj: string) => ops.linear(x, weights.get(name(`${proj}.weight`)), weights.get(name(`${proj}.bias`)))
+  const project = (proj: string) => weights.linear(x, name(`${proj}.weight`), name(`${proj}.bias`))
 
   // rows [(b p s), heads·d] → [b, p·heads, s, d]
   const toHeads = (rows: string, heads: number) => {
@@ -153,15 +153,15 @@ export function attention(
   const context = ops.add(fromCache, fromNew) // [b·p, kv, group·s, d]
   const perToken = ops.transpose(ops.reshape(context, ops.shapeOf([dims.batchStreams, numHeads, dims.seq, headDim])), [0, 2, 1, 3])
   const rows = ops.reshape(perToken, ops.shapeOf([-1, numHeads * headDim]))
-  return {output: ops.linear(rows, weights.get(name('o_proj.weight'))), newKey, newValue}
+  return {output: weights.linear(rows, name('o_proj.weight')), newKey, newValue}
 }
 
 /** SiLU-gated MLP: down(silu(gate(x)) · up(x)). */
 export function mlp(ctx: DecoderContext, layer: number, x: string): string {
   const {ops, weights} = ctx
-  const w = (proj: string) => weights.get(`model.layers.${layer}.mlp.${proj}.weight`)
-  const gated = ops.mul(ops.silu(ops.linear(x, w('gate_proj'))), ops.linear(x, w('up_proj')))
-  return ops.linear(gated, w('down_proj'))
+  const project = (input: string, proj: string) => weights.linear(input, `model.layers.${layer}.mlp.${proj}.weight`)
+  const gated = ops.mul(ops.silu(project(x, 'gate_proj')), project(x, 'up_proj'))
+  return project(gated, 'down_proj')
 }
 
 /** The aggregation head of the P in use, fed per call (see `io.aggregate`). */
@@ -208,9 +208,8 @@ const HEAD_BLOCK_BYTES = 64 << 20
  */
 export function lmHead(ctx: DecoderContext, rows: string): string {
   const {config, ops, weights} = ctx
-  const blocks = config.tieWordEmbeddings
-    ? weights.rowBlocks('model.embed_tokens.weight', 'lm_head.weight (tied to model.embed_tokens.weight)', HEAD_BLOCK_BYTES)
-    : weights.rowBlocks('lm_head.weight', 'lm_head.weight', HEAD_BLOCK_BYTES)
-  const logits = blocks.map((block) => ops.linear(rows, block))
+  const logits = config.tieWordEmbeddings
+    ? weights.linearByRowBlocks(rows, 'model.embed_tokens.weight', 'lm_head.weight (tied to model.embed_tokens.weight)', HEAD_BLOCK_BYTES)
+    : weights.linearByRowBlocks(rows, 'lm_head.weight', 'lm_head.weight', HEAD_BLOCK_BYTES)
   return logits.length === 1 ? logits[0] : ops.concat(logits, 1)
 }

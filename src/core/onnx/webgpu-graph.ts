@@ -3,7 +3,7 @@ import {embedTokens, rotary, type DecoderContext, type Rotary} from './blocks.js
 import {GraphBuilder} from './builder.js'
 import {Ops} from './ops.js'
 import {io} from './parscale-graph.js'
-import type {WeightProvider} from './weights.js'
+import type {FloatWeightProvider} from './weights.js'
 
 /**
  * The decoder for a GPU (the WebGPU execution provider), next to the CPU graph in every
@@ -89,7 +89,7 @@ export function splitFactor(inner: number, out: number, target: number): number 
   return best
 }
 
-export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: GraphBuilder) => WeightProvider, options: WebGpuGraphOptions = {}): GraphBuilder {
+export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: GraphBuilder) => FloatWeightProvider, options: WebGpuGraphOptions = {}): GraphBuilder {
   const form = {...DEFAULT_WEBGPU_GRAPH, ...options}
   const g = new GraphBuilder('parscale-webgpu')
   const ops = new Ops(g)

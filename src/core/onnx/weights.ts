@@ -16,17 +16,47 @@ export interface StoredTensor {
   shape: number[]
 }
 
-/** Hands the graph blocks float32-valued weights by their checkpoint names. */
+/**
+ * Hands the graph blocks weights by their checkpoint names. Vectors come as float32 values;
+ * matrices are used only through `linear`, `linearByRowBlocks` and `embed`, so the weight
+ * format (float32, fp16, quantized) decides which operators compute with them.
+ */
 export interface WeightProvider {
   /** The weight `name`, optionally viewed with another shape of the same size. */
   get(name: string, shape?: number[]): string
+  /** y = x · Wᵀ (+ bias) for rows x [rows, in] and the matrix `name` as Hugging Face stores it, [out, in]. */
+  linear(x: string, name: string, bias?: string): string
   /**
-   * A 2-D weight stored under `storedAs` (a name of its own, so it may be a second copy),
-   * handed out as consecutive blocks of whole rows of at most `maxBlockBytes` each.
+   * The same for a large matrix stored under `storedAs` (a name of its own, so it may be a
+   * second copy) as consecutive blocks of whole rows of at most `maxBlockBytes` each: returns
+   * one output per block, whose columns follow each other.
    */
-  rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[]
+  linearByRowBlocks(x: string, name: string, storedAs: string, maxBlockBytes: number): string[]
+  /** Rows of the [vocab, hidden] table `name` for the token ids `ids`: [...ids shape, hidden]. */
+  embed(name: string, ids: string): string
   /** A float32 backbone tensor computed at conversion time (e.g. rotary tables). */
   computed(name: string, values: Float32Array, shape: number[]): string
+}
+
+/**
+ * Float matrices (float32, or fp16 widened by a Cast), which a graph may also arrange itself:
+ * the WebGPU form transposes and concatenates them before multiplying.
+ */
+export interface FloatWeightProvider extends WeightProvider {
+  /** The 2-D weight `name`, stored under `storedAs`, as consecutive blocks of whole rows of at most `maxBlockBytes` each. */
+  rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[]
+}
+
+/** The operators on float matrices, given how to reach the weights. */
+export function floatWeights(g: GraphBuilder, source: Pick<FloatWeightProvider, 'get' | 'rowBlocks' | 'computed'>): FloatWeightProvider {
+  return {
+    get: (name, shape) => source.get(name, shape),
+    rowBlocks: (name, storedAs, maxBlockBytes) => source.rowBlocks(name, storedAs, maxBlockBytes),
+    computed: (name, values, shape) => source.computed(name, values, shape),
+    linear: (x, name, bias) => g.node('Gemm', bias ? [x, source.get(name), source.get(bias)] : [x, source.get(name)], {transB: 1}),
+    linearByRowBlocks: (x, name, storedAs, maxBlockBytes) => source.rowBlocks(name, storedAs, maxBlockBytes).map((block) => g.node('Gemm', [x, block], {transB: 1})),
+    embed: (name, ids) => g.node('Gather', [source.get(name), ids], {axis: 0}),
+  }
 }
 
 const CHUNK_BYTES = 16 << 20
@@ -109,22 +139,36 @@ function* hashing(chunks: Iterable<Uint8Array>, hash: ReturnType<typeof createHa
  * are stored in half precision and widened by a Cast in the graph; vectors (norms, biases)
  * and the stream prefixes stay float32, as they are small and precision-sensitive.
  */
-export class CheckpointWeights implements WeightProvider {
+export class CheckpointWeights implements FloatWeightProvider {
   private readonly values = new Map<string, string>()
   /** Every initializer made, by name, so another graph of the package can read the same bytes. */
   private readonly made = new Map<string, {half: boolean; shape: number[]; location: ExternalLocation}>()
   private readonly blocks = new Map<string, string[]>()
 
   constructor(
-    private readonly g: GraphBuilder,
-    private readonly checkpoint: Checkpoint,
-    private readonly store: WeightStore,
+    protected readonly g: GraphBuilder,
+    protected readonly checkpoint: Checkpoint,
+    protected readonly store: WeightStore,
     private readonly dtype: WeightDtype,
-    private readonly onBytesRead: (bytes: number) => void = () => {},
+    protected readonly onBytesRead: (bytes: number) => void = () => {},
   ) {}
 
   get(name: string, shape?: number[]): string {
     return this.load(name, shape ? `${name}#${shape.join('x')}` : name, shape)
+  }
+
+  linear(x: string, name: string, bias?: string): string {
+    const inputs = [x, this.get(name)]
+    if (bias) inputs.push(this.get(bias))
+    return this.g.node('Gemm', inputs, {transB: 1})
+  }
+
+  linearByRowBlocks(x: string, name: string, storedAs: string, maxBlockBytes: number): string[] {
+    return this.rowBlocks(name, storedAs, maxBlockBytes).map((block) => this.g.node('Gemm', [x, block], {transB: 1}))
+  }
+
+  embed(name: string, ids: string): string {
+    return this.g.node('Gather', [this.get(name), ids], {axis: 0})
   }
 
   rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[] {
@@ -152,7 +196,7 @@ export class CheckpointWeights implements WeightProvider {
    * form): same initializer names, same bytes in the same files, nothing written again. Asking
    * it for a weight the first graph did not use is an error.
    */
-  placedFor(g: GraphBuilder): WeightProvider {
+  placedFor(g: GraphBuilder): FloatWeightProvider {
     const made = new Map<string, string>()
     const initializer = (name: string): string => {
       const cached = made.get(name)
@@ -164,7 +208,7 @@ export class CheckpointWeights implements WeightProvider {
       made.set(name, out)
       return out
     }
-    return {
+    return floatWeights(g, {
       get: (name, shape) => initializer(shape ? `${name}#${shape.join('x')}` : name),
       rowBlocks: (_name, storedAs) => {
         const names = this.blocks.get(storedAs)
@@ -172,7 +216,7 @@ export class CheckpointWeights implements WeightProvider {
         return names.map((block) => initializer(block))
       },
       computed: (name) => initializer(name),
-    }
+    })
   }
 
   computed(name: string, values: Float32Array, shape: number[]): string {

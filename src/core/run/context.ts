@@ -28,7 +28,7 @@ export interface LoadHooks {
 
 export async function openRunContext(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RunContext> {
   const {options, numbers} = plan
-  const resolved = resolveModel(modelName, {parallel: numbers.parallel, onProgress: hooks.onProgress})
+  const resolved = resolveModel(modelName, {parallel: numbers.parallel, quant: options.quant, onProgress: hooks.onProgress})
   hooks.onLoading?.()
   const [tokenizer, defaults, model] = await Promise.all([
     TextTokenizer.load(resolved.packageDir),

@@ -81,12 +81,16 @@ export class ParScaleModel implements DeviceCacheHost {
 
   static async open(packageDir: string, options: ModelOptions = {}): Promise<ParScaleModel> {
     const device = options.device ?? 'cpu'
-    const adapter = device === 'webgpu' ? await checkWebGpu() : undefined // before any loading: fail at once
     const manifest = readManifest(packageDir)
     if (!isCurrentGraph(manifest)) {
       throw new UserError(`${packageDir}: converted by an older parscale (graph version ${manifest.graphVersion}); convert it again`)
     }
     const form = options.form ?? device
+    if (form === 'webgpu' && !manifest.webgpuGraph) {
+      const scheme = manifest.quant ? `its ${manifest.quant.scheme} weights` : 'it'
+      throw new UserError(`${packageDir}: the package has no WebGPU form (${scheme} run on the CPU's quantized operators); use --device cpu, or convert without --quant`)
+    }
+    const adapter = device === 'webgpu' ? await checkWebGpu() : undefined // before any loading: fail at once
     const base: ort.InferenceSession.SessionOptions = {
       graphOptimizationLevel: 'all',
       executionMode: 'sequential',
@@ -105,7 +109,7 @@ export class ParScaleModel implements DeviceCacheHost {
         ? {preferredOutputLocation: Object.fromEntries(Array.from({length: manifest.model.numLayers}, (_, l) => [webgpuIo.presentKey(l), webgpuIo.presentValue(l)]).flat().map((name) => [name, 'gpu-buffer']))}
         : {}),
     }
-    const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph : manifest.graph))
+    const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph! : manifest.graph))
     let session: ort.InferenceSession
     try {
       session = await ort.InferenceSession.create(graph, sessionOptions)

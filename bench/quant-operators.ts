@@ -1,0 +1,186 @@
+// `node dist/bench/quant-operators.js [VARIANT…]`: the operator A/B behind the quantized
+// packages. Every matmul of the 0.5b shape (24 layers of q, k, v, o, gate, up, down, plus
+// the LM head) as one ONNX Runtime graph per weight format, timed at 1, 8 and 64 rows
+// (decode at P = 1, decode at P = 8, a 64-token prefill), each variant in its own process so
+// its peak RSS is its own. Weights are random bytes: only speed and memory are measured.
+import {spawnSync} from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import {fileURLToPath} from 'node:url'
+
+import ort from 'onnxruntime-node'
+
+import {GraphBuilder} from '../src/core/onnx/builder.js'
+import {ExternalDataFile} from '../src/core/onnx/external-data.js'
+import {SYNTHETIC_PRESETS} from '../src/core/checkpoint/synthetic.js'
+
+interface Matrix {
+  name: string
+  /** output features */
+  n: number
+  /** input features */
+  k: number
+}
+
+const shape = SYNTHETIC_PRESETS['0.5b']!
+const H = shape.hiddenSize
+const I = shape.intermediateSize
+const KV = (H / shape.numHeads) * shape.numKvHeads
+
+function matrices(): Matrix[] {
+  const out: Matrix[] = []
+  for (let l = 0; l < shape.numLayers; l++) {
+    out.push({name: `l${l}.q`, n: H, k: H}, {name: `l${l}.k`, n: KV, k: H}, {name: `l${l}.v`, n: KV, k: H}, {name: `l${l}.o`, n: H, k: H})
+    out.push({name: `l${l}.gate`, n: I, k: H}, {name: `l${l}.up`, n: I, k: H}, {name: `l${l}.down`, n: H, k: I})
+  }
+  out.push({name: 'head', n: shape.vocabSize, k: H})
+  return out
+}
+
+let seed = 12345
+function randomBytes(length: number): Uint8Array {
+  const words = new Uint32Array(Math.ceil(length / 4))
+  for (let i = 0; i < words.length; i++) {
+    seed ^= seed << 13
+    seed ^= seed >>> 17
+    seed ^= seed << 5
+    words[i] = seed >>> 0
+  }
+  return new Uint8Array(words.buffer, 0, length)
+}
+
+function smallFloats(length: number, magnitude: number): Uint8Array {
+  const values = new Float32Array(length)
+  const bytes = randomBytes(length)
+  for (let i = 0; i < length; i++) values[i] = (bytes[i]! / 255 - 0.5) * magnitude
+  return new Uint8Array(values.buffer)
+}
+
+/** Writes `length` bytes in pieces of at most 64 MB (no one buffer of a whole head). */
+function* pieces(length: number, make: (n: number) => Uint8Array): Generator<Uint8Array> {
+  for (let done = 0; done < length; done += 64 << 20) yield make(Math.min(64 << 20, length - done))
+}
+
+type Variant = (g: GraphBuilder, data: ExternalDataFile, x: string, m: Matrix) => {output: string; bytes: number}
+
+function nbits(bits: 4 | 8, block: number, accuracy: number, zeroPoints = false): Variant {
+  return (g, data, x, m) => {
+    const blocks = Math.ceil(m.k / block)
+    const blob = (block * bits) / 8
+    const b = g.externalInitializer(`${m.name}.q`, 'uint8', [m.n, blocks, blob], data.append(pieces(m.n * blocks * blob, randomBytes)))
+    const scales = g.externalInitializer(`${m.name}.scales`, 'float32', [m.n * blocks], data.append([smallFloats(m.n * blocks, 0.02)]))
+    const inputs = [x, b, scales]
+    let bytes = m.n * blocks * (blob + 4)
+    if (zeroPoints) {
+      const zpBytes = m.n * Math.ceil((blocks * bits) / 8)
+      inputs.push(g.externalInitializer(`${m.name}.zp`, 'uint8', [zpBytes], data.append([randomBytes(zpBytes)])))
+      bytes += zpBytes
+    }
+    const output = g.node('MatMulNBits', inputs, {K: m.k, N: m.n, bits, block_size: block, accuracy_level: accuracy}, 'com.microsoft')
+    return {output, bytes}
+  }
+}
+
+const dynamicQuantizeMatMul: Variant = (g, data, x, m) => {
+  const b = g.externalInitializer(`${m.name}.q`, 'int8', [m.k, m.n], data.append(pieces(m.k * m.n, randomBytes)))
+  const scale = g.externalInitializer(`${m.name}.scale`, 'float32', [m.n], data.append([smallFloats(m.n, 0.02)]))
+  return {output: g.node('DynamicQuantizeMatMul', [x, b, scale], {}, 'com.microsoft'), bytes: m.k * m.n + 4 * m.n}
+}
+
+const matMulInteger: Variant = (g, data, x, m) => {
+  const b = g.externalInitializer(`${m.name}.q`, 'int8', [m.k, m.n], data.append(pieces(m.k * m.n, randomBytes)))
+  const scale = g.externalInitializer(`${m.name}.scale`, 'float32', [m.n], data.append([smallFloats(m.n, 0.02)]))
+  const [xq, xScale, xZero] = g.nodeN('DynamicQuantizeLinear', [x], 3)
+  const product = g.node('Cast', [g.node('MatMulInteger', [xq!, b, xZero!])], {to: 1})
+  return {output: g.node('Mul', [g.node('Mul', [product, xScale!]), scale]), bytes: m.k * m.n + 4 * m.n}
+}
+
+const fp32: Variant = (g, data, x, m) => {
+  const w = g.externalInitializer(`${m.name}.w`, 'float32', [m.n, m.k], data.append(pieces(m.n * m.k * 4, (n) => smallFloats(n / 4, 0.05))))
+  return {output: g.node('Gemm', [x, w], {transB: 1}), bytes: 4 * m.n * m.k}
+}
+
+const VARIANTS: Record<string, Variant> = {
+  'fp32-gemm': fp32,
+  'nbits4-b32-acc4': nbits(4, 32, 4),
+  'nbits4-b32-acc4-zp': nbits(4, 32, 4, true),
+  'nbits4-b64-acc4': nbits(4, 64, 4),
+  'nbits4-b128-acc4': nbits(4, 128, 4),
+  'nbits4-b32-acc1': nbits(4, 32, 1),
+  'nbits4-b128-acc1': nbits(4, 128, 1),
+  'nbits4-b32-acc0': nbits(4, 32, 0),
+  'nbits8-b32-acc4': nbits(8, 32, 4),
+  'nbits8-b128-acc4': nbits(8, 128, 4),
+  'nbits8-b32-acc1': nbits(8, 32, 1),
+  'dqmatmul-int8-col': dynamicQuantizeMatMul,
+  'matmulinteger-int8-col': matMulInteger,
+}
+
+const ROWS = [1, 8, 64]
+
+async function measure(variantName: string, threads: number, repeat: number): Promise<Record<string, number | string>> {
+  const variant = VARIANTS[variantName]
+  if (!variant) throw new Error(`unknown variant ${variantName}; known: ${Object.keys(VARIANTS).join(', ')}`)
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'parscale-quant-ab-'))
+  try {
+    const g = new GraphBuilder('ab')
+    const data = new ExternalDataFile(path.join(dir, 'ab.weights'))
+    const inputs = {[H]: g.input('x_hidden', 'float32', ['rows', H]), [I]: g.input('x_mlp', 'float32', ['rows', I])}
+    let bytes = 0
+    for (const m of matrices()) {
+      const {output, bytes: b} = variant(g, data, inputs[m.k]!, m)
+      bytes += b
+      g.output(output, `y.${m.name}`, 'float32', ['rows', m.n])
+    }
+    data.close()
+    const file = path.join(dir, 'ab.onnx')
+    fs.writeFileSync(file, g.toModelBytes('ab'))
+    const t0 = performance.now()
+    const session = await ort.InferenceSession.create(file, {graphOptimizationLevel: 'all', executionMode: 'sequential', intraOpNumThreads: threads, interOpNumThreads: 1})
+    const loadMs = performance.now() - t0
+    const result: Record<string, number | string> = {variant: variantName, weight_mb: bytes / 1e6, load_ms: loadMs}
+    for (const rows of ROWS) {
+      const feeds = {
+        x_hidden: new ort.Tensor('float32', new Float32Array(rows * H).map((_, i) => Math.sin(i) * 0.5), [rows, H]),
+        x_mlp: new ort.Tensor('float32', new Float32Array(rows * I).map((_, i) => Math.cos(i) * 0.5), [rows, I]),
+      }
+      await session.run(feeds)
+      const times: number[] = []
+      for (let i = 0; i < (rows === 64 ? Math.max(2, repeat >> 1) : repeat); i++) {
+        const s = performance.now()
+        await session.run(feeds)
+        times.push(performance.now() - s)
+      }
+      times.sort((a, b) => a - b)
+      result[`ms_${rows}`] = times[times.length >> 1]!
+    }
+    result.peak_rss_mb = (process.resourceUsage().maxRSS * 1024) / 1e6
+    await session.release()
+    return result
+  } finally {
+    fs.rmSync(dir, {recursive: true, force: true})
+  }
+}
+
+const threads = Number(process.env.BENCH_THREADS ?? 2)
+const repeat = Number(process.env.BENCH_REPEAT ?? 7)
+const [first, ...rest] = process.argv.slice(2)
+if (first === '--one') {
+  console.log(JSON.stringify(await measure(rest[0]!, threads, repeat)))
+} else {
+  const names = first ? [first, ...rest] : Object.keys(VARIANTS)
+  console.log(`| variant | weights MB | 1 row ms | 8 rows ms | 64 rows ms | peak RSS MB | load ms |`)
+  console.log(`|---|---|---|---|---|---|---|`)
+  for (const name of names) {
+    const child = spawnSync(process.execPath, [fileURLToPath(import.meta.url), '--one', name], {encoding: 'utf8', env: {...process.env, NODE_NO_WARNINGS: '1'}})
+    const line = child.stdout.trim().split('\n').at(-1) ?? ''
+    if (child.status !== 0 || !line.startsWith('{')) {
+      console.log(`| ${name} | failed: ${(child.stderr || child.stdout).trim().split('\n').slice(-2).join(' ')} |`)
+      continue
+    }
+    const r = JSON.parse(line) as Record<string, number>
+    const f = (v: number) => v.toFixed(v >= 100 ? 0 : 1)
+    console.log(`| ${name} | ${f(r.weight_mb!)} | ${f(r.ms_1!)} | ${f(r.ms_8!)} | ${f(r.ms_64!)} | ${f(r.peak_rss_mb!)} | ${f(r.load_ms!)} |`)
+  }
+}

@@ -1,0 +1,140 @@
+import type {Checkpoint} from '../checkpoint/checkpoint.js'
+import {decodeToFloat32} from '../checkpoint/dtype.js'
+import {DTYPE_BYTES, iterateTensorChunks, type TensorInfo} from '../checkpoint/safetensors.js'
+import {blobBytes, blocksPerRow, quantizeRows, type BlockLayout} from '../quant/blockwise.js'
+import {blockSizeFor, type QuantScheme} from '../quant/scheme.js'
+import type {GraphBuilder} from './builder.js'
+import type {ExternalLocation} from './external-data.js'
+import {CheckpointWeights, type WeightStore} from './weights.js'
+
+/**
+ * `MatMulNBits` accuracy level: 4 quantizes each row of activations to int8 per block and
+ * multiplies integers (MLAS's int8 kernels), the fastest of the levels at one row and the one
+ * measured in docs/benchmarks.md; 0/1 dequantize the weights to float32 first.
+ */
+export const MATMUL_ACCURACY_LEVEL = 4
+
+/** Float32 rows of a checkpoint matrix read per step while quantizing (whole rows, about this many bytes). */
+const CHUNK_BYTES = 16 << 20
+
+/** A quantized matrix in the package: its codes and scales, and the layout they follow. */
+interface StoredMatrix {
+  storedAs: string
+  codes: ExternalLocation
+  scales: ExternalLocation
+  rows: number
+  layout: BlockLayout
+}
+
+/**
+ * Weights for a package converted with `--quant`: every matrix a `linear` reads (projections,
+ * MLP, LM head) is block-quantized into ONNX Runtime's `MatMulNBits` layout and the embedding
+ * table into the same codes read by `GatherBlockQuantized`; vectors (norms, biases) stay
+ * float32, as do the stream prefixes and the aggregation head (they are not backbone tensors).
+ * Quantization streams: a few thousand rows at a time go from the checkpoint to the file.
+ */
+export class QuantizedCheckpointWeights extends CheckpointWeights {
+  private readonly matrices = new Map<string, StoredMatrix>()
+  private readonly initializers = new Set<string>()
+  /** Tensors whose block size fell back from the one asked for (see `blockSizeFor`). */
+  readonly blockFallbacks: Record<string, number> = {}
+
+  constructor(
+    g: GraphBuilder,
+    checkpoint: Checkpoint,
+    store: WeightStore,
+    private readonly scheme: QuantScheme,
+    onBytesRead: (bytes: number) => void = () => {},
+  ) {
+    super(g, checkpoint, store, 'fp32', onBytesRead)
+  }
+
+  override linear(x: string, name: string, bias?: string): string {
+    return this.matMulNBits(x, this.quantized(name, name), bias ? this.get(bias) : undefined)
+  }
+
+  override linearByRowBlocks(x: string, name: string, storedAs: string, maxBlockBytes: number): string[] {
+    const [rows, k] = this.checkpoint.get(name).shape as [number, number]
+    const layout = this.layoutFor(name, k)
+    const rowBytes = blocksPerRow(layout) * (blobBytes(layout) + 4)
+    const rowsPerBlock = Math.max(1024, Math.floor(maxBlockBytes / rowBytes / 1024) * 1024)
+    const outputs: string[] = []
+    for (let first = 0; first < rows; first += rowsPerBlock) {
+      const count = Math.min(rowsPerBlock, rows - first)
+      outputs.push(this.matMulNBits(x, this.quantized(name, `${storedAs}[${first}:${first + count}]`, first, count)))
+    }
+    return outputs
+  }
+
+  /** The table's rows as GatherBlockQuantized reads them: codes [vocab, K·bits/8], scales [vocab, blocks]. */
+  override embed(name: string, ids: string): string {
+    const table = this.quantized(name, name)
+    const {bits, blockSize, k} = table.layout
+    const codes = this.quantizedInitializer(`${name}.codes`, 'uint8', [table.rows, (k * bits) / 8], table.codes)
+    const scales = this.quantizedInitializer(`${name}.scales`, 'float32', [table.rows, blocksPerRow(table.layout)], table.scales)
+    return this.g.node('GatherBlockQuantized', [codes, ids, scales], {bits, block_size: blockSize, gather_axis: 0, quantize_axis: 1}, 'com.microsoft')
+  }
+
+  /** x · Wᵀ (+ bias) with W as MatMulNBits reads it: codes [N, blocks, blob], scales [N · blocks]. */
+  private matMulNBits(x: string, m: StoredMatrix, bias?: string): string {
+    const {bits, blockSize, k} = m.layout
+    const blocks = blocksPerRow(m.layout)
+    const codes = this.quantizedInitializer(`${m.storedAs}.codes`, 'uint8', [m.rows, blocks, blobBytes(m.layout)], m.codes)
+    const scales = this.quantizedInitializer(`${m.storedAs}.scales`, 'float32', [m.rows * blocks], m.scales)
+    const inputs = [x, codes, scales]
+    if (bias) inputs.push('', '', bias) // no zero points (symmetric), no g_idx
+    return this.g.node('MatMulNBits', inputs, {K: k, N: m.rows, bits, block_size: blockSize, accuracy_level: MATMUL_ACCURACY_LEVEL}, 'com.microsoft')
+  }
+
+  private quantizedInitializer(name: string, type: 'uint8' | 'float32', shape: number[], location: ExternalLocation): string {
+    if (!this.initializers.has(name)) this.initializers.add(this.g.externalInitializer(name, type, shape, location))
+    return name
+  }
+
+  private layoutFor(name: string, k: number): BlockLayout {
+    const blockSize = blockSizeFor(k, this.scheme.blockSize, name)
+    if (blockSize !== this.scheme.blockSize) this.blockFallbacks[name] = blockSize
+    return {bits: this.scheme.bits, blockSize, k}
+  }
+
+  /** Rows [first, first + count) of checkpoint matrix `name`, quantized and placed under `storedAs` (once). */
+  private quantized(name: string, storedAs: string, first = 0, count?: number): StoredMatrix {
+    const cached = this.matrices.get(storedAs)
+    if (cached) return cached
+    const info = this.checkpoint.get(name)
+    const [rows, k] = info.shape as [number, number]
+    const layout = this.layoutFor(name, k)
+    const n = count ?? rows - first
+    const scales = new Float32Array(n * blocksPerRow(layout))
+    const codes = this.store.place(`${storedAs}.codes`, quantizedChunks(info, first, n, layout, scales), this.checkpoint.dir)
+    const matrix: StoredMatrix = {
+      storedAs,
+      codes,
+      scales: this.store.place(`${storedAs}.scales`, [new Uint8Array(scales.buffer)], this.checkpoint.dir),
+      rows: n,
+      layout,
+    }
+    this.onBytesRead((info.byteLength * n) / rows)
+    this.matrices.set(storedAs, matrix)
+    return matrix
+  }
+}
+
+/**
+ * Quantized codes of rows [first, first + count) of a checkpoint matrix, a few MB at a time;
+ * each row's block scales are written into `scales` as its rows go by.
+ */
+function* quantizedChunks(info: TensorInfo, first: number, count: number, layout: BlockLayout, scales: Float32Array): Generator<Uint8Array> {
+  const elementBytes = DTYPE_BYTES[info.dtype]
+  const rowBytes = layout.k * elementBytes
+  const rowsPerChunk = Math.max(1, Math.floor(CHUNK_BYTES / rowBytes))
+  const region = {...info, byteOffset: info.byteOffset + first * rowBytes, byteLength: count * rowBytes}
+  let row = 0
+  for (const chunk of iterateTensorChunks(region, rowsPerChunk * rowBytes)) {
+    const rows = chunk.byteLength / rowBytes
+    const quantized = quantizeRows(decodeToFloat32(info.dtype, chunk), rows, layout)
+    scales.set(quantized.scales, row * blocksPerRow(layout))
+    row += rows
+    yield quantized.codes
+  }
+}
