@@ -47,13 +47,14 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     const {args, flags} = await this.parse(Eval)
     const text = readText(flags['text-file'])
     const device = flags.device as Device
+    const quant = quantFromFlags(flags)
     if (device === 'webgpu') await checkWebGpu() // before converting or loading anything
     const progress = new Progress('preparing model')
     let model
     try {
       model = resolveModel(args.model, {
         parallel: flags.parallel,
-        quant: quantFromFlags(flags),
+        quant,
         onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
       })
       progress.update('loading model')

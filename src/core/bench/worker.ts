@@ -95,7 +95,7 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
     decode_ms_per_token: decodeSummary,
     tokens_per_s: (batch * 1000) / decodeSummary.median,
     peak_rss_bytes: peakRssBytes(),
-    weight_bytes: weightBytes(config),
+    weight_bytes: weightBytes(config, model.manifest.quant?.weightBytes),
     kv_cache_bytes: kvCacheBytes(config, batch, promptLength + newTokens),
     kv_cache_allocated_bytes: cacheBytes,
     prefill_flops: prefillFlops(config, batch, promptLength),

@@ -5,7 +5,7 @@ import type {BackboneShape, ModelConfig} from '../checkpoint/config.js'
 import {FileFormatError, UserError} from '../errors.js'
 import {GRAPH_VERSION} from '../onnx/parscale-graph.js'
 import type {StoredTensor, WeightDtype} from '../onnx/weights.js'
-import type {QuantName} from '../quant/scheme.js'
+import type {QuantName, QuantScheme} from '../quant/scheme.js'
 
 export type {StoredTensor}
 
@@ -121,6 +121,12 @@ export function readManifest(dir: string): PackageManifest {
 /** Whether a cached package was written by this converter (else convert it again). */
 export function isCurrentGraph(manifest: PackageManifest): boolean {
   return manifest.graphVersion === GRAPH_VERSION
+}
+
+/** Whether a package stores its weights as `quant` asks (undefined: unquantized). */
+export function sameQuant(manifest: PackageManifest, quant: QuantScheme | undefined): boolean {
+  if (!quant || !manifest.quant) return !quant && !manifest.quant
+  return manifest.quant.scheme === quant.name && manifest.quant.blockSize === quant.blockSize
 }
 
 /** The variant for `parallel`, or an error listing the P values the package has. */

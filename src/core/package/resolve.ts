@@ -7,7 +7,7 @@ import {checkpointFingerprint, convertCheckpoints, type ConvertProgress} from '.
 import {UserError} from '../errors.js'
 import {findCachedSnapshot} from '../hub/cache.js'
 import {isRepoId, resolveFamilyName} from '../hub/families.js'
-import {isCurrentGraph, isModelPackage, readManifest, type PackageManifest} from './manifest.js'
+import {isCurrentGraph, isModelPackage, readManifest, sameQuant, type PackageManifest} from './manifest.js'
 import {describeQuant, quantKey, type QuantScheme} from '../quant/scheme.js'
 import {convertedCacheDir, parscaleCacheDir} from './paths.js'
 
@@ -111,12 +111,6 @@ function fromCheckpoints(sources: string[], label: string, options: ResolveOptio
     convertCheckpoints({sources: absolute, outDir: packageDir, dtype: 'fp32', quant: options.quant, force: true, sourceLabel: label, onProgress: options.onProgress})
   }
   return withParallel(packageDir, label, options.parallel)
-}
-
-/** Whether a package stores its weights as `quant` asks (undefined: unquantized). */
-export function sameQuant(manifest: PackageManifest, quant: QuantScheme | undefined): boolean {
-  if (!quant || !manifest.quant) return !quant && !manifest.quant
-  return manifest.quant.scheme === quant.name && manifest.quant.blockSize === quant.blockSize
 }
 
 /** A converted package is used as it is: --quant may only confirm what it holds. */
