@@ -28,11 +28,16 @@ const H = shape.hiddenSize
 const I = shape.intermediateSize
 const KV = (H / shape.numHeads) * shape.numKvHeads
 
-function matrices(): Matrix[] {
+/** Every matmul of a decode step; `fused`: q/k/v as one matrix and gate/up as one (fewer, larger kernels). */
+function matrices(fused: boolean): Matrix[] {
   const out: Matrix[] = []
   for (let l = 0; l < shape.numLayers; l++) {
-    out.push({name: `l${l}.q`, n: H, k: H}, {name: `l${l}.k`, n: KV, k: H}, {name: `l${l}.v`, n: KV, k: H}, {name: `l${l}.o`, n: H, k: H})
-    out.push({name: `l${l}.gate`, n: I, k: H}, {name: `l${l}.up`, n: I, k: H}, {name: `l${l}.down`, n: H, k: I})
+    if (fused) out.push({name: `l${l}.qkv`, n: H + 2 * KV, k: H}, {name: `l${l}.o`, n: H, k: H}, {name: `l${l}.gateup`, n: 2 * I, k: H})
+    else {
+      out.push({name: `l${l}.q`, n: H, k: H}, {name: `l${l}.k`, n: KV, k: H}, {name: `l${l}.v`, n: KV, k: H}, {name: `l${l}.o`, n: H, k: H})
+      out.push({name: `l${l}.gate`, n: I, k: H}, {name: `l${l}.up`, n: I, k: H})
+    }
+    out.push({name: `l${l}.down`, n: H, k: I})
   }
   out.push({name: 'head', n: shape.vocabSize, k: H})
   return out
@@ -113,7 +118,11 @@ const VARIANTS: Record<string, Variant> = {
   'nbits8-b32-acc4': nbits(8, 32, 4),
   'nbits8-b128-acc4': nbits(8, 128, 4),
   'nbits8-b32-acc1': nbits(8, 32, 1),
+  'nbits4-b32-acc4-fused': nbits(4, 32, 4),
+  'nbits4-b128-acc4-fused': nbits(4, 128, 4),
+  'nbits8-b32-acc4-fused': nbits(8, 32, 4),
   'dqmatmul-int8-col': dynamicQuantizeMatMul,
+  'dqmatmul-int8-col-fused': dynamicQuantizeMatMul,
   'matmulinteger-int8-col': matMulInteger,
 }
 
@@ -128,7 +137,7 @@ async function measure(variantName: string, threads: number, repeat: number): Pr
     const data = new ExternalDataFile(path.join(dir, 'ab.weights'))
     const inputs = {[H]: g.input('x_hidden', 'float32', ['rows', H]), [I]: g.input('x_mlp', 'float32', ['rows', I])}
     let bytes = 0
-    for (const m of matrices()) {
+    for (const m of matrices(variantName.endsWith('-fused'))) {
       const {output, bytes: b} = variant(g, data, inputs[m.k]!, m)
       bytes += b
       g.output(output, `y.${m.name}`, 'float32', ['rows', m.n])

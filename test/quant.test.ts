@@ -11,7 +11,7 @@ import {weightBytes} from '../src/core/bench/model-cost.js'
 import {quantScheme} from '../src/core/quant/scheme.js'
 import {ParScaleModel} from '../src/core/run/model.js'
 import {REPO_ROOT, runCli} from './helpers/cli.js'
-import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
+import {copyCheckpointWith, goldenDir, makeTempDir, rewriteSafetensors} from './helpers/safetensors-writer.js'
 
 const work = makeTempDir()
 after(() => fs.rmSync(work, {recursive: true, force: true}))
@@ -61,6 +61,23 @@ describe('quantized packages', () => {
     const ids = await greedy(model, [72, 101, 108, 108, 111], 4, [])
     assert.equal(ids.length, 4)
     await model.release()
+  })
+
+  test('P variants share one quantized backbone, checked against their own source bytes', async () => {
+    const family = path.join(REPO_ROOT, 'fixtures', 'default-model')
+    const manifest = convertCheckpoints({sources: [path.join(family, 'p1'), path.join(family, 'p8')], outDir: path.join(work, 'family-int4'), dtype: 'fp32', quant: quantScheme('int4')})
+    assert.deepEqual(manifest.parallel, [1, 8])
+    const single = convertCheckpoints({sources: [path.join(family, 'p8')], outDir: path.join(work, 'p8-int4'), dtype: 'fp32', quant: quantScheme('int4')})
+    assert.equal(manifest.backbone.bytes, single.backbone.bytes, 'backbone stored once')
+    const other = copyCheckpointWith(path.join(family, 'p8'), path.join(work, 'p8-other'), (dir) =>
+      rewriteSafetensors(path.join(dir, 'model-backbone.safetensors'), (tensors) => {
+        tensors.find((t) => t.name === 'model.layers.2.mlp.up_proj.weight')!.data[100]! ^= 1
+      }),
+    )
+    assert.throws(
+      () => convertCheckpoints({sources: [path.join(family, 'p1'), other], outDir: path.join(work, 'never-family'), dtype: 'fp32', quant: quantScheme('int4')}),
+      /model\.layers\.2\.mlp\.up_proj\.weight" differs from the backbone already in the package/,
+    )
   })
 
   test('an unknown --quant is a usage error; --block-size needs --quant', async () => {

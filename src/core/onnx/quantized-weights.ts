@@ -1,3 +1,5 @@
+import type {Hash} from 'node:crypto'
+
 import type {Checkpoint} from '../checkpoint/checkpoint.js'
 import {decodeToFloat32} from '../checkpoint/dtype.js'
 import {DTYPE_BYTES, iterateTensorChunks, type TensorInfo} from '../checkpoint/safetensors.js'
@@ -97,7 +99,11 @@ export class QuantizedCheckpointWeights extends CheckpointWeights {
     return {bits: this.scheme.bits, blockSize, k}
   }
 
-  /** Rows [first, first + count) of checkpoint matrix `name`, quantized and placed under `storedAs` (once). */
+  /**
+   * Rows [first, first + count) of checkpoint matrix `name`, quantized and placed under
+   * `storedAs`. Every P of a package reads the backbone again: only the first quantizes it,
+   * the others check that their source bytes are the same.
+   */
   private quantized(name: string, storedAs: string, first = 0, count?: number): StoredMatrix {
     const cached = this.matrices.get(storedAs)
     if (cached) return cached
@@ -105,36 +111,47 @@ export class QuantizedCheckpointWeights extends CheckpointWeights {
     const [rows, k] = info.shape as [number, number]
     const layout = this.layoutFor(name, k)
     const n = count ?? rows - first
-    const scales = new Float32Array(n * blocksPerRow(layout))
-    const codes = this.store.place(`${storedAs}.codes`, quantizedChunks(info, first, n, layout, scales), this.checkpoint.dir)
-    const matrix: StoredMatrix = {
+    const region = rowRegion(info, first, n)
+    const placed = this.store.placeDerived(
       storedAs,
-      codes,
-      scales: this.store.place(`${storedAs}.scales`, [new Uint8Array(scales.buffer)], this.checkpoint.dir),
-      rows: n,
-      layout,
-    }
-    this.onBytesRead((info.byteLength * n) / rows)
+      this.checkpoint.dir,
+      (sourceHash) => {
+        const scales = new Float32Array(n * blocksPerRow(layout))
+        const codes = this.store.place(`${storedAs}.codes`, quantizedChunks(region, n, layout, scales, sourceHash), this.checkpoint.dir)
+        return {codes, scales: this.store.place(`${storedAs}.scales`, [new Uint8Array(scales.buffer)], this.checkpoint.dir)}
+      },
+      (sourceHash) => {
+        for (const chunk of iterateTensorChunks(region, CHUNK_BYTES)) sourceHash.update(chunk)
+      },
+    )
+    const matrix: StoredMatrix = {storedAs, ...placed, rows: n, layout}
+    this.onBytesRead(region.byteLength)
     this.matrices.set(storedAs, matrix)
     return matrix
   }
 }
 
+/** Rows [first, first + count) of a 2-D checkpoint tensor, as a tensor of their own. */
+function rowRegion(info: TensorInfo, first: number, count: number): TensorInfo {
+  const rowBytes = (info.byteLength / info.shape[0]!) | 0
+  return {...info, shape: [count, ...info.shape.slice(1)], byteOffset: info.byteOffset + first * rowBytes, byteLength: count * rowBytes}
+}
+
 /**
- * Quantized codes of rows [first, first + count) of a checkpoint matrix, a few MB at a time;
- * each row's block scales are written into `scales` as its rows go by.
+ * Quantized codes of a matrix's rows, a few MB of whole rows at a time; each row's block
+ * scales are written into `scales` as its rows go by, and the source bytes into `sourceHash`.
  */
-function* quantizedChunks(info: TensorInfo, first: number, count: number, layout: BlockLayout, scales: Float32Array): Generator<Uint8Array> {
-  const elementBytes = DTYPE_BYTES[info.dtype]
-  const rowBytes = layout.k * elementBytes
+function* quantizedChunks(region: TensorInfo, rows: number, layout: BlockLayout, scales: Float32Array, sourceHash: Hash): Generator<Uint8Array> {
+  const rowBytes = layout.k * DTYPE_BYTES[region.dtype]
   const rowsPerChunk = Math.max(1, Math.floor(CHUNK_BYTES / rowBytes))
-  const region = {...info, byteOffset: info.byteOffset + first * rowBytes, byteLength: count * rowBytes}
   let row = 0
   for (const chunk of iterateTensorChunks(region, rowsPerChunk * rowBytes)) {
-    const rows = chunk.byteLength / rowBytes
-    const quantized = quantizeRows(decodeToFloat32(info.dtype, chunk), rows, layout)
+    sourceHash.update(chunk)
+    const count = chunk.byteLength / rowBytes
+    const quantized = quantizeRows(decodeToFloat32(region.dtype, chunk), count, layout)
     scales.set(quantized.scales, row * blocksPerRow(layout))
-    row += rows
+    row += count
     yield quantized.codes
   }
+  if (row !== rows) throw new Error(`quantizedChunks: read ${row} rows of ${rows}`)
 }

@@ -1,4 +1,4 @@
-import {createHash} from 'node:crypto'
+import {createHash, type Hash} from 'node:crypto'
 
 import type {Checkpoint} from '../checkpoint/checkpoint.js'
 import {UserError} from '../errors.js'
@@ -117,6 +117,29 @@ export class WeightStore {
       throw new UserError(`${source}: tensor "${name}" differs from the backbone already in the package; the P values of one package must share one backbone`)
     }
     return placed.location
+  }
+
+  private readonly derived = new Map<string, {sourceDigest: string; value: unknown}>()
+
+  /**
+   * Tensors derived from checkpoint bytes (a matrix's quantized codes and scales): `derive`
+   * places them and returns where; it runs once, and is given a hash to feed the source
+   * bytes it reads. A later P reading the same tensor only hashes its source (`hashSource`)
+   * and gets the same result, or is refused like `place` refuses different bytes.
+   */
+  placeDerived<T>(key: string, source: string, derive: (sourceHash: Hash) => T, hashSource: (sourceHash: Hash) => void): T {
+    const known = this.derived.get(key)
+    const hash = createHash('sha256')
+    if (!known) {
+      const value = derive(hash)
+      this.derived.set(key, {sourceDigest: hash.digest('hex'), value})
+      return value
+    }
+    hashSource(hash)
+    if (hash.digest('hex') !== known.sourceDigest) {
+      throw new UserError(`${source}: tensor "${key}" differs from the backbone already in the package; the P values of one package must share one backbone`)
+    }
+    return known.value as T
   }
 
   /** One digest of the whole backbone, in placement order. */
