@@ -7,7 +7,7 @@ import {blobBytes, blocksPerRow, quantizeRows, type BlockLayout} from '../quant/
 import {blockSizeFor, type QuantScheme} from '../quant/scheme.js'
 import type {GraphBuilder} from './builder.js'
 import type {ExternalLocation} from './external-data.js'
-import {CheckpointWeights, type WeightStore} from './weights.js'
+import {CheckpointWeights, type LinearPart, type WeightStore} from './weights.js'
 
 /**
  * `MatMulNBits` accuracy level: 4 quantizes each row of activations to int8 per block and
@@ -55,6 +55,11 @@ export class QuantizedCheckpointWeights extends CheckpointWeights {
     return this.matMulNBits(x, this.quantized(name, name), bias ? this.get(bias) : undefined)
   }
 
+  override linearConcat(x: string, parts: LinearPart[], storedAs: string): string {
+    const matrix = this.quantizedRows(storedAs, parts.map((p) => ({name: p.weight, region: this.checkpoint.get(p.weight)})))
+    return this.matMulNBits(x, matrix, parts.some((p) => p.bias) ? this.concatBias(parts, storedAs) : undefined)
+  }
+
   override linearByRowBlocks(x: string, name: string, storedAs: string, maxBlockBytes: number): string[] {
     const [rows, k] = this.checkpoint.get(name).shape as [number, number]
     const layout = this.layoutFor(name, k)
@@ -99,33 +104,38 @@ export class QuantizedCheckpointWeights extends CheckpointWeights {
     return {bits: this.scheme.bits, blockSize, k}
   }
 
-  /**
-   * Rows [first, first + count) of checkpoint matrix `name`, quantized and placed under
-   * `storedAs`. Every P of a package reads the backbone again: only the first quantizes it,
-   * the others check that their source bytes are the same.
-   */
+  /** Rows [first, first + count) of checkpoint matrix `name`, quantized and placed under `storedAs`. */
   private quantized(name: string, storedAs: string, first = 0, count?: number): StoredMatrix {
+    const info = this.checkpoint.get(name)
+    return this.quantizedRows(storedAs, [{name, region: rowRegion(info, first, count ?? info.shape[0]! - first)}])
+  }
+
+  /**
+   * Rows of one or more checkpoint matrices of the same input size, stacked in order, quantized
+   * and placed under `storedAs`. Every P of a package reads the backbone again: only the first
+   * quantizes it, the others check that their source bytes are the same.
+   */
+  private quantizedRows(storedAs: string, parts: {name: string; region: TensorInfo}[]): StoredMatrix {
     const cached = this.matrices.get(storedAs)
     if (cached) return cached
-    const info = this.checkpoint.get(name)
-    const [rows, k] = info.shape as [number, number]
-    const layout = this.layoutFor(name, k)
-    const n = count ?? rows - first
-    const region = rowRegion(info, first, n)
+    const k = parts[0]!.region.shape[1]!
+    if (parts.some((p) => p.region.shape[1] !== k)) throw new Error(`${storedAs}: parts of different input sizes`)
+    const [layout] = parts.map((p) => this.layoutFor(p.name, k)) // one block size for all (it depends on k only)
+    const rows = parts.reduce((sum, p) => sum + p.region.shape[0]!, 0)
     const placed = this.store.placeDerived(
       storedAs,
       this.checkpoint.dir,
       (sourceHash) => {
-        const scales = new Float32Array(n * blocksPerRow(layout))
-        const codes = this.store.place(`${storedAs}.codes`, quantizedChunks(region, n, layout, scales, sourceHash), this.checkpoint.dir)
+        const scales = new Float32Array(rows * blocksPerRow(layout))
+        const codes = this.store.place(`${storedAs}.codes`, quantizedChunks(parts.map((p) => p.region), layout, scales, sourceHash), this.checkpoint.dir)
         return {codes, scales: this.store.place(`${storedAs}.scales`, [new Uint8Array(scales.buffer)], this.checkpoint.dir)}
       },
       (sourceHash) => {
-        for (const chunk of iterateTensorChunks(region, CHUNK_BYTES)) sourceHash.update(chunk)
+        for (const p of parts) for (const chunk of iterateTensorChunks(p.region, CHUNK_BYTES)) sourceHash.update(chunk)
       },
     )
-    const matrix: StoredMatrix = {storedAs, ...placed, rows: n, layout}
-    this.onBytesRead(region.byteLength)
+    const matrix: StoredMatrix = {storedAs, ...placed, rows, layout}
+    for (const p of parts) this.onBytesRead(p.region.byteLength)
     this.matrices.set(storedAs, matrix)
     return matrix
   }
@@ -138,20 +148,23 @@ function rowRegion(info: TensorInfo, first: number, count: number): TensorInfo {
 }
 
 /**
- * Quantized codes of a matrix's rows, a few MB of whole rows at a time; each row's block
- * scales are written into `scales` as its rows go by, and the source bytes into `sourceHash`.
+ * Quantized codes of matrix rows (one region after another), a few MB of whole rows at a time;
+ * each row's block scales are written into `scales` as its rows go by, and the source bytes
+ * into `sourceHash`.
  */
-function* quantizedChunks(region: TensorInfo, rows: number, layout: BlockLayout, scales: Float32Array, sourceHash: Hash): Generator<Uint8Array> {
-  const rowBytes = layout.k * DTYPE_BYTES[region.dtype]
-  const rowsPerChunk = Math.max(1, Math.floor(CHUNK_BYTES / rowBytes))
+function* quantizedChunks(regions: TensorInfo[], layout: BlockLayout, scales: Float32Array, sourceHash: Hash): Generator<Uint8Array> {
   let row = 0
-  for (const chunk of iterateTensorChunks(region, rowsPerChunk * rowBytes)) {
-    sourceHash.update(chunk)
-    const count = chunk.byteLength / rowBytes
-    const quantized = quantizeRows(decodeToFloat32(region.dtype, chunk), count, layout)
-    scales.set(quantized.scales, row * blocksPerRow(layout))
-    row += count
-    yield quantized.codes
+  for (const region of regions) {
+    const rowBytes = layout.k * DTYPE_BYTES[region.dtype]
+    const rowsPerChunk = Math.max(1, Math.floor(CHUNK_BYTES / rowBytes))
+    for (const chunk of iterateTensorChunks(region, rowsPerChunk * rowBytes)) {
+      sourceHash.update(chunk)
+      const count = chunk.byteLength / rowBytes
+      const quantized = quantizeRows(decodeToFloat32(region.dtype, chunk), count, layout)
+      scales.set(quantized.scales, row * blocksPerRow(layout))
+      row += count
+      yield quantized.codes
+    }
   }
-  if (row !== rows) throw new Error(`quantizedChunks: read ${row} rows of ${rows}`)
+  if (row * blocksPerRow(layout) !== scales.length) throw new Error(`quantizedChunks: read ${row} rows, expected ${scales.length / blocksPerRow(layout)}`)
 }

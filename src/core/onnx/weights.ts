@@ -16,6 +16,12 @@ export interface StoredTensor {
   shape: number[]
 }
 
+/** A matrix of a `linearConcat`, with its bias if it has one. */
+export interface LinearPart {
+  weight: string
+  bias?: string
+}
+
 /**
  * Hands the graph blocks weights by their checkpoint names. Vectors come as float32 values;
  * matrices are used only through `linear`, `linearByRowBlocks` and `embed`, so the weight
@@ -26,6 +32,12 @@ export interface WeightProvider {
   get(name: string, shape?: number[]): string
   /** y = x · Wᵀ (+ bias) for rows x [rows, in] and the matrix `name` as Hugging Face stores it, [out, in]. */
   linear(x: string, name: string, bias?: string): string
+  /**
+   * One linear over several matrices of the same input size, their rows (outputs) stacked in
+   * order and stored as one tensor `storedAs`: the outputs of all parts side by side, from a
+   * single matmul (one kernel instead of one per part).
+   */
+  linearConcat(x: string, parts: LinearPart[], storedAs: string): string
   /**
    * The same for a large matrix stored under `storedAs` (a name of its own, so it may be a
    * second copy) as consecutive blocks of whole rows of at most `maxBlockBytes` each: returns
@@ -190,6 +202,25 @@ export class CheckpointWeights implements FloatWeightProvider {
     return this.rowBlocks(name, storedAs, maxBlockBytes).map((block) => this.g.node('Gemm', [x, block], {transB: 1}))
   }
 
+  linearConcat(x: string, parts: LinearPart[], storedAs: string): string {
+    const infos = parts.map((p) => this.checkpoint.get(p.weight))
+    const rows = infos.reduce((sum, info) => sum + info.shape[0]!, 0)
+    const half = this.isHalf(infos[0]!)
+    const weight = this.store.place(storedAs, concatenated(infos.map((info) => convertedChunks(info, half))), this.checkpoint.dir)
+    for (const info of infos) this.onBytesRead(info.byteLength)
+    const inputs = [x, this.initializer(`${storedAs}.weight`, half, [rows, infos[0]!.shape[1]!], weight)]
+    if (parts.some((p) => p.bias)) inputs.push(this.concatBias(parts, storedAs))
+    return this.g.node('Gemm', inputs, {transB: 1})
+  }
+
+  /** The parts' biases one after another, float32 (zeros for a part without one). */
+  protected concatBias(parts: LinearPart[], storedAs: string): string {
+    const values = parts.map((p) => (p.bias ? readFloat32(this.checkpoint.get(p.bias)) : new Float32Array(this.checkpoint.get(p.weight).shape[0]!)))
+    const total = values.reduce((sum, v) => sum + v.length, 0)
+    const location = this.store.place(`${storedAs}.bias`, values.map((v) => new Uint8Array(v.buffer, v.byteOffset, v.byteLength)), this.checkpoint.dir)
+    return this.g.externalInitializer(`${storedAs}.bias`, 'float32', [total], location)
+  }
+
   embed(name: string, ids: string): string {
     return this.g.node('Gather', [this.get(name), ids], {axis: 0})
   }
@@ -260,7 +291,7 @@ export class CheckpointWeights implements FloatWeightProvider {
     return value
   }
 
-  private isHalf(info: TensorInfo): boolean {
+  protected isHalf(info: TensorInfo): boolean {
     return this.dtype === 'fp16' && info.shape.length === 2
   }
 
@@ -271,11 +302,19 @@ export class CheckpointWeights implements FloatWeightProvider {
   }
 
   /** A float32-valued initializer: half-precision storage is widened by a Cast. */
-  private initializer(name: string, half: boolean, shape: number[], location: ExternalLocation): string {
+  protected initializer(name: string, half: boolean, shape: number[], location: ExternalLocation): string {
     this.made.set(name, {half, shape, location})
     const initializer = this.g.externalInitializer(name, half ? 'float16' : 'float32', shape, location)
     return half ? this.g.node('Cast', [initializer], {to: 1}) : initializer
   }
+}
+
+function* concatenated(parts: Iterable<Uint8Array>[]): Generator<Uint8Array> {
+  for (const part of parts) yield* part
+}
+
+function readFloat32(info: TensorInfo): Float32Array {
+  return Float32Array.from([...iterateTensorChunks(info, CHUNK_BYTES)].flatMap((chunk) => [...decodeToFloat32(info.dtype, chunk)]))
 }
 
 function* convertedChunks(info: TensorInfo, half: boolean): Generator<Uint8Array> {
