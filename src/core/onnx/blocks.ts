@@ -149,7 +149,8 @@ export function attention(
   const {ops, g, config, dims, weights} = ctx
   const {numHeads, numKvHeads, headDim} = config
   const name = (tensor: string) => `model.layers.${layer}.self_attn.${tensor}`
-  const projections = ['q_proj', 'k_proj', 'v_proj'].map((proj) => ({weight: name(`${proj}.weight`), bias: name(`${proj}.bias`)}))
+  // The 1/√d of the scores is folded into the query projection (rotary is linear, so it commutes).
+  const projections = ['q_proj', 'k_proj', 'v_proj'].map((proj) => ({weight: name(`${proj}.weight`), bias: name(`${proj}.bias`), ...(proj === 'q_proj' ? {scale: 1 / Math.sqrt(headDim)} : {})}))
   const qkv = weights.linearConcat(x, projections, name('qkv_proj')) // [(b p s), (heads + 2·kv)·d]
 
   // [(b p s), (heads + 2 kv)·d] → [b·p, heads + 2 kv, s, d] → q, k, v by head
@@ -157,8 +158,7 @@ export function attention(
   const [q, k, v] = g.nodeN('Split', [ops.transpose(split, [0, 2, 1, 3]), g.int64([numHeads, numKvHeads, numKvHeads])], 3, {axis: 1})
 
   // Queries of one KV head's group become extra rows: [b·p, kv, group·s, d].
-  const scale = g.float([1 / Math.sqrt(headDim)], [])
-  const queries = ops.reshape(ops.mul(applyRotary(ctx, q!, rotary), scale), ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
+  const queries = ops.reshape(applyRotary(ctx, q!, rotary), ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
   const newKey = ops.transpose(applyRotary(ctx, k!, rotary), [0, 1, 3, 2]) // [b·p, kv, d, s]
   const newValue = v! // [b·p, kv, s, d]
 

@@ -56,7 +56,7 @@ export class QuantizedCheckpointWeights extends CheckpointWeights {
   }
 
   override linearConcat(x: string, parts: LinearPart[], storedAs: string): string {
-    const matrix = this.quantizedRows(storedAs, parts.map((p) => ({name: p.weight, region: this.checkpoint.get(p.weight)})))
+    const matrix = this.quantizedRows(storedAs, parts.map((p) => ({name: p.weight, region: this.checkpoint.get(p.weight), scale: p.scale})))
     return this.matMulNBits(x, matrix, parts.some((p) => p.bias) ? this.concatBias(parts, storedAs) : undefined)
   }
 
@@ -115,7 +115,7 @@ export class QuantizedCheckpointWeights extends CheckpointWeights {
    * and placed under `storedAs`. Every P of a package reads the backbone again: only the first
    * quantizes it, the others check that their source bytes are the same.
    */
-  private quantizedRows(storedAs: string, parts: {name: string; region: TensorInfo}[]): StoredMatrix {
+  private quantizedRows(storedAs: string, parts: {name: string; region: TensorInfo; scale?: number}[]): StoredMatrix {
     const cached = this.matrices.get(storedAs)
     if (cached) return cached
     const k = parts[0]!.region.shape[1]!
@@ -127,7 +127,7 @@ export class QuantizedCheckpointWeights extends CheckpointWeights {
       this.checkpoint.dir,
       (sourceHash) => {
         const scales = new Float32Array(rows * blocksPerRow(layout))
-        const codes = this.store.place(`${storedAs}.codes`, quantizedChunks(parts.map((p) => p.region), layout, scales, sourceHash), this.checkpoint.dir)
+        const codes = this.store.place(`${storedAs}.codes`, quantizedChunks(parts, layout, scales, sourceHash), this.checkpoint.dir)
         return {codes, scales: this.store.place(`${storedAs}.scales`, [new Uint8Array(scales.buffer)], this.checkpoint.dir)}
       },
       (sourceHash) => {
@@ -152,15 +152,17 @@ function rowRegion(info: TensorInfo, first: number, count: number): TensorInfo {
  * each row's block scales are written into `scales` as its rows go by, and the source bytes
  * into `sourceHash`.
  */
-function* quantizedChunks(regions: TensorInfo[], layout: BlockLayout, scales: Float32Array, sourceHash: Hash): Generator<Uint8Array> {
+function* quantizedChunks(parts: {region: TensorInfo; scale?: number}[], layout: BlockLayout, scales: Float32Array, sourceHash: Hash): Generator<Uint8Array> {
   let row = 0
-  for (const region of regions) {
+  for (const {region, scale} of parts) {
     const rowBytes = layout.k * DTYPE_BYTES[region.dtype]
     const rowsPerChunk = Math.max(1, Math.floor(CHUNK_BYTES / rowBytes))
     for (const chunk of iterateTensorChunks(region, rowsPerChunk * rowBytes)) {
       sourceHash.update(chunk)
       const count = chunk.byteLength / rowBytes
       const quantized = quantizeRows(decodeToFloat32(region.dtype, chunk), count, layout)
+      // a constant factor changes no code, only the scales
+      if (scale !== undefined) for (let i = 0; i < quantized.scales.length; i++) quantized.scales[i] = quantized.scales[i]! * scale
       scales.set(quantized.scales, row * blocksPerRow(layout))
       row += count
       yield quantized.codes

@@ -20,6 +20,8 @@ export interface StoredTensor {
 export interface LinearPart {
   weight: string
   bias?: string
+  /** Multiplies the part's weights and bias (folds a constant factor into the matmul). */
+  scale?: number
 }
 
 /**
@@ -206,7 +208,7 @@ export class CheckpointWeights implements FloatWeightProvider {
     const infos = parts.map((p) => this.checkpoint.get(p.weight))
     const rows = infos.reduce((sum, info) => sum + info.shape[0]!, 0)
     const half = this.isHalf(infos[0]!)
-    const weight = this.store.place(storedAs, concatenated(infos.map((info) => convertedChunks(info, half))), this.checkpoint.dir)
+    const weight = this.store.place(storedAs, concatenated(infos.map((info, i) => convertedChunks(info, half, parts[i]!.scale))), this.checkpoint.dir)
     for (const info of infos) this.onBytesRead(info.byteLength)
     const inputs = [x, this.initializer(`${storedAs}.weight`, half, [rows, infos[0]!.shape[1]!], weight)]
     if (parts.some((p) => p.bias)) inputs.push(this.concatBias(parts, storedAs))
@@ -215,7 +217,10 @@ export class CheckpointWeights implements FloatWeightProvider {
 
   /** The parts' biases one after another, float32 (zeros for a part without one). */
   protected concatBias(parts: LinearPart[], storedAs: string): string {
-    const values = parts.map((p) => (p.bias ? readFloat32(this.checkpoint.get(p.bias)) : new Float32Array(this.checkpoint.get(p.weight).shape[0]!)))
+    const values = parts.map((p) => {
+      const bias = p.bias ? readFloat32(this.checkpoint.get(p.bias)) : new Float32Array(this.checkpoint.get(p.weight).shape[0]!)
+      return p.scale === undefined ? bias : bias.map((v) => v * p.scale!)
+    })
     const total = values.reduce((sum, v) => sum + v.length, 0)
     const location = this.store.place(`${storedAs}.bias`, values.map((v) => new Uint8Array(v.buffer, v.byteOffset, v.byteLength)), this.checkpoint.dir)
     return this.g.externalInitializer(`${storedAs}.bias`, 'float32', [total], location)
@@ -317,9 +322,10 @@ function readFloat32(info: TensorInfo): Float32Array {
   return Float32Array.from([...iterateTensorChunks(info, CHUNK_BYTES)].flatMap((chunk) => [...decodeToFloat32(info.dtype, chunk)]))
 }
 
-function* convertedChunks(info: TensorInfo, half: boolean): Generator<Uint8Array> {
+function* convertedChunks(info: TensorInfo, half: boolean, scale?: number): Generator<Uint8Array> {
   for (const chunk of iterateTensorChunks(info, CHUNK_BYTES)) {
     const values = decodeToFloat32(info.dtype, chunk)
+    if (scale !== undefined) for (let i = 0; i < values.length; i++) values[i] = values[i]! * scale
     const out = half ? encodeFloat16(values) : values
     yield new Uint8Array(out.buffer, out.byteOffset, out.byteLength)
   }
