@@ -128,68 +128,103 @@ const VARIANTS: Record<string, Variant> = {
 
 const ROWS = [1, 8, 64]
 
-async function measure(variantName: string, threads: number, repeat: number): Promise<Record<string, number | string>> {
+interface Loaded {
+  name: string
+  session: ort.InferenceSession
+  bytes: number
+  loadMs: number
+  rssAfterLoad: number
+}
+
+async function load(variantName: string, threads: number, dir: string): Promise<Loaded> {
   const variant = VARIANTS[variantName]
   if (!variant) throw new Error(`unknown variant ${variantName}; known: ${Object.keys(VARIANTS).join(', ')}`)
+  const g = new GraphBuilder('ab')
+  const data = new ExternalDataFile(path.join(dir, `${variantName}.weights`))
+  const inputs = {[H]: g.input('x_hidden', 'float32', ['rows', H]), [I]: g.input('x_mlp', 'float32', ['rows', I])}
+  let bytes = 0
+  for (const m of matrices(variantName.endsWith('-fused'))) {
+    const {output, bytes: b} = variant(g, data, inputs[m.k]!, m)
+    bytes += b
+    g.output(output, `y.${m.name}`, 'float32', ['rows', m.n])
+  }
+  data.close()
+  const file = path.join(dir, `${variantName}.onnx`)
+  fs.writeFileSync(file, g.toModelBytes('ab'))
+  const t0 = performance.now()
+  const session = await ort.InferenceSession.create(file, {graphOptimizationLevel: 'all', executionMode: 'sequential', intraOpNumThreads: threads, interOpNumThreads: 1})
+  return {name: variantName, session, bytes, loadMs: performance.now() - t0, rssAfterLoad: process.memoryUsage().rss}
+}
+
+/**
+ * Loads every variant of a group in one process, then times them in turns (A B C A B C …) at
+ * each row count, so that a shared machine's drift reaches all of them alike.
+ */
+async function measureGroup(names: string[], threads: number, repeat: number): Promise<Record<string, number | string>[]> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'parscale-quant-ab-'))
   try {
-    const g = new GraphBuilder('ab')
-    const data = new ExternalDataFile(path.join(dir, 'ab.weights'))
-    const inputs = {[H]: g.input('x_hidden', 'float32', ['rows', H]), [I]: g.input('x_mlp', 'float32', ['rows', I])}
-    let bytes = 0
-    for (const m of matrices(variantName.endsWith('-fused'))) {
-      const {output, bytes: b} = variant(g, data, inputs[m.k]!, m)
-      bytes += b
-      g.output(output, `y.${m.name}`, 'float32', ['rows', m.n])
-    }
-    data.close()
-    const file = path.join(dir, 'ab.onnx')
-    fs.writeFileSync(file, g.toModelBytes('ab'))
-    const t0 = performance.now()
-    const session = await ort.InferenceSession.create(file, {graphOptimizationLevel: 'all', executionMode: 'sequential', intraOpNumThreads: threads, interOpNumThreads: 1})
-    const loadMs = performance.now() - t0
-    const result: Record<string, number | string> = {variant: variantName, weight_mb: bytes / 1e6, load_ms: loadMs}
+    const loaded: Loaded[] = []
+    for (const name of names) loaded.push(await load(name, threads, dir))
+    const results = loaded.map((l): Record<string, number | string> => ({variant: l.name, weight_mb: l.bytes / 1e6, load_ms: l.loadMs}))
     for (const rows of ROWS) {
       const feeds = {
         x_hidden: new ort.Tensor('float32', new Float32Array(rows * H).map((_, i) => Math.sin(i) * 0.5), [rows, H]),
         x_mlp: new ort.Tensor('float32', new Float32Array(rows * I).map((_, i) => Math.cos(i) * 0.5), [rows, I]),
       }
-      await session.run(feeds)
-      const times: number[] = []
-      for (let i = 0; i < (rows === 64 ? Math.max(2, repeat >> 1) : repeat); i++) {
-        const s = performance.now()
-        await session.run(feeds)
-        times.push(performance.now() - s)
+      const times = loaded.map(() => [] as number[])
+      for (const l of loaded) await l.session.run(feeds) // warm-up
+      for (let i = 0; i < (rows === 64 ? Math.max(3, repeat >> 1) : repeat); i++) {
+        for (const [v, l] of loaded.entries()) {
+          const s = performance.now()
+          await l.session.run(feeds)
+          times[v]!.push(performance.now() - s)
+        }
       }
-      times.sort((a, b) => a - b)
-      result[`ms_${rows}`] = times[times.length >> 1]!
+      times.forEach((t, v) => {
+        t.sort((a, b) => a - b)
+        results[v]![`ms_${rows}`] = t[t.length >> 1]!
+      })
     }
-    result.peak_rss_mb = (process.resourceUsage().maxRSS * 1024) / 1e6
-    await session.release()
-    return result
+    for (const l of loaded) await l.session.release()
+    return results
+  } finally {
+    fs.rmSync(dir, {recursive: true, force: true})
+  }
+}
+
+/** Peak RSS of one variant loaded and run alone (in a process of its own). */
+async function measureMemory(name: string, threads: number): Promise<number> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'parscale-quant-ab-'))
+  try {
+    const l = await load(name, threads, dir)
+    for (const rows of ROWS) {
+      await l.session.run({x_hidden: new ort.Tensor('float32', new Float32Array(rows * H), [rows, H]), x_mlp: new ort.Tensor('float32', new Float32Array(rows * I), [rows, I])})
+    }
+    await l.session.release()
+    return (process.resourceUsage().maxRSS * 1024) / 1e6
   } finally {
     fs.rmSync(dir, {recursive: true, force: true})
   }
 }
 
 const threads = Number(process.env.BENCH_THREADS ?? 2)
-const repeat = Number(process.env.BENCH_REPEAT ?? 7)
-const [first, ...rest] = process.argv.slice(2)
-if (first === '--one') {
-  console.log(JSON.stringify(await measure(rest[0]!, threads, repeat)))
+const repeat = Number(process.env.BENCH_REPEAT ?? 9)
+const args = process.argv.slice(2)
+const f = (v: number) => v.toFixed(v >= 100 ? 0 : 1)
+if (args[0] === '--memory') {
+  console.log(JSON.stringify({variant: args[1], peak_rss_mb: await measureMemory(args[1]!, threads)}))
 } else {
-  const names = first ? [first, ...rest] : Object.keys(VARIANTS)
-  console.log(`| variant | weights MB | 1 row ms | 8 rows ms | 64 rows ms | peak RSS MB | load ms |`)
+  // Groups of variants timed together: "a,b,c d,e" (default: each variant next to int4 block 32).
+  const groups = args.length ? args.map((a) => a.split(',')) : Object.keys(VARIANTS).filter((v) => v !== 'nbits4-b32-acc4').map((v) => ['nbits4-b32-acc4', v])
+  console.log(`${threads} threads; each group loaded in one process and timed in turns (median of ${repeat}); peak RSS (BENCH_MEMORY=1) from a process per variant`)
+  console.log(`| group | variant | weights MB | 1 row ms | 8 rows ms | 64 rows ms | peak RSS MB |`)
   console.log(`|---|---|---|---|---|---|---|`)
-  for (const name of names) {
-    const child = spawnSync(process.execPath, [fileURLToPath(import.meta.url), '--one', name], {encoding: 'utf8', env: {...process.env, NODE_NO_WARNINGS: '1'}})
-    const line = child.stdout.trim().split('\n').at(-1) ?? ''
-    if (child.status !== 0 || !line.startsWith('{')) {
-      console.log(`| ${name} | failed: ${(child.stderr || child.stdout).trim().split('\n').slice(-2).join(' ')} |`)
-      continue
+  for (const [index, group] of groups.entries()) {
+    const rows = await measureGroup(group, threads, repeat)
+    for (const r of rows) {
+      const memory = process.env.BENCH_MEMORY !== '1' ? {status: 1, stdout: ''} : spawnSync(process.execPath, [fileURLToPath(import.meta.url), '--memory', String(r.variant)], {encoding: 'utf8', env: {...process.env, NODE_NO_WARNINGS: '1'}})
+      const rss = memory.status === 0 ? (JSON.parse(memory.stdout.trim().split('\n').at(-1)!) as {peak_rss_mb: number}).peak_rss_mb : NaN
+      console.log(`| ${index + 1} | ${r.variant} | ${f(r.weight_mb as number)} | ${f(r.ms_1 as number)} | ${f(r.ms_8 as number)} | ${f(r.ms_64 as number)} | ${f(rss)} |`)
     }
-    const r = JSON.parse(line) as Record<string, number>
-    const f = (v: number) => v.toFixed(v >= 100 ? 0 : 1)
-    console.log(`| ${name} | ${f(r.weight_mb!)} | ${f(r.ms_1!)} | ${f(r.ms_8!)} | ${f(r.ms_64!)} | ${f(r.peak_rss_mb!)} | ${f(r.load_ms!)} |`)
   }
 }

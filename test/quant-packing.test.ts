@@ -11,6 +11,8 @@ import {GraphBuilder} from '../src/core/onnx/builder.js'
 import {ExternalDataFile} from '../src/core/onnx/external-data.js'
 import {blobBytes, blocksPerRow, dequantizeRows, quantizeRows, type BlockLayout} from '../src/core/quant/blockwise.js'
 import {blockSizeFor} from '../src/core/quant/scheme.js'
+import {dequantizePerColumn, PER_COLUMN_MAX_CODE} from '../src/core/quant/per-column.js'
+import {widenMatrix} from '../src/core/quant/widen.js'
 import {makeTempDir} from './helpers/safetensors-writer.js'
 
 const work = makeTempDir()
@@ -133,6 +135,39 @@ describe('block quantization', () => {
       })
     })
   }
+
+  test('widening block codes to int8 per output: 7-bit codes within half a step of the block values; DynamicQuantizeMatMul reads them', async () => {
+    const layout: BlockLayout = {bits: 4, blockSize: 32, k: 96}
+    const n = 2500 // more rows than one widening chunk
+    const q = quantizeRows(randomValues(n * 96, 21), n, layout)
+    const blockValues = dequantizeRows(q, n, layout)
+    const widened = widenMatrix(q.codes, q.scales, n, layout)
+    const back = dequantizePerColumn(widened, n, 96)
+    for (let row = 0; row < n; row++) {
+      assert.ok(widened.codes.every((c) => Math.abs(c) <= PER_COLUMN_MAX_CODE))
+      for (let i = 0; i < 96; i++) assert.ok(Math.abs(back[row * 96 + i]! - blockValues[row * 96 + i]!) <= widened.scales[row]! / 2 + 1e-7)
+    }
+    const rows = 8
+    const x = randomValues(rows * 96, 9, 2)
+    const y = await runNode('widened', (g, data) => {
+      const codes = g.externalInitializer('w', 'int8', [96, n], data.append([new Uint8Array(widened.codes.buffer)]))
+      const scales = g.externalInitializer('s', 'float32', [n], data.append([bytes(widened.scales)]))
+      return {output: g.node('DynamicQuantizeMatMul', [g.input('x', 'float32', [rows, 96]), codes, scales], {}, 'com.microsoft'), shape: [rows, n]}
+    }, {x: new ort.Tensor('float32', x, [rows, 96])})
+    const xMax = Math.max(...x.map(Math.abs))
+    for (let r = 0; r < rows; r++) {
+      for (let c = 0; c < n; c += 97) {
+        let expected = 0
+        let weightSum = 0
+        for (let i = 0; i < 96; i++) {
+          expected += x[r * 96 + i]! * back[c * 96 + i]!
+          weightSum += Math.abs(back[c * 96 + i]!)
+        }
+        // activations become uint8 with one scale for the call: half a step of 2·max|x| / 255 each
+        assert.ok(Math.abs(expected - y[r * n + c]!) < (weightSum * xMax) / 255 + 1e-5, `row ${r} col ${c}`)
+      }
+    }
+  })
 
   test('a block size that does not divide the input size falls back to one that does, or names the tensor', () => {
     assert.equal(blockSizeFor(896, 128, 'w'), 128)

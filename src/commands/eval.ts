@@ -64,7 +64,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     const tokenizer = await TextTokenizer.load(model.packageDir)
     const ids = tokenizer.encode(text)
     if (ids.length < 2) throw new UserError(`${flags['text-file']}: needs at least 2 tokens to score, has ${ids.length}`)
-    const session = await ParScaleModel.open(model.packageDir, {threads: flags.threads, device})
+    const session = await ParScaleModel.open(model.packageDir, {threads: flags.threads, device, parallel: [model.parallel]})
     try {
       const result = await scoreTokens(session, model.parallel, ids, flags.context ?? session.maxPositions, {streams: flags.streams})
       if (flags.json) {

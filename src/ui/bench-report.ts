@@ -78,6 +78,8 @@ export function resultsTable(report: BenchReport): TextTable {
 export function renderTable(report: BenchReport): string {
   const lines = reportHeader(report)
   lines.push(renderTextTable(resultsTable(report)))
+  const widened = report.results.filter((r) => r.kernels && r.kernels.decode !== r.kernels.prefill)
+  if (widened.length) lines.push(`P = ${[...new Set(widened.map((r) => r.parallel))].join(', ')}: decode steps ran on ${widened[0]!.kernels!.decode}, prompts on ${widened[0]!.kernels!.prefill}`)
   const context = contextCostTable(report)
   if (context) lines.push('', CONTEXT_COST_TITLE, renderTextTable(context))
   const vs = vsParamsTable(report)

@@ -175,10 +175,12 @@ export function attention(
 
 /** SiLU-gated MLP: down(silu(gate(x)) · up(x)). */
 export function mlp(ctx: DecoderContext, layer: number, x: string): string {
-  const {ops, weights} = ctx
-  const project = (input: string, proj: string) => weights.linear(input, `model.layers.${layer}.mlp.${proj}.weight`)
-  const gated = ops.mul(ops.silu(project(x, 'gate_proj')), project(x, 'up_proj'))
-  return project(gated, 'down_proj')
+  const {ops, g, weights} = ctx
+  const name = (proj: string) => `model.layers.${layer}.mlp.${proj}.weight`
+  // gate and up read the same input: one matmul over both (quantized kernels then quantize x once)
+  const gateUp = weights.linearConcat(x, [{weight: name('gate_proj')}, {weight: name('up_proj')}], `model.layers.${layer}.mlp.gate_up_proj`)
+  const [gate, up] = g.nodeN('Split', [gateUp, g.int64([ctx.config.intermediateSize, ctx.config.intermediateSize])], 2, {axis: -1})
+  return weights.linear(ops.mul(ops.silu(gate!), up!), name('down_proj'))
 }
 
 /** The aggregation head of the P in use, fed per call (see `io.aggregate`). */

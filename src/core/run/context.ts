@@ -33,7 +33,7 @@ export async function openRunContext(modelName: string | undefined, plan: Pick<R
   const [tokenizer, defaults, model] = await Promise.all([
     TextTokenizer.load(resolved.packageDir),
     readGenerationDefaults(resolved.packageDir),
-    ParScaleModel.open(resolved.packageDir, {threads: numbers.threads, device: options.device ?? 'cpu'}),
+    ParScaleModel.open(resolved.packageDir, {threads: numbers.threads, device: options.device ?? 'cpu', parallel: [resolved.parallel]}),
   ])
   const useTemplate = !options.raw && tokenizer.hasChatTemplate
   if (options.system !== undefined && !useTemplate) {
