@@ -77,7 +77,7 @@ describe('quantized packages', () => {
     )
     assert.throws(
       () => convertCheckpoints({sources: [path.join(family, 'p1'), other], outDir: path.join(work, 'never-family'), dtype: 'fp32', quant: quantScheme('int4')}),
-      /model\.layers\.2\.mlp\.up_proj\.weight" differs from the backbone already in the package/,
+      /model\.layers\.2\.mlp\.gate_up_proj" differs from the backbone already in the package/,
     )
   })
 
