@@ -47,7 +47,7 @@ function peerSetupProblem(peers: string | undefined): string | undefined {
 async function measure(name: QuantName, parallel: number[]): Promise<{report: BenchReport; results: RunResult[]}> {
   const quant = quantScheme(name)
   const packageDir = ensureSyntheticPackage(shape, {parallel, quant, onProgress: log})
-  const results = await benchPackage(packageDir, {parallel, batch: [1], promptLength: PROMPT, newTokens: NEW_TOKENS, threads, repeat, onStatus: log})
+  const results = await benchPackage(packageDir, {parallel, batch: [1], promptLengths: [PROMPT], newTokens: NEW_TOKENS, threads, repeat, onStatus: log})
   const report: BenchReport = {machine: benchMachine(threads), model: `synthetic 0.5b, ${name}`, quant: readManifest(packageDir).quant ?? null, results}
   return {report, results}
 }

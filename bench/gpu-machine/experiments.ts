@@ -101,6 +101,7 @@ function packageWeights(dir: string): (g: GraphBuilder) => FloatWeightProvider {
       get: (name, shape) => get(shape ? `${name}#${shape.join('x')}` : name),
       rowBlocks: (_name, storedAs) => [...table.keys()].filter((n) => n.startsWith(`${storedAs}[`)).sort((a, b) => Number(/\[(\d+)/.exec(a)![1]) - Number(/\[(\d+)/.exec(b)![1])).map(get),
       computed: (name) => get(name),
+      concatenated: (parts, storedAs) => (parts.some((p) => p.bias) ? {weight: get(`${storedAs}.weight`), bias: get(`${storedAs}.bias`)} : {weight: get(`${storedAs}.weight`)}),
     })
   }
 }

@@ -1,7 +1,7 @@
 import type {BackboneShape} from '../checkpoint/config.js'
 import type {GraphBuilder} from './builder.js'
 import type {Ops} from './ops.js'
-import type {WeightProvider} from './weights.js'
+import type {LinearPart, WeightProvider} from './weights.js'
 
 /**
  * What every block needs: the primitives, the weights and the run-time sizes.
@@ -56,11 +56,16 @@ export function addAndNorm(ctx: DecoderContext, x: string, residual: string, wei
  */
 export function rotary(ctx: DecoderContext, positions: string): Rotary {
   const {ops, dims} = ctx
-  const {cos, sin} = rotaryTables(ctx.config)
-  const tableShape = [ctx.config.maxPositionEmbeddings, ctx.config.headDim / 2]
   // every stream of a sequence has its positions: [B, S] → [B·P, S], once for all layers
   const perStream = ops.reshape(ops.expand(ops.unsqueeze(positions, [1]), ops.shapeOf([dims.batch, dims.streams, dims.seq])), ops.shapeOf([dims.batchStreams, dims.seq]))
-  return {positions: perStream, cosTable: ctx.weights.computed('rotary.cos_table', cos, tableShape), sinTable: ctx.weights.computed('rotary.sin_table', sin, tableShape)}
+  return {positions: perStream, ...rotaryInitializers(ctx)}
+}
+
+/** The cos/sin tables [max_positions, head_dim / 2] as backbone tensors, which every graph form reads. */
+export function rotaryInitializers(ctx: DecoderContext): Pick<Rotary, 'cosTable' | 'sinTable'> {
+  const {cos, sin} = rotaryTables(ctx.config)
+  const tableShape = [ctx.config.maxPositionEmbeddings, ctx.config.headDim / 2]
+  return {cosTable: ctx.weights.computed('rotary.cos_table', cos, tableShape), sinTable: ctx.weights.computed('rotary.sin_table', sin, tableShape)}
 }
 
 /**
@@ -149,9 +154,7 @@ export function attention(
   const {ops, g, config, dims, weights} = ctx
   const {numHeads, numKvHeads, headDim} = config
   const name = (tensor: string) => `model.layers.${layer}.self_attn.${tensor}`
-  // The 1/√d of the scores is folded into the query projection (rotary is linear, so it commutes).
-  const projections = ['q_proj', 'k_proj', 'v_proj'].map((proj) => ({weight: name(`${proj}.weight`), bias: name(`${proj}.bias`), ...(proj === 'q_proj' ? {scale: 1 / Math.sqrt(headDim)} : {})}))
-  const qkv = weights.linearConcat(x, projections, name('qkv_proj')) // [(b p s), (heads + 2·kv)·d]
+  const qkv = weights.linearConcat(x, queryKeyValueParts(layer, headDim), name('qkv_proj')) // [(b p s), (heads + 2·kv)·d]
 
   // [(b p s), (heads + 2 kv)·d] → [b·p, heads + 2 kv, s, d] → q, k, v by head
   const split = ops.reshape(qkv, ops.shapeOf([dims.batchStreams, dims.seq, numHeads + 2 * numKvHeads, headDim]))
@@ -173,12 +176,26 @@ export function attention(
   return {output: weights.linear(rows, name('o_proj.weight')), newKey, newValue}
 }
 
+/**
+ * q, k and v of a layer, stacked into one stored matrix (`qkv_proj`), which every graph form
+ * reads. The 1/√d of the scores is folded into the query rows: rotary is linear, so it commutes.
+ */
+export function queryKeyValueParts(layer: number, headDim: number): LinearPart[] {
+  const name = (tensor: string) => `model.layers.${layer}.self_attn.${tensor}`
+  return ['q_proj', 'k_proj', 'v_proj'].map((proj) => ({weight: name(`${proj}.weight`), bias: name(`${proj}.bias`), ...(proj === 'q_proj' ? {scale: 1 / Math.sqrt(headDim)} : {})}))
+}
+
+/** gate and up of a layer's MLP, stacked into one stored matrix (`gate_up_proj`). */
+export function gateUpParts(layer: number): LinearPart[] {
+  return [{weight: `model.layers.${layer}.mlp.gate_proj.weight`}, {weight: `model.layers.${layer}.mlp.up_proj.weight`}]
+}
+
 /** SiLU-gated MLP: down(silu(gate(x)) · up(x)). */
 export function mlp(ctx: DecoderContext, layer: number, x: string): string {
   const {ops, g, weights} = ctx
   const name = (proj: string) => `model.layers.${layer}.mlp.${proj}.weight`
   // gate and up read the same input: one matmul over both (quantized kernels then quantize x once)
-  const gateUp = weights.linearConcat(x, [{weight: name('gate_proj')}, {weight: name('up_proj')}], `model.layers.${layer}.mlp.gate_up_proj`)
+  const gateUp = weights.linearConcat(x, gateUpParts(layer), `model.layers.${layer}.mlp.gate_up_proj`)
   const [gate, up] = g.nodeN('Split', [gateUp, g.int64([ctx.config.intermediateSize, ctx.config.intermediateSize])], 2, {axis: -1})
   return weights.linear(ops.mul(ops.silu(gate!), up!), name('down_proj'))
 }

@@ -59,14 +59,24 @@ export interface WeightProvider {
 export interface FloatWeightProvider extends WeightProvider {
   /** The 2-D weight `name`, stored under `storedAs`, as consecutive blocks of whole rows of at most `maxBlockBytes` each. */
   rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[]
+  /**
+   * The matrix `linearConcat` multiplies by: the parts' rows stacked in order as one stored
+   * tensor [Σ out, in] (each part's `scale` already applied), and their biases likewise.
+   */
+  concatenated(parts: LinearPart[], storedAs: string): {weight: string; bias?: string}
 }
 
 /** The operators on float matrices, given how to reach the weights. */
-export function floatWeights(g: GraphBuilder, source: Pick<FloatWeightProvider, 'get' | 'rowBlocks' | 'computed'>): FloatWeightProvider {
+export function floatWeights(g: GraphBuilder, source: Pick<FloatWeightProvider, 'get' | 'rowBlocks' | 'computed' | 'concatenated'>): FloatWeightProvider {
   return {
     get: (name, shape) => source.get(name, shape),
     rowBlocks: (name, storedAs, maxBlockBytes) => source.rowBlocks(name, storedAs, maxBlockBytes),
     computed: (name, values, shape) => source.computed(name, values, shape),
+    concatenated: (parts, storedAs) => source.concatenated(parts, storedAs),
+    linearConcat: (x, parts, storedAs) => {
+      const {weight, bias} = source.concatenated(parts, storedAs)
+      return g.node('Gemm', bias ? [x, weight, bias] : [x, weight], {transB: 1})
+    },
     linear: (x, name, bias) => g.node('Gemm', bias ? [x, source.get(name), source.get(bias)] : [x, source.get(name)], {transB: 1}),
     linearByRowBlocks: (x, name, storedAs, maxBlockBytes) => source.rowBlocks(name, storedAs, maxBlockBytes).map((block) => g.node('Gemm', [x, block], {transB: 1})),
     embed: (name, ids) => g.node('Gather', [source.get(name), ids], {axis: 0}),
@@ -205,14 +215,18 @@ export class CheckpointWeights implements FloatWeightProvider {
   }
 
   linearConcat(x: string, parts: LinearPart[], storedAs: string): string {
+    const {weight, bias} = this.concatenated(parts, storedAs)
+    return this.g.node('Gemm', bias ? [x, weight, bias] : [x, weight], {transB: 1})
+  }
+
+  concatenated(parts: LinearPart[], storedAs: string): {weight: string; bias?: string} {
     const infos = parts.map((p) => this.checkpoint.get(p.weight))
     const rows = infos.reduce((sum, info) => sum + info.shape[0]!, 0)
     const half = this.isHalf(infos[0]!)
-    const weight = this.store.place(storedAs, concatenated(infos.map((info, i) => convertedChunks(info, half, parts[i]!.scale))), this.checkpoint.dir)
+    const location = this.store.place(storedAs, concatenated(infos.map((info, i) => convertedChunks(info, half, parts[i]!.scale))), this.checkpoint.dir)
     for (const info of infos) this.onBytesRead(info.byteLength)
-    const inputs = [x, this.initializer(`${storedAs}.weight`, half, [rows, infos[0]!.shape[1]!], weight)]
-    if (parts.some((p) => p.bias)) inputs.push(this.concatBias(parts, storedAs))
-    return this.g.node('Gemm', inputs, {transB: 1})
+    const weight = this.initializer(`${storedAs}.weight`, half, [rows, infos[0]!.shape[1]!], location)
+    return parts.some((p) => p.bias) ? {weight, bias: this.concatBias(parts, storedAs)} : {weight}
   }
 
   /** The parts' biases one after another, float32 (zeros for a part without one). */
@@ -223,7 +237,7 @@ export class CheckpointWeights implements FloatWeightProvider {
     })
     const total = values.reduce((sum, v) => sum + v.length, 0)
     const location = this.store.place(`${storedAs}.bias`, values.map((v) => new Uint8Array(v.buffer, v.byteOffset, v.byteLength)), this.checkpoint.dir)
-    return this.g.externalInitializer(`${storedAs}.bias`, 'float32', [total], location)
+    return this.initializer(`${storedAs}.bias`, false, [total], location)
   }
 
   embed(name: string, ids: string): string {
@@ -275,6 +289,10 @@ export class CheckpointWeights implements FloatWeightProvider {
         return names.map((block) => initializer(block))
       },
       computed: (name) => initializer(name),
+      concatenated: (parts, storedAs) => {
+        const weight = initializer(`${storedAs}.weight`)
+        return parts.some((p) => p.bias) ? {weight, bias: initializer(`${storedAs}.bias`)} : {weight}
+      },
     })
   }
 
