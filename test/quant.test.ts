@@ -129,6 +129,22 @@ describe('quantized packages', () => {
     assert.equal(fs.existsSync(path.join(work, 'never')), false)
   })
 
+  test('--quant with --device webgpu: one line before anything converts; a quantized package has no WebGPU form', async () => {
+    const cache = path.join(work, 'webgpu-cache')
+    for (const command of [['run', '--prompt', 'x'], ['eval', '--text-file', heldOut], ['bench', '--synthetic', '0.5b', '--no-roofline']]) {
+      const result = await runCli([...command, '--quant', 'int4', '--device', 'webgpu'], {env: {...env, PARSCALE_CACHE: cache}})
+      assert.equal(result.code, 2, `${command[0]}: ${result.stderr}`)
+      assert.equal(result.stderr.trimEnd().split('\n').length, 1)
+      assert.match(result.stderr, /^parscale: --quant int4 runs on the CPU only/)
+    }
+    assert.equal(fs.existsSync(cache), false, 'nothing converted')
+    const out = path.join(work, 'tiny-p1-int8-cpu-only')
+    convertCheckpoints({sources: [goldenDir('tiny-p1')], outDir: out, dtype: 'fp32', quant: quantScheme('int8')})
+    assert.equal(readManifest(out).webgpuGraph, undefined)
+    assert.equal(fs.existsSync(path.join(out, 'model.webgpu.onnx')), false)
+    await assert.rejects(ParScaleModel.open(out, {form: 'webgpu'}), /has no WebGPU form \(its int8 weights run on the CPU's quantized operators\)/)
+  })
+
   test('run --quant int4 on the default model: offline, converted once, cached apart from fp32; list and bench show the scheme', async () => {
     const quantized = await runCli(['run', '--quant', 'int4', '--prompt', 'def add(a, b):', '--max-new-tokens', '12', '--json'], {env})
     assert.equal(quantized.code, 0, quantized.stderr)
