@@ -143,7 +143,7 @@ const checks: Check[] = [
   ['int4 P=1 decode / llama.cpp q4_0 decode (≤ 1.0)', peer.q4_0 && i4p1.decode_ms_per_token.median / peer.q4_0.decode_ms_per_token, 1],
   ['int4 P=8 decode / llama.cpp q4_0 P=1 decode (≤ 2.0)', peer.q4_0 && i4p8.decode_ms_per_token.median / peer.q4_0.decode_ms_per_token, 2],
   ['int4 prefill 64 tokens P=1 / llama.cpp q4_0 (≤ 1.0)', peer.q4_0 && int4PrefillBest.prefill_ms.median / peer.q4_0.ttft_ms, 1],
-  ...[['int8', i8p1!], ['int4', i4p1], ['int4', i4p8]].map(([name, r]): Check => {
+  ...[['int8', i8p1!], ['int4', i4p1]].map(([name, r]): Check => {
     const result = r as RunResult
     return [`peak RSS ${name} P=${result.parallel} ${mb(result.peak_rss_bytes)} MB / (1.25 × ${mb(result.weight_bytes)} MB weights + 300 MB) (≤ 1)`,
       result.peak_rss_bytes / (1.25 * result.weight_bytes + 300e6), 1]
@@ -153,4 +153,8 @@ for (const [name, value, limit] of checks) {
   if (value === undefined) console.log(`SKIPPED ${name}: no llama.cpp figure (see PARSCALE_PEERS above)`)
   else console.log(`${value <= limit ? 'MET   ' : 'MISSED'} ${name}: ${value.toFixed(2)}`)
 }
+// The RSS target is for P = 1; the issue asks the P = 8 path, which widens weights in memory,
+// to report its RSS beside its speed.
+console.log(`REPORT peak RSS int4 P=8 (decode on int8 widened at load) ${mb(i4p8.peak_rss_bytes)} MB at ${decodeMs(i4p8).toFixed(1)} ms/token: ` +
+  `${(i4p8.peak_rss_bytes / (1.25 * i4p8.weight_bytes + 300e6)).toFixed(2)} × (1.25 × weights + 300 MB)`)
 if (process.env.BENCH_JSON) fs.writeFileSync(process.env.BENCH_JSON, JSON.stringify({peer, peerRuns, peerBatch8, int8Rounds, int4Rounds}, null, 2) + '\n')
