@@ -153,6 +153,30 @@ const cases: BadCase[] = [
     file: 'config.json',
     words: /rope_scaling/,
   },
+  {
+    name: 'an already-quantized checkpoint (quantization_config)',
+    make: () =>
+      brokenCopy('tiny-p1', (dir) =>
+        editJson(path.join(dir, 'config.json'), (c) => {
+          c.quantization_config = {quant_method: 'gptq', bits: 4, group_size: 128}
+        }),
+      ),
+    file: 'config.json',
+    words: /already quantized \(quantization_config: gptq, 4 bits\).*float checkpoints/,
+  },
+  {
+    name: 'GPTQ tensors without a quantization_config',
+    make: () =>
+      brokenCopy('tiny-p1', (dir) =>
+        rewriteSafetensors(path.join(dir, 'model.safetensors'), (tensors) => {
+          const q = tensors.findIndex((t) => t.name === 'model.layers.0.self_attn.q_proj.weight')
+          tensors[q] = {name: 'model.layers.0.self_attn.q_proj.qweight', dtype: 'I32', shape: [8, 64], data: new Uint8Array(8 * 64 * 4)}
+          tensors.push({name: 'model.layers.0.self_attn.q_proj.scales', dtype: 'F16', shape: [1, 64], data: new Uint8Array(128)})
+        }),
+      ),
+    file: 'model.safetensors',
+    words: /q_proj\.qweight" is a quantized weight \(GPTQ\/AWQ layout\).*float checkpoints/,
+  },
 ]
 
 describe('convert refuses bad input', () => {

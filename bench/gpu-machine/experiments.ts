@@ -10,7 +10,7 @@ import onnxProto from 'onnx-proto'
 
 import {GraphBuilder} from '../../src/core/onnx/builder.js'
 import {buildWebGpuDecoderGraph, type WebGpuGraphOptions} from '../../src/core/onnx/webgpu-graph.js'
-import type {WeightProvider} from '../../src/core/onnx/weights.js'
+import {floatWeights, type FloatWeightProvider} from '../../src/core/onnx/weights.js'
 import {convertCheckpoints} from '../../src/core/package/convert.js'
 import {readManifest} from '../../src/core/package/manifest.js'
 import {generateAll} from '../../src/core/run/batcher.js'
@@ -84,8 +84,8 @@ async function golden(root: string, out: string): Promise<void> {
 }
 
 /** The package's WebGPU-graph weights, by the names the graph builder asks for. */
-function packageWeights(dir: string): (g: GraphBuilder) => WeightProvider {
-  const model = onnxProto.onnx.ModelProto.decode(fs.readFileSync(path.join(dir, readManifest(dir).webgpuGraph)))
+function packageWeights(dir: string): (g: GraphBuilder) => FloatWeightProvider {
+  const model = onnxProto.onnx.ModelProto.decode(fs.readFileSync(path.join(dir, readManifest(dir).webgpuGraph ?? 'model.webgpu.onnx')))
   const table = new Map(model.graph!.initializer!.filter((t) => t.externalData?.length).map((t) => [t.name!, t]))
   return (g) => {
     const made = new Map<string, string>()
@@ -97,11 +97,12 @@ function packageWeights(dir: string): (g: GraphBuilder) => WeightProvider {
       made.set(name, g.externalInitializer(name, 'float32', t.dims!.map(Number), {file: ext.location!, offset: Number(ext.offset), length: Number(ext.length)}))
       return made.get(name)!
     }
-    return {
+    return floatWeights(g, {
       get: (name, shape) => get(shape ? `${name}#${shape.join('x')}` : name),
       rowBlocks: (_name, storedAs) => [...table.keys()].filter((n) => n.startsWith(`${storedAs}[`)).sort((a, b) => Number(/\[(\d+)/.exec(a)![1]) - Number(/\[(\d+)/.exec(b)![1])).map(get),
       computed: (name) => get(name),
-    }
+      concatenated: (parts, storedAs) => (parts.some((p) => p.bias) ? {weight: get(`${storedAs}.weight`), bias: get(`${storedAs}.bias`)} : {weight: get(`${storedAs}.weight`)}),
+    })
   }
 }
 

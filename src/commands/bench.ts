@@ -13,6 +13,7 @@ import {SYNTHETIC_PRESETS} from '../core/checkpoint/synthetic.js'
 import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {plotTarget, writePlots} from '../ui/bench-plot.js'
 import {Progress} from '../ui/progress.js'
+import {quantFlags, quantFromFlags} from '../quant-flags.js'
 
 function intList(text: string, flag: string): number[] {
   const values = text.split(',').map((s) => Number(s.trim()))
@@ -38,6 +39,7 @@ export default class Bench extends BaseCommand {
   static override examples = [
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,2,4,8',
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --vs-params --json bench.json',
+    '<%= config.bin %> bench --synthetic 0.5b --quant int4 --parallel 1,8',
     '<%= config.bin %> bench ./my-package --batch 1,4 --csv',
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --prompt-len 64,1024,2048 --new-tokens 33 --repeat 1',
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,2,4,8 --plot profile.html',
@@ -73,6 +75,7 @@ export default class Bench extends BaseCommand {
     }),
     profile: Flags.string({description: 'write ONNX Runtime profiles with this file prefix'}),
     device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider (one CPU thread launches its kernels; --threads is for cpu)', options: [...DEVICES], default: 'cpu'}),
+    ...quantFlags,
   }
 
   async run(): Promise<void> {
@@ -82,6 +85,7 @@ export default class Bench extends BaseCommand {
     const promptLengths = intList(flags['prompt-len'], 'prompt-len')
     const threads = flags.threads ?? benchMachine(0).cores
     const device = flags.device as Device
+    const quant = quantFromFlags(flags)
     const adapter = device === 'webgpu' ? await checkWebGpu() : undefined // before preparing any model
     const dims = {
       hiddenSize: flags.hidden, numLayers: flags.layers, numHeads: flags.heads, numKvHeads: flags['kv-heads'],
@@ -96,13 +100,14 @@ export default class Bench extends BaseCommand {
     const progress = new Progress('preparing')
     const onStatus = (text: string) => progress.update(text)
     try {
-      const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel}, onStatus)
-      const model = readManifest(packageDir).model
+      const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel, quant}, onStatus)
+      const manifest = readManifest(packageDir)
+      const model = manifest.model
       // A prompt past the model's positions would fail inside ONNX Runtime after minutes of other runs.
       const longest = Math.max(...promptLengths) + flags['new-tokens']
       if (longest > model.maxPositionEmbeddings) throw new UserError(`--prompt-len ${Math.max(...promptLengths)} + --new-tokens ${flags['new-tokens']} = ${longest} positions; ${label} takes ${model.maxPositionEmbeddings}`)
       const options = {parallel, batch, promptLengths, newTokens: flags['new-tokens'], threads, device, repeat: flags.repeat, onStatus, ...(flags.profile ? {profilePrefix: flags.profile} : {})}
-      const report: BenchReport = {machine: benchMachine(threads, device, adapter && `${adapter.name} (${adapter.backend})`), model: label, results: []}
+      const report: BenchReport = {machine: benchMachine(threads, device, adapter && `${adapter.name} (${adapter.backend})`), model: label, quant: manifest.quant ?? null, results: []}
       if (!flags['no-roofline']) report.roofline = await probeRoofline(threads, model.hiddenSize, model.intermediateSize, onStatus, device)
       report.results = await benchPackage(packageDir, options)
       if (flags['vs-params'] && shape) report.vs_params = await benchVsParams(shape, options)

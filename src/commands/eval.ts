@@ -13,6 +13,7 @@ import {formatBytes, percent} from '../core/format.js'
 import {Progress} from '../ui/progress.js'
 import {renderStreamSummary} from '../ui/stream-view.js'
 import {createTable} from '../ui/table.js'
+import {quantFlags, quantFromFlags} from '../quant-flags.js'
 
 export default class Eval extends BaseCommand {
   static override summary = 'Score a text with a model: mean negative log-likelihood and perplexity'
@@ -23,6 +24,7 @@ export default class Eval extends BaseCommand {
 MODEL is a converted package, a checkpoint folder (converted on first use and cached), or a pulled hub repo id; without it, the embedded default model.`
   static override examples = [
     {description: 'Held-out loss of the default model at P = 8', command: '<%= config.bin %> eval --text-file held_out.py --parallel 8'},
+    {description: 'Held-out loss with 4-bit weights', command: '<%= config.bin %> eval --text-file held_out.py --parallel 8 --quant int4'},
     {description: 'Compare P values of one family package, as JSON', command: 'for p in 1 2 4 8; do <%= config.bin %> eval ./family-onnx --text-file text.txt --parallel $p --json; done'},
     {description: 'How the default model weighs its 4 streams on held-out Python', command: '<%= config.bin %> eval --text-file held_out.py --parallel 4 --streams'},
   ]
@@ -38,18 +40,21 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
     json: Flags.boolean({description: 'print one JSON object instead of a table'}),
     streams: Flags.boolean({description: 'also summarize the stream weights: mean per stream, how often each is the top one, entropy against ln P'}),
+    ...quantFlags,
   }
 
   async run(): Promise<void> {
     const {args, flags} = await this.parse(Eval)
     const text = readText(flags['text-file'])
     const device = flags.device as Device
+    const quant = quantFromFlags(flags)
     if (device === 'webgpu') await checkWebGpu() // before converting or loading anything
     const progress = new Progress('preparing model')
     let model
     try {
       model = resolveModel(args.model, {
         parallel: flags.parallel,
+        quant,
         onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
       })
       progress.update('loading model')
@@ -59,7 +64,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     const tokenizer = await TextTokenizer.load(model.packageDir)
     const ids = tokenizer.encode(text)
     if (ids.length < 2) throw new UserError(`${flags['text-file']}: needs at least 2 tokens to score, has ${ids.length}`)
-    const session = await ParScaleModel.open(model.packageDir, {threads: flags.threads, device})
+    const session = await ParScaleModel.open(model.packageDir, {threads: flags.threads, device, parallel: [model.parallel]})
     try {
       const result = await scoreTokens(session, model.parallel, ids, flags.context ?? session.maxPositions, {streams: flags.streams})
       if (flags.json) {

@@ -43,6 +43,7 @@ export default class List extends BaseCommand {
               source: p.source ?? null,
               parallel: p.parallel,
               dtype: p.dtype ?? null,
+              quant: p.quant ?? null,
               sizeBytes: p.sizeBytes,
               path: p.path,
             })),
@@ -77,8 +78,8 @@ export default class List extends BaseCommand {
     else {
       out.push(
         columns(
-          ['NAME', 'SOURCE', 'P', 'DTYPE', 'SIZE', 'PATH'],
-          packages.map((p) => [p.name, p.source ?? '?', p.parallel.join(',') || '?', p.dtype ?? '?', formatBytes(p.sizeBytes), p.path]),
+          ['NAME', 'SOURCE', 'P', 'WEIGHTS', 'SIZE', 'PATH'],
+          packages.map((p) => [p.name, p.source ?? '?', p.parallel.join(',') || '?', p.quant ? `${p.quant.scheme} b${p.quant.blockSize}` : (p.dtype ?? '?'), formatBytes(p.sizeBytes), p.path]),
         ),
       )
     }

@@ -14,6 +14,7 @@ import {Progress} from '../ui/progress.js'
 import {runBatch, runOneShot} from '../ui/run-modes.js'
 import {endOnClosedPipe} from '../ui/run-output.js'
 import {readStdin} from '../ui/stdin.js'
+import {quantFlags, quantFromFlags} from '../quant-flags.js'
 
 const runFlags = {
   prompt: Flags.string({description: 'prompt text (instead of the PROMPT argument)', helpValue: 'TEXT'}),
@@ -26,6 +27,7 @@ const runFlags = {
   streams: Flags.boolean({description: 'after each answer, show how the P streams were weighted per generated token (with --json: "stream_weights")'}),
   threads: numberFlag('ONNX Runtime intra-op threads'),
   device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
+  ...quantFlags,
 }
 
 type RunFlags = Interfaces.InferredFlags<typeof runFlags>
@@ -42,6 +44,7 @@ function runOptions(flags: RunFlags, promptArgument: string | undefined): RunOpt
     quiet: flags.quiet,
     device: flags.device as Device,
     streams: flags.streams,
+    quant: quantFromFlags(flags),
     numbers: {...generation.numbers, 'batch-size': flags['batch-size'], threads: flags.threads},
   }
 }
@@ -64,6 +67,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     {description: 'Chat with a pulled hub model at P = 8', command: '<%= config.bin %> run ParScale/ParScale-1.8B-P8-Inst --chat --system "You are concise."'},
     {description: 'Pipe a prompt in, sample with a fixed seed', command: 'cat prompt.txt | <%= config.bin %> run ./my-model --temperature 0.7 --top-p 0.9 --seed 42'},
     {description: 'Run a JSONL file 16 prompts at a time, one JSON result per line', command: '<%= config.bin %> run ./my-model --batch prompts.jsonl --batch-size 16 --json > results.jsonl'},
+    {description: 'The default model with 4-bit weights (converted once and cached)', command: '<%= config.bin %> run --quant int4 --prompt "def add(a, b):"'},
     {description: 'Stop at a blank line, at most 64 tokens, with 2 streams', command: '<%= config.bin %> run ./my-model "Once upon a time" --stop $\'\\n\\n\' --max-new-tokens 64 --parallel 2'},
     {description: 'Which of the 8 streams the default model trusts, token by token', command: '<%= config.bin %> run "def fibonacci(n):" --parallel 8 --streams'},
   ]

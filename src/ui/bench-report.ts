@@ -22,6 +22,12 @@ export function prefillVsRate(result: RunResult, roofline: ProbeResult): number 
   return result.prefill_flops / (result.prefill_ms.median / 1000) / roofline.matmul_flops_per_s
 }
 
+function describeWeights(quant: BenchReport['quant']): string {
+  if (!quant) return 'unquantized'
+  const fallbacks = Object.keys(quant.blockFallbacks).length
+  return `${quant.scheme}, block ${quant.blockSize}${fallbacks ? ` (${fallbacks} matrices in smaller blocks)` : ''}, MatMulNBits accuracy level ${quant.accuracyLevel}, embeddings GatherBlockQuantized; prefixes and aggregation float32`
+}
+
 function baseline(results: RunResult[], r: RunResult): RunResult | undefined {
   return results.find((b) => b.parallel === 1 && b.batch === r.batch && b.prompt_length === r.prompt_length)
 }
@@ -37,6 +43,7 @@ export function reportHeader(report: BenchReport): string[] {
   const {machine, roofline} = report
   const lines = [
     `model: ${report.model}`,
+    `weights: ${describeWeights(report.quant)}`,
     `machine: ${machine.cpu_model}, ${machine.cores} cores, ${formatBytes(machine.memory_bytes)}; ${machine.threads} threads; onnxruntime ${machine.onnxruntime_version}, node ${machine.node_version}`,
     `device: ${machine.device ?? 'cpu'}${machine.adapter ? `, adapter ${machine.adapter}` : ''}`,
   ]
@@ -71,6 +78,8 @@ export function resultsTable(report: BenchReport): TextTable {
 export function renderTable(report: BenchReport): string {
   const lines = reportHeader(report)
   lines.push(renderTextTable(resultsTable(report)))
+  const widened = report.results.filter((r) => r.kernels && r.kernels.decode !== r.kernels.prefill)
+  if (widened.length) lines.push(`P = ${[...new Set(widened.map((r) => r.parallel))].join(', ')}: decode steps ran on ${widened[0]!.kernels!.decode}, prompts on ${widened[0]!.kernels!.prefill}`)
   const context = contextCostTable(report)
   if (context) lines.push('', CONTEXT_COST_TITLE, renderTextTable(context))
   const vs = vsParamsTable(report)
@@ -151,6 +160,7 @@ export function toJson(report: BenchReport): unknown {
   return {
     machine: report.machine,
     model: report.model,
+    quant: report.quant ?? null,
     roofline: report.roofline,
     results: report.results.map((r) => ({
       ...r,

@@ -1,14 +1,18 @@
 import type {ModelConfig} from '../checkpoint/config.js'
 
-/** Bytes of fp32 weights one decode step reads: every matrix once (a tied embedding once). */
-export function weightBytes(config: ModelConfig): number {
+/**
+ * Bytes of weights one decode step reads: every matrix once (a tied embedding once), fp32;
+ * `backboneBytes` replaces the backbone's share with what a quantized package stores.
+ */
+export function weightBytes(config: ModelConfig, backboneBytes?: number): number {
   const {hiddenSize: H, intermediateSize: I, numLayers, numHeads, numKvHeads, headDim, vocabSize: V, parallel: P, prefixTokens} = config
   const q = numHeads * headDim
   const kv = numKvHeads * headDim
   const perLayer = H * (q + 2 * kv) + q + 2 * kv + q * H + 3 * H * I + 2 * H
-  let n = numLayers * perLayer + V * H + H + (config.tieWordEmbeddings ? 0 : V * H)
-  if (P > 1) n += numLayers * 2 * P * kv * prefixTokens + P * H * H + H + P * H + P
-  return n * 4
+  const backbone = backboneBytes ?? 4 * (numLayers * perLayer + V * H + H + (config.tieWordEmbeddings ? 0 : V * H))
+  // prefixes and the aggregation head are float32 in every package
+  const streams = P > 1 ? numLayers * 2 * P * kv * prefixTokens + P * H * H + H + P * H + P : 0
+  return backbone + 4 * streams
 }
 
 /** float32 KV cache bytes for `tokens` positions (the prefixes are weights, not cache). */

@@ -8,6 +8,7 @@ import {machineInfo} from './machine.js'
 import {equivalentParameters, SCALING_FITS, scaledShape, shapeParameters} from './scaling-law.js'
 import {ensureSyntheticPackage} from './synthetic-package.js'
 import type {MachineInfo, ProbeResult, RunResult} from './types.js'
+import type {PackageQuant} from '../package/manifest.js'
 
 export interface BenchOptions {
   parallel: number[]
@@ -40,6 +41,8 @@ export interface VsParamsRow {
 export interface BenchReport {
   machine: MachineInfo
   model: string
+  /** How the measured package stores its weights (null: unquantized). */
+  quant?: PackageQuant | null
   roofline?: ProbeResult
   results: RunResult[]
   vs_params?: {base_parameters: number; rows: VsParamsRow[]; memory_cap_bytes: number}

@@ -4,14 +4,17 @@ import fs from 'node:fs'
 import path from 'node:path'
 
 import {convertCheckpoints, type ConvertProgress} from '../package/convert.js'
-import {isCurrentGraph, MANIFEST_FILE, readManifest} from '../package/manifest.js'
+import {isCurrentGraph, MANIFEST_FILE, readManifest, sameQuant} from '../package/manifest.js'
 import {parscaleCacheDir} from '../package/paths.js'
 import {writeSyntheticCheckpoint, type SyntheticShape} from '../checkpoint/synthetic.js'
+import {quantKey, type QuantScheme} from '../quant/scheme.js'
 
 export interface SyntheticPackageOptions {
   parallel: number[]
   prefixTokens?: number
   seed?: number
+  /** Quantized weights (a package of its own per scheme). */
+  quant?: QuantScheme
   /** Where packages live; default `<parscale cache>/synthetic`. */
   cacheDir?: string
   onProgress?: (text: string, progress?: ConvertProgress) => void
@@ -25,7 +28,7 @@ export function syntheticKey(shape: SyntheticShape, prefixTokens: number, seed: 
 }
 
 /**
- * Returns a converted fp32 package holding every requested P of `shape`, building it when
+ * Returns a converted package (fp32, or quantized as `options.quant` asks) holding every requested P of `shape`, building it when
  * the cache lacks one (or lacks a P). Checkpoints are written next to it and deleted once
  * converted, so the cache keeps one copy of the backbone.
  */
@@ -33,10 +36,11 @@ export function ensureSyntheticPackage(shape: SyntheticShape, options: Synthetic
   const prefixTokens = options.prefixTokens ?? 48
   const seed = options.seed ?? 0
   const root = options.cacheDir ?? path.join(parscaleCacheDir(), 'synthetic')
-  const dir = path.join(root, syntheticKey(shape, prefixTokens, seed))
+  const format = options.quant ? `-${quantKey(options.quant)}` : ''
+  const dir = path.join(root, `${syntheticKey(shape, prefixTokens, seed)}${format}`)
   let wanted = [...new Set(options.parallel)].sort((a, b) => a - b)
   const cached = fs.existsSync(path.join(dir, MANIFEST_FILE)) ? readManifest(dir) : undefined
-  if (cached && isCurrentGraph(cached)) {
+  if (cached && isCurrentGraph(cached) && sameQuant(cached, options.quant)) {
     if (wanted.every((p) => cached.parallel.includes(p))) return dir
     wanted = [...new Set([...cached.parallel, ...wanted])].sort((a, b) => a - b) // rebuild with the union
   }
@@ -50,7 +54,7 @@ export function ensureSyntheticPackage(shape: SyntheticShape, options: Synthetic
       return source
     })
     convertCheckpoints({
-      sources, outDir: dir, dtype: 'fp32', force: true, sourceLabel: `synthetic ${path.basename(dir)}`,
+      sources, outDir: dir, dtype: 'fp32', quant: options.quant, force: true, sourceLabel: `synthetic ${path.basename(dir)}`,
       onProgress: (p) => options.onProgress?.(`converting: ${p.phase}`, p),
     })
   } finally {

@@ -80,6 +80,8 @@ export interface RunResult {
   kv_cache_allocated_bytes: number
   /** Prefill FLOPs (matmuls only, 2·m·n·k) of one prefill. */
   prefill_flops: number
+  /** The operators the matrices ran on, prompts and decode steps (see ParScaleModel.kernels). */
+  kernels?: {prefill: string; decode: string}
 }
 
 export interface ProbeResult {

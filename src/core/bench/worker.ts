@@ -39,6 +39,8 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
   const model = await ParScaleModel.open(spec.packageDir, {
     threads: spec.threads,
     device: spec.device,
+    // PARSCALE_WIDEN=0 keeps a quantized package on its stored graph at every P (the A/B in docs/benchmarks.md)
+    parallel: process.env.PARSCALE_WIDEN === '0' ? [] : [spec.parallel],
     ...(spec.profilePrefix ? {profilePrefix: spec.profilePrefix} : {}),
   })
   const loadMs = performance.now() - loadStart
@@ -95,10 +97,11 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
     decode_ms_per_token: decodeSummary,
     tokens_per_s: (batch * 1000) / decodeSummary.median,
     peak_rss_bytes: peakRssBytes(),
-    weight_bytes: weightBytes(config),
+    weight_bytes: weightBytes(config, model.manifest.quant?.weightBytes),
     kv_cache_bytes: kvCacheBytes(config, batch, promptLength + newTokens),
     kv_cache_allocated_bytes: cacheBytes,
     prefill_flops: prefillFlops(config, batch, promptLength),
+    kernels: model.kernels,
   }
 }
 

@@ -1,9 +1,9 @@
 import fs from 'node:fs'
 import path from 'node:path'
 
-import {type ModelConfig, readModelConfig} from './config.js'
+import {QUANTIZED_REFUSAL, type ModelConfig, readModelConfig} from './config.js'
 import {FileFormatError} from '../errors.js'
-import {SafetensorsFile, type TensorInfo} from './safetensors.js'
+import {isQuantizedTensorName, SafetensorsFile, type TensorInfo} from './safetensors.js'
 
 export const SINGLE_WEIGHTS_FILE = 'model.safetensors'
 export const WEIGHTS_INDEX_FILE = 'model.safetensors.index.json'
@@ -113,6 +113,8 @@ export class Checkpoint {
       throw new FileFormatError(dir, `no ${SINGLE_WEIGHTS_FILE} and no ${WEIGHTS_INDEX_FILE}${bin}`)
     }
 
+    const quantized = [...tensors.keys()].find(isQuantizedTensorName)
+    if (quantized) throw new FileFormatError(tensors.get(quantized)!.file, `tensor "${quantized}" is a quantized weight (GPTQ/AWQ layout); ${QUANTIZED_REFUSAL}`)
     const cfgFile = path.join(dir, 'config.json')
     const expected = expectedTensorShapes(config)
     if (config.tieWordEmbeddings) expected.set('lm_head.weight', [config.vocabSize, config.hiddenSize]) // optional, checked if present

@@ -107,9 +107,20 @@ function parseModelType(fields: ConfigFields): ModelConfig['modelType'] {
   return modelType as ModelConfig['modelType']
 }
 
+/** What parscale says about checkpoints whose weights are already quantized (GPTQ, AWQ, bitsandbytes, …). */
+export const QUANTIZED_REFUSAL = 'parscale converts float checkpoints (F32, F16, BF16), not already-quantized ones: convert the original float weights, with --quant int8 or int4 for small ones'
+
+function describeQuantization(config: unknown): string {
+  const c = (typeof config === 'object' && config !== null ? config : {}) as Record<string, unknown>
+  const method = c.quant_method ?? c.quant_type
+  const bits = c.bits ?? c.w_bit
+  return `the checkpoint is already quantized (quantization_config${typeof method === 'string' ? `: ${method}` : ''}${typeof bits === 'number' ? `, ${bits} bits` : ''})`
+}
+
 /** Features that change the arithmetic and that the converter does not implement. */
 function refuseUnsupportedFeatures(fields: ConfigFields): void {
   const c = fields.c
+  if (fields.has('quantization_config')) fields.fail(`${describeQuantization(c.quantization_config)}; ${QUANTIZED_REFUSAL}`)
   if (fields.has('rope_scaling')) fields.fail(`field "rope_scaling" is not supported (found ${show(c.rope_scaling)}; only plain RoPE)`)
   if (c.use_sliding_window === true) fields.fail('field "use_sliding_window" is true; sliding-window attention is not supported')
   if (fields.has('hidden_act') && c.hidden_act !== 'silu') fields.fail(`field "hidden_act" is ${show(c.hidden_act)}; only "silu" is supported`)

@@ -1,6 +1,7 @@
 import fs from 'node:fs'
 
 import {FileFormatError} from '../errors.js'
+import {QUANTIZED_REFUSAL} from './config.js'
 
 /** The element types parscale reads; every other safetensors dtype is refused at open. */
 export type SafetensorsDtype = 'F32' | 'F16' | 'BF16'
@@ -60,6 +61,11 @@ function openForRead(file: string): number {
     const code = (err as NodeJS.ErrnoException).code
     throw new FileFormatError(file, code === 'ENOENT' ? 'file not found' : `cannot open (${code ?? String(err)})`)
   }
+}
+
+/** Tensor names GPTQ and AWQ checkpoints use in place of a float `.weight`. */
+export function isQuantizedTensorName(name: string): boolean {
+  return /\.(qweight|qzeros|scales|g_idx)$/.test(name)
 }
 
 export class SafetensorsFile {
@@ -146,6 +152,9 @@ function parseMetadata(path: string, value: unknown): Record<string, string> {
 function parseTensorEntry(path: string, name: string, value: unknown, dataOffset: number): HeaderEntry {
   if (!isPlainObject(value)) throw new FileFormatError(path, `tensor "${name}": header entry is not an object`)
   const {dtype, shape, data_offsets: offsets} = value
+  if (!isSupportedDtype(dtype) && isQuantizedTensorName(name)) {
+    throw new FileFormatError(path, `tensor "${name}" is a quantized weight (GPTQ/AWQ layout); ${QUANTIZED_REFUSAL}`)
+  }
   if (!isSupportedDtype(dtype)) {
     const what = typeof dtype === 'string'
       ? (OTHER_KNOWN_DTYPES.has(dtype) ? `dtype "${dtype}" is not supported` : `unknown dtype "${dtype}"`)

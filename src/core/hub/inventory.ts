@@ -27,6 +27,8 @@ export interface PackageEntry {
   sources: string[]
   parallel: number[]
   dtype?: string
+  /** How a quantized package stores its matrices: scheme and block size. */
+  quant?: {scheme: string; blockSize: number}
   sizeBytes: number
 }
 
@@ -86,6 +88,7 @@ export function listConvertedPackages(): PackageEntry[] {
         sources: [...new Set(sources)],
         parallel,
         dtype: typeof manifest.dtype === 'string' ? manifest.dtype : undefined,
+        ...quantOf(manifest.quant),
         sizeBytes: treeSizeSync(path),
       })
     } catch {
@@ -93,6 +96,12 @@ export function listConvertedPackages(): PackageEntry[] {
     }
   }
   return out
+}
+
+function quantOf(value: unknown): Pick<PackageEntry, 'quant'> {
+  if (typeof value !== 'object' || value === null) return {}
+  const {scheme, blockSize} = value as Record<string, unknown>
+  return typeof scheme === 'string' && typeof blockSize === 'number' ? {quant: {scheme, blockSize}} : {}
 }
 
 /** The repo id as cached (its case may differ from what the user typed), if it is cached. */

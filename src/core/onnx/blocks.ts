@@ -1,7 +1,7 @@
 import type {BackboneShape} from '../checkpoint/config.js'
 import type {GraphBuilder} from './builder.js'
 import type {Ops} from './ops.js'
-import type {WeightProvider} from './weights.js'
+import type {LinearPart, WeightProvider} from './weights.js'
 
 /**
  * What every block needs: the primitives, the weights and the run-time sizes.
@@ -18,7 +18,7 @@ export interface DecoderContext {
   dims: {batch: string; seq: string; streams: string; batchStreams: string}
 }
 
-/** Rotary inputs: positions of the new tokens [batch, seq] and cos/sin tables [max_positions, head_dim / 2]. */
+/** Rotary inputs: positions of the new tokens per stream row [batch·P, seq] and cos/sin tables [max_positions, head_dim / 2]. */
 export interface Rotary {
   positions: string
   cosTable: string
@@ -28,7 +28,7 @@ export interface Rotary {
 /** Token embeddings copied into P streams: [batch·P·seq, hidden]. */
 export function embedTokens(ctx: DecoderContext, inputIds: string): string {
   const {ops, config, dims} = ctx
-  const embedded = ops.gather(ctx.weights.get('model.embed_tokens.weight'), inputIds) // [B, S, H]
+  const embedded = ctx.weights.embed('model.embed_tokens.weight', inputIds) // [B, S, H]
   const streams = ops.expand(ops.unsqueeze(embedded, [1]), ops.shapeOf([dims.batch, dims.streams, dims.seq, config.hiddenSize]))
   return ops.reshape(streams, ops.shapeOf([-1, config.hiddenSize]))
 }
@@ -42,13 +42,30 @@ export function rmsNorm(ctx: DecoderContext, x: string, weightName: string): str
 }
 
 /**
+ * The residual stream's next value, residual + x, and its RMSNorm, in one ONNX Runtime
+ * kernel: a decode step runs some thousand small kernels, and each costs time of its own.
+ */
+export function addAndNorm(ctx: DecoderContext, x: string, residual: string, weightName: string): {sum: string; normed: string} {
+  const [normed, , , sum] = ctx.g.nodeN('SkipSimplifiedLayerNormalization', [x, residual, ctx.weights.get(weightName)], 4, {epsilon: {float: ctx.config.rmsNormEps}}, 'com.microsoft')
+  return {sum: sum!, normed: normed!}
+}
+
+/**
  * Rotary tables for the new tokens' positions. A position counts real tokens only (the caller
  * feeds them: 0 for a sequence's first token), so the stream prefixes shift nothing.
  */
 export function rotary(ctx: DecoderContext, positions: string): Rotary {
+  const {ops, dims} = ctx
+  // every stream of a sequence has its positions: [B, S] → [B·P, S], once for all layers
+  const perStream = ops.reshape(ops.expand(ops.unsqueeze(positions, [1]), ops.shapeOf([dims.batch, dims.streams, dims.seq])), ops.shapeOf([dims.batchStreams, dims.seq]))
+  return {positions: perStream, ...rotaryInitializers(ctx)}
+}
+
+/** The cos/sin tables [max_positions, head_dim / 2] as backbone tensors, which every graph form reads. */
+export function rotaryInitializers(ctx: DecoderContext): Pick<Rotary, 'cosTable' | 'sinTable'> {
   const {cos, sin} = rotaryTables(ctx.config)
   const tableShape = [ctx.config.maxPositionEmbeddings, ctx.config.headDim / 2]
-  return {positions, cosTable: ctx.weights.computed('rotary.cos_table', cos, tableShape), sinTable: ctx.weights.computed('rotary.sin_table', sin, tableShape)}
+  return {cosTable: ctx.weights.computed('rotary.cos_table', cos, tableShape), sinTable: ctx.weights.computed('rotary.sin_table', sin, tableShape)}
 }
 
 /**
@@ -70,17 +87,22 @@ export function rotaryTables(config: BackboneShape): {cos: Float32Array; sin: Fl
   return {cos, sin}
 }
 
-/** x·cos + rotate_half(x)·sin for x [batch, heads, seq, head_dim], one fused ONNX Runtime op. */
+/** x·cos + rotate_half(x)·sin for x [batch·P, heads, seq, head_dim], one fused ONNX Runtime op. */
 export function applyRotary(ctx: DecoderContext, x: string, rotary: Rotary): string {
   return ctx.g.node('RotaryEmbedding', [x, rotary.positions, rotary.cosTable, rotary.sinTable], {interleaved: 0}, 'com.microsoft')
 }
 
-/** Additive masks, shared by every layer. */
+/**
+ * Additive masks in the layout scores have, [batch·P, kv, group·seq, ·] (a KV head's group of
+ * query heads as extra rows), built once and shared by every layer.
+ */
 export interface AttentionMasks {
-  /** [batch, 1, 1, capacity]: a cache slot is visible when it is filled (prefix and earlier tokens). */
+  /** [batch·P, 1, 1, capacity]: a cache slot is visible when it is filled (prefix and earlier tokens). */
   cache: string
-  /** [seq, seq]: a new token sees the new tokens up to itself. */
+  /** [group·seq, seq]: a new token sees the new tokens up to itself. */
   causal: string
+  /** The cache's capacity as a 1-element int64 tensor (where new-token scores start). */
+  capacity: string
 }
 
 /**
@@ -88,19 +110,21 @@ export interface AttentionMasks {
  * in one part still has a finite softmax.
  */
 export function attentionMasks(ctx: DecoderContext, cacheLengths: string, pastKey: string): AttentionMasks {
-  const {ops, g, dims} = ctx
+  const {ops, g, dims, config} = ctx
   const zero = g.int64([0], [])
   const one = g.int64([1], [])
   const blocked = g.float([-1e30], [])
   const open = g.float([0], [])
-  const capacity = ops.reshape(ops.shape(pastKey, 3, 4), g.int64([], [0]))
-  const slot = ops.range(zero, capacity, one) // [C]
+  const capacity = ops.shape(pastKey, 3, 4)
+  const slot = ops.range(zero, ops.reshape(capacity, g.int64([], [0])), one) // [C]
   const filled = ops.less(ops.unsqueeze(slot, [0]), ops.unsqueeze(cacheLengths, [1])) // [B, C]
-  const cache = ops.unsqueeze(ops.where(filled, open, blocked), [1, 2])
+  const perBatch = ops.unsqueeze(ops.where(filled, open, blocked), [1, 2]) // [B, 1, 1, C]
+  const cache = ops.reshape(ops.expand(perBatch, ops.shapeOf([dims.batch, dims.streams, 1, 1])), ops.shapeOf([dims.batchStreams, 1, 1, -1]))
   const seq = ops.reshape(dims.seq, g.int64([], [0]))
   const position = ops.range(zero, seq, one) // [S]
-  const causal = ops.where(ops.lessOrEqual(ops.unsqueeze(position, [0]), ops.unsqueeze(position, [1])), open, blocked)
-  return {cache, causal}
+  const causal = ops.where(ops.lessOrEqual(ops.unsqueeze(position, [0]), ops.unsqueeze(position, [1])), open, blocked) // [S, S]
+  const group = config.numHeads / config.numKvHeads
+  return {cache, causal: group === 1 ? causal : g.node('Tile', [causal, g.int64([group, 1])]), capacity}
 }
 
 export interface LayerCache {
@@ -114,6 +138,8 @@ export interface LayerCache {
  * Grouped-query self-attention over the cache (whose first slots hold the stream's prefix)
  * and the new tokens. The cache is read where the caller keeps it, never copied: scores
  * against it and against the new keys are computed apart and joined before the softmax.
+ * q, k and v come from one projection (one matmul, split by head), and every tensor stays in
+ * the layout [batch·P, heads, …] the scores need, so a layer runs few kernels.
  * Returns the output rows and the new keys [batch·P, kv, head_dim, seq] and values
  * [batch·P, kv, seq, head_dim], which the caller appends to its cache.
  */
@@ -128,40 +154,50 @@ export function attention(
   const {ops, g, config, dims, weights} = ctx
   const {numHeads, numKvHeads, headDim} = config
   const name = (tensor: string) => `model.layers.${layer}.self_attn.${tensor}`
-  const project = (proj: string) => ops.linear(x, weights.get(name(`${proj}.weight`)), weights.get(name(`${proj}.bias`)))
+  const qkv = weights.linearConcat(x, queryKeyValueParts(layer, headDim), name('qkv_proj')) // [(b p s), (heads + 2·kv)·d]
 
-  // rows [(b p s), heads·d] → [b, p·heads, s, d]
-  const toHeads = (rows: string, heads: number) => {
-    const split = ops.reshape(rows, ops.shapeOf([dims.batchStreams, dims.seq, heads, headDim]))
-    return ops.reshape(ops.transpose(split, [0, 2, 1, 3]), ops.shapeOf([dims.batch, -1, dims.seq, headDim]))
-  }
+  // [(b p s), (heads + 2 kv)·d] → [b·p, heads + 2 kv, s, d] → q, k, v by head
+  const split = ops.reshape(qkv, ops.shapeOf([dims.batchStreams, dims.seq, numHeads + 2 * numKvHeads, headDim]))
+  const [q, k, v] = g.nodeN('Split', [ops.transpose(split, [0, 2, 1, 3]), g.int64([numHeads, numKvHeads, numKvHeads])], 3, {axis: 1})
+
   // Queries of one KV head's group become extra rows: [b·p, kv, group·s, d].
-  const perKvHead = (t: string) => ops.reshape(t, ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
+  const queries = ops.reshape(applyRotary(ctx, q!, rotary), ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
+  const newKey = ops.transpose(applyRotary(ctx, k!, rotary), [0, 1, 3, 2]) // [b·p, kv, d, s]
+  const newValue = v! // [b·p, kv, s, d]
 
-  const scale = g.float([1 / Math.sqrt(headDim)], [])
-  const queries = perKvHead(ops.mul(applyRotary(ctx, toHeads(project('q_proj'), numHeads), rotary), scale))
-  const newKey = ops.transpose(perKvHead(applyRotary(ctx, toHeads(project('k_proj'), numKvHeads), rotary)), [0, 1, 3, 2])
-  const newValue = perKvHead(toHeads(project('v_proj'), numKvHeads))
-
-  const perQueryHead = (scores: string) => ops.reshape(scores, ops.shapeOf([dims.batch, -1, dims.seq, 0]))
-  const cacheScores = ops.add(perQueryHead(ops.matmul(queries, cache.pastKey)), masks.cache) // [b, p·heads, s, C]
-  const newScores = ops.add(perQueryHead(ops.matmul(queries, newKey)), masks.causal) // [b, p·heads, s, s]
-  const probs = ops.reshape(ops.softmax(ops.concat([cacheScores, newScores], 3), -1), ops.shapeOf([dims.batchStreams, numKvHeads, -1, 0]))
-  const capacity = ops.shape(cache.pastKey, 3, 4)
-  const fromCache = ops.matmul(ops.slice(probs, g.int64([0]), capacity, 3), cache.pastValue)
-  const fromNew = ops.matmul(ops.slice(probs, capacity, g.int64([Number.MAX_SAFE_INTEGER]), 3), newValue)
+  const cacheScores = ops.add(ops.matmul(queries, cache.pastKey), masks.cache) // [b·p, kv, group·s, C]
+  const newScores = ops.add(ops.matmul(queries, newKey), masks.causal) // [b·p, kv, group·s, s]
+  const probs = ops.softmax(ops.concat([cacheScores, newScores], 3), -1)
+  const fromCache = ops.matmul(ops.slice(probs, g.int64([0]), masks.capacity, 3), cache.pastValue)
+  const fromNew = ops.matmul(ops.slice(probs, masks.capacity, g.int64([Number.MAX_SAFE_INTEGER]), 3), newValue)
   const context = ops.add(fromCache, fromNew) // [b·p, kv, group·s, d]
   const perToken = ops.transpose(ops.reshape(context, ops.shapeOf([dims.batchStreams, numHeads, dims.seq, headDim])), [0, 2, 1, 3])
   const rows = ops.reshape(perToken, ops.shapeOf([-1, numHeads * headDim]))
-  return {output: ops.linear(rows, weights.get(name('o_proj.weight'))), newKey, newValue}
+  return {output: weights.linear(rows, name('o_proj.weight')), newKey, newValue}
+}
+
+/**
+ * q, k and v of a layer, stacked into one stored matrix (`qkv_proj`), which every graph form
+ * reads. The 1/√d of the scores is folded into the query rows: rotary is linear, so it commutes.
+ */
+export function queryKeyValueParts(layer: number, headDim: number): LinearPart[] {
+  const name = (tensor: string) => `model.layers.${layer}.self_attn.${tensor}`
+  return ['q_proj', 'k_proj', 'v_proj'].map((proj) => ({weight: name(`${proj}.weight`), bias: name(`${proj}.bias`), ...(proj === 'q_proj' ? {scale: 1 / Math.sqrt(headDim)} : {})}))
+}
+
+/** gate and up of a layer's MLP, stacked into one stored matrix (`gate_up_proj`). */
+export function gateUpParts(layer: number): LinearPart[] {
+  return [{weight: `model.layers.${layer}.mlp.gate_proj.weight`}, {weight: `model.layers.${layer}.mlp.up_proj.weight`}]
 }
 
 /** SiLU-gated MLP: down(silu(gate(x)) · up(x)). */
 export function mlp(ctx: DecoderContext, layer: number, x: string): string {
-  const {ops, weights} = ctx
-  const w = (proj: string) => weights.get(`model.layers.${layer}.mlp.${proj}.weight`)
-  const gated = ops.mul(ops.silu(ops.linear(x, w('gate_proj'))), ops.linear(x, w('up_proj')))
-  return ops.linear(gated, w('down_proj'))
+  const {ops, g, weights} = ctx
+  const name = (proj: string) => `model.layers.${layer}.mlp.${proj}.weight`
+  // gate and up read the same input: one matmul over both (quantized kernels then quantize x once)
+  const gateUp = weights.linearConcat(x, gateUpParts(layer), `model.layers.${layer}.mlp.gate_up_proj`)
+  const [gate, up] = g.nodeN('Split', [gateUp, g.int64([ctx.config.intermediateSize, ctx.config.intermediateSize])], 2, {axis: -1})
+  return weights.linear(ops.mul(ops.silu(gate!), up!), name('down_proj'))
 }
 
 /** The aggregation head of the P in use, fed per call (see `io.aggregate`). */
@@ -208,9 +244,8 @@ const HEAD_BLOCK_BYTES = 64 << 20
  */
 export function lmHead(ctx: DecoderContext, rows: string): string {
   const {config, ops, weights} = ctx
-  const blocks = config.tieWordEmbeddings
-    ? weights.rowBlocks('model.embed_tokens.weight', 'lm_head.weight (tied to model.embed_tokens.weight)', HEAD_BLOCK_BYTES)
-    : weights.rowBlocks('lm_head.weight', 'lm_head.weight', HEAD_BLOCK_BYTES)
-  const logits = blocks.map((block) => ops.linear(rows, block))
+  const logits = config.tieWordEmbeddings
+    ? weights.linearByRowBlocks(rows, 'model.embed_tokens.weight', 'lm_head.weight (tied to model.embed_tokens.weight)', HEAD_BLOCK_BYTES)
+    : weights.linearByRowBlocks(rows, 'lm_head.weight', 'lm_head.weight', HEAD_BLOCK_BYTES)
   return logits.length === 1 ? logits[0] : ops.concat(logits, 1)
 }

@@ -1,5 +1,5 @@
 import type {BackboneShape} from '../checkpoint/config.js'
-import {aggregateStreams, attention, attentionMasks, embedTokens, lmHead, mlp, rmsNorm, rotary, type AggregationInputs, type DecoderContext} from './blocks.js'
+import {addAndNorm, aggregateStreams, attention, attentionMasks, embedTokens, lmHead, mlp, rmsNorm, rotary, type AggregationInputs, type DecoderContext} from './blocks.js'
 import {GraphBuilder} from './builder.js'
 import {Ops} from './ops.js'
 import type {WeightProvider} from './weights.js'
@@ -8,7 +8,7 @@ import type {WeightProvider} from './weights.js'
  * Bumped whenever the graph a conversion writes changes (ops, inputs, layout of stored
  * weights), so packages cached by an older parscale are converted again instead of reused.
  */
-export const GRAPH_VERSION = 6
+export const GRAPH_VERSION = 7
 
 /** Names of the decoder's inputs and outputs. */
 export const io = {
@@ -66,25 +66,29 @@ export function buildDecoderGraph(config: BackboneShape, makeWeights: (g: GraphB
   const dims = {batch, seq: ops.shape(inputIds, 1, 2), streams, batchStreams: ops.mul(batch, streams)}
   const ctx: DecoderContext = {g, ops, weights, config, dims}
 
-  let hidden = g.within('embed', () => embedTokens(ctx, inputIds))
+  const embedded = g.within('embed', () => embedTokens(ctx, inputIds))
   const tables = g.within('rotary', () => rotary(ctx, positions))
   const masks = g.within('mask', () => attentionMasks(ctx, cacheLengths, caches[0].pastKey))
 
+  // The residual stream: each block's output is added to it by the norm that follows.
+  let residual = embedded
+  let normed = g.within('layers.0', () => rmsNorm(ctx, embedded, 'model.layers.0.input_layernorm.weight'))
   for (let layer = 0; layer < config.numLayers; layer++) {
     g.within(`layers.${layer}`, () => {
       const prefix = `model.layers.${layer}`
-      const attn = g.within('attn', () =>
-        attention(ctx, layer, rmsNorm(ctx, hidden, `${prefix}.input_layernorm.weight`), tables, masks, caches[layer]),
-      )
-      hidden = ops.add(hidden, attn.output)
-      hidden = ops.add(hidden, g.within('mlp', () => mlp(ctx, layer, rmsNorm(ctx, hidden, `${prefix}.post_attention_layernorm.weight`))))
+      const attn = g.within('attn', () => attention(ctx, layer, normed, tables, masks, caches[layer]))
+      const afterAttention = addAndNorm(ctx, attn.output, residual, `${prefix}.post_attention_layernorm.weight`)
+      const mlpOutput = g.within('mlp', () => mlp(ctx, layer, afterAttention.normed))
+      const nextNorm = layer + 1 < config.numLayers ? `model.layers.${layer + 1}.input_layernorm.weight` : 'model.norm.weight'
+      const afterMlp = addAndNorm(ctx, mlpOutput, afterAttention.sum, nextNorm)
+      residual = afterMlp.sum
+      normed = afterMlp.normed
       g.output(attn.newKey, io.newKey(layer), 'float32', ['batch_streams', kv, headDim, 'sequence_length'])
       g.output(attn.newValue, io.newValue(layer), 'float32', ['batch_streams', kv, 'sequence_length', headDim])
     })
   }
 
   const {logits, mix} = g.within('head', () => {
-    const normed = rmsNorm(ctx, hidden, 'model.norm.weight')
     // Keep only the positions whose logits are wanted before the (costly) head: 0 keeps all.
     const perRow = ops.reshape(normed, ops.shapeOf([dims.batchStreams, -1, H]))
     const start = ops.neg(ops.reshape(numLogitsToKeep, g.int64([1])))

@@ -1,9 +1,9 @@
 import type {BackboneShape} from '../checkpoint/config.js'
-import {embedTokens, rotary, type DecoderContext, type Rotary} from './blocks.js'
+import {embedTokens, gateUpParts, queryKeyValueParts, rotaryInitializers, type DecoderContext, type Rotary} from './blocks.js'
 import {GraphBuilder} from './builder.js'
 import {Ops} from './ops.js'
 import {io} from './parscale-graph.js'
-import type {WeightProvider} from './weights.js'
+import type {FloatWeightProvider, LinearPart} from './weights.js'
 
 /**
  * The decoder for a GPU (the WebGPU execution provider), next to the CPU graph in every
@@ -77,6 +77,13 @@ export interface WebGpuGraphOptions {
 
 export const DEFAULT_WEBGPU_GRAPH: Required<WebGpuGraphOptions> = {linear: 'matmul', fuse: true, splitK: 1536, splitOn: 'all'}
 
+/** A weight [Σ widths, in] (and bias) whose outputs are `widths` wide, side by side. */
+interface Projection {
+  weight: string
+  bias?: string
+  widths: number[]
+}
+
 /** Slices of the input for split-K: about `target` workgroups of 32 output columns; slices of at least 32, a multiple of 4. */
 export function splitFactor(inner: number, out: number, target: number): number {
   const groups = Math.ceil(out / 32)
@@ -89,7 +96,7 @@ export function splitFactor(inner: number, out: number, target: number): number 
   return best
 }
 
-export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: GraphBuilder) => WeightProvider, options: WebGpuGraphOptions = {}): GraphBuilder {
+export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: GraphBuilder) => FloatWeightProvider, options: WebGpuGraphOptions = {}): GraphBuilder {
   const form = {...DEFAULT_WEBGPU_GRAPH, ...options}
   const g = new GraphBuilder('parscale-webgpu')
   const ops = new Ops(g)
@@ -124,16 +131,12 @@ export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: 
   const w = (name: string) => weights.get(name)
 
   /**
-   * x·Wᵀ (+ b) (times `scale` when given) on activations [rows·seq, in], for weights stored
-   * [out, in]. Several weights make one projection (concatenated along out by constant folding
-   * at load), split afterwards along the last axis.
+   * x·Wᵀ (+ b) on activations [rows·seq, in], for a weight stored [out, in] (several
+   * projections side by side: `widths` splits the output along the last axis).
    */
-  const project = (x: string, inner: number, role: 'attn' | 'mlp' | 'down', parts: {weight: string; bias?: string; scale?: number; width: number}[]): string[] => {
-    const scaled = (t: string, scale?: number) => (scale === undefined ? t : ops.mul(t, g.float([scale], [])))
-    const joined = (list: string[]) => (list.length === 1 ? list[0] : ops.concat(list, 0))
-    const W = joined(parts.map((p) => scaled(w(p.weight), p.scale))) // [out, in]
-    const bias = parts.some((p) => p.bias) ? joined(parts.map((p) => scaled(w(p.bias!), p.scale))) : undefined
-    const out = parts.reduce((sum, p) => sum + p.width, 0)
+  const project = (x: string, inner: number, role: 'attn' | 'mlp' | 'down', p: Projection): string[] => {
+    const {weight: W, bias, widths} = p
+    const out = widths.reduce((sum, width) => sum + width, 0)
     const splits = form.splitOn === 'all' || form.splitOn === role || (form.splitOn === 'mlp' && role === 'down')
     const k = splits ? splitFactor(inner, out, form.splitK) : 1
     let y: string
@@ -149,13 +152,23 @@ export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: 
       y = ops.matmul(x, ops.transpose(W, [1, 0]))
       if (bias) y = ops.add(y, bias)
     }
-    if (parts.length === 1) return [y]
-    return g.nodeN('Split', [y, g.int64(parts.map((p) => p.width))], parts.length, {axis: -1})
+    if (widths.length === 1) return [y]
+    return g.nodeN('Split', [y, g.int64(widths)], widths.length, {axis: -1})
   }
+  /** One projection per part of a stacked one (the unfused form): weights split by constant folding at load. */
+  const separately = (p: Projection): Projection[] => {
+    if (p.widths.length === 1) return [p]
+    const weights = g.nodeN('Split', [p.weight, g.int64(p.widths)], p.widths.length, {axis: 0})
+    const biases = p.bias ? g.nodeN('Split', [p.bias, g.int64(p.widths)], p.widths.length, {axis: 0}) : undefined
+    return p.widths.map((width, i) => ({weight: weights[i]!, ...(biases ? {bias: biases[i]!} : {}), widths: [width]}))
+  }
+  /** A projection through the matrix the CPU graph stacked and stored (the same bytes). */
+  const stacked = (parts: LinearPart[], widths: number[], storedAs: string): Projection => ({...weights.concatenated(parts, storedAs), widths})
 
   // The residual stream as [rows·seq, H] (rows (batch, stream), then positions).
   let residual = g.within('embed', () => embedTokens(ctx, inputIds))
-  const tables: Rotary = g.within('rotary', () => rotary(ctx, positions))
+  // positions come per row (stream) already: [batch·P, seq]
+  const tables: Rotary = g.within('rotary', () => ({positions, ...rotaryInitializers(ctx)}))
   const rope = (x: string) => g.node('RotaryEmbedding', [x, tables.positions, tables.cosTable, tables.sinTable], {interleaved: 0}, 'com.microsoft')
 
   let pending: string | undefined // the last block's output, not yet added to the residual
@@ -172,9 +185,9 @@ export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: 
       const name = (tensor: string) => `model.layers.${layer}.${tensor}`
       const x = norm(name('input_layernorm.weight'))
       pending = g.within('attn', () => {
-        const part = (p: string, width: number, scale?: number) => ({weight: name(`self_attn.${p}.weight`), bias: name(`self_attn.${p}.bias`), scale, width})
-        const parts = [part('q_proj', numHeads * d, 1 / Math.sqrt(d)), part('k_proj', kv * d), part('v_proj', kv * d)]
-        const [qp, kp, v] = form.fuse ? project(x, H, 'attn', parts) : parts.map((p) => project(x, H, 'attn', [p])[0])
+        // q, k, v as the CPU graph stacks them (attention in blocks.ts): the query rows carry the 1/√d of the scores
+        const qkv = stacked(queryKeyValueParts(layer, d), [numHeads * d, kv * d, kv * d], name('self_attn.qkv_proj'))
+        const [qp, kp, v] = form.fuse ? project(x, H, 'attn', qkv) : separately(qkv).map((p) => project(x, H, 'attn', p)[0])
         const q = rope(ops.reshape(qp, ops.shapeOf([rows, seq, numHeads * d]))) // [R, S, heads·d]
         const k = rope(ops.reshape(kp, ops.shapeOf([rows, seq, kv * d])))
         // queries of one KV head's group become rows: [R, kv, group·S, d]
@@ -194,14 +207,14 @@ export function buildWebGpuDecoderGraph(config: BackboneShape, makeWeights: (g: 
         // declared once all their consumers exist (outputs are renamed in place)
         g.output(keys, webgpuIo.presentKey(layer), 'float32', ['batch_streams', kv, d, 'total_length'])
         g.output(values, webgpuIo.presentValue(layer), 'float32', ['batch_streams', kv, 'total_length', d])
-        return project(perToken, numHeads * d, 'attn', [{weight: name('self_attn.o_proj.weight'), width: H}])[0]
+        return project(perToken, numHeads * d, 'attn', {weight: w(name('self_attn.o_proj.weight')), widths: [H]})[0]
       })
       const y = norm(name('post_attention_layernorm.weight'))
       pending = g.within('mlp', () => {
-        const part = (p: string) => ({weight: name(`mlp.${p}.weight`), width: I})
-        const [gate, up] = form.fuse ? project(y, H, 'mlp', [part('gate_proj'), part('up_proj')]) : [project(y, H, 'mlp', [part('gate_proj')])[0], project(y, H, 'mlp', [part('up_proj')])[0]]
+        const gateUp = stacked(gateUpParts(layer), [I, I], name('mlp.gate_up_proj'))
+        const [gate, up] = form.fuse ? project(y, H, 'mlp', gateUp) : separately(gateUp).map((p) => project(y, H, 'mlp', p)[0])
         const silu = g.node('QuickGelu', [gate], {alpha: {float: 1}}, 'com.microsoft') // x·sigmoid(x)
-        return project(ops.mul(silu, up), I, 'down', [{weight: name('mlp.down_proj.weight'), width: H}])[0]
+        return project(ops.mul(silu!, up!), I, 'down', {weight: w(name('mlp.down_proj.weight')), widths: [H]})[0]
       })
     })
   }

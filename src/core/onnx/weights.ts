@@ -1,4 +1,4 @@
-import {createHash} from 'node:crypto'
+import {createHash, type Hash} from 'node:crypto'
 
 import type {Checkpoint} from '../checkpoint/checkpoint.js'
 import {UserError} from '../errors.js'
@@ -16,17 +16,71 @@ export interface StoredTensor {
   shape: number[]
 }
 
-/** Hands the graph blocks float32-valued weights by their checkpoint names. */
+/** A matrix of a `linearConcat`, with its bias if it has one. */
+export interface LinearPart {
+  weight: string
+  bias?: string
+  /** Multiplies the part's weights and bias (folds a constant factor into the matmul). */
+  scale?: number
+}
+
+/**
+ * Hands the graph blocks weights by their checkpoint names. Vectors come as float32 values;
+ * matrices are used only through `linear`, `linearByRowBlocks` and `embed`, so the weight
+ * format (float32, fp16, quantized) decides which operators compute with them.
+ */
 export interface WeightProvider {
   /** The weight `name`, optionally viewed with another shape of the same size. */
   get(name: string, shape?: number[]): string
+  /** y = x · Wᵀ (+ bias) for rows x [rows, in] and the matrix `name` as Hugging Face stores it, [out, in]. */
+  linear(x: string, name: string, bias?: string): string
   /**
-   * A 2-D weight stored under `storedAs` (a name of its own, so it may be a second copy),
-   * handed out as consecutive blocks of whole rows of at most `maxBlockBytes` each.
+   * One linear over several matrices of the same input size, their rows (outputs) stacked in
+   * order and stored as one tensor `storedAs`: the outputs of all parts side by side, from a
+   * single matmul (one kernel instead of one per part).
    */
-  rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[]
+  linearConcat(x: string, parts: LinearPart[], storedAs: string): string
+  /**
+   * The same for a large matrix stored under `storedAs` (a name of its own, so it may be a
+   * second copy) as consecutive blocks of whole rows of at most `maxBlockBytes` each: returns
+   * one output per block, whose columns follow each other.
+   */
+  linearByRowBlocks(x: string, name: string, storedAs: string, maxBlockBytes: number): string[]
+  /** Rows of the [vocab, hidden] table `name` for the token ids `ids`: [...ids shape, hidden]. */
+  embed(name: string, ids: string): string
   /** A float32 backbone tensor computed at conversion time (e.g. rotary tables). */
   computed(name: string, values: Float32Array, shape: number[]): string
+}
+
+/**
+ * Float matrices (float32, or fp16 widened by a Cast), which a graph may also arrange itself:
+ * the WebGPU form transposes and concatenates them before multiplying.
+ */
+export interface FloatWeightProvider extends WeightProvider {
+  /** The 2-D weight `name`, stored under `storedAs`, as consecutive blocks of whole rows of at most `maxBlockBytes` each. */
+  rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[]
+  /**
+   * The matrix `linearConcat` multiplies by: the parts' rows stacked in order as one stored
+   * tensor [Σ out, in] (each part's `scale` already applied), and their biases likewise.
+   */
+  concatenated(parts: LinearPart[], storedAs: string): {weight: string; bias?: string}
+}
+
+/** The operators on float matrices, given how to reach the weights. */
+export function floatWeights(g: GraphBuilder, source: Pick<FloatWeightProvider, 'get' | 'rowBlocks' | 'computed' | 'concatenated'>): FloatWeightProvider {
+  return {
+    get: (name, shape) => source.get(name, shape),
+    rowBlocks: (name, storedAs, maxBlockBytes) => source.rowBlocks(name, storedAs, maxBlockBytes),
+    computed: (name, values, shape) => source.computed(name, values, shape),
+    concatenated: (parts, storedAs) => source.concatenated(parts, storedAs),
+    linearConcat: (x, parts, storedAs) => {
+      const {weight, bias} = source.concatenated(parts, storedAs)
+      return g.node('Gemm', bias ? [x, weight, bias] : [x, weight], {transB: 1})
+    },
+    linear: (x, name, bias) => g.node('Gemm', bias ? [x, source.get(name), source.get(bias)] : [x, source.get(name)], {transB: 1}),
+    linearByRowBlocks: (x, name, storedAs, maxBlockBytes) => source.rowBlocks(name, storedAs, maxBlockBytes).map((block) => g.node('Gemm', [x, block], {transB: 1})),
+    embed: (name, ids) => g.node('Gather', [source.get(name), ids], {axis: 0}),
+  }
 }
 
 const CHUNK_BYTES = 16 << 20
@@ -89,6 +143,29 @@ export class WeightStore {
     return placed.location
   }
 
+  private readonly derived = new Map<string, {sourceDigest: string; value: unknown}>()
+
+  /**
+   * Tensors derived from checkpoint bytes (a matrix's quantized codes and scales): `derive`
+   * places them and returns where; it runs once, and is given a hash to feed the source
+   * bytes it reads. A later P reading the same tensor only hashes its source (`hashSource`)
+   * and gets the same result, or is refused like `place` refuses different bytes.
+   */
+  placeDerived<T>(key: string, source: string, derive: (sourceHash: Hash) => T, hashSource: (sourceHash: Hash) => void): T {
+    const known = this.derived.get(key)
+    const hash = createHash('sha256')
+    if (!known) {
+      const value = derive(hash)
+      this.derived.set(key, {sourceDigest: hash.digest('hex'), value})
+      return value
+    }
+    hashSource(hash)
+    if (hash.digest('hex') !== known.sourceDigest) {
+      throw new UserError(`${source}: tensor "${key}" differs from the backbone already in the package; the P values of one package must share one backbone`)
+    }
+    return known.value as T
+  }
+
   /** One digest of the whole backbone, in placement order. */
   backboneDigest(): string {
     const hash = createHash('sha256')
@@ -109,22 +186,62 @@ function* hashing(chunks: Iterable<Uint8Array>, hash: ReturnType<typeof createHa
  * are stored in half precision and widened by a Cast in the graph; vectors (norms, biases)
  * and the stream prefixes stay float32, as they are small and precision-sensitive.
  */
-export class CheckpointWeights implements WeightProvider {
+export class CheckpointWeights implements FloatWeightProvider {
   private readonly values = new Map<string, string>()
   /** Every initializer made, by name, so another graph of the package can read the same bytes. */
   private readonly made = new Map<string, {half: boolean; shape: number[]; location: ExternalLocation}>()
   private readonly blocks = new Map<string, string[]>()
 
   constructor(
-    private readonly g: GraphBuilder,
-    private readonly checkpoint: Checkpoint,
-    private readonly store: WeightStore,
+    protected readonly g: GraphBuilder,
+    protected readonly checkpoint: Checkpoint,
+    protected readonly store: WeightStore,
     private readonly dtype: WeightDtype,
-    private readonly onBytesRead: (bytes: number) => void = () => {},
+    protected readonly onBytesRead: (bytes: number) => void = () => {},
   ) {}
 
   get(name: string, shape?: number[]): string {
     return this.load(name, shape ? `${name}#${shape.join('x')}` : name, shape)
+  }
+
+  linear(x: string, name: string, bias?: string): string {
+    const inputs = [x, this.get(name)]
+    if (bias) inputs.push(this.get(bias))
+    return this.g.node('Gemm', inputs, {transB: 1})
+  }
+
+  linearByRowBlocks(x: string, name: string, storedAs: string, maxBlockBytes: number): string[] {
+    return this.rowBlocks(name, storedAs, maxBlockBytes).map((block) => this.g.node('Gemm', [x, block], {transB: 1}))
+  }
+
+  linearConcat(x: string, parts: LinearPart[], storedAs: string): string {
+    const {weight, bias} = this.concatenated(parts, storedAs)
+    return this.g.node('Gemm', bias ? [x, weight, bias] : [x, weight], {transB: 1})
+  }
+
+  concatenated(parts: LinearPart[], storedAs: string): {weight: string; bias?: string} {
+    const infos = parts.map((p) => this.checkpoint.get(p.weight))
+    const rows = infos.reduce((sum, info) => sum + info.shape[0]!, 0)
+    const half = this.isHalf(infos[0]!)
+    const location = this.store.place(storedAs, concatenated(infos.map((info, i) => convertedChunks(info, half, parts[i]!.scale))), this.checkpoint.dir)
+    for (const info of infos) this.onBytesRead(info.byteLength)
+    const weight = this.initializer(`${storedAs}.weight`, half, [rows, infos[0]!.shape[1]!], location)
+    return parts.some((p) => p.bias) ? {weight, bias: this.concatBias(parts, storedAs)} : {weight}
+  }
+
+  /** The parts' biases one after another, float32 (zeros for a part without one). */
+  protected concatBias(parts: LinearPart[], storedAs: string): string {
+    const values = parts.map((p) => {
+      const bias = p.bias ? readFloat32(this.checkpoint.get(p.bias)) : new Float32Array(this.checkpoint.get(p.weight).shape[0]!)
+      return p.scale === undefined ? bias : bias.map((v) => v * p.scale!)
+    })
+    const total = values.reduce((sum, v) => sum + v.length, 0)
+    const location = this.store.place(`${storedAs}.bias`, values.map((v) => new Uint8Array(v.buffer, v.byteOffset, v.byteLength)), this.checkpoint.dir)
+    return this.initializer(`${storedAs}.bias`, false, [total], location)
+  }
+
+  embed(name: string, ids: string): string {
+    return this.g.node('Gather', [this.get(name), ids], {axis: 0})
   }
 
   rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[] {
@@ -152,7 +269,7 @@ export class CheckpointWeights implements WeightProvider {
    * form): same initializer names, same bytes in the same files, nothing written again. Asking
    * it for a weight the first graph did not use is an error.
    */
-  placedFor(g: GraphBuilder): WeightProvider {
+  placedFor(g: GraphBuilder): FloatWeightProvider {
     const made = new Map<string, string>()
     const initializer = (name: string): string => {
       const cached = made.get(name)
@@ -164,7 +281,7 @@ export class CheckpointWeights implements WeightProvider {
       made.set(name, out)
       return out
     }
-    return {
+    return floatWeights(g, {
       get: (name, shape) => initializer(shape ? `${name}#${shape.join('x')}` : name),
       rowBlocks: (_name, storedAs) => {
         const names = this.blocks.get(storedAs)
@@ -172,7 +289,11 @@ export class CheckpointWeights implements WeightProvider {
         return names.map((block) => initializer(block))
       },
       computed: (name) => initializer(name),
-    }
+      concatenated: (parts, storedAs) => {
+        const weight = initializer(`${storedAs}.weight`)
+        return parts.some((p) => p.bias) ? {weight, bias: initializer(`${storedAs}.bias`)} : {weight}
+      },
+    })
   }
 
   computed(name: string, values: Float32Array, shape: number[]): string {
@@ -193,7 +314,7 @@ export class CheckpointWeights implements WeightProvider {
     return value
   }
 
-  private isHalf(info: TensorInfo): boolean {
+  protected isHalf(info: TensorInfo): boolean {
     return this.dtype === 'fp16' && info.shape.length === 2
   }
 
@@ -204,16 +325,25 @@ export class CheckpointWeights implements WeightProvider {
   }
 
   /** A float32-valued initializer: half-precision storage is widened by a Cast. */
-  private initializer(name: string, half: boolean, shape: number[], location: ExternalLocation): string {
+  protected initializer(name: string, half: boolean, shape: number[], location: ExternalLocation): string {
     this.made.set(name, {half, shape, location})
     const initializer = this.g.externalInitializer(name, half ? 'float16' : 'float32', shape, location)
     return half ? this.g.node('Cast', [initializer], {to: 1}) : initializer
   }
 }
 
-function* convertedChunks(info: TensorInfo, half: boolean): Generator<Uint8Array> {
+function* concatenated(parts: Iterable<Uint8Array>[]): Generator<Uint8Array> {
+  for (const part of parts) yield* part
+}
+
+function readFloat32(info: TensorInfo): Float32Array {
+  return Float32Array.from([...iterateTensorChunks(info, CHUNK_BYTES)].flatMap((chunk) => [...decodeToFloat32(info.dtype, chunk)]))
+}
+
+function* convertedChunks(info: TensorInfo, half: boolean, scale?: number): Generator<Uint8Array> {
   for (const chunk of iterateTensorChunks(info, CHUNK_BYTES)) {
     const values = decodeToFloat32(info.dtype, chunk)
+    if (scale !== undefined) for (let i = 0; i < values.length; i++) values[i] = values[i]! * scale
     const out = half ? encodeFloat16(values) : values
     yield new Uint8Array(out.buffer, out.byteOffset, out.byteLength)
   }

@@ -11,7 +11,9 @@ import {
   MANIFEST_FILE,
   PACKAGE_FORMAT,
   PACKAGE_FORMAT_VERSION,
+  UNQUANTIZED_FORMAT_VERSION,
   type PackageManifest,
+  type PackageQuant,
   type PackageVariant,
   GRAPH_FILE,
   variantWeightsFile,
@@ -22,6 +24,8 @@ import {buildDecoderGraph, GRAPH_VERSION} from '../onnx/parscale-graph.js'
 import {buildWebGpuDecoderGraph} from '../onnx/webgpu-graph.js'
 import {isProcessAlive} from '../processes.js'
 import {CheckpointWeights, WeightStore, writeStreamTensors, type WeightDtype} from '../onnx/weights.js'
+import {MATMUL_ACCURACY_LEVEL, QuantizedCheckpointWeights} from '../onnx/quantized-weights.js'
+import type {QuantScheme} from '../quant/scheme.js'
 import {TOOL_VERSION} from '../version.js'
 
 export interface ConvertProgress {
@@ -35,6 +39,8 @@ export interface ConvertOptions {
   sources: string[]
   outDir: string
   dtype: WeightDtype
+  /** Quantize the backbone's matrices (dtype is then fp32: what the vectors keep). */
+  quant?: QuantScheme
   /** Replace an existing package at outDir. */
   force?: boolean
   /** How the source is named in the manifest (a hub repo id, say); default: its path. */
@@ -90,6 +96,7 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
   const backboneFile = new ExternalDataFile(join(dir, BACKBONE_WEIGHTS_FILE))
   const store = new WeightStore(backboneFile)
   const variants: PackageVariant[] = []
+  let blockFallbacks: Record<string, number> = {}
   for (const [index, checkpoint] of checkpoints.entries()) {
     const {config} = checkpoint
     const phase = `converting P=${config.parallel}`
@@ -100,13 +107,21 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     }
     // Every P's backbone goes through the graph builder: the first writes it, the others are
     // checked byte for byte against it (one graph serves every P).
-    let weights: CheckpointWeights | undefined
-    const graph = buildDecoderGraph(config, (g) => (weights = new CheckpointWeights(g, checkpoint, store, options.dtype, onBytesRead)))
+    let plain: CheckpointWeights | undefined
+    const graph = buildDecoderGraph(config, (g) => {
+      if (!options.quant) return (plain = new CheckpointWeights(g, checkpoint, store, options.dtype, onBytesRead))
+      const weights = new QuantizedCheckpointWeights(g, checkpoint, store, options.quant, onBytesRead)
+      blockFallbacks = weights.blockFallbacks
+      return weights
+    })
     if (index === 0) {
       writeFileSync(join(dir, GRAPH_FILE), graph.toModelBytes(TOOL_VERSION))
-      // The GPU form reads the weights the CPU graph placed: structure only, nothing written twice.
-      const gpu = buildWebGpuDecoderGraph(config, (g) => weights!.placedFor(g))
-      writeFileSync(join(dir, WEBGPU_GRAPH_FILE), gpu.toModelBytes(TOOL_VERSION))
+      // The GPU form reads the weights the CPU graph placed: structure only, nothing written
+      // twice. It multiplies by float matrices, so a quantized package has none (CPU only).
+      if (plain) {
+        const gpu = buildWebGpuDecoderGraph(config, (g) => plain!.placedFor(g))
+        writeFileSync(join(dir, WEBGPU_GRAPH_FILE), gpu.toModelBytes(TOOL_VERSION))
+      }
     }
     const variantFile = config.parallel > 1 ? variantWeightsFile(config.parallel) : null
     const tensors = variantFile ? writeStreamTensors(join(dir, variantFile), checkpoint, onBytesRead) : {}
@@ -126,17 +141,26 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     const file = join(first.dir, name)
     if (existsSync(file)) copyFileSync(file, join(dir, name))
   }
+  const quant: PackageQuant | undefined = options.quant && {
+    scheme: options.quant.name,
+    bits: options.quant.bits,
+    blockSize: options.quant.blockSize,
+    blockFallbacks,
+    accuracyLevel: MATMUL_ACCURACY_LEVEL,
+    weightBytes: parameterBytes(store, first.config.tieWordEmbeddings),
+  }
   const manifest: PackageManifest = {
     format: PACKAGE_FORMAT,
-    formatVersion: PACKAGE_FORMAT_VERSION,
+    formatVersion: quant ? PACKAGE_FORMAT_VERSION : UNQUANTIZED_FORMAT_VERSION,
     toolVersion: TOOL_VERSION,
     graphVersion: GRAPH_VERSION,
     graph: GRAPH_FILE,
-    webgpuGraph: WEBGPU_GRAPH_FILE,
+    ...(quant ? {} : {webgpuGraph: WEBGPU_GRAPH_FILE}),
     createdAt: new Date().toISOString(),
     source: options.sourceLabel ?? resolve(first.dir),
     sourceFingerprint: checkpoints.map((cp) => checkpointFingerprint(cp.dir)).join('+'),
     dtype: options.dtype,
+    ...(quant ? {quant} : {}),
     model: backboneShape(first.config),
     backbone: {weights: BACKBONE_WEIGHTS_FILE, bytes: backboneFile.size, sha256: store.backboneDigest()},
     parallel: variants.map((v) => v.parallel),
@@ -146,6 +170,20 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
   writeFileSync(join(dir, MANIFEST_FILE), JSON.stringify(manifest, null, 2) + '\n')
   report('done')
   return manifest
+}
+
+/**
+ * Stored bytes of the backbone's parameters, each once: what a decode step reads. A tied
+ * model's embedding table is the head's second copy (Gather reads a few rows of it), and the
+ * rotary tables are computed, not parameters.
+ */
+function parameterBytes(store: WeightStore, tied: boolean): number {
+  let bytes = 0
+  for (const [name, placed] of store.placedBackbone) {
+    if (name.startsWith('rotary.') || (tied && name.startsWith('model.embed_tokens.weight'))) continue
+    bytes += placed.location.length
+  }
+  return bytes
 }
 
 /** Several sources make one package only as P variants of one backbone shape. */

@@ -6,13 +6,16 @@ import type {BackboneShape, ModelConfig} from '../checkpoint/config.js'
 import {FileFormatError, UserError} from '../errors.js'
 import {GRAPH_VERSION} from '../onnx/parscale-graph.js'
 import type {StoredTensor, WeightDtype} from '../onnx/weights.js'
+import type {QuantName, QuantScheme} from '../quant/scheme.js'
 
 export type {StoredTensor}
 
 export const MANIFEST_FILE = 'parscale.json'
 export const BACKBONE_WEIGHTS_FILE = 'backbone.weights'
 export const PACKAGE_FORMAT = 'parscale-onnx'
-export const PACKAGE_FORMAT_VERSION = 2
+/** 3 adds `quant` (quantized packages are written as 3, others as 2, which older parscale reads). */
+export const PACKAGE_FORMAT_VERSION = 3
+export const UNQUANTIZED_FORMAT_VERSION = 2
 export const GRAPH_FILE = 'model.onnx'
 /** The decoder in the form for a GPU (see webgpu-graph.ts); it reads the same weight files. */
 export const WEBGPU_GRAPH_FILE = 'model.webgpu.onnx'
@@ -34,6 +37,23 @@ export interface PackageVariant {
 }
 
 /**
+ * How a quantized package (`convert --quant`) stores its backbone: every projection, MLP
+ * matrix and the LM head as `MatMulNBits` codes, the embedding table as
+ * `GatherBlockQuantized` codes, symmetric, one float32 scale per block; vectors float32.
+ */
+export interface PackageQuant {
+  scheme: QuantName
+  bits: number
+  blockSize: number
+  /** Matrices whose input size `blockSize` does not divide, with the block size they use instead. */
+  blockFallbacks: Record<string, number>
+  /** `MatMulNBits` accuracy_level (4: int8 activations, integer dot products). */
+  accuracyLevel: number
+  /** Stored bytes of the backbone's parameters, each once (a tied head's copy counted once, rotary tables not). */
+  weightBytes: number
+}
+
+/**
  * `parscale.json`: what run/eval/bench need to know without opening the graph. Several P
  * values can share one backbone (published families freeze it), each a variant.
  */
@@ -45,13 +65,18 @@ export interface PackageManifest {
   graphVersion: number
   /** The one decoder graph every P runs (on the CPU). */
   graph: string
-  /** The same decoder in the form for `--device webgpu`. */
-  webgpuGraph: string
+  /**
+   * The same decoder in the form for `--device webgpu`; absent in a quantized package, whose
+   * matrices only the CPU graph's quantized operators read.
+   */
+  webgpuGraph?: string
   createdAt: string
   source: string
   /** The checkpoint's identity when it was converted (see `checkpointFingerprint`). */
   sourceFingerprint: string
   dtype: WeightDtype
+  /** Set when the backbone's matrices are quantized. */
+  quant?: PackageQuant
   /** The shared backbone: everything but prefixes and aggregation. */
   model: BackboneShape
   backbone: {weights: string; bytes: number; sha256: string}
@@ -84,7 +109,7 @@ export function readManifest(dir: string): PackageManifest {
   }
   // A package of an older format is not read further: callers convert it again (isCurrentGraph).
   if (!isCurrentGraph(manifest)) return manifest
-  for (const name of [manifest.graph, manifest.webgpuGraph, manifest.backbone.weights, ...manifest.variants.flatMap((v) => v.weights ?? [])]) {
+  for (const name of [manifest.graph, ...(manifest.webgpuGraph ? [manifest.webgpuGraph] : []), manifest.backbone.weights, ...manifest.variants.flatMap((v) => v.weights ?? [])]) {
     if (!existsSync(join(dir, name))) throw new FileFormatError(join(dir, name), 'missing from the model package; convert again')
   }
   const backboneSize = statSync(join(dir, manifest.backbone.weights)).size
@@ -97,6 +122,12 @@ export function readManifest(dir: string): PackageManifest {
 /** Whether a cached package was written by this converter (else convert it again). */
 export function isCurrentGraph(manifest: PackageManifest): boolean {
   return manifest.graphVersion === GRAPH_VERSION
+}
+
+/** Whether a package stores its weights as `quant` asks (undefined: unquantized). */
+export function sameQuant(manifest: PackageManifest, quant: QuantScheme | undefined): boolean {
+  if (!quant || !manifest.quant) return !quant && !manifest.quant
+  return manifest.quant.scheme === quant.name && manifest.quant.blockSize === quant.blockSize
 }
 
 /** The variant for `parallel`, or an error listing the P values the package has. */

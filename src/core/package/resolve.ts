@@ -7,7 +7,8 @@ import {checkpointFingerprint, convertCheckpoints, type ConvertProgress} from '.
 import {UserError} from '../errors.js'
 import {findCachedSnapshot} from '../hub/cache.js'
 import {isRepoId, resolveFamilyName} from '../hub/families.js'
-import {isCurrentGraph, isModelPackage, readManifest} from './manifest.js'
+import {isCurrentGraph, isModelPackage, readManifest, sameQuant, type PackageManifest} from './manifest.js'
+import {describeQuant, quantKey, type QuantScheme} from '../quant/scheme.js'
 import {convertedCacheDir, parscaleCacheDir} from './paths.js'
 
 /** The model shipped inside parscale: a tiny ParScale family trained on Python code. */
@@ -23,6 +24,8 @@ export interface ResolvedModel {
 
 export interface ResolveOptions {
   parallel?: number
+  /** Quantized weights: checkpoints are converted (once, cached apart) with this scheme. */
+  quant?: QuantScheme
   onProgress?: (progress: ConvertProgress) => void
 }
 
@@ -60,7 +63,10 @@ function pulledSnapshot(repoId: string): string {
 
 function fromLocalFolder(dir: string, label: string, options: ResolveOptions): ResolvedModel {
   if (!statSync(dir).isDirectory()) throw new UserError(`${dir}: a model is a folder (a checkpoint or a converted package), not a file`)
-  if (isModelPackage(dir)) return withParallel(dir, label, options.parallel)
+  if (isModelPackage(dir)) {
+    checkPackageQuant(readManifest(dir), dir, options.quant)
+    return withParallel(dir, label, options.parallel)
+  }
   if (existsSync(join(dir, 'config.json'))) return fromCheckpoints([dir], label, options)
   const variants = readdirSync(dir)
     .map((name) => join(dir, name))
@@ -96,13 +102,22 @@ function isSharedFile(name: string): boolean {
 function fromCheckpoints(sources: string[], label: string, options: ResolveOptions, name = basename(resolve(sources[0]))): ResolvedModel {
   const absolute = sources.map((s) => resolve(s))
   const key = createHash('sha256').update(absolute.join('\n')).digest('hex').slice(0, 12)
-  const packageDir = join(convertedCacheDir(), `${name.replace(/[^\w.-]/g, '_')}-${key}`)
+  // Each weight format of a checkpoint is its own package: an fp32 one stays named as before.
+  const format = options.quant ? `-${quantKey(options.quant)}` : ''
+  const packageDir = join(convertedCacheDir(), `${name.replace(/[^\w.-]/g, '_')}${format}-${key}`)
   const fingerprint = absolute.map((s) => checkpointFingerprint(s)).join('+')
   const cached = isModelPackage(packageDir) ? readManifest(packageDir) : undefined
-  if (!cached || cached.sourceFingerprint !== fingerprint || !isCurrentGraph(cached)) {
-    convertCheckpoints({sources: absolute, outDir: packageDir, dtype: 'fp32', force: true, sourceLabel: label, onProgress: options.onProgress})
+  if (!cached || cached.sourceFingerprint !== fingerprint || !isCurrentGraph(cached) || !sameQuant(cached, options.quant)) {
+    convertCheckpoints({sources: absolute, outDir: packageDir, dtype: 'fp32', quant: options.quant, force: true, sourceLabel: label, onProgress: options.onProgress})
   }
   return withParallel(packageDir, label, options.parallel)
+}
+
+/** A converted package is used as it is: --quant may only confirm what it holds. */
+function checkPackageQuant(manifest: PackageManifest, dir: string, quant: QuantScheme | undefined): void {
+  if (!quant || sameQuant(manifest, quant)) return
+  const held = manifest.quant ? describeQuant({name: manifest.quant.scheme, blockSize: manifest.quant.blockSize}) : manifest.dtype
+  throw new UserError(`${dir} is a converted package with ${held} weights, not ${describeQuant(quant)}; give its checkpoint instead (converted with --quant on first use), or \`parscale convert <checkpoint> --quant ${quant.name}\``)
 }
 
 function withParallel(packageDir: string, label: string, parallel: number | undefined): ResolvedModel {

@@ -39,7 +39,7 @@ export interface LoadHooks {
 
 /** The model resolved, its tokenizer and defaults loaded, the options checked against them. */
 export async function openRequestModel(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RequestModel> {
-  const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, onProgress: hooks.onProgress})
+  const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, quant: plan.options.quant, onProgress: hooks.onProgress})
   hooks.onLoading?.()
   return loadRequestModel(resolved, plan)
 }
@@ -61,9 +61,9 @@ async function loadRequestModel(resolved: ResolvedModel, {options, numbers}: Pic
 }
 
 export async function openRunContext(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RunContext> {
-  const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, onProgress: hooks.onProgress})
+  const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, quant: plan.options.quant, onProgress: hooks.onProgress})
   hooks.onLoading?.()
-  const opening = ParScaleModel.open(resolved.packageDir, {threads: plan.numbers.threads, device: plan.options.device ?? 'cpu'})
+  const opening = ParScaleModel.open(resolved.packageDir, {threads: plan.numbers.threads, device: plan.options.device ?? 'cpu', parallel: [resolved.parallel]})
   const [loaded, model] = await Promise.allSettled([loadRequestModel(resolved, plan), opening])
   if (loaded.status === 'rejected') {
     if (model.status === 'fulfilled') await model.value.release()

@@ -16,6 +16,7 @@ import {attentionMask, DeviceKvCache, DeviceOps, type DeviceCacheHost, type Devi
 import {checkWebGpu, webgpuSessionOptions, type AdapterInfo, type Device} from './device.js'
 import {KvCache} from './kv-cache.js'
 import {loadStreamWeights, type HostTensor, type StreamWeights} from './stream-weights.js'
+import {widenedDecodeGraph} from '../quant/widen.js'
 
 /** A cache of one P: in JavaScript (CPU) or in device memory (WebGPU). */
 export type ModelCache = KvCache | DeviceKvCache
@@ -23,6 +24,12 @@ export type ModelCache = KvCache | DeviceKvCache
 export interface ModelOptions {
   /** Intra-op threads; default: ONNX Runtime's choice (one per core). */
   threads?: number
+  /**
+   * The P values this process expects to run. A quantized package run at P ≥ 4 decodes
+   * through a graph of its own (int8 weights widened at first use, `quant/widen.ts`): faster
+   * at many rows per step, slower at one, and more memory. Default: the stored graph only.
+   */
+  parallel?: readonly number[]
   /** Write an ONNX Runtime profile (JSON) with this file prefix. */
   profilePrefix?: string
   /** Most tokens per prefill call (default MAX_PREFILL_CHUNK; smaller in tests of chunking). */
@@ -61,6 +68,9 @@ const PREFILL_LOGITS_BYTES = 64 << 20
 const MAX_PREFILL_CHUNK = 256
 const MIN_PREFILL_CHUNK = 16
 
+/** Widened int8 decoding pays off from this many streams per token (docs/benchmarks.md). */
+export const WIDENED_DECODE_FROM_PARALLEL = 4
+
 export class ParScaleModel implements DeviceCacheHost {
   private readonly streamCache = new Map<number, StreamWeights>()
   /** Per P, the aggregation head and the initial cache as device tensors (WebGPU form). */
@@ -69,6 +79,8 @@ export class ParScaleModel implements DeviceCacheHost {
 
   private constructor(
     private readonly session: ort.InferenceSession,
+    /** Runs one-token steps when set (a quantized package at P ≥ 4); prompts use `session`. */
+    private readonly decodeSession: ort.InferenceSession | undefined,
     readonly packageDir: string,
     readonly manifest: PackageManifest,
     private readonly maxPrefillChunk: number,
@@ -79,14 +91,24 @@ export class ParScaleModel implements DeviceCacheHost {
     readonly adapter: AdapterInfo | undefined,
   ) {}
 
+  /** Which kernels run this model's steps, for reports. */
+  get kernels(): {prefill: string; decode: string} {
+    if (!this.manifest.quant) return {prefill: 'Gemm', decode: 'Gemm'}
+    return {prefill: 'MatMulNBits', decode: this.decodeSession ? 'DynamicQuantizeMatMul (int8 widened at load)' : 'MatMulNBits'}
+  }
+
   static async open(packageDir: string, options: ModelOptions = {}): Promise<ParScaleModel> {
     const device = options.device ?? 'cpu'
-    const adapter = device === 'webgpu' ? await checkWebGpu() : undefined // before any loading: fail at once
     const manifest = readManifest(packageDir)
     if (!isCurrentGraph(manifest)) {
       throw new UserError(`${packageDir}: converted by an older parscale (graph version ${manifest.graphVersion}); convert it again`)
     }
     const form = options.form ?? device
+    if (form === 'webgpu' && !manifest.webgpuGraph) {
+      const scheme = manifest.quant ? `its ${manifest.quant.scheme} weights` : 'it'
+      throw new UserError(`${packageDir}: the package has no WebGPU form (${scheme} run on the CPU's quantized operators); use --device cpu, or convert without --quant`)
+    }
+    const adapter = device === 'webgpu' ? await checkWebGpu() : undefined // before any loading: fail at once
     const base: ort.InferenceSession.SessionOptions = {
       graphOptimizationLevel: 'all',
       executionMode: 'sequential',
@@ -105,17 +127,21 @@ export class ParScaleModel implements DeviceCacheHost {
         ? {preferredOutputLocation: Object.fromEntries(Array.from({length: manifest.model.numLayers}, (_, l) => [webgpuIo.presentKey(l), webgpuIo.presentValue(l)]).flat().map((name) => [name, 'gpu-buffer']))}
         : {}),
     }
-    const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph : manifest.graph))
-    let session: ort.InferenceSession
-    try {
-      session = await ort.InferenceSession.create(graph, sessionOptions)
-    } catch (error) {
-      throw new UserError(`${graph}: ONNX Runtime cannot load it (${(error as Error).message.split('\n')[0]}); convert again`)
-    }
+    const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph! : manifest.graph))
+    // Only the CPU form of a quantized package has a widened twin (webgpu ones have no quant).
+    const widen = form === 'cpu' && manifest.quant !== undefined && Math.max(0, ...(options.parallel ?? [])) >= WIDENED_DECODE_FROM_PARALLEL
+    const decodeGraph = widen ? widenedDecodeGraph(packageDir, manifest) : undefined
+    // Two sessions mean two thread pools: threads left spinning by one would take the cores
+    // the other needs, so with a decode session both pools sleep when idle.
+    const pooled = decodeGraph ? {...sessionOptions, extra: {session: {intra_op: {allow_spinning: '0'}}}} : sessionOptions
+    const session = await createSession(graph, pooled)
+    const decodeSession = decodeGraph
+      ? await createSession(decodeGraph, options.profilePrefix ? {...pooled, profileFilePrefix: `${options.profilePrefix}-decode`} : pooled)
+      : undefined
     const deviceOps = form === 'webgpu'
       ? await DeviceOps.create(manifest.model.numLayers, {...base, ...(device === 'webgpu' ? {preferredOutputLocation: 'gpu-buffer'} : {})})
       : undefined
-    return new ParScaleModel(session, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter)
+    return new ParScaleModel(session, decodeSession, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter)
   }
 
   get shape(): BackboneShape {
@@ -196,7 +222,7 @@ export class ParScaleModel implements DeviceCacheHost {
       feeds[io.pastKey(layer)] = new ort.Tensor('float32', views.keys[layer], views.dims.keys)
       feeds[io.pastValue(layer)] = new ort.Tensor('float32', views.values[layer], views.dims.values)
     }
-    const out = await this.session.run(feeds)
+    const out = await (seq === 1 && this.decodeSession ? this.decodeSession : this.session).run(feeds)
     const layers = Array.from({length: this.shape.numLayers}, (_, layer) => layer)
     cache.append(
       first,
@@ -292,6 +318,15 @@ export class ParScaleModel implements DeviceCacheHost {
     for (const initial of this.initialCaches.values()) for (const t of [...(await initial).keys, ...(await initial).values]) t.dispose()
     await this.deviceOps?.release()
     await this.session.release()
+    await this.decodeSession?.release()
+  }
+}
+
+async function createSession(graph: string, options: ort.InferenceSession.SessionOptions): Promise<ort.InferenceSession> {
+  try {
+    return await ort.InferenceSession.create(graph, options)
+  } catch (error) {
+    throw new UserError(`${graph}: ONNX Runtime cannot load it (${(error as Error).message.split('\n')[0]}); convert again`)
   }
 }
 

@@ -5,6 +5,7 @@
  */
 import {UserError} from '../errors.js'
 import type {Device} from './device.js'
+import type {QuantScheme} from '../quant/scheme.js'
 
 /** Options given as text and checked here, so a bad value is one line like every user error. */
 export type NumberOption = 'batch-size' | 'max-new-tokens' | 'temperature' | 'top-k' | 'top-p' | 'repetition-penalty' | 'seed' | 'parallel' | 'threads'
@@ -28,6 +29,8 @@ export interface RunOptions {
   device?: Device
   /** Keep each generated token's stream weights and show them (`--streams`). */
   streams?: boolean
+  /** Quantized weights (`--quant`): a checkpoint is converted with this scheme. */
+  quant?: QuantScheme
   numbers: Partial<Record<NumberOption, string>>
 }
 
