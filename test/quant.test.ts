@@ -5,6 +5,8 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, describe, test} from 'node:test'
 
+import type OpenAI from 'openai'
+
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest, variantConfig} from '../src/core/package/manifest.js'
 import {weightBytes} from '../src/core/bench/model-cost.js'
@@ -12,6 +14,7 @@ import {quantScheme} from '../src/core/quant/scheme.js'
 import {WIDENED_GRAPH, WIDENED_WEIGHTS} from '../src/core/quant/widen.js'
 import {ParScaleModel} from '../src/core/run/model.js'
 import {REPO_ROOT, runCli} from './helpers/cli.js'
+import {openaiClient, spawnServe} from './helpers/serve.js'
 import {copyCheckpointWith, goldenDir, makeTempDir, rewriteSafetensors} from './helpers/safetensors-writer.js'
 
 const work = makeTempDir()
@@ -85,11 +88,19 @@ describe('quantized packages', () => {
     const family = path.join(REPO_ROOT, 'fixtures', 'default-model')
     const dir = path.join(work, 'widen-int4')
     convertCheckpoints({sources: [path.join(family, 'p1'), path.join(family, 'p8')], outDir: dir, dtype: 'fp32', quant: quantScheme('int4')})
-    const stored = await ParScaleModel.open(dir, {parallel: [1]})
-    assert.equal(stored.kernels.decode, 'MatMulNBits')
+    const p1 = await ParScaleModel.open(dir, {parallel: [1]})
+    assert.equal(p1.kernels(1).decode, 'MatMulNBits')
+    const p1Cache = p1.newCache(1)
+    p1Cache.reserve(1, 4)
+    p1Cache.reset(0)
+    await p1.forward(p1Cache, 0, [[10, 200]], 1)
+    await p1.forward(p1Cache, 0, [[3]], 1)
+    await p1.release()
     assert.equal(fs.existsSync(path.join(dir, WIDENED_GRAPH)), false, 'P = 1 widens nothing')
+    const stored = await ParScaleModel.open(dir, {widenDecode: false})
     const widened = await ParScaleModel.open(dir, {parallel: [8]})
-    assert.match(widened.kernels.decode, /DynamicQuantizeMatMul/)
+    assert.match(widened.kernels(8).decode, /DynamicQuantizeMatMul/)
+    assert.equal(widened.kernels(2).decode, 'MatMulNBits', 'chosen per P: P = 2 stays on the stored graph')
     assert.ok(fs.existsSync(path.join(dir, WIDENED_GRAPH)) && fs.existsSync(path.join(dir, WIDENED_WEIGHTS)))
     const weightsTime = fs.statSync(path.join(dir, WIDENED_WEIGHTS)).mtimeMs
     const prompt = [10, 200, 3000, 45, 7, 99]
@@ -174,6 +185,21 @@ describe('quantized packages', () => {
     const refused = await runCli(['run', fp32Package, '--quant', 'int8', '--prompt', 'x'], {env})
     assert.equal(refused.code, 1)
     assert.match(refused.stderr, /^parscale: .* is a converted package with fp32 weights, not int8 \(block 32\); give its checkpoint instead/)
+  })
+
+  test('serve --quant int4 answers as run --quant int4 does (greedy); with --device webgpu it is one line, exit 2', async () => {
+    const expected = await runCli(['run', '--quant', 'int4', '--raw', '--prompt', 'def add(a, b):', '--max-new-tokens', '8', '--parallel', '2', '--json'], {env})
+    assert.equal(expected.code, 0, expected.stderr)
+    const serve = await spawnServe(['--quant', 'int4'], env)
+    try {
+      const completion = await openaiClient(serve.url).completions.create({model: 'parscale-default', prompt: 'def add(a, b):', max_tokens: 8, temperature: 0, parallel: 2} as OpenAI.CompletionCreateParamsNonStreaming)
+      assert.equal(completion.choices[0].text, (JSON.parse(expected.stdout) as {text: string}).text)
+    } finally {
+      serve.kill()
+    }
+    const refused = await runCli(['serve', '--quant', 'int4', '--device', 'webgpu', '--port', '0'], {env})
+    assert.equal(refused.code, 2, refused.stderr)
+    assert.match(refused.stderr, /^parscale: --quant int4 runs on the CPU only[^\n]*\n$/)
   })
 
   test('held-out loss of the default model at every P: int8 within 0.01 nats of fp32, int4 within 0.10', async () => {

@@ -157,6 +157,32 @@ describe('parscale batch on a Redis queue', () => {
     assert.ok(done.tokens_per_s !== null && done.tokens_per_s > 0, JSON.stringify(done))
   })
 
+  test('--quant int8: the job records the scheme, a worker converts the model with it, and collect equals run --batch --quant int8', async () => {
+    const file = prompts('quant.jsonl', 3)
+    const gen = ['--max-new-tokens', '6', '--parallel', '1', '--quant', 'int8']
+    const submitted = await cli(['batch', 'submit', file, '--queue', redis.url, ...gen])
+    assert.equal(submitted.code, 0, submitted.stderr)
+    const fingerprint = /fingerprint (\w+)/.exec(submitted.stdout)![1]
+    const queue = new Queue<LineJob>(modelQueueName(fingerprint), {connection: client, prefix: BULL_PREFIX})
+    const first = (await queue.getJob(lineJobId('quant', 1)))!
+    await queue.close()
+    assert.deepEqual(first.data.model.quant, {name: 'int8', bits: 8, blockSize: 32})
+
+    // A worker with a cache of its own: it has to convert the default model with the job's scheme.
+    const workerEnv = {...env, PARSCALE_CACHE: path.join(tmp, 'worker-cache')}
+    const worker = startWorker(['--queue', redis.url], workerEnv)
+    await waitForStatus(redis.url, 'quant', (s) => s.done === 3)
+    worker.child.kill('SIGTERM')
+    assert.equal(await worker.exited, 0, worker.stderr())
+    assert.ok(fs.readdirSync(path.join(workerEnv.PARSCALE_CACHE, 'converted')).some((n) => n.includes('-int8-b32-')))
+    const collected = await cli(['batch', 'collect', 'quant', '--queue', redis.url])
+    assert.equal(collected.code, 0, collected.stderr)
+    const reference = await cli(['run', '--batch', file, '--json', ...gen])
+    assert.equal(reference.code, 0, reference.stderr)
+    const ids = (text: string) => text.trim().split('\n').map((l) => (JSON.parse(l) as {token_ids: number[]}).token_ids)
+    assert.deepEqual(ids(collected.stdout), ids(reference.stdout))
+  })
+
   test('on a terminal the worker shows its progress; on a pipe, only its one-line messages', async () => {
     const file = prompts('shown.jsonl', 3)
     assert.equal((await cli(['batch', 'submit', file, '--queue', redis.url, ...GEN])).code, 0)

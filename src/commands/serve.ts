@@ -2,10 +2,12 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
 import {formatBytes, percent} from '../core/format.js'
+import type {QuantScheme} from '../core/quant/scheme.js'
 import {checkWebGpu, DEVICES, type Device} from '../core/run/device.js'
 import {ServeEngine} from '../core/serve/engine.js'
 import {parseServeOptions, SERVE_DEFAULTS, type ServeOptions} from '../core/serve/options.js'
 import {RunningServer} from '../core/serve/server.js'
+import {quantFlags, quantFromFlags} from '../quant-flags.js'
 import {Progress} from '../ui/progress.js'
 
 /** A number flag; checked in `parseServeOptions` so a bad value is one line, like every user error. */
@@ -41,6 +43,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     'api-key': Flags.string({description: 'require "Authorization: Bearer KEY" on /v1 requests', helpValue: 'KEY', env: 'PARSCALE_API_KEY'}),
     threads: numberFlag('ONNX Runtime intra-op threads'),
     device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
+    ...quantFlags,
     'shutdown-timeout': numberFlag(`seconds running requests get to finish after SIGTERM / Ctrl-C (default ${SERVE_DEFAULTS.shutdownTimeout})`, 'SECONDS'),
   }
 
@@ -59,8 +62,9 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
       },
     })
     const device = flags.device as Device
+    const quant = quantFromFlags(flags)
     if (device === 'webgpu') await checkWebGpu() // before converting or loading anything
-    const engine = await this.load(args.model, options, device)
+    const engine = await this.load(args.model, options, device, quant)
     let server: RunningServer
     try {
       server = await RunningServer.listen(engine, {host: options.host, port: options.port, apiKey: options.apiKey, onInternalError: reportInternalError})
@@ -76,13 +80,14 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     await untilStopped(server, options.shutdownTimeout)
   }
 
-  private async load(model: string | undefined, options: ServeOptions, device: Device): Promise<ServeEngine> {
+  private async load(model: string | undefined, options: ServeOptions, device: Device, quant: QuantScheme | undefined): Promise<ServeEngine> {
     const progress = new Progress('preparing model')
     try {
       return await ServeEngine.open(model, {
         parallel: options.parallel,
         threads: options.threads,
         device,
+        quant,
         maxBatch: options.maxBatch,
         maxQueue: options.maxQueue,
         onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),

@@ -8,6 +8,7 @@ import {prepareBatch, submitBatch} from '../../core/queue/submit.js'
 import {readBatchFile} from '../../core/run/batch-file.js'
 import {planRun} from '../../core/run/plan.js'
 import {generationFlagOptions, generationFlags} from '../../generation-flags.js'
+import {quantFlags, quantFromFlags} from '../../quant-flags.js'
 import {queueFlag} from '../../queue-flags.js'
 import {Progress} from '../../ui/progress.js'
 import {submitLine} from '../../ui/queue-report.js'
@@ -35,6 +36,7 @@ MODEL is a converted package, a checkpoint folder or a pulled hub repo id; witho
     name: Flags.string({description: 'batch name (default: the file name without its extension)', helpValue: 'NAME'}),
     attempts: Flags.integer({description: 'tries per line before it is marked failed', min: 1, default: 3}),
     ...generationFlags,
+    ...quantFlags,
     quiet: Flags.boolean({char: 'q', description: 'no progress on stderr'}),
   }
 
@@ -43,7 +45,7 @@ MODEL is a converted package, a checkpoint folder or a pulled hub repo id; witho
     const url = checkQueueUrl(flags.queue)
     const name = flags.name === undefined ? defaultBatchName(args.file) : checkBatchName(flags.name)
     const generation = generationFlagOptions(flags)
-    const plan = planRun({...generation, batch: args.file, chat: false, json: true, quiet: flags.quiet}, () => false)
+    const plan = planRun({...generation, quant: quantFromFlags(flags), batch: args.file, chat: false, json: true, quiet: flags.quiet}, () => false)
     if (plan.mode !== 'batch') throw new Error('unreachable: a batch plan')
     const items = await readBatchFile(args.file)
     // Connected before the model loads (a conversion can take minutes): a wrong URL fails at once.

@@ -40,7 +40,7 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
     threads: spec.threads,
     device: spec.device,
     // PARSCALE_WIDEN=0 keeps a quantized package on its stored graph at every P (the A/B in docs/benchmarks.md)
-    parallel: process.env.PARSCALE_WIDEN === '0' ? [] : [spec.parallel],
+    ...(process.env.PARSCALE_WIDEN === '0' ? {widenDecode: false} : {parallel: [spec.parallel]}),
     ...(spec.profilePrefix ? {profilePrefix: spec.profilePrefix} : {}),
   })
   const loadMs = performance.now() - loadStart
@@ -101,7 +101,7 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
     kv_cache_bytes: kvCacheBytes(config, batch, promptLength + newTokens),
     kv_cache_allocated_bytes: cacheBytes,
     prefill_flops: prefillFlops(config, batch, promptLength),
-    kernels: model.kernels,
+    kernels: model.kernels(parallel),
   }
 }
 

@@ -13,6 +13,7 @@ import {basename, extname} from 'node:path'
 
 import {UserError} from '../errors.js'
 import type {BatchInput} from '../run/batch-file.js'
+import type {QuantScheme} from '../quant/scheme.js'
 import type {GenerationRequest} from '../run/generation.js'
 
 /** The version of `LineJob` and `BatchSpec`; a worker refuses jobs of a newer one. */
@@ -56,6 +57,8 @@ export interface ModelRef {
   label: string
   /** `packageFingerprint` of the package the submitter encoded the prompts with. */
   fingerprint: string
+  /** --quant of the submit: a worker converts a checkpoint with it (a package already holds its own). */
+  quant?: QuantScheme
 }
 
 /** One line's job: everything a worker needs, nothing it must look up. */

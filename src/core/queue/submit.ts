@@ -39,6 +39,7 @@ export async function prepareBatch(model: string | undefined, plan: Extract<RunP
     reference: model === undefined ? null : existsSync(model) ? resolve(model) : ctx.label,
     label: ctx.label,
     fingerprint: packageFingerprint(ctx.packageDir),
+    ...(plan.options.quant ? {quant: plan.options.quant} : {}),
   }
   const jobs = items.map((item, i): LineJob => ({
     format: JOB_FORMAT,

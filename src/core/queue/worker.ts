@@ -184,7 +184,7 @@ export class QueueWorker {
     let packageDir = this.local.get(ref.fingerprint)
     if (!packageDir) {
       try {
-        packageDir = resolveModel(ref.reference ?? undefined).packageDir
+        packageDir = resolveModel(ref.reference ?? undefined, {quant: ref.quant}).packageDir
       } catch (error) {
         return this.events.refused?.(ref, error instanceof UserError ? error.message : reasonOf(error))
       }

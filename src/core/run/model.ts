@@ -25,11 +25,14 @@ export interface ModelOptions {
   /** Intra-op threads; default: ONNX Runtime's choice (one per core). */
   threads?: number
   /**
-   * The P values this process expects to run. A quantized package run at P ≥ 4 decodes
-   * through a graph of its own (int8 weights widened at first use, `quant/widen.ts`): faster
-   * at many rows per step, slower at one, and more memory. Default: the stored graph only.
+   * The P values this process expects to run. A quantized package decodes at P ≥ 4 through a
+   * graph of its own (int8 weights widened at first use, `quant/widen.ts`): faster at many rows
+   * per step, slower at one, and more memory. Naming such a P here makes that graph at open
+   * (and both sessions' threads sleep when idle); otherwise the first step at such a P makes it.
    */
   parallel?: readonly number[]
+  /** false keeps a quantized package on its stored graph at every P (for A/B measurements). */
+  widenDecode?: boolean
   /** Write an ONNX Runtime profile (JSON) with this file prefix. */
   profilePrefix?: string
   /** Most tokens per prefill call (default MAX_PREFILL_CHUNK; smaller in tests of chunking). */
@@ -79,8 +82,8 @@ export class ParScaleModel implements DeviceCacheHost {
 
   private constructor(
     private readonly session: ort.InferenceSession,
-    /** Runs one-token steps when set (a quantized package at P ≥ 4); prompts use `session`. */
-    private readonly decodeSession: ort.InferenceSession | undefined,
+    /** Options of the widened decode session; undefined where there is none (not quantized, WebGPU). */
+    private readonly widenedOptions: ort.InferenceSession.SessionOptions | undefined,
     readonly packageDir: string,
     readonly manifest: PackageManifest,
     private readonly maxPrefillChunk: number,
@@ -91,10 +94,12 @@ export class ParScaleModel implements DeviceCacheHost {
     readonly adapter: AdapterInfo | undefined,
   ) {}
 
-  /** Which kernels run this model's steps, for reports. */
-  get kernels(): {prefill: string; decode: string} {
+  private widened: Promise<ort.InferenceSession | undefined> | undefined
+
+  /** Which kernels run this model's steps at `parallel`, for reports. */
+  kernels(parallel: number): {prefill: string; decode: string} {
     if (!this.manifest.quant) return {prefill: 'Gemm', decode: 'Gemm'}
-    return {prefill: 'MatMulNBits', decode: this.decodeSession ? 'DynamicQuantizeMatMul (int8 widened at load)' : 'MatMulNBits'}
+    return {prefill: 'MatMulNBits', decode: this.widenedOptions && parallel >= WIDENED_DECODE_FROM_PARALLEL ? 'DynamicQuantizeMatMul (int8 widened at load)' : 'MatMulNBits'}
   }
 
   static async open(packageDir: string, options: ModelOptions = {}): Promise<ParScaleModel> {
@@ -129,19 +134,34 @@ export class ParScaleModel implements DeviceCacheHost {
     }
     const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph! : manifest.graph))
     // Only the CPU form of a quantized package has a widened twin (webgpu ones have no quant).
-    const widen = form === 'cpu' && manifest.quant !== undefined && Math.max(0, ...(options.parallel ?? [])) >= WIDENED_DECODE_FROM_PARALLEL
-    const decodeGraph = widen ? widenedDecodeGraph(packageDir, manifest) : undefined
+    const widenable = form === 'cpu' && manifest.quant !== undefined && options.widenDecode !== false && Math.max(...manifest.parallel) >= WIDENED_DECODE_FROM_PARALLEL
+    const preload = widenable && Math.max(0, ...(options.parallel ?? [])) >= WIDENED_DECODE_FROM_PARALLEL
     // Two sessions mean two thread pools: threads left spinning by one would take the cores
     // the other needs, so with a decode session both pools sleep when idle.
-    const pooled = decodeGraph ? {...sessionOptions, extra: {session: {intra_op: {allow_spinning: '0'}}}} : sessionOptions
-    const session = await createSession(graph, pooled)
-    const decodeSession = decodeGraph
-      ? await createSession(decodeGraph, options.profilePrefix ? {...pooled, profileFilePrefix: `${options.profilePrefix}-decode`} : pooled)
-      : undefined
+    const sleeping = {...sessionOptions, extra: {session: {intra_op: {allow_spinning: '0'}}}}
+    const session = await createSession(graph, preload ? sleeping : sessionOptions)
+    const widenedOptions = widenable ? (options.profilePrefix ? {...sleeping, profileFilePrefix: `${options.profilePrefix}-decode`} : sleeping) : undefined
     const deviceOps = form === 'webgpu'
       ? await DeviceOps.create(manifest.model.numLayers, {...base, ...(device === 'webgpu' ? {preferredOutputLocation: 'gpu-buffer'} : {})})
       : undefined
-    return new ParScaleModel(session, decodeSession, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter)
+    const model = new ParScaleModel(session, widenedOptions, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter)
+    if (preload) await model.decodeSession(WIDENED_DECODE_FROM_PARALLEL)
+    return model
+  }
+
+  /**
+   * The session for one-token steps at `parallel` when it is not the stored graph's: a quantized
+   * package's int8-widened graph at P ≥ 4, made on first need. Chosen per P, not per process, so
+   * the same P gives the same answers in every command (run, serve, worker).
+   */
+  private decodeSession(parallel: number): Promise<ort.InferenceSession | undefined> {
+    if (!this.widenedOptions || parallel < WIDENED_DECODE_FROM_PARALLEL) return Promise.resolve(undefined)
+    const options = this.widenedOptions
+    this.widened ??= (async () => {
+      const graph = widenedDecodeGraph(this.packageDir, this.manifest)
+      return graph ? createSession(graph, options) : undefined // a read-only folder keeps the stored graph
+    })()
+    return this.widened
   }
 
   get shape(): BackboneShape {
@@ -222,7 +242,8 @@ export class ParScaleModel implements DeviceCacheHost {
       feeds[io.pastKey(layer)] = new ort.Tensor('float32', views.keys[layer], views.dims.keys)
       feeds[io.pastValue(layer)] = new ort.Tensor('float32', views.values[layer], views.dims.values)
     }
-    const out = await (seq === 1 && this.decodeSession ? this.decodeSession : this.session).run(feeds)
+    const decode = seq === 1 ? await this.decodeSession(cache.parallel) : undefined
+    const out = await (decode ?? this.session).run(feeds)
     const layers = Array.from({length: this.shape.numLayers}, (_, layer) => layer)
     cache.append(
       first,
@@ -318,7 +339,7 @@ export class ParScaleModel implements DeviceCacheHost {
     for (const initial of this.initialCaches.values()) for (const t of [...(await initial).keys, ...(await initial).values]) t.dispose()
     await this.deviceOps?.release()
     await this.session.release()
-    await this.decodeSession?.release()
+    await (await this.widened)?.release()
   }
 }
 

@@ -14,6 +14,8 @@ import {generationOptions} from '../run/requests.js'
 import {readGenerationDefaults, TextTokenizer} from '../run/tokenizer.js'
 import {isRepoId} from '../hub/families.js'
 import {resolveModel, type ResolveOptions} from '../package/resolve.js'
+import {readManifest} from '../package/manifest.js'
+import type {QuantScheme} from '../quant/scheme.js'
 import {queueFull, shuttingDown} from './api-error.js'
 import {ServerMetrics} from './metrics.js'
 import type {ServedModel} from './openai-requests.js'
@@ -30,6 +32,8 @@ export interface OpenEngineOptions extends EngineOptions {
   parallel?: number
   threads?: number
   device?: Device
+  /** --quant: a checkpoint is converted (once, cached) with this scheme. */
+  quant?: QuantScheme
   onProgress?: ResolveOptions['onProgress']
 }
 
@@ -96,11 +100,13 @@ export class ServeEngine {
   }
 
   static async open(modelName: string | undefined, options: OpenEngineOptions): Promise<ServeEngine> {
-    const resolved = resolveModel(modelName, {parallel: options.parallel, onProgress: options.onProgress})
+    const resolved = resolveModel(modelName, {parallel: options.parallel, quant: options.quant, onProgress: options.onProgress})
     const [tokenizer, defaults, model] = await Promise.all([
       TextTokenizer.load(resolved.packageDir),
       readGenerationDefaults(resolved.packageDir),
-      ParScaleModel.open(resolved.packageDir, {threads: options.threads, device: options.device ?? 'cpu'}),
+      // Any P may come, and rows of many requests decode together: let a quantized model choose its
+      // decode kernels for the largest P.
+      ParScaleModel.open(resolved.packageDir, {threads: options.threads, device: options.device ?? 'cpu', parallel: readManifest(resolved.packageDir).parallel}),
     ])
     const served: ServedModel = {
       id: servedModelId(modelName),
