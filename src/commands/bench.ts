@@ -13,7 +13,7 @@ import {SYNTHETIC_PRESETS} from '../core/checkpoint/synthetic.js'
 import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {plotTarget, writePlots} from '../ui/bench-plot.js'
 import {Progress} from '../ui/progress.js'
-import {quantFlags, quantFromFlags} from '../quant-flags.js'
+import {quantFlags, quantFromFlags} from '../flags/quant.js'
 
 function intList(text: string, flag: string): number[] {
   const values = text.split(',').map((s) => Number(s.trim()))

@@ -6,7 +6,7 @@ import {convertCheckpoints, defaultOutDir} from '../core/package/convert.js'
 import {formatBytes, percent} from '../core/format.js'
 import {Progress} from '../ui/progress.js'
 import {resolveCheckpointSource} from '../core/package/resolve.js'
-import {quantFlags, quantFromFlags} from '../quant-flags.js'
+import {quantFlags, quantFromFlags} from '../flags/quant.js'
 import {describeQuant} from '../core/quant/scheme.js'
 
 export default class Convert extends BaseCommand {

@@ -13,7 +13,7 @@ import {formatBytes, percent} from '../core/format.js'
 import {Progress} from '../ui/progress.js'
 import {renderStreamSummary} from '../ui/stream-view.js'
 import {createTable} from '../ui/table.js'
-import {quantFlags, quantFromFlags} from '../quant-flags.js'
+import {quantFlags, quantFromFlags} from '../flags/quant.js'
 
 export default class Eval extends BaseCommand {
   static override summary = 'Score a text with a model: mean negative log-likelihood and perplexity'

@@ -3,7 +3,7 @@ import {existsSync} from 'node:fs'
 import {Args, Flags, type Interfaces} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
-import {generationFlags, generationFlagOptions, numberFlag} from '../generation-flags.js'
+import {generationFlags, generationFlagOptions, numberFlag} from '../flags/generation.js'
 import {isRepoId} from '../core/hub/families.js'
 import {openRunContext, type RunContext} from '../core/run/context.js'
 import {checkWebGpu, DEVICES, type Device} from '../core/run/device.js'
@@ -14,7 +14,7 @@ import {Progress} from '../ui/progress.js'
 import {runBatch, runOneShot} from '../ui/run-modes.js'
 import {endOnClosedPipe} from '../ui/run-output.js'
 import {readStdin} from '../ui/stdin.js'
-import {quantFlags, quantFromFlags} from '../quant-flags.js'
+import {quantFlags, quantFromFlags} from '../flags/quant.js'
 
 const runFlags = {
   prompt: Flags.string({description: 'prompt text (instead of the PROMPT argument)', helpValue: 'TEXT'}),

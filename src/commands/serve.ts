@@ -7,7 +7,7 @@ import {checkWebGpu, DEVICES, type Device} from '../core/run/device.js'
 import {ServeEngine} from '../core/serve/engine.js'
 import {parseServeOptions, SERVE_DEFAULTS, type ServeOptions} from '../core/serve/options.js'
 import {RunningServer} from '../core/serve/server.js'
-import {quantFlags, quantFromFlags} from '../quant-flags.js'
+import {quantFlags, quantFromFlags} from '../flags/quant.js'
 import {Progress} from '../ui/progress.js'
 
 /** A number flag; checked in `parseServeOptions` so a bad value is one line, like every user error. */

@@ -3,7 +3,7 @@ import {Flags} from '@oclif/core'
 import {BaseCommand} from '../base-command.js'
 import {checkQueueUrl} from '../core/queue/connection.js'
 import {defaultConcurrency, QueueWorker} from '../core/queue/worker.js'
-import {queueFlag} from '../queue-flags.js'
+import {queueFlag} from '../flags/queue.js'
 import {Progress} from '../ui/progress.js'
 import {workerProgress} from '../ui/queue-report.js'
 

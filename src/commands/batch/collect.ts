@@ -8,7 +8,7 @@ import {UserError} from '../../core/errors.js'
 import {collectBatch} from '../../core/queue/collect.js'
 import {checkQueueUrl, withRedis} from '../../core/queue/connection.js'
 import {checkBatchName} from '../../core/queue/jobs.js'
-import {queueFlag} from '../../queue-flags.js'
+import {queueFlag} from '../../flags/queue.js'
 import {collectLine, failedLines} from '../../ui/queue-report.js'
 import {endOnClosedPipe} from '../../ui/run-output.js'
 

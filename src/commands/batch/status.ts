@@ -4,7 +4,7 @@ import {BaseCommand} from '../../base-command.js'
 import {checkQueueUrl, withRedis} from '../../core/queue/connection.js'
 import {checkBatchName} from '../../core/queue/jobs.js'
 import {batchStatus} from '../../core/queue/status.js'
-import {queueFlag} from '../../queue-flags.js'
+import {queueFlag} from '../../flags/queue.js'
 import {statusJson, statusLines} from '../../ui/queue-report.js'
 
 export default class BatchStatusCommand extends BaseCommand {

@@ -4,7 +4,7 @@
  */
 import {Flags, type Interfaces} from '@oclif/core'
 
-import type {RunOptions} from './core/run/plan.js'
+import type {RunOptions} from '../core/run/plan.js'
 
 /** A number flag; checked in `planRun` so a bad value is one line, like every user error. */
 export function numberFlag(description: string, helpValue = 'N', char?: 'n' | 'p') {

@@ -1,8 +1,8 @@
 // `--quant` and `--block-size`, shared by convert, run, eval and bench.
 import {Flags} from '@oclif/core'
 
-import {UserError} from './core/errors.js'
-import {BLOCK_SIZES, DEFAULT_BLOCK_SIZE, QUANT_NAMES, quantScheme, type QuantName, type QuantScheme} from './core/quant/scheme.js'
+import {UserError} from '../core/errors.js'
+import {BLOCK_SIZES, DEFAULT_BLOCK_SIZE, QUANT_NAMES, quantScheme, type QuantName, type QuantScheme} from '../core/quant/scheme.js'
 
 export const quantFlags = {
   quant: Flags.string({description: 'quantized weights: int8 or int4 (converted once per scheme, cached apart from fp32)', options: [...QUANT_NAMES]}),
