@@ -120,10 +120,6 @@ export class ParScaleModel implements DeviceCacheHost {
       ...(options.threads ? {intraOpNumThreads: options.threads, interOpNumThreads: 1} : {}),
       ...(device === 'webgpu' ? webgpuSessionOptions() : {}), // its own thread settings
     }
-    // ORT plans a memory pattern per input shape, and every prefill chunk and cache length is a
-    // new shape: the patterns only held memory (P = 8 at 1024 tokens: 40–170 MB of peak RSS less
-    // without them, no slower; turning off the arena instead was 100–300 MB worse).
-    if (device === 'cpu') base.enableMemPattern = false
     const sessionOptions: ort.InferenceSession.SessionOptions = {
       ...base,
       ...(options.profilePrefix ? {enableProfiling: true, profileFilePrefix: options.profilePrefix} : {}),
