@@ -99,7 +99,12 @@ export class ParScaleModel implements DeviceCacheHost {
   /** Which kernels run this model's steps at `parallel`, for reports. */
   kernels(parallel: number): {prefill: string; decode: string} {
     if (!this.manifest.quant) return {prefill: 'Gemm', decode: 'Gemm'}
-    return {prefill: 'MatMulNBits', decode: this.widenedOptions && parallel >= WIDENED_DECODE_FROM_PARALLEL ? 'DynamicQuantizeMatMul (int8 widened at load)' : 'MatMulNBits'}
+    return {prefill: 'MatMulNBits', decode: this.widensAt(parallel) ? 'DynamicQuantizeMatMul (int8 widened at load)' : 'MatMulNBits'}
+  }
+
+  /** Whether one-token steps at `parallel` run on the widened int8 graph. */
+  private widensAt(parallel: number): boolean {
+    return this.widenedOptions !== undefined && parallel >= WIDENED_DECODE_FROM_PARALLEL
   }
 
   static async open(packageDir: string, options: ModelOptions = {}): Promise<ParScaleModel> {
@@ -151,8 +156,8 @@ export class ParScaleModel implements DeviceCacheHost {
    * the same P gives the same answers in every command (run, serve, worker).
    */
   private decodeSession(parallel: number): Promise<ort.InferenceSession | undefined> {
-    if (!this.widenedOptions || parallel < WIDENED_DECODE_FROM_PARALLEL) return Promise.resolve(undefined)
     const options = this.widenedOptions
+    if (!options || !this.widensAt(parallel)) return Promise.resolve(undefined)
     this.widened ??= (async () => {
       const graph = widenedDecodeGraph(this.packageDir, this.manifest)
       return graph ? createSession(graph, options) : undefined // a read-only folder keeps the stored graph

@@ -104,8 +104,8 @@ export class ServeEngine {
     const [tokenizer, defaults, model] = await Promise.all([
       TextTokenizer.load(resolved.packageDir),
       readGenerationDefaults(resolved.packageDir),
-      // Any P may come, and rows of many requests decode together: let a quantized model choose its
-      // decode kernels for the largest P.
+      // Any P the package has may be asked for: a quantized model makes its P ≥ 4 decode graph now,
+      // not in the middle of the first such request.
       ParScaleModel.open(resolved.packageDir, {threads: options.threads, device: options.device ?? 'cpu', parallel: readManifest(resolved.packageDir).parallel}),
     ])
     const served: ServedModel = {
