@@ -14,7 +14,7 @@ import {SYNTHETIC_PRESETS} from '../src/core/checkpoint/synthetic.js'
 import {io} from '../src/core/onnx/parscale-graph.js'
 import {readManifest} from '../src/core/package/manifest.js'
 import {resolveModel} from '../src/core/package/resolve.js'
-import {ParScaleModel} from '../src/core/run/model.js'
+import {ParScaleModel} from '../src/core/engine/model.js'
 
 const {onnx} = onnxProto
 const which = process.argv[2] ?? 'default'

@@ -8,7 +8,7 @@ import {after, describe, test} from 'node:test'
 
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest} from '../src/core/package/manifest.js'
-import {ParScaleModel} from '../src/core/run/model.js'
+import {ParScaleModel} from '../src/core/engine/model.js'
 import {runCli} from './helpers/cli.js'
 import {copyCheckpointWith, editJson, goldenDir, makeTempDir, readSafetensorsForTest, rewriteSafetensors, writeSafetensors} from './helpers/safetensors-writer.js'
 

@@ -8,7 +8,7 @@ import {ChatSession} from '../src/core/run/chat.js'
 import {generateAll} from '../src/core/run/batcher.js'
 import type {GenerationOptions} from '../src/core/run/generation.js'
 import {resolveModel} from '../src/core/package/resolve.js'
-import {ParScaleModel} from '../src/core/run/model.js'
+import {ParScaleModel} from '../src/core/engine/model.js'
 import {readGenerationDefaults, TextTokenizer} from '../src/core/run/tokenizer.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 

@@ -6,7 +6,7 @@ import {after, describe, test} from 'node:test'
 
 import {Checkpoint} from '../src/core/checkpoint/checkpoint.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
-import {ParScaleModel} from '../src/core/run/model.js'
+import {ParScaleModel} from '../src/core/engine/model.js'
 import {runCli} from './helpers/cli.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 

@@ -9,7 +9,7 @@ import {after, describe, test} from 'node:test'
 
 import {Checkpoint} from '../src/core/checkpoint/checkpoint.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
-import {ParScaleModel} from '../src/core/run/model.js'
+import {ParScaleModel} from '../src/core/engine/model.js'
 import {summarizeStreamWeights, weightEntropy} from '../src/core/run/stream-stats.js'
 import {colorFor, renderStreamWeights, renderStreamSummary} from '../src/ui/stream-view.js'
 import {REPO_ROOT, runCli} from './helpers/cli.js'

@@ -8,8 +8,8 @@ import {after, before, describe, test} from 'node:test'
 
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {generateAll} from '../src/core/run/batcher.js'
-import {checkWebGpu} from '../src/core/run/device.js'
-import {ParScaleModel, type ModelOptions} from '../src/core/run/model.js'
+import {checkWebGpu} from '../src/core/engine/device.js'
+import {ParScaleModel, type ModelOptions} from '../src/core/engine/model.js'
 import {runCli} from './helpers/cli.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 

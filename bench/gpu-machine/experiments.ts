@@ -14,7 +14,7 @@ import {floatWeights, type FloatWeightProvider} from '../../src/core/onnx/weight
 import {convertCheckpoints} from '../../src/core/package/convert.js'
 import {readManifest} from '../../src/core/package/manifest.js'
 import {generateAll} from '../../src/core/run/batcher.js'
-import {ParScaleModel, type ModelOptions} from '../../src/core/run/model.js'
+import {ParScaleModel, type ModelOptions} from '../../src/core/engine/model.js'
 
 const [command, ...args] = process.argv.slice(2)
 const write = (file: string, value: unknown) => fs.writeFileSync(file, JSON.stringify(value, null, 1) + '\n')

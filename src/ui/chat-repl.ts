@@ -9,7 +9,7 @@ import {UserError} from '../core/errors.js'
 import {ChatSession, rawChatFormat} from '../core/run/chat.js'
 import type {RunContext} from '../core/run/context.js'
 import {chatTurnRequest, generationOptions} from '../core/run/requests.js'
-import type {ModelCache} from '../core/run/model.js'
+import type {ModelCache} from '../core/engine/model.js'
 import {chatJsonResult, type LineWriter, writeTokenText} from './run-output.js'
 import {answerStreamView} from './stream-view.js'
 

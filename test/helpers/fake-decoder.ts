@@ -3,7 +3,7 @@
 // also depend on P, so a request run at the wrong P is caught.
 import assert from 'node:assert/strict'
 
-import type {Decoder, DecoderOutput, SequenceCache} from '../../src/core/run/generation.js'
+import type {Decoder, DecoderOutput, SequenceCache} from '../../src/core/engine/decoder.js'
 
 export class FakeCache implements SequenceCache {
   slotTokens: number[][] = []

@@ -6,7 +6,7 @@ import path from 'node:path'
 
 import OpenAI from 'openai'
 
-import type {DecoderOutput} from '../../src/core/run/generation.js'
+import type {DecoderOutput} from '../../src/core/engine/decoder.js'
 import {ServeEngine} from '../../src/core/serve/engine.js'
 import type {ServedModel} from '../../src/core/serve/openai-requests.js'
 import {RunningServer, type ServerOptions} from '../../src/core/serve/server.js'

@@ -2,7 +2,7 @@ import fs from 'node:fs'
 import os from 'node:os'
 import {createRequire} from 'node:module'
 
-import type {Device} from '../run/device.js'
+import type {Device} from '../engine/device.js'
 import type {MachineInfo} from './types.js'
 
 function ortVersion(): string {

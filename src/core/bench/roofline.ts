@@ -11,7 +11,7 @@ import ort from 'onnxruntime-node'
 import {GraphBuilder} from '../onnx/builder.js'
 import {ExternalDataFile} from '../onnx/external-data.js'
 import {Ops} from '../onnx/ops.js'
-import {webgpuSessionOptions} from '../run/device.js'
+import {webgpuSessionOptions} from '../engine/device.js'
 import type {ProbeResult, ProbeSpec} from './types.js'
 
 function randomChunk(elements: number, seed: number): Uint8Array {

@@ -2,7 +2,7 @@
 import os from 'node:os'
 
 import type {SyntheticShape} from '../checkpoint/synthetic.js'
-import type {Device} from '../run/device.js'
+import type {Device} from '../engine/device.js'
 import {runWorker} from './child.js'
 import {machineInfo} from './machine.js'
 import {equivalentParameters, SCALING_FITS, scaledShape, shapeParameters} from './scaling-law.js'

@@ -1,5 +1,5 @@
 // Shapes of what the bench children receive and report (JSON over stdio).
-import type {Device} from '../run/device.js'
+import type {Device} from '../engine/device.js'
 
 /** One configuration to measure, run in its own child process. */
 export interface RunSpec {

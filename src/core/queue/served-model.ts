@@ -9,7 +9,7 @@ import {ContinuousBatcher, generateAll} from '../run/batcher.js'
 import {openRequestModel} from '../run/context.js'
 import type {GenerationOptions} from '../run/generation.js'
 import {jsonResult} from '../run/json-result.js'
-import {type ModelCache, ParScaleModel} from '../run/model.js'
+import {type ModelCache, ParScaleModel} from '../engine/model.js'
 import {generationOptions} from '../run/requests.js'
 import type {LineJob, ModelRef} from './jobs.js'
 

@@ -6,7 +6,8 @@
  * moves into its place. Requests of different P run in separate calls, one per P per step.
  */
 import {UserError} from '../errors.js'
-import {checkRequest, lastPosition, Row, type Decoder, type DecoderOutput, type GenerationOptions, type GenerationRequest, type GenerationResult, type SequenceCache, type TokenEvent} from './generation.js'
+import type {Decoder, DecoderOutput, SequenceCache} from '../engine/decoder.js'
+import {checkRequest, lastPosition, Row, type GenerationOptions, type GenerationRequest, type GenerationResult, type TokenEvent} from './generation.js'
 
 export interface SubmitHooks {
   onToken?: (event: Omit<TokenEvent, 'index'>) => void

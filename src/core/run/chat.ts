@@ -1,6 +1,7 @@
 /** Multi-turn chat over the decode loop, keeping the KV cache between turns. */
 import {UserError} from '../errors.js'
-import {checkRequest, generateSequence, prefill, Row, type Decoder, type GenerationOptions, type GenerationRequest, type GenerationResult, type SequenceCache, type TokenEvent} from './generation.js'
+import type {Decoder, SequenceCache} from '../engine/decoder.js'
+import {checkRequest, generateSequence, prefill, Row, type GenerationOptions, type GenerationRequest, type GenerationResult, type TokenEvent} from './generation.js'
 import type {ChatMessage} from './tokenizer.js'
 
 /** What a chat needs from the tokenizer (TextTokenizer provides it; see `rawChatFormat`). */

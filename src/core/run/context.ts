@@ -7,7 +7,7 @@ import {readManifest} from '../package/manifest.js'
 import {resolveModel, type ResolvedModel, type ResolveOptions} from '../package/resolve.js'
 import type {RunPlan} from './plan.js'
 import type {RequestContext} from './requests.js'
-import {ParScaleModel} from './model.js'
+import {ParScaleModel} from '../engine/model.js'
 import {readGenerationDefaults, TextTokenizer} from './tokenizer.js'
 
 /** What requests are built from, without the ONNX Runtime session: enough to check and encode prompts. */

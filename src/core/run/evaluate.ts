@@ -1,4 +1,5 @@
-import {prefill, type Decoder, type SequenceCache} from './generation.js'
+import type {Decoder, SequenceCache} from '../engine/decoder.js'
+import {prefill} from './generation.js'
 import {StreamWeightStats, type StreamSummary} from './stream-stats.js'
 
 export interface EvalResult {

@@ -4,7 +4,7 @@
  * Pure: the command maps its flags to `RunOptions`; how a request is built is in requests.ts.
  */
 import {UserError} from '../errors.js'
-import type {Device} from './device.js'
+import type {Device} from '../engine/device.js'
 import type {QuantScheme} from '../quant/scheme.js'
 
 /** Options given as text and checked here, so a bad value is one line like every user error. */

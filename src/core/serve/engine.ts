@@ -7,9 +7,10 @@
 import {basename, resolve} from 'node:path'
 
 import {ContinuousBatcher} from '../run/batcher.js'
-import type {Decoder, GenerationOptions, GenerationRequest, GenerationResult, SequenceCache} from '../run/generation.js'
-import type {Device} from '../run/device.js'
-import {ParScaleModel} from '../run/model.js'
+import type {Decoder, SequenceCache} from '../engine/decoder.js'
+import type {GenerationOptions, GenerationRequest, GenerationResult} from '../run/generation.js'
+import type {Device} from '../engine/device.js'
+import {ParScaleModel} from '../engine/model.js'
 import {generationOptions} from '../run/requests.js'
 import {readGenerationDefaults, TextTokenizer} from '../run/tokenizer.js'
 import {isRepoId} from '../hub/families.js'
