@@ -44,7 +44,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
   test('a request that arrives mid-stream joins the running batch at the next step, and leaves when done', () =>
     withServer({}, async (s) => {
       const controller = new AbortController()
-      const long = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 100_000, stream: true}, {signal: controller.signal})
+      const long = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 90_000, stream: true}, {signal: controller.signal})
       const chunks = long[Symbol.asyncIterator]()
       for (let i = 0; i < 3; i++) assert.equal((await chunks.next()).value?.choices[0].text, 'a')
       const joinedAt = s.decoder.calls.length
@@ -71,7 +71,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
   test('a client that disconnects mid-stream frees its row at once', () =>
     withServer({}, async (s) => {
       const controller = new AbortController()
-      const stream = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 100_000, stream: true}, {signal: controller.signal})
+      const stream = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 90_000, stream: true}, {signal: controller.signal})
       let received = 0
       for await (const chunk of stream) {
         assert.equal(chunk.choices[0].text, 'a')
@@ -94,7 +94,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
       const pending = fetch(`${s.url}/v1/completions`, {
         method: 'POST',
         headers: {'content-type': 'application/json'},
-        body: JSON.stringify({prompt: 'a', max_tokens: 100_000}),
+        body: JSON.stringify({prompt: 'a', max_tokens: 90_000}),
         signal: controller.signal,
       })
       await eventually('the generation runs', () => s.engine.inProgress === 1)
@@ -136,7 +136,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
       const response = await fetch(`${s.url}/v1/chat/completions`, {
         method: 'POST',
         headers: {'content-type': 'application/json'},
-        body: JSON.stringify({messages: [{role: 'user', content: 'a'}], max_tokens: 100_000, stream: true}),
+        body: JSON.stringify({messages: [{role: 'user', content: 'a'}], max_tokens: 90_000, stream: true}),
       })
       await eventually('the generation runs', () => s.engine.inProgress === 1)
       await s.server.shutdown(50)

@@ -181,6 +181,30 @@ describe('parscale serve on the default model (openai client)', () => {
     assert.equal(((await malformed.json()) as {error: {type: string}}).error.type, 'invalid_request_error')
   })
 
+  test('max_tokens past the context: 400 naming the context length, the prompt and the completion (openai client), for chat and completions', async () => {
+    const messages: OpenAI.Chat.ChatCompletionMessageParam[] = [{role: 'user', content: 'x = 1'}]
+    const promptTokens = (await client.chat.completions.create({model: 'parscale-default', messages, max_tokens: 1})).usage!.prompt_tokens
+    await assert.rejects(client.chat.completions.create({model: 'parscale-default', messages, max_tokens: 10_000_000}), (error: unknown) => {
+      assert.ok(error instanceof OpenAI.BadRequestError)
+      assert.equal(error.param, 'max_tokens')
+      assert.equal(error.code, 'context_length_exceeded')
+      assert.match(error.message, new RegExp(`maximum context length is 512 tokens\\. However, you requested ${10_000_000 + promptTokens} tokens \\(${promptTokens} in the messages, 10000000 in the completion\\)`))
+      return true
+    })
+    // A prompt that fits, with a completion that does not.
+    const long = 'x = 1\n'.repeat(80)
+    await assert.rejects(client.completions.create({model: 'parscale-default', prompt: long, max_tokens: 500}), (error: unknown) => {
+      assert.ok(error instanceof OpenAI.BadRequestError)
+      assert.equal(error.param, 'max_tokens')
+      assert.match(error.message, /maximum context length is 512 tokens\. However, you requested \d+ tokens \(\d+ in the prompt, 500 in the completion\)/)
+      return true
+    })
+    // Up to the context is served: what is left of it, to the last position.
+    const tokens = (await client.completions.create({model: 'parscale-default', prompt: long, max_tokens: 1, temperature: 0})).usage!.prompt_tokens
+    const full = await client.completions.create({model: 'parscale-default', prompt: long, max_tokens: 512 - tokens, temperature: 0, parallel: 1} as OpenAI.CompletionCreateParamsNonStreaming)
+    assert.equal(full.usage!.prompt_tokens + full.usage!.completion_tokens <= 512, true)
+  })
+
   test('metrics: requests by status, tokens, queue depth, running rows per P, TTFT and per-token latency', async () => {
     const response = await fetch(`${server.url}/metrics`)
     assert.match(response.headers.get('content-type') ?? '', /^text\/plain/)
