@@ -278,10 +278,42 @@ describe('parscale serve (the CLI)', () => {
       assert.equal(await serve.exited, 0, serve.stderr())
       assert.match(serve.stderr(), /SIGTERM: stopping; 1 generation finishing/)
       assert.match(serve.stderr(), /stopped\n$/)
+      assert.equal(serve.stdout(), '', 'no access log without --log-requests')
       await assert.rejects(fetch(`${serve.url}/health`), 'nothing listens any more')
     } finally {
       serve.kill()
     }
+  })
+
+  test('--log-requests: one JSON line per request on stdout, with P and tokens for a generation; serve --help tells of it', async () => {
+    const serve = await spawnServe(['--log-requests', '--parallel', '2'], env)
+    try {
+      const answer = await openaiClient(serve.url).chat.completions.create({model: 'parscale-default', messages: [{role: 'user', content: PROMPTS[0]}], max_tokens: 6, temperature: 0})
+      assert.equal((await fetch(`${serve.url}/v1/completions`)).status, 405)
+      serve.child.kill('SIGTERM')
+      assert.equal(await serve.exited, 0, serve.stderr())
+      const lines = serve.stdout().trim().split('\n').map((line) => JSON.parse(line) as Record<string, unknown>)
+      assert.equal(lines.length, 2, serve.stdout())
+      const {time, ms, reqId, ...chat} = lines[0]
+      assert.match(String(time), /^\d{4}-\d\d-\d\dT[\d:.]+Z$/)
+      assert.ok(typeof ms === 'number' && ms > 0)
+      assert.match(String(reqId), /^req-\w+$/)
+      assert.deepEqual(chat, {
+        level: 'info',
+        method: 'POST',
+        path: '/v1/chat/completions',
+        status: 200,
+        parallel: 2,
+        prompt_tokens: answer.usage!.prompt_tokens,
+        completion_tokens: answer.usage!.completion_tokens,
+        msg: 'request',
+      })
+      assert.deepEqual([lines[1].method, lines[1].path, lines[1].status], ['GET', '/v1/completions', 405])
+    } finally {
+      serve.kill()
+    }
+    const help = await runCli(['serve', '--help'], {env})
+    assert.match(help.stdout, /--log-requests\s+an access log: one JSON line per request on\s+stdout/)
   })
 
   test('bad flags and a busy port: one line on stderr, exit 1', async () => {

@@ -28,6 +28,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
   static override examples = [
     {description: 'Serve the default model on 127.0.0.1:8080', command: '<%= config.bin %> serve'},
     {description: 'Ask it with curl', command: `curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' -d '{"messages": [{"role": "user", "content": "def fibonacci(n):"}], "max_tokens": 32, "parallel": 4}'`},
+    {description: 'Keep an access log (JSON lines: {"level":"info","time":…,"reqId":"req-1","method":"POST","path":"/v1/chat/completions","status":200,"ms":812.4,"parallel":4,"prompt_tokens":9,"completion_tokens":32,"msg":"request"})', command: '<%= config.bin %> serve --log-requests >> access.jsonl'},
     {description: 'Serve a pulled model on every interface, with a key', command: '<%= config.bin %> serve ParScale/ParScale-1.8B-P8-Inst --host 0.0.0.0 --api-key "$KEY"'},
   ]
 
@@ -45,6 +46,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     threads: numberFlag('ONNX Runtime intra-op threads'),
     device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
     ...quantFlags,
+    'log-requests': Flags.boolean({description: 'an access log: one JSON line per request on stdout (method, path, status, ms; for generations P and tokens), from fastify\'s logger'}),
     'shutdown-timeout': numberFlag(`seconds running requests get to finish after SIGTERM / Ctrl-C (default ${SERVE_DEFAULTS.shutdownTimeout})`, 'SECONDS'),
   }
 
@@ -68,7 +70,13 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     const engine = await this.load(args.model, options, device, quant)
     let server: RunningServer
     try {
-      server = await RunningServer.listen(engine, {host: options.host, port: options.port, apiKey: options.apiKey, onInternalError: reportInternalError})
+      server = await RunningServer.listen(engine, {
+        host: options.host,
+        port: options.port,
+        apiKey: options.apiKey,
+        onInternalError: reportInternalError,
+        ...(flags['log-requests'] ? {requestLog: process.stdout} : {}),
+      })
     } catch (error) {
       await engine.close()
       throw error

@@ -14,7 +14,7 @@ import type {GenerationResult} from '../run/generation.js'
 import {ApiError, internalError, invalidRequest, methodNotAllowed, shuttingDown, unauthorized} from './api-error.js'
 import type {ServeEngine} from './engine.js'
 import {prepareChat, prepareCompletion, type PreparedRequest} from './openai-requests.js'
-import {chatChunk, chatCompletion, modelList, textChunk, textCompletion, usageChunk, type CompletionHeader, type ModelCard} from './responses.js'
+import {chatChunk, chatCompletion, modelList, textChunk, textCompletion, usageChunk, usageOf, type CompletionHeader, type ModelCard} from './responses.js'
 import {chatCompletionSchema, completionSchema, type ChatCompletionBody, type CompletionBody} from './schemas.js'
 import {SseStream} from './sse.js'
 
@@ -25,6 +25,18 @@ export interface ServerOptions {
   bodyLimit?: number
   /** Internal errors (not the client's) are reported here, not to the client. */
   onInternalError?: (error: unknown) => void
+  /**
+   * The access log: one JSON line per answered request (method, path, status, ms; P and tokens
+   * for generations), written by fastify's logger (pino). None when left out.
+   */
+  requestLog?: NodeJS.WritableStream
+}
+
+/** What the access log adds for a request that generated. */
+interface GenerationLog {
+  parallel: number
+  prompt_tokens: number
+  completion_tokens: number
 }
 
 /** After the last generation ends, how long its answer may take to reach a slow client. */
@@ -115,7 +127,17 @@ const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'
 export function createServer(engine: ServeEngine, options: ServerOptions = {}): FastifyInstance {
   const bodyLimit = options.bodyLimit ?? 1 << 20
   const app = Fastify({
-    logger: false,
+    // Fastify's own lines (at info: a request's start and end) are left out below warn; the
+    // access log is a child logger at info, one line per request, 499s included.
+    logger: options.requestLog
+      ? {
+          level: 'warn',
+          stream: options.requestLog,
+          base: null,
+          timestamp: () => `,"time":"${new Date().toISOString()}"`,
+          formatters: {level: (label: string) => ({level: label})},
+        }
+      : false,
     bodyLimit,
     // Shutdown answers in the OpenAI shape (see the onRequest hook) instead of fastify's 503.
     return503OnClosing: false,
@@ -123,6 +145,7 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
     ajv: {customOptions: {coerceTypes: false, useDefaults: false, removeAdditional: false, allErrors: false}},
     // Errors met before routing (a malformed URL) in the OpenAI shape too.
     frameworkErrors: (error, request, reply) => {
+      observe(request, reply)
       const apiError = toApiError(error, {bodyLimit, contentType: request.headers['content-type']})
       void (reply as FastifyReply).code(apiError.status).headers(apiError.headers).send(apiError.body)
     },
@@ -149,13 +172,29 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
   }
   const keyDigest = options.apiKey === undefined ? undefined : sha256(options.apiKey)
 
-  app.addHook('onRequest', async (request, reply) => {
-    const path = request.url.split('?')[0]
+  const accessLog = options.requestLog ? app.log.child({}, {level: 'info'}) : undefined
+  /** P and token counts of the requests that generated, for their access log line. */
+  const generations = new WeakMap<FastifyRequest, GenerationLog>()
+  const noteGeneration = (request: FastifyRequest, prepared: PreparedRequest, results: GenerationResult[]) => {
+    const {prompt_tokens: promptTokens, completion_tokens: completionTokens} = usageOf(results)
+    generations.set(request, {parallel: prepared.parallel, prompt_tokens: promptTokens, completion_tokens: completionTokens})
+  }
+
+  /** Counts the request in the metrics and the access log once its connection is done with it. */
+  function observe(request: FastifyRequest, reply: FastifyReply): void {
+    const start = performance.now()
     reply.raw.once('close', () => {
       // 499 (nginx's "client closed request"): the client left before the answer was complete.
       const status = reply.raw.writableFinished ? reply.raw.statusCode : 499
       engine.metrics.request(request.routeOptions.url ?? 'unknown', status)
+      const ms = Math.round((performance.now() - start) * 10) / 10
+      accessLog?.info({reqId: request.id, method: request.method, path: request.url.split('?')[0], status, ms, ...generations.get(request)}, 'request')
     })
+  }
+
+  app.addHook('onRequest', async (request, reply) => {
+    const path = request.url.split('?')[0]
+    observe(request, reply)
     if (engine.isClosing && path !== '/metrics') throw shuttingDown()
     if (keyDigest && !OPEN_PATHS.has(path)) checkBearer(request, keyDigest)
     // Before the body is read: a wrong method is answered as such whatever the body holds.
@@ -188,8 +227,9 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
   app.post<{Body: ChatCompletionBody}>('/v1/chat/completions', {schema: {body: chatCompletionSchema}}, async (request, reply) => {
     const prepared = prepareChat(served, request.body)
     const header = completionHeader('chatcmpl', prepared)
-    if (!prepared.stream) return chatCompletion(header, await generateWhole(engine, prepared, reply.raw))
-    await streamGeneration(engine, prepared, reply, options, {
+    const done = (results: GenerationResult[]) => noteGeneration(request, prepared, results)
+    if (!prepared.stream) return chatCompletion(header, await generateWhole(engine, prepared, reply.raw, done))
+    await streamGeneration(engine, prepared, reply, options, done, {
       first: (choice) => chatChunk(header, choice, {role: 'assistant', content: ''}),
       text: (choice, text) => chatChunk(header, choice, {content: text}),
       last: (choice, result, rest) => chatChunk(header, choice, rest === '' ? {} : {content: rest}, result.finishReason),
@@ -200,8 +240,9 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
   app.post<{Body: CompletionBody}>('/v1/completions', {schema: {body: completionSchema}}, async (request, reply) => {
     const prepared = prepareCompletion(served, request.body)
     const header = completionHeader('cmpl', prepared)
-    if (!prepared.stream) return textCompletion(header, await generateWhole(engine, prepared, reply.raw))
-    await streamGeneration(engine, prepared, reply, options, {
+    const done = (results: GenerationResult[]) => noteGeneration(request, prepared, results)
+    if (!prepared.stream) return textCompletion(header, await generateWhole(engine, prepared, reply.raw, done))
+    await streamGeneration(engine, prepared, reply, options, done, {
       text: (choice, text) => textChunk(header, choice, text),
       last: (choice, result, rest) => textChunk(header, choice, rest, result.finishReason),
       usage: (results) => usageChunk(header, 'text_completion', results),
@@ -245,12 +286,21 @@ function clientGone(response: ServerResponse): AbortSignal {
   return controller.signal
 }
 
-async function generateWhole(engine: ServeEngine, prepared: PreparedRequest, response: ServerResponse): Promise<GenerationResult[]> {
+async function generateWhole(engine: ServeEngine, prepared: PreparedRequest, response: ServerResponse, done: (results: GenerationResult[]) => void): Promise<GenerationResult[]> {
   const admission = engine.admit(prepared.requests.length)
-  return engine.generate(admission, prepared.requests, {signal: clientGone(response)})
+  const results = await engine.generate(admission, prepared.requests, {signal: clientGone(response)})
+  done(results)
+  return results
 }
 
-async function streamGeneration(engine: ServeEngine, prepared: PreparedRequest, reply: FastifyReply, options: ServerOptions, shapes: ChunkShapes): Promise<void> {
+async function streamGeneration(
+  engine: ServeEngine,
+  prepared: PreparedRequest,
+  reply: FastifyReply,
+  options: ServerOptions,
+  done: (results: GenerationResult[]) => void,
+  shapes: ChunkShapes,
+): Promise<void> {
   // Admission first: a refusal (429, 503) is still an ordinary JSON error response.
   const admission = engine.admit(prepared.requests.length)
   reply.hijack()
@@ -275,6 +325,7 @@ async function streamGeneration(engine: ServeEngine, prepared: PreparedRequest, 
     sse.end()
     return
   }
+  done(results)
   results.forEach((result, choice) => sse.send(shapes.last(choice, result, result.text.slice(streamed[choice].length))))
   if (prepared.includeUsage) sse.send(shapes.usage(results))
   sse.end()
