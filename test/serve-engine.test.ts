@@ -1,6 +1,7 @@
 // `parscale serve`'s HTTP layer over the fake decoder, whose steps a test can hold: queue
 // limits, disconnects, shutdown, the API key and hostile input, with no dependence on timing.
 import assert from 'node:assert/strict'
+import {PassThrough} from 'node:stream'
 import {describe, test} from 'node:test'
 
 import OpenAI from 'openai'
@@ -44,7 +45,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
   test('a request that arrives mid-stream joins the running batch at the next step, and leaves when done', () =>
     withServer({}, async (s) => {
       const controller = new AbortController()
-      const long = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 100_000, stream: true}, {signal: controller.signal})
+      const long = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 90_000, stream: true}, {signal: controller.signal})
       const chunks = long[Symbol.asyncIterator]()
       for (let i = 0; i < 3; i++) assert.equal((await chunks.next()).value?.choices[0].text, 'a')
       const joinedAt = s.decoder.calls.length
@@ -71,7 +72,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
   test('a client that disconnects mid-stream frees its row at once', () =>
     withServer({}, async (s) => {
       const controller = new AbortController()
-      const stream = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 100_000, stream: true}, {signal: controller.signal})
+      const stream = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 90_000, stream: true}, {signal: controller.signal})
       let received = 0
       for await (const chunk of stream) {
         assert.equal(chunk.choices[0].text, 'a')
@@ -94,7 +95,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
       const pending = fetch(`${s.url}/v1/completions`, {
         method: 'POST',
         headers: {'content-type': 'application/json'},
-        body: JSON.stringify({prompt: 'a', max_tokens: 100_000}),
+        body: JSON.stringify({prompt: 'a', max_tokens: 90_000}),
         signal: controller.signal,
       })
       await eventually('the generation runs', () => s.engine.inProgress === 1)
@@ -136,7 +137,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
       const response = await fetch(`${s.url}/v1/chat/completions`, {
         method: 'POST',
         headers: {'content-type': 'application/json'},
-        body: JSON.stringify({messages: [{role: 'user', content: 'a'}], max_tokens: 100_000, stream: true}),
+        body: JSON.stringify({messages: [{role: 'user', content: 'a'}], max_tokens: 90_000, stream: true}),
       })
       await eventually('the generation runs', () => s.engine.inProgress === 1)
       await s.server.shutdown(50)
@@ -216,4 +217,51 @@ describe('serve: limits and lifecycle (fake model)', () => {
       const fine = await s.client.completions.create({model: 'fake-model', prompt: 'a', max_tokens: 2})
       assert.equal(fine.choices[0].text, 'aa')
     }))
+})
+
+describe('serve: access log (fake model)', () => {
+  test('requestLog: one JSON line per request (method, path, status, ms; P and tokens for generations), 499 for a client that left', async () => {
+    const log = new PassThrough()
+    let written = ''
+    log.on('data', (d: Buffer) => (written += d.toString()))
+    const lines = () => written.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>)
+    await withServer({requestLog: log}, async (s) => {
+      assert.equal((await fetch(`${s.url}/health?probe=1`)).status, 200)
+      await s.client.completions.create({model: 'fake-model', prompt: 'abc', max_tokens: 3, parallel: 2} as OpenAI.CompletionCreateParamsNonStreaming)
+      const stream = await s.client.chat.completions.create({model: 'fake-model', messages: [{role: 'user', content: 'ab'}], max_tokens: 4, stream: true})
+      for await (const _chunk of stream) {
+        // read to the end
+      }
+      assert.equal((await fetch(`${s.url}/v1/chat/completions`)).status, 405)
+      // A client that leaves mid-stream (after the chunk with the role, sent before any step).
+      s.decoder.hold()
+      const controller = new AbortController()
+      const leaving = await fetch(`${s.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: {'content-type': 'application/json'},
+        body: JSON.stringify({messages: [{role: 'user', content: 'a'}], max_tokens: 50, stream: true}),
+        signal: controller.signal,
+      })
+      await leaving.body!.getReader().read()
+      controller.abort()
+      await eventually('the departed request is logged', () => lines().length === 5)
+      s.decoder.resume()
+    })
+    const [health, completion, chat, wrongMethod, departed] = lines()
+    for (const line of lines()) {
+      assert.equal(line.level, 'info')
+      assert.equal(line.msg, 'request')
+      assert.match(String(line.time), /^\d{4}-\d\d-\d\dT/)
+      assert.equal(typeof line.ms, 'number')
+      assert.match(String(line.reqId), /^req-/)
+    }
+    assert.deepEqual({...health, time: 0, ms: 0, reqId: ''}, {level: 'info', time: 0, reqId: '', method: 'GET', path: '/health', status: 200, ms: 0, msg: 'request'})
+    assert.deepEqual(
+      [completion.method, completion.path, completion.status, completion.parallel, completion.prompt_tokens, completion.completion_tokens],
+      ['POST', '/v1/completions', 200, 2, 3, 3],
+    )
+    assert.deepEqual([chat.path, chat.status, chat.parallel, chat.prompt_tokens, chat.completion_tokens], ['/v1/chat/completions', 200, 1, 2, 4])
+    assert.deepEqual([wrongMethod.method, wrongMethod.status, wrongMethod.parallel], ['GET', 405, undefined])
+    assert.deepEqual([departed.path, departed.status], ['/v1/chat/completions', 499])
+  })
 })

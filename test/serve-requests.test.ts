@@ -52,6 +52,13 @@ describe('serve: OpenAI bodies to generation requests', () => {
     assert.equal(templated.maxNewTokens, 2, 'max_completion_tokens wins over max_tokens')
   })
 
+  test('max_tokens up to the context is taken as is; without it, the default ends at the context', () => {
+    const model = served({eosTokenIds: [], maxNewTokens: 256})
+    assert.equal(prepareCompletion(model, {prompt: 'abc', max_tokens: 17}).requests[0].maxNewTokens, 17, 'prompt + max_tokens = the context')
+    assert.equal(prepareChat(model, {messages: [{role: 'user', content: 'ab'}], max_completion_tokens: 18, max_tokens: 10_000}).requests[0].maxNewTokens, 18)
+    assert.equal(prepareCompletion(model, {prompt: 'abc'}).requests[0].maxNewTokens, 256, 'generation_config\'s limit is not refused')
+  })
+
   test('a list of prompts: one request each, seeds one apart', () => {
     const {requests} = prepareCompletion(served(), {prompt: ['a', 'b'], seed: 10, temperature: 1})
     assert.deepEqual(requests.map((r) => [r.promptIds, r.sampling.seed]), [[[0], 10], [[1], 11]])
@@ -63,6 +70,15 @@ describe('serve: OpenAI bodies to generation requests', () => {
     refused(() => prepareCompletion(model, {prompt: 'a', parallel: 8}), 400, 'parallel', /no parallel = 8; available: 1, 2, 4/)
     refused(() => prepareCompletion(model, {prompt: 'a'.repeat(20)}), 400, 'prompt', /maximum context length is 20 tokens; the prompt is 20 tokens/)
     refused(() => prepareCompletion(model, {prompt: ['a', '']}), 400, 'prompt[1]', /empty/)
+    refused(
+      () => prepareCompletion(model, {prompt: 'abc', max_tokens: 18}),
+      400,
+      'max_tokens',
+      /^This model's maximum context length is 20 tokens\. However, you requested 21 tokens \(3 in the prompt, 18 in the completion\)\. Please reduce the length of the prompt or max_tokens\.$/,
+    )
+    refused(() => prepareCompletion(model, {prompt: ['a', 'abc'], max_tokens: 18}), 400, 'max_tokens', /you requested 21 tokens \(3 in the prompt, 18 in the completion\)/)
+    refused(() => prepareChat(model, {messages: [{role: 'user', content: 'ab'}], max_completion_tokens: 10_000_000}), 400, 'max_completion_tokens', /\(2 in the messages, 10000000 in the completion\)/)
+    refused(() => prepareChat(model, {messages: [{role: 'user', content: 'ab'}], max_tokens: 19}), 400, 'max_tokens', /reduce the length of the messages or max_tokens/)
     refused(() => prepareCompletion(model, {prompt: 'a', n: 2}), 400, 'n', /n > 1/)
     refused(() => prepareCompletion(model, {prompt: 'a', presence_penalty: 0.5}), 400, 'presence_penalty', /repetition_penalty/)
     refused(() => prepareCompletion(model, {prompt: [1, 2]}), 400, 'prompt', /token-id prompts/)

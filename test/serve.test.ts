@@ -181,6 +181,30 @@ describe('parscale serve on the default model (openai client)', () => {
     assert.equal(((await malformed.json()) as {error: {type: string}}).error.type, 'invalid_request_error')
   })
 
+  test('max_tokens past the context: 400 naming the context length, the prompt and the completion (openai client), for chat and completions', async () => {
+    const messages: OpenAI.Chat.ChatCompletionMessageParam[] = [{role: 'user', content: 'x = 1'}]
+    const promptTokens = (await client.chat.completions.create({model: 'parscale-default', messages, max_tokens: 1})).usage!.prompt_tokens
+    await assert.rejects(client.chat.completions.create({model: 'parscale-default', messages, max_tokens: 10_000_000}), (error: unknown) => {
+      assert.ok(error instanceof OpenAI.BadRequestError)
+      assert.equal(error.param, 'max_tokens')
+      assert.equal(error.code, 'context_length_exceeded')
+      assert.match(error.message, new RegExp(`maximum context length is 512 tokens\\. However, you requested ${10_000_000 + promptTokens} tokens \\(${promptTokens} in the messages, 10000000 in the completion\\)`))
+      return true
+    })
+    // A prompt that fits, with a completion that does not.
+    const long = 'x = 1\n'.repeat(80)
+    await assert.rejects(client.completions.create({model: 'parscale-default', prompt: long, max_tokens: 500}), (error: unknown) => {
+      assert.ok(error instanceof OpenAI.BadRequestError)
+      assert.equal(error.param, 'max_tokens')
+      assert.match(error.message, /maximum context length is 512 tokens\. However, you requested \d+ tokens \(\d+ in the prompt, 500 in the completion\)/)
+      return true
+    })
+    // Up to the context is served: what is left of it, to the last position.
+    const tokens = (await client.completions.create({model: 'parscale-default', prompt: long, max_tokens: 1, temperature: 0})).usage!.prompt_tokens
+    const full = await client.completions.create({model: 'parscale-default', prompt: long, max_tokens: 512 - tokens, temperature: 0, parallel: 1} as OpenAI.CompletionCreateParamsNonStreaming)
+    assert.equal(full.usage!.prompt_tokens + full.usage!.completion_tokens <= 512, true)
+  })
+
   test('metrics: requests by status, tokens, queue depth, running rows per P, TTFT and per-token latency', async () => {
     const response = await fetch(`${server.url}/metrics`)
     assert.match(response.headers.get('content-type') ?? '', /^text\/plain/)
@@ -254,10 +278,42 @@ describe('parscale serve (the CLI)', () => {
       assert.equal(await serve.exited, 0, serve.stderr())
       assert.match(serve.stderr(), /SIGTERM: stopping; 1 generation finishing/)
       assert.match(serve.stderr(), /stopped\n$/)
+      assert.equal(serve.stdout(), '', 'no access log without --log-requests')
       await assert.rejects(fetch(`${serve.url}/health`), 'nothing listens any more')
     } finally {
       serve.kill()
     }
+  })
+
+  test('--log-requests: one JSON line per request on stdout, with P and tokens for a generation; serve --help tells of it', async () => {
+    const serve = await spawnServe(['--log-requests', '--parallel', '2'], env)
+    try {
+      const answer = await openaiClient(serve.url).chat.completions.create({model: 'parscale-default', messages: [{role: 'user', content: PROMPTS[0]}], max_tokens: 6, temperature: 0})
+      assert.equal((await fetch(`${serve.url}/v1/completions`)).status, 405)
+      serve.child.kill('SIGTERM')
+      assert.equal(await serve.exited, 0, serve.stderr())
+      const lines = serve.stdout().trim().split('\n').map((line) => JSON.parse(line) as Record<string, unknown>)
+      assert.equal(lines.length, 2, serve.stdout())
+      const {time, ms, reqId, ...chat} = lines[0]
+      assert.match(String(time), /^\d{4}-\d\d-\d\dT[\d:.]+Z$/)
+      assert.ok(typeof ms === 'number' && ms > 0)
+      assert.match(String(reqId), /^req-\w+$/)
+      assert.deepEqual(chat, {
+        level: 'info',
+        method: 'POST',
+        path: '/v1/chat/completions',
+        status: 200,
+        parallel: 2,
+        prompt_tokens: answer.usage!.prompt_tokens,
+        completion_tokens: answer.usage!.completion_tokens,
+        msg: 'request',
+      })
+      assert.deepEqual([lines[1].method, lines[1].path, lines[1].status], ['GET', '/v1/completions', 405])
+    } finally {
+      serve.kill()
+    }
+    const help = await runCli(['serve', '--help'], {env})
+    assert.match(help.stdout, /--log-requests\s+an access log: one JSON line per request on\s+stdout/)
   })
 
   test('bad flags and a busy port: one line on stderr, exit 1', async () => {

@@ -2,6 +2,7 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
 import {formatBytes, percent} from '../core/format.js'
+import {onStopRequest} from '../core/processes.js'
 import type {QuantScheme} from '../core/quant/scheme.js'
 import {checkWebGpu, DEVICES, type Device} from '../core/engine/device.js'
 import {ServeEngine} from '../core/serve/engine.js'
@@ -20,13 +21,14 @@ export default class Serve extends BaseCommand {
   static override description = `Endpoints: POST /v1/chat/completions, POST /v1/completions (both with "stream": true for server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus).
 A request may pick its number of parallel streams with the extension field "parallel" (one of the P values /v1/models lists); without it, --parallel. Requests that arrive while others decode join the running batch at the next step (up to --max-batch sequences per P); past --max-queue running + waiting generations, requests get 429 with Retry-After.
 Sampling fields left out of a request come from the model's generation_config.json, as with \`parscale run\`. A model without a chat template (like the embedded default model, a base model) answers chat requests by continuing the conversation's texts joined together, system messages left out.
-SIGTERM or Ctrl-C stops accepting requests and lets running ones finish for up to --shutdown-timeout seconds (Ctrl-C again cuts them off), then exits 0.
+SIGTERM or Ctrl-C stops accepting requests and lets running ones finish for up to --shutdown-timeout seconds (Ctrl-C again cuts them off), then exits 0. Started through npx or npm run, it stops the same way when npm exits (npm signals only the shell it started, so SIGTERM sent to npx never reaches the server).
 
 MODEL is a converted package, a checkpoint folder (converted on first use and cached), or a pulled hub repo id; without it, the embedded default model.`
 
   static override examples = [
     {description: 'Serve the default model on 127.0.0.1:8080', command: '<%= config.bin %> serve'},
     {description: 'Ask it with curl', command: `curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' -d '{"messages": [{"role": "user", "content": "def fibonacci(n):"}], "max_tokens": 32, "parallel": 4}'`},
+    {description: 'Keep an access log (JSON lines: {"level":"info","time":…,"reqId":"req-1","method":"POST","path":"/v1/chat/completions","status":200,"ms":812.4,"parallel":4,"prompt_tokens":9,"completion_tokens":32,"msg":"request"})', command: '<%= config.bin %> serve --log-requests >> access.jsonl'},
     {description: 'Serve a pulled model on every interface, with a key', command: '<%= config.bin %> serve ParScale/ParScale-1.8B-P8-Inst --host 0.0.0.0 --api-key "$KEY"'},
   ]
 
@@ -44,6 +46,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     threads: numberFlag('ONNX Runtime intra-op threads'),
     device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
     ...quantFlags,
+    'log-requests': Flags.boolean({description: 'an access log: one JSON line per request on stdout (method, path, status, ms; for generations P and tokens), from fastify\'s logger'}),
     'shutdown-timeout': numberFlag(`seconds running requests get to finish after SIGTERM / Ctrl-C (default ${SERVE_DEFAULTS.shutdownTimeout})`, 'SECONDS'),
   }
 
@@ -67,7 +70,13 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     const engine = await this.load(args.model, options, device, quant)
     let server: RunningServer
     try {
-      server = await RunningServer.listen(engine, {host: options.host, port: options.port, apiKey: options.apiKey, onInternalError: reportInternalError})
+      server = await RunningServer.listen(engine, {
+        host: options.host,
+        port: options.port,
+        apiKey: options.apiKey,
+        onInternalError: reportInternalError,
+        ...(flags['log-requests'] ? {requestLog: process.stdout} : {}),
+      })
     } catch (error) {
       await engine.close()
       throw error
@@ -98,28 +107,27 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
   }
 }
 
-/** Serves until SIGTERM or SIGINT, then drains: the first signal waits for running requests, a second cuts them off. */
+/**
+ * Serves until SIGTERM, SIGINT or (under npx / npm) npm exiting, then drains: the first request
+ * waits for running generations, a second cuts them off.
+ */
 function untilStopped(server: RunningServer, timeoutSeconds: number): Promise<void> {
   return new Promise((resolve, reject) => {
-    let stopping = false
-    const onSignal = (signal: NodeJS.Signals) => {
-      if (stopping) {
-        process.stderr.write(`${signal}: cutting off the running requests\n`)
+    const stopWatching = onStopRequest((cause, again) => {
+      const by = cause === 'launcher exited' ? 'npm exited' : cause
+      if (again) {
+        process.stderr.write(`${by}: cutting off the running requests\n`)
         server.hurry()
         return
       }
-      stopping = true
       const running = server.inProgress
-      process.stderr.write(`${signal}: stopping${running > 0 ? `; ${running} generation${running === 1 ? '' : 's'} finishing (up to ${timeoutSeconds} s, Ctrl-C again to cut off)` : ''}\n`)
+      process.stderr.write(`${by}: stopping${running > 0 ? `; ${running} generation${running === 1 ? '' : 's'} finishing (up to ${timeoutSeconds} s, Ctrl-C again to cut off)` : ''}\n`)
       server.shutdown(timeoutSeconds * 1000).then(() => {
-        process.off('SIGTERM', onSignal)
-        process.off('SIGINT', onSignal)
+        stopWatching()
         process.stderr.write('stopped\n')
         resolve()
       }, reject)
-    }
-    process.on('SIGTERM', onSignal)
-    process.on('SIGINT', onSignal)
+    })
   })
 }
 

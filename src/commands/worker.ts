@@ -1,6 +1,7 @@
 import {Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
+import {onStopRequest} from '../core/processes.js'
 import {checkQueueUrl} from '../core/queue/connection.js'
 import {defaultConcurrency, QueueWorker} from '../core/queue/worker.js'
 import {queueFlag} from '../flags/queue.js'
@@ -11,7 +12,7 @@ export default class WorkerCommand extends BaseCommand {
   static override summary = 'Generate queued batch lines (from `batch submit`) until stopped'
 
   static override description = `Serves every model with queued batches that this machine can run: the submitter's folder, hub repo id or the embedded model resolved here (or one of --model), with the same package fingerprint as the jobs. A model it cannot serve gets one line on stderr, and its jobs stay for other workers.
-Lines of one model and P decode --batch-size at a time, a new line joining as another finishes (continuous batching, as \`run --batch\`); each result is stored on its job. Run as many workers as you like, on any machine that reaches Redis: a worker that dies (kill -9, a lost machine) loses nothing, as its jobs go back to the queue once their lock expires (--stall-timeout). SIGTERM or Ctrl-C finishes the lines in hand, then exits; a second one exits at once.
+Lines of one model and P decode --batch-size at a time, a new line joining as another finishes (continuous batching, as \`run --batch\`); each result is stored on its job. Run as many workers as you like, on any machine that reaches Redis: a worker that dies (kill -9, a lost machine) loses nothing, as its jobs go back to the queue once their lock expires (--stall-timeout). SIGTERM or Ctrl-C finishes the lines in hand, then exits; a second one exits at once. Started through npx or npm run, it finishes the same way when npm exits (npm signals only the shell it started, so SIGTERM sent to npx never reaches the worker).
 Progress is shown when stderr is a terminal.`
 
   static override examples = [
@@ -73,15 +74,15 @@ Progress is shown when stderr is a terminal.`
     repaint()
     const started = worker
     await new Promise<void>((resolve) => {
-      let stopping = false
-      const stop = () => {
-        if (stopping) process.exit(130)
-        stopping = true
+      const stopWatching = onStopRequest((cause, again) => {
+        if (again) process.exit(130)
+        if (cause === 'launcher exited') progress.log('npm exited: finishing the lines in hand')
         progress.update('finishing the lines in hand (again to quit now)')
-        void started.close().then(resolve)
-      }
-      process.on('SIGTERM', stop)
-      process.on('SIGINT', stop)
+        void started.close().then(() => {
+          stopWatching()
+          resolve()
+        })
+      })
     })
     progress.stop()
   }

@@ -98,6 +98,7 @@ export function openaiClient(url: string, apiKey = 'unused'): OpenAI {
 export interface ServeChild {
   url: string
   child: ChildProcessWithoutNullStreams
+  stdout(): string
   stderr(): string
   /** Resolves with the exit code. */
   exited: Promise<number | null>
@@ -112,7 +113,9 @@ export function spawnServe(args: string[], env: Record<string, string>): Promise
     env: {...process.env, NODE_NO_WARNINGS: '1', ...env},
     stdio: ['pipe', 'pipe', 'pipe'],
   })
+  let stdout = ''
   let stderr = ''
+  child.stdout.on('data', (data: Buffer) => (stdout += data.toString()))
   const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)))
   const kill = () => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')
@@ -121,7 +124,7 @@ export function spawnServe(args: string[], env: Record<string, string>): Promise
     child.stderr.on('data', (data: Buffer) => {
       stderr += data.toString()
       const match = /serving .* at (http:\/\/\S+)\/v1/.exec(stderr)
-      if (match) resolve({url: match[1], child, stderr: () => stderr, exited, kill})
+      if (match) resolve({url: match[1], child, stdout: () => stdout, stderr: () => stderr, exited, kill})
     })
     exited.then((code) => reject(new Error(`serve exited (${code}) before listening: ${stderr}`)))
   })

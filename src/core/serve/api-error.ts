@@ -37,6 +37,10 @@ export function modelNotFound(requested: string, served: string): ApiError {
   return new ApiError(404, `The model "${requested}" does not exist; this server runs "${served}"`, 'not_found_error', 'model', 'model_not_found')
 }
 
+export function methodNotAllowed(method: string, path: string, allow: string): ApiError {
+  return new ApiError(405, `Invalid method for URL (${method} ${path}): it takes ${allow.replace(/, HEAD/, '').split(', ').join(' or ')}`, 'invalid_request_error', null, 'method_not_allowed', {Allow: allow})
+}
+
 export function unauthorized(message: string): ApiError {
   return new ApiError(401, message, 'authentication_error', null, 'invalid_api_key', {'WWW-Authenticate': 'Bearer'})
 }

@@ -45,7 +45,12 @@ export function prepareChat(model: ServedModel, body: ChatCompletionBody): Prepa
   }
   const messages = body.messages.map(toChatMessage)
   const promptIds = encodeConversation(model, messages)
-  return prepared(model, body, [{ids: promptIds, param: 'messages'}], body.max_completion_tokens ?? body.max_tokens ?? undefined)
+  // max_completion_tokens is OpenAI's newer name; it wins when both are sent.
+  const maxTokens: MaxTokens | undefined =
+    body.max_completion_tokens != null ? {value: body.max_completion_tokens, param: 'max_completion_tokens'}
+    : body.max_tokens != null ? {value: body.max_tokens, param: 'max_tokens'}
+    : undefined
+  return prepared(model, body, [{ids: promptIds, param: 'messages'}], maxTokens)
 }
 
 export function prepareCompletion(model: ServedModel, body: CompletionBody): PreparedRequest {
@@ -58,7 +63,7 @@ export function prepareCompletion(model: ServedModel, body: CompletionBody): Pre
   const prompts = typeof body.prompt === 'string' ? [body.prompt] : body.prompt
   if (!prompts.every((p): p is string => typeof p === 'string')) throw unsupported('prompt', 'token-id prompts are not supported; send the prompt as text')
   const encoded = prompts.map((p, i) => ({ids: model.tokenizer.encode(p), param: prompts.length > 1 ? `prompt[${i}]` : 'prompt'}))
-  return prepared(model, body, encoded, body.max_tokens ?? undefined)
+  return prepared(model, body, encoded, body.max_tokens != null ? {value: body.max_tokens, param: 'max_tokens'} : undefined)
 }
 
 /** A prompt's ids and the field it came from, for error messages. */
@@ -67,14 +72,20 @@ interface EncodedPrompt {
   param: string
 }
 
-function prepared(model: ServedModel, body: CommonBody, prompts: EncodedPrompt[], maxTokens: number | undefined): PreparedRequest {
+/** The request's own limit on new tokens, and the field that set it. */
+interface MaxTokens {
+  value: number
+  param: 'max_tokens' | 'max_completion_tokens'
+}
+
+function prepared(model: ServedModel, body: CommonBody, prompts: EncodedPrompt[], maxTokens: MaxTokens | undefined): PreparedRequest {
   const parallel = body.parallel ?? model.defaultParallel
   if (!model.parallelValues.includes(parallel)) {
     throw invalidRequest(`The model has no parallel = ${parallel}; available: ${model.parallelValues.join(', ')}`, 'parallel', 'unsupported_parallel')
   }
   const numbers: RunNumbers = {
     batchSize: 1,
-    maxNewTokens: maxTokens,
+    maxNewTokens: maxTokens?.value,
     temperature: body.temperature ?? undefined,
     topK: body.top_k ?? undefined,
     topP: body.top_p ?? undefined,
@@ -91,6 +102,17 @@ function prepared(model: ServedModel, body: CommonBody, prompts: EncodedPrompt[]
       throw invalidRequest(
         `This model's maximum context length is ${model.context} tokens; the prompt is ${promptIds.length} tokens`,
         param,
+        'context_length_exceeded',
+      )
+    }
+    // A limit the client set that cannot fit is refused, as OpenAI and vLLM do; the default one
+    // (generation_config's) ends at the context instead, with finish reason "length".
+    if (maxTokens !== undefined && promptIds.length + maxTokens.value > model.context) {
+      const where = param.startsWith('prompt') ? 'prompt' : 'messages'
+      throw invalidRequest(
+        `This model's maximum context length is ${model.context} tokens. However, you requested ${promptIds.length + maxTokens.value} tokens ` +
+          `(${promptIds.length} in the ${where}, ${maxTokens.value} in the completion). Please reduce the length of the ${where} or ${maxTokens.param}.`,
+        maxTokens.param,
         'context_length_exceeded',
       )
     }

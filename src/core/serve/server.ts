@@ -11,10 +11,10 @@ import Fastify, {type FastifyError, type FastifyInstance, type FastifyReply, typ
 
 import {UserError} from '../errors.js'
 import type {GenerationResult} from '../run/generation.js'
-import {ApiError, internalError, invalidRequest, shuttingDown, unauthorized} from './api-error.js'
+import {ApiError, internalError, invalidRequest, methodNotAllowed, shuttingDown, unauthorized} from './api-error.js'
 import type {ServeEngine} from './engine.js'
 import {prepareChat, prepareCompletion, type PreparedRequest} from './openai-requests.js'
-import {chatChunk, chatCompletion, modelList, textChunk, textCompletion, usageChunk, type CompletionHeader, type ModelCard} from './responses.js'
+import {chatChunk, chatCompletion, modelList, textChunk, textCompletion, usageChunk, usageOf, type CompletionHeader, type ModelCard} from './responses.js'
 import {chatCompletionSchema, completionSchema, type ChatCompletionBody, type CompletionBody} from './schemas.js'
 import {SseStream} from './sse.js'
 
@@ -25,6 +25,18 @@ export interface ServerOptions {
   bodyLimit?: number
   /** Internal errors (not the client's) are reported here, not to the client. */
   onInternalError?: (error: unknown) => void
+  /**
+   * The access log: one JSON line per answered request (method, path, status, ms; P and tokens
+   * for generations), written by fastify's logger (pino). None when left out.
+   */
+  requestLog?: NodeJS.WritableStream
+}
+
+/** What the access log adds for a request that generated. */
+interface GenerationLog {
+  parallel: number
+  prompt_tokens: number
+  completion_tokens: number
 }
 
 /** After the last generation ends, how long its answer may take to reach a slow client. */
@@ -109,14 +121,44 @@ function listenError(error: unknown, {host, port}: ListenOptions): Error {
   return error instanceof Error ? error : new Error(String(error))
 }
 
+/** Methods a route may be asked with: any of them on a known URL that does not take it is a 405. */
+const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const
+
 export function createServer(engine: ServeEngine, options: ServerOptions = {}): FastifyInstance {
+  const bodyLimit = options.bodyLimit ?? 1 << 20
   const app = Fastify({
-    logger: false,
-    bodyLimit: options.bodyLimit ?? 1 << 20,
+    // Fastify's own lines (at info: a request's start and end) are left out below warn; the
+    // access log is a child logger at info, one line per request, 499s included.
+    logger: options.requestLog
+      ? {
+          level: 'warn',
+          stream: options.requestLog,
+          base: null,
+          timestamp: () => `,"time":"${new Date().toISOString()}"`,
+          formatters: {level: (label: string) => ({level: label})},
+        }
+      : false,
+    bodyLimit,
     // Shutdown answers in the OpenAI shape (see the onRequest hook) instead of fastify's 503.
     return503OnClosing: false,
     // Wrong types must be refused, not coerced ("5" is not a number of tokens).
     ajv: {customOptions: {coerceTypes: false, useDefaults: false, removeAdditional: false, allErrors: false}},
+    // Errors met before routing (a malformed URL) in the OpenAI shape too.
+    frameworkErrors: (error, request, reply) => {
+      observe(request, reply)
+      const apiError = toApiError(error, {bodyLimit, contentType: request.headers['content-type']})
+      void (reply as FastifyReply).code(apiError.status).headers(apiError.headers).send(apiError.body)
+    },
+  })
+  // Bodies are JSON only: fastify would also take text/plain as a string (then "must be object").
+  app.removeContentTypeParser('text/plain')
+  // Each URL's methods, for the 405s registered once every route is known.
+  const routeMethods = new Map<string, Set<string>>()
+  app.addHook('onRoute', (route) => {
+    if ((route.config as RouteConfig | undefined)?.allow !== undefined) return
+    const methods = routeMethods.get(route.url) ?? new Set<string>()
+    for (const method of [route.method].flat()) methods.add(method)
+    routeMethods.set(route.url, methods)
   })
   const created = Math.floor(Date.now() / 1000)
   const served = engine.served
@@ -130,19 +172,38 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
   }
   const keyDigest = options.apiKey === undefined ? undefined : sha256(options.apiKey)
 
-  app.addHook('onRequest', async (request, reply) => {
-    const path = request.url.split('?')[0]
+  const accessLog = options.requestLog ? app.log.child({}, {level: 'info'}) : undefined
+  /** P and token counts of the requests that generated, for their access log line. */
+  const generations = new WeakMap<FastifyRequest, GenerationLog>()
+  const noteGeneration = (request: FastifyRequest, prepared: PreparedRequest, results: GenerationResult[]) => {
+    const {prompt_tokens: promptTokens, completion_tokens: completionTokens} = usageOf(results)
+    generations.set(request, {parallel: prepared.parallel, prompt_tokens: promptTokens, completion_tokens: completionTokens})
+  }
+
+  /** Counts the request in the metrics and the access log once its connection is done with it. */
+  function observe(request: FastifyRequest, reply: FastifyReply): void {
+    const start = performance.now()
     reply.raw.once('close', () => {
       // 499 (nginx's "client closed request"): the client left before the answer was complete.
       const status = reply.raw.writableFinished ? reply.raw.statusCode : 499
       engine.metrics.request(request.routeOptions.url ?? 'unknown', status)
+      const ms = Math.round((performance.now() - start) * 10) / 10
+      accessLog?.info({reqId: request.id, method: request.method, path: request.url.split('?')[0], status, ms, ...generations.get(request)}, 'request')
     })
+  }
+
+  app.addHook('onRequest', async (request, reply) => {
+    const path = request.url.split('?')[0]
+    observe(request, reply)
     if (engine.isClosing && path !== '/metrics') throw shuttingDown()
     if (keyDigest && !OPEN_PATHS.has(path)) checkBearer(request, keyDigest)
+    // Before the body is read: a wrong method is answered as such whatever the body holds.
+    const allow = (request.routeOptions.config as RouteConfig).allow
+    if (allow !== undefined) throw methodNotAllowed(request.method, path, allow)
   })
 
-  app.setErrorHandler((error: FastifyError | ApiError | Error, _request, reply) => {
-    const apiError = toApiError(error)
+  app.setErrorHandler((error: FastifyError | ApiError | Error, request, reply) => {
+    const apiError = toApiError(error, {bodyLimit, contentType: request.headers['content-type']})
     if (apiError.status >= 500 && !(error instanceof ApiError)) options.onInternalError?.(error)
     return reply.code(apiError.status).headers(apiError.headers).send(apiError.body)
   })
@@ -166,8 +227,9 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
   app.post<{Body: ChatCompletionBody}>('/v1/chat/completions', {schema: {body: chatCompletionSchema}}, async (request, reply) => {
     const prepared = prepareChat(served, request.body)
     const header = completionHeader('chatcmpl', prepared)
-    if (!prepared.stream) return chatCompletion(header, await generateWhole(engine, prepared, reply.raw))
-    await streamGeneration(engine, prepared, reply, options, {
+    const done = (results: GenerationResult[]) => noteGeneration(request, prepared, results)
+    if (!prepared.stream) return chatCompletion(header, await generateWhole(engine, prepared, reply.raw, done))
+    await streamGeneration(engine, prepared, reply, options, done, {
       first: (choice) => chatChunk(header, choice, {role: 'assistant', content: ''}),
       text: (choice, text) => chatChunk(header, choice, {content: text}),
       last: (choice, result, rest) => chatChunk(header, choice, rest === '' ? {} : {content: rest}, result.finishReason),
@@ -178,13 +240,25 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
   app.post<{Body: CompletionBody}>('/v1/completions', {schema: {body: completionSchema}}, async (request, reply) => {
     const prepared = prepareCompletion(served, request.body)
     const header = completionHeader('cmpl', prepared)
-    if (!prepared.stream) return textCompletion(header, await generateWhole(engine, prepared, reply.raw))
-    await streamGeneration(engine, prepared, reply, options, {
+    const done = (results: GenerationResult[]) => noteGeneration(request, prepared, results)
+    if (!prepared.stream) return textCompletion(header, await generateWhole(engine, prepared, reply.raw, done))
+    await streamGeneration(engine, prepared, reply, options, done, {
       text: (choice, text) => textChunk(header, choice, text),
       last: (choice, result, rest) => textChunk(header, choice, rest, result.finishReason),
       usage: (results) => usageChunk(header, 'text_completion', results),
     })
   })
+
+  // Every other method on a known URL: 405 with Allow, as OpenAI answers (HEAD comes with GET).
+  for (const [url, methods] of routeMethods) {
+    if (methods.has('GET')) methods.add('HEAD')
+    const allow = [...methods].join(', ')
+    const others = HTTP_METHODS.filter((method) => !methods.has(method))
+    const config: RouteConfig = {allow}
+    app.route({method: others, url, config, handler: async (request) => {
+      throw methodNotAllowed(request.method, url, allow)
+    }})
+  }
 
   function completionHeader(prefix: string, prepared: PreparedRequest): CompletionHeader {
     return {id: `${prefix}-${randomUUID().replaceAll('-', '')}`, created: Math.floor(Date.now() / 1000), model: served.id, parallel: prepared.parallel}
@@ -212,12 +286,21 @@ function clientGone(response: ServerResponse): AbortSignal {
   return controller.signal
 }
 
-async function generateWhole(engine: ServeEngine, prepared: PreparedRequest, response: ServerResponse): Promise<GenerationResult[]> {
+async function generateWhole(engine: ServeEngine, prepared: PreparedRequest, response: ServerResponse, done: (results: GenerationResult[]) => void): Promise<GenerationResult[]> {
   const admission = engine.admit(prepared.requests.length)
-  return engine.generate(admission, prepared.requests, {signal: clientGone(response)})
+  const results = await engine.generate(admission, prepared.requests, {signal: clientGone(response)})
+  done(results)
+  return results
 }
 
-async function streamGeneration(engine: ServeEngine, prepared: PreparedRequest, reply: FastifyReply, options: ServerOptions, shapes: ChunkShapes): Promise<void> {
+async function streamGeneration(
+  engine: ServeEngine,
+  prepared: PreparedRequest,
+  reply: FastifyReply,
+  options: ServerOptions,
+  done: (results: GenerationResult[]) => void,
+  shapes: ChunkShapes,
+): Promise<void> {
   // Admission first: a refusal (429, 503) is still an ordinary JSON error response.
   const admission = engine.admit(prepared.requests.length)
   reply.hijack()
@@ -242,6 +325,7 @@ async function streamGeneration(engine: ServeEngine, prepared: PreparedRequest, 
     sse.end()
     return
   }
+  done(results)
   results.forEach((result, choice) => sse.send(shapes.last(choice, result, result.text.slice(streamed[choice].length))))
   if (prepared.includeUsage) sse.send(shapes.usage(results))
   sse.end()
@@ -259,23 +343,52 @@ function sha256(text: string): Buffer {
   return createHash('sha256').update(text).digest()
 }
 
-/** Any error → what the client sees. Only the client's own mistakes carry a message. */
-export function toApiError(error: unknown): ApiError {
+/** A route's own settings: `allow` marks the routes that answer 405 (the methods the URL takes). */
+interface RouteConfig {
+  allow?: string
+}
+
+/** What an error's message may say about the request. */
+export interface ErrorContext {
+  bodyLimit?: number
+  contentType?: string
+}
+
+/**
+ * Any error → what the client sees. Only the client's own mistakes carry a message; the
+ * framework's errors get the API's own messages and codes (never fastify's FST_ERR_* names).
+ */
+export function toApiError(error: unknown, context: ErrorContext = {}): ApiError {
   if (error instanceof ApiError) return error
   if (error instanceof UserError) return invalidRequest(error.message)
   const fastifyError = error as Partial<FastifyError>
   if (fastifyError.validation && fastifyError.validation.length > 0) return validationError(fastifyError.validation)
   const status = fastifyError.statusCode
-  if (typeof status === 'number' && status >= 400 && status < 500) {
-    if (error instanceof SyntaxError && /prototype property/.test(error.message)) {
-      return invalidRequest('The body contains a forbidden key ("__proto__" or "constructor.prototype")', null, 'invalid_json')
-    }
-    if (error instanceof SyntaxError || fastifyError.code === 'FST_ERR_CTP_INVALID_JSON_BODY') {
-      return invalidRequest('We could not parse the JSON body of your request: it is not valid JSON', null, 'invalid_json')
-    }
-    return new ApiError(status, fastifyError.message ?? 'Bad request', 'invalid_request_error', null, fastifyError.code ?? null)
+  if (typeof status !== 'number' || status < 400 || status >= 500) return internalError()
+  if (error instanceof SyntaxError && /prototype property/.test(error.message)) {
+    return invalidRequest('The body contains a forbidden key ("__proto__" or "constructor.prototype")', null, 'invalid_json')
   }
-  return internalError()
+  switch (fastifyError.code) {
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE': {
+      const got = context.contentType ? `"${context.contentType.split(';')[0].trim()}"` : 'no Content-Type'
+      return new ApiError(415, `The body must be JSON sent with "Content-Type: application/json" (got ${got})`, 'invalid_request_error', null, 'unsupported_media_type')
+    }
+    case 'FST_ERR_CTP_BODY_TOO_LARGE': {
+      const limit = context.bodyLimit === undefined ? '' : ` of ${context.bodyLimit} bytes`
+      return new ApiError(413, `The request body is over this server's limit${limit}`, 'invalid_request_error', null, 'body_too_large')
+    }
+    case 'FST_ERR_CTP_EMPTY_JSON_BODY':
+      return invalidRequest('The request body is empty: send a JSON object', null, 'invalid_json')
+    case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
+      return invalidRequest('The request body\'s length does not match its Content-Length header', null, 'invalid_body')
+    case 'FST_ERR_BAD_URL':
+      return invalidRequest('The request URL is malformed (a bad %-escape?)', null, 'invalid_url')
+  }
+  if (error instanceof SyntaxError || fastifyError.code === 'FST_ERR_CTP_INVALID_JSON_BODY') {
+    return invalidRequest('We could not parse the JSON body of your request: it is not valid JSON', null, 'invalid_json')
+  }
+  // Another of the framework's refusals: its status and message, without its internal code.
+  return new ApiError(status, fastifyError.message ?? 'Bad request', 'invalid_request_error')
 }
 
 /** What a field with several accepted shapes takes, by its parameter name (indices removed). */
@@ -291,6 +404,8 @@ function validationError(errors: NonNullable<FastifyError['validation']>): ApiEr
   const anyOf = [...errors].reverse().find((e) => e.keyword === 'anyOf')
   const error = anyOf ?? errors[0]
   const param = jsonPointerToParam(error.instancePath)
+  // No body, or JSON that is not an object (an array, a string).
+  if (!param && error.keyword === 'type') return invalidRequest('The request body must be a JSON object', null, 'invalid_value')
   const name = param || 'the body'
   let problem = error.message ?? 'is invalid'
   if (anyOf) problem = `must be ${SHAPES[param.replace(/\[\d+\]/g, '[]')] ?? 'of another type'}`
