@@ -57,8 +57,8 @@ test('bench on a tiny synthetic shape: table, csv, json, real child processes', 
   }
 })
 
-test('bench refuses a bad --parallel in one line', async () => {
+test('bench refuses a bad --parallel in one line, exit 2 (usage)', async () => {
   const r = await runCli(['bench', '--synthetic', '0.5b', '--parallel', '0,x'])
-  assert.equal(r.code, 1)
+  assert.equal(r.code, 2)
   assert.match(r.stderr, /^parscale: --parallel must be/)
 })

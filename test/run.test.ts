@@ -59,9 +59,18 @@ function jsonl(name: string, lines: unknown[]): string {
   return file
 }
 
-/** One line on stderr, `parscale: …`, exit 1, nothing on stdout. */
+/** One line on stderr, `parscale: …`, exit 1 (a runtime failure), nothing on stdout. */
 function refused(r: ReturnType<typeof run>, ...parts: string[]): void {
-  assert.equal(r.status, 1, r.stderr)
+  refusedWith(1, r, ...parts)
+}
+
+/** The same for a usage error: exit 2. */
+function misused(r: ReturnType<typeof run>, ...parts: string[]): void {
+  refusedWith(2, r, ...parts)
+}
+
+function refusedWith(status: number, r: ReturnType<typeof run>, ...parts: string[]): void {
+  assert.equal(r.status, status, r.stderr)
   assert.equal(r.stdout, '')
   const lines = r.stderr.trim().split('\n')
   assert.equal(lines.length, 1, r.stderr)
@@ -211,19 +220,25 @@ describe('parscale run: bad input', () => {
     assert.equal(jsonLines(r.stdout)[0].prompt_tokens, 4092)
   })
 
-  it('invalid flags and combinations are one clear line', () => {
-    refused(run([model, '--prompt', 'a', '--temperature', '-1']), '--temperature')
-    refused(run([model, '--prompt', 'a', '--top-p', '1.5']), '--top-p')
-    refused(run([model, '--prompt', 'a', '-n', '0']), '--max-new-tokens')
-    refused(run([model, '--prompt', 'a', '--temperature', '0', '--top-k', '5']), '--top-k')
-    refused(run([model, 'a', '--prompt', 'b']), 'once')
-    refused(run([model, '--prompt', 'a', '--batch', 'x.jsonl']), '--batch')
-    refused(run([model, '--chat', '--batch', 'x.jsonl']), '--batch')
-    refused(run([model, '--chat', '--prompt', 'a']), '--chat')
-    refused(run([model, '--raw', '--system', 'S', '--prompt', 'a']), '--system', '--raw')
+  it('invalid flags and combinations are one clear line, exit 2 (usage)', () => {
+    misused(run([model, '--prompt', 'a', '--temperature', '-1']), '--temperature')
+    misused(run([model, '--prompt', 'a', '--top-p', '1.5']), '--top-p')
+    misused(run([model, '--prompt', 'a', '-n', '0']), '--max-new-tokens')
+    misused(run([model, '--prompt', 'a', '--parallel', '0']), '--parallel must be a whole number >= 1')
+    misused(run([model, '--prompt', 'a', '--temperature', '0', '--top-k', '5']), '--top-k')
+    misused(run([model, 'a', '--prompt', 'b']), 'once')
+    misused(run([model, '--prompt', 'a', '--batch', 'x.jsonl']), '--batch')
+    misused(run([model, '--chat', '--batch', 'x.jsonl']), '--batch')
+    misused(run([model, '--chat', '--prompt', 'a']), '--chat')
+    misused(run([model, '--raw', '--system', 'S', '--prompt', 'a']), '--system', '--raw')
+    misused(run([model, '--prompt', '']), 'empty')
+    misused(run([model, '--prompt', 'a', '--no-such-flag']), 'Nonexistent flag: --no-such-flag', '`parscale run --help`')
+    misused(run([model, '--prompt', 'a', '--device', 'tpu']), '--device')
+  })
+
+  it('what the machine lacks is a runtime failure, exit 1', () => {
     refused(run(['fixtures/golden/tiny-p4', '--prompt', 'a', '--parallel', '3']), '--parallel 3', '4')
     refused(run(['./no/such/folder', 'hi']), 'no/such/folder')
-    refused(run([model, '--prompt', '']), 'empty')
     refused(run([model], ''), 'no prompt')
   })
 })

@@ -6,7 +6,7 @@ import {BaseCommand} from '../base-command.js'
 import {benchMachine, benchPackage, benchVsParams, probeRoofline, type BenchReport} from '../core/bench/run-bench.js'
 import {prepareBenchModel} from '../core/bench/bench-model.js'
 import {SCALING_FITS} from '../core/bench/scaling-law.js'
-import {UserError} from '../core/errors.js'
+import {UsageError, UserError} from '../core/errors.js'
 import {readManifest} from '../core/package/manifest.js'
 import {checkWebGpu, DEVICES, type Device} from '../core/engine/device.js'
 import {SYNTHETIC_PRESETS} from '../core/checkpoint/synthetic.js'
@@ -17,7 +17,7 @@ import {quantFlags, quantFromFlags} from '../flags/quant.js'
 
 function intList(text: string, flag: string): number[] {
   const values = text.split(',').map((s) => Number(s.trim()))
-  if (values.length === 0 || values.some((v) => !Number.isSafeInteger(v) || v < 1)) throw new UserError(`--${flag} must be a comma-separated list of positive integers (found "${text}")`)
+  if (values.length === 0 || values.some((v) => !Number.isSafeInteger(v) || v < 1)) throw new UsageError(`--${flag} must be a comma-separated list of positive integers (found "${text}")`)
   return values
 }
 
@@ -92,7 +92,7 @@ export default class Bench extends BaseCommand {
       intermediateSize: flags.intermediate, vocabSize: flags.vocab,
     }
     const synthetic = flags.synthetic !== undefined || Object.values(dims).some((v) => v !== undefined)
-    if (flags['vs-params'] && !synthetic) throw new UserError('--vs-params needs a synthetic shape (--synthetic 0.5b)')
+    if (flags['vs-params'] && !synthetic) throw new UsageError('--vs-params needs a synthetic shape (--synthetic 0.5b)')
     if (flags['vs-params'] && !parallel.includes(1)) parallel.unshift(1)
     // A bad --plot target fails now, not after minutes of measuring.
     const plots = (flags.plot ?? []).map(plotTarget)

@@ -1,7 +1,7 @@
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
-import {UserError} from '../core/errors.js'
+import {UsageError} from '../core/errors.js'
 import {convertCheckpoints, defaultOutDir} from '../core/package/convert.js'
 import {formatBytes, percent} from '../core/format.js'
 import {Progress} from '../ui/progress.js'
@@ -39,7 +39,7 @@ The package is written to a temporary folder and renamed into place when complet
   async run(): Promise<void> {
     const {argv, flags} = await this.parse(Convert)
     const quant = quantFromFlags(flags)
-    if (quant && flags.dtype !== 'fp32') throw new UserError('--quant and --dtype fp16 cannot be combined: a quantized package keeps its vectors in fp32')
+    if (quant && flags.dtype !== 'fp32') throw new UsageError('--quant and --dtype fp16 cannot be combined: a quantized package keeps its vectors in fp32')
     const sources = (argv as string[]).map((source) => resolveCheckpointSource(source))
     const outDir = flags.out ?? defaultOutDir(sources[0])
     const progress = new Progress('reading checkpoint')

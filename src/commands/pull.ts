@@ -2,7 +2,7 @@ import {Args, Flags} from '@oclif/core'
 import type {Ora} from 'ora'
 
 import {BaseCommand} from '../base-command.js'
-import {UserError} from '../core/errors.js'
+import {EXIT_INTERRUPTED, UsageError, UserError} from '../core/errors.js'
 import {resolveFamilyName} from '../core/hub/families.js'
 import type {PullProgress} from '../core/hub/pull.js'
 import {formatBytes, formatDuration, formatRate} from '../core/format.js'
@@ -62,11 +62,11 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
     const [{pullModel}, {default: ora}] = await Promise.all([import('../core/hub/pull.js'), import('ora')])
     const at = args.model.indexOf('@')
     const revision = at >= 0 ? args.model.slice(at + 1) : undefined
-    if (at >= 0 && !revision) throw new UserError(`${args.model}: empty revision after "@"`)
+    if (at >= 0 && !revision) throw new UsageError(`${args.model}: empty revision after "@"`)
     const repoId = resolveFamilyName(at >= 0 ? args.model.slice(0, at) : args.model, flags.parallel)
 
     const interrupt = new AbortController()
-    const onSigint = (): void => interrupt.abort(new UserError('pull interrupted; run it again to resume', 130))
+    const onSigint = (): void => interrupt.abort(new UserError('pull interrupted; run it again to resume', EXIT_INTERRUPTED))
     process.once('SIGINT', onSigint)
 
     let spinner: Ora | undefined

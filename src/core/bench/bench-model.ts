@@ -1,5 +1,5 @@
 // Which package a benchmark measures: a synthetic shape (built once, cached) or a user's model.
-import {UserError} from '../errors.js'
+import {UsageError, UserError} from '../errors.js'
 import {readManifest} from '../package/manifest.js'
 import {resolveModel} from '../package/resolve.js'
 import {syntheticShape, type SyntheticShape} from '../checkpoint/synthetic.js'
@@ -27,7 +27,7 @@ export interface BenchModel {
 export function prepareBenchModel(request: BenchModelRequest, onStatus: (text: string) => void): BenchModel {
   const explicit = Object.values(request.dims).some((v) => v !== undefined)
   if (request.synthetic || explicit) {
-    if (request.model) throw new UserError('give a MODEL or --synthetic, not both')
+    if (request.model) throw new UsageError('give a MODEL or --synthetic, not both')
     const shape = syntheticShape(request.synthetic, request.dims)
     const packageDir = ensureSyntheticPackage(shape, {parallel: request.parallel, quant: request.quant, onProgress: onStatus})
     const weights = request.quant ? describeQuant(request.quant) : 'fp32'

@@ -48,7 +48,7 @@ async function loadRequestModel(resolved: ResolvedModel, {options, numbers}: Pic
   const [tokenizer, defaults] = await Promise.all([TextTokenizer.load(resolved.packageDir), readGenerationDefaults(resolved.packageDir)])
   const useTemplate = !options.raw && tokenizer.hasChatTemplate
   if (options.system !== undefined && !useTemplate) {
-    throw new UserError(options.raw ? '--system needs the chat template; drop --raw' : 'the model\'s tokenizer has no chat template, so --system cannot be used')
+    throw new UserError('the model\'s tokenizer has no chat template, so --system cannot be used')
   }
   const manifest = readManifest(resolved.packageDir)
   return {
