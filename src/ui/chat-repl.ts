@@ -11,6 +11,7 @@ import type {RunContext} from '../core/run/context.js'
 import {chatTurnRequest, generationOptions} from '../core/run/requests.js'
 import type {ModelCache} from '../core/engine/model.js'
 import {chatJsonResult, type LineWriter, writeTokenText} from './run-output.js'
+import {strictUtf8Text} from './stdin.js'
 import {answerStreamView} from './stream-view.js'
 
 const CHAT_HELP = `commands:
@@ -25,7 +26,14 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
   const interactive = Boolean(process.stdin.isTTY)
   const format = ctx.useTemplate ? tokenizer : rawChatFormat(tokenizer)
   const chat = new ChatSession(ctx.model, ctx.parallel, format, {...generationOptions(ctx), system: options.system})
-  const rl = createInterface({input: process.stdin, output: process.stdout, terminal: interactive, prompt: '> '})
+  // Piped input is decoded strictly: bytes that are not UTF-8 end the chat with one line.
+  const input = interactive ? process.stdin : strictUtf8Text(process.stdin)
+  let inputError: unknown
+  const rl = createInterface({input, output: process.stdout, terminal: interactive, prompt: '> '})
+  input.on('error', (error) => {
+    inputError = error
+    rl.close()
+  })
   let answering: AbortController | undefined
   rl.on('SIGINT', () => {
     if (answering) answering.abort()
@@ -65,6 +73,7 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
     if (interactive) rl.prompt()
   }
   rl.close()
+  if (inputError !== undefined) throw inputError
 }
 
 /** Handles a /command; returns true to leave the chat. */

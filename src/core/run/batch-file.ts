@@ -6,6 +6,7 @@
 import {readFile} from 'node:fs/promises'
 
 import {FileFormatError} from '../errors.js'
+import {decodeUtf8, lineAt} from '../utf8.js'
 import type {ChatMessage} from './tokenizer.js'
 
 export type BatchInput = {kind: 'prompt'; text: string} | {kind: 'messages'; messages: ChatMessage[]}
@@ -97,12 +98,12 @@ export function parseBatchFile(text: string, file: string): BatchItem[] {
 }
 
 export async function readBatchFile(file: string): Promise<BatchItem[]> {
-  let text: string
+  let bytes: Buffer
   try {
-    text = await readFile(file, 'utf8')
+    bytes = await readFile(file)
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code
     throw new FileFormatError(file, code === 'ENOENT' ? 'no such file' : `cannot read (${code ?? (error as Error).message})`)
   }
-  return parseBatchFile(text, file)
+  return parseBatchFile(decodeUtf8(bytes, (offset) => `${file}:${lineAt(bytes, offset)}`), file)
 }
