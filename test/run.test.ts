@@ -208,8 +208,21 @@ describe('parscale run: bad input', () => {
   it('a bad batch line is reported by FILE:LINE and nothing is generated', () => {
     const file = jsonl('bad.jsonl', [{prompt: 'fine'}, {prompt: 'fine'}, '{"prompt": "oops"', {prompt: 'fine'}])
     refused(run([model, '--batch', file, '--json']), `${file}:3: not valid JSON`)
-    const keys = jsonl('keys.jsonl', [{prompt: 'a', max_tokens: 3}])
-    refused(run([model, '--batch', keys]), `${keys}:1:`, 'max_tokens')
+    const keys = jsonl('keys.jsonl', [{prompt: 'a', max_tokens: 3, max_new_tokens: 4}])
+    refused(run([model, '--batch', keys]), `${keys}:1:`, '"max_new_tokens" (4) and "max_tokens" (3) differ')
+  })
+
+  it('a batch line may say max_tokens, as serve does, and its id comes back on its result', () => {
+    const file = jsonl('ids.jsonl', [{id: 'first', prompt: 'The quick', max_tokens: 3}, {prompt: 'brown fox', max_new_tokens: 3}, {id: 7, prompt: 'jumps', max_tokens: 2}])
+    const r = run([model, '--batch', file, '--raw', '--temperature', '0', '--json'])
+    assert.equal(r.status, 0, r.stderr)
+    const out = jsonLines(r.stdout) as (JsonResult & {id?: string | number})[]
+    assert.deepEqual(out.map((o) => o.id), ['first', undefined, 7])
+    assert.deepEqual(out.map((o) => o.generated_tokens), [3, 3, 2])
+    assert.equal(Object.keys(out[0])[0], 'id', 'the id leads the object')
+    const text = run([model, '--batch', file, '--raw', '--temperature', '0'])
+    assert.match(text.stdout, new RegExp(`^\\[${file}:1 id first\\]\n`))
+    assert.ok(text.stdout.includes(`[${file}:3 id 7]\n`))
   })
 
   it('a prompt longer than the context fails, --truncate keeps the tail', () => {

@@ -6,7 +6,7 @@ import {readBatchFile} from '../core/run/batch-file.js'
 import {generateAll} from '../core/run/batcher.js'
 import type {RunContext} from '../core/run/context.js'
 import {batchRequests, generationOptions, promptRequest} from '../core/run/requests.js'
-import {batchItemText, batchSummaryLine, jsonResult, type LineWriter, timingLine, writeTokenText} from './run-output.js'
+import {batchItemText, batchJsonResult, batchSummaryLine, jsonResult, type LineWriter, timingLine, writeTokenText} from './run-output.js'
 import {answerStreamView} from './stream-view.js'
 
 /** One prompt: stream the answer (or print one JSON line), timing on stderr. */
@@ -33,10 +33,10 @@ export async function runBatch(ctx: RunContext, file: string, log: LineWriter): 
   const requests = batchRequests(ctx, file, items)
   const started = performance.now()
   const results = await generateAll(ctx.model, requests, ctx.numbers.batchSize, generationOptions(ctx), (result, index) => {
-    if (options.json) log(JSON.stringify(jsonResult(result)))
+    if (options.json) log(JSON.stringify(batchJsonResult(result, items[index].id)))
     else {
       const streams = answerStreamView(result, (ids) => ctx.tokenizer.decode(ids))
-      log(batchItemText(file, items[index].line, result) + (streams ? `${streams}\n` : ''))
+      log(batchItemText(file, items[index], result) + (streams ? `${streams}\n` : ''))
     }
   })
   if (!options.quiet && !options.json) {

@@ -12,7 +12,7 @@
 import {basename, extname} from 'node:path'
 
 import {UsageError} from '../errors.js'
-import type {BatchInput} from '../run/batch-file.js'
+import type {BatchInput, BatchLineId} from '../run/batch-file.js'
 import type {QuantScheme} from '../quant/scheme.js'
 import type {GenerationRequest} from '../run/generation.js'
 
@@ -71,7 +71,7 @@ export interface LineJob {
   /** Prompt ids (chat template applied, fitted to the context), length, sampling and P. */
   request: GenerationRequest
   /** The line's own fields, as given. */
-  fields: {input: BatchInput; max_new_tokens?: number; temperature?: number; parallel?: number}
+  fields: {input: BatchInput; max_new_tokens?: number; temperature?: number; parallel?: number; id?: BatchLineId}
 }
 
 /** What `batch submit` recorded, kept in `parscale:batch:NAME`. */
