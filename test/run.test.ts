@@ -181,6 +181,13 @@ describe('parscale run: modes and output', () => {
     assert.equal(t2.prefill_tokens, 1 + 2 + (1 + 5 + 11 + 1 + 1 + 1 + 10))
   })
 
+  it('piped chat text is a transcript: each line sent after "> ", its answer, a blank line', () => {
+    const answer = (text: string) => jsonLines(run([model, '--chat', '--json', '-n', '4', '--temperature', '0'], `${text}\n`).stdout)[0].text
+    const r = run([model, '--chat', '-n', '4', '--temperature', '0'], 'hello\n\n/reset\nhow are you\n')
+    assert.equal(r.status, 0, r.stderr)
+    assert.equal(r.stdout, `> hello\n${answer('hello')}\n\n> /reset\n> how are you\n${answer('how are you')}\n\n`)
+  })
+
   it('chat commands: /reset starts over, /parallel needs a P the model has', () => {
     const r = run([model, '--chat', '--json', '-n', '3', '--temperature', '0'], 'hello\n/reset\nhello\n/parallel 3\n/nope\n/exit\nnever sent\n')
     assert.equal(r.status, 0, r.stderr)
