@@ -1,11 +1,11 @@
 import {Args, Flags} from '@oclif/core'
-import type {Ora} from 'ora'
 
 import {BaseCommand} from '../base-command.js'
 import {EXIT_INTERRUPTED, UsageError, UserError} from '../core/errors.js'
 import {resolveFamilyName} from '../core/hub/families.js'
 import type {PullProgress} from '../core/hub/pull.js'
 import {formatBytes, formatDuration, formatRate} from '../core/format.js'
+import {Progress} from '../ui/progress.js'
 
 /** Bytes per second over the last few seconds. */
 class RateMeter {
@@ -59,7 +59,7 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
   async run(): Promise<void> {
     const {args, flags} = await this.parse(Pull)
     // Loaded here, not at the top: oclif imports every command to list them.
-    const [{pullModel}, {default: ora}] = await Promise.all([import('../core/hub/pull.js'), import('ora')])
+    const {pullModel} = await import('../core/hub/pull.js')
     const at = args.model.indexOf('@')
     const revision = at >= 0 ? args.model.slice(at + 1) : undefined
     if (at >= 0 && !revision) throw new UsageError(`${args.model}: empty revision after "@"`)
@@ -69,7 +69,7 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
     const onSigint = (): void => interrupt.abort(new UserError('pull interrupted; run it again to resume', EXIT_INTERRUPTED))
     process.once('SIGINT', onSigint)
 
-    let spinner: Ora | undefined
+    let spinner: Progress | undefined
     const meter = new RateMeter()
     let lastDraw = 0
     let lastPhase = ''
@@ -85,8 +85,8 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
           const full = progressText(p, rate)
           // One line, never wrapped: the spinner and a space take 2 columns.
           const text = full.length > columns - 3 ? `${full.slice(0, Math.max(0, columns - 4))}…` : full
-          if (spinner) spinner.text = text
-          else spinner = ora({stream: process.stderr, discardStdin: false, text}).start()
+          if (spinner) spinner.update(text)
+          else spinner = new Progress(text)
         }
       : undefined
 
