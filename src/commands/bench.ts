@@ -100,7 +100,7 @@ export default class Bench extends BaseCommand {
     const progress = new Progress('preparing')
     const onStatus = (text: string) => progress.update(text)
     try {
-      const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel, quant}, onStatus)
+      const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel, quant}, onStatus, (line) => progress.log(line))
       const manifest = readManifest(packageDir)
       const model = manifest.model
       // A prompt past the model's positions would fail inside ONNX Runtime after minutes of other runs.

@@ -57,6 +57,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
         parallel: flags.parallel,
         quant,
         onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
+        onNotice: (line) => progress.log(line),
       })
       progress.update('loading model')
     } finally {

@@ -109,6 +109,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
       return await openRunContext(model, plan, {
         onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
         onLoading: () => progress.update('loading model'),
+        onNotice: (line) => progress.log(line),
       })
     } finally {
       progress.stop()

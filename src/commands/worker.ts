@@ -64,6 +64,7 @@ Progress is shown when stderr is a terminal.`
           repaint()
         },
         connection: (_state, detail) => progress.log(detail),
+        notice: (line) => progress.log(line),
         error: (message) => progress.log(`parscale: ${message}`),
       })
     } catch (error) {

@@ -58,6 +58,7 @@ MODEL is a converted package, a checkpoint folder or a pulled hub repo id; witho
         prepared = await prepareBatch(args.model, plan, items, {name, attempts: flags.attempts}, {
           onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
           onLoading: () => progress.update('encoding prompts'),
+          onNotice: (line) => progress.log(line),
         })
       } finally {
         progress.stop()

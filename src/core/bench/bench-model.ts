@@ -24,7 +24,7 @@ export interface BenchModel {
   shape?: SyntheticShape
 }
 
-export function prepareBenchModel(request: BenchModelRequest, onStatus: (text: string) => void): BenchModel {
+export function prepareBenchModel(request: BenchModelRequest, onStatus: (text: string) => void, onNotice?: (line: string) => void): BenchModel {
   const explicit = Object.values(request.dims).some((v) => v !== undefined)
   if (request.synthetic || explicit) {
     if (request.model) throw new UsageError('give a MODEL or --synthetic, not both')
@@ -34,7 +34,7 @@ export function prepareBenchModel(request: BenchModelRequest, onStatus: (text: s
     const label = `synthetic ${request.synthetic ?? 'custom'} (hidden ${shape.hiddenSize}, ${shape.numLayers} layers, ${shape.numHeads}/${shape.numKvHeads} heads, intermediate ${shape.intermediateSize}, vocab ${shape.vocabSize}), ${weights}`
     return {packageDir, label, shape}
   }
-  const {packageDir, label} = resolveModel(request.model, {quant: request.quant, onProgress: (p) => onStatus(`converting: ${p.phase}`)})
+  const {packageDir, label} = resolveModel(request.model, {quant: request.quant, onProgress: (p) => onStatus(`converting: ${p.phase}`), onNotice})
   const have = readManifest(packageDir).parallel
   const missing = request.parallel.filter((p) => !have.includes(p))
   if (missing.length) throw new UserError(`${label} has no P = ${missing.join(', ')} (it has ${have.join(', ')}); pass --parallel ${have.join(',')}`)

@@ -1,6 +1,6 @@
 import {statSync} from 'node:fs'
 import {homedir} from 'node:os'
-import {join} from 'node:path'
+import {basename, dirname, join, resolve} from 'node:path'
 
 import {UserError} from '../errors.js'
 
@@ -21,4 +21,11 @@ function checkedFolder(dir: string, variable: string): string {
 /** Converted model packages made on first use of a checkpoint, one folder each. */
 export function convertedCacheDir(): string {
   return join(parscaleCacheDir(), 'converted')
+}
+
+/** How to remove a damaged package: `parscale rm NAME --converted` in the converted cache, else deleting its folder. */
+export function removalAdvice(packageDir: string): string {
+  const folder = resolve(packageDir)
+  if (dirname(folder) === resolve(convertedCacheDir())) return `remove it with \`parscale rm ${basename(folder)} --converted\``
+  return `delete ${folder}`
 }

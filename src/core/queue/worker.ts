@@ -67,6 +67,8 @@ export interface WorkerEvents {
   lineStarted?(): void
   lineDone?(line: LineDone): void
   connection?(state: 'lost' | 'back', detail: string): void
+  /** One line about what resolving a model did on its own (a damaged package converted again). */
+  notice?(line: string): void
   /** Unexpected errors (not the connection): one line each. */
   error?(message: string): void
 }
@@ -108,7 +110,7 @@ export class QueueWorker {
   static async start(settings: WorkerSettings, events: WorkerEvents = {}): Promise<QueueWorker> {
     const local = new Map<string, string>()
     for (const model of settings.models) {
-      const {packageDir} = resolveModel(model)
+      const {packageDir} = resolveModel(model, {onNotice: (line) => events.notice?.(line)})
       local.set(packageFingerprint(packageDir), packageDir)
     }
     const redis = await connectRedis(settings.url, {persistent: true})
@@ -184,7 +186,7 @@ export class QueueWorker {
     let packageDir = this.local.get(ref.fingerprint)
     if (!packageDir) {
       try {
-        packageDir = resolveModel(ref.reference ?? undefined, {quant: ref.quant}).packageDir
+        packageDir = resolveModel(ref.reference ?? undefined, {quant: ref.quant, onNotice: (line) => this.events.notice?.(line)}).packageDir
       } catch (error) {
         return this.events.refused?.(ref, error instanceof UserError ? error.message : reasonOf(error))
       }
