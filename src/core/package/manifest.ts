@@ -85,7 +85,7 @@ export interface PackageManifest {
   variants: PackageVariant[]
   /** The checkpoint folders it was converted from (absolute), so a damaged package can be converted again. */
   sources?: string[]
-  /** Every file the converter wrote, with its size in bytes: a truncated or missing one is damage. */
+  /** The graphs and weight files the converter wrote, with their sizes in bytes: a truncated or missing one is damage (copied configs may be edited). */
   files?: Record<string, number>
 }
 
