@@ -137,6 +137,7 @@ describe('bench --plot (CLI)', () => {
       '--plot', svgFile, '--plot', htmlFile], {env})
     assert.equal(r.code, 0, r.stderr)
     assert.match(r.stdout, /decode ms\/tok/)
+    assert.equal(r.stderr, `wrote the charts to ${svgFile}\nwrote the charts and the table to ${htmlFile}\n`, 'it says where the files went')
     const svg = fs.readFileSync(svgFile, 'utf8').trimEnd()
     assertWellFormed(svg)
     const labels = ariaLabels(svg)

@@ -133,6 +133,8 @@ describe('parscale batch on a Redis queue', () => {
 
     const worker = startWorker(['--queue', redis.url, '--batch-size', '4'], env)
     await waitForStatus(redis.url, 'mixed', (s) => s.done === 6)
+    // Its stderr is a pipe: one line for the batch once its share is done.
+    await waitFor('the batch\'s log line', () => /\nbatch mixed: 6 lines done · \d+ tokens in [\d.]+ s \([\d.]+ tokens\/s\) · the default model\n$/.test(worker.stderr()))
     worker.child.kill('SIGTERM')
     assert.equal(await worker.exited, 0, worker.stderr())
     // The worker adds its tokens to the batch's counters every second, and as it exits.
@@ -237,7 +239,8 @@ describe('parscale batch on a Redis queue', () => {
     assert.ok(after.done >= 4, 'the lines in hand were finished')
     assert.equal(after.done + after.waiting, 60)
     assert.ok(after.waiting > 0, 'it stopped taking lines')
-    assert.equal(worker.stderr().trim(), `serving the default model (fingerprint ${after.fingerprint})`)
+    // The lines it finished are reported as it stops.
+    assert.match(worker.stderr(), new RegExp(`^serving the default model \\(fingerprint ${after.fingerprint}\\)\\nbatch term: ${after.done} lines done · \\d+ tokens in [\\d.]+ s .* · the default model\\n$`))
   })
 
   test('a line that fails every attempt is marked failed with its reason; the others complete', async () => {

@@ -223,6 +223,7 @@ describe('parscale run: bad input', () => {
     const file = jsonl('ids.jsonl', [{id: 'first', prompt: 'The quick', max_tokens: 3}, {prompt: 'brown fox', max_new_tokens: 3}, {id: 7, prompt: 'jumps', max_tokens: 2}])
     const r = run([model, '--batch', file, '--raw', '--temperature', '0', '--json'])
     assert.equal(r.status, 0, r.stderr)
+    assert.equal(r.stderr, '', 'with --json and stderr not a terminal: no progress, no summary')
     const out = jsonLines(r.stdout) as (JsonResult & {id?: string | number})[]
     assert.deepEqual(out.map((o) => o.id), ['first', undefined, 7])
     assert.deepEqual(out.map((o) => o.generated_tokens), [3, 3, 2])

@@ -1,5 +1,6 @@
-// Ctrl-C in a real pseudo-terminal while a spinner shows: the spinner must leave the terminal's
-// Ctrl-C alone (ora's default put stdin in raw mode, `stty -isig`, and Ctrl-C did nothing).
+// What a terminal shows, in a real pseudo-terminal: Ctrl-C while a spinner shows (the spinner
+// must leave the terminal's Ctrl-C alone: ora's default put stdin in raw mode, `stty -isig`, and
+// Ctrl-C did nothing), and progress on stderr while stdout goes to a file.
 import assert from 'node:assert/strict'
 import fs from 'node:fs'
 import path from 'node:path'
@@ -47,5 +48,23 @@ describe('Ctrl-C while a spinner shows', () => {
         session.close()
       }
     })
+  })
+})
+
+describe('long work shows progress on a terminal', () => {
+  test('run --batch --json > FILE: lines done and tokens/s on stderr while it runs, then a summary line', async () => {
+    const file = path.join(tmp, 'progress.jsonl')
+    fs.writeFileSync(file, Array.from({length: 12}, (_, i) => JSON.stringify({id: i, prompt: `def f${i}(x):`})).join('\n') + '\n')
+    const out = path.join(tmp, 'progress.out.jsonl')
+    const session = inTerminal(['run', '--batch', file, '--json', '--batch-size', '4', '-n', '48', '--parallel', '2'], {PARSCALE_CACHE: path.join(tmp, 'bench-cache')}, out)
+    try {
+      await session.waitFor(/generating: \d+\/12 lines done · \d+ tokens · [\d.]+ tokens\/s/, 120_000)
+      assert.equal(await session.exitWithin(120_000), 0, session.screen().slice(-300))
+      assert.match(session.screen(), /12 prompts · \d+ tokens in [\d.]+ s \([\d.]+ tokens\/s overall\) · P=2\r?\n$/)
+      const lines = fs.readFileSync(out, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as {id: number})
+      assert.deepEqual(lines.map((l) => l.id), [...Array(12).keys()], 'stdout holds only the results')
+    } finally {
+      session.close()
+    }
   })
 })

@@ -114,6 +114,7 @@ export default class Bench extends BaseCommand {
       progress.stop()
       if (flags.json) writeFileSync(flags.json, JSON.stringify(toJson(report), null, 2) + '\n')
       this.log(flags.csv ? renderCsv(report).trimEnd() : renderTable(report))
+      if (flags.json) process.stderr.write(`wrote the report as JSON to ${flags.json}\n`)
       await writePlots(report, plots)
     } finally {
       progress.stop()

@@ -31,7 +31,7 @@ export function plotTarget(file: string): PlotTarget {
   return {file, format}
 }
 
-/** Renders the charts once per format and writes each target. Vega loads only here, when a plot is asked for. */
+/** Renders the charts once per format and writes each target, saying where on stderr. Vega loads only here, when a plot is asked for. */
 export async function writePlots(report: BenchReport, targets: PlotTarget[]): Promise<void> {
   if (targets.length === 0) return
   const {benchChartSpec} = await import('./charts/bench-charts.js')
@@ -54,5 +54,6 @@ export async function writePlots(report: BenchReport, targets: PlotTarget[]): Pr
     } catch (err) {
       throw new UserError(`--plot ${file}: cannot write (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`)
     }
+    process.stderr.write(`wrote ${format === 'svg' ? 'the charts' : 'the charts and the table'} to ${file}\n`)
   }
 }

@@ -26,6 +26,12 @@ export function batchItemText(file: string, item: Pick<BatchItem, 'line' | 'id'>
   return `[${file}:${item.line}${item.id === undefined ? '' : ` id ${item.id}`}]\n${r.text}\n`
 }
 
+/** The spinner's text while a batch runs. */
+export function batchProgressLine(done: number, total: number, tokens: number, seconds: number): string {
+  const rate = seconds > 0 && tokens > 0 ? ` · ${(tokens / seconds).toFixed(1)} tokens/s` : ''
+  return `generating: ${done}/${total} lines done · ${tokens} tokens${rate}`
+}
+
 export function batchSummaryLine(results: GenerationResult[], seconds: number): string {
   const tokens = results.reduce((n, r) => n + r.generatedTokens, 0)
   const parallel = [...new Set(results.map((r) => r.parallel))].sort((a, b) => a - b)

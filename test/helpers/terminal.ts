@@ -24,10 +24,12 @@ export interface TerminalSession {
 
 const ESCAPES = /\x1b\[[0-9;?]*[A-Za-z]/g
 
-export function inTerminal(args: string[], env: Record<string, string> = {}): TerminalSession {
+/** `parscale ...args` in a 100×30 terminal; `stdoutFile` redirects its stdout (the terminal keeps stderr). */
+export function inTerminal(args: string[], env: Record<string, string> = {}, stdoutFile?: string): TerminalSession {
   const pidFile = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'parscale-tty-')), 'pid')
   const quoted = args.map((a) => `'${a.replace(/'/g, `'\\''`)}'`).join(' ')
-  const command = `stty cols 100 rows 30; echo $$ > '${pidFile}'; exec '${process.execPath}' bin/run.js ${quoted}`
+  const redirect = stdoutFile === undefined ? '' : ` > '${stdoutFile}'`
+  const command = `stty cols 100 rows 30; echo $$ > '${pidFile}'; exec '${process.execPath}' bin/run.js ${quoted}${redirect}`
   // CI is unset so that ora treats the terminal as interactive.
   const {CI: _ci, ...parentEnv} = process.env
   const tty = spawn('script', ['-qfec', command, '/dev/null'], {cwd: REPO_ROOT, env: {...parentEnv, ...env, TERM: 'xterm', NODE_NO_WARNINGS: '1'}, stdio: ['pipe', 'pipe', 'pipe']})

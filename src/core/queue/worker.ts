@@ -56,6 +56,8 @@ export interface WorkerSettings {
 
 export interface LineDone {
   model: ModelRef
+  /** The batch the line belongs to. */
+  batch: string
   ok: boolean
   tokens: number
 }
@@ -63,8 +65,8 @@ export interface LineDone {
 export interface WorkerEvents {
   serving?(model: ModelRef): void
   refused?(model: ModelRef, reason: string): void
-  /** A line went into generation. */
-  lineStarted?(): void
+  /** A line of `batch` went into generation on `model`. */
+  lineStarted?(batch: string, model: ModelRef): void
   lineDone?(line: LineDone): void
   connection?(state: 'lost' | 'back', detail: string): void
   /** One line about what resolving a model did on its own (a damaged package converted again). */
@@ -221,7 +223,7 @@ export class QueueWorker {
     }
     const started = Date.now()
     this.inHand++
-    this.events.lineStarted?.()
+    this.events.lineStarted?.(line.batch, served.ref)
     let result: JobResult | undefined
     try {
       result = await served.generate(line)
@@ -230,7 +232,7 @@ export class QueueWorker {
       this.inHand--
       const tokens = Number(result?.generated_tokens) || 0
       this.count(line.batch, tokens, started, Date.now())
-      this.events.lineDone?.({model: served.ref, ok: result !== undefined, tokens})
+      this.events.lineDone?.({model: served.ref, batch: line.batch, ok: result !== undefined, tokens})
     }
   }
 
