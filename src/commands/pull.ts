@@ -4,7 +4,7 @@ import {BaseCommand} from '../base-command.js'
 import {EXIT_INTERRUPTED, UsageError, UserError} from '../core/errors.js'
 import {resolveFamilyName} from '../core/hub/families.js'
 import type {PullProgress} from '../core/hub/pull.js'
-import {formatBytes, formatDuration, formatRate} from '../core/format.js'
+import {formatBytes, formatDuration, formatRate, snakeCaseKeys} from '../core/format.js'
 import {Progress} from '../ui/progress.js'
 
 /** Bytes per second over the last few seconds. */
@@ -50,10 +50,10 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
   }
 
   static override flags = {
-    parallel: Flags.integer({min: 1, description: 'take the -P{N} sibling of a published ParScale family'}),
+    parallel: Flags.integer({char: 'p', min: 1, description: 'take the -P{N} sibling of a published ParScale family'}),
     token: Flags.string({description: 'Hugging Face access token for gated or private repos (default: $HF_TOKEN)'}),
     include: Flags.string({multiple: true, description: 'also download files matching this glob (repeatable; * stays in a folder, ** crosses)'}),
-    json: Flags.boolean({description: 'print a JSON summary on stdout'}),
+    json: Flags.boolean({description: 'print a JSON summary on stdout (repo_id, revision, commit, snapshot_dir, files, bytes, downloaded_bytes, seconds, offline)'}),
   }
 
   async run(): Promise<void> {
@@ -96,7 +96,7 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
       if (flags.json) {
         this.log(
           JSON.stringify(
-            {
+            snakeCaseKeys({
               repoId: result.repoId,
               revision: result.revision,
               commit: result.commit,
@@ -106,7 +106,7 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
               downloadedBytes: result.downloadedBytes,
               seconds: Number(result.seconds.toFixed(3)),
               offline: result.offline,
-            },
+            }),
             null,
             2,
           ),

@@ -45,3 +45,14 @@ export function levenshtein(a: string, b: string): number {
   }
   return prev[b.length]
 }
+
+/**
+ * A value for `--json` output with every object key in snake_case (`sizeBytes` → `size_bytes`),
+ * the one convention of parscale's JSON (as run --json, eval, bench, serve's API). Keys that are
+ * names (tensor names in a manifest) have no capitals and stay as they are.
+ */
+export function snakeCaseKeys(value: unknown): unknown {
+  if (Array.isArray(value)) return value.map(snakeCaseKeys)
+  if (typeof value !== 'object' || value === null) return value
+  return Object.fromEntries(Object.entries(value).map(([key, v]) => [key.replace(/([a-z0-9])([A-Z])/g, '$1_$2').toLowerCase(), snakeCaseKeys(v)]))
+}
