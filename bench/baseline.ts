@@ -22,7 +22,11 @@ export const BASELINE_HOWTO =
   'not compared: set PARSCALE_BASELINE to a built checkout of the previous commit ' +
   '(git worktree add --detach /tmp/parscale-prev <commit> && cd /tmp/parscale-prev && npm ci && npm run build)'
 
-/** Runs the baseline's own `bench --synthetic` and returns its rows (medians). */
+/**
+ * Runs the baseline's own `bench --synthetic` and returns its rows (medians). `args` and the
+ * report file are in the spelling every version takes (`--new-tokens N`, `--json FILE`; newer ones
+ * accept them with a warning), since the baseline is an earlier checkout.
+ */
 export function runBaseline(args: string[], log: (line: string) => void): BaselineRun[] {
   const checkout = baselineCheckout()
   if (!checkout) return []

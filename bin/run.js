@@ -1,4 +1,6 @@
 #!/usr/bin/env node
-import {execute} from '@oclif/core'
+import {main} from '../dist/src/main.js'
 
-await execute({dir: import.meta.url})
+// Not awaited: a closed pipe (`parscale --help | head`) leaves oclif's flush waiting for
+// ever, and an awaited promise that never settles would end the process with code 13.
+void main(import.meta.url)

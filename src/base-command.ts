@@ -1,26 +1,20 @@
 import {Command} from '@oclif/core'
 
-import {UserError} from './core/errors.js'
-
-type CommandError = Error & {code?: string; oclif?: {exit?: number}}
+import {oneLine, reportError} from './error-report.js'
 
 /**
  * Shared behaviour of every parscale command: a user error, or a flag/argument the parser
- * refused, becomes one line on stderr ("parscale: <message>") and a non-zero exit code,
- * never a stack trace or a usage dump.
+ * refused, becomes one line on stderr ("parscale: <message>") and its exit code (2 for usage,
+ * 1 otherwise: error-report.ts), never a stack trace or a usage dump.
  */
 export abstract class BaseCommand extends Command {
-  protected override async catch(err: CommandError): Promise<unknown> {
-    if (err instanceof UserError) {
-      process.stderr.write(`parscale: ${err.message}\n`)
-      return this.exit(err.exitCode)
-    }
-    if (err.oclif?.exit === 2 && err.code !== 'EEXIT') {
-      // The parser's own messages span several wrapped lines: fold them into one.
-      const message = err.message.replace(/\s*\n\s*/g, ' ').replace(/See more help with --help/, '').trim()
-      process.stderr.write(`parscale: ${message} (see \`parscale ${this.id} --help\`)\n`)
-      return this.exit(2)
-    }
-    return super.catch(err)
+  protected override async catch(err: Error): Promise<unknown> {
+    return this.exit(reportError(err, this.id))
+  }
+
+  /** oclif's warnings (a deprecated flag spelling) as one line, like errors. */
+  override warn(input: string | Error): string | Error {
+    process.stderr.write(`parscale: warning: ${oneLine(typeof input === 'string' ? input : input.message)}\n`)
+    return input
   }
 }

@@ -57,9 +57,22 @@ describe('batch file', () => {
     refuses('{"prompt": "a", "max_new_tokens": 2.5}', `${F}:1`, 'max_new_tokens')
     refuses('{"prompt": "a", "temperature": -1}', `${F}:1`, 'temperature')
     refuses('{"prompt": "a", "temperature": "hot"}', `${F}:1`, 'temperature')
-    refuses('{"prompt": "a", "max_tokens": 3}', `${F}:1`, 'unknown field "max_tokens"')
+    refuses('{"prompt": "a", "top_k": 3}', `${F}:1`, 'unknown field "top_k"', 'max_new_tokens (or max_tokens)', 'id')
+    refuses('{"prompt": "a", "max_tokens": 3, "max_new_tokens": 4}', `${F}:1`, '"max_new_tokens" (4) and "max_tokens" (3) differ')
+    refuses('{"prompt": "a", "max_tokens": 0}', `${F}:1`, '"max_tokens" must be a whole number >= 1')
+    refuses('{"prompt": "a", "id": null}', `${F}:1`, '"id" must be a string or a number')
+    refuses('{"prompt": "a", "id": {"x": 1}}', `${F}:1`, '"id" must be a string or a number')
     refuses('{"prompt": "a", "parallel": 0}', `${F}:1`, '"parallel" must be a whole number >= 1')
     refuses('{"prompt": "a", "parallel": "8"}', `${F}:1`, '"parallel"')
+  })
+
+  it('takes max_tokens (serve\'s name) for max_new_tokens, both when they agree, and an id', () => {
+    const items = parseBatchFile(['{"prompt": "a", "max_tokens": 7}', '{"prompt": "b", "max_tokens": 5, "max_new_tokens": 5, "id": "q2"}', '{"id": 3, "prompt": "c"}'].join('\n'), F)
+    assert.deepEqual(items, [
+      {line: 1, input: {kind: 'prompt', text: 'a'}, maxNewTokens: 7},
+      {line: 2, id: 'q2', input: {kind: 'prompt', text: 'b'}, maxNewTokens: 5},
+      {line: 3, id: 3, input: {kind: 'prompt', text: 'c'}},
+    ])
   })
 
   it('refuses an empty file', () => {

@@ -110,10 +110,11 @@ describe('bench charts', () => {
 describe('bench --plot (CLI)', () => {
   const env = {PARSCALE_CACHE: path.join(temp, 'cache'), HF_HUB_OFFLINE: '1'}
 
-  for (const [target, reason] of [['missing/out.svg', /folder .* does not exist/], ['out.png', /unknown extension "\.png"/]] as const) {
+  // A folder that is not there is the machine's state (1); an extension no format has is usage (2).
+  for (const [target, reason, code] of [['missing/out.svg', /folder .* does not exist/, 1], ['out.png', /unknown extension "\.png"/, 2]] as const) {
     test(`--plot ${target} fails in one line before anything runs`, async () => {
-      const r = await runCli(['bench', '--parallel', '1', '--new-tokens', '2', '--repeat', '1', '--no-roofline', '--plot', path.join(temp, target)], {env})
-      assert.equal(r.code, 1)
+      const r = await runCli(['bench', '--parallel', '1', '-n', '2', '--repeat', '1', '--no-roofline', '--plot', path.join(temp, target)], {env})
+      assert.equal(r.code, code)
       assert.equal(r.stdout, '')
       assert.match(r.stderr, /^parscale: --plot /)
       assert.match(r.stderr, reason)
@@ -123,19 +124,20 @@ describe('bench --plot (CLI)', () => {
   }
 
   test('a prompt longer than the model takes is refused before any run', async () => {
-    const r = await runCli(['bench', '--parallel', '1', '--prompt-len', '64,1024', '--new-tokens', '2', '--repeat', '1', '--no-roofline'], {env})
+    const r = await runCli(['bench', '--parallel', '1', '--prompt-len', '64,1024', '-n', '2', '--repeat', '1', '--no-roofline'], {env})
     assert.equal(r.code, 1)
-    assert.match(r.stderr, /^parscale: --prompt-len 1024 \+ --new-tokens 2 = 1026 positions; the default model takes 512\n$/)
+    assert.match(r.stderr, /^parscale: --prompt-len 1024 \+ --max-new-tokens 2 = 1026 positions; the default model takes 512\n$/)
     assert.equal(r.stdout, '')
   })
 
   test('bench on the default model writes the SVG and the HTML report', async () => {
     const svgFile = path.join(temp, 'out.svg')
     const htmlFile = path.join(temp, 'out.html')
-    const r = await runCli(['bench', '--parallel', '1,2', '--new-tokens', '4', '--repeat', '1', '--no-roofline', '--prompt-len', '8', '--threads', '1',
+    const r = await runCli(['bench', '--parallel', '1,2', '-n', '4', '--repeat', '1', '--no-roofline', '--prompt-len', '8', '--threads', '1',
       '--plot', svgFile, '--plot', htmlFile], {env})
     assert.equal(r.code, 0, r.stderr)
     assert.match(r.stdout, /decode ms\/tok/)
+    assert.equal(r.stderr, `wrote the charts to ${svgFile}\nwrote the charts and the table to ${htmlFile}\n`, 'it says where the files went')
     const svg = fs.readFileSync(svgFile, 'utf8').trimEnd()
     assertWellFormed(svg)
     const labels = ariaLabels(svg)

@@ -87,15 +87,16 @@ describe('parscale pull / list / rm (CLI)', () => {
       assert.equal(r.code, 0, r.stderr)
       assert.equal(r.stderr, '')
     }
-    const summary = JSON.parse(json.stdout) as {repoId: string; revision: string; commit: string; snapshotDir: string; files: string[]; bytes: number; seconds: number; offline: boolean}
-    assert.equal(summary.repoId, 'ParScale/tiny-p4')
+    const summary = JSON.parse(json.stdout) as {repo_id: string; revision: string; commit: string; snapshot_dir: string; files: string[]; bytes: number; downloaded_bytes: number; seconds: number; offline: boolean}
+    assert.deepEqual(Object.keys(summary), ['repo_id', 'revision', 'commit', 'snapshot_dir', 'files', 'bytes', 'downloaded_bytes', 'seconds', 'offline'], 'snake_case, as every JSON parscale prints')
+    assert.equal(summary.repo_id, 'ParScale/tiny-p4')
     assert.equal(summary.revision, 'main')
     assert.equal(summary.commit, server.commitOf('ParScale/tiny-p4'))
     assert.ok(summary.files.includes('model-00002-of-00002.safetensors'))
     assert.ok(summary.bytes > 400_000)
     assert.equal(typeof summary.seconds, 'number')
     assert.equal(summary.offline, false)
-    assert.deepEqual(readFileSync(join(summary.snapshotDir, 'config.json')), readFileSync(join(P4, 'config.json')))
+    assert.deepEqual(readFileSync(join(summary.snapshot_dir, 'config.json')), readFileSync(join(P4, 'config.json')))
 
     const lines = human.stdout.trimEnd().split('\n')
     assert.equal(lines.length, 2)
@@ -156,10 +157,13 @@ describe('parscale pull / list / rm (CLI)', () => {
     const listed = await cli(['list', '--json'])
     assert.equal(listed.code, 0, listed.stderr)
     const inv = JSON.parse(listed.stdout) as {
-      checkpoints: {repoId: string; revision: string; parallel: number; dtype: string; sizeBytes: number; path: string; complete: boolean}[]
-      packages: {name: string; source: string; parallel: number[]; dtype: string; sizeBytes: number}[]
+      hub_cache: string
+      converted_cache: string
+      checkpoints: {repo_id: string; revision: string; parallel: number; dtype: string; size_bytes: number; path: string; complete: boolean}[]
+      packages: {name: string; source: string; parallel: number[]; dtype: string; size_bytes: number}[]
     }
-    const byRepo = Object.fromEntries(inv.checkpoints.map((c) => [c.repoId, c]))
+    assert.deepEqual(Object.keys(inv), ['hub_cache', 'checkpoints', 'converted_cache', 'packages'])
+    const byRepo = Object.fromEntries(inv.checkpoints.map((c) => [c.repo_id, c]))
     assert.deepEqual(Object.keys(byRepo).sort(), ['ParScale/gated', 'ParScale/tiny-p1', 'ParScale/tiny-p4'])
     assert.equal(byRepo['ParScale/tiny-p4'].parallel, 4)
     assert.equal(byRepo['ParScale/tiny-p4'].dtype, 'bfloat16')
@@ -168,7 +172,7 @@ describe('parscale pull / list / rm (CLI)', () => {
     assert.equal(byRepo['ParScale/tiny-p1'].parallel, 1)
     assert.equal(byRepo['ParScale/tiny-p1'].dtype, 'float32')
     assert.deepEqual(inv.packages.map((p) => [p.name, p.source, p.parallel, p.dtype]), [['tiny-p4-abc123', 'ParScale/tiny-p4', [4], 'float32']])
-    assert.ok(inv.packages[0].sizeBytes >= 1000)
+    assert.ok(inv.packages[0].size_bytes >= 1000)
 
     const table = await cli(['list'])
     assert.equal(table.code, 0, table.stderr)

@@ -173,12 +173,13 @@ describe('quantized packages', () => {
     assert.deepEqual(listJson.packages.map((p) => p.quant?.scheme ?? null).sort(), ['int4', null])
 
     const report = path.join(work, 'bench.json')
-    const bench = await runCli(['bench', '--quant', 'int4', '--parallel', '1', '--prompt-len', '8', '--new-tokens', '3', '--repeat', '1', '--threads', '1', '--no-roofline', '--json', report], {env})
+    const bench = await runCli(['bench', '--quant', 'int4', '--parallel', '1', '--prompt-len', '8', '--max-new-tokens', '3', '--repeat', '1', '--threads', '1', '--no-roofline', '--json-file', report], {env})
     assert.equal(bench.code, 0, bench.stderr)
     assert.match(bench.stdout, /weights: int4, block 32/)
-    const benchJson = JSON.parse(fs.readFileSync(report, 'utf8')) as {quant: {scheme: string; weightBytes: number}; results: {weight_bytes: number}[]}
+    const benchJson = JSON.parse(fs.readFileSync(report, 'utf8')) as {quant: {scheme: string; block_size: number; weight_bytes: number}; results: {weight_bytes: number}[]}
     assert.equal(benchJson.quant.scheme, 'int4')
-    assert.equal(benchJson.results[0]!.weight_bytes, benchJson.quant.weightBytes, 'P = 1 reads the quantized backbone only')
+    assert.equal(benchJson.quant.block_size, 32)
+    assert.equal(benchJson.results[0]!.weight_bytes, benchJson.quant.weight_bytes, 'P = 1 reads the quantized backbone only')
 
     // a converted package is used as it is: --quant cannot re-quantize it
     const fp32Package = path.join(env.PARSCALE_CACHE, 'converted', converted.find((n) => !n.includes('int'))!)

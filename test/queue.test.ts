@@ -103,11 +103,11 @@ describe('parscale batch on a Redis queue', () => {
     assert.equal(new Set(sources).size, 2, 'two packages, whose sourceFingerprints differ')
   })
 
-  test('a job records the model, its fingerprint, the sampling and the line\'s fields; collect writes run --batch --json\'s objects, mixed P and all', async () => {
+  test('a job records the model, its fingerprint, the sampling and the line\'s fields; collect writes run --batch --json\'s objects, mixed P, ids and all', async () => {
     const file = jsonl('mixed.jsonl', [
-      {prompt: 'def fibonacci(n):', temperature: 0},
+      {id: 'fib', prompt: 'def fibonacci(n):', temperature: 0},
       {prompt: 'import os\n', parallel: 1},
-      {prompt: 'class Stack:', parallel: 4, max_new_tokens: 5, temperature: 0},
+      {id: 3, prompt: 'class Stack:', parallel: 4, max_tokens: 5, temperature: 0},
       {prompt: 'for i in range(10):', temperature: 0.5},
       {prompt: 'with open(path) as f:', parallel: 1, max_new_tokens: 3},
       {prompt: 'return sorted(', parallel: 4},
@@ -124,7 +124,7 @@ describe('parscale batch on a Redis queue', () => {
     await queue.close()
     assert.deepEqual(third.data.model, {reference: null, label: 'the default model', fingerprint})
     assert.equal(third.data.line, 3)
-    assert.deepEqual(third.data.fields, {input: {kind: 'prompt', text: 'class Stack:'}, max_new_tokens: 5, temperature: 0, parallel: 4})
+    assert.deepEqual(third.data.fields, {input: {kind: 'prompt', text: 'class Stack:'}, max_new_tokens: 5, temperature: 0, parallel: 4, id: 3})
     assert.deepEqual([third.data.request.parallel, third.data.request.maxNewTokens], [4, 5])
     assert.deepEqual(third.data.request.sampling, {temperature: 0, topK: 20, repetitionPenalty: 1.1, seed: 7 + 2})
     assert.deepEqual(fourth.data.fields, {input: {kind: 'prompt', text: 'for i in range(10):'}, temperature: 0.5})
@@ -133,6 +133,8 @@ describe('parscale batch on a Redis queue', () => {
 
     const worker = startWorker(['--queue', redis.url, '--batch-size', '4'], env)
     await waitForStatus(redis.url, 'mixed', (s) => s.done === 6)
+    // Its stderr is a pipe: one line for the batch once its share is done.
+    await waitFor('the batch\'s log line', () => /\nbatch mixed: 6 lines done · \d+ tokens in [\d.]+ s \([\d.]+ tokens\/s\) · the default model\n$/.test(worker.stderr()))
     worker.child.kill('SIGTERM')
     assert.equal(await worker.exited, 0, worker.stderr())
     // The worker adds its tokens to the batch's counters every second, and as it exits.
@@ -152,6 +154,8 @@ describe('parscale batch on a Redis queue', () => {
     const results = untimed(collected.stdout)
     assert.deepEqual(results, untimed(reference.stdout))
     assert.deepEqual(results.map((r) => r.parallel), [2, 1, 4, 2, 1, 4])
+    assert.deepEqual(results.map((r) => r.id), ['fib', undefined, 3, undefined, undefined, undefined], 'each line\'s id, where it has one')
+    assert.equal(Object.keys(results[0])[0], 'id')
     const tokens = results.reduce((sum, r) => sum + (r.generated_tokens as number), 0)
     assert.equal(done.tokens, tokens, 'status counts the generated tokens')
     assert.ok(done.tokens_per_s !== null && done.tokens_per_s > 0, JSON.stringify(done))
@@ -235,7 +239,8 @@ describe('parscale batch on a Redis queue', () => {
     assert.ok(after.done >= 4, 'the lines in hand were finished')
     assert.equal(after.done + after.waiting, 60)
     assert.ok(after.waiting > 0, 'it stopped taking lines')
-    assert.equal(worker.stderr().trim(), `serving the default model (fingerprint ${after.fingerprint})`)
+    // The lines it finished are reported as it stops.
+    assert.match(worker.stderr(), new RegExp(`^serving the default model \\(fingerprint ${after.fingerprint}\\)\\nbatch term: ${after.done} lines done · \\d+ tokens in [\\d.]+ s .* · the default model\\n$`))
   })
 
   test('a line that fails every attempt is marked failed with its reason; the others complete', async () => {

@@ -25,9 +25,9 @@ const terminal = () => true
 const pipe = () => false
 const never = () => assert.fail('stdin must not be consulted')
 
-/** Throws a UserError whose message is exactly `message`. */
-function refuses(fn: () => unknown, message: string): void {
-  assert.throws(fn, (error: unknown) => error instanceof UserError && error.message === message)
+/** Throws a UserError whose message is exactly `message` (and, when given, whose exit code is `exitCode`). */
+function refuses(fn: () => unknown, message: string, exitCode?: number): void {
+  assert.throws(fn, (error: unknown) => error instanceof UserError && error.message === message && (exitCode === undefined || error.exitCode === exitCode))
 }
 
 /** One id per character; the chat template is `<role>content` per message, then `<assistant>`. */
@@ -72,21 +72,21 @@ describe('run plan: numeric options', () => {
   })
 
   it('names the flag, the rule and the value it refused', () => {
-    refuses(() => parseRunNumbers({temperature: '-1'}), '--temperature must be a number >= 0 (got "-1")')
-    refuses(() => parseRunNumbers({temperature: 'abc'}), '--temperature must be a number >= 0 (got "abc")')
-    refuses(() => parseRunNumbers({temperature: ' '}), '--temperature must be a number >= 0 (got " ")')
-    refuses(() => parseRunNumbers({temperature: 'Infinity'}), '--temperature must be a number >= 0 (got "Infinity")')
-    refuses(() => parseRunNumbers({'top-p': '0'}), '--top-p must be in (0, 1] (got "0")')
-    refuses(() => parseRunNumbers({'top-p': '1.5'}), '--top-p must be in (0, 1] (got "1.5")')
-    refuses(() => parseRunNumbers({'max-new-tokens': '0'}), '--max-new-tokens must be a whole number >= 1 (got "0")')
-    refuses(() => parseRunNumbers({'max-new-tokens': '1.5'}), '--max-new-tokens must be a whole number >= 1 (got "1.5")')
-    refuses(() => parseRunNumbers({'top-k': '-1'}), '--top-k must be a whole number >= 0 (got "-1")')
-    refuses(() => parseRunNumbers({'batch-size': '0'}), '--batch-size must be a whole number >= 1 (got "0")')
-    refuses(() => parseRunNumbers({parallel: 'x'}), '--parallel must be a whole number >= 1 (got "x")')
-    refuses(() => parseRunNumbers({threads: '0'}), '--threads must be a whole number >= 1 (got "0")')
-    refuses(() => parseRunNumbers({'repetition-penalty': '0'}), '--repetition-penalty must be a number > 0 (got "0")')
-    refuses(() => parseRunNumbers({seed: '4294967296'}), '--seed must be a whole number from 0 to 4294967295 (got "4294967296")')
-    refuses(() => parseRunNumbers({seed: '-1'}), '--seed must be a whole number from 0 to 4294967295 (got "-1")')
+    refuses(() => parseRunNumbers({temperature: '-1'}), '--temperature must be a number >= 0 (got "-1")', 2)
+    refuses(() => parseRunNumbers({temperature: 'abc'}), '--temperature must be a number >= 0 (got "abc")', 2)
+    refuses(() => parseRunNumbers({temperature: ' '}), '--temperature must be a number >= 0 (got " ")', 2)
+    refuses(() => parseRunNumbers({temperature: 'Infinity'}), '--temperature must be a number >= 0 (got "Infinity")', 2)
+    refuses(() => parseRunNumbers({'top-p': '0'}), '--top-p must be in (0, 1] (got "0")', 2)
+    refuses(() => parseRunNumbers({'top-p': '1.5'}), '--top-p must be in (0, 1] (got "1.5")', 2)
+    refuses(() => parseRunNumbers({'max-new-tokens': '0'}), '--max-new-tokens must be a whole number >= 1 (got "0")', 2)
+    refuses(() => parseRunNumbers({'max-new-tokens': '1.5'}), '--max-new-tokens must be a whole number >= 1 (got "1.5")', 2)
+    refuses(() => parseRunNumbers({'top-k': '-1'}), '--top-k must be a whole number >= 0 (got "-1")', 2)
+    refuses(() => parseRunNumbers({'batch-size': '0'}), '--batch-size must be a whole number >= 1 (got "0")', 2)
+    refuses(() => parseRunNumbers({parallel: 'x'}), '--parallel must be a whole number >= 1 (got "x")', 2)
+    refuses(() => parseRunNumbers({threads: '0'}), '--threads must be a whole number >= 1 (got "0")', 2)
+    refuses(() => parseRunNumbers({'repetition-penalty': '0'}), '--repetition-penalty must be a number > 0 (got "0")', 2)
+    refuses(() => parseRunNumbers({seed: '4294967296'}), '--seed must be a whole number from 0 to 4294967295 (got "4294967296")', 2)
+    refuses(() => parseRunNumbers({seed: '-1'}), '--seed must be a whole number from 0 to 4294967295 (got "-1")', 2)
   })
 })
 
@@ -99,10 +99,10 @@ describe('run plan: prompt and mode', () => {
   })
 
   it('--batch and --chat refuse a prompt and each other', () => {
-    refuses(() => pickMode('p', {batch: 'f.jsonl', chat: false}, never), '--batch reads prompts from the file; give no prompt')
-    refuses(() => pickMode('p', {batch: 'f.jsonl', chat: true}, never), '--batch reads prompts from the file; give no prompt')
-    refuses(() => pickMode(undefined, {batch: 'f.jsonl', chat: true}, never), '--batch and --chat cannot be combined')
-    refuses(() => pickMode('p', {chat: true}, never), '--chat takes no prompt; type it in the chat')
+    refuses(() => pickMode('p', {batch: 'f.jsonl', chat: false}, never), '--batch reads prompts from the file; give no prompt', 2)
+    refuses(() => pickMode('p', {batch: 'f.jsonl', chat: true}, never), '--batch reads prompts from the file; give no prompt', 2)
+    refuses(() => pickMode(undefined, {batch: 'f.jsonl', chat: true}, never), '--batch and --chat cannot be combined', 2)
+    refuses(() => pickMode('p', {chat: true}, never), '--chat takes no prompt; type it in the chat', 2)
   })
 
   it('without a prompt a terminal chats and a pipe is one prompt; stdin is asked only then', () => {
@@ -126,17 +126,17 @@ describe('run plan: prompt and mode', () => {
   })
 
   it('refuses in the order a user fixes things: prompt, numbers, sampling, mode, empty prompt', () => {
-    refuses(() => planRun(options({promptArgument: 'a', prompt: 'b', numbers: {temperature: '-1'}}), never), 'give the prompt once: as an argument or with --prompt')
-    refuses(() => planRun(options({prompt: '', batch: 'f', numbers: {temperature: '-3'}}), never), '--temperature must be a number >= 0 (got "-3")')
-    refuses(() => planRun(options({prompt: 'a', batch: 'f', numbers: {temperature: '0', 'top-k': '5'}}), never), '--top-k and --top-p need sampling; drop them or --temperature 0')
-    refuses(() => planRun(options({prompt: 'a', numbers: {temperature: '0', 'top-p': '0.5'}}), never), '--top-k and --top-p need sampling; drop them or --temperature 0')
-    refuses(() => planRun(options({prompt: '', batch: 'f'}), never), '--batch reads prompts from the file; give no prompt')
-    refuses(() => planRun(options({prompt: ''}), never), 'the prompt is empty')
-    refuses(() => planRun(options({promptArgument: ''}), never), 'the prompt is empty')
+    refuses(() => planRun(options({promptArgument: 'a', prompt: 'b', numbers: {temperature: '-1'}}), never), 'give the prompt once: as an argument or with --prompt', 2)
+    refuses(() => planRun(options({prompt: '', batch: 'f', numbers: {temperature: '-3'}}), never), '--temperature must be a number >= 0 (got "-3")', 2)
+    refuses(() => planRun(options({prompt: 'a', batch: 'f', numbers: {temperature: '0', 'top-k': '5'}}), never), '--top-k and --top-p need sampling; drop them or --temperature 0', 2)
+    refuses(() => planRun(options({prompt: 'a', numbers: {temperature: '0', 'top-p': '0.5'}}), never), '--top-k and --top-p need sampling; drop them or --temperature 0', 2)
+    refuses(() => planRun(options({prompt: '', batch: 'f'}), never), '--batch reads prompts from the file; give no prompt', 2)
+    refuses(() => planRun(options({prompt: ''}), never), 'the prompt is empty', 2)
+    refuses(() => planRun(options({promptArgument: ''}), never), 'the prompt is empty', 2)
   })
 
   it('an empty pipe is no prompt', () => {
-    refuses(() => promptFromStdin(''), 'no prompt: give PROMPT or --prompt, pipe text on stdin, or use --chat')
+    refuses(() => promptFromStdin(''), 'no prompt: give PROMPT or --prompt, pipe text on stdin, or use --chat', 1)
     assert.equal(promptFromStdin('text'), 'text')
   })
 })

@@ -59,9 +59,18 @@ function jsonl(name: string, lines: unknown[]): string {
   return file
 }
 
-/** One line on stderr, `parscale: …`, exit 1, nothing on stdout. */
+/** One line on stderr, `parscale: …`, exit 1 (a runtime failure), nothing on stdout. */
 function refused(r: ReturnType<typeof run>, ...parts: string[]): void {
-  assert.equal(r.status, 1, r.stderr)
+  refusedWith(1, r, ...parts)
+}
+
+/** The same for a usage error: exit 2. */
+function misused(r: ReturnType<typeof run>, ...parts: string[]): void {
+  refusedWith(2, r, ...parts)
+}
+
+function refusedWith(status: number, r: ReturnType<typeof run>, ...parts: string[]): void {
+  assert.equal(r.status, status, r.stderr)
   assert.equal(r.stdout, '')
   const lines = r.stderr.trim().split('\n')
   assert.equal(lines.length, 1, r.stderr)
@@ -172,6 +181,13 @@ describe('parscale run: modes and output', () => {
     assert.equal(t2.prefill_tokens, 1 + 2 + (1 + 5 + 11 + 1 + 1 + 1 + 10))
   })
 
+  it('piped chat text is a transcript: each line sent after "> ", its answer, a blank line', () => {
+    const answer = (text: string) => jsonLines(run([model, '--chat', '--json', '-n', '4', '--temperature', '0'], `${text}\n`).stdout)[0].text
+    const r = run([model, '--chat', '-n', '4', '--temperature', '0'], 'hello\n\n/reset\nhow are you\n')
+    assert.equal(r.status, 0, r.stderr)
+    assert.equal(r.stdout, `> hello\n${answer('hello')}\n\n> /reset\n> how are you\n${answer('how are you')}\n\n`)
+  })
+
   it('chat commands: /reset starts over, /parallel needs a P the model has', () => {
     const r = run([model, '--chat', '--json', '-n', '3', '--temperature', '0'], 'hello\n/reset\nhello\n/parallel 3\n/nope\n/exit\nnever sent\n')
     assert.equal(r.status, 0, r.stderr)
@@ -199,8 +215,22 @@ describe('parscale run: bad input', () => {
   it('a bad batch line is reported by FILE:LINE and nothing is generated', () => {
     const file = jsonl('bad.jsonl', [{prompt: 'fine'}, {prompt: 'fine'}, '{"prompt": "oops"', {prompt: 'fine'}])
     refused(run([model, '--batch', file, '--json']), `${file}:3: not valid JSON`)
-    const keys = jsonl('keys.jsonl', [{prompt: 'a', max_tokens: 3}])
-    refused(run([model, '--batch', keys]), `${keys}:1:`, 'max_tokens')
+    const keys = jsonl('keys.jsonl', [{prompt: 'a', max_tokens: 3, max_new_tokens: 4}])
+    refused(run([model, '--batch', keys]), `${keys}:1:`, '"max_new_tokens" (4) and "max_tokens" (3) differ')
+  })
+
+  it('a batch line may say max_tokens, as serve does, and its id comes back on its result', () => {
+    const file = jsonl('ids.jsonl', [{id: 'first', prompt: 'The quick', max_tokens: 3}, {prompt: 'brown fox', max_new_tokens: 3}, {id: 7, prompt: 'jumps', max_tokens: 2}])
+    const r = run([model, '--batch', file, '--raw', '--temperature', '0', '--json'])
+    assert.equal(r.status, 0, r.stderr)
+    assert.equal(r.stderr, '', 'with --json and stderr not a terminal: no progress, no summary')
+    const out = jsonLines(r.stdout) as (JsonResult & {id?: string | number})[]
+    assert.deepEqual(out.map((o) => o.id), ['first', undefined, 7])
+    assert.deepEqual(out.map((o) => o.generated_tokens), [3, 3, 2])
+    assert.equal(Object.keys(out[0])[0], 'id', 'the id leads the object')
+    const text = run([model, '--batch', file, '--raw', '--temperature', '0'])
+    assert.match(text.stdout, new RegExp(`^\\[${file}:1 id first\\]\n`))
+    assert.ok(text.stdout.includes(`[${file}:3 id 7]\n`))
   })
 
   it('a prompt longer than the context fails, --truncate keeps the tail', () => {
@@ -211,19 +241,25 @@ describe('parscale run: bad input', () => {
     assert.equal(jsonLines(r.stdout)[0].prompt_tokens, 4092)
   })
 
-  it('invalid flags and combinations are one clear line', () => {
-    refused(run([model, '--prompt', 'a', '--temperature', '-1']), '--temperature')
-    refused(run([model, '--prompt', 'a', '--top-p', '1.5']), '--top-p')
-    refused(run([model, '--prompt', 'a', '-n', '0']), '--max-new-tokens')
-    refused(run([model, '--prompt', 'a', '--temperature', '0', '--top-k', '5']), '--top-k')
-    refused(run([model, 'a', '--prompt', 'b']), 'once')
-    refused(run([model, '--prompt', 'a', '--batch', 'x.jsonl']), '--batch')
-    refused(run([model, '--chat', '--batch', 'x.jsonl']), '--batch')
-    refused(run([model, '--chat', '--prompt', 'a']), '--chat')
-    refused(run([model, '--raw', '--system', 'S', '--prompt', 'a']), '--system', '--raw')
+  it('invalid flags and combinations are one clear line, exit 2 (usage)', () => {
+    misused(run([model, '--prompt', 'a', '--temperature', '-1']), '--temperature')
+    misused(run([model, '--prompt', 'a', '--top-p', '1.5']), '--top-p')
+    misused(run([model, '--prompt', 'a', '-n', '0']), '--max-new-tokens')
+    misused(run([model, '--prompt', 'a', '--parallel', '0']), '--parallel must be a whole number >= 1')
+    misused(run([model, '--prompt', 'a', '--temperature', '0', '--top-k', '5']), '--top-k')
+    misused(run([model, 'a', '--prompt', 'b']), 'once')
+    misused(run([model, '--prompt', 'a', '--batch', 'x.jsonl']), '--batch')
+    misused(run([model, '--chat', '--batch', 'x.jsonl']), '--batch')
+    misused(run([model, '--chat', '--prompt', 'a']), '--chat')
+    misused(run([model, '--raw', '--system', 'S', '--prompt', 'a']), '--system', '--raw')
+    misused(run([model, '--prompt', '']), 'empty')
+    misused(run([model, '--prompt', 'a', '--no-such-flag']), 'Nonexistent flag: --no-such-flag', '`parscale run --help`')
+    misused(run([model, '--prompt', 'a', '--device', 'tpu']), '--device')
+  })
+
+  it('what the machine lacks is a runtime failure, exit 1', () => {
     refused(run(['fixtures/golden/tiny-p4', '--prompt', 'a', '--parallel', '3']), '--parallel 3', '4')
     refused(run(['./no/such/folder', 'hi']), 'no/such/folder')
-    refused(run([model, '--prompt', '']), 'empty')
     refused(run([model], ''), 'no prompt')
   })
 })

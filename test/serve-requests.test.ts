@@ -3,6 +3,7 @@
 import assert from 'node:assert/strict'
 import {describe, test} from 'node:test'
 
+import {UsageError} from '../src/core/errors.js'
 import {ApiError} from '../src/core/serve/api-error.js'
 import {prepareChat, prepareCompletion, type ServedModel} from '../src/core/serve/openai-requests.js'
 import {parseServeOptions} from '../src/core/serve/options.js'
@@ -105,7 +106,8 @@ describe('serve: options', () => {
   test('defaults, and one line per bad value', () => {
     assert.deepEqual(parseServeOptions({numbers: {}}), {host: '127.0.0.1', port: 8080, parallel: undefined, maxBatch: 8, maxQueue: 64, threads: undefined, shutdownTimeout: 30})
     assert.equal(parseServeOptions({numbers: {port: '0'}}).port, 0)
-    assert.throws(() => parseServeOptions({numbers: {'max-batch': '0'}}), /^UserError: --max-batch must be a whole number >= 1 \(got "0"\)$/)
+    // A bad value is a usage error (exit 2).
+    assert.throws(() => parseServeOptions({numbers: {'max-batch': '0'}}), (error: unknown) => error instanceof UsageError && error.exitCode === 2 && error.message === '--max-batch must be a whole number >= 1 (got "0")')
     assert.throws(() => parseServeOptions({numbers: {'max-queue': '1.5'}}), /--max-queue must be a whole number >= 1/)
     assert.throws(() => parseServeOptions({numbers: {port: '-1'}}), /--port must be a whole number from 0 to 65535/)
     assert.throws(() => parseServeOptions({apiKey: ' ', numbers: {}}), /--api-key must not be empty/)

@@ -316,9 +316,9 @@ describe('parscale serve (the CLI)', () => {
     assert.match(help.stdout, /--log-requests\s+an access log: one JSON line per request on\s+stdout/)
   })
 
-  test('bad flags and a busy port: one line on stderr, exit 1', async () => {
+  test('bad flags and a busy port: one line on stderr; exit 2 for a bad value, 1 for what the machine lacks', async () => {
     const badPort = await runCli(['serve', '--port', '70000'], {env})
-    assert.equal(badPort.code, 1)
+    assert.equal(badPort.code, 2)
     assert.equal(badPort.stderr, 'parscale: --port must be a whole number from 0 to 65535 (got "70000")\n')
     const badParallel = await runCli(['serve', '--parallel', '3', '--port', '0'], {env})
     assert.equal(badParallel.code, 1)

@@ -11,7 +11,7 @@ import {Checkpoint} from '../src/core/checkpoint/checkpoint.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {summarizeStreamWeights, weightEntropy} from '../src/core/run/stream-stats.js'
-import {colorFor, renderStreamWeights, renderStreamSummary} from '../src/ui/stream-view.js'
+import {colorFor, renderStreamWeights, renderStreamSummary, TOKEN_ROW_LEGEND} from '../src/ui/stream-view.js'
 import {REPO_ROOT, runCli} from './helpers/cli.js'
 import {referenceForward} from './helpers/reference-parscale.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
@@ -129,6 +129,20 @@ describe('stream weight statistics and views', () => {
     assert.match(renderStreamWeights([[1], [1]], {color: false}), /P=1, one stream/)
   })
 
+  test('position labels are never cut (token 61 alone in its block, 51 at a block\'s last column); the token row has a legend', () => {
+    const even = (n: number) => Array.from({length: n}, () => [0.5, 0.5])
+    const labels = (view: string) => view.split('\n').filter((l) => /^ {5}\d/.test(l)).map((l) => l.trim().split(/\s+/).filter((w) => /^\d+$/.test(w)))
+    assert.deepEqual(labels(renderStreamWeights(even(61), {color: false})), [['1', '11', '21', '31', '41', '51'], ['61']])
+    assert.deepEqual(labels(renderStreamWeights(even(51), {color: false})), [['1', '11', '21', '31', '41', '51']])
+    assert.deepEqual(labels(renderStreamWeights(even(121), {color: false}))[2], ['121'])
+    const withTexts = renderStreamWeights(even(3), {color: false, tokenTexts: [' a', '\n', '\tb']})
+    assert.match(withTexts, /^ {5}·↵→$/m)
+    assert.ok(withTexts.includes(TOKEN_ROW_LEGEND))
+    assert.match(TOKEN_ROW_LEGEND, /· = space ↵ = newline → = tab/)
+    assert.ok([...TOKEN_ROW_LEGEND].length <= 80)
+    assert.ok(!renderStreamWeights(even(3), {color: false}).includes(TOKEN_ROW_LEGEND), 'no legend without the row')
+  })
+
   test('eval summary: one row per stream and the entropy line', () => {
     const text = renderStreamSummary(summarizeStreamWeights(picky, 4))
     assert.equal(text.split('\n').filter((l) => /^s\d /.test(l)).length, 4)
@@ -160,6 +174,9 @@ describe('run --streams and eval --streams on the default model', () => {
     assert.ok(streamRows >= 8 && streamRows % 8 === 0, `${streamRows} stream rows`)
     for (const line of view.split('\n')) assert.ok([...line].length <= 80, line)
     assert.match(view, /mean entropy [\d.]+ nats of ln 8/)
+    assert.ok(view.includes(TOKEN_ROW_LEGEND))
+    // Past 60 tokens the second block's first label is 61, whole.
+    if (Number(/· (\d+) tokens/.exec(view)![1]) > 60) assert.match(view, /^ {5}61/m)
   })
 
   test('eval --streams: per-stream means and top shares sum to 1, entropy at most ln P', async () => {

@@ -1,4 +1,4 @@
-import {writeFileSync} from 'node:fs'
+import {statSync, writeFileSync} from 'node:fs'
 
 import {Args, Flags} from '@oclif/core'
 
@@ -6,7 +6,7 @@ import {BaseCommand} from '../base-command.js'
 import {benchMachine, benchPackage, benchVsParams, probeRoofline, type BenchReport} from '../core/bench/run-bench.js'
 import {prepareBenchModel} from '../core/bench/bench-model.js'
 import {SCALING_FITS} from '../core/bench/scaling-law.js'
-import {UserError} from '../core/errors.js'
+import {UsageError, UserError} from '../core/errors.js'
 import {readManifest} from '../core/package/manifest.js'
 import {checkWebGpu, DEVICES, type Device} from '../core/engine/device.js'
 import {SYNTHETIC_PRESETS} from '../core/checkpoint/synthetic.js'
@@ -15,9 +15,32 @@ import {plotTarget, writePlots} from '../ui/bench-plot.js'
 import {Progress} from '../ui/progress.js'
 import {quantFlags, quantFromFlags} from '../flags/quant.js'
 
+/**
+ * `--json FILE`, the spelling before `--json` became a switch (JSON on stdout) and `--json-file
+ * FILE` the file form: `--json=FILE`, or `--json` before a word ending in .json that is no folder
+ * (a model is a folder), still writes FILE, with a warning.
+ */
+export function legacyJsonFile(argv: string[], warn: (message: string) => void): string[] {
+  const out: string[] = []
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!
+    if (arg === '--') return [...out, ...argv.slice(i)]
+    const next = argv[i + 1]
+    const file = arg.startsWith('--json=') ? arg.slice('--json='.length) : arg === '--json' && next !== undefined && next.endsWith('.json') && !statSync(next, {throwIfNoEntry: false})?.isDirectory() ? next : undefined
+    if (file === undefined) {
+      out.push(arg)
+      continue
+    }
+    warn(`--json FILE is now --json-file FILE (--json alone prints the report on stdout); writing ${file}`)
+    out.push('--json-file', file)
+    if (arg === '--json') i++
+  }
+  return out
+}
+
 function intList(text: string, flag: string): number[] {
   const values = text.split(',').map((s) => Number(s.trim()))
-  if (values.length === 0 || values.some((v) => !Number.isSafeInteger(v) || v < 1)) throw new UserError(`--${flag} must be a comma-separated list of positive integers (found "${text}")`)
+  if (values.length === 0 || values.some((v) => !Number.isSafeInteger(v) || v < 1)) throw new UsageError(`--${flag} must be a comma-separated list of positive integers (found "${text}")`)
   return values
 }
 
@@ -38,10 +61,11 @@ export default class Bench extends BaseCommand {
 --plot FILE.svg|FILE.html draws the profile with Vega-Lite (rendered in Node, no browser): decode ms/token, prefill and peak RSS against P with the roofline floors dashed, the parameter-scaling curve beside ParScale's after --vs-params, and one line per P against batch and prompt length when several were measured. The HTML page holds the charts and the table and needs no network. The file's folder must exist; it is checked before anything runs.`
   static override examples = [
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,2,4,8',
-    '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --vs-params --json bench.json',
+    '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --vs-params --json-file bench.json',
+    '<%= config.bin %> bench -p 1,8 -n 16 --json | jq .results',
     '<%= config.bin %> bench --synthetic 0.5b --quant int4 --parallel 1,8',
-    '<%= config.bin %> bench ./my-package --batch 1,4 --csv',
-    '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --prompt-len 64,1024,2048 --new-tokens 33 --repeat 1',
+    '<%= config.bin %> bench ./my-package --batch-size 1,4 --csv',
+    '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --prompt-len 64,1024,2048 --max-new-tokens 33 --repeat 1',
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,2,4,8 --plot profile.html',
     '<%= config.bin %> bench --synthetic 0.5b --vs-params --plot charts.svg --plot report.html',
   ]
@@ -49,10 +73,11 @@ export default class Bench extends BaseCommand {
     model: Args.string({description: 'converted package, checkpoint folder or pulled hub repo id (default: the embedded model)', ignoreStdin: true}),
   }
   static override flags = {
-    parallel: Flags.string({description: 'P values to measure', default: '1,2,4,8'}),
-    batch: Flags.string({description: 'batch sizes', default: '1'}),
-    'prompt-len': Flags.string({description: 'prompt tokens; a list (64,1024,2048) measures decode against context length', default: '64'}),
-    'new-tokens': Flags.integer({description: 'generated tokens (decode steps + 1)', default: 32, min: 2}),
+    parallel: Flags.string({char: 'p', description: 'P values to measure', default: '1,2,4,8', helpValue: 'LIST'}),
+    // The old spellings (--batch, --new-tokens) still work, with a warning: scripts keep running.
+    'batch-size': Flags.string({description: 'sequences decoding together (as run --batch-size); a list measures each', default: '1', helpValue: 'LIST', aliases: ['batch'], deprecateAliases: true}),
+    'prompt-len': Flags.string({description: 'prompt tokens; a list (64,1024,2048) measures decode against context length', default: '64', helpValue: 'LIST'}),
+    'max-new-tokens': Flags.integer({char: 'n', description: 'tokens generated per sequence, exactly (bench ignores end-of-sequence): decode steps + 1', default: 32, min: 2, helpValue: 'N', aliases: ['new-tokens'], deprecateAliases: true}),
     threads: Flags.integer({description: 'intra-op threads (default: all cores)', min: 1}),
     repeat: Flags.integer({description: 'measured repetitions after one warm-up', default: 3, min: 1}),
     synthetic: Flags.string({description: `random weights of a preset shape (${Object.keys(SYNTHETIC_PRESETS).join(', ')})`}),
@@ -64,7 +89,8 @@ export default class Bench extends BaseCommand {
     vocab: Flags.integer({min: 1, description: 'synthetic: vocabulary'}),
     'vs-params': Flags.boolean({description: 'compare with parameter scaling of equal predicted loss (needs P = 1 and a synthetic shape)'}),
     'no-roofline': Flags.boolean({description: 'skip the bandwidth and FLOP-rate probes'}),
-    json: Flags.string({description: 'also write the report as JSON to this file'}),
+    json: Flags.boolean({description: 'print the report as one JSON object on stdout instead of the table', exclusive: ['csv']}),
+    'json-file': Flags.string({description: 'also write the report as JSON to FILE (the table still prints)', helpValue: 'FILE'}),
     csv: Flags.boolean({description: 'print CSV instead of the table'}),
     plot: Flags.string({
       multiple: true,
@@ -79,9 +105,10 @@ export default class Bench extends BaseCommand {
   }
 
   async run(): Promise<void> {
+    this.argv = legacyJsonFile(this.argv, (message) => this.warn(message))
     const {args, flags} = await this.parse(Bench)
     const parallel = intList(flags.parallel, 'parallel')
-    const batch = intList(flags.batch, 'batch')
+    const batch = intList(flags['batch-size'], 'batch-size')
     const promptLengths = intList(flags['prompt-len'], 'prompt-len')
     const threads = flags.threads ?? benchMachine(0).cores
     const device = flags.device as Device
@@ -92,7 +119,7 @@ export default class Bench extends BaseCommand {
       intermediateSize: flags.intermediate, vocabSize: flags.vocab,
     }
     const synthetic = flags.synthetic !== undefined || Object.values(dims).some((v) => v !== undefined)
-    if (flags['vs-params'] && !synthetic) throw new UserError('--vs-params needs a synthetic shape (--synthetic 0.5b)')
+    if (flags['vs-params'] && !synthetic) throw new UsageError('--vs-params needs a synthetic shape (--synthetic 0.5b)')
     if (flags['vs-params'] && !parallel.includes(1)) parallel.unshift(1)
     // A bad --plot target fails now, not after minutes of measuring.
     const plots = (flags.plot ?? []).map(plotTarget)
@@ -100,20 +127,23 @@ export default class Bench extends BaseCommand {
     const progress = new Progress('preparing')
     const onStatus = (text: string) => progress.update(text)
     try {
-      const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel, quant}, onStatus)
+      const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel, quant}, onStatus, (line) => progress.log(line))
       const manifest = readManifest(packageDir)
       const model = manifest.model
       // A prompt past the model's positions would fail inside ONNX Runtime after minutes of other runs.
-      const longest = Math.max(...promptLengths) + flags['new-tokens']
-      if (longest > model.maxPositionEmbeddings) throw new UserError(`--prompt-len ${Math.max(...promptLengths)} + --new-tokens ${flags['new-tokens']} = ${longest} positions; ${label} takes ${model.maxPositionEmbeddings}`)
-      const options = {parallel, batch, promptLengths, newTokens: flags['new-tokens'], threads, device, repeat: flags.repeat, onStatus, ...(flags.profile ? {profilePrefix: flags.profile} : {})}
+      const newTokens = flags['max-new-tokens']
+      const longest = Math.max(...promptLengths) + newTokens
+      if (longest > model.maxPositionEmbeddings) throw new UserError(`--prompt-len ${Math.max(...promptLengths)} + --max-new-tokens ${newTokens} = ${longest} positions; ${label} takes ${model.maxPositionEmbeddings}`)
+      const options = {parallel, batch, promptLengths, newTokens, threads, device, repeat: flags.repeat, onStatus, ...(flags.profile ? {profilePrefix: flags.profile} : {})}
       const report: BenchReport = {machine: benchMachine(threads, device, adapter && `${adapter.name} (${adapter.backend})`), model: label, quant: manifest.quant ?? null, results: []}
       if (!flags['no-roofline']) report.roofline = await probeRoofline(threads, model.hiddenSize, model.intermediateSize, onStatus, device)
       report.results = await benchPackage(packageDir, options)
       if (flags['vs-params'] && shape) report.vs_params = await benchVsParams(shape, options)
       progress.stop()
-      if (flags.json) writeFileSync(flags.json, JSON.stringify(toJson(report), null, 2) + '\n')
-      this.log(flags.csv ? renderCsv(report).trimEnd() : renderTable(report))
+      const jsonFile = flags['json-file']
+      if (jsonFile) writeFileSync(jsonFile, JSON.stringify(toJson(report), null, 2) + '\n')
+      this.log(flags.json ? JSON.stringify(toJson(report)) : flags.csv ? renderCsv(report).trimEnd() : renderTable(report))
+      if (jsonFile) process.stderr.write(`wrote the report as JSON to ${jsonFile}\n`)
       await writePlots(report, plots)
     } finally {
       progress.stop()

@@ -1,9 +1,9 @@
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
-import {UserError} from '../core/errors.js'
+import {UsageError} from '../core/errors.js'
 import {convertCheckpoints, defaultOutDir} from '../core/package/convert.js'
-import {formatBytes, percent} from '../core/format.js'
+import {formatBytes, percent, snakeCaseKeys} from '../core/format.js'
 import {Progress} from '../ui/progress.js'
 import {resolveCheckpointSource} from '../core/package/resolve.js'
 import {quantFlags, quantFromFlags} from '../flags/quant.js'
@@ -33,13 +33,13 @@ The package is written to a temporary folder and renamed into place when complet
     dtype: Flags.string({description: 'weight storage: fp32 (exact) or fp16 (half the size; computed in fp32)', options: ['fp32', 'fp16'], default: 'fp32'}),
     ...quantFlags,
     force: Flags.boolean({description: 'replace an existing output folder'}),
-    json: Flags.boolean({description: 'print the manifest as JSON'}),
+    json: Flags.boolean({description: 'print the manifest as one JSON object on stdout (out_dir and the manifest\'s fields, in snake_case)'}),
   }
 
   async run(): Promise<void> {
     const {argv, flags} = await this.parse(Convert)
     const quant = quantFromFlags(flags)
-    if (quant && flags.dtype !== 'fp32') throw new UserError('--quant and --dtype fp16 cannot be combined: a quantized package keeps its vectors in fp32')
+    if (quant && flags.dtype !== 'fp32') throw new UsageError('--quant and --dtype fp16 cannot be combined: a quantized package keeps its vectors in fp32')
     const sources = (argv as string[]).map((source) => resolveCheckpointSource(source))
     const outDir = flags.out ?? defaultOutDir(sources[0])
     const progress = new Progress('reading checkpoint')
@@ -57,7 +57,7 @@ The package is written to a temporary folder and renamed into place when complet
       })
       progress.stop()
       if (flags.json) {
-        this.log(JSON.stringify({outDir, ...manifest}))
+        this.log(JSON.stringify(snakeCaseKeys({outDir, ...manifest})))
         return
       }
       const seconds = ((Date.now() - started) / 1000).toFixed(1)

@@ -4,6 +4,7 @@ import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
 import {UserError} from '../core/errors.js'
+import {decodeUtf8} from '../core/utf8.js'
 import {scoreTokens} from '../core/run/evaluate.js'
 import {resolveModel} from '../core/package/resolve.js'
 import {checkWebGpu, DEVICES, type Device} from '../core/engine/device.js'
@@ -56,6 +57,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
         parallel: flags.parallel,
         quant,
         onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
+        onNotice: (line) => progress.log(line),
       })
       progress.update('loading model')
     } finally {
@@ -85,10 +87,12 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
 const READ_ERRORS: Record<string, string> = {ENOENT: 'no such file', EISDIR: 'is a folder, not a text file', EACCES: 'permission denied'}
 
 function readText(file: string): string {
+  let bytes: Buffer
   try {
-    return readFileSync(file === '-' ? 0 : file, 'utf8')
+    bytes = readFileSync(file === '-' ? 0 : file)
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code ?? ''
     throw new UserError(`${file}: cannot read the text file (${READ_ERRORS[code] ?? (code || (error as Error).message)})`)
   }
+  return decodeUtf8(bytes, () => (file === '-' ? 'stdin' : file))
 }

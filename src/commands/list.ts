@@ -2,7 +2,7 @@ import {Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
 import {hubCacheDir} from '../core/hub/cache.js'
-import {formatBytes} from '../core/format.js'
+import {formatBytes, snakeCaseKeys} from '../core/format.js'
 import {listCheckpoints, listConvertedPackages} from '../core/hub/inventory.js'
 import {convertedCacheDir} from '../core/package/paths.js'
 import {columns} from '../ui/table.js'
@@ -15,7 +15,7 @@ export default class List extends BaseCommand {
   static override examples = ['<%= config.bin %> list', '<%= config.bin %> list --json']
 
   static override flags = {
-    json: Flags.boolean({description: 'print JSON on stdout'}),
+    json: Flags.boolean({description: 'print JSON on stdout (hub_cache, checkpoints, converted_cache, packages)'}),
   }
 
   async run(): Promise<void> {
@@ -25,7 +25,7 @@ export default class List extends BaseCommand {
     if (flags.json) {
       this.log(
         JSON.stringify(
-          {
+          snakeCaseKeys({
             hubCache: hubCacheDir(),
             checkpoints: checkpoints.map((c) => ({
               repoId: c.repoId,
@@ -47,7 +47,7 @@ export default class List extends BaseCommand {
               sizeBytes: p.sizeBytes,
               path: p.path,
             })),
-          },
+          }),
           null,
           2,
         ),

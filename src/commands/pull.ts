@@ -1,11 +1,11 @@
 import {Args, Flags} from '@oclif/core'
-import type {Ora} from 'ora'
 
 import {BaseCommand} from '../base-command.js'
-import {UserError} from '../core/errors.js'
+import {EXIT_INTERRUPTED, UsageError, UserError} from '../core/errors.js'
 import {resolveFamilyName} from '../core/hub/families.js'
 import type {PullProgress} from '../core/hub/pull.js'
-import {formatBytes, formatDuration, formatRate} from '../core/format.js'
+import {formatBytes, formatDuration, formatRate, snakeCaseKeys} from '../core/format.js'
+import {Progress} from '../ui/progress.js'
 
 /** Bytes per second over the last few seconds. */
 class RateMeter {
@@ -50,26 +50,26 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
   }
 
   static override flags = {
-    parallel: Flags.integer({min: 1, description: 'take the -P{N} sibling of a published ParScale family'}),
+    parallel: Flags.integer({char: 'p', min: 1, description: 'take the -P{N} sibling of a published ParScale family'}),
     token: Flags.string({description: 'Hugging Face access token for gated or private repos (default: $HF_TOKEN)'}),
     include: Flags.string({multiple: true, description: 'also download files matching this glob (repeatable; * stays in a folder, ** crosses)'}),
-    json: Flags.boolean({description: 'print a JSON summary on stdout'}),
+    json: Flags.boolean({description: 'print a JSON summary on stdout (repo_id, revision, commit, snapshot_dir, files, bytes, downloaded_bytes, seconds, offline)'}),
   }
 
   async run(): Promise<void> {
     const {args, flags} = await this.parse(Pull)
     // Loaded here, not at the top: oclif imports every command to list them.
-    const [{pullModel}, {default: ora}] = await Promise.all([import('../core/hub/pull.js'), import('ora')])
+    const {pullModel} = await import('../core/hub/pull.js')
     const at = args.model.indexOf('@')
     const revision = at >= 0 ? args.model.slice(at + 1) : undefined
-    if (at >= 0 && !revision) throw new UserError(`${args.model}: empty revision after "@"`)
+    if (at >= 0 && !revision) throw new UsageError(`${args.model}: empty revision after "@"`)
     const repoId = resolveFamilyName(at >= 0 ? args.model.slice(0, at) : args.model, flags.parallel)
 
     const interrupt = new AbortController()
-    const onSigint = (): void => interrupt.abort(new UserError('pull interrupted; run it again to resume', 130))
+    const onSigint = (): void => interrupt.abort(new UserError('pull interrupted; run it again to resume', EXIT_INTERRUPTED))
     process.once('SIGINT', onSigint)
 
-    let spinner: Ora | undefined
+    let spinner: Progress | undefined
     const meter = new RateMeter()
     let lastDraw = 0
     let lastPhase = ''
@@ -85,8 +85,8 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
           const full = progressText(p, rate)
           // One line, never wrapped: the spinner and a space take 2 columns.
           const text = full.length > columns - 3 ? `${full.slice(0, Math.max(0, columns - 4))}…` : full
-          if (spinner) spinner.text = text
-          else spinner = ora({stream: process.stderr, discardStdin: false, text}).start()
+          if (spinner) spinner.update(text)
+          else spinner = new Progress(text)
         }
       : undefined
 
@@ -96,7 +96,7 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
       if (flags.json) {
         this.log(
           JSON.stringify(
-            {
+            snakeCaseKeys({
               repoId: result.repoId,
               revision: result.revision,
               commit: result.commit,
@@ -106,7 +106,7 @@ Environment: HF_ENDPOINT (a mirror), HF_TOKEN (gated or private repos), HF_HUB_O
               downloadedBytes: result.downloadedBytes,
               seconds: Number(result.seconds.toFixed(3)),
               offline: result.offline,
-            },
+            }),
             null,
             2,
           ),

@@ -53,7 +53,11 @@ export default class Run extends BaseCommand {
   static override summary = 'Generate text with a ParScale model: one prompt, a chat, or a JSONL batch'
   static override description = `One-shot: give a PROMPT (or --prompt, or pipe it on stdin); the answer streams to stdout and a timing line (time to first token, tokens/s, P) goes to stderr.
 Chat: run with no prompt in a terminal (or pass --chat). The conversation's KV cache is kept between turns, so each turn only processes its own new tokens. Type /help for commands; Ctrl-C stops the current answer.
-Batch: --batch FILE.jsonl with one {"prompt": …} or {"messages": [{"role": …, "content": …}]} per line (optional "max_new_tokens", "temperature", and "parallel": the P for that line); --batch-size sequences decode together per P, new ones joining as others finish, and results come out in input order. The whole file is checked first.
+Batch: --batch FILE.jsonl with one {"prompt": …} or {"messages": [{"role": …, "content": …}]} per line, optionally with "max_new_tokens" (or "max_tokens", as in serve's API), "temperature", "parallel" (the P for that line) and "id" (given back on the line's result). Lines look like:
+  {"id": "fib", "prompt": "def fibonacci(n):", "max_new_tokens": 48}
+  {"id": 2, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+  {"prompt": "import os", "parallel": 4, "temperature": 0.7}
+--batch-size sequences decode together per P, new ones joining as others finish, and results come out in input order (with --json one object per line, its "id" first). The whole file is checked first; progress shows on stderr when it is a terminal.
 
 When the tokenizer has a chat template a prompt is sent as a user message (--system adds a system message); --raw sends the text as is, without the template or special tokens.
 Sampling defaults come from the model's generation_config.json; --temperature 0 is greedy. --parallel N picks how many parallel streams (P) to run; the model must provide it.
@@ -105,6 +109,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
       return await openRunContext(model, plan, {
         onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
         onLoading: () => progress.update('loading model'),
+        onNotice: (line) => progress.log(line),
       })
     } finally {
       progress.stop()

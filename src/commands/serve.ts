@@ -100,6 +100,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
         maxBatch: options.maxBatch,
         maxQueue: options.maxQueue,
         onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
+        onNotice: (line) => progress.log(line),
       })
     } finally {
       progress.stop()

@@ -6,14 +6,14 @@ import {checkQueueUrl} from '../core/queue/connection.js'
 import {defaultConcurrency, QueueWorker} from '../core/queue/worker.js'
 import {queueFlag} from '../flags/queue.js'
 import {Progress} from '../ui/progress.js'
-import {workerProgress} from '../ui/queue-report.js'
+import {BatchLog, workerProgress} from '../ui/queue-report.js'
 
 export default class WorkerCommand extends BaseCommand {
   static override summary = 'Generate queued batch lines (from `batch submit`) until stopped'
 
   static override description = `Serves every model with queued batches that this machine can run: the submitter's folder, hub repo id or the embedded model resolved here (or one of --model), with the same package fingerprint as the jobs. A model it cannot serve gets one line on stderr, and its jobs stay for other workers.
 Lines of one model and P decode --batch-size at a time, a new line joining as another finishes (continuous batching, as \`run --batch\`); each result is stored on its job. Run as many workers as you like, on any machine that reaches Redis: a worker that dies (kill -9, a lost machine) loses nothing, as its jobs go back to the queue once their lock expires (--stall-timeout). SIGTERM or Ctrl-C finishes the lines in hand, then exits; a second one exits at once. Started through npx or npm run, it finishes the same way when npm exits (npm signals only the shell it started, so SIGTERM sent to npx never reaches the worker).
-Progress is shown when stderr is a terminal.`
+Progress is shown when stderr is a terminal; otherwise (a service's journal, a container's log) the worker writes one line per batch on stderr when its share of the batch is done, or when it stops: lines done, tokens, tokens/s.`
 
   static override examples = [
     '<%= config.bin %> worker --queue redis://localhost:6379',
@@ -33,6 +33,8 @@ Progress is shown when stderr is a terminal.`
     const {flags} = await this.parse(WorkerCommand)
     const url = checkQueueUrl(flags.queue)
     const progress = new Progress('connecting', Boolean(process.stderr.isTTY))
+    // Off a terminal (a journal, a container log) nothing repaints: one line per batch instead.
+    const batchLog = process.stderr.isTTY ? undefined : new BatchLog((line) => process.stderr.write(line + '\n'))
     const state = {serving: [] as string[], done: 0, failed: 0, tokens: 0, startedAt: 0}
     let worker: QueueWorker | undefined
     const repaint = () => {
@@ -54,17 +56,20 @@ Progress is shown when stderr is a terminal.`
           progress.log(`serving ${model.label} (fingerprint ${model.fingerprint})`)
         },
         refused: (model, reason) => progress.log(`parscale: not serving ${model.label} (fingerprint ${model.fingerprint}): ${reason}; its lines stay queued for other workers`),
-        lineStarted: () => {
+        lineStarted: (batch, model) => {
           state.startedAt ||= Date.now()
+          batchLog?.started(batch, model.label)
           repaint()
         },
         lineDone: (line) => {
           if (line.ok) state.done++
           else state.failed++
           state.tokens += line.tokens
+          batchLog?.finished(line.batch, line.ok, line.tokens)
           repaint()
         },
         connection: (_state, detail) => progress.log(detail),
+        notice: (line) => progress.log(line),
         error: (message) => progress.log(`parscale: ${message}`),
       })
     } catch (error) {
@@ -84,6 +89,7 @@ Progress is shown when stderr is a terminal.`
         })
       })
     })
+    batchLog?.flush()
     progress.stop()
   }
 }

@@ -1,7 +1,7 @@
 // `--quant` and `--block-size`, shared by convert, run, eval and bench.
 import {Flags} from '@oclif/core'
 
-import {UserError} from '../core/errors.js'
+import {UsageError} from '../core/errors.js'
 import {BLOCK_SIZES, DEFAULT_BLOCK_SIZE, QUANT_NAMES, quantScheme, type QuantName, type QuantScheme} from '../core/quant/scheme.js'
 
 export const quantFlags = {
@@ -16,6 +16,6 @@ export const quantFlags = {
  */
 export function quantFromFlags(flags: {quant?: string; 'block-size'?: string; device?: string}): QuantScheme | undefined {
   if (flags.quant === undefined) return undefined
-  if (flags.device === 'webgpu') throw new UserError(`--quant ${flags.quant} runs on the CPU only (ONNX Runtime's quantized CPU operators); use --device cpu, or drop --quant for webgpu`, 2)
+  if (flags.device === 'webgpu') throw new UsageError(`--quant ${flags.quant} runs on the CPU only (ONNX Runtime's quantized CPU operators); use --device cpu, or drop --quant for webgpu`)
   return quantScheme(flags.quant as QuantName, flags['block-size'] === undefined ? DEFAULT_BLOCK_SIZE : Number(flags['block-size']))
 }

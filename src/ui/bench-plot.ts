@@ -3,7 +3,7 @@ import {accessSync, constants, statSync, writeFileSync} from 'node:fs'
 import path from 'node:path'
 
 import type {BenchReport} from '../core/bench/run-bench.js'
-import {UserError} from '../core/errors.js'
+import {UsageError, UserError} from '../core/errors.js'
 
 export type PlotFormat = 'svg' | 'html'
 
@@ -18,7 +18,7 @@ const FORMATS: Record<string, PlotFormat> = {'.svg': 'svg', '.html': 'html', '.h
 export function plotTarget(file: string): PlotTarget {
   const extension = path.extname(file).toLowerCase()
   const format = FORMATS[extension]
-  if (!format) throw new UserError(`--plot ${file}: ${extension ? `unknown extension "${extension}"` : 'no extension'}; use .svg (the charts) or .html (charts and table)`)
+  if (!format) throw new UsageError(`--plot ${file}: ${extension ? `unknown extension "${extension}"` : 'no extension'}; use .svg (the charts) or .html (charts and table)`)
   const folder = path.dirname(path.resolve(file))
   const stat = statSync(folder, {throwIfNoEntry: false})
   if (!stat?.isDirectory()) throw new UserError(`--plot ${file}: folder ${folder} does not exist`)
@@ -31,7 +31,7 @@ export function plotTarget(file: string): PlotTarget {
   return {file, format}
 }
 
-/** Renders the charts once per format and writes each target. Vega loads only here, when a plot is asked for. */
+/** Renders the charts once per format and writes each target, saying where on stderr. Vega loads only here, when a plot is asked for. */
 export async function writePlots(report: BenchReport, targets: PlotTarget[]): Promise<void> {
   if (targets.length === 0) return
   const {benchChartSpec} = await import('./charts/bench-charts.js')
@@ -54,5 +54,6 @@ export async function writePlots(report: BenchReport, targets: PlotTarget[]): Pr
     } catch (err) {
       throw new UserError(`--plot ${file}: cannot write (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`)
     }
+    process.stderr.write(`wrote ${format === 'svg' ? 'the charts' : 'the charts and the table'} to ${file}\n`)
   }
 }

@@ -1,5 +1,5 @@
 // Renders a bench report: table (cli-table3), CSV, JSON.
-import {formatBytes} from '../core/format.js'
+import {formatBytes, snakeCaseKeys} from '../core/format.js'
 import type {BenchReport} from '../core/bench/run-bench.js'
 import type {ProbeResult, RunResult} from '../core/bench/types.js'
 import {createTable} from './table.js'
@@ -156,8 +156,9 @@ export function renderCsv(report: BenchReport): string {
 }
 
 /** `{"machine", "results"}` with flat numbers (medians) plus the detail. */
+/** The report for --json and --json-file: snake_case keys throughout (the quant record and synthetic shapes included). */
 export function toJson(report: BenchReport): unknown {
-  return {
+  return snakeCaseKeys({
     machine: report.machine,
     model: report.model,
     quant: report.quant ?? null,
@@ -171,5 +172,5 @@ export function toJson(report: BenchReport): unknown {
       decode_p90_ms: r.decode_ms_per_token.p90,
     })),
     ...(report.vs_params ? {vs_params: report.vs_params} : {}),
-  }
+  })
 }

@@ -1,7 +1,8 @@
 /**
- * `parscale run --chat`: a readline loop (interactive, or lines piped in) over a ChatSession
- * that keeps the KV cache between turns. /commands manage the chat; Ctrl-C stops the
- * current answer, or leaves when there is none.
+ * `parscale run --chat`: a readline loop (interactive, or lines piped in: the output is then a
+ * transcript, each line sent shown after "> ") over a ChatSession that keeps the KV cache
+ * between turns. /commands manage the chat; Ctrl-C stops the current answer, or leaves when
+ * there is none.
  */
 import {createInterface} from 'node:readline'
 
@@ -11,6 +12,7 @@ import type {RunContext} from '../core/run/context.js'
 import {chatTurnRequest, generationOptions} from '../core/run/requests.js'
 import type {ModelCache} from '../core/engine/model.js'
 import {chatJsonResult, type LineWriter, writeTokenText} from './run-output.js'
+import {strictUtf8Text} from './stdin.js'
 import {answerStreamView} from './stream-view.js'
 
 const CHAT_HELP = `commands:
@@ -25,7 +27,14 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
   const interactive = Boolean(process.stdin.isTTY)
   const format = ctx.useTemplate ? tokenizer : rawChatFormat(tokenizer)
   const chat = new ChatSession(ctx.model, ctx.parallel, format, {...generationOptions(ctx), system: options.system})
-  const rl = createInterface({input: process.stdin, output: process.stdout, terminal: interactive, prompt: '> '})
+  // Piped input is decoded strictly: bytes that are not UTF-8 end the chat with one line.
+  const input = interactive ? process.stdin : strictUtf8Text(process.stdin)
+  let inputError: unknown
+  const rl = createInterface({input, output: process.stdout, terminal: interactive, prompt: '> '})
+  input.on('error', (error) => {
+    inputError = error
+    rl.close()
+  })
   let answering: AbortController | undefined
   rl.on('SIGINT', () => {
     if (answering) answering.abort()
@@ -34,6 +43,10 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
   if (interactive && !options.quiet) {
     process.stderr.write(`parscale chat · ${ctx.label} · P=${chat.parallel}${ctx.useTemplate ? '' : ' · raw text (no chat template)'} · /help for commands\n`)
   }
+  // Piped text output is a transcript that reads as the terminal session would: each line sent
+  // after the prompt "> ", each answer after it, a blank line between turns. --json stays one
+  // object per turn for scripts.
+  const transcript = !interactive && !options.json
   if (interactive) rl.prompt()
   for await (const line of rl) {
     const text = line.trim()
@@ -41,6 +54,7 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
       if (interactive) rl.prompt()
       continue
     }
+    if (transcript) process.stdout.write(`> ${line}\n`)
     if (text.startsWith('/')) {
       if (await chatCommand(text, ctx, chat, rl)) break
     } else {
@@ -54,6 +68,7 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
         else process.stdout.write(result.finishReason === 'abort' ? ' [stopped]\n' : '\n')
         const streams = options.json ? undefined : answerStreamView(result, (ids) => tokenizer.decode(ids))
         if (streams) log(streams)
+        if (transcript) process.stdout.write('\n')
       } catch (error) {
         // A turn that does not fit is reported; the chat goes on.
         if (!(error instanceof UserError)) throw error
@@ -65,6 +80,7 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
     if (interactive) rl.prompt()
   }
   rl.close()
+  if (inputError !== undefined) throw inputError
 }
 
 /** Handles a /command; returns true to leave the chat. */

@@ -65,3 +65,64 @@ export function workerProgress(state: {serving: string[]; done: number; failed: 
   const doing = state.held > 0 ? `generating ${plural(state.held, 'line')}` : 'waiting for jobs'
   return `${doing} · ${plural(state.done, 'line')} done${failed}${rate} · serving ${state.serving.join(', ')}`
 }
+
+interface BatchShare {
+  model: string
+  inHand: number
+  done: number
+  failed: number
+  tokens: number
+  startedAt: number
+  quiet?: NodeJS.Timeout
+}
+
+/**
+ * The worker's log when stderr is not a terminal (a service's journal, a container's log): one
+ * line per batch, when this worker has no line of it in hand for `settleMs` (its share of the
+ * batch is done, or the queue ran dry), and for every batch still open when it stops.
+ */
+export class BatchLog {
+  private readonly batches = new Map<string, BatchShare>()
+
+  constructor(
+    private readonly write: (line: string) => void,
+    private readonly settleMs = 2000,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  started(batch: string, model: string): void {
+    const share = this.batches.get(batch) ?? {model, inHand: 0, done: 0, failed: 0, tokens: 0, startedAt: this.now()}
+    clearTimeout(share.quiet)
+    share.inHand++
+    this.batches.set(batch, share)
+  }
+
+  finished(batch: string, ok: boolean, tokens: number): void {
+    const share = this.batches.get(batch)
+    if (!share) return
+    share.inHand--
+    if (ok) share.done++
+    else share.failed++
+    share.tokens += tokens
+    if (share.inHand === 0) share.quiet = setTimeout(() => this.report(batch), this.settleMs).unref()
+  }
+
+  /** Reports every batch now (the worker is stopping). */
+  flush(): void {
+    for (const batch of [...this.batches.keys()]) this.report(batch)
+  }
+
+  private report(batch: string): void {
+    const share = this.batches.get(batch)
+    if (!share) return
+    clearTimeout(share.quiet)
+    this.batches.delete(batch)
+    this.write(batchLogLine(batch, share, (this.now() - share.startedAt) / 1000))
+  }
+}
+
+export function batchLogLine(batch: string, share: Pick<BatchShare, 'model' | 'done' | 'failed' | 'tokens'>, seconds: number): string {
+  const failed = share.failed > 0 ? `, ${share.failed} failed` : ''
+  const rate = seconds > 0 ? ` (${(share.tokens / seconds).toFixed(1)} tokens/s)` : ''
+  return `batch ${batch}: ${plural(share.done, 'line')} done${failed} · ${share.tokens} tokens in ${seconds.toFixed(1)} s${rate} · ${share.model}`
+}

@@ -6,7 +6,8 @@ import {readBatchFile} from '../core/run/batch-file.js'
 import {generateAll} from '../core/run/batcher.js'
 import type {RunContext} from '../core/run/context.js'
 import {batchRequests, generationOptions, promptRequest} from '../core/run/requests.js'
-import {batchItemText, batchSummaryLine, jsonResult, type LineWriter, timingLine, writeTokenText} from './run-output.js'
+import {Progress} from './progress.js'
+import {batchItemText, batchJsonResult, batchProgressLine, batchSummaryLine, jsonResult, type LineWriter, timingLine, writeTokenText} from './run-output.js'
 import {answerStreamView} from './stream-view.js'
 
 /** One prompt: stream the answer (or print one JSON line), timing on stderr. */
@@ -32,14 +33,27 @@ export async function runBatch(ctx: RunContext, file: string, log: LineWriter): 
   const items = await readBatchFile(file)
   const requests = batchRequests(ctx, file, items)
   const started = performance.now()
-  const results = await generateAll(ctx.model, requests, ctx.numbers.batchSize, generationOptions(ctx), (result, index) => {
-    if (options.json) log(JSON.stringify(jsonResult(result)))
-    else {
-      const streams = answerStreamView(result, (ids) => ctx.tokenizer.decode(ids))
-      log(batchItemText(file, items[index].line, result) + (streams ? `${streams}\n` : ''))
-    }
-  })
-  if (!options.quiet && !options.json) {
+  // A terminal watching stderr sees lines done and the rate while stdout goes to a file; the
+  // summary closes the run in text mode, and after --json only on a terminal (scripts read stderr).
+  const terminal = !options.quiet && Boolean(process.stderr.isTTY)
+  const progress = new Progress(batchProgressLine(0, items.length, 0, 0), terminal)
+  let done = 0
+  let tokens = 0
+  const repaint = () => progress.update(batchProgressLine(done, items.length, tokens, (performance.now() - started) / 1000))
+  const generation = {...generationOptions(ctx), ...(terminal ? {onToken: () => (tokens++, repaint())} : {})}
+  let results
+  try {
+    results = await generateAll(ctx.model, requests, ctx.numbers.batchSize, generation, (result, index) => {
+      if (options.json) log(JSON.stringify(batchJsonResult(result, items[index].id)))
+      else {
+        const streams = answerStreamView(result, (ids) => ctx.tokenizer.decode(ids))
+        log(batchItemText(file, items[index], result) + (streams ? `${streams}\n` : ''))
+      }
+    }, () => (done++, repaint()))
+  } finally {
+    progress.stop()
+  }
+  if (!options.quiet && (!options.json || terminal)) {
     const seconds = (performance.now() - started) / 1000
     process.stderr.write(batchSummaryLine(results, seconds) + '\n')
   }

@@ -4,9 +4,10 @@
  */
 import type {ChatTurnResult} from '../core/run/chat.js'
 import type {GenerationResult, TokenEvent} from '../core/run/generation.js'
-import {jsonResult} from '../core/run/json-result.js'
+import type {BatchItem} from '../core/run/batch-file.js'
+import {batchJsonResult, jsonResult} from '../core/run/json-result.js'
 
-export {jsonResult}
+export {batchJsonResult, jsonResult}
 
 /** Prints one line to stdout (the command's `log`). */
 export type LineWriter = (line: string) => void
@@ -20,9 +21,15 @@ export function timingLine(r: GenerationResult): string {
   return `P=${r.parallel} · ${r.promptTokens} prompt tokens · TTFT ${r.ttftMs.toFixed(0)} ms · ${r.generatedTokens} tokens at ${r.decodeTokensPerS.toFixed(1)} tokens/s · ${r.finishReason}`
 }
 
-/** A batch result as text, headed by where its prompt came from. */
-export function batchItemText(file: string, line: number, r: GenerationResult): string {
-  return `[${file}:${line}]\n${r.text}\n`
+/** A batch result as text, headed by where its prompt came from (and its id). */
+export function batchItemText(file: string, item: Pick<BatchItem, 'line' | 'id'>, r: GenerationResult): string {
+  return `[${file}:${item.line}${item.id === undefined ? '' : ` id ${item.id}`}]\n${r.text}\n`
+}
+
+/** The spinner's text while a batch runs. */
+export function batchProgressLine(done: number, total: number, tokens: number, seconds: number): string {
+  const rate = seconds > 0 && tokens > 0 ? ` · ${(tokens / seconds).toFixed(1)} tokens/s` : ''
+  return `generating: ${done}/${total} lines done · ${tokens} tokens${rate}`
 }
 
 export function batchSummaryLine(results: GenerationResult[], seconds: number): string {

@@ -19,6 +19,9 @@ export function colorFor(stream: {isTTY?: boolean}, env: NodeJS.ProcessEnv = pro
 
 const percent = (v: number) => `${Math.round(v * 100)}%`
 
+/** What the row under the bars shows (`tokenMark`). */
+export const TOKEN_ROW_LEGEND = 'last row: each token\'s first character · = space ↵ = newline → = tab ∗ = other'
+
 /** One visible column per token: the first character of its text, whitespace drawn. */
 function tokenMark(text: string): string {
   const c = text.charAt(0)
@@ -52,10 +55,10 @@ export function renderStreamWeights(perToken: number[][], options: StreamViewOpt
   for (let start = 0; start < perToken.length; start += TOKENS_PER_BLOCK) {
     const block = perToken.slice(start, start + TOKENS_PER_BLOCK)
     const first = start === 0
-    // Token numbers every 10 columns, from 1.
+    // Token numbers every 10 columns, from 1; the last may run past a short block ("61" over one token), never cut.
     let ticks = ''
     for (let i = 0; i < block.length; i += 10) ticks += String(start + i + 1).padEnd(10)
-    lines.push(`${label('')} ${ticks.slice(0, block.length).padEnd(block.length)} ${first ? '  mean   top' : ''}`.trimEnd())
+    lines.push(`${label('')} ${ticks.trimEnd().padEnd(block.length)} ${first ? '  mean   top' : ''}`.trimEnd())
     for (let p = 0; p < parallel; p++) {
       const bars = block.map((weights) => cell(weights[p]!)).join('')
       // Each stream's mean weight and top share (over all tokens) stand beside its first block.
@@ -64,6 +67,7 @@ export function renderStreamWeights(perToken: number[][], options: StreamViewOpt
     }
     if (options.tokenTexts) lines.push(`${label('')} ${options.tokenTexts.slice(start, start + block.length).map(tokenMark).join('')}`)
   }
+  if (options.tokenTexts) lines.push(TOKEN_ROW_LEGEND)
   lines.push(entropyLine(summary))
   return lines.join('\n')
 }

@@ -12,8 +12,8 @@ export interface CliResult {
   stderr: string
 }
 
-/** `parscale ...args`, with extra environment variables and optional stdin text. */
-export function runCli(args: string[], options: {env?: Record<string, string | undefined>; input?: string; cwd?: string} = {}): Promise<CliResult> {
+/** `parscale ...args`, with extra environment variables and optional stdin (text or bytes). */
+export function runCli(args: string[], options: {env?: Record<string, string | undefined>; input?: string | Uint8Array; cwd?: string} = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [BIN, ...args], {
       cwd: options.cwd ?? REPO_ROOT,

@@ -16,7 +16,9 @@ import {submitLine} from '../../ui/queue-report.js'
 export default class BatchSubmit extends BaseCommand {
   static override summary = 'Queue a JSONL batch on Redis for `parscale worker`s on any machine'
 
-  static override description = `FILE.jsonl has the lines \`run --batch\` takes, checked whole first with the same rules and messages. Each line becomes one job (id NAME#LINE) that records the model and its package fingerprint, the sampling settings and the line's own fields; submitting the same batch again adds only what is missing.
+  static override description = `FILE.jsonl has the lines \`run --batch\` takes, checked whole first with the same rules and messages: one {"prompt": …} or {"messages": […]} per line, optionally with "max_new_tokens" (or "max_tokens"), "temperature", "parallel" and "id" (given back on the line's result by \`batch collect\`), e.g.
+  {"id": "fib", "prompt": "def fibonacci(n):", "max_new_tokens": 48}
+Each line becomes one job (id NAME#LINE) that records the model and its package fingerprint, the sampling settings and the line's own fields; submitting the same batch again adds only what is missing.
 Workers (\`parscale worker --queue URL\`) on any machine that reaches Redis generate the lines; \`batch status\` shows the progress and \`batch collect\` writes the results in input order, the objects \`run --batch --json\` prints.
 
 MODEL is a converted package, a checkpoint folder or a pulled hub repo id; without it, the embedded default model. A worker serves a job only when its own copy of the model has the same fingerprint.`
@@ -56,6 +58,7 @@ MODEL is a converted package, a checkpoint folder or a pulled hub repo id; witho
         prepared = await prepareBatch(args.model, plan, items, {name, attempts: flags.attempts}, {
           onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
           onLoading: () => progress.update('encoding prompts'),
+          onNotice: (line) => progress.log(line),
         })
       } finally {
         progress.stop()

@@ -5,7 +5,7 @@ import path from 'node:path'
 
 import {parseModelConfig, type ModelConfig} from './config.js'
 import {expectedTensorShapes, SINGLE_WEIGHTS_FILE, WEIGHTS_INDEX_FILE} from './checkpoint.js'
-import {UserError} from '../errors.js'
+import {UsageError, UserError} from '../errors.js'
 
 export interface SyntheticShape {
   hiddenSize: number
@@ -224,7 +224,7 @@ export function syntheticShape(preset: string | undefined, overrides: Partial<Sy
     base = {hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2, intermediateSize: 160, vocabSize: 272, tieWordEmbeddings: true}
   } else {
     const p = SYNTHETIC_PRESETS[preset.toLowerCase()]
-    if (!p) throw new UserError(`unknown synthetic shape "${preset}" (presets: ${Object.keys(SYNTHETIC_PRESETS).join(', ')})`)
+    if (!p) throw new UsageError(`unknown synthetic shape "${preset}" (presets: ${Object.keys(SYNTHETIC_PRESETS).join(', ')})`)
     base = p
   }
   const shape = {...base}

@@ -3,7 +3,7 @@
  * once and each call picks its P through the cache it runs on (prefixes) and the aggregation
  * head it feeds. Sequences live in a `KvCache` of their P; `forward` appends to it.
  */
-import {join} from 'node:path'
+import {dirname, join} from 'node:path'
 
 import ort from 'onnxruntime-node'
 
@@ -12,6 +12,7 @@ import {UserError} from '../errors.js'
 import {io} from '../onnx/parscale-graph.js'
 import {MASKED, webgpuIo} from '../onnx/webgpu-graph.js'
 import {isCurrentGraph, readManifest, selectVariant, type PackageManifest} from '../package/manifest.js'
+import {removalAdvice} from '../package/paths.js'
 import {attentionMask, DeviceKvCache, DeviceOps, type DeviceCacheHost, type DeviceSegment, type InitialCache} from './device-cache.js'
 import {checkWebGpu, webgpuSessionOptions, type AdapterInfo, type Device} from './device.js'
 import {KvCache} from './kv-cache.js'
@@ -348,7 +349,8 @@ async function createSession(graph: string, options: ort.InferenceSession.Sessio
   try {
     return await ort.InferenceSession.create(graph, options)
   } catch (error) {
-    throw new UserError(`${graph}: ONNX Runtime cannot load it (${(error as Error).message.split('\n')[0]}); convert again`)
+    // The package is damaged in a way its file sizes do not show (resolve.ts repairs those).
+    throw new UserError(`${graph}: ONNX Runtime cannot load it (${(error as Error).message.split('\n')[0]}); the package is damaged: ${removalAdvice(dirname(graph))} (a checkpoint is converted again on its next use)`)
   }
 }
 

@@ -1,5 +1,6 @@
 import {existsSync} from 'node:fs'
 
+import {levenshtein} from '../format.js'
 import {UserError} from '../errors.js'
 import {isRepoIdShape} from './cache.js'
 
@@ -43,20 +44,6 @@ function familyOf(name: string): {family: ModelFamily; p?: number} | undefined {
     if (template.replace('-p{p}', '') === lower) return {family}
   }
   return undefined
-}
-
-function levenshtein(a: string, b: string): number {
-  const prev = Array.from({length: b.length + 1}, (_, j) => j)
-  for (let i = 1; i <= a.length; i++) {
-    let diag = prev[0]
-    prev[0] = i
-    for (let j = 1; j <= b.length; j++) {
-      const up = prev[j]
-      prev[j] = Math.min(prev[j] + 1, prev[j - 1] + 1, diag + (a[i - 1] === b[j - 1] ? 0 : 1))
-      diag = up
-    }
-  }
-  return prev[b.length]
 }
 
 /** Up to `max` published repo ids closest to `repoIdOrName` (typo help), best first. */

@@ -92,7 +92,9 @@ export function listConvertedPackages(): PackageEntry[] {
         sizeBytes: treeSizeSync(path),
       })
     } catch {
-      /* not a package (yet): skip */
+      // A manifest that cannot be read is a damaged package, listed so that `rm` can remove it;
+      // a folder without one is not a package (yet): skipped.
+      if (existsSync(join(path, 'parscale.json'))) out.push({name, path, source: undefined, sources: [], parallel: [], sizeBytes: treeSizeSync(path)})
     }
   }
   return out

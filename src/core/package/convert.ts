@@ -165,6 +165,9 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     backbone: {weights: BACKBONE_WEIGHTS_FILE, bytes: backboneFile.size, sha256: store.backboneDigest()},
     parallel: variants.map((v) => v.parallel),
     variants,
+    sources: checkpoints.map((cp) => resolve(cp.dir)),
+    // The graphs and weights, not the copied configs: a user may edit generation_config.json.
+    files: Object.fromEntries(readdirSync(dir).filter((name) => !COPIED_FILES.includes(name)).sort().map((name) => [name, statSync(join(dir, name)).size])),
   }
   // The manifest goes last: a folder without one is never taken for a package.
   writeFileSync(join(dir, MANIFEST_FILE), JSON.stringify(manifest, null, 2) + '\n')

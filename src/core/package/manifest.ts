@@ -83,6 +83,22 @@ export interface PackageManifest {
   /** Sorted list of the P values available (same order as variants). */
   parallel: number[]
   variants: PackageVariant[]
+  /** The checkpoint folders it was converted from (absolute), so a damaged package can be converted again. */
+  sources?: string[]
+  /** The graphs and weight files the converter wrote, with their sizes in bytes: a truncated or missing one is damage (copied configs may be edited). */
+  files?: Record<string, number>
+}
+
+/**
+ * A package whose files are not what its manifest says (one missing, one truncated, the
+ * manifest unreadable): it cannot run as it is, but its checkpoint, where known, converts it
+ * again (resolve.ts).
+ */
+export class DamagedPackageError extends FileFormatError {
+  constructor(file: string, readonly problem: string, readonly packageDir: string) {
+    super(file, `${problem}; the package is damaged`)
+    this.name = 'DamagedPackageError'
+  }
 }
 
 export function variantWeightsFile(parallel: number): string {
@@ -101,7 +117,7 @@ export function readManifest(dir: string): PackageManifest {
   try {
     manifest = JSON.parse(readFileSync(file, 'utf8')) as PackageManifest
   } catch (error) {
-    throw new FileFormatError(file, `not valid JSON (${(error as Error).message})`)
+    throw new DamagedPackageError(file, `not valid JSON (${(error as Error).message})`, dir)
   }
   if (manifest.format !== PACKAGE_FORMAT) throw new FileFormatError(file, `format is ${JSON.stringify(manifest.format)}, expected "${PACKAGE_FORMAT}"`)
   if (manifest.formatVersion > PACKAGE_FORMAT_VERSION) {
@@ -109,14 +125,20 @@ export function readManifest(dir: string): PackageManifest {
   }
   // A package of an older format is not read further: callers convert it again (isCurrentGraph).
   if (!isCurrentGraph(manifest)) return manifest
-  for (const name of [manifest.graph, ...(manifest.webgpuGraph ? [manifest.webgpuGraph] : []), manifest.backbone.weights, ...manifest.variants.flatMap((v) => v.weights ?? [])]) {
-    if (!existsSync(join(dir, name))) throw new FileFormatError(join(dir, name), 'missing from the model package; convert again')
-  }
-  const backboneSize = statSync(join(dir, manifest.backbone.weights)).size
-  if (backboneSize !== manifest.backbone.bytes) {
-    throw new FileFormatError(join(dir, manifest.backbone.weights), `is ${backboneSize} bytes, the manifest says ${manifest.backbone.bytes}; convert again`)
-  }
+  checkPackageFiles(dir, manifest)
   return manifest
+}
+
+/** Every file the manifest names is there, at its recorded size (packages before `files`: the backbone's). */
+function checkPackageFiles(dir: string, manifest: PackageManifest): void {
+  const needed = [manifest.graph, ...(manifest.webgpuGraph ? [manifest.webgpuGraph] : []), manifest.backbone.weights, ...manifest.variants.flatMap((v) => v.weights ?? [])]
+  const sizes = manifest.files ?? {[manifest.backbone.weights]: manifest.backbone.bytes}
+  for (const name of new Set([...needed, ...Object.keys(sizes)])) {
+    const size = statSync(join(dir, name), {throwIfNoEntry: false})?.size
+    if (size === undefined) throw new DamagedPackageError(join(dir, name), 'missing from the model package', dir)
+    const expected = sizes[name]
+    if (expected !== undefined && size !== expected) throw new DamagedPackageError(join(dir, name), `is ${size} bytes, the manifest says ${expected}`, dir)
+  }
 }
 
 /** Whether a cached package was written by this converter (else convert it again). */

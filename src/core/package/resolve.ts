@@ -1,5 +1,5 @@
-import {existsSync, mkdirSync, readdirSync, rmSync, statSync, symlinkSync} from 'node:fs'
-import {basename, join, resolve} from 'node:path'
+import {existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync} from 'node:fs'
+import {basename, isAbsolute, join, resolve} from 'node:path'
 import {createHash} from 'node:crypto'
 import {fileURLToPath} from 'node:url'
 
@@ -7,9 +7,9 @@ import {checkpointFingerprint, convertCheckpoints, type ConvertProgress} from '.
 import {UserError} from '../errors.js'
 import {findCachedSnapshot} from '../hub/cache.js'
 import {isRepoId, resolveFamilyName} from '../hub/families.js'
-import {isCurrentGraph, isModelPackage, readManifest, sameQuant, type PackageManifest} from './manifest.js'
-import {describeQuant, quantKey, type QuantScheme} from '../quant/scheme.js'
-import {convertedCacheDir, parscaleCacheDir} from './paths.js'
+import {DamagedPackageError, isCurrentGraph, isModelPackage, MANIFEST_FILE, readManifest, sameQuant, type PackageManifest} from './manifest.js'
+import {describeQuant, quantKey, quantScheme, type QuantScheme} from '../quant/scheme.js'
+import {convertedCacheDir, parscaleCacheDir, removalAdvice} from './paths.js'
 
 /** The model shipped inside parscale: a tiny ParScale family trained on Python code. */
 export const DEFAULT_MODEL_DIR = fileURLToPath(new URL('../../../../fixtures/default-model', import.meta.url))
@@ -27,6 +27,8 @@ export interface ResolveOptions {
   /** Quantized weights: checkpoints are converted (once, cached apart) with this scheme. */
   quant?: QuantScheme
   onProgress?: (progress: ConvertProgress) => void
+  /** One line for the user about what resolving did on its own (a damaged package converted again). */
+  onNotice?: (line: string) => void
 }
 
 /**
@@ -64,7 +66,7 @@ function pulledSnapshot(repoId: string): string {
 function fromLocalFolder(dir: string, label: string, options: ResolveOptions): ResolvedModel {
   if (!statSync(dir).isDirectory()) throw new UserError(`${dir}: a model is a folder (a checkpoint or a converted package), not a file`)
   if (isModelPackage(dir)) {
-    checkPackageQuant(readManifest(dir), dir, options.quant)
+    checkPackageQuant(readOrRepair(dir, options), dir, options.quant)
     return withParallel(dir, label, options.parallel)
   }
   if (existsSync(join(dir, 'config.json'))) return fromCheckpoints([dir], label, options)
@@ -106,13 +108,58 @@ function fromCheckpoints(sources: string[], label: string, options: ResolveOptio
   const format = options.quant ? `-${quantKey(options.quant)}` : ''
   const packageDir = join(convertedCacheDir(), `${name.replace(/[^\w.-]/g, '_')}${format}-${key}`)
   const fingerprint = absolute.map((s) => checkpointFingerprint(s)).join('+')
-  const cached = isModelPackage(packageDir) ? readManifest(packageDir) : undefined
+  let cached: PackageManifest | undefined
+  try {
+    cached = isModelPackage(packageDir) ? readManifest(packageDir) : undefined
+  } catch (error) {
+    // A damaged cached package (a truncated file, say) of a checkpoint we have: convert it again.
+    if (!(error instanceof DamagedPackageError)) throw error
+    options.onNotice?.(`parscale: ${error.message}; converting ${label} again`)
+  }
   if (!cached || cached.sourceFingerprint !== fingerprint || !isCurrentGraph(cached) || !sameQuant(cached, options.quant)) {
     convertCheckpoints({sources: absolute, outDir: packageDir, dtype: 'fp32', quant: options.quant, force: true, sourceLabel: label, onProgress: options.onProgress})
   }
   return withParallel(packageDir, label, options.parallel)
 }
 
+/**
+ * A package folder's manifest. A damaged package is converted again in place from the
+ * checkpoints it records, when they are still here (the embedded model, a folder, a pulled hub
+ * repo); else the error names the command that clears it.
+ */
+function readOrRepair(dir: string, options: ResolveOptions): PackageManifest {
+  try {
+    return readManifest(dir)
+  } catch (error) {
+    if (!(error instanceof DamagedPackageError)) throw error
+    const recorded = recordedSources(dir)
+    if (!recorded) throw new UserError(`${error.message}, and its checkpoint is not on this machine: ${removalAdvice(dir)}, then convert the checkpoint again`)
+    options.onNotice?.(`parscale: ${error.message}; converting it again from ${recorded.label}`)
+    return convertCheckpoints({
+      sources: recorded.sources, outDir: dir, dtype: recorded.manifest.dtype, force: true, sourceLabel: recorded.manifest.source, onProgress: options.onProgress,
+      ...(recorded.manifest.quant ? {quant: quantScheme(recorded.manifest.quant.scheme, recorded.manifest.quant.blockSize)} : {}),
+    })
+  }
+}
+
+/** The checkpoints a package was converted from, if its manifest can be read and they are all here. */
+function recordedSources(dir: string): {manifest: PackageManifest; sources: string[]; label: string} | undefined {
+  let manifest: PackageManifest
+  try {
+    manifest = JSON.parse(readFileSync(join(dir, MANIFEST_FILE), 'utf8')) as PackageManifest
+  } catch {
+    return undefined
+  }
+  const here = (source: string) => isAbsolute(source) && existsSync(join(source, 'config.json'))
+  // `sources` since the manifest records them; before, each variant's source (an absolute folder when several were converted together, else what the user typed).
+  const candidates = manifest.sources ?? manifest.variants?.map((v) => v.source) ?? []
+  if (candidates.length > 0 && candidates.every(here)) return {manifest, sources: candidates, label: manifest.source ?? candidates.join(', ')}
+  if (typeof manifest.source === 'string' && isRepoId(manifest.source)) {
+    const snapshot = findCachedSnapshot(manifest.source)
+    if (snapshot) return {manifest, sources: [snapshot], label: manifest.source}
+  }
+  return undefined
+}
 /** A converted package is used as it is: --quant may only confirm what it holds. */
 function checkPackageQuant(manifest: PackageManifest, dir: string, quant: QuantScheme | undefined): void {
   if (!quant || sameQuant(manifest, quant)) return

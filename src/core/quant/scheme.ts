@@ -2,7 +2,7 @@
  * The weight formats a package can be converted to (`--quant int8|int4 [--block-size N]`) and
  * how a scheme is named in cache keys, the manifest and reports.
  */
-import {UserError} from '../errors.js'
+import {UsageError, UserError} from '../errors.js'
 import type {QuantBits} from './blockwise.js'
 
 export const QUANT_NAMES = ['int8', 'int4'] as const
@@ -24,7 +24,7 @@ export interface QuantScheme {
 }
 
 export function quantScheme(name: QuantName, blockSize: number = DEFAULT_BLOCK_SIZE): QuantScheme {
-  if (!(BLOCK_SIZES as readonly number[]).includes(blockSize)) throw new UserError(`--block-size must be one of ${BLOCK_SIZES.join(', ')} (got ${blockSize})`)
+  if (!(BLOCK_SIZES as readonly number[]).includes(blockSize)) throw new UsageError(`--block-size must be one of ${BLOCK_SIZES.join(', ')} (got ${blockSize})`)
   return {name, bits: name === 'int4' ? 4 : 8, blockSize}
 }
 

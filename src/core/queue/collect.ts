@@ -7,7 +7,7 @@
 import type {Redis} from 'ioredis'
 
 import {UserError} from '../errors.js'
-import {lineJobId} from './jobs.js'
+import {lineJobId, type LineJob} from './jobs.js'
 import {batchQueue, lineStates, readSpec} from './status.js'
 
 export interface FailedLine {
@@ -45,16 +45,19 @@ export async function collectBatch(redis: Redis, name: string, partial: boolean,
       const jobs = await Promise.all(lines.map((line) => queue.getJob(lineJobId(name, line))))
       for (const [i, job] of jobs.entries()) {
         const result = job?.finishedOn ? (job.returnvalue as Record<string, unknown> | null) : null
+        // The line's id, on every object of it (a result of an older worker may lack it).
+        const id = (job?.data as Partial<LineJob> | undefined)?.fields?.id
+        const withId = (object: Record<string, unknown>) => (id === undefined ? object : {id, ...object})
         if (result) {
           summary.done++
-          await write(JSON.stringify(result))
+          await write(JSON.stringify(withId(result)))
         } else if (job?.finishedOn) {
           const failed = {line: lines[i], reason: job.failedReason || 'failed', attempts: job.attemptsMade}
           summary.failed.push(failed)
-          await write(JSON.stringify({error: failed.reason}))
+          await write(JSON.stringify(withId({error: failed.reason})))
         } else {
           summary.unfinished++
-          await write(JSON.stringify({error: 'not finished'}))
+          await write(JSON.stringify(withId({error: 'not finished'})))
         }
       }
     }

@@ -5,7 +5,7 @@
  */
 import {Redis} from 'ioredis'
 
-import {UserError} from '../errors.js'
+import {UsageError, UserError} from '../errors.js'
 
 /** `redis://[:password@]host[:port][/db]` or `rediss://…` (TLS); checked before connecting. */
 export function checkQueueUrl(url: string): string {
@@ -13,12 +13,12 @@ export function checkQueueUrl(url: string): string {
   try {
     parsed = new URL(url)
   } catch {
-    throw new UserError(`--queue must be a Redis URL such as redis://localhost:6379 (got "${url}")`, 2)
+    throw new UsageError(`--queue must be a Redis URL such as redis://localhost:6379 (got "${url}")`)
   }
   if (parsed.protocol !== 'redis:' && parsed.protocol !== 'rediss:') {
-    throw new UserError(`--queue must be a redis:// or rediss:// URL (got "${url}")`, 2)
+    throw new UsageError(`--queue must be a redis:// or rediss:// URL (got "${url}")`)
   }
-  if (parsed.hostname === '') throw new UserError(`--queue names no host (got "${url}")`, 2)
+  if (parsed.hostname === '') throw new UsageError(`--queue names no host (got "${url}")`)
   return url
 }
 

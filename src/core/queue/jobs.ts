@@ -11,8 +11,8 @@
  */
 import {basename, extname} from 'node:path'
 
-import {UserError} from '../errors.js'
-import type {BatchInput} from '../run/batch-file.js'
+import {UsageError} from '../errors.js'
+import type {BatchInput, BatchLineId} from '../run/batch-file.js'
 import type {QuantScheme} from '../quant/scheme.js'
 import type {GenerationRequest} from '../run/generation.js'
 
@@ -39,7 +39,7 @@ export function lineJobId(batch: string, line: number): string {
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$/
 
 export function checkBatchName(name: string): string {
-  if (!NAME.test(name)) throw new UserError(`batch name "${name}": use letters, digits, ".", "_" and "-" (at most 100, starting with a letter or digit)`, 2)
+  if (!NAME.test(name)) throw new UsageError(`batch name "${name}": use letters, digits, ".", "_" and "-" (at most 100, starting with a letter or digit)`)
   return name
 }
 
@@ -71,7 +71,7 @@ export interface LineJob {
   /** Prompt ids (chat template applied, fitted to the context), length, sampling and P. */
   request: GenerationRequest
   /** The line's own fields, as given. */
-  fields: {input: BatchInput; max_new_tokens?: number; temperature?: number; parallel?: number}
+  fields: {input: BatchInput; max_new_tokens?: number; temperature?: number; parallel?: number; id?: BatchLineId}
 }
 
 /** What `batch submit` recorded, kept in `parscale:batch:NAME`. */

@@ -8,7 +8,7 @@
 import {ContinuousBatcher, generateAll} from '../run/batcher.js'
 import {openRequestModel} from '../run/context.js'
 import type {GenerationOptions} from '../run/generation.js'
-import {jsonResult} from '../run/json-result.js'
+import {batchJsonResult} from '../run/json-result.js'
 import {type ModelCache, ParScaleModel} from '../engine/model.js'
 import {generationOptions} from '../run/requests.js'
 import type {LineJob, ModelRef} from './jobs.js'
@@ -49,10 +49,10 @@ export class ServedModel {
    */
   async generate(job: LineJob): Promise<JobResult> {
     try {
-      return jsonResult(await this.batcher.submit(job.request))
+      return batchJsonResult(await this.batcher.submit(job.request), job.fields?.id)
     } catch {
       const [result] = await generateAll(this.model, [job.request], 1, this.generation)
-      return jsonResult(result)
+      return batchJsonResult(result, job.fields?.id)
     }
   }
 

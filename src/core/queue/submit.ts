@@ -52,6 +52,7 @@ export async function prepareBatch(model: string | undefined, plan: Extract<RunP
       ...(item.maxNewTokens === undefined ? {} : {max_new_tokens: item.maxNewTokens}),
       ...(item.temperature === undefined ? {} : {temperature: item.temperature}),
       ...(item.parallel === undefined ? {} : {parallel: item.parallel}),
+      ...(item.id === undefined ? {} : {id: item.id}),
     },
   }))
   // Without --seed each submit draws a new base seed: the digest takes --seed, not the seeds drawn.

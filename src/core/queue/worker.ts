@@ -56,6 +56,8 @@ export interface WorkerSettings {
 
 export interface LineDone {
   model: ModelRef
+  /** The batch the line belongs to. */
+  batch: string
   ok: boolean
   tokens: number
 }
@@ -63,10 +65,12 @@ export interface LineDone {
 export interface WorkerEvents {
   serving?(model: ModelRef): void
   refused?(model: ModelRef, reason: string): void
-  /** A line went into generation. */
-  lineStarted?(): void
+  /** A line of `batch` went into generation on `model`. */
+  lineStarted?(batch: string, model: ModelRef): void
   lineDone?(line: LineDone): void
   connection?(state: 'lost' | 'back', detail: string): void
+  /** One line about what resolving a model did on its own (a damaged package converted again). */
+  notice?(line: string): void
   /** Unexpected errors (not the connection): one line each. */
   error?(message: string): void
 }
@@ -108,7 +112,7 @@ export class QueueWorker {
   static async start(settings: WorkerSettings, events: WorkerEvents = {}): Promise<QueueWorker> {
     const local = new Map<string, string>()
     for (const model of settings.models) {
-      const {packageDir} = resolveModel(model)
+      const {packageDir} = resolveModel(model, {onNotice: (line) => events.notice?.(line)})
       local.set(packageFingerprint(packageDir), packageDir)
     }
     const redis = await connectRedis(settings.url, {persistent: true})
@@ -184,7 +188,7 @@ export class QueueWorker {
     let packageDir = this.local.get(ref.fingerprint)
     if (!packageDir) {
       try {
-        packageDir = resolveModel(ref.reference ?? undefined, {quant: ref.quant}).packageDir
+        packageDir = resolveModel(ref.reference ?? undefined, {quant: ref.quant, onNotice: (line) => this.events.notice?.(line)}).packageDir
       } catch (error) {
         return this.events.refused?.(ref, error instanceof UserError ? error.message : reasonOf(error))
       }
@@ -219,7 +223,7 @@ export class QueueWorker {
     }
     const started = Date.now()
     this.inHand++
-    this.events.lineStarted?.()
+    this.events.lineStarted?.(line.batch, served.ref)
     let result: JobResult | undefined
     try {
       result = await served.generate(line)
@@ -228,7 +232,7 @@ export class QueueWorker {
       this.inHand--
       const tokens = Number(result?.generated_tokens) || 0
       this.count(line.batch, tokens, started, Date.now())
-      this.events.lineDone?.({model: served.ref, ok: result !== undefined, tokens})
+      this.events.lineDone?.({model: served.ref, batch: line.batch, ok: result !== undefined, tokens})
     }
   }
 

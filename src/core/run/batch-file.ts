@@ -1,11 +1,14 @@
 /**
- * `--batch FILE.jsonl`: one request per line, `{"prompt": "…"}` or `{"messages": […]}`,
- * with optional `max_new_tokens`, `temperature` and `parallel` (P for that line). The whole file is validated before
- * anything is generated; the first bad line is reported as `FILE:LINE: problem`.
+ * `--batch FILE.jsonl`: one request per line, `{"prompt": "…"}` or `{"messages": […]}`, with
+ * optional `max_new_tokens` (or `max_tokens`, as serve's API names it), `temperature`,
+ * `parallel` (P for that line) and `id` (a string or number given back on the line's result).
+ * The whole file is validated before anything is generated; the first bad line is reported as
+ * `FILE:LINE: problem`.
  */
 import {readFile} from 'node:fs/promises'
 
 import {FileFormatError} from '../errors.js'
+import {decodeUtf8, lineAt} from '../utf8.js'
 import type {ChatMessage} from './tokenizer.js'
 
 export type BatchInput = {kind: 'prompt'; text: string} | {kind: 'messages'; messages: ChatMessage[]}
@@ -13,6 +16,8 @@ export type BatchInput = {kind: 'prompt'; text: string} | {kind: 'messages'; mes
 export interface BatchItem {
   /** 1-based line number in the file. */
   line: number
+  /** The line's own `id`, given back on its result. */
+  id?: BatchLineId
   input: BatchInput
   maxNewTokens?: number
   temperature?: number
@@ -20,7 +25,19 @@ export interface BatchItem {
   parallel?: number
 }
 
-const KEYS = new Set(['prompt', 'messages', 'max_new_tokens', 'temperature', 'parallel'])
+export type BatchLineId = string | number
+
+const KEYS = new Set(['id', 'prompt', 'messages', 'max_new_tokens', 'max_tokens', 'temperature', 'parallel'])
+const KEY_LIST = 'prompt or messages, max_new_tokens (or max_tokens), temperature, parallel, id'
+
+/** `max_new_tokens`, or serve's name `max_tokens`; both only when they agree. */
+function maxNewTokensOf(value: Record<string, unknown>): unknown {
+  const {max_new_tokens: ours, max_tokens: theirs} = value
+  if (ours !== undefined && theirs !== undefined && ours !== theirs) {
+    throw new LineProblem(`"max_new_tokens" (${JSON.stringify(ours)}) and "max_tokens" (${JSON.stringify(theirs)}) differ; give one of them`)
+  }
+  return ours ?? theirs
+}
 
 class LineProblem extends Error {}
 
@@ -48,7 +65,7 @@ function parseItem(text: string, line: number): BatchItem {
   }
   if (!isRecord(value)) throw new LineProblem('expected a JSON object')
   const unknown = Object.keys(value).filter((k) => !KEYS.has(k))
-  if (unknown.length > 0) throw new LineProblem(`unknown field "${unknown[0]}" (expected prompt or messages, max_new_tokens, temperature, parallel)`)
+  if (unknown.length > 0) throw new LineProblem(`unknown field "${unknown[0]}" (expected ${KEY_LIST})`)
   const hasPrompt = 'prompt' in value
   const hasMessages = 'messages' in value
   if (hasPrompt === hasMessages) throw new LineProblem('needs exactly one of "prompt" or "messages"')
@@ -60,10 +77,16 @@ function parseItem(text: string, line: number): BatchItem {
     input = {kind: 'messages', messages: parseMessages(value.messages)}
   }
   const item: BatchItem = {line, input}
-  if (value.max_new_tokens !== undefined) {
-    const n = value.max_new_tokens
-    if (typeof n !== 'number' || !Number.isInteger(n) || n < 1) throw new LineProblem('"max_new_tokens" must be a whole number >= 1')
-    item.maxNewTokens = n
+  if (value.id !== undefined) {
+    const id = value.id
+    if (!(typeof id === 'string' || (typeof id === 'number' && Number.isFinite(id)))) throw new LineProblem('"id" must be a string or a number')
+    item.id = id
+  }
+  const maxNew = maxNewTokensOf(value)
+  if (maxNew !== undefined) {
+    const name = value.max_new_tokens === undefined ? 'max_tokens' : 'max_new_tokens'
+    if (typeof maxNew !== 'number' || !Number.isInteger(maxNew) || maxNew < 1) throw new LineProblem(`"${name}" must be a whole number >= 1`)
+    item.maxNewTokens = maxNew
   }
   if (value.temperature !== undefined) {
     const t = value.temperature
@@ -97,12 +120,12 @@ export function parseBatchFile(text: string, file: string): BatchItem[] {
 }
 
 export async function readBatchFile(file: string): Promise<BatchItem[]> {
-  let text: string
+  let bytes: Buffer
   try {
-    text = await readFile(file, 'utf8')
+    bytes = await readFile(file)
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code
     throw new FileFormatError(file, code === 'ENOENT' ? 'no such file' : `cannot read (${code ?? (error as Error).message})`)
   }
-  return parseBatchFile(text, file)
+  return parseBatchFile(decodeUtf8(bytes, (offset) => `${file}:${lineAt(bytes, offset)}`), file)
 }

@@ -231,7 +231,8 @@ export class ContinuousBatcher<C extends SequenceCache> {
 
 /**
  * Generates every request (any mix of P), `batchSize` sequences per P decoding at once;
- * results in input order, each also handed to `onResult` as soon as it and all before it are done.
+ * results in input order, each also handed to `onResult` as soon as it and all before it are done
+ * (and to `onFinish` as soon as it is done, in any order: for progress).
  */
 export async function generateAll<C extends SequenceCache>(
   decoder: Decoder<C>,
@@ -239,6 +240,7 @@ export async function generateAll<C extends SequenceCache>(
   batchSize: number,
   options: GenerationOptions,
   onResult?: (result: GenerationResult, index: number) => void,
+  onFinish?: (result: GenerationResult, index: number) => void,
 ): Promise<GenerationResult[]> {
   const {onToken, signal, ...generation} = options
   const batcher = new ContinuousBatcher(decoder, {maxBatch: batchSize, generation})
@@ -251,6 +253,7 @@ export async function generateAll<C extends SequenceCache>(
         ...(onToken ? {onToken: (event) => onToken({...event, index})} : {}),
         ...(signal ? {signal} : {}),
       })
+      onFinish?.(results[index]!, index)
       for (; printed < results.length && results[printed]; printed++) onResult?.(results[printed]!, printed)
     }),
   )

@@ -33,13 +33,15 @@ export interface RunContext extends RequestContext {
 export interface LoadHooks {
   /** Conversion or copy progress while the model is resolved. */
   onProgress?: ResolveOptions['onProgress']
+  /** A line about what resolving did on its own (a damaged package converted again). */
+  onNotice?: ResolveOptions['onNotice']
   /** The package is ready; tokenizer and session are loading. */
   onLoading?: () => void
 }
 
 /** The model resolved, its tokenizer and defaults loaded, the options checked against them. */
 export async function openRequestModel(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RequestModel> {
-  const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, quant: plan.options.quant, onProgress: hooks.onProgress})
+  const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, quant: plan.options.quant, onProgress: hooks.onProgress, onNotice: hooks.onNotice})
   hooks.onLoading?.()
   return loadRequestModel(resolved, plan)
 }
@@ -48,7 +50,7 @@ async function loadRequestModel(resolved: ResolvedModel, {options, numbers}: Pic
   const [tokenizer, defaults] = await Promise.all([TextTokenizer.load(resolved.packageDir), readGenerationDefaults(resolved.packageDir)])
   const useTemplate = !options.raw && tokenizer.hasChatTemplate
   if (options.system !== undefined && !useTemplate) {
-    throw new UserError(options.raw ? '--system needs the chat template; drop --raw' : 'the model\'s tokenizer has no chat template, so --system cannot be used')
+    throw new UserError('the model\'s tokenizer has no chat template, so --system cannot be used')
   }
   const manifest = readManifest(resolved.packageDir)
   return {
@@ -61,7 +63,7 @@ async function loadRequestModel(resolved: ResolvedModel, {options, numbers}: Pic
 }
 
 export async function openRunContext(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RunContext> {
-  const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, quant: plan.options.quant, onProgress: hooks.onProgress})
+  const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, quant: plan.options.quant, onProgress: hooks.onProgress, onNotice: hooks.onNotice})
   hooks.onLoading?.()
   const opening = ParScaleModel.open(resolved.packageDir, {threads: plan.numbers.threads, device: plan.options.device ?? 'cpu', parallel: [resolved.parallel]})
   const [loaded, model] = await Promise.allSettled([loadRequestModel(resolved, plan), opening])

@@ -23,3 +23,8 @@ export function jsonResult(r: GenerationResult): Record<string, unknown> {
     ...(r.streamWeights ? {stream_weights: r.streamWeights.map((weights) => weights.map((w) => round(w, 6)))} : {}),
   }
 }
+
+/** A batch line's result: its `id`, when the line has one, first, then `jsonResult`. */
+export function batchJsonResult(r: GenerationResult, id: string | number | undefined): Record<string, unknown> {
+  return {...(id === undefined ? {} : {id}), ...jsonResult(r)}
+}

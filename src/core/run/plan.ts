@@ -3,7 +3,7 @@
  * (one clear line per bad value), the prompt taken from one place, and the mode picked.
  * Pure: the command maps its flags to `RunOptions`; how a request is built is in requests.ts.
  */
-import {UserError} from '../errors.js'
+import {UsageError, UserError} from '../errors.js'
 import type {Device} from '../engine/device.js'
 import type {QuantScheme} from '../quant/scheme.js'
 
@@ -70,7 +70,7 @@ function parseNumber(name: NumberOption, input: string | undefined, integer: boo
   if (input === undefined) return undefined
   const v = Number(input)
   if (input.trim() === '' || !Number.isFinite(v) || (integer && !Number.isInteger(v)) || !check(v)) {
-    throw new UserError(`--${name} must be ${rule} (got "${input}")`)
+    throw new UsageError(`--${name} must be ${rule} (got "${input}")`)
   }
   return v
 }
@@ -94,12 +94,12 @@ export function parseRunNumbers(input: RunOptions['numbers']): RunNumbers {
 /** `stdinIsTerminal` is asked only when nothing else decides (touching stdin creates it). */
 export function pickMode(prompt: string | undefined, options: Pick<RunOptions, 'batch' | 'chat'>, stdinIsTerminal: () => boolean): RunMode {
   if (options.batch !== undefined) {
-    if (prompt !== undefined) throw new UserError('--batch reads prompts from the file; give no prompt')
-    if (options.chat) throw new UserError('--batch and --chat cannot be combined')
+    if (prompt !== undefined) throw new UsageError('--batch reads prompts from the file; give no prompt')
+    if (options.chat) throw new UsageError('--batch and --chat cannot be combined')
     return 'batch'
   }
   if (options.chat) {
-    if (prompt !== undefined) throw new UserError('--chat takes no prompt; type it in the chat')
+    if (prompt !== undefined) throw new UsageError('--chat takes no prompt; type it in the chat')
     return 'chat'
   }
   if (prompt !== undefined) return 'one-shot'
@@ -108,14 +108,15 @@ export function pickMode(prompt: string | undefined, options: Pick<RunOptions, '
 
 /** Checks the options in the order a user fixes them: prompt, numbers, sampling, mode. */
 export function planRun(options: RunOptions, stdinIsTerminal: () => boolean): RunPlan {
-  if (options.promptArgument !== undefined && options.prompt !== undefined) throw new UserError('give the prompt once: as an argument or with --prompt')
+  if (options.promptArgument !== undefined && options.prompt !== undefined) throw new UsageError('give the prompt once: as an argument or with --prompt')
   const prompt = options.promptArgument ?? options.prompt
   const numbers = parseRunNumbers(options.numbers)
   if (numbers.temperature === 0 && (numbers.topK !== undefined || numbers.topP !== undefined)) {
-    throw new UserError('--top-k and --top-p need sampling; drop them or --temperature 0')
+    throw new UsageError('--top-k and --top-p need sampling; drop them or --temperature 0')
   }
+  if (options.raw && options.system !== undefined) throw new UsageError('--system needs the chat template; drop --raw')
   const mode = pickMode(prompt, options, stdinIsTerminal)
-  if (prompt === '') throw new UserError('the prompt is empty')
+  if (prompt === '') throw new UsageError('the prompt is empty')
   if (options.batch !== undefined) return {mode: 'batch', file: options.batch, options, numbers}
   return mode === 'chat' ? {mode, options, numbers} : {mode: 'one-shot', prompt, options, numbers}
 }

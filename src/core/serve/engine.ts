@@ -36,6 +36,7 @@ export interface OpenEngineOptions extends EngineOptions {
   /** --quant: a checkpoint is converted (once, cached) with this scheme. */
   quant?: QuantScheme
   onProgress?: ResolveOptions['onProgress']
+  onNotice?: ResolveOptions['onNotice']
 }
 
 /** Room for some generations, held from admission until they finish. */
@@ -101,7 +102,7 @@ export class ServeEngine {
   }
 
   static async open(modelName: string | undefined, options: OpenEngineOptions): Promise<ServeEngine> {
-    const resolved = resolveModel(modelName, {parallel: options.parallel, quant: options.quant, onProgress: options.onProgress})
+    const resolved = resolveModel(modelName, {parallel: options.parallel, quant: options.quant, onProgress: options.onProgress, onNotice: options.onNotice})
     const [tokenizer, defaults, model] = await Promise.all([
       TextTokenizer.load(resolved.packageDir),
       readGenerationDefaults(resolved.packageDir),

@@ -2,7 +2,7 @@
  * `parscale serve`'s options, checked before any model is loaded: numbers arrive as text so
  * a bad value is one clear line like every user error (as `run` does it).
  */
-import {UserError} from '../errors.js'
+import {UsageError} from '../errors.js'
 
 export type ServeNumberOption = 'port' | 'parallel' | 'max-batch' | 'max-queue' | 'threads' | 'shutdown-timeout'
 
@@ -25,7 +25,7 @@ function whole(name: ServeNumberOption, input: string | undefined, min: number, 
   const value = Number(input)
   if (input.trim() === '' || !Number.isInteger(value) || value < min || value > max) {
     const rule = max === Number.MAX_SAFE_INTEGER ? `a whole number >= ${min}` : `a whole number from ${min} to ${max}`
-    throw new UserError(`--${name} must be ${rule} (got "${input}")`)
+    throw new UsageError(`--${name} must be ${rule} (got "${input}")`)
   }
   return value
 }
@@ -33,8 +33,8 @@ function whole(name: ServeNumberOption, input: string | undefined, min: number, 
 export function parseServeOptions(input: {host?: string; apiKey?: string; numbers: Partial<Record<ServeNumberOption, string>>}): ServeOptions {
   const {numbers} = input
   const host = input.host ?? SERVE_DEFAULTS.host
-  if (host.trim() === '') throw new UserError('--host must name an address (127.0.0.1, 0.0.0.0, ::)')
-  if (input.apiKey !== undefined && input.apiKey.trim() === '') throw new UserError('--api-key must not be empty')
+  if (host.trim() === '') throw new UsageError('--host must name an address (127.0.0.1, 0.0.0.0, ::)')
+  if (input.apiKey !== undefined && input.apiKey.trim() === '') throw new UsageError('--api-key must not be empty')
   return {
     host,
     port: whole('port', numbers.port, 0, 65535) ?? SERVE_DEFAULTS.port,
