@@ -44,9 +44,17 @@ export interface Admission {
   release(): void
 }
 
+/** One generated token of a choice: its text (may be empty) and the stream weights behind it. */
+export interface GeneratedToken {
+  text: string
+  streamWeights?: Float32Array
+}
+
 export interface GenerateHooks {
   /** New text of choice `choice` (never empty). */
   onText?: (choice: number, text: string) => void
+  /** Every generated token of choice `choice`, text or not (`stream_weights` sends one chunk per token). */
+  onToken?: (choice: number, token: GeneratedToken) => void
   /** The client went away. */
   signal?: AbortSignal
 }
@@ -157,8 +165,9 @@ export class ServeEngine {
           const timer = this.metrics.generation(request.parallel)
           const result = await this.batcher.submit(request, {
             signal,
-            onToken: ({text}) => {
+            onToken: ({text, streamWeights}) => {
               timer.token()
+              hooks.onToken?.(choice, {text, ...(streamWeights ? {streamWeights} : {})})
               if (text !== '') hooks.onText?.(choice, text)
             },
           })

@@ -11,10 +11,11 @@ import Fastify, {type FastifyError, type FastifyInstance, type FastifyReply, typ
 
 import {UserError} from '../errors.js'
 import type {GenerationResult} from '../run/generation.js'
+import {roundedWeights} from '../run/json-result.js'
 import {ApiError, internalError, invalidRequest, shuttingDown, unauthorized} from './api-error.js'
 import type {ServeEngine} from './engine.js'
 import {prepareChat, prepareCompletion, type PreparedRequest} from './openai-requests.js'
-import {chatChunk, chatCompletion, modelList, textChunk, textCompletion, usageChunk, type CompletionHeader, type ModelCard} from './responses.js'
+import {chatChunk, chatCompletion, modelList, textChunk, textCompletion, usageChunk, type CompletionHeader, type ModelCard, type TokenWeights} from './responses.js'
 import {chatCompletionSchema, completionSchema, type ChatCompletionBody, type CompletionBody} from './schemas.js'
 import {SseStream} from './sse.js'
 
@@ -166,10 +167,13 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
   app.post<{Body: ChatCompletionBody}>('/v1/chat/completions', {schema: {body: chatCompletionSchema}}, async (request, reply) => {
     const prepared = prepareChat(served, request.body)
     const header = completionHeader('chatcmpl', prepared)
-    if (!prepared.stream) return chatCompletion(header, await generateWhole(engine, prepared, reply.raw))
+    if (!prepared.stream) {
+      const {results, weights} = await generateWhole(engine, prepared, reply.raw)
+      return chatCompletion(header, results, weights)
+    }
     await streamGeneration(engine, prepared, reply, options, {
       first: (choice) => chatChunk(header, choice, {role: 'assistant', content: ''}),
-      text: (choice, text) => chatChunk(header, choice, {content: text}),
+      text: (choice, text, weights) => chatChunk(header, choice, {content: text}, null, weights),
       last: (choice, result, rest) => chatChunk(header, choice, rest === '' ? {} : {content: rest}, result.finishReason),
       usage: (results) => usageChunk(header, 'chat.completion.chunk', results),
     })
@@ -178,9 +182,12 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
   app.post<{Body: CompletionBody}>('/v1/completions', {schema: {body: completionSchema}}, async (request, reply) => {
     const prepared = prepareCompletion(served, request.body)
     const header = completionHeader('cmpl', prepared)
-    if (!prepared.stream) return textCompletion(header, await generateWhole(engine, prepared, reply.raw))
+    if (!prepared.stream) {
+      const {results, weights} = await generateWhole(engine, prepared, reply.raw)
+      return textCompletion(header, results, weights)
+    }
     await streamGeneration(engine, prepared, reply, options, {
-      text: (choice, text) => textChunk(header, choice, text),
+      text: (choice, text, weights) => textChunk(header, choice, text, null, weights),
       last: (choice, result, rest) => textChunk(header, choice, rest, result.finishReason),
       usage: (results) => usageChunk(header, 'text_completion', results),
     })
@@ -197,7 +204,8 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
 interface ChunkShapes {
   /** Sent for each choice before any text (chat sends the role). */
   first?: (choice: number) => unknown
-  text: (choice: number, text: string) => unknown
+  /** New text; with `stream_weights`, one chunk per token (its text may be empty) and its weights. */
+  text: (choice: number, text: string, weights?: TokenWeights) => unknown
   /** The finish reason, with text generated but not streamed yet (cut off by an abort). */
   last: (choice: number, result: GenerationResult, rest: string) => unknown
   usage: (results: GenerationResult[]) => unknown
@@ -212,9 +220,17 @@ function clientGone(response: ServerResponse): AbortSignal {
   return controller.signal
 }
 
-async function generateWhole(engine: ServeEngine, prepared: PreparedRequest, response: ServerResponse): Promise<GenerationResult[]> {
+async function generateWhole(engine: ServeEngine, prepared: PreparedRequest, response: ServerResponse): Promise<{results: GenerationResult[]; weights?: TokenWeights[]}> {
   const admission = engine.admit(prepared.requests.length)
-  return engine.generate(admission, prepared.requests, {signal: clientGone(response)})
+  if (!prepared.streamWeights) return {results: await engine.generate(admission, prepared.requests, {signal: clientGone(response)})}
+  const weights: TokenWeights[] = prepared.requests.map(() => [])
+  const results = await engine.generate(admission, prepared.requests, {
+    signal: clientGone(response),
+    onToken: (choice, {streamWeights}) => {
+      if (streamWeights) weights[choice].push(roundedWeights(streamWeights))
+    },
+  })
+  return {results, weights}
 }
 
 async function streamGeneration(engine: ServeEngine, prepared: PreparedRequest, reply: FastifyReply, options: ServerOptions, shapes: ChunkShapes): Promise<void> {
@@ -227,12 +243,15 @@ async function streamGeneration(engine: ServeEngine, prepared: PreparedRequest, 
   if (shapes.first) for (let choice = 0; choice < streamed.length; choice++) sse.send(shapes.first(choice))
   let results: GenerationResult[]
   try {
+    const send = (choice: number, text: string, weights?: TokenWeights) => {
+      streamed[choice] += text
+      sse.send(shapes.text(choice, text, weights))
+    }
     results = await engine.generate(admission, prepared.requests, {
       signal: clientGone(reply.raw),
-      onText: (choice, text) => {
-        streamed[choice] += text
-        sse.send(shapes.text(choice, text))
-      },
+      ...(prepared.streamWeights
+        ? {onToken: (choice, {text, streamWeights}) => send(choice, text, streamWeights ? [roundedWeights(streamWeights)] : undefined)}
+        : {onText: (choice, text) => send(choice, text)}),
     })
   } catch (error) {
     // Headers are gone already: the error travels as an event, as OpenAI sends it.
