@@ -18,6 +18,7 @@ import {resolveModel, type ResolveOptions} from '../package/resolve.js'
 import {readManifest} from '../package/manifest.js'
 import type {QuantScheme} from '../quant/scheme.js'
 import {queueFull, shuttingDown} from './api-error.js'
+import {ServedFigures} from './figures.js'
 import {ServerMetrics} from './metrics.js'
 import type {ServedModel} from './openai-requests.js'
 
@@ -77,6 +78,8 @@ export function servedModelId(modelName: string | undefined): string {
 
 export class ServeEngine {
   readonly metrics: ServerMetrics
+  /** Latency and memory per P as this server measured them (the page charts them). */
+  readonly figures = new ServedFigures()
   private admitted = 0
   private closing = false
   /** Aborted when shutdown runs out of time: every generation stops at its next step. */
@@ -172,6 +175,7 @@ export class ServeEngine {
             },
           })
           timer.finish(result)
+          this.figures.record(result)
           return result
         }),
       )
