@@ -18,6 +18,7 @@ import {prepareChat, prepareCompletion, type PreparedRequest} from './openai-req
 import {chatChunk, chatCompletion, modelList, textChunk, textCompletion, usageChunk, type CompletionHeader, type ModelCard, type TokenWeights} from './responses.js'
 import {chatCompletionSchema, completionSchema, type ChatCompletionBody, type CompletionBody} from './schemas.js'
 import {SseStream} from './sse.js'
+import {PAGE_OPEN_PATHS, registerPage, type PageOptions} from './ui/page.js'
 
 export interface ServerOptions {
   /** Clients must send `Authorization: Bearer <apiKey>` (not needed for /health and /metrics). */
@@ -26,6 +27,8 @@ export interface ServerOptions {
   bodyLimit?: number
   /** Internal errors (not the client's) are reported here, not to the client. */
   onInternalError?: (error: unknown) => void
+  /** Serve the chat page at `/` (`serve --no-ui` leaves it out). */
+  page?: PageOptions
 }
 
 /** After the last generation ends, how long its answer may take to reach a slow client. */
@@ -130,6 +133,7 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
     chat_template: served.tokenizer.hasChatTemplate,
   }
   const keyDigest = options.apiKey === undefined ? undefined : sha256(options.apiKey)
+  const openPaths = new Set([...OPEN_PATHS, ...(options.page ? PAGE_OPEN_PATHS : [])])
 
   app.addHook('onRequest', async (request, reply) => {
     const path = request.url.split('?')[0]
@@ -139,7 +143,7 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
       engine.metrics.request(request.routeOptions.url ?? 'unknown', status)
     })
     if (engine.isClosing && path !== '/metrics') throw shuttingDown()
-    if (keyDigest && !OPEN_PATHS.has(path)) checkBearer(request, keyDigest)
+    if (keyDigest && !openPaths.has(path)) checkBearer(request, keyDigest)
   })
 
   app.setErrorHandler((error: FastifyError | ApiError | Error, _request, reply) => {
@@ -192,6 +196,8 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
       usage: (results) => usageChunk(header, 'text_completion', results),
     })
   })
+
+  if (options.page) registerPage(app, engine.figures, served, options.page)
 
   function completionHeader(prefix: string, prepared: PreparedRequest): CompletionHeader {
     return {id: `${prefix}-${randomUUID().replaceAll('-', '')}`, created: Math.floor(Date.now() / 1000), model: served.id, parallel: prepared.parallel}
