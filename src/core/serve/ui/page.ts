@@ -1,8 +1,8 @@
 /**
  * serve's chat page: `/` and its static files under `/ui/` (the package's web/ folder: plain
  * HTML, CSS and ES modules, no build step), and the figures it charts: `/ui/figures.json` and
- * `/ui/figures.svg` (this server's latency and memory per P, drawn by vega on the server so no
- * charting code goes to the browser). The page talks to the server's own /v1 API.
+ * `/ui/figures.svg` (this server's latency and memory per P, drawn by vega on the server, in a
+ * worker thread, so no charting code goes to the browser). The page talks to the server's own /v1 API.
  *
  * The files are a fixed list read once at start and served from memory: no path from a URL
  * reaches the file system. Every answer here carries a Content-Security-Policy that allows only
@@ -12,11 +12,14 @@
 import {readFileSync} from 'node:fs'
 import path from 'node:path'
 import {fileURLToPath} from 'node:url'
+import {Worker} from 'node:worker_threads'
 
 import type {FastifyInstance, FastifyReply} from 'fastify'
 
+import type {ServedChartInput} from '../../../ui/charts/serve-charts.js'
 import type {ServedFigures} from '../figures.js'
 import type {BenchFigures} from './bench-figures.js'
+import type {ChartReply, ChartRequest} from './chart-worker.js'
 
 export interface PageOptions {
   /** `serve --bench-json`: a bench report the chart shows beside the server's own figures. */
@@ -82,16 +85,63 @@ export function registerPage(app: FastifyInstance, figures: ServedFigures, model
 
   app.get('/ui/figures.json', async (_request, reply) => secure(reply, PAGE_CSP).send(snapshot()))
 
-  // Rendering takes vega tens of milliseconds: the same figures give the same chart.
-  let rendered: {key: string; svg: string} | undefined
+  // The same figures give the same chart: drawn once, however many ask.
+  const charts = new ChartWorker()
+  app.addHook('onClose', () => charts.close())
+  let rendered: {key: string; svg: Promise<string>} | undefined
   app.get('/ui/figures.svg', async (_request, reply) => {
     const {parallel, live, bench} = snapshot()
-    const key = JSON.stringify({live, bench: bench !== null})
+    const key = JSON.stringify(live)
     if (rendered?.key !== key) {
-      // vega loads only when a chart is first asked for, as `bench --plot` does.
-      const [{servedChartSpec}, {renderSvg}] = await Promise.all([import('../../../ui/charts/serve-charts.js'), import('../../../ui/charts/render-svg.js')])
-      rendered = {key, svg: await renderSvg(servedChartSpec({parallelValues: parallel, live, ...(bench ? {bench} : {})}))}
+      rendered = {key, svg: charts.render({parallelValues: parallel, live, ...(bench ? {bench} : {})})}
+      // A failed drawing is not kept: the next request tries again.
+      const failed = rendered
+      failed.svg.catch(() => {
+        if (rendered === failed) rendered = undefined
+      })
     }
-    return secure(reply, SVG_CSP).type('image/svg+xml; charset=utf-8').send(rendered.svg)
+    return secure(reply, SVG_CSP).type('image/svg+xml; charset=utf-8').send(await rendered.svg)
   })
+}
+
+/** The chart-drawing worker thread (chart-worker.ts), started at the first chart; vega loads only there. */
+class ChartWorker {
+  private worker: Worker | undefined
+  private next = 0
+  private readonly pending = new Map<number, {resolve: (svg: string) => void; reject: (error: Error) => void}>()
+
+  render(input: ServedChartInput): Promise<string> {
+    const worker = (this.worker ??= this.start())
+    const id = this.next++
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, {resolve, reject})
+      worker.postMessage({id, input} satisfies ChartRequest)
+    })
+  }
+
+  private start(): Worker {
+    const worker = new Worker(new URL('./chart-worker.js', import.meta.url))
+    // An idle chart worker does not keep the process alive; the server's close ends it.
+    worker.unref()
+    worker.on('message', (reply: ChartReply) => {
+      const waiting = this.pending.get(reply.id)
+      this.pending.delete(reply.id)
+      if ('svg' in reply) waiting?.resolve(reply.svg)
+      else waiting?.reject(new Error(`drawing the chart failed: ${reply.error}`))
+    })
+    const fail = (error: Error) => {
+      this.worker = undefined
+      for (const {reject} of this.pending.values()) reject(error)
+      this.pending.clear()
+    }
+    worker.on('error', fail)
+    worker.on('exit', (code) => fail(new Error(`the chart worker exited (${code})`)))
+    return worker
+  }
+
+  async close(): Promise<void> {
+    const worker = this.worker
+    this.worker = undefined
+    await worker?.terminate()
+  }
 }
