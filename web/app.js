@@ -94,6 +94,7 @@ ui.keyForm.addEventListener('submit', (event) => {
 function refreshFigures() {
   figures.refresh().catch((error) => {
     if (error instanceof KeyNeeded) askForKey('The key was refused. ' + error.message)
+    else $('figures-note').textContent = `The figures could not be loaded: ${error.message}`
   })
 }
 
@@ -178,7 +179,7 @@ async function send() {
     conversation.pop()
     userNode.classList.add('failed')
     if (failure instanceof KeyNeeded) askForKey('The key was refused. ' + failure.message)
-    transcript.addError(failure instanceof ApiError || failure instanceof KeyNeeded ? failure.message : `The request failed: ${failure.message}`)
+    transcript.addError(errorText(failure))
   } else {
     answer.finish({parallel, startedAt, finishReason, stopped})
     conversation.push({role: 'assistant', content: answer.text})
@@ -187,6 +188,12 @@ async function send() {
   setAnswering(false)
   follow(true)
   refreshFigures()
+}
+
+function errorText(error) {
+  if (!(error instanceof ApiError || error instanceof KeyNeeded)) return `The request failed: ${error.message}`
+  if (error.code === 'context_length_exceeded') return `${error.message}. A new chat (in Settings) starts over with an empty conversation.`
+  return error.message
 }
 
 ui.composer.addEventListener('submit', (event) => {
@@ -204,6 +211,10 @@ ui.prompt.addEventListener('keydown', (event) => {
 ui.bars.addEventListener('change', () => document.body.classList.toggle('no-bars', !ui.bars.checked))
 
 ui.stop.addEventListener('click', () => inFlight?.abort())
+
+document.addEventListener('keydown', (event) => {
+  if (event.key === 'Escape' && inFlight) inFlight.abort()
+})
 
 ui.newChat.addEventListener('click', () => {
   inFlight?.abort()
