@@ -9,6 +9,7 @@ import {describe, test} from 'node:test'
 
 import {XMLParser} from 'fast-xml-parser'
 
+import {readBenchFigures} from '../src/core/serve/ui/bench-figures.js'
 import {PAGE_CSP, PAGE_OPEN_PATHS} from '../src/core/serve/ui/page.js'
 import {runCli} from './helpers/cli.js'
 import {answersPayload, MARKUP_ALPHABET, PAYLOAD} from './helpers/browser.js'
@@ -62,10 +63,11 @@ describe('serve: the chat page (fake model)', () => {
       assert.equal((await fetch(`${s.url}/ui/nothing.js`)).status, 404)
     }))
 
-  test("the page's files weigh at most 200 kB together", () =>
+  test("the page's files and its chart weigh at most 200 kB together", () =>
     withServer({page: {}}, async (s) => {
+      for (const parallel of [1, 2]) await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 3, parallel} as Parameters<typeof s.client.completions.create>[0])
       let total = 0
-      for (const url of PAGE_OPEN_PATHS) total += (await (await fetch(`${s.url}${url}`)).arrayBuffer()).byteLength
+      for (const url of [...PAGE_OPEN_PATHS, '/ui/figures.json', '/ui/figures.svg']) total += (await (await fetch(`${s.url}${url}`)).arrayBuffer()).byteLength
       assert.ok(total > 0 && total <= 200_000, `${total} bytes`)
     }))
 
@@ -130,6 +132,24 @@ describe('serve: the chat page (fake model)', () => {
       assert.equal(tokens.map((c) => c.choices[0].delta.content).join(''), PAYLOAD)
       assert.equal(chunks.at(-1)?.choices[0].finish_reason, 'stop')
     }))
+})
+
+describe('serve --bench-json: reading the report', () => {
+  test('a missing file, a file that is not JSON, a report without results or with a bad field: one message naming the file', () => {
+    const dir = makeTempDir('parscale-bench-json-')
+    try {
+      const file = path.join(dir, 'bench.json')
+      assert.throws(() => readBenchFigures(file), {message: `--bench-json ${file}: cannot read it (ENOENT)`})
+      fs.writeFileSync(file, '{"results": [')
+      assert.throws(() => readBenchFigures(file), {message: `--bench-json ${file}: not JSON (write one with \`parscale bench --json FILE\`)`})
+      fs.writeFileSync(file, '{"results": []}')
+      assert.throws(() => readBenchFigures(file), {message: `--bench-json ${file}: not a \`parscale bench --json\` report ("results" is empty)`})
+      fs.writeFileSync(file, JSON.stringify({results: [{parallel: 1, batch: 1, prompt_length: 8, ttft_ms: 'fast', decode_ms_per_token: 1, peak_rss_bytes: 1, weight_bytes: 1}]}))
+      assert.throws(() => readBenchFigures(file), {message: `--bench-json ${file}: not a \`parscale bench --json\` report (results[0].ttft_ms is not a number)`})
+    } finally {
+      fs.rmSync(dir, {recursive: true, force: true})
+    }
+  })
 })
 
 describe('parscale serve: --no-ui and --bench-json (the CLI)', () => {

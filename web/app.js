@@ -163,7 +163,8 @@ async function send() {
       if (!choice) continue
       const content = choice.delta?.content ?? ''
       const atBottom = nearBottom()
-      if (choice.stream_weights) for (const weights of choice.stream_weights) answer.addToken(content, weights)
+      // One token per chunk when streamed; the text goes with the first token of a chunk.
+      if (choice.stream_weights) choice.stream_weights.forEach((weights, i) => answer.addToken(i === 0 ? content : '', weights))
       else if (content !== '') answer.addText(content)
       if (choice.finish_reason) finishReason = choice.finish_reason
       follow(atBottom)
