@@ -1,11 +1,24 @@
 // The page's side of the server's API: JSON requests with the API key (when the server wants
 // one), and chat completions streamed as server-sent events read from fetch's body stream.
 
+/**
+ * @typedef {{id: string, parallel: number[], default_parallel: number | string, context_length: number, chat_template: boolean}} ModelCard
+ * @typedef {{role: string, content: string}} Message
+ * @typedef {{messages: Message[], stream_weights: boolean, parallel: number | 'auto', temperature?: number, max_tokens?: number}} ChatRequest
+ * @typedef {{index: number, delta?: {role?: string, content?: string}, finish_reason: string | null, stream_weights?: number[][]}} ChunkChoice
+ * @typedef {{parallel?: number, choices?: ChunkChoice[], error?: {message: string, code?: string | null}}} Chunk
+ */
+
 /** The server refused the key (or none was given): the page asks for it. */
 export class KeyNeeded extends Error {}
 
 /** An error answer of the API, with OpenAI's message. */
 export class ApiError extends Error {
+  /**
+   * @param {string} message
+   * @param {number} status
+   * @param {string | null} code
+   */
   constructor(message, status, code) {
     super(message)
     this.status = status
@@ -21,28 +34,40 @@ export class Api {
     this.key = sessionStorage.getItem(KEY_ITEM) ?? ''
   }
 
+  /** @param {string} key */
   setKey(key) {
     this.key = key
     if (key) sessionStorage.setItem(KEY_ITEM, key)
     else sessionStorage.removeItem(KEY_ITEM)
   }
 
+  /**
+   * @param {Record<string, string>} [extra]
+   * @returns {Record<string, string>}
+   */
   headers(extra = {}) {
     return this.key ? {...extra, Authorization: `Bearer ${this.key}`} : extra
   }
 
+  /** @param {string} path */
   async get(path) {
     const response = await fetch(path, {headers: this.headers()})
     await this.check(response)
     return response
   }
 
+  /**
+   * @param {string} path
+   * @returns {Promise<any>} the parsed body, as the API documents it
+   */
   async json(path) {
     return (await this.get(path)).json()
   }
 
+  /** @param {Response} response */
   async check(response) {
     if (response.ok) return
+    /** @type {{error?: {message?: string, code?: string | null}} | undefined} */
     let body
     try {
       body = await response.json()
@@ -55,8 +80,11 @@ export class Api {
   }
 
   /**
-   * POSTs a streamed chat completion and yields each chunk object as it arrives. `signal` stops
-   * it: the server sees the connection close and ends the generation at its next step.
+   * POSTs a streamed chat completion and yields each chunk as it arrives. `signal` stops it:
+   * the server sees the connection close and ends the generation at its next step.
+   * @param {ChatRequest} body
+   * @param {AbortSignal} signal
+   * @returns {AsyncGenerator<Chunk>}
    */
   async *streamChat(body, signal) {
     const response = await fetch('/v1/chat/completions', {
@@ -66,8 +94,10 @@ export class Api {
       signal,
     })
     await this.check(response)
+    if (!response.body) throw new ApiError('the answer has no body', response.status, null)
     for await (const data of sseData(response.body)) {
       if (data === '[DONE]') return
+      /** @type {Chunk} */
       const chunk = JSON.parse(data)
       // Once the stream has begun, an error travels as an event, as OpenAI sends it.
       if (chunk.error) throw new ApiError(chunk.error.message, 500, chunk.error.code ?? null)
@@ -76,16 +106,22 @@ export class Api {
   }
 }
 
-/** The `data:` payloads of a server-sent event stream, in order (events end at a blank line). */
+/**
+ * The `data:` payloads of a server-sent event stream, in order (events end at a blank line).
+ * @param {ReadableStream<Uint8Array>} stream
+ * @returns {AsyncGenerator<string>}
+ */
 export async function* sseData(stream) {
-  const reader = stream.pipeThrough(new TextDecoderStream()).getReader()
+  const reader = stream.getReader()
+  const decoder = new TextDecoder()
   let buffer = ''
   for (;;) {
     const {value, done} = await reader.read()
     if (done) break
-    buffer += value
+    // A character split between two reads waits for its second half.
+    buffer += decoder.decode(value, {stream: true})
     const events = buffer.split(/\r?\n\r?\n/)
-    buffer = events.pop()
+    buffer = events.pop() ?? ''
     for (const event of events) {
       const data = event
         .split(/\r?\n/)

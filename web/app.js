@@ -5,51 +5,64 @@ import {Api, ApiError, KeyNeeded} from './api.js'
 import {FiguresPanel} from './figures.js'
 import {Transcript, WeightsTooltip} from './transcript.js'
 
-const $ = (id) => document.getElementById(id)
+/**
+ * The page's element with this id, checked to be of its type (index.html and this file agree).
+ * @template {HTMLElement} T
+ * @param {string} id
+ * @param {new () => T} type
+ * @returns {T}
+ */
+function $(id, type) {
+  const node = document.getElementById(id)
+  if (!(node instanceof type)) throw new Error(`index.html has no ${type.name} #${id}`)
+  return node
+}
 
 const ui = {
-  model: $('model'),
-  parallel: $('parallel'),
-  temperature: $('temperature'),
-  maxTokens: $('max-tokens'),
-  system: $('system'),
-  systemNote: $('system-note'),
-  newChat: $('new-chat'),
-  prompt: $('prompt'),
-  send: $('send'),
-  stop: $('stop'),
-  status: $('status'),
-  composer: $('composer'),
-  messages: $('messages'),
-  intro: $('intro'),
-  scroller: $('transcript'),
-  keyDialog: $('key-dialog'),
-  keyForm: $('key-form'),
-  keyInput: $('api-key'),
-  keyError: $('key-error'),
-  settings: $('settings'),
-  bars: $('bars'),
-  figures: $('figures'),
+  model: $('model', HTMLElement),
+  parallel: $('parallel', HTMLSelectElement),
+  temperature: $('temperature', HTMLInputElement),
+  maxTokens: $('max-tokens', HTMLInputElement),
+  system: $('system', HTMLTextAreaElement),
+  systemNote: $('system-note', HTMLElement),
+  newChat: $('new-chat', HTMLButtonElement),
+  prompt: $('prompt', HTMLTextAreaElement),
+  send: $('send', HTMLButtonElement),
+  stop: $('stop', HTMLButtonElement),
+  status: $('status', HTMLElement),
+  composer: $('composer', HTMLFormElement),
+  messages: $('messages', HTMLOListElement),
+  intro: $('intro', HTMLElement),
+  scroller: $('transcript', HTMLElement),
+  keyDialog: $('key-dialog', HTMLDialogElement),
+  keyForm: $('key-form', HTMLFormElement),
+  keyInput: $('api-key', HTMLInputElement),
+  keyError: $('key-error', HTMLElement),
+  settings: $('settings', HTMLDetailsElement),
+  bars: $('bars', HTMLInputElement),
+  figures: $('figures', HTMLDetailsElement),
+  figuresNote: $('figures-note', HTMLElement),
 }
 
 const api = new Api()
 const transcript = new Transcript(ui.messages)
-const figures = new FiguresPanel({api, image: $('chart'), table: $('figures-table'), note: $('figures-note')})
-new WeightsTooltip(ui.messages, $('tooltip'))
+const figures = new FiguresPanel({api, image: $('chart', HTMLImageElement), table: $('figures-table', HTMLTableElement), note: ui.figuresNote})
+new WeightsTooltip(ui.messages, $('tooltip', HTMLElement))
 
-/** The conversation sent with each prompt: {role, content} in order. */
+/** @type {import('./api.js').Message[]} The conversation sent with each prompt, in order. */
 let history = []
-/** The request in flight, if any. */
+/** @type {AbortController | undefined} The request in flight, if any. */
 let inFlight
 
 /** Reads the model's card (the P values it runs, the default) and fills the controls. */
 async function connect() {
+  /** @type {{data: import('./api.js').ModelCard[]}} */
   let list
   try {
     list = await api.json('/v1/models')
   } catch (error) {
     if (error instanceof KeyNeeded) return askForKey(api.key ? 'That key was refused. ' + error.message : undefined)
-    ui.model.textContent = `cannot reach the server: ${error.message}`
+    ui.model.textContent = `cannot reach the server: ${messageOf(error)}`
     return
   }
   const card = list.data[0]
@@ -70,6 +83,7 @@ async function connect() {
   refreshFigures()
 }
 
+/** @param {string} [problem] why the last key did not do */
 function askForKey(problem) {
   ui.keyError.textContent = problem ?? ''
   ui.keyError.hidden = !problem
@@ -94,13 +108,17 @@ ui.keyForm.addEventListener('submit', (event) => {
 function refreshFigures() {
   figures.refresh().catch((error) => {
     if (error instanceof KeyNeeded) askForKey('The key was refused. ' + error.message)
-    else $('figures-note').textContent = `The figures could not be loaded: ${error.message}`
+    else ui.figuresNote.textContent = `The figures could not be loaded: ${messageOf(error)}`
   })
 }
 
-/** The request body of the next turn, from the controls. */
+/**
+ * The request body of the next turn, from the controls.
+ * @returns {import('./api.js').ChatRequest}
+ */
 function requestBody() {
   const system = ui.system.value.trim()
+  /** @type {import('./api.js').ChatRequest} */
   const body = {
     messages: [...(system ? [{role: 'system', content: system}] : []), ...history],
     stream_weights: true,
@@ -113,6 +131,7 @@ function requestBody() {
   return body
 }
 
+/** @param {boolean} answering */
 function setAnswering(answering) {
   ui.send.disabled = answering
   ui.stop.hidden = !answering
@@ -123,10 +142,13 @@ function setAnswering(answering) {
 /** What scrolls the conversation: its own pane on a wide screen, the page on a narrow one. */
 function scroller() {
   const pane = ui.scroller
-  return pane.scrollHeight > pane.clientHeight + 1 ? pane : document.scrollingElement
+  return pane.scrollHeight > pane.clientHeight + 1 ? pane : document.documentElement
 }
 
-/** Keeps the newest text in view while the reader is at the bottom (not while reading back). */
+/**
+ * Keeps the newest text in view while the reader is at the bottom (not while reading back).
+ * @param {boolean} atBottom
+ */
 function follow(atBottom) {
   const target = scroller()
   if (atBottom) target.scrollTop = target.scrollHeight
@@ -153,8 +175,11 @@ async function send() {
   inFlight = controller
   setAnswering(true)
   const startedAt = performance.now()
+  /** @type {number | undefined} */
   let parallel
+  /** @type {string | undefined} */
   let finishReason
+  /** @type {unknown} */
   let failure
   try {
     for await (const chunk of api.streamChat(body, controller.signal)) {
@@ -184,15 +209,22 @@ async function send() {
   } else {
     answer.finish({parallel, startedAt, finishReason, stopped})
     conversation.push({role: 'assistant', content: answer.text})
-    if (failure) transcript.addError(`The answer was cut off: ${failure.message}`)
+    if (failure) transcript.addError(`The answer was cut off: ${messageOf(failure)}`)
   }
   setAnswering(false)
   follow(true)
   refreshFigures()
 }
 
+/** @param {unknown} error */
+function messageOf(error) {
+  return error instanceof Error ? error.message : String(error)
+}
+
+/** @param {unknown} error */
 function errorText(error) {
-  if (!(error instanceof ApiError || error instanceof KeyNeeded)) return `The request failed: ${error.message}`
+  if (error instanceof KeyNeeded) return error.message
+  if (!(error instanceof ApiError)) return `The request failed: ${messageOf(error)}`
   if (error.code === 'context_length_exceeded') return `${error.message}. A new chat (in Settings) starts over with an empty conversation.`
   return error.message
 }

@@ -5,11 +5,15 @@
 /** One colour per stream (Tableau 10, as the bench charts; more streams take hues around the wheel). */
 const PALETTE = ['#4c78a8', '#f58518', '#54a24b', '#e45756', '#72b7b2', '#b279a2', '#eeca3b', '#9d755d', '#ff9da6', '#bab0ac']
 
+/** @param {number} stream */
 export function streamColor(stream) {
   return stream < PALETTE.length ? PALETTE[stream] : `hsl(${(stream * 137.5) % 360} 55% 55%)`
 }
 
-/** A horizontal bar of the weights, stacked in stream order (a CSS gradient: no element per stream). */
+/**
+ * A horizontal bar of the weights, stacked in stream order (a CSS gradient: no element per stream).
+ * @param {number[]} weights
+ */
 export function weightsGradient(weights) {
   let at = 0
   const stops = weights.map((w, stream) => {
@@ -20,6 +24,13 @@ export function weightsGradient(weights) {
   return `linear-gradient(to right, ${stops.join(', ')})`
 }
 
+/**
+ * @template {keyof HTMLElementTagNameMap} K
+ * @param {K} tag
+ * @param {string} [className]
+ * @param {string} [text] set as text, never parsed
+ * @returns {HTMLElementTagNameMap[K]}
+ */
 function element(tag, className, text) {
   const node = document.createElement(tag)
   if (className) node.className = className
@@ -28,6 +39,7 @@ function element(tag, className, text) {
 }
 
 export class Transcript {
+  /** @param {HTMLOListElement} list */
   constructor(list) {
     this.list = list
   }
@@ -40,6 +52,7 @@ export class Transcript {
     this.list.replaceChildren()
   }
 
+  /** @param {string} text */
   addUser(text) {
     const item = this.message('user', 'You')
     item.body.textContent = text
@@ -54,6 +67,7 @@ export class Transcript {
     return new AnswerView(node, body)
   }
 
+  /** @param {string} text */
   addError(text) {
     const node = element('li', 'message error')
     node.setAttribute('role', 'alert')
@@ -62,6 +76,10 @@ export class Transcript {
     return node
   }
 
+  /**
+   * @param {'user' | 'assistant'} role
+   * @param {string} label
+   */
   message(role, label) {
     const node = element('li', `message ${role}`)
     node.dataset.role = role
@@ -74,18 +92,29 @@ export class Transcript {
 
 /** The answer being streamed: its tokens, and what is measured while they arrive. */
 export class AnswerView {
+  /**
+   * @param {HTMLLIElement} node
+   * @param {HTMLDivElement} body
+   */
   constructor(node, body) {
     this.node = node
     this.body = body
     this.text = ''
     this.tokens = 0
+    /** @type {number[]} each stream's weights summed over the tokens */
     this.sums = []
+    /** @type {number | undefined} */
     this.firstAt = undefined
+    /** @type {number | undefined} */
     this.lastAt = undefined
     node.classList.add('streaming')
   }
 
-  /** One generated token: its text (may be empty: EOS, part of a character) and its P weights. */
+  /**
+   * One generated token: its text (may be empty: EOS, part of a character) and its P weights.
+   * @param {string} text
+   * @param {number[] | undefined} weights
+   */
   addToken(text, weights) {
     const span = element('span', 'token', text)
     if (weights) {
@@ -100,7 +129,10 @@ export class AnswerView {
     this.firstAt ??= this.lastAt
   }
 
-  /** Text that belongs to no single token (held back until the answer was cut off). */
+  /**
+   * Text that belongs to no single token (held back until the answer was cut off).
+   * @param {string} text
+   */
   addText(text) {
     this.body.append(document.createTextNode(text))
     this.text += text
@@ -111,11 +143,15 @@ export class AnswerView {
     return this.tokens === 0 ? [] : this.sums.map((sum) => sum / this.tokens)
   }
 
-  /** After the last token: P used, TTFT, tokens/s and the streams' mean weights under the answer. */
+  /**
+   * After the last token: P used, TTFT, tokens/s and the streams' mean weights under the answer.
+   * @param {{parallel: number | undefined, startedAt: number, finishReason: string | undefined, stopped: boolean}} outcome
+   */
   finish({parallel, startedAt, finishReason, stopped}) {
     this.node.classList.remove('streaming')
-    const ttft = this.firstAt === undefined ? undefined : this.firstAt - startedAt
-    const seconds = this.tokens > 1 ? (this.lastAt - this.firstAt) / 1000 : 0
+    const {firstAt, lastAt} = this
+    const ttft = firstAt === undefined ? undefined : firstAt - startedAt
+    const seconds = this.tokens > 1 && firstAt !== undefined && lastAt !== undefined ? (lastAt - firstAt) / 1000 : 0
     const rate = seconds > 0 ? (this.tokens - 1) / seconds : undefined
     Object.assign(this.node.dataset, {
       parallel: String(parallel ?? ''),
@@ -139,11 +175,15 @@ export class AnswerView {
   }
 }
 
+/** @param {number} ms */
 function formatMs(ms) {
   return ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(0)} ms`
 }
 
-/** The streams' mean weights over an answer: one swatch and number per stream. */
+/**
+ * The streams' mean weights over an answer: one swatch and number per stream.
+ * @param {number[]} mean
+ */
 function meanWeightsLegend(mean) {
   const legend = element('span', 'streams')
   legend.title = 'mean weight of each stream over this answer'
@@ -161,23 +201,37 @@ function meanWeightsLegend(mean) {
 }
 
 /**
+ * The token under an event, if any.
+ * @param {Event} event
+ * @returns {HTMLElement | null}
+ */
+function tokenOf(event) {
+  return event.target instanceof Element ? event.target.closest('.token') : null
+}
+
+/**
  * The panel that shows a token's weights: it follows the mouse over tokens, and a click or a tap
  * (touch screens have no hover) pins it until the next click elsewhere.
  */
 export class WeightsTooltip {
+  /**
+   * @param {HTMLElement} container where the tokens are
+   * @param {HTMLElement} panel
+   */
   constructor(container, panel) {
     this.panel = panel
+    /** @type {HTMLElement | undefined} */
     this.current = undefined
     this.pinned = false
     container.addEventListener('pointerover', (event) => {
-      const token = event.target.closest?.('.token')
+      const token = tokenOf(event)
       if (token && event.pointerType === 'mouse' && !this.pinned) this.show(token)
     })
     container.addEventListener('pointerout', (event) => {
-      if (event.pointerType === 'mouse' && !this.pinned && event.target.closest?.('.token') === this.current) this.hide()
+      if (event.pointerType === 'mouse' && !this.pinned && tokenOf(event) === this.current) this.hide()
     })
     document.addEventListener('click', (event) => {
-      const token = event.target.closest?.('.token')
+      const token = tokenOf(event)
       if (!token || (token === this.current && this.pinned)) return this.hide()
       this.show(token)
       this.pinned = !this.panel.hidden
@@ -186,8 +240,10 @@ export class WeightsTooltip {
     window.addEventListener('resize', () => this.hide())
   }
 
+  /** @param {HTMLElement} token */
   show(token) {
     if (!token.dataset.weights) return
+    /** @type {number[]} */
     const weights = JSON.parse(token.dataset.weights)
     const largest = Math.max(...weights)
     const rows = weights.map((w, stream) => {
@@ -215,6 +271,7 @@ export class WeightsTooltip {
     this.place(token)
   }
 
+  /** @param {HTMLElement} token */
   place(token) {
     const rect = token.getBoundingClientRect()
     const {offsetWidth: width, offsetHeight: height} = this.panel
