@@ -80,19 +80,31 @@ export class Api {
   }
 
   /**
-   * POSTs a streamed chat completion and yields each chunk as it arrives. `signal` stops it:
-   * the server sees the connection close and ends the generation at its next step.
+   * POSTs a streamed chat completion at once (the request leaves before the caller's other work)
+   * and returns its chunks as they arrive. `signal` stops it: the server sees the connection
+   * close and ends the generation at its next step.
    * @param {ChatRequest} body
    * @param {AbortSignal} signal
    * @returns {AsyncGenerator<Chunk>}
    */
-  async *streamChat(body, signal) {
-    const response = await fetch('/v1/chat/completions', {
+  streamChat(body, signal) {
+    const response = fetch('/v1/chat/completions', {
       method: 'POST',
       headers: this.headers({'Content-Type': 'application/json', Accept: 'text/event-stream'}),
       body: JSON.stringify({...body, stream: true}),
       signal,
     })
+    // Its failure is handled where the chunks are read; not an unhandled rejection meanwhile.
+    response.catch(() => {})
+    return this.chunks(response)
+  }
+
+  /**
+   * @param {Promise<Response>} pending
+   * @returns {AsyncGenerator<Chunk>}
+   */
+  async *chunks(pending) {
+    const response = await pending
     await this.check(response)
     if (!response.body) throw new ApiError('the answer has no body', response.status, null)
     for await (const data of sseData(response.body)) {

@@ -105,7 +105,9 @@ ui.keyForm.addEventListener('submit', (event) => {
   connect()
 })
 
+/** The figures panel follows each answer while it is open (a folded one costs the server no drawing). */
 function refreshFigures() {
+  if (!ui.figures.open) return
   figures.refresh().catch((error) => {
     if (error instanceof KeyNeeded) askForKey('The key was refused. ' + error.message)
     else ui.figuresNote.textContent = `The figures could not be loaded: ${messageOf(error)}`
@@ -162,19 +164,20 @@ function nearBottom() {
 async function send() {
   const text = ui.prompt.value
   if (inFlight || ui.send.disabled || text.trim() === '') return
-  ui.prompt.value = ''
-  ui.intro.hidden = true
-  const userNode = transcript.addUser(text)
   // A new chat started meanwhile replaces `history`: this turn finishes into its own conversation.
   const conversation = history
   conversation.push({role: 'user', content: text})
-  const body = requestBody()
-  const answer = transcript.startAnswer()
-  follow(true)
   const controller = new AbortController()
   inFlight = controller
-  setAnswering(true)
+  // The request leaves first; the page updates while the server works on it.
   const startedAt = performance.now()
+  const chunks = api.streamChat(requestBody(), controller.signal)
+  setAnswering(true)
+  ui.prompt.value = ''
+  ui.intro.hidden = true
+  const userNode = transcript.addUser(text)
+  const answer = transcript.startAnswer()
+  follow(true)
   /** @type {number | undefined} */
   let parallel
   /** @type {string | undefined} */
@@ -182,7 +185,7 @@ async function send() {
   /** @type {unknown} */
   let failure
   try {
-    for await (const chunk of api.streamChat(body, controller.signal)) {
+    for await (const chunk of chunks) {
       parallel = chunk.parallel ?? parallel
       const choice = chunk.choices?.[0]
       if (!choice) continue
@@ -240,6 +243,8 @@ ui.prompt.addEventListener('keydown', (event) => {
     send()
   }
 })
+
+ui.figures.addEventListener('toggle', refreshFigures)
 
 ui.bars.addEventListener('change', () => document.body.classList.toggle('no-bars', !ui.bars.checked))
 
