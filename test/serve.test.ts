@@ -133,6 +133,40 @@ describe('parscale serve on the default model (openai client)', () => {
     assert.equal(chunks.at(-1)?.usage?.completion_tokens, run.generated_tokens)
   })
 
+  test('"stream_weights": one chunk per generated token with its P weights, equal to `run --streams --json`; the non-streamed answer carries them too', async () => {
+    const prompt = PROMPTS[0]
+    const run = await runCli(['run', '--prompt', prompt, '--parallel', '4', '--streams', '--temperature', '0', '--max-new-tokens', String(MAX_TOKENS), '--json'], {env})
+    assert.equal(run.code, 0, run.stderr)
+    const expectedRun = JSON.parse(run.stdout) as RunResult & {stream_weights: number[][]}
+    const request = {model: 'parscale-default', messages: [{role: 'user', content: prompt}], max_tokens: MAX_TOKENS, temperature: 0, parallel: 4, stream_weights: true}
+    const stream = await client.chat.completions.create({...request, stream: true} as OpenAI.Chat.ChatCompletionCreateParamsStreaming)
+    const chunks: (OpenAI.Chat.ChatCompletionChunk & {parallel: number})[] = []
+    for await (const chunk of stream) chunks.push(chunk as OpenAI.Chat.ChatCompletionChunk & {parallel: number})
+    type WeightedChoice = {delta: {content?: string}; finish_reason: string | null; stream_weights?: number[][]}
+    const choices = chunks.map((c) => c.choices[0] as unknown as WeightedChoice)
+    assert.equal(choices[0].stream_weights, undefined, 'the role chunk carries no token')
+    const tokens = choices.filter((c) => c.stream_weights !== undefined)
+    assert.equal(tokens.length, expectedRun.generated_tokens, 'one chunk per generated token')
+    assert.ok(tokens.every((c) => c.stream_weights!.length === 1 && c.stream_weights![0].length === 4))
+    assert.deepEqual(tokens.map((c) => c.stream_weights![0]), expectedRun.stream_weights)
+    for (const [weights] of tokens.map((c) => c.stream_weights!)) assert.ok(Math.abs(weights.reduce((a, b) => a + b, 0) - 1) < 1e-5)
+    assert.equal(choices.map((c) => c.delta.content ?? '').join(''), expectedRun.text)
+    assert.equal(choices.at(-1)?.finish_reason, expectedRun.finish_reason)
+    assert.ok(chunks.every((c) => c.parallel === 4))
+
+    const whole = await client.chat.completions.create(request as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming)
+    assert.equal(whole.choices[0].message.content, expectedRun.text)
+    assert.deepEqual((whole.choices[0] as unknown as {stream_weights: number[][]}).stream_weights, expectedRun.stream_weights)
+    const completion = await client.completions.create({model: 'parscale-default', prompt, max_tokens: 3, temperature: 0, parallel: 2, stream_weights: true} as OpenAI.CompletionCreateParamsNonStreaming)
+    const completionWeights = (completion.choices[0] as unknown as {stream_weights: number[][]}).stream_weights
+    assert.equal(completionWeights.length, completion.usage?.completion_tokens)
+    assert.ok(completionWeights.every((w) => w.length === 2))
+
+    // Without the field, the answer has exactly OpenAI's fields.
+    const plain = await client.chat.completions.create({model: 'parscale-default', messages: request.messages as OpenAI.Chat.ChatCompletionMessageParam[], max_tokens: 4, stream: true})
+    for await (const chunk of plain) for (const choice of chunk.choices) assert.deepEqual(Object.keys(choice).sort(), ['delta', 'finish_reason', 'index', 'logprobs'])
+  })
+
   test('streamed completions end with data: [DONE]', async () => {
     const prompt = PROMPTS[2]
     const run = expected.get(key(prompt, 2))!

@@ -1,6 +1,7 @@
 import {Args, Flags} from '@oclif/core'
 
 import {BaseCommand} from '../base-command.js'
+import {UserError} from '../core/errors.js'
 import {formatBytes, percent} from '../core/format.js'
 import {onStopRequest} from '../core/processes.js'
 import type {QuantScheme} from '../core/quant/scheme.js'
@@ -8,6 +9,7 @@ import {checkWebGpu, DEVICES, type Device} from '../core/engine/device.js'
 import {ServeEngine} from '../core/serve/engine.js'
 import {parseServeOptions, SERVE_DEFAULTS, type ServeOptions} from '../core/serve/options.js'
 import {RunningServer} from '../core/serve/server.js'
+import {readBenchFigures} from '../core/serve/ui/bench-figures.js'
 import {quantFlags, quantFromFlags} from '../flags/quant.js'
 import {Progress} from '../ui/progress.js'
 
@@ -21,12 +23,14 @@ export default class Serve extends BaseCommand {
   static override description = `Endpoints: POST /v1/chat/completions, POST /v1/completions (both with "stream": true for server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus).
 A request may pick its number of parallel streams with the extension field "parallel" (one of the P values /v1/models lists); without it, --parallel. Requests that arrive while others decode join the running batch at the next step (up to --max-batch sequences per P); past --max-queue running + waiting generations, requests get 429 with Retry-After.
 Sampling fields left out of a request come from the model's generation_config.json, as with \`parscale run\`. A model without a chat template (like the embedded default model, a base model) answers chat requests by continuing the conversation's texts joined together, system messages left out.
+With "stream_weights": true a request gets each generated token's P stream weights (streamed: one chunk per token, its weights in choices[].stream_weights).
+A chat page is served at / (plain HTML talking to this API, offline): choose P, stream answers with each token's stream weights, see this server's latency and memory per P (--bench-json FILE adds a \`parscale bench --json\` report to that chart); --no-ui leaves it out.
 SIGTERM or Ctrl-C stops accepting requests and lets running ones finish for up to --shutdown-timeout seconds (Ctrl-C again cuts them off), then exits 0. Started through npx or npm run, it stops the same way when npm exits (npm signals only the shell it started, so SIGTERM sent to npx never reaches the server).
 
 MODEL is a converted package, a checkpoint folder (converted on first use and cached), or a pulled hub repo id; without it, the embedded default model.`
 
   static override examples = [
-    {description: 'Serve the default model on 127.0.0.1:8080', command: '<%= config.bin %> serve'},
+    {description: 'Serve the default model on 127.0.0.1:8080; open http://127.0.0.1:8080/ for the chat page', command: '<%= config.bin %> serve'},
     {description: 'Ask it with curl', command: `curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' -d '{"messages": [{"role": "user", "content": "def fibonacci(n):"}], "max_tokens": 32, "parallel": 4}'`},
     {description: 'Keep an access log (JSON lines: {"level":"info","time":…,"reqId":"req-1","method":"POST","path":"/v1/chat/completions","status":200,"ms":812.4,"parallel":4,"prompt_tokens":9,"completion_tokens":32,"msg":"request"})', command: '<%= config.bin %> serve --log-requests >> access.jsonl'},
     {description: 'Serve a pulled model on every interface, with a key', command: '<%= config.bin %> serve ParScale/ParScale-1.8B-P8-Inst --host 0.0.0.0 --api-key "$KEY"'},
@@ -47,6 +51,8 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
     ...quantFlags,
     'log-requests': Flags.boolean({description: 'an access log: one JSON line per request on stdout (method, path, status, ms; for generations P and tokens), from fastify\'s logger'}),
+    ui: Flags.boolean({description: 'serve the chat page at / (--no-ui: the API only)', default: true, allowNo: true}),
+    'bench-json': Flags.string({description: 'a `parscale bench --json` report the page charts beside the server\'s own latency and memory per P', helpValue: 'FILE'}),
     'shutdown-timeout': numberFlag(`seconds running requests get to finish after SIGTERM / Ctrl-C (default ${SERVE_DEFAULTS.shutdownTimeout})`, 'SECONDS'),
   }
 
@@ -66,6 +72,8 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     })
     const device = flags.device as Device
     const quant = quantFromFlags(flags)
+    if (!flags.ui && flags['bench-json'] !== undefined) throw new UserError('--bench-json charts on the page, which --no-ui leaves out: drop one of them', 2)
+    const bench = flags['bench-json'] === undefined ? undefined : readBenchFigures(flags['bench-json'])
     if (device === 'webgpu') await checkWebGpu() // before converting or loading anything
     const engine = await this.load(args.model, options, device, quant)
     let server: RunningServer
@@ -76,6 +84,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
         apiKey: options.apiKey,
         onInternalError: reportInternalError,
         ...(flags['log-requests'] ? {requestLog: process.stdout} : {}),
+        ...(flags.ui ? {page: bench ? {bench} : {}} : {}),
       })
     } catch (error) {
       await engine.close()
@@ -84,7 +93,8 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     const {served} = engine
     process.stderr.write(
       `serving ${served.id} (P ${served.parallelValues.join(', ')}; default ${served.defaultParallel}) at ${server.url}/v1 · ` +
-        `max batch ${options.maxBatch} per P, max queue ${options.maxQueue}${options.apiKey ? ' · API key required' : ''}\n`,
+        `max batch ${options.maxBatch} per P, max queue ${options.maxQueue}${options.apiKey ? ' · API key required' : ''}\n` +
+        (flags.ui ? `chat page: ${server.url}/\n` : ''),
     )
     await untilStopped(server, options.shutdownTimeout)
   }

@@ -106,13 +106,19 @@ export class FakeDecoder implements Decoder<FakeCache> {
 export const ALPHABET = 'abcdefghijklmnopqrstuvwxyz :;|'
 export const END = ALPHABET.indexOf('|')
 
-export const charTokenizer = {
-  encode: (text: string): number[] =>
-    [...text].map((c) => {
-      const id = ALPHABET.indexOf(c)
-      assert.ok(id >= 0, `no token for ${JSON.stringify(c)}`)
-      return id
-    }),
-  decode: (ids: number[]): string => ids.map((id) => (id === END ? '' : (ALPHABET[id] ?? ''))).join(''),
-  decodeWithSpecial: (ids: number[]): string => ids.map((id) => ALPHABET[id] ?? '').join(''),
+/** A character-level tokenizer over `alphabet` (ids are positions in it; `|` decodes to nothing). */
+export function charTokenizerOf(alphabet: string) {
+  const end = alphabet.indexOf('|')
+  return {
+    encode: (text: string): number[] =>
+      [...text].map((c) => {
+        const id = alphabet.indexOf(c)
+        assert.ok(id >= 0, `no token for ${JSON.stringify(c)}`)
+        return id
+      }),
+    decode: (ids: number[]): string => ids.map((id) => (id === end ? '' : (alphabet[id] ?? ''))).join(''),
+    decodeWithSpecial: (ids: number[]): string => ids.map((id) => alphabet[id] ?? '').join(''),
+  }
 }
+
+export const charTokenizer = charTokenizerOf(ALPHABET)

@@ -11,7 +11,7 @@ import {ServeEngine} from '../../src/core/serve/engine.js'
 import type {ServedModel} from '../../src/core/serve/openai-requests.js'
 import {RunningServer, type ServerOptions} from '../../src/core/serve/server.js'
 import {REPO_ROOT} from './cli.js'
-import {ALPHABET, charTokenizer, END, FakeCache, FakeDecoder} from './fake-decoder.js'
+import {ALPHABET, charTokenizerOf, END, FakeCache, FakeDecoder} from './fake-decoder.js'
 
 /**
  * The fake decoder, with a step that yields to the event loop (as onnxruntime-node does before
@@ -53,11 +53,17 @@ export interface FakeServer {
   close(): Promise<void>
 }
 
-/** Character tokenizer, P = 1 and 2, no chat template; the model writes "a" forever unless told. */
+/**
+ * Character tokenizer, P = 1 and 2, no chat template; the model writes "a" forever unless told.
+ * `alphabet` extends ALPHABET with more characters (token ids of ALPHABET's stay as they are).
+ */
 export async function startFakeServer(
-  options: {maxBatch?: number; maxQueue?: number; context?: number; script?: (history: number[]) => number | undefined} & ServerOptions = {},
+  options: {maxBatch?: number; maxQueue?: number; context?: number; script?: (history: number[]) => number | undefined; alphabet?: string} & ServerOptions = {},
 ): Promise<FakeServer> {
-  const decoder = new HeldDecoder(ALPHABET.length, options.script ?? (() => A), [1, 2])
+  const alphabet = options.alphabet ?? ALPHABET
+  assert.ok(alphabet.startsWith(ALPHABET), 'the alphabet extends ALPHABET')
+  const charTokenizer = charTokenizerOf(alphabet)
+  const decoder = new HeldDecoder(alphabet.length, options.script ?? (() => A), [1, 2])
   const context = options.context ?? 100_000
   const served: ServedModel = {
     id: 'fake-model',

@@ -143,7 +143,7 @@ export class ContinuousBatcher<C extends SequenceCache> {
       const onToken = job.hooks.onToken
       const row = new Row(0, request, request.promptIds.length, request.promptIds, {
         ...this.options.generation,
-        ...(onToken ? {onToken: ({tokenId, text}: TokenEvent) => onToken({tokenId, text})} : {}),
+        ...(onToken ? {onToken: ({index: _, ...event}: TokenEvent) => onToken(event)} : {}),
       })
       const slot = group.decoding.length
       const context = this.options.generation.contextLength ?? Infinity

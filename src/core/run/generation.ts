@@ -29,6 +29,8 @@ export interface TokenEvent {
   tokenId: number
   /** Newly completed text (may be empty: a partial character, a held-back stop prefix, EOS). */
   text: string
+  /** The P stream weights that mixed the prediction of this token, when the decoder returned them (a view: copy to keep). */
+  streamWeights?: Float32Array
 }
 
 export interface GenerationOptions {
@@ -67,6 +69,8 @@ export class Row {
   finishReason: FinishReason | undefined
   firstAt = 0
   endAt = 0
+  /** The stream weights of the latest step, handed out with its token. */
+  private stepWeights: Float32Array | undefined
   private readonly detok: IncrementalDetokenizer
   private readonly stops: StopStringMatcher
   private readonly eos: Set<number>
@@ -100,6 +104,7 @@ export class Row {
     if (this.generated.length === 0) this.firstAt = now
     this.generated.push(id)
     this.seen.push(id)
+    this.stepWeights = streamWeights
     if (this.options.collectStreamWeights && streamWeights) this.weights.push(Array.from(streamWeights))
     if (this.eos.has(id)) return this.finish('stop', now, id)
     const text = this.stops.push(this.detok.push(id))
@@ -122,7 +127,7 @@ export class Row {
 
   private emit(tokenId: number, text: string): void {
     this.text += text
-    this.options.onToken?.({index: this.index, tokenId, text})
+    this.options.onToken?.({index: this.index, tokenId, text, ...(this.stepWeights ? {streamWeights: this.stepWeights} : {})})
   }
 
   result(startAt: number): GenerationResult {

@@ -9,6 +9,11 @@ function round(value: number, digits: number): number {
   return Math.round(value * f) / f
 }
 
+/** One token's P stream weights as they leave (run --json, serve's `stream_weights`): six decimals, so they still sum to 1 within 1e-5. */
+export function roundedWeights(weights: ArrayLike<number>): number[] {
+  return Array.from(weights, (w) => round(w, 6))
+}
+
 export function jsonResult(r: GenerationResult): Record<string, unknown> {
   return {
     text: r.text,
@@ -19,8 +24,7 @@ export function jsonResult(r: GenerationResult): Record<string, unknown> {
     parallel: r.parallel,
     ttft_ms: round(r.ttftMs, 2),
     decode_tokens_per_s: round(r.decodeTokensPerS, 2),
-    // Six decimals: a token's P weights still sum to 1 within 1e-5.
-    ...(r.streamWeights ? {stream_weights: r.streamWeights.map((weights) => weights.map((w) => round(w, 6)))} : {}),
+    ...(r.streamWeights ? {stream_weights: r.streamWeights.map(roundedWeights)} : {}),
   }
 }
 

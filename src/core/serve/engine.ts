@@ -18,6 +18,7 @@ import {resolveModel, type ResolveOptions} from '../package/resolve.js'
 import {readManifest} from '../package/manifest.js'
 import type {QuantScheme} from '../quant/scheme.js'
 import {queueFull, shuttingDown} from './api-error.js'
+import {ServedFigures} from './figures.js'
 import {ServerMetrics} from './metrics.js'
 import type {ServedModel} from './openai-requests.js'
 
@@ -45,9 +46,17 @@ export interface Admission {
   release(): void
 }
 
+/** One generated token of a choice: its text (may be empty) and the stream weights behind it. */
+export interface GeneratedToken {
+  text: string
+  streamWeights?: Float32Array
+}
+
 export interface GenerateHooks {
   /** New text of choice `choice` (never empty). */
   onText?: (choice: number, text: string) => void
+  /** Every generated token of choice `choice`, text or not (`stream_weights` sends one chunk per token). */
+  onToken?: (choice: number, token: GeneratedToken) => void
   /** The client went away. */
   signal?: AbortSignal
 }
@@ -70,6 +79,8 @@ export function servedModelId(modelName: string | undefined): string {
 
 export class ServeEngine {
   readonly metrics: ServerMetrics
+  /** Latency and memory per P as this server measured them (the page charts them). */
+  readonly figures = new ServedFigures()
   private admitted = 0
   private closing = false
   /** Aborted when shutdown runs out of time: every generation stops at its next step. */
@@ -158,12 +169,14 @@ export class ServeEngine {
           const timer = this.metrics.generation(request.parallel)
           const result = await this.batcher.submit(request, {
             signal,
-            onToken: ({text}) => {
+            onToken: ({text, streamWeights}) => {
               timer.token()
+              hooks.onToken?.(choice, {text, ...(streamWeights ? {streamWeights} : {})})
               if (text !== '') hooks.onText?.(choice, text)
             },
           })
           timer.finish(result)
+          this.figures.record(result)
           return result
         }),
       )

@@ -33,6 +33,8 @@ export interface PreparedRequest {
   stream: boolean
   /** `stream_options.include_usage`: a last chunk with the token counts. */
   includeUsage: boolean
+  /** `stream_weights`: each token's stream weights in the answer (streamed: one chunk per token). */
+  streamWeights: boolean
 }
 
 export function prepareChat(model: ServedModel, body: ChatCompletionBody): PreparedRequest {
@@ -119,7 +121,7 @@ function prepared(model: ServedModel, body: CommonBody, prompts: EncodedPrompt[]
     // Each prompt of a list gets its own seed, so identical prompts give different samples.
     return {promptIds, maxNewTokens: maxNew, sampling: {...sampling, seed: ((sampling.seed ?? 0) + index) >>> 0}, stop, parallel}
   })
-  return {requests, parallel, stream: body.stream === true, includeUsage: body.stream_options?.include_usage === true}
+  return {requests, parallel, stream: body.stream === true, includeUsage: body.stream_options?.include_usage === true, streamWeights: body.stream_weights === true}
 }
 
 function checkModel(model: ServedModel, body: CommonBody): void {

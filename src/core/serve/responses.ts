@@ -3,7 +3,8 @@
  * text_completion (whose chunks have the same shape), the model list, usage. Each carries
  * `parallel`, the P it ran at (an extension field; OpenAI clients keep unknown fields).
  * Finish reasons are OpenAI's `stop` and `length`, and `abort` for a request cut off at
- * shutdown (as vLLM reports it).
+ * shutdown (as vLLM reports it). With `stream_weights`, a choice also carries `stream_weights`:
+ * one array of P weights per generated token (streamed: one chunk per token, so one array).
  */
 import type {FinishReason, GenerationResult} from '../run/generation.js'
 
@@ -27,7 +28,16 @@ export function usageOf(results: GenerationResult[]): Usage {
   return {prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion}
 }
 
-export function chatCompletion(header: CompletionHeader, results: GenerationResult[]) {
+/** Per generated token, the P stream weights (the `stream_weights` extension; rounded as `run --json` rounds them). */
+export type TokenWeights = number[][]
+
+/** `stream_weights` on a choice when the request asked for them. */
+function weightsField(weights: TokenWeights | undefined) {
+  return weights ? {stream_weights: weights} : {}
+}
+
+/** `weights[choice]`: each choice's token weights, when the request asked for them. */
+export function chatCompletion(header: CompletionHeader, results: GenerationResult[], weights?: TokenWeights[]) {
   return {
     ...fields(header, 'chat.completion'),
     choices: results.map((r, index) => ({
@@ -35,31 +45,32 @@ export function chatCompletion(header: CompletionHeader, results: GenerationResu
       message: {role: 'assistant' as const, content: r.text, refusal: null},
       logprobs: null,
       finish_reason: r.finishReason,
+      ...weightsField(weights?.[index]),
     })),
     usage: usageOf(results),
   }
 }
 
 /** One streamed piece of a chat answer: the role first, then text, then the finish reason. */
-export function chatChunk(header: CompletionHeader, index: number, delta: {role?: 'assistant'; content?: string}, finish: FinishReason | null = null) {
+export function chatChunk(header: CompletionHeader, index: number, delta: {role?: 'assistant'; content?: string}, finish: FinishReason | null = null, weights?: TokenWeights) {
   return {
     ...fields(header, 'chat.completion.chunk'),
-    choices: [{index, delta, logprobs: null, finish_reason: finish}],
+    choices: [{index, delta, logprobs: null, finish_reason: finish, ...weightsField(weights)}],
   }
 }
 
-export function textCompletion(header: CompletionHeader, results: GenerationResult[]) {
+export function textCompletion(header: CompletionHeader, results: GenerationResult[], weights?: TokenWeights[]) {
   return {
     ...fields(header, 'text_completion'),
-    choices: results.map((r, index) => ({index, text: r.text, logprobs: null, finish_reason: r.finishReason})),
+    choices: results.map((r, index) => ({index, text: r.text, logprobs: null, finish_reason: r.finishReason, ...weightsField(weights?.[index])})),
     usage: usageOf(results),
   }
 }
 
-export function textChunk(header: CompletionHeader, index: number, text: string, finish: FinishReason | null = null) {
+export function textChunk(header: CompletionHeader, index: number, text: string, finish: FinishReason | null = null, weights?: TokenWeights) {
   return {
     ...fields(header, 'text_completion'),
-    choices: [{index, text, logprobs: null, finish_reason: finish}],
+    choices: [{index, text, logprobs: null, finish_reason: finish, ...weightsField(weights)}],
   }
 }
 

@@ -1,9 +1,9 @@
 /**
  * JSON schemas of the request bodies fastify validates before a handler runs (wrong types,
  * out-of-range numbers → 400), and the TypeScript shapes they guarantee. Fields follow the
- * OpenAI API; `parallel`, `top_k` and `repetition_penalty` are this server's extensions (as
- * vLLM accepts `top_k` and `repetition_penalty`). Unknown fields are ignored, as OpenAI
- * clients send fields a server may not know (`user`, `metadata`, …).
+ * OpenAI API; `parallel`, `stream_weights`, `top_k` and `repetition_penalty` are this server's
+ * extensions (as vLLM accepts `top_k` and `repetition_penalty`). Unknown fields are ignored, as
+ * OpenAI clients send fields a server may not know (`user`, `metadata`, …).
  */
 
 const nullable = <T extends string>(type: T) => ({type: [type, 'null']}) as const
@@ -33,6 +33,7 @@ const common = {
   },
   n: {...nullable('integer'), minimum: 1},
   parallel: {...nullable('integer'), minimum: 1},
+  stream_weights: nullable('boolean'),
 } as const
 
 const textPart = {
@@ -115,6 +116,8 @@ export interface CommonBody {
   stream_options?: {include_usage?: boolean | null} | null
   n?: number | null
   parallel?: number | null
+  /** Each choice gets, per generated token, the weight of each of the P streams (streamed: one chunk per token). */
+  stream_weights?: boolean | null
 }
 
 export interface ChatCompletionBody extends CommonBody {

@@ -11,12 +11,14 @@ import Fastify, {type FastifyError, type FastifyInstance, type FastifyReply, typ
 
 import {UserError} from '../errors.js'
 import type {GenerationResult} from '../run/generation.js'
+import {roundedWeights} from '../run/json-result.js'
 import {ApiError, internalError, invalidRequest, methodNotAllowed, shuttingDown, unauthorized} from './api-error.js'
 import type {ServeEngine} from './engine.js'
 import {prepareChat, prepareCompletion, type PreparedRequest} from './openai-requests.js'
-import {chatChunk, chatCompletion, modelList, textChunk, textCompletion, usageChunk, usageOf, type CompletionHeader, type ModelCard} from './responses.js'
+import {chatChunk, chatCompletion, modelList, textChunk, textCompletion, usageChunk, usageOf, type CompletionHeader, type ModelCard, type TokenWeights} from './responses.js'
 import {chatCompletionSchema, completionSchema, type ChatCompletionBody, type CompletionBody} from './schemas.js'
 import {SseStream} from './sse.js'
+import {PAGE_OPEN_PATHS, registerPage, type PageOptions} from './ui/page.js'
 
 export interface ServerOptions {
   /** Clients must send `Authorization: Bearer <apiKey>` (not needed for /health and /metrics). */
@@ -30,6 +32,8 @@ export interface ServerOptions {
    * for generations), written by fastify's logger (pino). None when left out.
    */
   requestLog?: NodeJS.WritableStream
+  /** Serve the chat page at `/` (`serve --no-ui` leaves it out). */
+  page?: PageOptions
 }
 
 /** What the access log adds for a request that generated. */
@@ -171,6 +175,7 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
     chat_template: served.tokenizer.hasChatTemplate,
   }
   const keyDigest = options.apiKey === undefined ? undefined : sha256(options.apiKey)
+  const openPaths = new Set([...OPEN_PATHS, ...(options.page ? PAGE_OPEN_PATHS : [])])
 
   const accessLog = options.requestLog ? app.log.child({}, {level: 'info'}) : undefined
   /** P and token counts of the requests that generated, for their access log line. */
@@ -196,7 +201,7 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
     const path = request.url.split('?')[0]
     observe(request, reply)
     if (engine.isClosing && path !== '/metrics') throw shuttingDown()
-    if (keyDigest && !OPEN_PATHS.has(path)) checkBearer(request, keyDigest)
+    if (keyDigest && !openPaths.has(path)) checkBearer(request, keyDigest)
     // Before the body is read: a wrong method is answered as such whatever the body holds.
     const allow = (request.routeOptions.config as RouteConfig).allow
     if (allow !== undefined) throw methodNotAllowed(request.method, path, allow)
@@ -228,10 +233,13 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
     const prepared = prepareChat(served, request.body)
     const header = completionHeader('chatcmpl', prepared)
     const done = (results: GenerationResult[]) => noteGeneration(request, prepared, results)
-    if (!prepared.stream) return chatCompletion(header, await generateWhole(engine, prepared, reply.raw, done))
+    if (!prepared.stream) {
+      const {results, weights} = await generateWhole(engine, prepared, reply.raw, done)
+      return chatCompletion(header, results, weights)
+    }
     await streamGeneration(engine, prepared, reply, options, done, {
       first: (choice) => chatChunk(header, choice, {role: 'assistant', content: ''}),
-      text: (choice, text) => chatChunk(header, choice, {content: text}),
+      text: (choice, text, weights) => chatChunk(header, choice, {content: text}, null, weights),
       last: (choice, result, rest) => chatChunk(header, choice, rest === '' ? {} : {content: rest}, result.finishReason),
       usage: (results) => usageChunk(header, 'chat.completion.chunk', results),
     })
@@ -241,9 +249,12 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
     const prepared = prepareCompletion(served, request.body)
     const header = completionHeader('cmpl', prepared)
     const done = (results: GenerationResult[]) => noteGeneration(request, prepared, results)
-    if (!prepared.stream) return textCompletion(header, await generateWhole(engine, prepared, reply.raw, done))
+    if (!prepared.stream) {
+      const {results, weights} = await generateWhole(engine, prepared, reply.raw, done)
+      return textCompletion(header, results, weights)
+    }
     await streamGeneration(engine, prepared, reply, options, done, {
-      text: (choice, text) => textChunk(header, choice, text),
+      text: (choice, text, weights) => textChunk(header, choice, text, null, weights),
       last: (choice, result, rest) => textChunk(header, choice, rest, result.finishReason),
       usage: (results) => usageChunk(header, 'text_completion', results),
     })
@@ -260,6 +271,8 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
     }})
   }
 
+  if (options.page) registerPage(app, engine.figures, served, options.page)
+
   function completionHeader(prefix: string, prepared: PreparedRequest): CompletionHeader {
     return {id: `${prefix}-${randomUUID().replaceAll('-', '')}`, created: Math.floor(Date.now() / 1000), model: served.id, parallel: prepared.parallel}
   }
@@ -271,7 +284,8 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
 interface ChunkShapes {
   /** Sent for each choice before any text (chat sends the role). */
   first?: (choice: number) => unknown
-  text: (choice: number, text: string) => unknown
+  /** New text; with `stream_weights`, one chunk per token (its text may be empty) and its weights. */
+  text: (choice: number, text: string, weights?: TokenWeights) => unknown
   /** The finish reason, with text generated but not streamed yet (cut off by an abort). */
   last: (choice: number, result: GenerationResult, rest: string) => unknown
   usage: (results: GenerationResult[]) => unknown
@@ -286,11 +300,22 @@ function clientGone(response: ServerResponse): AbortSignal {
   return controller.signal
 }
 
-async function generateWhole(engine: ServeEngine, prepared: PreparedRequest, response: ServerResponse, done: (results: GenerationResult[]) => void): Promise<GenerationResult[]> {
+async function generateWhole(
+  engine: ServeEngine,
+  prepared: PreparedRequest,
+  response: ServerResponse,
+  done: (results: GenerationResult[]) => void,
+): Promise<{results: GenerationResult[]; weights?: TokenWeights[]}> {
   const admission = engine.admit(prepared.requests.length)
-  const results = await engine.generate(admission, prepared.requests, {signal: clientGone(response)})
+  const weights: TokenWeights[] | undefined = prepared.streamWeights ? prepared.requests.map(() => []) : undefined
+  const results = await engine.generate(admission, prepared.requests, {
+    signal: clientGone(response),
+    onToken: (choice, {streamWeights}) => {
+      if (weights && streamWeights) weights[choice].push(roundedWeights(streamWeights))
+    },
+  })
   done(results)
-  return results
+  return weights ? {results, weights} : {results}
 }
 
 async function streamGeneration(
@@ -310,12 +335,15 @@ async function streamGeneration(
   if (shapes.first) for (let choice = 0; choice < streamed.length; choice++) sse.send(shapes.first(choice))
   let results: GenerationResult[]
   try {
+    const send = (choice: number, text: string, weights?: TokenWeights) => {
+      streamed[choice] += text
+      sse.send(shapes.text(choice, text, weights))
+    }
     results = await engine.generate(admission, prepared.requests, {
       signal: clientGone(reply.raw),
-      onText: (choice, text) => {
-        streamed[choice] += text
-        sse.send(shapes.text(choice, text))
-      },
+      ...(prepared.streamWeights
+        ? {onToken: (choice, {text, streamWeights}) => send(choice, text, streamWeights ? [roundedWeights(streamWeights)] : undefined)}
+        : {onText: (choice, text) => send(choice, text)}),
     })
   } catch (error) {
     // Headers are gone already: the error travels as an event, as OpenAI sends it.
