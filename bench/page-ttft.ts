@@ -6,12 +6,9 @@
 // appeared), alternating which goes first. Target: page ≤ 1.5× API, the median of the paired
 // per-round ratios. Settings (environment): BENCH_ROUNDS (9), BENCH_PARALLEL (4),
 // BENCH_MAX_TOKENS (8), BENCH_PROMPT, BENCH_THREADS. Run under `flock /tmp/parscale-bench.lock`.
-import {spawn} from 'node:child_process'
-import path from 'node:path'
-import {fileURLToPath} from 'node:url'
-
 import {median} from '../src/core/bench/stats.js'
 import {launchBrowser, openPage} from '../test/helpers/browser.js'
+import {spawnServe} from '../test/helpers/serve.js'
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 9)
 const PARALLEL = Number(process.env.BENCH_PARALLEL ?? 4)
@@ -19,30 +16,7 @@ const MAX_TOKENS = Number(process.env.BENCH_MAX_TOKENS ?? 8)
 const PROMPT = process.env.BENCH_PROMPT ?? 'def fibonacci(n):'
 const THREADS = process.env.BENCH_THREADS
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..')
 const log = (line: string) => process.stderr.write(`${line}\n`)
-
-async function startServer(): Promise<{url: string; stop: () => Promise<number | null>}> {
-  const args = ['serve', '--port', '0', ...(THREADS ? ['--threads', THREADS] : [])]
-  const child = spawn(process.execPath, [path.join(root, 'bin', 'run.js'), ...args], {cwd: root, stdio: ['ignore', 'ignore', 'pipe']})
-  const exited = new Promise<number | null>((resolve) => child.on('close', resolve))
-  let stderr = ''
-  const url = await new Promise<string>((resolve, reject) => {
-    child.stderr.on('data', (data: Buffer) => {
-      stderr += data.toString()
-      const match = /chat page: (http:\/\/\S+)\//.exec(stderr)
-      if (match) resolve(match[1])
-    })
-    exited.then((code) => reject(new Error(`parscale serve exited (${code}): ${stderr}`)))
-  })
-  return {
-    url,
-    stop: () => {
-      child.kill('SIGTERM')
-      return exited
-    },
-  }
-}
 
 /** The page's request body for the first turn of a chat (as app.js builds it). */
 const body = {messages: [{role: 'user', content: PROMPT}], stream_weights: true, parallel: PARALLEL, max_tokens: MAX_TOKENS, stream: true}
@@ -65,7 +39,7 @@ async function apiTtft(url: string): Promise<number> {
 }
 
 async function main(): Promise<void> {
-  const server = await startServer()
+  const server = await spawnServe(THREADS ? ['--threads', THREADS] : [])
   const browser = await launchBrowser()
   try {
     const {page, problems} = await openPage(browser, server.url, 1280)

@@ -5,11 +5,9 @@
 // lost, none mangled. Settings (environment): BENCH_REQUESTS (64), BENCH_SEQUENTIAL (16),
 // BENCH_MAX_TOKENS (64), BENCH_PARALLEL (1), BENCH_MAX_BATCH (server --max-batch, 8), BENCH_THREADS;
 // BENCH_URL=http://host:port load-tests a server already running instead (its own settings).
-import {spawn} from 'node:child_process'
-import path from 'node:path'
-import {fileURLToPath} from 'node:url'
-
 import OpenAI from 'openai'
+
+import {spawnServe} from '../test/helpers/serve.js'
 
 const setting = (name: string, fallback: number) => Number(process.env[name] ?? fallback)
 const REQUESTS = setting('BENCH_REQUESTS', 64)
@@ -30,30 +28,11 @@ interface Outcome {
   totalMs: number
 }
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..')
 const log = (line: string) => process.stderr.write(`${line}\n`)
 
 async function startServer(): Promise<{url: string; stop: () => Promise<number | null>}> {
   if (process.env.BENCH_URL) return {url: process.env.BENCH_URL.replace(/\/$/, ''), stop: async () => 0}
-  const args = ['serve', '--port', '0', '--max-batch', String(MAX_BATCH), '--max-queue', String(Math.max(64, REQUESTS)), ...(THREADS ? ['--threads', THREADS] : [])]
-  const child = spawn(process.execPath, [path.join(root, 'bin', 'run.js'), ...args], {cwd: root, stdio: ['ignore', 'ignore', 'pipe']})
-  const exited = new Promise<number | null>((resolve) => child.on('close', resolve))
-  let stderr = ''
-  const url = await new Promise<string>((resolve, reject) => {
-    child.stderr.on('data', (data: Buffer) => {
-      stderr += data.toString()
-      const match = /serving .* at (http:\/\/\S+)\/v1/.exec(stderr)
-      if (match) resolve(match[1])
-    })
-    exited.then((code) => reject(new Error(`parscale serve exited (${code}): ${stderr}`)))
-  })
-  return {
-    url,
-    stop: () => {
-      child.kill('SIGTERM')
-      return exited
-    },
-  }
+  return spawnServe(['--max-batch', String(MAX_BATCH), '--max-queue', String(Math.max(64, REQUESTS)), ...(THREADS ? ['--threads', THREADS] : [])])
 }
 
 async function streamOne(client: OpenAI, prompt: string): Promise<Outcome> {

@@ -7,13 +7,13 @@ import assert from 'node:assert/strict'
 import {spawn} from 'node:child_process'
 import fs from 'node:fs'
 import path from 'node:path'
-import {after, before, describe, test} from 'node:test'
+import {after, describe, test} from 'node:test'
 
 import type OpenAI from 'openai'
 
 import {REPO_ROOT, runCli, runNpx, spawnNpx, type NpxProcess} from './helpers/cli.js'
 import {status, waitForStatus} from './helpers/queue.js'
-import {type RedisServer, startRedis} from './helpers/redis-server.js'
+import {redisForSuite} from './helpers/redis-server.js'
 import {makeTempDir} from './helpers/safetensors-writer.js'
 import {eventually} from './helpers/serve.js'
 
@@ -140,28 +140,22 @@ describe('npx parscale', () => {
   })
 
   describe('worker', () => {
-    let redis: RedisServer
-    before(async () => {
-      redis = await startRedis()
-    })
-    after(async () => {
-      await redis?.stop()
-    })
+    const redis = redisForSuite()
 
     test('SIGTERM to the npx process: the worker finishes the lines in hand, leaves the rest queued, and exits', async () => {
       const lines = Array.from({length: 24}, (_, i) => JSON.stringify({prompt: `def f${i}(x):`}))
       const file = path.join(tmp, 'npx-lines.jsonl')
       fs.writeFileSync(file, lines.join('\n') + '\n')
-      const submitted = await runCli(['batch', 'submit', file, '--queue', redis.url, '--max-new-tokens', '48', '--temperature', '0', '--parallel', '8'], {env})
+      const submitted = await runCli(['batch', 'submit', file, '--queue', redis().url, '--max-new-tokens', '48', '--temperature', '0', '--parallel', '8'], {env})
       assert.equal(submitted.code, 0, submitted.stderr)
       let npx: NpxProcess | undefined
       try {
-        npx = spawnNpx(['worker', '--queue', redis.url, '--batch-size', '2', '--concurrency', '2'], env)
-        await waitForStatus(redis.url, 'npx-lines', (s) => s.done >= 2 && s.active > 0, 240_000)
+        npx = spawnNpx(['worker', '--queue', redis().url, '--batch-size', '2', '--concurrency', '2'], env)
+        await waitForStatus(redis().url, 'npx-lines', (s) => s.done >= 2 && s.active > 0, 240_000)
         npx.child.kill('SIGTERM')
         await within(npx.closed, 120_000, 'npx and the worker it started have exited')
         assert.match(npx.stderr(), /npm exited: finishing the lines in hand/)
-        const after = await status(redis.url, 'npx-lines', env)
+        const after = await status(redis().url, 'npx-lines', env)
         // Killed, the worker would leave its lines active until their locks expire.
         assert.equal(after.active, 0, JSON.stringify(after))
         assert.equal(after.failed, 0, JSON.stringify(after))

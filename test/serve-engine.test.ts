@@ -6,22 +6,13 @@ import {describe, test} from 'node:test'
 
 import OpenAI from 'openai'
 
-import {eventually, metricValue, sseEvents, startFakeServer, type FakeServer} from './helpers/serve.js'
-
-async function withServer(options: Parameters<typeof startFakeServer>[0], body: (s: FakeServer) => Promise<void>): Promise<void> {
-  const s = await startFakeServer(options)
-  try {
-    await body(s)
-  } finally {
-    await s.close()
-  }
-}
+import {eventually, metricValue, sseEvents, type FakeServer, withFakeServer} from './helpers/serve.js'
 
 const metrics = async (s: FakeServer) => (await fetch(`${s.url}/metrics`)).text()
 
 describe('serve: limits and lifecycle (fake model)', () => {
   test('over --max-queue: 429 with Retry-After; room again once a request finishes', () =>
-    withServer({maxQueue: 1}, async (s) => {
+    withFakeServer({maxQueue: 1}, async (s) => {
       s.decoder.hold()
       const holder = await s.client.chat.completions.create({model: 'fake-model', messages: [{role: 'user', content: 'ab'}], max_tokens: 3, stream: true})
       const chunks = holder[Symbol.asyncIterator]()
@@ -43,7 +34,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
     }))
 
   test('a request that arrives mid-stream joins the running batch at the next step, and leaves when done', () =>
-    withServer({}, async (s) => {
+    withFakeServer({}, async (s) => {
       const controller = new AbortController()
       const long = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 90_000, stream: true}, {signal: controller.signal})
       const chunks = long[Symbol.asyncIterator]()
@@ -62,7 +53,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
     }))
 
   test('a list of prompts counts once per prompt against --max-queue', () =>
-    withServer({maxQueue: 2}, async (s) => {
+    withFakeServer({maxQueue: 2}, async (s) => {
       await assert.rejects(s.client.completions.create({model: 'fake-model', prompt: ['a', 'b', 'c'], max_tokens: 1}), OpenAI.RateLimitError)
       const two = await s.client.completions.create({model: 'fake-model', prompt: ['a', 'b'], max_tokens: 2})
       assert.deepEqual(two.choices.map((c) => [c.index, c.text]), [[0, 'aa'], [1, 'aa']])
@@ -70,7 +61,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
     }))
 
   test('a client that disconnects mid-stream frees its row at once', () =>
-    withServer({}, async (s) => {
+    withFakeServer({}, async (s) => {
       const controller = new AbortController()
       const stream = await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 90_000, stream: true}, {signal: controller.signal})
       let received = 0
@@ -90,7 +81,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
     }))
 
   test('a non-streamed request whose client leaves is aborted too', () =>
-    withServer({}, async (s) => {
+    withFakeServer({}, async (s) => {
       const controller = new AbortController()
       const pending = fetch(`${s.url}/v1/completions`, {
         method: 'POST',
@@ -106,7 +97,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
     }))
 
   test('shutdown refuses new requests and lets running streams finish', () =>
-    withServer({}, async (s) => {
+    withFakeServer({}, async (s) => {
       s.decoder.hold()
       const responses = await Promise.all(
         [1, 2].map((parallel) =>
@@ -133,7 +124,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
     }))
 
   test('shutdown past its timeout ends running streams with finish_reason "abort" and [DONE]', () =>
-    withServer({}, async (s) => {
+    withFakeServer({}, async (s) => {
       const response = await fetch(`${s.url}/v1/chat/completions`, {
         method: 'POST',
         headers: {'content-type': 'application/json'},
@@ -148,7 +139,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
     }))
 
   test('with --api-key: a missing or wrong bearer token gets 401; /health and /metrics stay open', () =>
-    withServer({apiKey: 'sesame'}, async (s) => {
+    withFakeServer({apiKey: 'sesame'}, async (s) => {
       const attempts: Record<string, string>[] = [{}, {authorization: 'Bearer open'}, {authorization: 'Basic c2VzYW1l'}, {authorization: 'Bearer '}]
       for (const headers of attempts) {
         const response = await fetch(`${s.url}/v1/models`, {headers})
@@ -166,7 +157,7 @@ describe('serve: limits and lifecycle (fake model)', () => {
     }))
 
   test('nothing a client sends crashes the server or reaches a file', () =>
-    withServer({}, async (s) => {
+    withFakeServer({}, async (s) => {
       const post = (body: string | Blob, type = 'application/json', path = '/v1/chat/completions') =>
         fetch(`${s.url}${path}`, {method: 'POST', headers: {'content-type': type}, body})
       const cases: [string | Blob, number, string?, string?][] = [
@@ -225,7 +216,7 @@ describe('serve: access log (fake model)', () => {
     let written = ''
     log.on('data', (d: Buffer) => (written += d.toString()))
     const lines = () => written.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>)
-    await withServer({requestLog: log}, async (s) => {
+    await withFakeServer({requestLog: log}, async (s) => {
       assert.equal((await fetch(`${s.url}/health?probe=1`)).status, 200)
       await s.client.completions.create({model: 'fake-model', prompt: 'abc', max_tokens: 3, parallel: 2} as OpenAI.CompletionCreateParamsNonStreaming)
       const stream = await s.client.chat.completions.create({model: 'fake-model', messages: [{role: 'user', content: 'ab'}], max_tokens: 4, stream: true})

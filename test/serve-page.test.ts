@@ -14,16 +14,7 @@ import {PAGE_CSP, PAGE_OPEN_PATHS} from '../src/core/serve/ui/page.js'
 import {runCli} from './helpers/cli.js'
 import {answersPayload, MARKUP_ALPHABET, PAYLOAD} from './helpers/browser.js'
 import {makeTempDir} from './helpers/safetensors-writer.js'
-import {spawnServe, sseEvents, startFakeServer, type FakeServer} from './helpers/serve.js'
-
-async function withServer(options: Parameters<typeof startFakeServer>[0], body: (s: FakeServer) => Promise<void>): Promise<void> {
-  const s = await startFakeServer(options)
-  try {
-    await body(s)
-  } finally {
-    await s.close()
-  }
-}
+import {spawnServe, sseEvents, withFakeServer} from './helpers/serve.js'
 
 /** The Content-Security-Policy's directives by name. */
 function directives(csp: string | null): Map<string, string[]> {
@@ -33,7 +24,7 @@ function directives(csp: string | null): Map<string, string[]> {
 
 describe('serve: the chat page (fake model)', () => {
   test('/ is the page: a CSP with script from this origin only and nothing inline; its files are served with their types', () =>
-    withServer({page: {}}, async (s) => {
+    withFakeServer({page: {}}, async (s) => {
       const response = await fetch(`${s.url}/`)
       assert.equal(response.status, 200)
       assert.match(response.headers.get('content-type') ?? '', /^text\/html/)
@@ -64,7 +55,7 @@ describe('serve: the chat page (fake model)', () => {
     }))
 
   test("the page's files and its chart weigh at most 200 kB together", () =>
-    withServer({page: {}}, async (s) => {
+    withFakeServer({page: {}}, async (s) => {
       for (const parallel of [1, 2]) await s.client.completions.create({model: 'fake-model', prompt: 'ab', max_tokens: 3, parallel} as Parameters<typeof s.client.completions.create>[0])
       let total = 0
       for (const url of [...PAGE_OPEN_PATHS, '/ui/figures.json', '/ui/figures.svg']) total += (await (await fetch(`${s.url}${url}`)).arrayBuffer()).byteLength
@@ -72,14 +63,14 @@ describe('serve: the chat page (fake model)', () => {
     }))
 
   test('without the page option (serve --no-ui) / is a 404 and the API still answers', () =>
-    withServer({}, async (s) => {
+    withFakeServer({}, async (s) => {
       assert.equal((await fetch(`${s.url}/`)).status, 404)
       assert.equal((await fetch(`${s.url}/ui/app.js`)).status, 404)
       assert.equal((await s.client.models.list()).data[0].id, 'fake-model')
     }))
 
   test('with an API key: the page and its files load without it; the figures and the API do not', () =>
-    withServer({page: {}, apiKey: 'sesame'}, async (s) => {
+    withFakeServer({page: {}, apiKey: 'sesame'}, async (s) => {
       for (const url of PAGE_OPEN_PATHS) assert.equal((await fetch(`${s.url}${url}`)).status, 200, url)
       for (const url of ['/ui/figures.json', '/ui/figures.svg', '/v1/models']) {
         assert.equal((await fetch(`${s.url}${url}`)).status, 401, url)
@@ -89,7 +80,7 @@ describe('serve: the chat page (fake model)', () => {
     }))
 
   test('figures per P: none before any request; after requests at P = 1 and 2, their medians, and a chart without script', () =>
-    withServer({page: {}}, async (s) => {
+    withFakeServer({page: {}}, async (s) => {
       const before = (await (await fetch(`${s.url}/ui/figures.json`)).json()) as {parallel: number[]; live: unknown[]; bench: unknown}
       assert.deepEqual(before, {parallel: [1, 2], live: [], bench: null})
       for (const parallel of [1, 2, 2]) {
@@ -114,7 +105,7 @@ describe('serve: the chat page (fake model)', () => {
     }))
 
   test('"stream_weights" on output that is markup: the chunks carry it as JSON text, one chunk per token with P weights', () =>
-    withServer({page: {}, alphabet: MARKUP_ALPHABET, script: answersPayload}, async (s) => {
+    withFakeServer({page: {}, alphabet: MARKUP_ALPHABET, script: answersPayload}, async (s) => {
       const prompt = 'say:'
       const response = await fetch(`${s.url}/v1/chat/completions`, {
         method: 'POST',

@@ -4,9 +4,9 @@
 import assert from 'node:assert/strict'
 import fs from 'node:fs'
 import path from 'node:path'
-import {after, before, describe, test} from 'node:test'
+import {after, describe, test} from 'node:test'
 
-import {type RedisServer, startRedis} from './helpers/redis-server.js'
+import {redisForSuite} from './helpers/redis-server.js'
 import {makeTempDir} from './helpers/safetensors-writer.js'
 import {inTerminal} from './helpers/terminal.js'
 
@@ -30,16 +30,10 @@ describe('Ctrl-C while a spinner shows', () => {
   })
 
   describe('worker', () => {
-    let redis: RedisServer
-    before(async () => {
-      redis = await startRedis()
-    })
-    after(async () => {
-      await redis?.stop()
-    })
+    const redis = redisForSuite()
 
     test('Ctrl-C stops a waiting worker (as worker --help promises), exit 0', async () => {
-      const session = inTerminal(['worker', '--queue', redis.url], {PARSCALE_CACHE: path.join(tmp, 'worker-cache')})
+      const session = inTerminal(['worker', '--queue', redis().url], {PARSCALE_CACHE: path.join(tmp, 'worker-cache')})
       try {
         await session.waitFor(/waiting for batches/)
         session.ctrlC()

@@ -5,6 +5,7 @@ import fs from 'node:fs'
 import net from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
+import {after, before} from 'node:test'
 
 export interface RedisServer {
   url: string
@@ -104,4 +105,22 @@ export async function startRedis(): Promise<RedisServer> {
     },
   }
   return server
+}
+
+/**
+ * A redis-server for the enclosing `describe`: started in its `before`, stopped in its `after`.
+ * The returned getter is valid inside that suite's tests.
+ */
+export function redisForSuite(): () => RedisServer {
+  let redis: RedisServer | undefined
+  before(async () => {
+    redis = await startRedis()
+  })
+  after(async () => {
+    await redis?.stop()
+  })
+  return () => {
+    if (!redis) throw new Error('redisForSuite: used outside its suite')
+    return redis
+  }
 }

@@ -110,10 +110,22 @@ export interface ServeChild {
   exited: Promise<number | null>
   /** SIGKILL if still running (cleanup). */
   kill(): void
+  /** SIGTERM (a graceful shutdown); resolves with the exit code. */
+  stop(): Promise<number | null>
 }
 
-/** `parscale serve ...args` on a free port; resolves once it listens. */
-export function spawnServe(args: string[], env: Record<string, string>): Promise<ServeChild> {
+/** Runs `body` against a fresh fake server, closing it whatever happens. */
+export async function withFakeServer(options: Parameters<typeof startFakeServer>[0], body: (s: FakeServer) => Promise<void>): Promise<void> {
+  const s = await startFakeServer(options)
+  try {
+    await body(s)
+  } finally {
+    await s.close()
+  }
+}
+
+/** `parscale serve ...args` on a free port; resolves once it listens. Tests and bench scripts use it. */
+export function spawnServe(args: string[], env: Record<string, string> = {}): Promise<ServeChild> {
   const child = spawn(process.execPath, [path.join(REPO_ROOT, 'bin', 'run.js'), 'serve', '--port', '0', ...args], {
     cwd: REPO_ROOT,
     env: {...process.env, NODE_NO_WARNINGS: '1', ...env},
@@ -126,11 +138,15 @@ export function spawnServe(args: string[], env: Record<string, string>): Promise
   const kill = () => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')
   }
+  const stop = () => {
+    child.kill('SIGTERM')
+    return exited
+  }
   return new Promise((resolve, reject) => {
     child.stderr.on('data', (data: Buffer) => {
       stderr += data.toString()
       const match = /serving .* at (http:\/\/\S+)\/v1/.exec(stderr)
-      if (match) resolve({url: match[1], child, stdout: () => stdout, stderr: () => stderr, exited, kill})
+      if (match) resolve({url: match[1], child, stdout: () => stdout, stderr: () => stderr, exited, kill, stop})
     })
     exited.then((code) => reject(new Error(`serve exited (${code}) before listening: ${stderr}`)))
   })
