@@ -20,18 +20,33 @@ import type {QuantScheme} from '../quant/scheme.js'
 import {queueFull, shuttingDown} from './api-error.js'
 import {ServedFigures} from './figures.js'
 import {ServerMetrics} from './metrics.js'
-import type {ServedModel} from './openai-requests.js'
+import type {PreparedRequest, ServedModel} from './openai-requests.js'
+import {loadOrMeasureProfile, type LoadedProfile} from '../parallel/cost-profile.js'
+import {AutoParallel, AutoParallelPolicy, type ParallelChoice} from '../parallel/policy.js'
+
+/** How long a burst of requests still counts as load after it passed (see AutoParallel). */
+const AUTO_LOAD_WINDOW_MS = 250
 
 export interface EngineOptions {
   /** Most sequences of one P decoding together (--max-batch). */
   maxBatch: number
   /** Most generations running or waiting (--max-queue); more get 429. */
   maxQueue: number
+  /** --parallel auto: chooses the P of requests that name none. */
+  auto?: AutoParallel
+  /** Each choice the policy makes, with its reason (serve --verbose prints them). */
+  onChoice?: (choice: ParallelChoice) => void
 }
 
 export interface OpenEngineOptions extends EngineOptions {
-  /** --parallel: the P of requests that name none (default: the model's largest). */
-  parallel?: number
+  /** --parallel: the P of requests that name none (default: the model's largest); `auto` chooses per request. */
+  parallel?: number | 'auto'
+  /** --auto-budget: how many times the P = 1 step a lone request's step may take. */
+  autoBudget?: number
+  /** Measure the cost profile again even when one is cached. */
+  refreshProfile?: boolean
+  /** The cost profile is being measured (first use): a line for the user. */
+  onMeasuring?: () => void
   threads?: number
   device?: Device
   /** --quant: a checkpoint is converted (once, cached) with this scheme. */
@@ -81,6 +96,8 @@ export class ServeEngine {
   readonly metrics: ServerMetrics
   /** Latency and memory per P as this server measured them (the page charts them). */
   readonly figures = new ServedFigures()
+  /** With --parallel auto: the cost profile the policy predicts from, and whether it came from the cache. */
+  profile: LoadedProfile | undefined
   private admitted = 0
   private closing = false
   /** Aborted when shutdown runs out of time: every generation stops at its next step. */
@@ -113,7 +130,9 @@ export class ServeEngine {
   }
 
   static async open(modelName: string | undefined, options: OpenEngineOptions): Promise<ServeEngine> {
-    const resolved = resolveModel(modelName, {parallel: options.parallel, quant: options.quant, onProgress: options.onProgress, onNotice: options.onNotice})
+    const auto = options.parallel === 'auto'
+    const fixed = options.parallel === 'auto' ? undefined : options.parallel
+    const resolved = resolveModel(modelName, {parallel: fixed, quant: options.quant, onProgress: options.onProgress, onNotice: options.onNotice})
     const [tokenizer, defaults, model] = await Promise.all([
       TextTokenizer.load(resolved.packageDir),
       readGenerationDefaults(resolved.packageDir),
@@ -128,9 +147,29 @@ export class ServeEngine {
       context: defaults.contextLength ?? model.maxPositions,
       parallelValues: model.parallelValues,
       defaultParallel: resolved.parallel,
+      ...(auto ? {autoParallel: true} : {}),
+    }
+    let autoParallel: AutoParallel | undefined
+    let profile: LoadedProfile | undefined
+    if (auto) {
+      let loaded: LoadedProfile
+      try {
+        loaded = await loadOrMeasureProfile(resolved.packageDir, model, {threads: options.threads, device: options.device ?? 'cpu'}, options.maxBatch, {
+          refresh: options.refreshProfile,
+          onMeasuring: options.onMeasuring,
+        })
+      } catch (error) {
+        await model.release()
+        throw error
+      }
+      const policy = new AutoParallelPolicy(loaded.profile, model.parallelValues, {budget: options.autoBudget, maxBatch: options.maxBatch})
+      autoParallel = new AutoParallel(policy, AUTO_LOAD_WINDOW_MS)
+      profile = loaded
     }
     const context = served.context
-    return ServeEngine.over(served, model, generationOptions({tokenizer, defaults, context}), options)
+    const engine = ServeEngine.over(served, model, generationOptions({tokenizer, defaults, context}), {...options, ...(autoParallel ? {auto: autoParallel} : {})})
+    engine.profile = profile
+    return engine
   }
 
   get inProgress(): number {
@@ -141,10 +180,26 @@ export class ServeEngine {
     return this.closing
   }
 
-  /** Takes room for `count` generations, or refuses at once (429 over --max-queue, 503 while closing). */
-  admit(count: number): Admission {
+  /**
+   * Takes room for `count` generations, or refuses at once (429 over --max-queue, 503 while closing).
+   * With `prepared` (an HTTP request's work), its P is settled here: chosen by the --parallel auto
+   * policy against the requests in flight when the request left it to the server, and counted.
+   */
+  admit(count: number, prepared?: PreparedRequest): Admission {
     if (this.closing) throw shuttingDown()
     if (this.admitted + count > this.options.maxQueue) throw queueFull(this.options.maxQueue, RETRY_AFTER_SECONDS)
+    let endFlight: (() => void)[] = []
+    if (prepared) {
+      const auto = this.options.auto
+      if (prepared.auto && auto) {
+        const choice = auto.choose()
+        prepared.parallel = choice.parallel
+        for (const request of prepared.requests) request.parallel = choice.parallel
+        this.options.onChoice?.(choice)
+      }
+      if (auto) endFlight = prepared.requests.map(() => auto.begin(prepared.parallel))
+      this.metrics.parallelChosen(prepared.parallel, prepared.chosenBy, count)
+    }
     this.admitted += count
     let released = false
     return {
@@ -152,6 +207,7 @@ export class ServeEngine {
       release: () => {
         if (released) return
         released = true
+        for (const end of endFlight) end()
         this.admitted -= count
         if (this.admitted === 0) for (const wake of this.idleWaiters.splice(0)) wake()
       },
