@@ -122,49 +122,67 @@ export class AutoParallelPolicy {
   }
 }
 
-/**
- * The requests in flight for a server or a batch: what `choose` is asked against. A burst that
- * has just passed still counts for `windowMs` (its peak, as P = 1 requests), so requests arriving
- * a moment apart under steady load are not each taken for a lone one.
- */
-export class AutoParallel {
+/** How long a burst of requests still counts as load after it passed (serve, worker). */
+export const AUTO_LOAD_WINDOW_MS = 250
+
+/** The requests in flight at their P, and how many there were lately. */
+export class AutoParallelLoad {
   private readonly inFlight = new Map<number, number>()
   private nextId = 0
   private recent: {at: number; count: number}[] = []
 
-  constructor(
-    readonly policy: AutoParallelPolicy,
-    private readonly windowMs = 0,
-    private readonly now: () => number = () => performance.now(),
-  ) {}
+  constructor(private readonly now: () => number = () => performance.now()) {}
 
   /** The P values in flight now. */
   get parallels(): number[] {
     return [...this.inFlight.values()]
   }
 
-  /** Chooses a P for a new request against the load (in flight now, or the recent peak). */
-  choose(): ParallelChoice {
+  /** The most requests in flight at once within the last `windowMs`. */
+  recentPeak(windowMs: number): number {
     const now = this.now()
-    this.recent = this.recent.filter((r) => now - r.at <= this.windowMs)
-    const current = this.parallels
-    const peak = Math.max(0, ...this.recent.map((r) => r.count))
-    const padding = Math.max(0, peak - current.length)
-    return this.policy.choose(current.concat(Array.from({length: padding}, () => 1)))
+    this.recent = this.recent.filter((r) => now - r.at <= windowMs)
+    return Math.max(this.inFlight.size, ...this.recent.map((r) => r.count))
   }
 
   /** Counts a request at `parallel` in flight until the returned function is called. */
   begin(parallel: number): () => void {
     const id = this.nextId++
     this.inFlight.set(id, parallel)
-    if (this.windowMs > 0) this.recent.push({at: this.now(), count: this.inFlight.size})
     let ended = false
     return () => {
       if (ended) return
       ended = true
+      // The count just before this one left: a request that replaces it a moment later is not taken for a lone one.
+      this.recent.push({at: this.now(), count: this.inFlight.size})
       this.inFlight.delete(id)
-      if (this.windowMs > 0) this.recent.push({at: this.now(), count: this.inFlight.size})
     }
+  }
+}
+
+/**
+ * The policy over a live load (a server's requests, a worker's lines). A burst that has just
+ * passed still counts for `windowMs` (its peak, as P = 1 requests), so requests arriving a moment
+ * apart under steady load are not each taken for a lone one.
+ */
+export class AutoParallel {
+  constructor(
+    readonly policy: AutoParallelPolicy,
+    private readonly windowMs = 0,
+    now: () => number = () => performance.now(),
+    readonly load: AutoParallelLoad = new AutoParallelLoad(now),
+  ) {}
+
+  /** Chooses a P for a new request against the load (in flight now, or the recent peak). */
+  choose(): ParallelChoice {
+    const current = this.load.parallels
+    const padding = Math.max(0, this.load.recentPeak(this.windowMs) - current.length)
+    return this.policy.choose(current.concat(Array.from({length: padding}, () => 1)))
+  }
+
+  /** Counts a request at `parallel` in flight until the returned function is called. */
+  begin(parallel: number): () => void {
+    return this.load.begin(parallel)
   }
 }
 

@@ -22,10 +22,7 @@ import {ServedFigures} from './figures.js'
 import {ServerMetrics} from './metrics.js'
 import type {PreparedRequest, ServedModel} from './openai-requests.js'
 import {loadOrMeasureProfile, type LoadedProfile} from '../parallel/cost-profile.js'
-import {AutoParallel, AutoParallelPolicy, type ParallelChoice} from '../parallel/policy.js'
-
-/** How long a burst of requests still counts as load after it passed (see AutoParallel). */
-const AUTO_LOAD_WINDOW_MS = 250
+import {AUTO_LOAD_WINDOW_MS, AutoParallel, AutoParallelPolicy, type ParallelChoice} from '../parallel/policy.js'
 
 export interface EngineOptions {
   /** Most sequences of one P decoding together (--max-batch). */
