@@ -153,9 +153,10 @@ export class AutoParallelLoad {
     return () => {
       if (ended) return
       ended = true
-      // The count just before this one left: a request that replaces it a moment later is not taken for a lone one.
-      this.recent.push({at: this.now(), count: this.inFlight.size})
+      // The others still in flight as it left: a sequential client stays alone, while in a burst that
+      // is ending the requests that follow a moment later still see the ones before them.
       this.inFlight.delete(id)
+      this.recent.push({at: this.now(), count: this.inFlight.size})
     }
   }
 }
@@ -166,6 +167,9 @@ export class AutoParallelLoad {
  * apart under steady load are not each taken for a lone one.
  */
 export class AutoParallel {
+  /** Requests waiting for their P (counted as P = 1 load by the others). */
+  private pending = 0
+
   constructor(
     readonly policy: AutoParallelPolicy,
     private readonly windowMs = 0,
@@ -175,9 +179,25 @@ export class AutoParallel {
 
   /** Chooses a P for a new request against the load (in flight now, or the recent peak). */
   choose(): ParallelChoice {
-    const current = this.load.parallels
+    const current = this.load.parallels.concat(Array.from({length: this.pending}, () => 1))
     const padding = Math.max(0, this.load.recentPeak(this.windowMs) - current.length)
     return this.policy.choose(current.concat(Array.from({length: padding}, () => 1)))
+  }
+
+  /**
+   * As `choose`, but a request that finds nothing in flight first waits `gatherMs` (about one P = 1
+   * step): requests of a burst arrive a few milliseconds apart, and the first of them would
+   * otherwise be taken for a lone one and run at a large P beside all the others.
+   */
+  async chooseGathered(gatherMs: number): Promise<ParallelChoice> {
+    const idle = this.pending === 0 && this.load.recentPeak(this.windowMs) === 0
+    this.pending++
+    try {
+      if (idle && gatherMs > 0) await new Promise((resolve) => setTimeout(resolve, gatherMs))
+    } finally {
+      this.pending--
+    }
+    return this.choose()
   }
 
   /** Counts a request at `parallel` in flight until the returned function is called. */

@@ -96,7 +96,8 @@ export function parseRunNumbers(input: RunOptions['numbers']): RunNumbers {
     topP: parseNumber('top-p', input['top-p'], false, (v) => v > 0 && v <= 1, 'in (0, 1]'),
     repetitionPenalty: parseNumber('repetition-penalty', input['repetition-penalty'], false, (v) => v > 0, 'a number > 0'),
     seed: parseNumber('seed', input.seed, true, (v) => v >= 0 && v <= 0xffffffff, 'a whole number from 0 to 4294967295'),
-    ...(parallel === 'auto' ? {autoParallel: true} : parallel !== undefined ? {parallel} : {}),
+    parallel: parallel === 'auto' ? undefined : parallel,
+    ...(parallel === 'auto' ? {autoParallel: true} : {}),
     ...(autoBudget !== undefined ? {autoBudget} : {}),
     threads: whole('threads', 1),
   }

@@ -21,7 +21,7 @@ import {queueFull, shuttingDown} from './api-error.js'
 import {ServedFigures} from './figures.js'
 import {ServerMetrics} from './metrics.js'
 import type {PreparedRequest, ServedModel} from './openai-requests.js'
-import {loadOrMeasureProfile, type LoadedProfile} from '../parallel/cost-profile.js'
+import {loadOrMeasureProfile, stepMs, type LoadedProfile} from '../parallel/cost-profile.js'
 import {AUTO_LOAD_WINDOW_MS, AutoParallel, AutoParallelPolicy, type ParallelChoice} from '../parallel/policy.js'
 
 export interface EngineOptions {
@@ -177,26 +177,10 @@ export class ServeEngine {
     return this.closing
   }
 
-  /**
-   * Takes room for `count` generations, or refuses at once (429 over --max-queue, 503 while closing).
-   * With `prepared` (an HTTP request's work), its P is settled here: chosen by the --parallel auto
-   * policy against the requests in flight when the request left it to the server, and counted.
-   */
-  admit(count: number, prepared?: PreparedRequest): Admission {
+  /** Takes room for `count` generations, or refuses at once (429 over --max-queue, 503 while closing). */
+  admit(count: number, onRelease?: () => void): Admission {
     if (this.closing) throw shuttingDown()
     if (this.admitted + count > this.options.maxQueue) throw queueFull(this.options.maxQueue, RETRY_AFTER_SECONDS)
-    let endFlight: (() => void)[] = []
-    if (prepared) {
-      const auto = this.options.auto
-      if (prepared.auto && auto) {
-        const choice = auto.choose()
-        prepared.parallel = choice.parallel
-        for (const request of prepared.requests) request.parallel = choice.parallel
-        this.options.onChoice?.(choice)
-      }
-      if (auto) endFlight = prepared.requests.map(() => auto.begin(prepared.parallel))
-      this.metrics.parallelChosen(prepared.parallel, prepared.chosenBy, count)
-    }
     this.admitted += count
     let released = false
     return {
@@ -204,11 +188,37 @@ export class ServeEngine {
       release: () => {
         if (released) return
         released = true
-        for (const end of endFlight) end()
+        onRelease?.()
         this.admitted -= count
         if (this.admitted === 0) for (const wake of this.idleWaiters.splice(0)) wake()
       },
     }
+  }
+
+  /**
+   * Admits an HTTP request's generations (as `admit`) and settles their P: chosen by the
+   * --parallel auto policy against the requests in flight when the request left it to the server;
+   * counted in the metrics by P and by who chose it.
+   */
+  async admitRequest(prepared: PreparedRequest): Promise<Admission> {
+    const auto = this.options.auto
+    const ends: (() => void)[] = []
+    const admission = this.admit(prepared.requests.length, () => ends.forEach((end) => end()))
+    try {
+      if (prepared.auto && auto) {
+        // A request finding the server idle waits about one P = 1 step, so a burst is seen as one.
+        const choice = await auto.chooseGathered(Math.min(100, stepMs(auto.policy.profile, 1)))
+        prepared.parallel = choice.parallel
+        for (const request of prepared.requests) request.parallel = choice.parallel
+        this.options.onChoice?.(choice)
+      }
+    } catch (error) {
+      admission.release()
+      throw error
+    }
+    if (auto) for (const _ of prepared.requests) ends.push(auto.begin(prepared.parallel))
+    this.metrics.parallelChosen(prepared.parallel, prepared.chosenBy, prepared.requests.length)
+    return admission
   }
 
   /** Generates the admitted requests (one per choice) in the shared batch; releases the admission when all are done. */

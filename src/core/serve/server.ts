@@ -310,7 +310,7 @@ async function generateWhole(
   response: ServerResponse,
   done: (results: GenerationResult[]) => void,
 ): Promise<{results: GenerationResult[]; weights?: TokenWeights[]}> {
-  const admission = engine.admit(prepared.requests.length, prepared)
+  const admission = await engine.admitRequest(prepared)
   const weights: TokenWeights[] | undefined = prepared.streamWeights ? prepared.requests.map(() => []) : undefined
   const results = await engine.generate(admission, prepared.requests, {
     signal: clientGone(response),
@@ -331,7 +331,7 @@ async function streamGeneration(
   shapes: ChunkShapes,
 ): Promise<void> {
   // Admission first: a refusal (429, 503) is still an ordinary JSON error response.
-  const admission = engine.admit(prepared.requests.length, prepared)
+  const admission = await engine.admitRequest(prepared)
   reply.hijack()
   const sse = new SseStream(reply.raw)
   sse.open(engine.isClosing ? {Connection: 'close'} : {})
