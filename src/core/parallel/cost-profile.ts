@@ -103,8 +103,13 @@ function median(values: number[]): number {
   return sorted[Math.floor(sorted.length / 2)]
 }
 
-/** Tokens of the short prompt each measured sequence starts with (its cache is not empty, as in a real step). */
-const PROMPT_TOKENS = 16
+/**
+ * Tokens of the prompt each measured sequence starts with (its cache is not empty, as in a real
+ * step): 16 alone (that call is the prefill measurement), 4 in a batch (its prefill is not
+ * measured, and on a 0.5b model a batch of 16-token prompts at P = 8 would take seconds).
+ */
+const PREFILL_TOKENS = 16
+const BATCH_PROMPT_TOKENS = 4
 /** Timed steps per row count (after one untimed step): at least the first, more while they add up to less than the time. */
 const MIN_TIMED_STEPS = 3
 const MAX_TIMED_STEPS = 24
@@ -121,13 +126,14 @@ export async function measureProfile<C extends SequenceCache>(decoder: Decoder<C
   for (const {rows, parallel, batch} of profileRows(decoder.parallelValues, maxBatch)) {
     const cache = decoder.newCache(parallel)
     try {
-      cache.reserve(batch, PROMPT_TOKENS + MAX_TIMED_STEPS + 2)
+      const promptTokens = batch === 1 ? PREFILL_TOKENS : BATCH_PROMPT_TOKENS
+      cache.reserve(batch, promptTokens + MAX_TIMED_STEPS + 2)
       for (let slot = 0; slot < batch; slot++) cache.reset(slot)
       // Token ids near the start of any vocabulary; the cost does not depend on which.
-      const prompt = Array.from({length: PROMPT_TOKENS}, (_, i) => 1 + ((i * 7) % 50))
+      const prompt = Array.from({length: promptTokens}, (_, i) => 1 + ((i * 7) % 50))
       const t0 = performance.now()
       await decoder.forward(cache, 0, Array.from({length: batch}, () => prompt), 1)
-      if (batch === 1) prefill.push({parallel, tokens: PROMPT_TOKENS, ms: performance.now() - t0})
+      if (batch === 1) prefill.push({parallel, tokens: promptTokens, ms: performance.now() - t0})
       const times: number[] = []
       // Steps of a small model take a millisecond or two, where one hiccup of a loaded machine would decide: more of them.
       for (let step = 0; step <= MAX_TIMED_STEPS; step++) {

@@ -1,0 +1,105 @@
+// `npm run bench:auto`: issue 21's targets for `--parallel auto`, as ratios measured in one run, on
+// a random-weight P-family of about 1 GB of fp32 weights (P = 1, 2, 4, 8), max batch 8, 2 threads:
+// - the cost profile's first measurement: ≤ 10 s on the default model, ≤ 30 s on the 0.5b synthetic;
+// - serve --parallel auto --auto-budget 2: a lone request runs at P = 8, latency ≤ 1.2× a fixed P = 8 server's;
+// - the default budget: a lone request gets the largest P whose measured step fits 1.25× P = 1's;
+// - 24 concurrent clients: throughput ≥ 0.9× a fixed P = 1 server's, mean chosen P < 8;
+// and the curves behind docs/auto-parallel.md (chosen P, tokens/s, latency against concurrency for
+// fixed P = 1, fixed P = 8 and auto). Settings (environment): BENCH_THREADS (2), BENCH_CONCURRENCY
+// (1,4,8,24), BENCH_REQUESTS_PER_CLIENT (2), BENCH_MAX_TOKENS (16), BENCH_SKIP_05B=1 (no 0.5b
+// measurement: building its 2 GB package takes minutes the first time), BENCH_PLOT=FILE.svg.
+// Run it under the bench lock: flock /tmp/parscale-bench.lock npm run bench:auto
+import fs from 'node:fs'
+import os from 'node:os'
+
+import {loadCurves, loadModes, startServeChild, type LoadCurve} from '../src/core/bench/auto-load.js'
+import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
+import {SYNTHETIC_PRESETS, type SyntheticShape} from '../src/core/checkpoint/synthetic.js'
+import {ParScaleModel} from '../src/core/engine/model.js'
+import {resolveModel} from '../src/core/package/resolve.js'
+import {measureProfile, saveProfile, stepMs, type CostProfile} from '../src/core/parallel/cost-profile.js'
+import {DEFAULT_AUTO_BUDGET} from '../src/core/parallel/policy.js'
+import {renderLoadTable} from '../src/ui/load-report.js'
+
+const threads = Number(process.env.BENCH_THREADS ?? 2)
+const concurrencies = (process.env.BENCH_CONCURRENCY ?? '1,4,8,24').split(',').map(Number)
+const requestsPerClient = Number(process.env.BENCH_REQUESTS_PER_CLIENT ?? 2)
+const maxTokens = Number(process.env.BENCH_MAX_TOKENS ?? 16)
+const maxBatch = 8
+const family = [1, 2, 4, 8]
+const log = (line: string) => process.stderr.write(`${line}\n`)
+
+/** About 1 GB of fp32 weights: Qwen2.5-0.5B's layer shape, 16 layers, a 32k vocabulary (its head stored apart). */
+const SHAPE_1GB: SyntheticShape = {hiddenSize: 1024, numLayers: 16, numHeads: 16, numKvHeads: 4, intermediateSize: 2816, vocabSize: 32000, tieWordEmbeddings: true}
+
+async function measureFresh(packageDir: string): Promise<CostProfile> {
+  const model = await ParScaleModel.open(packageDir, {threads})
+  try {
+    const profile = await measureProfile(model, {threads, device: 'cpu'}, maxBatch)
+    saveProfile(packageDir, profile)
+    return profile
+  } finally {
+    await model.release()
+  }
+}
+
+const rows: [string, string, boolean][] = []
+const check = (name: string, value: string, met: boolean) => rows.push([name, value, met])
+
+log(`load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`)
+const packageDir = ensureSyntheticPackage(SHAPE_1GB, {parallel: family, onProgress: log})
+const weightBytes = fs.readdirSync(packageDir).filter((f) => f.endsWith('.weights')).reduce((sum, f) => sum + fs.statSync(`${packageDir}/${f}`).size, 0)
+log(`synthetic family: ${packageDir} (${(weightBytes / 1e9).toFixed(2)} GB of weight files)`)
+
+// 1. The profile's first measurement (measured afresh here, and saved: the servers below reuse it).
+const defaultProfile = await measureFresh(resolveModel(undefined, {}).packageDir)
+check('profile measurement, default model (≤ 10 s)', `${(defaultProfile.measureMs / 1000).toFixed(1)} s`, defaultProfile.measureMs <= 10_000)
+if (process.env.BENCH_SKIP_05B !== '1') {
+  const dir05 = ensureSyntheticPackage(SYNTHETIC_PRESETS['0.5b']!, {parallel: family, onProgress: log})
+  const p05 = await measureFresh(dir05)
+  check('profile measurement, 0.5b synthetic (≤ 30 s)', `${(p05.measureMs / 1000).toFixed(1)} s`, p05.measureMs <= 30_000)
+}
+const profile = await measureFresh(packageDir)
+log(`1 GB family's decode step by rows: ${profile.decode.map((d) => `${d.rows}: ${d.ms.toFixed(1)} ms`).join(', ')} (measured in ${(profile.measureMs / 1000).toFixed(1)} s)`)
+
+// 2. The default budget: a lone request's P is the largest whose measured step fits 1.25× P = 1's.
+const expected = family.filter((p) => stepMs(profile, p) <= DEFAULT_AUTO_BUDGET * stepMs(profile, 1)).at(-1) ?? 1
+const plain = await startServeChild(packageDir, ['--parallel', 'auto', '--threads', String(threads), '--max-batch', String(maxBatch)])
+let lone: number
+try {
+  const response = await fetch(`${plain.url}/v1/completions`, {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify({prompt: 'def f(x):', max_tokens: 4, temperature: 0})})
+  lone = ((await response.json()) as {parallel: number}).parallel
+} finally {
+  await plain.stop()
+}
+check(`default budget: lone request's P = largest within ${DEFAULT_AUTO_BUDGET}× P=1's step (P=${expected})`, `P=${lone}`, lone === expected)
+
+// 3. Curves: fixed P = 1, fixed P = 8, auto --auto-budget 2, at each concurrency, paired rounds.
+const prompts = ['def fibonacci(n):', 'import os\n', 'class Parser:', 'for i in range(', 'def read_config(path):', 'import json\n\n', 'class Stack:', 'def main():\n']
+const modes = loadModes(family, ['--auto-budget', '2'])
+const curves: LoadCurve[] = await loadCurves(packageDir, modes, concurrencies, {requestsPerClient, maxTokens, prompts}, ['--threads', String(threads), '--max-batch', String(maxBatch), '--max-queue', '256'], log)
+console.log(`parscale --parallel auto · synthetic ${(weightBytes / 1e9).toFixed(2)} GB fp32 family P = ${family.join(', ')} · ${threads} threads · max batch ${maxBatch} · ${maxTokens} tokens per request, ${requestsPerClient} per client · load average ${os.loadavg()[0].toFixed(2)}`)
+console.log(renderLoadTable(curves))
+const point = (mode: string, concurrency: number) => curves.find((c) => c.mode === mode)?.points.find((p) => p.concurrency === concurrency)
+const [one, eight, auto] = ['P=1', 'P=8', 'auto']
+if (concurrencies.includes(1)) {
+  const fixed = point(eight, 1)!
+  const chosen = point(auto, 1)!
+  check('budget 2: a lone request runs at P = 8', `mean P ${chosen.meanParallel.toFixed(2)}`, chosen.meanParallel === 8)
+  const ratio = chosen.meanLatencyMs / fixed.meanLatencyMs
+  check('budget 2: lone latency / fixed P = 8 server\'s (≤ 1.2)', `${ratio.toFixed(2)} (${chosen.meanLatencyMs.toFixed(0)} / ${fixed.meanLatencyMs.toFixed(0)} ms)`, ratio <= 1.2)
+}
+const loaded = Math.max(...concurrencies)
+{
+  const fixed = point(one, loaded)!
+  const chosen = point(auto, loaded)!
+  const ratio = chosen.tokensPerS / fixed.tokensPerS
+  check(`${loaded} concurrent: throughput / fixed P = 1 server's (≥ 0.9)`, `${ratio.toFixed(2)} (${chosen.tokensPerS.toFixed(1)} / ${fixed.tokensPerS.toFixed(1)} tok/s)`, ratio >= 0.9)
+  check(`${loaded} concurrent: mean chosen P (< 8)`, chosen.meanParallel.toFixed(2), chosen.meanParallel < 8)
+}
+console.log('')
+for (const [name, value, met] of rows) console.log(`${met ? 'PASS' : 'MISS'}  ${name}: ${value}`)
+if (process.env.BENCH_PLOT) {
+  const {writeLoadPlot} = await import('../src/ui/load-report.js')
+  await writeLoadPlot(curves, process.env.BENCH_PLOT, `--parallel auto on a ${(weightBytes / 1e9).toFixed(1)} GB synthetic family, ${threads} threads`)
+}
