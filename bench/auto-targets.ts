@@ -11,13 +11,15 @@
 // Run it under the bench lock: flock /tmp/parscale-bench.lock npm run bench:auto
 import fs from 'node:fs'
 import os from 'node:os'
+import path from 'node:path'
+import {fileURLToPath} from 'node:url'
 
 import {loadCurves, loadModes, startServeChild, type LoadCurve} from '../src/core/bench/auto-load.js'
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import {SYNTHETIC_PRESETS, type SyntheticShape} from '../src/core/checkpoint/synthetic.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {resolveModel} from '../src/core/package/resolve.js'
-import {measureProfile, saveProfile, stepMs, type CostProfile} from '../src/core/parallel/cost-profile.js'
+import {measureProfile, PROFILE_FILE, saveProfile, stepMs, type CostProfile} from '../src/core/parallel/cost-profile.js'
 import {DEFAULT_AUTO_BUDGET} from '../src/core/parallel/policy.js'
 import {renderLoadTable} from '../src/ui/load-report.js'
 
@@ -28,9 +30,29 @@ const maxTokens = Number(process.env.BENCH_MAX_TOKENS ?? 16)
 const maxBatch = 8
 const family = [1, 2, 4, 8]
 const log = (line: string) => process.stderr.write(`${line}\n`)
+/** dist/bench → the repository. */
+const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..')
 
-/** About 1 GB of fp32 weights: Qwen2.5-0.5B's layer shape, 16 layers, a 32k vocabulary (its head stored apart). */
-const SHAPE_1GB: SyntheticShape = {hiddenSize: 1024, numLayers: 16, numHeads: 16, numKvHeads: 4, intermediateSize: 2816, vocabSize: 32000, tieWordEmbeddings: true}
+/**
+ * About 1 GB of fp32 weights: 22 layers of hidden 1024 (GQA 16/4, MLP 2816), and the default
+ * model's vocabulary (4032), so the served copy below can use its tokenizer.
+ */
+const SHAPE_1GB: SyntheticShape = {hiddenSize: 1024, numLayers: 22, numHeads: 16, numKvHeads: 4, intermediateSize: 2816, vocabSize: 4032, tieWordEmbeddings: true}
+
+/**
+ * serve needs a tokenizer, which a synthetic package has none of: a folder of links to the
+ * package's files plus the default model's tokenizer (same vocabulary size). Its cost profile is its own.
+ */
+function servableCopy(dir: string): string {
+  const served = `${dir}-served`
+  fs.mkdirSync(served, {recursive: true})
+  for (const name of fs.readdirSync(dir)) {
+    if (name === PROFILE_FILE || fs.existsSync(path.join(served, name))) continue
+    fs.symlinkSync(path.join(dir, name), path.join(served, name))
+  }
+  for (const name of ['tokenizer.json', 'tokenizer_config.json']) fs.copyFileSync(path.join(REPO_ROOT, 'fixtures', 'default-model', name), path.join(served, name))
+  return served
+}
 
 async function measureFresh(packageDir: string): Promise<CostProfile> {
   const model = await ParScaleModel.open(packageDir, {threads})
@@ -47,8 +69,8 @@ const rows: [string, string, boolean][] = []
 const check = (name: string, value: string, met: boolean) => rows.push([name, value, met])
 
 log(`load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`)
-const packageDir = ensureSyntheticPackage(SHAPE_1GB, {parallel: family, onProgress: log})
-const weightBytes = fs.readdirSync(packageDir).filter((f) => f.endsWith('.weights')).reduce((sum, f) => sum + fs.statSync(`${packageDir}/${f}`).size, 0)
+const packageDir = servableCopy(ensureSyntheticPackage(SHAPE_1GB, {parallel: family, onProgress: log}))
+const weightBytes = fs.readdirSync(packageDir).filter((f) => f.endsWith('.weights')).reduce((sum, f) => sum + fs.statSync(path.join(packageDir, f)).size, 0)
 log(`synthetic family: ${packageDir} (${(weightBytes / 1e9).toFixed(2)} GB of weight files)`)
 
 // 1. The profile's first measurement (measured afresh here, and saved: the servers below reuse it).

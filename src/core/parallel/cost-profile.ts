@@ -115,6 +115,42 @@ const MIN_TIMED_STEPS = 3
 const MAX_TIMED_STEPS = 24
 const MIN_TIMED_MS = 60
 
+/** One row count: its median decode step, and its prefill when it ran alone (batch 1). */
+async function measureRows<C extends SequenceCache>(decoder: Decoder<C>, parallel: number, batch: number): Promise<{stepMs: number; prefill?: PrefillCost}> {
+  const cache = decoder.newCache(parallel)
+  try {
+    const promptTokens = batch === 1 ? PREFILL_TOKENS : BATCH_PROMPT_TOKENS
+    cache.reserve(batch, promptTokens + MAX_TIMED_STEPS + 2)
+    for (let slot = 0; slot < batch; slot++) cache.reset(slot)
+    // Token ids near the start of any vocabulary; the cost does not depend on which.
+    const prompt = Array.from({length: promptTokens}, (_, i) => 1 + ((i * 7) % 50))
+    const t0 = performance.now()
+    await decoder.forward(cache, 0, Array.from({length: batch}, () => prompt), 1)
+    const prefillMs = performance.now() - t0
+    const times: number[] = []
+    // Steps of a small model take a millisecond or two, where one hiccup of a loaded machine would decide: more of them.
+    for (let step = 0; step <= MAX_TIMED_STEPS; step++) {
+      const t = performance.now()
+      await decoder.forward(cache, 0, Array.from({length: batch}, () => [2 + step]), 1)
+      if (step > 0) times.push(performance.now() - t)
+      if (times.length >= MIN_TIMED_STEPS && times.reduce((a, b) => a + b, 0) >= MIN_TIMED_MS) break
+    }
+    return {stepMs: median(times), ...(batch === 1 ? {prefill: {parallel, tokens: promptTokens, ms: prefillMs}} : {})}
+  } finally {
+    cache.dispose?.()
+  }
+}
+
+/**
+ * A point out of line with its neighbours: dearer than the next row count (more rows), or more
+ * than 2.5× the previous one (twice the rows cannot cost much more than twice). On a loaded
+ * machine a whole measurement can land in another process's burst (seen: 16 rows at 40× one row,
+ * its neighbours at 1.4×); such points are measured again and the cheaper kept.
+ */
+function outOfLine(decode: StepCost[], i: number): boolean {
+  return (i + 1 < decode.length && decode[i].ms > 1.15 * decode[i + 1].ms) || (i > 0 && decode[i].ms > 2.5 * decode[i - 1].ms)
+}
+
 /**
  * Measures decode steps at each row count (one prefill of every sequence, one warm-up step, then
  * the median of a few timed steps) and prefill cost at each P (that prefill, batch 1).
@@ -124,28 +160,14 @@ export async function measureProfile<C extends SequenceCache>(decoder: Decoder<C
   const decode: StepCost[] = []
   const prefill: PrefillCost[] = []
   for (const {rows, parallel, batch} of profileRows(decoder.parallelValues, maxBatch)) {
-    const cache = decoder.newCache(parallel)
-    try {
-      const promptTokens = batch === 1 ? PREFILL_TOKENS : BATCH_PROMPT_TOKENS
-      cache.reserve(batch, promptTokens + MAX_TIMED_STEPS + 2)
-      for (let slot = 0; slot < batch; slot++) cache.reset(slot)
-      // Token ids near the start of any vocabulary; the cost does not depend on which.
-      const prompt = Array.from({length: promptTokens}, (_, i) => 1 + ((i * 7) % 50))
-      const t0 = performance.now()
-      await decoder.forward(cache, 0, Array.from({length: batch}, () => prompt), 1)
-      if (batch === 1) prefill.push({parallel, tokens: promptTokens, ms: performance.now() - t0})
-      const times: number[] = []
-      // Steps of a small model take a millisecond or two, where one hiccup of a loaded machine would decide: more of them.
-      for (let step = 0; step <= MAX_TIMED_STEPS; step++) {
-        const t = performance.now()
-        await decoder.forward(cache, 0, Array.from({length: batch}, () => [2 + step]), 1)
-        if (step > 0) times.push(performance.now() - t)
-        if (times.length >= MIN_TIMED_STEPS && times.reduce((a, b) => a + b, 0) >= MIN_TIMED_MS) break
-      }
-      decode.push({rows, parallel, batch, ms: median(times)})
-    } finally {
-      cache.dispose?.()
-    }
+    const measured = await measureRows(decoder, parallel, batch)
+    decode.push({rows, parallel, batch, ms: measured.stepMs})
+    if (measured.prefill) prefill.push(measured.prefill)
+  }
+  for (let round = 0; round < 2; round++) {
+    const suspects = decode.filter((_, i) => outOfLine(decode, i))
+    if (suspects.length === 0) break
+    for (const point of suspects) point.ms = Math.min(point.ms, (await measureRows(decoder, point.parallel, point.batch)).stepMs)
   }
   // More rows never cost less: a dip is the machine's noise, not the model's (the policy would read it as free streams).
   for (let i = 1; i < decode.length; i++) decode[i].ms = Math.max(decode[i].ms, decode[i - 1].ms)
