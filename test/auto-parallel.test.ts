@@ -9,7 +9,9 @@ import {after, before, describe, test} from 'node:test'
 
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {resolveModel} from '../src/core/package/resolve.js'
-import {cachedProfile, loadOrMeasureProfile, profileRows, PROFILE_FILE, stepMs, type StepCost} from '../src/core/parallel/cost-profile.js'
+import {cachedProfile, loadOrMeasureProfile, measureProfile, profileRows, PROFILE_FILE, stepMs, type StepCost} from '../src/core/parallel/cost-profile.js'
+import type {DecoderOutput} from '../src/core/engine/decoder.js'
+import {FakeCache, FakeDecoder} from './helpers/fake-decoder.js'
 import {assignAutoParallel, AutoParallel, AutoParallelPolicy} from '../src/core/parallel/policy.js'
 import {ServeEngine} from '../src/core/serve/engine.js'
 import {RunningServer} from '../src/core/serve/server.js'
@@ -97,6 +99,39 @@ describe('auto P policy over a given profile', () => {
     assert.equal(requests[0].parallel, 2)
     assert.deepEqual(choices.slice(1).map((c) => c?.parallel), requests.slice(1).map((r) => r.parallel))
     assert.ok(requests[1].parallel < 8, 'line 2 is not alone')
+  })
+
+  test('measuring: a point caught in a burst of other work is measured again; more rows never read as cheaper', async () => {
+    /** Steps cost 5 ms + 0.2 ms a row; the first measurement of 16 rows lands in a 150 ms burst, 4 rows read cheap once. */
+    class TimedDecoder extends FakeDecoder {
+      private burst = true
+      private dip = true
+      override async forward(cache: FakeCache, first: number, inputIds: number[][], keep: number): Promise<DecoderOutput> {
+        const rows = inputIds.length * cache.parallel
+        let ms = 5 + 0.2 * rows
+        if (rows === 16 && inputIds[0].length === 1 && this.burst) ms += 150
+        if (rows === 4 && inputIds[0].length === 1 && this.dip) ms = 1
+        await new Promise((resolve) => setTimeout(resolve, ms))
+        const out = await super.forward(cache, first, inputIds, keep)
+        return out
+      }
+      endBurst(rows: number): void {
+        if (rows === 16) this.burst = false
+      }
+    }
+    const decoder = new TimedDecoder(50, () => undefined, [1, 2, 4, 8])
+    const original = decoder.forward.bind(decoder)
+    let sixteenRuns = 0
+    decoder.forward = async (cache, first, ids, keep) => {
+      if (ids.length * cache.parallel === 16 && ids[0].length > 1 && ++sixteenRuns > 1) decoder.endBurst(16)
+      return original(cache, first, ids, keep)
+    }
+    const profile = await measureProfile(decoder, {device: 'cpu'}, 8)
+    const at = (rows: number) => profile.decode.find((d) => d.rows === rows)!.ms
+    assert.ok(sixteenRuns >= 2, 'the 16-row point was measured again')
+    assert.ok(at(16) < 60, `16 rows: ${at(16)} ms`)
+    assert.ok(at(4) >= at(2), 'the dip is lifted to its neighbour')
+    assert.ok(profile.decode.every((d, i, all) => i === 0 || d.ms >= all[i - 1].ms))
   })
 
   test('rows to measure go up to max batch × largest P, each with a P the package has', () => {
