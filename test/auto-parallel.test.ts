@@ -91,14 +91,19 @@ describe('auto P policy over a given profile', () => {
     assert.equal(auto.choose().parallel, 8, 'after it, alone again')
   })
 
-  test('a batch: lines naming P keep it and count as load; the rest are chosen in order', () => {
-    const policy = new AutoParallelPolicy(linearProfile(), [1, 2, 4, 8], {maxBatch: 8, budget: 2})
-    const requests = [{parallel: 2}, {parallel: 8}, {parallel: 8}, {parallel: 8}]
+  test('a batch: every line is chosen against all the others; lines naming P keep it and count as load', () => {
+    const policy = new AutoParallelPolicy(linearProfile(0.1), [1, 2, 4, 8], {maxBatch: 8, budget: 2})
+    const requests = [{parallel: 4}, {parallel: 8}, {parallel: 8}, {parallel: 8}]
     const choices = assignAutoParallel(policy, requests, [false, true, true, true])
     assert.equal(choices[0], undefined)
-    assert.equal(requests[0].parallel, 2)
+    assert.equal(requests[0].parallel, 4)
     assert.deepEqual(choices.slice(1).map((c) => c?.parallel), requests.slice(1).map((r) => r.parallel))
-    assert.ok(requests[1].parallel < 8, 'line 2 is not alone')
+    assert.match(choices[1]!.reason, /with 3 other requests in flight/)
+    // The named P = 4 line is a call of its own beside the others whatever they choose; the choice
+    // that stays best once it is done is P = 1 (no P keeps 0.9× all-P = 1's while it runs).
+    assert.deepEqual(requests.map((r) => r.parallel), [4, 1, 1, 1])
+    const alone = [{parallel: 8}]
+    assert.equal(assignAutoParallel(policy, alone, [true])[0]!.parallel, 8, 'a one-line batch is a lone request')
   })
 
   test('measuring: a point caught in a burst of other work is measured again; more rows never read as cheaper', async () => {
@@ -265,7 +270,7 @@ describe('run --parallel auto', () => {
     assert.equal(results[0].parallel, 2)
     assert.equal(results[3].parallel, 8)
     for (const line of [2, 3]) {
-      const why = new RegExp(`^${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}:${line}: auto: P=(\\d+) because with ${line - 1} other requests? in flight`, 'm').exec(r.stderr)
+      const why = new RegExp(`^${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}:${line}: auto: P=(\\d+) because with 3 other requests in flight`, 'm').exec(r.stderr)
       assert.ok(why, r.stderr)
       assert.equal(results[line - 1].parallel, Number(why[1]))
     }

@@ -113,6 +113,12 @@ export class AutoParallelPolicy {
     }
     const chosen = best!
     const load = `${inFlight.length} other request${inFlight.length === 1 ? '' : 's'} in flight (${inFlight.reduce((a, b) => a + b, 0)} rows)`
+    if (chosen.ratio < this.floor || chosen.stepRatio > this.budget) {
+      return {
+        parallel: chosen.parallel,
+        reason: `auto: P=${chosen.parallel} because with ${load} no P keeps throughput at ${this.floor}× all-P=1's (P=${chosen.parallel} gives ${chosen.ratio.toFixed(2)}×, and stays best once they are done)`,
+      }
+    }
     return {
       parallel: chosen.parallel,
       reason:
@@ -207,19 +213,18 @@ export class AutoParallel {
 }
 
 /**
- * P for the requests of a batch that name none (`run --batch`, `batch submit` with --parallel auto):
- * in order, each against the lines before it (all submitted together, so all in flight). Lines that
- * name a P keep it and count as load. Returns each chosen line's choice (undefined for the others).
+ * P for the requests of a batch that name none (`run --batch`): all its lines are submitted
+ * together, so each is chosen against every other line (those naming a P at it, those chosen
+ * before at theirs, those still to choose as P = 1). A one-line batch is a lone request.
+ * Returns each chosen line's choice (undefined for the lines that name their P).
  */
 export function assignAutoParallel(policy: AutoParallelPolicy, requests: {parallel: number}[], chosen: readonly boolean[]): (ParallelChoice | undefined)[] {
-  const inFlight: number[] = []
+  const planned = requests.map((request, i) => (chosen[i] ? 1 : request.parallel))
   return requests.map((request, i) => {
-    let choice: ParallelChoice | undefined
-    if (chosen[i]) {
-      choice = policy.choose(inFlight)
-      request.parallel = choice.parallel
-    }
-    inFlight.push(request.parallel)
+    if (!chosen[i]) return undefined
+    const choice = policy.choose(planned.filter((_, j) => j !== i))
+    request.parallel = choice.parallel
+    planned[i] = choice.parallel
     return choice
   })
 }
