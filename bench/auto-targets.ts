@@ -87,14 +87,14 @@ log(`1 GB family's decode step by rows: ${profile.decode.map((d) => `${d.rows}: 
 // 2. The default budget: a lone request's P is the largest whose measured step fits 1.25× P = 1's.
 const expected = family.filter((p) => stepMs(profile, p) <= DEFAULT_AUTO_BUDGET * stepMs(profile, 1)).at(-1) ?? 1
 const plain = await startServeChild(packageDir, ['--parallel', 'auto', '--threads', String(threads), '--max-batch', String(maxBatch)])
-let lone: number
+let loneParallel: number
 try {
   const response = await fetch(`${plain.url}/v1/completions`, {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify({prompt: 'def f(x):', max_tokens: 4, temperature: 0})})
-  lone = ((await response.json()) as {parallel: number}).parallel
+  loneParallel = ((await response.json()) as {parallel: number}).parallel
 } finally {
   await plain.stop()
 }
-check(`default budget: lone request's P = largest within ${DEFAULT_AUTO_BUDGET}× P=1's step (P=${expected})`, `P=${lone}`, lone === expected)
+check(`default budget: lone request's P = largest within ${DEFAULT_AUTO_BUDGET}× P=1's step (P=${expected})`, `P=${loneParallel}`, loneParallel === expected)
 
 // 3. A lone request, fixed P = 8 against auto --auto-budget 2: alternating requests (paired
 // rounds, order swapped each round), medians: the curves' rounds at one client are too few for this.
