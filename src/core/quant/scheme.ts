@@ -9,7 +9,7 @@ export const QUANT_NAMES = ['int8', 'int4'] as const
 export type QuantName = (typeof QUANT_NAMES)[number]
 
 /** Block sizes a user may ask for (inputs per scale). */
-export const BLOCK_SIZES = [32, 64, 128] as const
+export const BLOCK_SIZES = [32, 64, 128, 256] as const
 export const DEFAULT_BLOCK_SIZE = 32
 
 /**
@@ -39,7 +39,7 @@ export function describeQuant(scheme: Pick<QuantScheme, 'name' | 'blockSize'> | 
 }
 
 /** Block sizes MatMulNBits takes (powers of two from 16), largest first. */
-const FALLBACK_BLOCK_SIZES = [128, 64, 32, 16]
+const FALLBACK_BLOCK_SIZES = [256, 128, 64, 32, 16]
 
 /**
  * The block size used for a matrix of `k` inputs: the one asked for when it divides k, else
