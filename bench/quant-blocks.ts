@@ -3,7 +3,7 @@
 // 2 threads, in paired, alternating rounds (BENCH_ROUNDS, default 3); decode and prefill per
 // block size against block 32's in the same round. Quality: held-out NLL of the default model
 // (fixtures/default-model, `eval --text-file heldout.py`) per block size against fp32, at P = 1
-// and 8. The default block size (DEFAULT_BLOCK_SIZE) is chosen from these figures.
+// and 8. int4's default block size (DEFAULT_BLOCK_SIZES) is chosen from these figures.
 import {spawnSync} from 'node:child_process'
 import fs from 'node:fs'
 import os from 'node:os'
@@ -16,7 +16,7 @@ import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import type {RunResult} from '../src/core/bench/types.js'
 import {SYNTHETIC_PRESETS} from '../src/core/checkpoint/synthetic.js'
 import {readManifest} from '../src/core/package/manifest.js'
-import {BLOCK_SIZES, DEFAULT_BLOCK_SIZE, quantScheme} from '../src/core/quant/scheme.js'
+import {BLOCK_SIZES, DEFAULT_BLOCK_SIZES, quantScheme} from '../src/core/quant/scheme.js'
 
 const threads = Number(process.env.BENCH_THREADS ?? 2)
 const repeat = Number(process.env.BENCH_REPEAT ?? 3)
@@ -67,11 +67,11 @@ for (const b of blockSizes) {
   const d = perRound(rounds, (m) => decode(m[String(b)]!) / decode(m[String(reference)]!))
   const p = perRound(rounds, (m) => prefill(m[String(b)]!) / prefill(m[String(reference)]!))
   const delta = (parallel: number) => (nll[b]![parallel]! - nll.fp32![parallel]!).toFixed(4)
-  console.log(`| ${b}${b === DEFAULT_BLOCK_SIZE ? ' (default)' : ''} | ${(manifest.quant!.weightBytes / 1e6).toFixed(0)} MB | ${fallbacks} | ${ds} | ${fmt(d)} | ${ps} | ${fmt(p)} | ${delta(1)} | ${delta(8)} |`)
+  console.log(`| ${b}${b === DEFAULT_BLOCK_SIZES.int4 ? ' (default)' : ''} | ${(manifest.quant!.weightBytes / 1e6).toFixed(0)} MB | ${fallbacks} | ${ds} | ${fmt(d)} | ${ps} | ${fmt(p)} | ${delta(1)} | ${delta(8)} |`)
 }
 console.log('')
 console.log(`fp32 held-out NLL: P=1 ${nll.fp32![1]!.toFixed(4)}, P=8 ${nll.fp32![8]!.toFixed(4)}`)
 console.log(loadLine(rounds))
 const fastest = blockSizes.reduce((a, b) => ((perRound(rounds, (m) => decode(m[String(b)]!))?.median ?? Infinity) < (perRound(rounds, (m) => decode(m[String(a)]!))?.median ?? Infinity) ? b : a))
 const within = blockSizes.every((b) => Math.abs(nll[b]![1]! - nll.fp32![1]!) < 0.1 && Math.abs(nll[b]![8]! - nll.fp32![8]!) < 0.1)
-console.log(`fastest decode: block ${fastest}; every block size within 0.10 nats of fp32: ${within ? 'yes' : 'no'}; default now: block ${DEFAULT_BLOCK_SIZE}`)
+console.log(`fastest decode: block ${fastest}; every block size within 0.10 nats of fp32: ${within ? 'yes' : 'no'}; default now: block ${DEFAULT_BLOCK_SIZES.int4}`)

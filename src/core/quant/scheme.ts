@@ -10,7 +10,14 @@ export type QuantName = (typeof QUANT_NAMES)[number]
 
 /** Block sizes a user may ask for (inputs per scale). */
 export const BLOCK_SIZES = [32, 64, 128, 256] as const
-export const DEFAULT_BLOCK_SIZE = 32
+/**
+ * The block size a scheme gets when none is asked for. int4: 256, measured fastest at equal
+ * quality (`npm run bench:quant-blocks`, docs/benchmarks.md "CPU hot path"); MLAS's 4-bit
+ * kernels read fewer scales per row. int8 keeps 32 (not re-measured).
+ */
+export const DEFAULT_BLOCK_SIZES: Record<QuantName, number> = {int8: 32, int4: 256}
+/** The default of the scheme `--quant` names most often (int4), for messages. */
+export const DEFAULT_BLOCK_SIZE = DEFAULT_BLOCK_SIZES.int4
 
 /**
  * What a conversion quantizes and how: every projection, MLP matrix and the LM head as
@@ -23,7 +30,7 @@ export interface QuantScheme {
   blockSize: number
 }
 
-export function quantScheme(name: QuantName, blockSize: number = DEFAULT_BLOCK_SIZE): QuantScheme {
+export function quantScheme(name: QuantName, blockSize: number = DEFAULT_BLOCK_SIZES[name]): QuantScheme {
   if (!(BLOCK_SIZES as readonly number[]).includes(blockSize)) throw new UsageError(`--block-size must be one of ${BLOCK_SIZES.join(', ')} (got ${blockSize})`)
   return {name, bits: name === 'int4' ? 4 : 8, blockSize}
 }
