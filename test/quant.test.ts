@@ -58,7 +58,10 @@ describe('quantized packages', () => {
     const fp32Bytes = weightBytes(variantConfig(manifest, manifest.variants[0]!)) - weightBytes(variantConfig(manifest, manifest.variants[0]!), 0)
     assert.ok(manifest.quant!.weightBytes < fp32Bytes / 4.5, `${manifest.quant!.weightBytes} vs ${fp32Bytes}`)
     const graph = fs.readFileSync(path.join(out, manifest.graph)).toString('latin1')
-    assert.ok(graph.includes('MatMulNBits') && graph.includes('GatherBlockQuantized'))
+    // the embedding rows are read by the engine from the table's codes (engine/embedding-rows.ts), not gathered in the graph
+    assert.ok(graph.includes('MatMulNBits') && graph.includes('inputs_embeds') && !graph.includes('GatherBlockQuantized'))
+    assert.equal(manifest.embedding.dtype, 'int4')
+    assert.equal(manifest.embedding.blockSize, 64)
     assert.ok(!graph.includes('Gemm') || /aggregate/.test(graph), 'no float Gemm over backbone weights')
 
     const model = await ParScaleModel.open(out)
