@@ -1,0 +1,115 @@
+// The GPU form (issue 23: streams on the head axis, GroupQueryAttention over a fixed-capacity
+// cache with the prefixes in front) checked on the CPU provider, which every machine has:
+// the same logits as the exact CPU graph and the PyTorch goldens, by one token and by chunks.
+import assert from 'node:assert/strict'
+import fs from 'node:fs'
+import path from 'node:path'
+import {after, describe, test} from 'node:test'
+
+import {writeSyntheticCheckpoint, syntheticShape} from '../src/core/checkpoint/synthetic.js'
+import {GpuFormModel} from '../src/core/engine/gpu-form.js'
+import {ParScaleModel} from '../src/core/engine/model.js'
+import {convertCheckpoints} from '../src/core/package/convert.js'
+import {readManifest} from '../src/core/package/manifest.js'
+import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
+
+const work = makeTempDir()
+after(() => fs.rmSync(work, {recursive: true, force: true}))
+
+interface Golden {
+  logits: {prompt_ids: number[]; values: number[][]}
+}
+
+/** Every position's logits from the exact CPU graph, in one call. */
+async function cpuLogits(dir: string, parallel: number, ids: number[]): Promise<{values: Float32Array; vocab: number}> {
+  const model = await ParScaleModel.open(dir)
+  const cache = model.newCache(parallel)
+  cache.reserve(1, ids.length)
+  cache.reset(0)
+  const out = await model.forward(cache, 0, [ids], 0)
+  cache.dispose()
+  await model.release()
+  return {values: out.logits, vocab: out.dims[2]}
+}
+
+/**
+ * The GPU form's last-position logits fed in the chunks `chunks` (lengths), compared with the
+ * reference row of each chunk's last position: the largest difference.
+ */
+async function gpuFormDiff(dir: string, parallel: number, ids: number[], chunks: number[], reference: (position: number) => ArrayLike<number>): Promise<number> {
+  const model = await GpuFormModel.open(dir, {parallel, capacity: 96 + ids.length})
+  let worst = 0
+  try {
+    let at = 0
+    for (const n of chunks) {
+      const {logits, streamWeights} = await model.step(ids.slice(at, at + n))
+      at += n
+      const expected = reference(at - 1)
+      assert.equal(logits.length, expected.length)
+      for (let i = 0; i < logits.length; i++) worst = Math.max(worst, Math.abs(logits[i]! - expected[i]!))
+      assert.ok(Math.abs(streamWeights.reduce((a, b) => a + b, 0) - 1) < 1e-5, 'stream weights sum to 1')
+    }
+    assert.equal(model.length, ids.length)
+  } finally {
+    await model.release()
+  }
+  return worst
+}
+
+/** Chunk plans: a token at a time; a prompt then tokens; uneven multi-token continuations. */
+const plans = (n: number): Record<string, number[]> => ({
+  'one token a step': Array.from({length: n}, () => 1),
+  'prompt of 5, then one a step': [5, ...Array.from({length: n - 5}, () => 1)],
+  'chunks of 3, 4, 1, rest': [3, 4, 1, n - 8],
+})
+
+for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
+  describe(`GPU form on the CPU provider, golden ${name}`, () => {
+    const golden = JSON.parse(fs.readFileSync(path.join(goldenDir(name), 'golden.json'), 'utf8')) as Golden
+    const ids = golden.logits.prompt_ids
+    const dir = path.join(work, name)
+    const packageOf = () => {
+      if (!fs.existsSync(dir)) convertCheckpoints({sources: [goldenDir(name)], outDir: dir, dtype: 'fp32'})
+      return dir
+    }
+    for (const [plan, chunks] of Object.entries(plans(ids.length))) {
+      test(`${plan}: the exact graph's logits (≤ 1e-4) and the PyTorch reference's (≤ 1e-3)`, async () => {
+        const pkg = packageOf()
+        const parallel = Math.max(...readManifest(pkg).parallel)
+        const cpu = await cpuLogits(pkg, parallel, ids)
+        const vsCpu = await gpuFormDiff(pkg, parallel, ids, chunks, (p) => cpu.values.subarray(p * cpu.vocab, (p + 1) * cpu.vocab))
+        assert.ok(vsCpu < 1e-4, `vs the CPU graph: ${vsCpu}`)
+        const vsReference = await gpuFormDiff(pkg, parallel, ids, chunks, (p) => golden.logits.values[p]!)
+        assert.ok(vsReference < 1e-3, `vs the reference: ${vsReference}`)
+        if (process.env.PARSCALE_SHOW_DIFFS) console.log(`${name} ${plan}: ${vsCpu} vs CPU, ${vsReference} vs reference`)
+      })
+    }
+  })
+}
+
+describe('GPU form on the CPU provider, synthetic P = 1, 2, 4, 8 (one package)', () => {
+  const shape = syntheticShape(undefined, {hiddenSize: 64, numLayers: 2, vocabSize: 300})
+  const dir = path.join(work, 'synthetic')
+  const packageOf = () => {
+    if (fs.existsSync(dir)) return dir
+    const sources = [1, 2, 4, 8].map((parallel) => {
+      const source = path.join(work, `synthetic-p${parallel}`)
+      writeSyntheticCheckpoint(source, shape, {parallel, prefixTokens: 8, seed: 3})
+      return source
+    })
+    convertCheckpoints({sources, outDir: dir, dtype: 'fp32'})
+    return dir
+  }
+  const ids = Array.from({length: 14}, (_, i) => (i * 37 + 11) % 300)
+  for (const parallel of [1, 2, 4, 8]) {
+    test(`P = ${parallel}: the exact graph's logits, by one token and by chunks`, async () => {
+      const pkg = packageOf()
+      const cpu = await cpuLogits(pkg, parallel, ids)
+      for (const chunks of Object.values(plans(ids.length))) {
+        const diff = await gpuFormDiff(pkg, parallel, ids, chunks, (p) => cpu.values.subarray(p * cpu.vocab, (p + 1) * cpu.vocab))
+        assert.ok(diff < 1e-4, `${chunks.join(',')}: ${diff}`)
+        if (process.env.PARSCALE_SHOW_DIFFS) console.log(`P=${parallel} ${chunks.length} chunks: ${diff}`)
+      }
+    })
+  }
+})
