@@ -182,11 +182,14 @@ export class GpuFormModel {
       feeds[gpuFormIo.pastKey(layer)] = this.keys[layer]!
       feeds[gpuFormIo.pastValue(layer)] = this.values[layer]!
     }
-    const out = await this.session.run(feeds)
+    // present.* bound to the past tensors: one buffer per layer and kind, written in place
+    // (GroupQueryAttention's shared past/present buffer, what graph capture needs)
+    const fetches: Record<string, ort.Tensor | null> = {[gpuFormIo.logits]: null, [gpuFormIo.streamWeights]: null}
     for (let layer = 0; layer < this.shape.numLayers; layer++) {
-      this.keys[layer] = out[gpuFormIo.presentKey(layer)]!
-      this.values[layer] = out[gpuFormIo.presentValue(layer)]!
+      fetches[gpuFormIo.presentKey(layer)] = this.keys[layer]!
+      fetches[gpuFormIo.presentValue(layer)] = this.values[layer]!
     }
+    const out = await this.session.run(feeds, fetches)
     this.filled = total
     return {logits: out[gpuFormIo.logits]!.data as Float32Array, streamWeights: out[gpuFormIo.streamWeights]!.data as Float32Array}
   }

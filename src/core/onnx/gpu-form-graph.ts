@@ -128,6 +128,23 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
     return out!
   }
 
+  /**
+   * q, k, v as GroupQueryAttention takes them. Packed ([1, S, (all q heads, all k heads, all v
+   * heads)·d], one input) where the projection's rows can give that layout: at P = 1 as they
+   * are, and with as many KV heads as query heads by one Transpose of (stream, part); the
+   * provider then splits, rotates and appends to the cache in one kernel. Otherwise the
+   * projection is split into three inputs.
+   */
+  const queryKeyValue = (qkv: string, asHeads: (t: string, width: number) => string): string[] => {
+    if (P === 1) return [ops.reshape(qkv, g.int64([1, -1, (numHeads + 2 * kv) * d])), '', '']
+    if (numHeads === kv) {
+      const parts = ops.transpose(ops.reshape(qkv, g.int64([-1, P, 3, kv * d])), [0, 2, 1, 3]) // [S, 3, P, kv·d]
+      return [ops.reshape(parts, g.int64([1, -1, 3 * P * kv * d])), '', '']
+    }
+    const [q, k, v] = g.nodeN('Split', [qkv, g.int64([numHeads * d, kv * d, kv * d])], 3, {axis: -1})
+    return [asHeads(q!, numHeads * d), asHeads(k!, kv * d), asHeads(v!, kv * d)]
+  }
+
   for (let layer = 0; layer < numLayers; layer++) {
     g.within(`layers.${layer}`, () => {
       const name = (tensor: string) => `model.layers.${layer}.${tensor}`
@@ -137,11 +154,10 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
         const {weight, bias} = weights.concatenated(queryKeyValueParts(layer, d), name('self_attn.qkv_proj'))
         let qkv = ops.matmul(x, transposed(weight))
         if (bias) qkv = ops.add(qkv, bias)
-        const [q, k, v] = g.nodeN('Split', [qkv, g.int64([numHeads * d, kv * d, kv * d])], 3, {axis: -1})
         const asHeads = (t: string, width: number) => ops.reshape(t, g.int64([1, -1, P * width])) // rows (s, p) → [1, S, P·width]
         const [context, presentKey, presentValue] = g.nodeN(
           'GroupQueryAttention',
-          [asHeads(q!, numHeads * d), asHeads(k!, kv * d), asHeads(v!, kv * d), past[layer].key, past[layer].value, seqlensK, totalLength, cosCache, sinCache],
+          [...queryKeyValue(qkv, asHeads), past[layer].key, past[layer].value, seqlensK, totalLength, cosCache, sinCache],
           3,
           {num_heads: P * numHeads, kv_num_heads: P * kv, scale: {float: 1}, do_rotary: 1, rotary_interleaved: 0, local_window_size: -1},
           'com.microsoft',
