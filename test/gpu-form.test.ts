@@ -4,9 +4,10 @@
 import assert from 'node:assert/strict'
 import fs from 'node:fs'
 import path from 'node:path'
-import {after, describe, test} from 'node:test'
+import {after, before, describe, test} from 'node:test'
 
 import {writeSyntheticCheckpoint, syntheticShape} from '../src/core/checkpoint/synthetic.js'
+import {checkWebGpu, type Device} from '../src/core/engine/device.js'
 import {GpuFormModel} from '../src/core/engine/gpu-form.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
@@ -15,6 +16,11 @@ import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 
 const work = makeTempDir()
 after(() => fs.rmSync(work, {recursive: true, force: true}))
+
+let adapter: string | undefined
+before(async () => {
+  adapter = await checkWebGpu().then((a) => a.name, () => undefined)
+})
 
 interface Golden {
   logits: {prompt_ids: number[]; values: number[][]}
@@ -36,8 +42,8 @@ async function cpuLogits(dir: string, parallel: number, ids: number[]): Promise<
  * The GPU form's last-position logits fed in the chunks `chunks` (lengths), compared with the
  * reference row of each chunk's last position: the largest difference.
  */
-async function gpuFormDiff(dir: string, parallel: number, ids: number[], chunks: number[], reference: (position: number) => ArrayLike<number>): Promise<number> {
-  const model = await GpuFormModel.open(dir, {parallel, capacity: 96 + ids.length})
+async function gpuFormDiff(dir: string, parallel: number, ids: number[], chunks: number[], reference: (position: number) => ArrayLike<number>, device: Device = 'cpu'): Promise<number> {
+  const model = await GpuFormModel.open(dir, {parallel, capacity: 96 + ids.length, device})
   let worst = 0
   try {
     let at = 0
@@ -50,6 +56,7 @@ async function gpuFormDiff(dir: string, parallel: number, ids: number[], chunks:
       assert.ok(Math.abs(streamWeights.reduce((a, b) => a + b, 0) - 1) < 1e-5, 'stream weights sum to 1')
     }
     assert.equal(model.length, ids.length)
+    assert.ok(model.inPlace, 'present bound to past: the cache written in place')
   } finally {
     await model.release()
   }
@@ -84,6 +91,16 @@ for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
         if (process.env.PARSCALE_SHOW_DIFFS) console.log(`${name} ${plan}: ${vsCpu} vs CPU, ${vsReference} vs reference`)
       })
     }
+    test('on a GPU (WebGPU provider): the reference\'s logits (≤ 1e-3), the cache in device memory written in place', async (t) => {
+      if (!adapter) return t.skip('no WebGPU adapter on this machine')
+      const pkg = packageOf()
+      const parallel = Math.max(...readManifest(pkg).parallel)
+      for (const [plan, chunks] of Object.entries(plans(ids.length))) {
+        const diff = await gpuFormDiff(pkg, parallel, ids, chunks, (p) => golden.logits.values[p]!, 'webgpu')
+        assert.ok(diff < 1e-3, `${plan}: ${diff}`)
+        if (process.env.PARSCALE_SHOW_DIFFS) console.log(`${name} on WebGPU (${adapter}), ${plan}: ${diff} vs reference`)
+      }
+    })
   })
 }
 

@@ -17,6 +17,7 @@ import type {ExternalLocation} from '../onnx/external-data.js'
 import {buildGpuFormGraph, gpuFormIo, gpuRotaryTables, rotatePrefixKeys, type AggregationHeadFiles} from '../onnx/gpu-form-graph.js'
 import {floatWeights, type FloatWeightProvider} from '../onnx/weights.js'
 import {readManifest, selectVariant, type PackageManifest, type PackageVariant} from '../package/manifest.js'
+import {checkWebGpu, webgpuSessionOptions, type Device} from './device.js'
 import {loadStreamWeights} from './stream-weights.js'
 
 const {onnx} = onnxProto
@@ -123,6 +124,10 @@ export interface GpuFormOptions {
   parallel: number
   /** Cache slots (prefix + prompt + answer); every step has this shape. */
   capacity: number
+  /** Where to run (default cpu: the CPU provider, for checking the form). */
+  device?: Device
+  /** Write an ONNX Runtime profile (JSON) with this file prefix. */
+  profilePrefix?: string
   sessionOptions?: ort.InferenceSession.SessionOptions
 }
 
@@ -133,8 +138,15 @@ export class GpuFormModel {
   /** Filled cache slots (prefix + tokens). */
   private filled = 0
 
+  /**
+   * Whether present.* can be bound to the past tensors (written in place). On a GPU the first
+   * call uploads the prefixes (CPU tensors) and returns device tensors, bound from then on.
+   */
+  private bindPresent = true
+
   private constructor(
     private readonly session: ort.InferenceSession,
+    readonly device: Device,
     readonly shape: BackboneShape,
     readonly parallel: number,
     readonly prefixTokens: number,
@@ -150,13 +162,23 @@ export class GpuFormModel {
     const P = options.parallel
     const prefixTokens = P === 1 ? 0 : variant.prefixTokens
     if (options.capacity <= prefixTokens) throw new UserError(`capacity ${options.capacity} leaves no room after the ${prefixTokens}-token prefix`)
+    const device = options.device ?? 'cpu'
+    if (device === 'webgpu') await checkWebGpu() // before any loading: fail at once
     const graph = writeGpuFormGraph(packageDir, P)
-    const session = await ort.InferenceSession.create(graph, {graphOptimizationLevel: 'all', ...options.sessionOptions})
-    return new GpuFormModel(session, manifest.model, P, prefixTokens, options.capacity, initialCache(packageDir, variant, manifest.model, options.capacity))
+    const presents = Array.from({length: manifest.model.numLayers}, (_, l) => [gpuFormIo.presentKey(l), gpuFormIo.presentValue(l)]).flat()
+    const session = await ort.InferenceSession.create(graph, {
+      graphOptimizationLevel: 'all',
+      logSeverityLevel: 3, // not the provider's notes on shape ops kept on the CPU
+      ...(device === 'webgpu' ? {...webgpuSessionOptions(), preferredOutputLocation: Object.fromEntries(presents.map((name) => [name, 'gpu-buffer' as const]))} : {}),
+      ...(options.profilePrefix ? {enableProfiling: true, profileFilePrefix: options.profilePrefix} : {}),
+      ...options.sessionOptions,
+    })
+    return new GpuFormModel(session, device, manifest.model, P, prefixTokens, options.capacity, initialCache(packageDir, variant, manifest.model, options.capacity))
   }
 
   /** Back to the prefixes only. */
   reset(): void {
+    for (const t of [...this.keys, ...this.values]) if (t.location === 'gpu-buffer') t.dispose()
     const {numLayers, numKvHeads: kv, headDim: d} = this.shape
     const dims = [1, this.parallel * kv, this.capacity, d]
     this.keys = Array.from({length: numLayers}, (_, l) => new ort.Tensor('float32', this.initial.keys[l]!.slice(), dims))
@@ -184,17 +206,42 @@ export class GpuFormModel {
     }
     // present.* bound to the past tensors: one buffer per layer and kind, written in place
     // (GroupQueryAttention's shared past/present buffer, what graph capture needs)
-    const fetches: Record<string, ort.Tensor | null> = {[gpuFormIo.logits]: null, [gpuFormIo.streamWeights]: null}
-    for (let layer = 0; layer < this.shape.numLayers; layer++) {
-      fetches[gpuFormIo.presentKey(layer)] = this.keys[layer]!
-      fetches[gpuFormIo.presentValue(layer)] = this.values[layer]!
+    const onDevice = this.device === 'cpu' || this.keys[0]!.location === 'gpu-buffer'
+    let out: ort.InferenceSession.ReturnType | undefined
+    if (this.bindPresent && onDevice) {
+      const fetches: Record<string, ort.Tensor | null> = {[gpuFormIo.logits]: null, [gpuFormIo.streamWeights]: null}
+      for (let layer = 0; layer < this.shape.numLayers; layer++) {
+        fetches[gpuFormIo.presentKey(layer)] = this.keys[layer]!
+        fetches[gpuFormIo.presentValue(layer)] = this.values[layer]!
+      }
+      try {
+        out = await this.session.run(feeds, fetches)
+      } catch (error) {
+        if (this.device === 'cpu') throw error
+        this.bindPresent = false // this binding cannot bind device outputs: a new cache each call
+        if (process.env.PARSCALE_DEBUG) process.stderr.write(`gpu form: present not bound (${(error as Error).message.split('\n')[0]})\n`)
+      }
     }
-    const out = await this.session.run(feeds, fetches)
+    if (!out) {
+      const previous = [...this.keys, ...this.values]
+      out = await this.session.run(feeds)
+      for (const t of previous) if (t.location === 'gpu-buffer') t.dispose()
+    }
+    for (let layer = 0; layer < this.shape.numLayers; layer++) {
+      this.keys[layer] = out[gpuFormIo.presentKey(layer)]!
+      this.values[layer] = out[gpuFormIo.presentValue(layer)]!
+    }
     this.filled = total
     return {logits: out[gpuFormIo.logits]!.data as Float32Array, streamWeights: out[gpuFormIo.streamWeights]!.data as Float32Array}
   }
 
+  /** Whether the last steps wrote the cache in place (past and present one buffer). */
+  get inPlace(): boolean {
+    return this.bindPresent
+  }
+
   release(): Promise<void> {
+    for (const t of [...this.keys, ...this.values]) if (t.location === 'gpu-buffer') t.dispose()
     return this.session.release()
   }
 }
