@@ -14,7 +14,8 @@ import type {BackboneShape} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {GraphBuilder} from '../onnx/builder.js'
 import type {ExternalLocation} from '../onnx/external-data.js'
-import {buildGpuFormGraph, gpuFormIo, gpuRotaryTables, rotatePrefixKeys, type AggregationHeadFiles} from '../onnx/gpu-form-graph.js'
+import type {ElementType} from '../onnx/builder.js'
+import {buildGpuFormGraph, floatGpuWeights, gpuFormIo, type GpuWeights, gpuRotaryTables, rotatePrefixKeys, type AggregationHeadFiles} from '../onnx/gpu-form-graph.js'
 import {floatWeights, type FloatWeightProvider} from '../onnx/weights.js'
 import {readManifest, selectVariant, type PackageManifest, type PackageVariant} from '../package/manifest.js'
 import {checkWebGpu, webgpuSessionOptions, type Device} from './device.js'
@@ -24,19 +25,28 @@ const {onnx} = onnxProto
 
 interface StoredInitializer {
   half: boolean
+  type: ElementType
   shape: number[]
   location: ExternalLocation
 }
 
+const ELEMENT_TYPE_OF: Partial<Record<number, ElementType>> = {
+  [onnx.TensorProto.DataType.FLOAT]: 'float32',
+  [onnx.TensorProto.DataType.FLOAT16]: 'float16',
+  [onnx.TensorProto.DataType.UINT8]: 'uint8',
+  [onnx.TensorProto.DataType.INT8]: 'int8',
+  [onnx.TensorProto.DataType.INT64]: 'int64',
+}
+
 /** The external initializers of a stored graph of the package, by name. */
-function storedInitializers(graphPath: string): Map<string, StoredInitializer> {
-  const model = onnx.ModelProto.decode(readFileSync(graphPath))
+function storedInitializers(graphPath: string, model = onnx.ModelProto.decode(readFileSync(graphPath))): Map<string, StoredInitializer> {
   const out = new Map<string, StoredInitializer>()
   for (const tensor of model.graph?.initializer ?? []) {
     if (!tensor.externalData?.length || !tensor.name) continue
     const entry = (key: string) => tensor.externalData!.find((e) => e.key === key)?.value ?? ''
     out.set(tensor.name, {
       half: tensor.dataType === onnx.TensorProto.DataType.FLOAT16,
+      type: ELEMENT_TYPE_OF[tensor.dataType ?? 0] ?? 'float32',
       shape: (tensor.dims ?? []).map(Number),
       location: {file: entry('location'), offset: Number(entry('offset')), length: Number(entry('length'))},
     })
@@ -81,6 +91,59 @@ export function packageFloatWeights(packageDir: string, manifest: PackageManifes
 
 const firstRow = (blockName: string) => Number(/\[(\d+):/.exec(blockName)?.[1] ?? 0)
 
+/**
+ * A quantized package's matrices as its CPU graph reads them: every MatMulNBits (by its codes'
+ * name, `<storedAs>.codes`) and the GatherBlockQuantized of the embedding table are emitted again
+ * with the same initializers and attributes; vectors come from the same graph.
+ */
+export function packageQuantizedWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => GpuWeights {
+  const graphPath = join(packageDir, manifest.graph)
+  const model = onnx.ModelProto.decode(readFileSync(graphPath))
+  const stored = storedInitializers(graphPath, model)
+  const nodes = model.graph?.node ?? []
+  const ints = (node: onnxProto.onnx.INodeProto) => Object.fromEntries((node.attribute ?? []).filter((a) => a.i !== undefined && a.i !== null).map((a) => [a.name!, Number(a.i)]))
+  const matMuls = new Map(nodes.filter((n) => n.opType === 'MatMulNBits').map((n) => [n.input![1]!, n]))
+  const gather = nodes.find((n) => n.opType === 'GatherBlockQuantized')
+  if (!gather) throw new UserError(`${graphPath}: no GatherBlockQuantized embedding; convert again`)
+  return (g) => {
+    const made = new Set<string>()
+    const initializer = (name: string): string => {
+      if (made.has(name)) return name
+      const entry = stored.get(name)
+      if (!entry) throw new Error(`${graphPath}: no stored tensor "${name}"`)
+      made.add(g.externalInitializer(name, entry.type, entry.shape, entry.location))
+      return name
+    }
+    const matMulNBits = (x: string, codes: string): string => {
+      const node = matMuls.get(codes)
+      if (!node) throw new Error(`${graphPath}: no MatMulNBits reads "${codes}"`)
+      const inputs = [x, initializer(node.input![1]!), initializer(node.input![2]!)]
+      const bias = node.input![5]
+      if (bias) inputs.push('', '', initializer(bias))
+      return g.node('MatMulNBits', inputs, ints(node), 'com.microsoft')
+    }
+    const blocksOf = (storedAs: string) => [...matMuls.keys()].filter((c) => c.startsWith(`${storedAs}[`)).sort((a, b) => firstRow(a) - firstRow(b))
+    return {
+      get: initializer,
+      project: (x, _parts, storedAs) => matMulNBits(x, `${storedAs}.codes`),
+      embed: (ids) => g.node('GatherBlockQuantized', [initializer(gather.input![0]!), ids, initializer(gather.input![2]!)], ints(gather), 'com.microsoft'),
+      lmHead: (x) => {
+        const tied = blocksOf('lm_head.weight (tied to model.embed_tokens.weight)')
+        const blocks = manifest.model.tieWordEmbeddings ? tied : blocksOf('lm_head.weight')
+        const outputs = blocks.map((codes) => matMulNBits(x, codes))
+        return outputs.length === 1 ? outputs[0]! : g.node('Concat', outputs, {axis: 1})
+      },
+    }
+  }
+}
+
+/** The package's weights for the GPU form: float (from its WebGPU graph) or quantized (from its CPU graph). */
+export function packageGpuWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => GpuWeights {
+  if (manifest.quant) return packageQuantizedWeights(packageDir, manifest)
+  const float = packageFloatWeights(packageDir, manifest)
+  return (g) => floatGpuWeights(g, float(g), manifest.model)
+}
+
 function headFiles(variant: PackageVariant): AggregationHeadFiles | undefined {
   if (variant.parallel === 1 || !variant.weights) return undefined
   const at = (name: string) => {
@@ -101,7 +164,7 @@ function headFiles(variant: PackageVariant): AggregationHeadFiles | undefined {
 export function gpuFormGraphBytes(packageDir: string, parallel: number): Uint8Array {
   const manifest = readManifest(packageDir)
   const variant = selectVariant(manifest, parallel, packageDir)
-  const graph = buildGpuFormGraph(manifest.model, packageFloatWeights(packageDir, manifest), {
+  const graph = buildGpuFormGraph(manifest.model, packageGpuWeights(packageDir, manifest), {
     parallel,
     prefixTokens: variant.parallel === 1 ? 0 : variant.prefixTokens,
     head: headFiles(variant),

@@ -4,7 +4,7 @@ import {GraphBuilder} from './builder.js'
 import type {ExternalLocation} from './external-data.js'
 import {Ops} from './ops.js'
 import {io} from './parscale-graph.js'
-import type {FloatWeightProvider} from './weights.js'
+import type {FloatWeightProvider, LinearPart} from './weights.js'
 
 /**
  * The GPU form of the decoder (issue 23): one graph per P, built for few kernel launches per
@@ -55,6 +55,50 @@ export interface AggregationHeadFiles {
   smooth: number
 }
 
+/**
+ * The matrices as the GPU form multiplies by them. Float weights: MatMul on the stored [out, in]
+ * matrices transposed once at load (the provider's Gemm(transB) streams weights slowly at one
+ * row, docs/benchmarks.md). Quantized weights: the package's MatMulNBits codes and scales as
+ * its CPU graph reads them (the WebGPU provider has a MatMulNBits kernel), and
+ * GatherBlockQuantized for the embedding table.
+ */
+export interface GpuWeights {
+  /** Norm weights, biases: float32 vectors. */
+  get(name: string): string
+  /** x · Wᵀ (+ b) for a matrix stored [out, in] as `storedAs` (several parts stacked: q·k·v, gate·up). */
+  project(x: string, parts: LinearPart[], storedAs: string): string
+  /** Rows of the embedding table for the ids [1, S]: [1, S, H]. */
+  embed(ids: string): string
+  /** Logits [rows, vocab] of hidden rows [rows, H] (the LM head, or the tied embeddings). */
+  lmHead(x: string): string
+}
+
+/** GpuWeights over float matrices (see GpuWeights). */
+export function floatGpuWeights(g: GraphBuilder, weights: FloatWeightProvider, config: BackboneShape): GpuWeights {
+  const ops = new Ops(g)
+  const transposed = (weight: string) => ops.transpose(weight, [1, 0]) // folded once at load
+  return {
+    get: (name) => weights.get(name),
+    project: (x, parts, storedAs) => {
+      if (parts.length === 1 && !parts[0]!.scale) {
+        const y = ops.matmul(x, transposed(weights.get(parts[0]!.weight)))
+        return parts[0]!.bias ? ops.add(y, weights.get(parts[0]!.bias)) : y
+      }
+      const {weight, bias} = weights.concatenated(parts, storedAs)
+      const y = ops.matmul(x, transposed(weight))
+      return bias ? ops.add(y, bias) : y
+    },
+    embed: (ids) => weights.embed('model.embed_tokens.weight', ids),
+    lmHead: (x) => {
+      const blocks = config.tieWordEmbeddings
+        ? weights.rowBlocks('model.embed_tokens.weight', 'lm_head.weight (tied to model.embed_tokens.weight)', HEAD_BLOCK_BYTES)
+        : weights.rowBlocks('lm_head.weight', 'lm_head.weight', HEAD_BLOCK_BYTES)
+      const matrix = blocks.length === 1 ? transposed(blocks[0]!) : ops.concat(blocks.map((b) => transposed(b)), 1)
+      return ops.matmul(x, matrix)
+    },
+  }
+}
+
 export interface GpuFormOptions {
   parallel: number
   prefixTokens: number
@@ -90,7 +134,7 @@ export function rotatePrefixKeys(keys: Float32Array, heads: number, n: number, d
   return out
 }
 
-export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphBuilder) => FloatWeightProvider, options: GpuFormOptions): GraphBuilder {
+export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphBuilder) => GpuWeights, options: GpuFormOptions): GraphBuilder {
   const {parallel: P, prefixTokens} = options
   const g = new GraphBuilder(`parscale-gpu-p${P}`)
   const ops = new Ops(g)
@@ -113,7 +157,7 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
 
   // The residual stream, rows (position, stream): [S·P, H].
   let residual = g.within('embed', () => {
-    const embedded = weights.embed('model.embed_tokens.weight', inputIds) // [1, S, H]
+    const embedded = weights.embed(inputIds) // [1, S, H]
     if (P === 1) return ops.reshape(embedded, g.int64([-1, H]))
     const seq = ops.shape(inputIds, 1, 2)
     return ops.reshape(ops.expand(ops.reshape(embedded, g.int64([-1, 1, H])), ops.shapeOf([seq, P, H])), g.int64([-1, H]))
@@ -151,9 +195,7 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
       const x = norm(name('input_layernorm.weight'))
       pending = g.within('attn', () => {
         // the stored q·k·v matrix (queries carry the 1/√d of the scores: scale 1 below)
-        const {weight, bias} = weights.concatenated(queryKeyValueParts(layer, d), name('self_attn.qkv_proj'))
-        let qkv = ops.matmul(x, transposed(weight))
-        if (bias) qkv = ops.add(qkv, bias)
+        const qkv = weights.project(x, queryKeyValueParts(layer, d), name('self_attn.qkv_proj'))
         const asHeads = (t: string, width: number) => ops.reshape(t, g.int64([1, -1, P * width])) // rows (s, p) → [1, S, P·width]
         const [context, presentKey, presentValue] = g.nodeN(
           'GroupQueryAttention',
@@ -165,14 +207,13 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
         g.output(presentKey!, gpuFormIo.presentKey(layer), 'float32', [1, P * kv, 'capacity', d])
         g.output(presentValue!, gpuFormIo.presentValue(layer), 'float32', [1, P * kv, 'capacity', d])
         const rows = ops.reshape(context!, g.int64([-1, numHeads * d]))
-        return ops.matmul(rows, transposed(w(name('self_attn.o_proj.weight'))))
+        return weights.project(rows, [{weight: name('self_attn.o_proj.weight')}], name('self_attn.o_proj.weight'))
       })
       const y = norm(name('post_attention_layernorm.weight'))
       pending = g.within('mlp', () => {
-        const {weight} = weights.concatenated(gateUpParts(layer), name('mlp.gate_up_proj'))
-        const [gate, up] = g.nodeN('Split', [ops.matmul(y, transposed(weight)), g.int64([I, I])], 2, {axis: -1})
+        const [gate, up] = g.nodeN('Split', [weights.project(y, gateUpParts(layer), name('mlp.gate_up_proj')), g.int64([I, I])], 2, {axis: -1})
         const silu = g.node('QuickGelu', [gate!], {alpha: {float: 1}}, 'com.microsoft') // x·sigmoid(x)
-        return ops.matmul(ops.mul(silu, up!), transposed(w(name('mlp.down_proj.weight'))))
+        return weights.project(ops.mul(silu, up!), [{weight: name('mlp.down_proj.weight')}], name('mlp.down_proj.weight'))
       })
     })
   }
@@ -196,11 +237,7 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
       mix = ops.add(ops.mul(ops.softmax(scores, -1), g.float([1 - head.smooth], [])), g.float([head.smooth / P], [])) // [1, P]
       mixed = ops.matmul(mix, last) // [1, H]
     }
-    const blocks = config.tieWordEmbeddings
-      ? weights.rowBlocks('model.embed_tokens.weight', 'lm_head.weight (tied to model.embed_tokens.weight)', HEAD_BLOCK_BYTES)
-      : weights.rowBlocks('lm_head.weight', 'lm_head.weight', HEAD_BLOCK_BYTES)
-    const matrix = blocks.length === 1 ? transposed(blocks[0]!) : ops.concat(blocks.map((b) => transposed(b)), 1)
-    g.output(ops.matmul(mixed, matrix), gpuFormIo.logits, 'float32', [1, config.vocabSize])
+    g.output(weights.lmHead(mixed), gpuFormIo.logits, 'float32', [1, config.vocabSize])
     g.output(mix, gpuFormIo.streamWeights, 'float32', [1, P])
   })
   return g
