@@ -9,10 +9,11 @@ import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
+import type {BackboneShape} from '../checkpoint/config.js'
 import {writeSyntheticCheckpoint, type SyntheticShape} from '../checkpoint/synthetic.js'
 import {writeGpuFormGraph} from '../engine/gpu-form.js'
 import {convertCheckpoints} from '../package/convert.js'
-import {readManifest} from '../package/manifest.js'
+import {readManifest, type PackageManifest} from '../package/manifest.js'
 import {countDispatches, type DispatchCount} from './dispatches.js'
 import {gpuFloor, type GpuFloor} from './gpu-floor.js'
 import {shapeParameters} from './scaling-law.js'
@@ -31,12 +32,18 @@ export interface GpuDispatchReport {
 }
 
 /** The shape's structure with narrow widths: same layers, heads, KV heads and tying. */
-function narrowed(shape: SyntheticShape): SyntheticShape {
-  const headDim = 8
-  return {...shape, hiddenSize: shape.numHeads * headDim, intermediateSize: 64, vocabSize: 512}
+function narrowed(shape: SyntheticShape | BackboneShape): SyntheticShape {
+  const {numLayers, numHeads, numKvHeads, tieWordEmbeddings} = shape
+  return {numLayers, numHeads, numKvHeads, tieWordEmbeddings, hiddenSize: numHeads * 8, intermediateSize: 64, vocabSize: 512}
 }
 
-export async function gpuDispatches(shape: SyntheticShape, parallel: number[], adapter: string, bytesPerWeight = 4): Promise<GpuDispatchReport> {
+/** Bytes per matrix parameter of a package: 4 (fp32), 2 (fp16), or its quantized weights' share. */
+export function weightBytesPerParameter(manifest: PackageManifest): number {
+  if (manifest.quant) return manifest.quant.weightBytes / Math.max(1, shapeParameters({...manifest.model}))
+  return manifest.dtype === 'fp16' ? 2 : 4
+}
+
+export async function gpuDispatches(shape: SyntheticShape | BackboneShape, parallel: number[], adapter: string, bytesPerWeight = 4): Promise<GpuDispatchReport> {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'parscale-gpu-dispatches-'))
   try {
     const narrow = narrowed(shape)
@@ -51,7 +58,7 @@ export async function gpuDispatches(shape: SyntheticShape, parallel: number[], a
     const rows: GpuDispatchRow[] = []
     for (const p of parallel) rows.push({parallel: p, before, after: await countDispatches(writeGpuFormGraph(pkg, p))})
     // a step reads every matrix once; an untied embedding table only one row a token
-    const params = shapeParameters(shape) - (shape.tieWordEmbeddings ? 0 : shape.vocabSize * shape.hiddenSize)
+    const params = shapeParameters({...shape}) - (shape.tieWordEmbeddings ? 0 : shape.vocabSize * shape.hiddenSize)
     return {rows, floor: gpuFloor(adapter, params * bytesPerWeight)}
   } finally {
     fs.rmSync(work, {recursive: true, force: true})
