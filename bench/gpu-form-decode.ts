@@ -1,9 +1,10 @@
-// `npm run bench:gpu-form`: the GPU form (issue 23) on the 0.5b synthetic, fp32, batch 1:
+// `npm run bench:gpu-form`: the GPU form (issue 23) on the 0.5b synthetic, batch 1:
 // prefill of a 64-token prompt and ms per decoded token at each P, on the WebGPU provider
 // (BENCH_DEVICE=cpu: the CPU provider), one child process per P (peak RSS is per P), with the
 // kernel launches per step counted from the graph and the adapter's bandwidth floor.
 // Env: BENCH_DEVICE (webgpu), BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,8), BENCH_PROMPT (64),
-// BENCH_NEW (32), BENCH_REPEAT (3), BENCH_THREADS (CPU provider threads), BENCH_DIMS (JSON shape overrides).
+// BENCH_NEW (32), BENCH_REPEAT (3), BENCH_THREADS (CPU provider threads), BENCH_DIMS (JSON shape overrides),
+// BENCH_QUANT (int8|int4), BENCH_DTYPE (fp32|fp16).
 import {spawnSync} from 'node:child_process'
 import {fileURLToPath} from 'node:url'
 
@@ -12,6 +13,10 @@ import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import {syntheticShape} from '../src/core/checkpoint/synthetic.js'
 import {adapterName, checkWebGpu, type Device} from '../src/core/engine/device.js'
 import {GpuFormModel} from '../src/core/engine/gpu-form.js'
+import type {WeightDtype} from '../src/core/onnx/weights.js'
+import {readManifest} from '../src/core/package/manifest.js'
+import {quantScheme, type QuantName} from '../src/core/quant/scheme.js'
+import {weightBytesPerParameter} from '../src/core/bench/gpu-dispatches.js'
 
 const device = (process.env.BENCH_DEVICE ?? 'webgpu') as Device
 const preset = process.env.BENCH_SHAPE ?? '0.5b'
@@ -22,6 +27,9 @@ const newTokens = Number(process.env.BENCH_NEW ?? 32)
 const repeat = Number(process.env.BENCH_REPEAT ?? 3)
 const threads = process.env.BENCH_THREADS ? Number(process.env.BENCH_THREADS) : undefined
 const log = (t: string) => process.stderr.write(`${t}\n`)
+const quant = process.env.BENCH_QUANT as QuantName | undefined
+const dtype = (process.env.BENCH_DTYPE ?? 'fp32') as WeightDtype
+const weights = quant ?? dtype
 
 interface Measured {
   parallel: number
@@ -66,9 +74,9 @@ if (process.env.BENCH_CHILD) {
   process.stdout.write(JSON.stringify(await measure(packageDir!, Number(P))) + '\n')
 } else {
   if (device === 'webgpu') await checkWebGpu().catch((error: Error) => { log(`parscale: ${error.message}`); process.exit(1) })
-  const packageDir = ensureSyntheticPackage(shape, {parallel, onProgress: log})
+  const packageDir = ensureSyntheticPackage(shape, {parallel, onProgress: log, ...(quant ? {quant: quantScheme(quant)} : {}), dtype})
   const adapter = device === 'webgpu' ? adapterName() : 'cpu'
-  console.log(`GPU form, synthetic ${preset}${process.env.BENCH_DIMS ? ` with ${process.env.BENCH_DIMS}` : ""} fp32, prompt ${promptLength}, ${newTokens} new tokens, ${repeat} rounds; device ${device} (${adapter})`)
+  console.log(`GPU form, synthetic ${preset}${process.env.BENCH_DIMS ? ` with ${process.env.BENCH_DIMS}` : ""} ${weights}, prompt ${promptLength}, ${newTokens} new tokens, ${repeat} rounds; device ${device} (${adapter})`)
   const results: Measured[] = []
   for (const P of parallel) {
     const child = spawnSync(process.execPath, [fileURLToPath(import.meta.url)], {env: {...process.env, BENCH_CHILD: `${packageDir}|${P}`}, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit']})
@@ -81,5 +89,5 @@ if (process.env.BENCH_CHILD) {
   const p1 = results.find((r) => r.parallel === 1)
   const p8 = results.find((r) => r.parallel === 8)
   if (p1 && p8) console.log(`P8/P1 decode: ${(p8.decodeMs / p1.decodeMs).toFixed(2)}`)
-  for (const line of describeGpuDispatches(await gpuDispatches(shape, parallel, adapter))) console.log(line)
+  for (const line of describeGpuDispatches(await gpuDispatches(shape, parallel, adapter, weightBytesPerParameter(readManifest(packageDir))))) console.log(line)
 }
