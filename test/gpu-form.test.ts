@@ -60,7 +60,7 @@ async function gpuFormDiff(dir: string, parallel: number, ids: number[], chunks:
       assert.ok(Math.abs(streamWeights.reduce((a, b) => a + b, 0) - 1) < 1e-5, 'stream weights sum to 1')
     }
     assert.equal(model.length, ids.length)
-    assert.ok(model.inPlace, 'present bound to past: the cache written in place')
+    if (device === 'cpu') assert.ok(model.inPlace, 'present bound to past: the cache written in place')
   } finally {
     await model.release()
   }
@@ -95,7 +95,7 @@ for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
         if (process.env.PARSCALE_SHOW_DIFFS) console.log(`${name} ${plan}: ${vsCpu} vs CPU, ${vsReference} vs reference`)
       })
     }
-    test('on a GPU (WebGPU provider): the reference\'s logits (≤ 1e-3), the cache in device memory written in place', async (t) => {
+    test('on a GPU (WebGPU provider): the reference\'s logits (≤ 1e-3), the cache in device memory', async (t) => {
       if (!adapter) return t.skip('no WebGPU adapter on this machine')
       const pkg = packageOf()
       const parallel = Math.max(...readManifest(pkg).parallel)
@@ -188,5 +188,23 @@ describe('GPU form of quantized packages (MatMulNBits, GatherBlockQuantized): he
         else process.env.PARSCALE_CACHE = previous
       }
     })
+  }
+})
+
+test('on a GPU: a long decode keeps its memory (each step\'s cache released)', async (t) => {
+  if (!adapter) return t.skip('no WebGPU adapter on this machine')
+  const dir = path.join(work, 'tiny-p4-long')
+  convertCheckpoints({sources: [goldenDir('tiny-p4')], outDir: dir, dtype: 'fp32'})
+  const model = await GpuFormModel.open(dir, {parallel: 4, capacity: 48 + 1024, device: 'webgpu'})
+  try {
+    await model.step([1, 2, 3])
+    for (let i = 0; i < 20; i++) await model.step([i + 5])
+    const settled = process.memoryUsage().rss
+    for (let i = 0; i < 200; i++) await model.step([(i * 7) % 200])
+    // a cache of this model is 3 layers · 2 · 4·2 heads · 1072 slots · 16 · 4 B = 3.3 MB: 200 leaked would be 660 MB
+    const grown = process.memoryUsage().rss - settled
+    assert.ok(grown < 100e6, `RSS grew ${(grown / 1e6).toFixed(0)} MB over 200 steps`)
+  } finally {
+    await model.release()
   }
 })

@@ -4,6 +4,8 @@
 //   profile PKG OUT.json P      ONNX Runtime's profile of decode steps, summarized per provider and op
 //   gpuform-golden ROOT OUT.json  the GPU form (issue 23) on WebGPU vs the PyTorch reference and the CPU graph
 //   gpuform-profile PKG OUT.json P  the profile of the GPU form's decode steps, summarized as `profile` does
+//   gpuform-eval ROOT OUT.json  held-out NLL of the default model through the GPU form: fp32, int8, int4 at P = 1 and 8
+//   probe                       the WebGPU adapter (exit 1 without one)
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
@@ -18,6 +20,11 @@ import {readManifest} from '../../src/core/package/manifest.js'
 import {generateAll} from '../../src/core/run/batcher.js'
 import {ParScaleModel, type ModelOptions} from '../../src/core/engine/model.js'
 import {GpuFormModel} from '../../src/core/engine/gpu-form.js'
+import {adapterName, checkWebGpu} from '../../src/core/engine/device.js'
+import {resolveModel} from '../../src/core/package/resolve.js'
+import {quantScheme} from '../../src/core/quant/scheme.js'
+import {negativeLogLikelihood} from '../../src/core/run/evaluate.js'
+import {TextTokenizer} from '../../src/core/run/tokenizer.js'
 
 const [command, ...args] = process.argv.slice(2)
 const write = (file: string, value: unknown) => fs.writeFileSync(file, JSON.stringify(value, null, 1) + '\n')
@@ -190,6 +197,31 @@ async function gpuFormGolden(root: string, out: string): Promise<void> {
   write(out, rows)
 }
 
+/** Mean NLL of the held-out text (first 8 tokens a prompt, then one a step) through the GPU form. */
+async function gpuFormEval(root: string, out: string): Promise<void> {
+  const tokenizer = await TextTokenizer.load(path.join(root, 'fixtures/default-model'))
+  const ids = tokenizer.encode(fs.readFileSync(path.join(root, 'fixtures/default-model/heldout.py'), 'utf8'))
+  const rows = []
+  for (const parallel of [1, 8]) {
+    const row: Record<string, number> = {parallel}
+    for (const quant of [undefined, 'int8', 'int4'] as const) {
+      const dir = resolveModel(undefined, {parallel, ...(quant ? {quant: quantScheme(quant)} : {})}).packageDir
+      const model = await GpuFormModel.open(dir, {parallel, capacity: 64 + ids.length, device: process.env.EXP_ON_CPU ? 'cpu' : 'webgpu'})
+      let total = 0
+      let {logits} = await model.step(ids.slice(0, 8))
+      for (let t = 8; t < ids.length; t++) {
+        total += negativeLogLikelihood(logits, 0, logits.length, ids[t])
+        if (t + 1 < ids.length) ({logits} = await model.step([ids[t]]))
+      }
+      await model.release()
+      row[quant ?? 'fp32'] = total / (ids.length - 8)
+    }
+    console.log(JSON.stringify(row))
+    rows.push(row)
+  }
+  write(out, rows)
+}
+
 async function profile(dir: string, out: string, P: number, form?: string): Promise<void> {
   const prefix = path.join(os.tmpdir(), 'wgprof')
   const prompt = Array.from({length: 64}, (_, i) => i + 5)
@@ -246,5 +278,12 @@ if (command === 'golden') await golden(args[0], args[1])
 else if (command === 'decode') await decode(args[0], args[1], args.slice(2).map(Number))
 else if (command === 'profile') await profile(args[0], args[1], Number(args[2]), args[3])
 else if (command === 'gpuform-golden') await gpuFormGolden(args[0], args[1])
-else if (command === 'gpuform-profile') await profile(args[0], args[1], Number(args[2]), 'gpuform')
+else if (command === 'gpuform-eval') await gpuFormEval(args[0], args[1])
+else if (command === 'probe') {
+  const adapter = await checkWebGpu().catch((error: Error) => {
+    console.log(JSON.stringify({adapter: null, error: error.message}))
+    process.exit(1)
+  })
+  console.log(JSON.stringify({adapter: adapterName(), backend: adapter.backend}))
+} else if (command === 'gpuform-profile') await profile(args[0], args[1], Number(args[2]), 'gpuform')
 else throw new Error(`unknown command ${command}`)
