@@ -230,6 +230,9 @@ export class GpuFormModel {
     const P = options.parallel
     const prefixTokens = P === 1 ? 0 : variant.prefixTokens
     if (options.capacity <= prefixTokens) throw new UserError(`capacity ${options.capacity} leaves no room after the ${prefixTokens}-token prefix`)
+    if (options.capacity - prefixTokens > manifest.model.maxPositionEmbeddings) {
+      throw new UserError(`capacity ${options.capacity} holds more tokens than the model's ${manifest.model.maxPositionEmbeddings} positions`)
+    }
     const device = options.device ?? 'cpu'
     if (device === 'webgpu') await checkWebGpu() // before any loading: fail at once
     const graph = writeGpuFormGraph(packageDir, P)
