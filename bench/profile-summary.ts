@@ -34,10 +34,12 @@ function runsOf(events: ProfileEvent[]): Run[] {
       entry.us += node.dur
       entry.kernels++
       ops.set(op, entry)
-      // the embedding's indices are the run's input_ids [batch, seq]
-      if (!tokens && (op === 'Gather' || op === 'GatherBlockQuantized') && node.name.startsWith('embed/')) {
-        const ids = Object.values(node.args?.input_type_shape?.[1] ?? {})[0]
-        if (ids) tokens = ids.reduce((a, b) => a * b, 1)
+      // tokens of the run: the embedding's indices [batch, seq] (graphs before v8, the WebGPU
+      // form), or the fed rows [batch, seq, hidden] the CPU graph's embed block starts from
+      if (!tokens && node.name.startsWith('embed/')) {
+        const gather = op === 'Gather' || op === 'GatherBlockQuantized'
+        const shape = Object.values(node.args?.input_type_shape?.[gather ? 1 : 0] ?? {})[0]
+        if (shape && (gather || shape.length === 3)) tokens = shape.slice(0, 2).reduce((a, b) => a * b, 1)
       }
     }
     runs.push({dur: run.dur, tokens, ops})

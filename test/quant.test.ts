@@ -58,7 +58,10 @@ describe('quantized packages', () => {
     const fp32Bytes = weightBytes(variantConfig(manifest, manifest.variants[0]!)) - weightBytes(variantConfig(manifest, manifest.variants[0]!), 0)
     assert.ok(manifest.quant!.weightBytes < fp32Bytes / 4.5, `${manifest.quant!.weightBytes} vs ${fp32Bytes}`)
     const graph = fs.readFileSync(path.join(out, manifest.graph)).toString('latin1')
-    assert.ok(graph.includes('MatMulNBits') && graph.includes('GatherBlockQuantized'))
+    // the embedding rows are read by the engine from the table's codes (engine/embedding-rows.ts), not gathered in the graph
+    assert.ok(graph.includes('MatMulNBits') && graph.includes('inputs_embeds') && !graph.includes('GatherBlockQuantized'))
+    assert.equal(manifest.embedding.dtype, 'int4')
+    assert.equal(manifest.embedding.blockSize, 64)
     assert.ok(!graph.includes('Gemm') || /aggregate/.test(graph), 'no float Gemm over backbone weights')
 
     const model = await ParScaleModel.open(out)
@@ -165,20 +168,20 @@ describe('quantized packages', () => {
     assert.equal(plain.code, 0, plain.stderr)
     const converted = fs.readdirSync(path.join(env.PARSCALE_CACHE, 'converted')).sort()
     assert.equal(converted.length, 2, converted.join(', '))
-    assert.ok(converted.some((n) => n.includes('-int4-b32-')) && converted.some((n) => !n.includes('int')))
+    assert.ok(converted.some((n) => n.includes('-int4-b256-')) && converted.some((n) => !n.includes('int')))
 
     const list = await runCli(['list'], {env})
-    assert.match(list.stdout, /WEIGHTS[\s\S]*int4 b32/)
+    assert.match(list.stdout, /WEIGHTS[\s\S]*int4 b256/)
     const listJson = JSON.parse((await runCli(['list', '--json'], {env})).stdout) as {packages: {quant: {scheme: string} | null}[]}
     assert.deepEqual(listJson.packages.map((p) => p.quant?.scheme ?? null).sort(), ['int4', null])
 
     const report = path.join(work, 'bench.json')
     const bench = await runCli(['bench', '--quant', 'int4', '--parallel', '1', '--prompt-len', '8', '--max-new-tokens', '3', '--repeat', '1', '--threads', '1', '--no-roofline', '--json-file', report], {env})
     assert.equal(bench.code, 0, bench.stderr)
-    assert.match(bench.stdout, /weights: int4, block 32/)
+    assert.match(bench.stdout, /weights: int4, block 256/)
     const benchJson = JSON.parse(fs.readFileSync(report, 'utf8')) as {quant: {scheme: string; block_size: number; weight_bytes: number}; results: {weight_bytes: number}[]}
     assert.equal(benchJson.quant.scheme, 'int4')
-    assert.equal(benchJson.quant.block_size, 32)
+    assert.equal(benchJson.quant.block_size, 256)
     assert.equal(benchJson.results[0]!.weight_bytes, benchJson.quant.weight_bytes, 'P = 1 reads the quantized backbone only')
 
     // a converted package is used as it is: --quant cannot re-quantize it

@@ -1,14 +1,33 @@
 #!/bin/bash
-# GPU machine, from the checkout's root: unpacks node, onnxruntime-node and the parscale bundle,
-# then measures. Usage: bash .carry/pscale/device.sh STEPS (comma list) ; results under $OUT.
+# GPU machine, from the checkout's root: unpacks node, onnxruntime-node, the parscale bundle and
+# the GL/Vulkan user-space libraries the NVIDIA ICD needs, then measures. One device call runs at
+# most 600 s: steps run in the order given, each under its own limit and the call's deadline
+# (BUDGET seconds from the start, default 570); a step that would not fit is skipped and said so.
+# Usage: bash .carry/pscale/device.sh STEPS (comma list, or "all") ; results under $OUT.
+# Steps (issue 23): probe run golden gpuform int4 fp16 cpu16 eval synth18 gpubench profile
+#   (and, from issue 19: forms ortdefaults cpu2).
 set -u
 STEPS=",${1:-all},"
 has() { [[ "$STEPS" == *",all,"* || "$STEPS" == *",$1,"* ]]; }
 exec > >(tee -a "$OUT/log.txt") 2>&1
 T0=$(date +%s)
+BUDGET=${BUDGET:-570}
 stamp() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
+left() { echo $(( T0 + BUDGET - $(date +%s) )); }
+# step NAME LIMIT_S COMMAND…: runs COMMAND under min(LIMIT_S, time left); skipped under 20 s left
+step() {
+  local name=$1 limit=$2; shift 2
+  local rest; rest=$(left)
+  if (( rest < 20 )); then stamp "SKIPPED $name (deadline: ${rest}s left)"; return 0; fi
+  (( limit > rest )) && limit=$rest
+  stamp "$name (limit ${limit}s)"
+  timeout "$limit" "$@"; local rc=$?
+  (( rc == 124 )) && stamp "TIMED OUT $name after ${limit}s"
+  return $rc
+}
 stamp setup
-for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
+# the NVIDIA Vulkan ICD (libGLX_nvidia) loads libGLdispatch and X11/xcb: pack.sh downloads them
+for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 mkdir -p /tmp/node /tmp/nm/node_modules/onnxruntime-node
 python3 -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.carry/node.xz'),open('/tmp/node/node','wb'))" && chmod +x /tmp/node/node
@@ -17,39 +36,34 @@ tar xzf .carry/pscale/ort-common.tgz -C /tmp/nm/node_modules
 python3 -c "import tarfile;tarfile.open('.carry/pscale/bundle.tar.xz').extractall('.carry/pscale')"
 ln -sfn /tmp/nm/node_modules node_modules
 export PATH=/tmp/node:$PATH NODE_NO_WARNINGS=1 PARSCALE_CACHE=/tmp/pscache
-CLI=.carry/pscale/x/y/cli.js; EXP=.carry/pscale/x/y/experiments.js
+B=.carry/pscale/x/y; CLI=$B/cli.js; EXP=$B/experiments.js; GF=$B/gpu-form.js
 node --version; nvidia-smi -L; nproc; free -g | head -2
-cat /proc/driver/nvidia/gpus/*/information 2>&1 | head -3; ls /sys/class/drm 2>&1 | head -3
+cat /proc/driver/nvidia/gpus/*/information 2>&1 | head -3
+if has probe || has run; then
+  step probe 60 node $EXP probe || {
+    stamp "no adapter: stop"; ldconfig -p | grep -i -E "gldispatch|libGLX|libX11|libxcb" | head -6
+    VK_LOADER_DEBUG=error,warn timeout 60 node $EXP probe 2>&1 | grep -v "^Warning" | head -12; exit 1; }
+fi
 if has run; then
-  stamp "run --device webgpu (default model, P=8)"
-  timeout 120 node $CLI run --device webgpu --prompt "def fibonacci(n):" --max-new-tokens 32 --parallel 8 --temperature 0 || {
-    stamp "webgpu failed: stop"; ldconfig -p | grep -i -E "gldispatch|libGLX" | head -4
-    python3 -c "
-from onnx import helper,TensorProto
-x=helper.make_tensor_value_info('x',TensorProto.FLOAT,[4]);y=helper.make_tensor_value_info('y',TensorProto.FLOAT,[4])
-m=helper.make_model(helper.make_graph([helper.make_node('Add',['x','x'],['y'])],'g',[x],[y]),opset_imports=[helper.make_opsetid('',17)]);m.ir_version=8
-open('/tmp/probe.onnx','wb').write(m.SerializeToString())"
-    VK_LOADER_DEBUG=error,warn node -e "require('onnxruntime-node').InferenceSession.create('/tmp/probe.onnx',{executionProviders:['webgpu']}).then(()=>console.log('ok'),(e)=>console.log(e.message.slice(-80)))" 2>&1 | head -8; exit 1; }
-  timeout 60 node $CLI run --prompt "def fibonacci(n):" --max-new-tokens 32 --parallel 8 --temperature 0 -q
+  step "run --device webgpu (default model, P=8)" 120 node $CLI run --device webgpu --prompt "def fibonacci(n):" --max-new-tokens 32 --parallel 8 --temperature 0
 fi
 if has golden; then
-  stamp golden; timeout 150 node $EXP golden . $OUT/golden.json
-  stamp "eval heldout.py P=8, webgpu then cpu"
-  timeout 90 node $CLI eval --text-file fixtures/default-model/heldout.py --parallel 8 --json --device webgpu
-  timeout 90 node $CLI eval --text-file fixtures/default-model/heldout.py --parallel 8 --json
+  step "golden: GPU form on WebGPU vs PyTorch and the CPU graph" 120 node $EXP gpuform-golden . $OUT/gpuform-golden.json
+  step "golden: WebGPU graph (before) vs CPU" 150 node $EXP golden . $OUT/golden.json
 fi
-if has gpubench; then
-  stamp "bench 0.5b webgpu (builds the synthetic package)"
-  timeout 420 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --device webgpu --repeat 3 --json $OUT/bench-webgpu.json
-fi
-PKG=$(ls -d /tmp/pscache/synthetic/h896-l24-* 2>/dev/null | head -1)
+# The GPU form, 0.5b synthetic, prompt 64, 32 new tokens: decode ms/token per P, dispatches, floor
+if has gpuform; then BENCH_PARALLEL=1,2,4,8 step "GPU form 0.5b fp32 (builds the package)" 240 node $GF > $OUT/gpuform-fp32.txt; cat $OUT/gpuform-fp32.txt; fi
+if has int4; then BENCH_QUANT=int4 step "GPU form 0.5b int4 (builds the package)" 200 node $GF > $OUT/gpuform-int4.txt; cat $OUT/gpuform-int4.txt; fi
+if has fp16; then BENCH_DTYPE=fp16 step "GPU form 0.5b fp16 (builds the package)" 200 node $GF > $OUT/gpuform-fp16.txt; cat $OUT/gpuform-fp16.txt; fi
+if has cpu16; then step "CPU graph 0.5b, 16 threads (the ratio's base)" 150 node $CLI bench --synthetic 0.5b --parallel 1,8 --threads 16 --repeat 1 --no-roofline --json-file $OUT/bench-cpu16.json; fi
+if has eval; then step "held-out NLL through the GPU form: fp32, int8, int4 at P=1,8" 120 node $EXP gpuform-eval . $OUT/gpuform-eval.json; fi
+if has synth18; then BENCH_SHAPE=1.8b BENCH_PARALLEL=1,8 BENCH_REPEAT=2 step "GPU form 1.8b fp32 (builds the package)" 300 node $GF > $OUT/gpuform-1.8b.txt; cat $OUT/gpuform-1.8b.txt; fi
+PKG=$(ls -d /tmp/pscache/synthetic/h896-l24-* 2>/dev/null | grep -v -e int -e fp16 | head -1)
+if has profile && [ -n "$PKG" ]; then step "profile of GPU form decode, P=8" 100 node $EXP gpuform-profile $PKG $OUT/gpuform-profile-p8.json 8; fi
+if has gpubench; then step "bench 0.5b webgpu, the WebGPU graph (before)" 300 node $CLI bench --synthetic 0.5b --parallel 1,8 --device webgpu --repeat 2 --json-file $OUT/bench-webgpu.json; fi
 if has forms && [ -n "$PKG" ]; then
-  for f in ${FORMS:-nosplit t768 mlp down}; do stamp "decode form $f"; timeout 100 node $EXP decode $PKG $f 1 8; done
-  stamp "decode default form, 16 spinning threads"; PARSCALE_WEBGPU_OPTIONS='{"threads":16}' timeout 100 node $EXP decode $PKG t1536 1 8
-  stamp "decode default form, 256 pending dispatches"; PARSCALE_WEBGPU_OPTIONS='{"config":{"maxNumPendingDispatches":"256"}}' timeout 100 node $EXP decode $PKG t1536 1 8
-  if has ortdefaults; then stamp "decode gemm, ORT's default provider settings"; PARSCALE_WEBGPU_OPTIONS='{"provider":{"validationMode":"basic"},"config":{"maxNumPendingDispatches":"16"}}' timeout 100 node $EXP decode $PKG default 1 8; fi
+  for f in ${FORMS:-nosplit t768 mlp down}; do step "decode form $f" 100 node $EXP decode $PKG $f 1 8; done
+  if has ortdefaults; then PARSCALE_WEBGPU_OPTIONS='{"provider":{"validationMode":"basic"},"config":{"maxNumPendingDispatches":"16"}}' step "decode gemm, ORT's default provider settings" 100 node $EXP decode $PKG default 1 8; fi
 fi
-if has profile && [ -n "$PKG" ]; then stamp profile; timeout 100 node $EXP profile $PKG $OUT/profile-p8.json 8 ${PROFILE_FORM:-}; fi
-if has cpu16; then stamp "bench 0.5b cpu 16 threads"; timeout 240 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 16 --repeat 3 --json $OUT/bench-cpu16.json; fi
-if has cpu2; then stamp "bench 0.5b cpu 2 threads"; timeout 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json $OUT/bench-cpu2.json; fi
+if has cpu2; then step "bench 0.5b cpu 2 threads" 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json-file $OUT/bench-cpu2.json; fi
 stamp done

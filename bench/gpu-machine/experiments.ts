@@ -2,6 +2,10 @@
 //   golden ROOT OUT.json        WebGPU vs CPU logits and batcher answers on fixtures/golden/*
 //   decode PKG FORM P…          decode ms/token of one graph form (provider settings from the environment)
 //   profile PKG OUT.json P      ONNX Runtime's profile of decode steps, summarized per provider and op
+//   gpuform-golden ROOT OUT.json  the GPU form (issue 23) on WebGPU vs the PyTorch reference and the CPU graph
+//   gpuform-profile PKG OUT.json P  the profile of the GPU form's decode steps, summarized as `profile` does
+//   gpuform-eval ROOT OUT.json  held-out NLL of the default model through the GPU form: fp32, int8, int4 at P = 1 and 8
+//   probe                       the WebGPU adapter (exit 1 without one)
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
@@ -15,6 +19,12 @@ import {convertCheckpoints} from '../../src/core/package/convert.js'
 import {readManifest} from '../../src/core/package/manifest.js'
 import {generateAll} from '../../src/core/run/batcher.js'
 import {ParScaleModel, type ModelOptions} from '../../src/core/engine/model.js'
+import {GpuFormModel} from '../../src/core/engine/gpu-form.js'
+import {adapterName, checkWebGpu} from '../../src/core/engine/device.js'
+import {resolveModel} from '../../src/core/package/resolve.js'
+import {quantScheme} from '../../src/core/quant/scheme.js'
+import {negativeLogLikelihood} from '../../src/core/run/evaluate.js'
+import {TextTokenizer} from '../../src/core/run/tokenizer.js'
 
 const [command, ...args] = process.argv.slice(2)
 const write = (file: string, value: unknown) => fs.writeFileSync(file, JSON.stringify(value, null, 1) + '\n')
@@ -155,19 +165,80 @@ async function decode(dir: string, form: string, parallel: number[]): Promise<vo
   console.log(JSON.stringify(row))
 }
 
+/** Every stage of the GPU form's first positions: whole prompt, then token by token, on WebGPU and the CPU graph. */
+async function gpuFormGolden(root: string, out: string): Promise<void> {
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'gpuform-golden-'))
+  const rows = []
+  for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
+    const source = path.join(root, 'fixtures/golden', name)
+    const dir = path.join(work, name)
+    convertCheckpoints({sources: [source], outDir: dir, dtype: 'fp32'})
+    const {prompt_ids: ids, values} = (JSON.parse(fs.readFileSync(path.join(source, 'golden.json'), 'utf8')) as {logits: {prompt_ids: number[]; values: number[][]}}).logits
+    const P = Math.max(...readManifest(dir).parallel)
+    const cpu = await logitsOf(dir, {}, ids)
+    const vocab = values[0].length
+    const model = await GpuFormModel.open(dir, {parallel: P, capacity: 128, device: process.env.EXP_ON_CPU ? 'cpu' : 'webgpu'})
+    let reference = 0
+    let vsCpu = 0
+    let at = 0
+    for (const n of [5, ...Array.from({length: ids.length - 5}, () => 1)]) {
+      const {logits} = await model.step(ids.slice(at, at + n))
+      at += n
+      for (let j = 0; j < vocab; j++) {
+        reference = Math.max(reference, Math.abs(logits[j] - values[at - 1][j]))
+        vsCpu = Math.max(vsCpu, Math.abs(logits[j] - cpu.whole[(at - 1) * vocab + j]))
+      }
+    }
+    const row = {name, parallel: P, gpu_form_vs_pytorch: reference, gpu_form_vs_cpu_graph: vsCpu, cache_in_place: model.inPlace}
+    await model.release()
+    console.log(JSON.stringify(row))
+    rows.push(row)
+  }
+  write(out, rows)
+}
+
+/** Mean NLL of the held-out text (first 8 tokens a prompt, then one a step) through the GPU form. */
+async function gpuFormEval(root: string, out: string): Promise<void> {
+  const tokenizer = await TextTokenizer.load(path.join(root, 'fixtures/default-model'))
+  const ids = tokenizer.encode(fs.readFileSync(path.join(root, 'fixtures/default-model/heldout.py'), 'utf8'))
+  const rows = []
+  for (const parallel of [1, 8]) {
+    const row: Record<string, number> = {parallel}
+    for (const quant of [undefined, 'int8', 'int4'] as const) {
+      const dir = resolveModel(undefined, {parallel, ...(quant ? {quant: quantScheme(quant)} : {})}).packageDir
+      const model = await GpuFormModel.open(dir, {parallel, capacity: 64 + ids.length, device: process.env.EXP_ON_CPU ? 'cpu' : 'webgpu'})
+      let total = 0
+      let {logits} = await model.step(ids.slice(0, 8))
+      for (let t = 8; t < ids.length; t++) {
+        total += negativeLogLikelihood(logits, 0, logits.length, ids[t])
+        if (t + 1 < ids.length) ({logits} = await model.step([ids[t]]))
+      }
+      await model.release()
+      row[quant ?? 'fp32'] = total / (ids.length - 8)
+    }
+    console.log(JSON.stringify(row))
+    rows.push(row)
+  }
+  write(out, rows)
+}
+
 async function profile(dir: string, out: string, P: number, form?: string): Promise<void> {
   const prefix = path.join(os.tmpdir(), 'wgprof')
-  const model = await ParScaleModel.open(dir, {...gpu, profilePrefix: prefix, ...(form ? {graphFile: `model.webgpu.${form}.onnx`} : {})})
-  const cache = model.newCache(P)
-  cache.reserve(1, 80)
-  cache.reset(0)
-  await model.forward(cache, 0, [Array.from({length: 64}, (_, i) => i + 5)], 1)
-  const marks: number[] = []
-  for (let s = 0; s < 4; s++) {
-    marks.push(performance.now())
-    await model.forward(cache, 0, [[s + 9]], 1)
+  const prompt = Array.from({length: 64}, (_, i) => i + 5)
+  if (form === 'gpuform') {
+    const model = await GpuFormModel.open(dir, {parallel: P, capacity: 48 + 64 + 8, device: process.env.EXP_ON_CPU ? 'cpu' : 'webgpu', profilePrefix: prefix})
+    await model.step(prompt)
+    for (let s = 0; s < 4; s++) await model.step([s + 9])
+    await model.release()
+  } else {
+    const model = await ParScaleModel.open(dir, {...gpu, profilePrefix: prefix, ...(form ? {graphFile: `model.webgpu.${form}.onnx`} : {})})
+    const cache = model.newCache(P)
+    cache.reserve(1, 80)
+    cache.reset(0)
+    await model.forward(cache, 0, [prompt], 1)
+    for (let s = 0; s < 4; s++) await model.forward(cache, 0, [[s + 9]], 1)
+    await model.release()
   }
-  await model.release()
   const file = fs.readdirSync(os.tmpdir()).filter((f) => f.startsWith('wgprof')).map((f) => path.join(os.tmpdir(), f)).sort().at(-1)!
   const events = JSON.parse(fs.readFileSync(file, 'utf8')) as {cat: string; name: string; dur: number; ts: number; args?: {provider?: string; op_name?: string}}[]
   const runs = events.filter((e) => e.cat === 'Session' && e.name === 'model_run')
@@ -206,4 +277,13 @@ async function profile(dir: string, out: string, P: number, form?: string): Prom
 if (command === 'golden') await golden(args[0], args[1])
 else if (command === 'decode') await decode(args[0], args[1], args.slice(2).map(Number))
 else if (command === 'profile') await profile(args[0], args[1], Number(args[2]), args[3])
+else if (command === 'gpuform-golden') await gpuFormGolden(args[0], args[1])
+else if (command === 'gpuform-eval') await gpuFormEval(args[0], args[1])
+else if (command === 'probe') {
+  const adapter = await checkWebGpu().catch((error: Error) => {
+    console.log(JSON.stringify({adapter: null, error: error.message}))
+    process.exit(1)
+  })
+  console.log(JSON.stringify({adapter: adapterName(), backend: adapter.backend}))
+} else if (command === 'gpuform-profile') await profile(args[0], args[1], Number(args[2]), 'gpuform')
 else throw new Error(`unknown command ${command}`)

@@ -25,7 +25,7 @@ export function prefillVsRate(result: RunResult, roofline: ProbeResult): number 
 function describeWeights(quant: BenchReport['quant']): string {
   if (!quant) return 'unquantized'
   const fallbacks = Object.keys(quant.blockFallbacks).length
-  return `${quant.scheme}, block ${quant.blockSize}${fallbacks ? ` (${fallbacks} matrices in smaller blocks)` : ''}, MatMulNBits accuracy level ${quant.accuracyLevel}, embeddings GatherBlockQuantized; prefixes and aggregation float32`
+  return `${quant.scheme}, block ${quant.blockSize}${fallbacks ? ` (${fallbacks} matrices in smaller blocks)` : ''}, MatMulNBits accuracy level ${quant.accuracyLevel}, embedding rows read and dequantized by the engine; prefixes and aggregation float32`
 }
 
 function baseline(results: RunResult[], r: RunResult): RunResult | undefined {

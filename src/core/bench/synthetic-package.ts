@@ -8,6 +8,7 @@ import {isCurrentGraph, MANIFEST_FILE, readManifest, sameQuant} from '../package
 import {parscaleCacheDir} from '../package/paths.js'
 import {writeSyntheticCheckpoint, type SyntheticShape} from '../checkpoint/synthetic.js'
 import {quantKey, type QuantScheme} from '../quant/scheme.js'
+import type {WeightDtype} from '../onnx/weights.js'
 
 export interface SyntheticPackageOptions {
   parallel: number[]
@@ -15,6 +16,8 @@ export interface SyntheticPackageOptions {
   seed?: number
   /** Quantized weights (a package of its own per scheme). */
   quant?: QuantScheme
+  /** Float weights' storage (default fp32; fp16 halves the matrices). */
+  dtype?: WeightDtype
   /** Where packages live; default `<parscale cache>/synthetic`. */
   cacheDir?: string
   onProgress?: (text: string, progress?: ConvertProgress) => void
@@ -36,11 +39,12 @@ export function ensureSyntheticPackage(shape: SyntheticShape, options: Synthetic
   const prefixTokens = options.prefixTokens ?? 48
   const seed = options.seed ?? 0
   const root = options.cacheDir ?? path.join(parscaleCacheDir(), 'synthetic')
-  const format = options.quant ? `-${quantKey(options.quant)}` : ''
+  const dtype = options.quant ? 'fp32' : (options.dtype ?? 'fp32')
+  const format = options.quant ? `-${quantKey(options.quant)}` : dtype === 'fp16' ? '-fp16' : ''
   const dir = path.join(root, `${syntheticKey(shape, prefixTokens, seed)}${format}`)
   let wanted = [...new Set(options.parallel)].sort((a, b) => a - b)
   const cached = fs.existsSync(path.join(dir, MANIFEST_FILE)) ? readManifest(dir) : undefined
-  if (cached && isCurrentGraph(cached) && sameQuant(cached, options.quant)) {
+  if (cached && isCurrentGraph(cached) && sameQuant(cached, options.quant) && cached.dtype === dtype) {
     if (wanted.every((p) => cached.parallel.includes(p))) return dir
     wanted = [...new Set([...cached.parallel, ...wanted])].sort((a, b) => a - b) // rebuild with the union
   }
@@ -54,7 +58,7 @@ export function ensureSyntheticPackage(shape: SyntheticShape, options: Synthetic
       return source
     })
     convertCheckpoints({
-      sources, outDir: dir, dtype: 'fp32', quant: options.quant, force: true, sourceLabel: `synthetic ${path.basename(dir)}`,
+      sources, outDir: dir, dtype, quant: options.quant, force: true, sourceLabel: `synthetic ${path.basename(dir)}`,
       onProgress: (p) => options.onProgress?.(`converting: ${p.phase}`, p),
     })
   } finally {

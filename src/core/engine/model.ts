@@ -15,6 +15,7 @@ import {isCurrentGraph, readManifest, selectVariant, type PackageManifest} from 
 import {removalAdvice} from '../package/paths.js'
 import {attentionMask, DeviceKvCache, DeviceOps, type DeviceCacheHost, type DeviceSegment, type InitialCache} from './device-cache.js'
 import {checkWebGpu, webgpuSessionOptions, type AdapterInfo, type Device} from './device.js'
+import {EmbeddingRows} from './embedding-rows.js'
 import {KvCache} from './kv-cache.js'
 import {loadStreamWeights, type HostTensor, type StreamWeights} from './stream-weights.js'
 import {widenedDecodeGraph} from '../quant/widen.js'
@@ -93,6 +94,8 @@ export class ParScaleModel implements DeviceCacheHost {
     private readonly deviceOps: DeviceOps | undefined,
     /** The GPU adapter (WebGPU only). */
     readonly adapter: AdapterInfo | undefined,
+    /** The CPU form's embedding rows, read per call (the WebGPU form gathers them itself). */
+    private readonly embeddings: EmbeddingRows | undefined,
   ) {}
 
   private widened: Promise<ort.InferenceSession | undefined> | undefined
@@ -146,7 +149,8 @@ export class ParScaleModel implements DeviceCacheHost {
     const deviceOps = form === 'webgpu'
       ? await DeviceOps.create(manifest.model.numLayers, {...base, ...(device === 'webgpu' ? {preferredOutputLocation: 'gpu-buffer'} : {})})
       : undefined
-    const model = new ParScaleModel(session, widenedOptions, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter)
+    const embeddings = form === 'cpu' ? new EmbeddingRows(packageDir, manifest.embedding) : undefined
+    const model = new ParScaleModel(session, widenedOptions, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter, embeddings)
     if (preload) await model.decodeSession(WIDENED_DECODE_FROM_PARALLEL)
     return model
   }
@@ -230,7 +234,7 @@ export class ParScaleModel implements DeviceCacheHost {
     const head = cache.streams.aggregate
     const host = (t: HostTensor) => new ort.Tensor('float32', t.data, t.dims)
     const feeds: Record<string, ort.Tensor> = {
-      [io.inputIds]: new ort.Tensor('int64', BigInt64Array.from(inputIds.flat(), BigInt), [count, seq]),
+      [io.inputsEmbeds]: new ort.Tensor('float32', this.embeddings!.rows(inputIds.flat()), [count, seq, this.embeddings!.hidden]),
       [io.positions]: new ort.Tensor('int64', positions, [count, seq]),
       [io.cacheLengths]: new ort.Tensor('int64', lengths, [count]),
       [io.numLogitsToKeep]: new ort.Tensor('int64', BigInt64Array.of(BigInt(numLogitsToKeep)), []),
@@ -342,6 +346,7 @@ export class ParScaleModel implements DeviceCacheHost {
     await this.deviceOps?.release()
     await this.session.release()
     await (await this.widened)?.release()
+    this.embeddings?.close()
   }
 }
 

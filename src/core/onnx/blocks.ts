@@ -27,8 +27,12 @@ export interface Rotary {
 
 /** Token embeddings copied into P streams: [batch·P·seq, hidden]. */
 export function embedTokens(ctx: DecoderContext, inputIds: string): string {
+  return embeddingsIntoStreams(ctx, ctx.weights.embed('model.embed_tokens.weight', inputIds))
+}
+
+/** Embedded tokens [batch, seq, hidden] (rows of the table, gathered or fed) copied into P streams: [batch·P·seq, hidden]. */
+export function embeddingsIntoStreams(ctx: DecoderContext, embedded: string): string {
   const {ops, config, dims} = ctx
-  const embedded = ctx.weights.embed('model.embed_tokens.weight', inputIds) // [B, S, H]
   const streams = ops.expand(ops.unsqueeze(embedded, [1]), ops.shapeOf([dims.batch, dims.streams, dims.seq, config.hiddenSize]))
   return ops.reshape(streams, ops.shapeOf([-1, config.hiddenSize]))
 }

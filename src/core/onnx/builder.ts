@@ -4,7 +4,7 @@ import type {ExternalLocation} from './external-data.js'
 
 const {onnx} = onnxProto
 
-export type ElementType = 'float32' | 'float16' | 'int64' | 'bool' | 'uint8' | 'int8'
+export type ElementType = 'float32' | 'float16' | 'int64' | 'int32' | 'bool' | 'uint8' | 'int8'
 /** A tensor dimension: a fixed size or a symbolic name such as "batch". */
 export type Dim = number | string
 export type AttributeValue = number | number[] | string | {float: number} | {floats: number[]}
@@ -13,6 +13,7 @@ const ELEMENT_TYPES: Record<ElementType, number> = {
   float32: onnx.TensorProto.DataType.FLOAT,
   float16: onnx.TensorProto.DataType.FLOAT16,
   int64: onnx.TensorProto.DataType.INT64,
+  int32: onnx.TensorProto.DataType.INT32,
   bool: onnx.TensorProto.DataType.BOOL,
   uint8: onnx.TensorProto.DataType.UINT8,
   int8: onnx.TensorProto.DataType.INT8,

@@ -1,5 +1,5 @@
 import type {BackboneShape} from '../checkpoint/config.js'
-import {addAndNorm, aggregateStreams, attention, attentionMasks, embedTokens, lmHead, mlp, rmsNorm, rotary, type AggregationInputs, type DecoderContext} from './blocks.js'
+import {addAndNorm, aggregateStreams, attention, attentionMasks, embeddingsIntoStreams, lmHead, mlp, rmsNorm, rotary, type AggregationInputs, type DecoderContext} from './blocks.js'
 import {GraphBuilder} from './builder.js'
 import {Ops} from './ops.js'
 import type {WeightProvider} from './weights.js'
@@ -8,11 +8,14 @@ import type {WeightProvider} from './weights.js'
  * Bumped whenever the graph a conversion writes changes (ops, inputs, layout of stored
  * weights), so packages cached by an older parscale are converted again instead of reused.
  */
-export const GRAPH_VERSION = 7
+export const GRAPH_VERSION = 8
 
 /** Names of the decoder's inputs and outputs. */
 export const io = {
+  /** int64 [batch, seq]: the WebGPU form's token ids (it gathers its rows on the GPU). */
   inputIds: 'input_ids',
+  /** The tokens' rows of the embedding table [batch, seq, hidden], read by the engine (engine/embedding-rows.ts). */
+  inputsEmbeds: 'inputs_embeds',
   positions: 'positions',
   cacheLengths: 'cache_lengths',
   numLogitsToKeep: 'num_logits_to_keep',
@@ -32,7 +35,8 @@ export const io = {
 } as const
 
 /**
- * The whole ParScale decoder as one graph for every P: embeddings copied into P streams,
+ * The whole ParScale decoder as one graph for every P: the tokens' embeddings (fed: the engine
+ * reads their rows of the table, so a long prompt does not fault in the whole mapped table) copied into P streams,
  * Qwen2 layers whose attention reads a cache that starts with each stream's prefix, the final
  * norm, the stream aggregation (its weights are inputs, so P is chosen per call) and the LM
  * head. P = 1 is plain Qwen2. `makeWeights` binds the backbone weights to the builder.
@@ -44,7 +48,7 @@ export function buildDecoderGraph(config: BackboneShape, makeWeights: (g: GraphB
   const keyShape = ['batch_streams', kv, headDim, 'capacity']
   const valueShape = ['batch_streams', kv, 'capacity', headDim]
 
-  const inputIds = g.input(io.inputIds, 'int64', ['batch', 'sequence_length'])
+  const inputsEmbeds = g.input(io.inputsEmbeds, 'float32', ['batch', 'sequence_length', H])
   const positions = g.input(io.positions, 'int64', ['batch', 'sequence_length'])
   const cacheLengths = g.input(io.cacheLengths, 'int64', ['batch'])
   const caches = Array.from({length: config.numLayers}, (_, layer) => ({
@@ -61,12 +65,12 @@ export function buildDecoderGraph(config: BackboneShape, makeWeights: (g: GraphB
   const numLogitsToKeep = g.input(io.numLogitsToKeep, 'int64', [])
 
   const weights = makeWeights(g)
-  const batch = ops.shape(inputIds, 0, 1)
+  const batch = ops.shape(inputsEmbeds, 0, 1)
   const streams = ops.shape(head.weight2, 0, 1)
-  const dims = {batch, seq: ops.shape(inputIds, 1, 2), streams, batchStreams: ops.mul(batch, streams)}
+  const dims = {batch, seq: ops.shape(inputsEmbeds, 1, 2), streams, batchStreams: ops.mul(batch, streams)}
   const ctx: DecoderContext = {g, ops, weights, config, dims}
 
-  const embedded = g.within('embed', () => embedTokens(ctx, inputIds))
+  const embedded = g.within('embed', () => embeddingsIntoStreams(ctx, inputsEmbeds))
   const tables = g.within('rotary', () => rotary(ctx, positions))
   const masks = g.within('mask', () => attentionMasks(ctx, cacheLengths, caches[0].pastKey))
 

@@ -7,7 +7,7 @@ import {blobBytes, blocksPerRow, quantizeRows, type BlockLayout} from '../quant/
 import {blockSizeFor, type QuantScheme} from '../quant/scheme.js'
 import type {GraphBuilder} from './builder.js'
 import type {ExternalLocation} from './external-data.js'
-import {CheckpointWeights, type LinearPart, type WeightStore} from './weights.js'
+import {CheckpointWeights, type EmbeddingTable, type LinearPart, type WeightStore} from './weights.js'
 
 /**
  * `MatMulNBits` accuracy level: 4 quantizes each row of activations to int8 per block and
@@ -80,6 +80,14 @@ export class QuantizedCheckpointWeights extends CheckpointWeights {
     const codes = this.quantizedInitializer(`${name}.codes`, 'uint8', [table.rows, (k * bits) / 8], table.codes)
     const scales = this.quantizedInitializer(`${name}.scales`, 'float32', [table.rows, blocksPerRow(table.layout)], table.scales)
     return this.g.node('GatherBlockQuantized', [codes, ids, scales], {bits, block_size: blockSize, gather_axis: 0, quantize_axis: 1}, 'com.microsoft')
+  }
+
+  /** The table's codes and scales, placed as `embed` places them, for the engine to read rows of. */
+  override embeddingTable(name: string): EmbeddingTable {
+    const table = this.quantized(name, name)
+    const {bits, blockSize, k} = table.layout
+    if (k % blockSize !== 0) throw new Error(`${name}: quantized embedding rows must be whole blocks`)
+    return {file: table.codes.file, rows: table.rows, hidden: k, dtype: bits === 4 ? 'int4' : 'int8', offset: table.codes.offset, scalesOffset: table.scales.offset, blockSize}
   }
 
   /** x · Wᵀ (+ bias) with W as MatMulNBits reads it: codes [N, blocks, blob], scales [N · blocks]. */

@@ -16,6 +16,23 @@ export interface StoredTensor {
   shape: number[]
 }
 
+/**
+ * Where the embedding table lies in a package, for the engine to read the rows of the tokens
+ * it runs (`engine/embedding-rows.ts`): float32 or float16 rows, or block-quantized codes
+ * (`GatherBlockQuantized`'s layout: [rows, hidden·bits/8] codes, [rows, hidden/blockSize]
+ * float32 scales, symmetric around 2^(bits−1)).
+ */
+export interface EmbeddingTable {
+  file: string
+  rows: number
+  hidden: number
+  dtype: 'float32' | 'float16' | 'int8' | 'int4'
+  offset: number
+  /** Quantized tables: where the scales start, and the inputs per scale. */
+  scalesOffset?: number
+  blockSize?: number
+}
+
 /** A matrix of a `linearConcat`, with its bias if it has one. */
 export interface LinearPart {
   weight: string
@@ -242,6 +259,19 @@ export class CheckpointWeights implements FloatWeightProvider {
 
   embed(name: string, ids: string): string {
     return this.g.node('Gather', [this.get(name), ids], {axis: 0})
+  }
+
+  /**
+   * Places the [vocab, hidden] table `name` in the package without a graph initializer (the CPU
+   * graph takes the rows as an input) and says where it is. Another form (`placedFor`) may still
+   * read it as an initializer.
+   */
+  embeddingTable(name: string): EmbeddingTable {
+    const info = this.checkpoint.get(name)
+    const half = this.isHalf(info)
+    const location = this.place(info, name)
+    this.made.set(name, {half, shape: info.shape, location})
+    return {file: location.file, rows: info.shape[0]!, hidden: info.shape[1]!, dtype: half ? 'float16' : 'float32', offset: location.offset}
   }
 
   rowBlocks(name: string, storedAs: string, maxBlockBytes: number): string[] {

@@ -23,7 +23,7 @@ import {ExternalDataFile} from '../onnx/external-data.js'
 import {buildDecoderGraph, GRAPH_VERSION} from '../onnx/parscale-graph.js'
 import {buildWebGpuDecoderGraph} from '../onnx/webgpu-graph.js'
 import {isProcessAlive} from '../processes.js'
-import {CheckpointWeights, WeightStore, writeStreamTensors, type WeightDtype} from '../onnx/weights.js'
+import {CheckpointWeights, WeightStore, writeStreamTensors, type EmbeddingTable, type WeightDtype} from '../onnx/weights.js'
 import {MATMUL_ACCURACY_LEVEL, QuantizedCheckpointWeights} from '../onnx/quantized-weights.js'
 import type {QuantScheme} from '../quant/scheme.js'
 import {TOOL_VERSION} from '../version.js'
@@ -97,6 +97,7 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
   const store = new WeightStore(backboneFile)
   const variants: PackageVariant[] = []
   let blockFallbacks: Record<string, number> = {}
+  let embedding: EmbeddingTable | undefined
   for (const [index, checkpoint] of checkpoints.entries()) {
     const {config} = checkpoint
     const phase = `converting P=${config.parallel}`
@@ -108,12 +109,17 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     // Every P's backbone goes through the graph builder: the first writes it, the others are
     // checked byte for byte against it (one graph serves every P).
     let plain: CheckpointWeights | undefined
+    let weights: CheckpointWeights | undefined
     const graph = buildDecoderGraph(config, (g) => {
-      if (!options.quant) return (plain = new CheckpointWeights(g, checkpoint, store, options.dtype, onBytesRead))
-      const weights = new QuantizedCheckpointWeights(g, checkpoint, store, options.quant, onBytesRead)
-      blockFallbacks = weights.blockFallbacks
-      return weights
+      if (!options.quant) return (weights = plain = new CheckpointWeights(g, checkpoint, store, options.dtype, onBytesRead))
+      const quantized = new QuantizedCheckpointWeights(g, checkpoint, store, options.quant, onBytesRead)
+      blockFallbacks = quantized.blockFallbacks
+      return (weights = quantized)
     })
+    // The CPU graph takes the tokens' rows as input: the table is stored for the engine to read
+    // (and for the GPU form, which gathers them itself).
+    const table = weights!.embeddingTable('model.embed_tokens.weight')
+    embedding ??= table
     if (index === 0) {
       writeFileSync(join(dir, GRAPH_FILE), graph.toModelBytes(TOOL_VERSION))
       // The GPU form reads the weights the CPU graph placed: structure only, nothing written
@@ -163,6 +169,7 @@ function writePackage(dir: string, checkpoints: Checkpoint[], options: ConvertOp
     ...(quant ? {quant} : {}),
     model: backboneShape(first.config),
     backbone: {weights: BACKBONE_WEIGHTS_FILE, bytes: backboneFile.size, sha256: store.backboneDigest()},
+    embedding: embedding!,
     parallel: variants.map((v) => v.parallel),
     variants,
     sources: checkpoints.map((cp) => resolve(cp.dir)),

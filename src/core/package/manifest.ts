@@ -5,7 +5,7 @@ import {join} from 'node:path'
 import type {BackboneShape, ModelConfig} from '../checkpoint/config.js'
 import {FileFormatError, UserError} from '../errors.js'
 import {GRAPH_VERSION} from '../onnx/parscale-graph.js'
-import type {StoredTensor, WeightDtype} from '../onnx/weights.js'
+import type {EmbeddingTable, StoredTensor, WeightDtype} from '../onnx/weights.js'
 import type {QuantName, QuantScheme} from '../quant/scheme.js'
 
 export type {StoredTensor}
@@ -80,6 +80,8 @@ export interface PackageManifest {
   /** The shared backbone: everything but prefixes and aggregation. */
   model: BackboneShape
   backbone: {weights: string; bytes: number; sha256: string}
+  /** Where the embedding table is (graph version 8 on): the CPU graph takes its rows as `inputs_embeds`, read by the engine. */
+  embedding: EmbeddingTable
   /** Sorted list of the P values available (same order as variants). */
   parallel: number[]
   variants: PackageVariant[]

@@ -9,8 +9,15 @@ export const QUANT_NAMES = ['int8', 'int4'] as const
 export type QuantName = (typeof QUANT_NAMES)[number]
 
 /** Block sizes a user may ask for (inputs per scale). */
-export const BLOCK_SIZES = [32, 64, 128] as const
-export const DEFAULT_BLOCK_SIZE = 32
+export const BLOCK_SIZES = [32, 64, 128, 256] as const
+/**
+ * The block size a scheme gets when none is asked for. int4: 256, measured fastest at equal
+ * quality (`npm run bench:quant-blocks`, docs/benchmarks.md "CPU hot path"); MLAS's 4-bit
+ * kernels read fewer scales per row. int8 keeps 32 (not re-measured).
+ */
+export const DEFAULT_BLOCK_SIZES: Record<QuantName, number> = {int8: 32, int4: 256}
+/** The default of the scheme `--quant` names most often (int4), for messages. */
+export const DEFAULT_BLOCK_SIZE = DEFAULT_BLOCK_SIZES.int4
 
 /**
  * What a conversion quantizes and how: every projection, MLP matrix and the LM head as
@@ -23,7 +30,7 @@ export interface QuantScheme {
   blockSize: number
 }
 
-export function quantScheme(name: QuantName, blockSize: number = DEFAULT_BLOCK_SIZE): QuantScheme {
+export function quantScheme(name: QuantName, blockSize: number = DEFAULT_BLOCK_SIZES[name]): QuantScheme {
   if (!(BLOCK_SIZES as readonly number[]).includes(blockSize)) throw new UsageError(`--block-size must be one of ${BLOCK_SIZES.join(', ')} (got ${blockSize})`)
   return {name, bits: name === 'int4' ? 4 : 8, blockSize}
 }
@@ -39,7 +46,7 @@ export function describeQuant(scheme: Pick<QuantScheme, 'name' | 'blockSize'> | 
 }
 
 /** Block sizes MatMulNBits takes (powers of two from 16), largest first. */
-const FALLBACK_BLOCK_SIZES = [128, 64, 32, 16]
+const FALLBACK_BLOCK_SIZES = [256, 128, 64, 32, 16]
 
 /**
  * The block size used for a matrix of `k` inputs: the one asked for when it divides k, else

@@ -1,0 +1,341 @@
+/**
+ * The GPU form of a package (onnx/gpu-form-graph.ts, issue 23): one session per P over a graph
+ * built at open from the weights the package already has (nothing converted again), a
+ * fixed-capacity cache per layer whose first slots hold the P streams' prefixes, and one
+ * sequence (batch 1). Runs on the CPU provider too, where its exactness is checked.
+ */
+import {readFileSync, renameSync, writeFileSync} from 'node:fs'
+import {join} from 'node:path'
+
+import onnxProto from 'onnx-proto'
+import ort from 'onnxruntime-node'
+
+import type {BackboneShape} from '../checkpoint/config.js'
+import {UserError} from '../errors.js'
+import {GraphBuilder} from '../onnx/builder.js'
+import type {ExternalLocation} from '../onnx/external-data.js'
+import type {ElementType} from '../onnx/builder.js'
+import {buildGpuFormGraph, floatGpuWeights, gpuFormIo, type GpuWeights, gpuRotaryTables, rotatePrefixKeys, type AggregationHeadFiles} from '../onnx/gpu-form-graph.js'
+import {floatWeights, type FloatWeightProvider} from '../onnx/weights.js'
+import {readManifest, selectVariant, type PackageManifest, type PackageVariant} from '../package/manifest.js'
+import {checkWebGpu, webgpuSessionOptions, type Device} from './device.js'
+import {loadStreamWeights} from './stream-weights.js'
+
+const {onnx} = onnxProto
+
+interface StoredInitializer {
+  half: boolean
+  type: ElementType
+  shape: number[]
+  location: ExternalLocation
+}
+
+const ELEMENT_TYPE_OF: Partial<Record<number, ElementType>> = {
+  [onnx.TensorProto.DataType.FLOAT]: 'float32',
+  [onnx.TensorProto.DataType.FLOAT16]: 'float16',
+  [onnx.TensorProto.DataType.UINT8]: 'uint8',
+  [onnx.TensorProto.DataType.INT8]: 'int8',
+  [onnx.TensorProto.DataType.INT64]: 'int64',
+}
+
+/** The external initializers of a stored graph of the package, by name. */
+function storedInitializers(graphPath: string, model = onnx.ModelProto.decode(readFileSync(graphPath))): Map<string, StoredInitializer> {
+  const out = new Map<string, StoredInitializer>()
+  for (const tensor of model.graph?.initializer ?? []) {
+    if (!tensor.externalData?.length || !tensor.name) continue
+    const entry = (key: string) => tensor.externalData!.find((e) => e.key === key)?.value ?? ''
+    out.set(tensor.name, {
+      half: tensor.dataType === onnx.TensorProto.DataType.FLOAT16,
+      type: ELEMENT_TYPE_OF[tensor.dataType ?? 0] ?? 'float32',
+      shape: (tensor.dims ?? []).map(Number),
+      location: {file: entry('location'), offset: Number(entry('offset')), length: Number(entry('length'))},
+    })
+  }
+  return out
+}
+
+/**
+ * Float weights of an unquantized package as its WebGPU graph placed them: the same initializer
+ * names and bytes, so another graph over the same files reads nothing new.
+ */
+export function packageFloatWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => FloatWeightProvider {
+  if (!manifest.webgpuGraph) throw new UserError(`${packageDir}: the package has no float weights for the GPU form (a quantized package); convert without --quant`)
+  const stored = storedInitializers(join(packageDir, manifest.webgpuGraph))
+  return (g) => {
+    const made = new Map<string, string>()
+    const initializer = (name: string): string => {
+      const cached = made.get(name)
+      if (cached) return cached
+      const entry = stored.get(name)
+      if (!entry) throw new Error(`${packageDir}: weight "${name}" is not in ${manifest.webgpuGraph}`)
+      const value = g.externalInitializer(name, entry.half ? 'float16' : 'float32', entry.shape, entry.location)
+      const out = entry.half ? g.node('Cast', [value], {to: 1}) : value
+      made.set(name, out)
+      return out
+    }
+    return floatWeights(g, {
+      get: (name, shape) => initializer(shape ? `${name}#${shape.join('x')}` : name),
+      rowBlocks: (_name, storedAs) => {
+        const blocks = [...stored.keys()].filter((n) => n.startsWith(`${storedAs}[`)).sort((a, b) => firstRow(a) - firstRow(b))
+        if (blocks.length === 0) throw new Error(`${packageDir}: weight "${storedAs}" is not in ${manifest.webgpuGraph}`)
+        return blocks.map(initializer)
+      },
+      computed: (name) => initializer(name),
+      concatenated: (parts, storedAs) => {
+        const weight = initializer(`${storedAs}.weight`)
+        return parts.some((p) => p.bias) ? {weight, bias: initializer(`${storedAs}.bias`)} : {weight}
+      },
+    })
+  }
+}
+
+const firstRow = (blockName: string) => Number(/\[(\d+):/.exec(blockName)?.[1] ?? 0)
+
+/**
+ * A quantized package's matrices as its CPU graph reads them: every MatMulNBits (by its codes'
+ * name, `<storedAs>.codes`) and the GatherBlockQuantized of the embedding table are emitted again
+ * with the same initializers and attributes; vectors come from the same graph.
+ */
+export function packageQuantizedWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => GpuWeights {
+  const graphPath = join(packageDir, manifest.graph)
+  const model = onnx.ModelProto.decode(readFileSync(graphPath))
+  const stored = storedInitializers(graphPath, model)
+  const nodes = model.graph?.node ?? []
+  const ints = (node: onnxProto.onnx.INodeProto) => Object.fromEntries((node.attribute ?? []).filter((a) => a.i !== undefined && a.i !== null).map((a) => [a.name!, Number(a.i)]))
+  const matMuls = new Map(nodes.filter((n) => n.opType === 'MatMulNBits').map((n) => [n.input![1]!, n]))
+  const gather = nodes.find((n) => n.opType === 'GatherBlockQuantized')
+  if (!gather) throw new UserError(`${graphPath}: no GatherBlockQuantized embedding; convert again`)
+  return (g) => {
+    const made = new Set<string>()
+    const initializer = (name: string): string => {
+      if (made.has(name)) return name
+      const entry = stored.get(name)
+      if (!entry) throw new Error(`${graphPath}: no stored tensor "${name}"`)
+      made.add(g.externalInitializer(name, entry.type, entry.shape, entry.location))
+      return name
+    }
+    const matMulNBits = (x: string, codes: string): string => {
+      const node = matMuls.get(codes)
+      if (!node) throw new Error(`${graphPath}: no MatMulNBits reads "${codes}"`)
+      const inputs = [x, initializer(node.input![1]!), initializer(node.input![2]!)]
+      const bias = node.input![5]
+      if (bias) inputs.push('', '', initializer(bias))
+      return g.node('MatMulNBits', inputs, ints(node), 'com.microsoft')
+    }
+    const blocksOf = (storedAs: string) => [...matMuls.keys()].filter((c) => c.startsWith(`${storedAs}[`)).sort((a, b) => firstRow(a) - firstRow(b))
+    return {
+      get: initializer,
+      project: (x, _parts, storedAs) => matMulNBits(x, `${storedAs}.codes`),
+      embed: (ids) => g.node('GatherBlockQuantized', [initializer(gather.input![0]!), ids, initializer(gather.input![2]!)], ints(gather), 'com.microsoft'),
+      lmHead: (x) => {
+        const tied = blocksOf('lm_head.weight (tied to model.embed_tokens.weight)')
+        const blocks = manifest.model.tieWordEmbeddings ? tied : blocksOf('lm_head.weight')
+        const outputs = blocks.map((codes) => matMulNBits(x, codes))
+        return outputs.length === 1 ? outputs[0]! : g.node('Concat', outputs, {axis: 1})
+      },
+    }
+  }
+}
+
+/** The package's weights for the GPU form: float (from its WebGPU graph) or quantized (from its CPU graph). */
+export function packageGpuWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => GpuWeights {
+  if (manifest.quant) return packageQuantizedWeights(packageDir, manifest)
+  const float = packageFloatWeights(packageDir, manifest)
+  return (g) => floatGpuWeights(g, float(g), manifest.model)
+}
+
+function headFiles(variant: PackageVariant): AggregationHeadFiles | undefined {
+  if (variant.parallel === 1 || !variant.weights) return undefined
+  const at = (name: string) => {
+    const t = variant.tensors[name]
+    if (!t) throw new UserError(`${variant.weights}: no tensor "${name}" in the manifest; convert again`)
+    return {location: {file: variant.weights!, offset: t.offset, length: t.length}, shape: t.shape}
+  }
+  return {
+    weight0: at('model.aggregate_layer.0.weight'),
+    bias0: at('model.aggregate_layer.0.bias'),
+    weight2: at('model.aggregate_layer.2.weight'),
+    bias2: at('model.aggregate_layer.2.bias'),
+    smooth: variant.attnSmooth,
+  }
+}
+
+/** The GPU form's graph for one P of a package, as ONNX bytes (external data in the package). */
+export function gpuFormGraphBytes(packageDir: string, parallel: number): Uint8Array {
+  const manifest = readManifest(packageDir)
+  const variant = selectVariant(manifest, parallel, packageDir)
+  const graph = buildGpuFormGraph(manifest.model, packageGpuWeights(packageDir, manifest), {
+    parallel,
+    prefixTokens: variant.parallel === 1 ? 0 : variant.prefixTokens,
+    head: headFiles(variant),
+  })
+  return graph.toModelBytes(manifest.toolVersion)
+}
+
+/** Writes the GPU form's graph for `parallel` into the package (next to the files it reads) and returns its path. */
+export function writeGpuFormGraph(packageDir: string, parallel: number): string {
+  const path = join(packageDir, gpuFormGraphFile(parallel))
+  const temporary = `${path}.${process.pid}.tmp`
+  writeFileSync(temporary, gpuFormGraphBytes(packageDir, parallel))
+  renameSync(temporary, path)
+  return path
+}
+
+export const gpuFormGraphFile = (parallel: number) => `model.gpu-p${parallel}.onnx`
+
+export interface GpuFormOptions {
+  parallel: number
+  /** Cache slots (prefix + prompt + answer); every step has this shape. */
+  capacity: number
+  /** Where to run (default cpu: the CPU provider, for checking the form). */
+  device?: Device
+  /** Write an ONNX Runtime profile (JSON) with this file prefix. */
+  profilePrefix?: string
+  sessionOptions?: ort.InferenceSession.SessionOptions
+}
+
+/** One sequence on the GPU form: feed tokens, get the last position's logits. */
+export class GpuFormModel {
+  private keys: ort.Tensor[] = []
+  private values: ort.Tensor[] = []
+  /** Filled cache slots (prefix + tokens). */
+  private filled = 0
+
+  /**
+   * Whether present.* is bound to the past tensors (written in place: GroupQueryAttention's
+   * shared past/present buffer). On the CPU provider it is. On a GPU, onnxruntime-node 1.30
+   * does not honor a device tensor given as an output: it returns a new one each call, and the
+   * bound one stays allocated (measured on lavapipe: +50 MB a step at P = 8 on the default
+   * model), so there each call returns a new cache (the provider copies past into present, on
+   * the device) and the previous one is released.
+   */
+  private bindPresent: boolean
+
+  private constructor(
+    private readonly session: ort.InferenceSession,
+    readonly device: Device,
+    readonly shape: BackboneShape,
+    readonly parallel: number,
+    readonly prefixTokens: number,
+    readonly capacity: number,
+    private readonly initial: {keys: Float32Array[]; values: Float32Array[]},
+  ) {
+    this.bindPresent = device === 'cpu'
+    this.reset()
+  }
+
+  static async open(packageDir: string, options: GpuFormOptions): Promise<GpuFormModel> {
+    const manifest = readManifest(packageDir)
+    const variant = selectVariant(manifest, options.parallel, packageDir)
+    const P = options.parallel
+    const prefixTokens = P === 1 ? 0 : variant.prefixTokens
+    if (options.capacity <= prefixTokens) throw new UserError(`capacity ${options.capacity} leaves no room after the ${prefixTokens}-token prefix`)
+    if (options.capacity - prefixTokens > manifest.model.maxPositionEmbeddings) {
+      throw new UserError(`capacity ${options.capacity} holds more tokens than the model's ${manifest.model.maxPositionEmbeddings} positions`)
+    }
+    const device = options.device ?? 'cpu'
+    if (device === 'webgpu') await checkWebGpu() // before any loading: fail at once
+    const graph = writeGpuFormGraph(packageDir, P)
+    const presents = Array.from({length: manifest.model.numLayers}, (_, l) => [gpuFormIo.presentKey(l), gpuFormIo.presentValue(l)]).flat()
+    const session = await ort.InferenceSession.create(graph, {
+      graphOptimizationLevel: 'all',
+      logSeverityLevel: 3, // not the provider's notes on shape ops kept on the CPU
+      ...(device === 'webgpu' ? {...webgpuSessionOptions(), preferredOutputLocation: Object.fromEntries(presents.map((name) => [name, 'gpu-buffer' as const]))} : {}),
+      ...(options.profilePrefix ? {enableProfiling: true, profileFilePrefix: options.profilePrefix} : {}),
+      ...options.sessionOptions,
+    })
+    return new GpuFormModel(session, device, manifest.model, P, prefixTokens, options.capacity, initialCache(packageDir, variant, manifest.model, options.capacity))
+  }
+
+  /** Back to the prefixes only. */
+  reset(): void {
+    for (const t of [...this.keys, ...this.values]) if (t.location === 'gpu-buffer') t.dispose()
+    const {numLayers, numKvHeads: kv, headDim: d} = this.shape
+    const dims = [1, this.parallel * kv, this.capacity, d]
+    this.keys = Array.from({length: numLayers}, (_, l) => new ort.Tensor('float32', this.initial.keys[l]!.slice(), dims))
+    this.values = Array.from({length: numLayers}, (_, l) => new ort.Tensor('float32', this.initial.values[l]!.slice(), dims))
+    this.filled = this.prefixTokens
+  }
+
+  /** Tokens fed so far. */
+  get length(): number {
+    return this.filled - this.prefixTokens
+  }
+
+  /** Appends `ids` and returns the logits [vocab] and stream weights [P] of the last of them. */
+  async step(ids: number[]): Promise<{logits: Float32Array; streamWeights: Float32Array}> {
+    if (this.filled + ids.length > this.capacity) throw new UserError(`the cache holds ${this.capacity - this.prefixTokens} tokens; ${this.length + ids.length} do not fit`)
+    const total = this.filled + ids.length
+    const feeds: Record<string, ort.Tensor> = {
+      [gpuFormIo.inputIds]: new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]),
+      [gpuFormIo.seqlensK]: new ort.Tensor('int32', Int32Array.of(total - 1), [1]),
+      [gpuFormIo.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(total), []),
+    }
+    for (let layer = 0; layer < this.shape.numLayers; layer++) {
+      feeds[gpuFormIo.pastKey(layer)] = this.keys[layer]!
+      feeds[gpuFormIo.pastValue(layer)] = this.values[layer]!
+    }
+    // present.* bound to the past tensors: one buffer per layer and kind, written in place
+    // (GroupQueryAttention's shared past/present buffer, what graph capture needs)
+    let out: ort.InferenceSession.ReturnType | undefined
+    if (this.bindPresent) {
+      const fetches: Record<string, ort.Tensor | null> = {[gpuFormIo.logits]: null, [gpuFormIo.streamWeights]: null}
+      for (let layer = 0; layer < this.shape.numLayers; layer++) {
+        fetches[gpuFormIo.presentKey(layer)] = this.keys[layer]!
+        fetches[gpuFormIo.presentValue(layer)] = this.values[layer]!
+      }
+      out = await this.session.run(feeds, fetches)
+    }
+    if (!out) {
+      const previous = [...this.keys, ...this.values]
+      out = await this.session.run(feeds)
+      for (const t of previous) if (t.location === 'gpu-buffer') t.dispose()
+    }
+    for (let layer = 0; layer < this.shape.numLayers; layer++) {
+      this.keys[layer] = out[gpuFormIo.presentKey(layer)]!
+      this.values[layer] = out[gpuFormIo.presentValue(layer)]!
+    }
+    this.filled = total
+    return {logits: out[gpuFormIo.logits]!.data as Float32Array, streamWeights: out[gpuFormIo.streamWeights]!.data as Float32Array}
+  }
+
+  /** Whether the last steps wrote the cache in place (past and present one buffer). */
+  get inPlace(): boolean {
+    return this.bindPresent
+  }
+
+  release(): Promise<void> {
+    for (const t of [...this.keys, ...this.values]) if (t.location === 'gpu-buffer') t.dispose()
+    return this.session.release()
+  }
+}
+
+/** Per layer, keys and values [1, P·kv, capacity, d] with the prefixes in the first slots (keys rotated, see the graph). */
+function initialCache(packageDir: string, variant: PackageVariant, shape: BackboneShape, capacity: number): {keys: Float32Array[]; values: Float32Array[]} {
+  const {numLayers, numKvHeads: kv, headDim: d} = shape
+  const P = variant.parallel
+  const streams = loadStreamWeights(packageDir, variant, shape)
+  const n = streams.prefixTokens
+  const {cos, sin} = gpuRotaryTables(shape, n)
+  const keys: Float32Array[] = []
+  const values: Float32Array[] = []
+  for (let layer = 0; layer < numLayers; layer++) {
+    const key = new Float32Array(P * kv * capacity * d)
+    const value = new Float32Array(key.length)
+    if (n > 0) {
+      // stream-weights keeps keys [P·kv, d, n]: back to [P·kv, n, d], then rotated by n
+      const stored = streams.prefixKeys[layer]!
+      const rows = new Float32Array(stored.length)
+      for (let h = 0; h < P * kv; h++) for (let i = 0; i < d; i++) for (let t = 0; t < n; t++) rows[(h * n + t) * d + i] = stored[(h * d + i) * n + t]!
+      const rotated = rotatePrefixKeys(rows, P * kv, n, d, cos, sin)
+      const prefixValues = streams.prefixValues[layer]!
+      for (let h = 0; h < P * kv; h++) {
+        key.set(rotated.subarray(h * n * d, (h + 1) * n * d), h * capacity * d)
+        value.set(prefixValues.subarray(h * n * d, (h + 1) * n * d), h * capacity * d)
+      }
+    }
+    keys.push(key)
+    values.push(value)
+  }
+  return {keys, values}
+}
