@@ -84,7 +84,8 @@ export interface ModelCard {
   created: number
   /** The P values a request may ask for with `parallel`. */
   parallel: number[]
-  default_parallel: number
+  /** `auto` when the server chooses P per request (--parallel auto). */
+  default_parallel: number | 'auto'
   context_length: number
   chat_template: boolean
 }
