@@ -15,7 +15,7 @@ import {
   type RequestTokenizer,
   resolveSampling,
 } from '../src/core/run/requests.js'
-import type {ChatMessage, GenerationDefaults} from '../src/core/run/tokenizer.js'
+import type {ChatMessage, GenerationDefaults} from '../src/core/generation/tokenizer.js'
 
 function options(extra: Partial<RunOptions> = {}): RunOptions {
   return {raw: false, chat: false, json: false, quiet: false, truncate: false, numbers: {}, ...extra}

@@ -3,7 +3,7 @@
  * batch printed in input order. Timing goes to stderr unless --quiet or --json.
  */
 import {readBatchFile} from '../core/run/batch-file.js'
-import {generateAll} from '../core/run/batcher.js'
+import {generateAll} from '../core/generation/batcher.js'
 import type {RunContext} from '../core/run/context.js'
 import {batchRequests, generationOptions, promptRequest} from '../core/run/requests.js'
 import {Progress} from './progress.js'

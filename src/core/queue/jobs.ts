@@ -14,7 +14,7 @@ import {basename, extname} from 'node:path'
 import {UsageError} from '../errors.js'
 import type {BatchInput, BatchLineId} from '../run/batch-file.js'
 import type {QuantScheme} from '../quant/scheme.js'
-import type {GenerationRequest} from '../run/generation.js'
+import type {GenerationRequest} from '../generation/generation.js'
 
 /** The version of `LineJob` and `BatchSpec`; a worker refuses jobs of a newer one. */
 export const JOB_FORMAT = 1

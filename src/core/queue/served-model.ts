@@ -5,9 +5,9 @@
  * leaves when it is done, so the worker's batch refills as lines finish, as `run --batch` does.
  * The result stored on each job is the JSON object `run --json` prints.
  */
-import {ContinuousBatcher, generateAll} from '../run/batcher.js'
+import {ContinuousBatcher, generateAll} from '../generation/batcher.js'
 import {openRequestModel} from '../run/context.js'
-import type {GenerationOptions} from '../run/generation.js'
+import type {GenerationOptions} from '../generation/generation.js'
 import {batchJsonResult} from '../run/json-result.js'
 import {type ModelCache, ParScaleModel} from '../engine/model.js'
 import {generationOptions} from '../run/requests.js'

@@ -8,7 +8,7 @@ import {resolveModel, type ResolvedModel, type ResolveOptions} from '../package/
 import type {RunPlan} from './plan.js'
 import type {RequestContext} from './requests.js'
 import {ParScaleModel} from '../engine/model.js'
-import {readGenerationDefaults, TextTokenizer} from './tokenizer.js'
+import {readGenerationDefaults, TextTokenizer} from '../generation/tokenizer.js'
 import {loadOrMeasureProfile, type LoadedProfile} from '../parallel/cost-profile.js'
 import {AutoParallelPolicy, type ParallelChoice} from '../parallel/policy.js'
 

@@ -6,13 +6,13 @@
  */
 import {basename, resolve} from 'node:path'
 
-import {ContinuousBatcher} from '../run/batcher.js'
+import {ContinuousBatcher} from '../generation/batcher.js'
 import type {Decoder, SequenceCache} from '../engine/decoder.js'
-import type {GenerationOptions, GenerationRequest, GenerationResult} from '../run/generation.js'
+import type {GenerationOptions, GenerationRequest, GenerationResult} from '../generation/generation.js'
 import type {Device} from '../engine/device.js'
 import {ParScaleModel} from '../engine/model.js'
 import {generationOptions} from '../run/requests.js'
-import {readGenerationDefaults, TextTokenizer} from '../run/tokenizer.js'
+import {readGenerationDefaults, TextTokenizer} from '../generation/tokenizer.js'
 import {isRepoId} from '../hub/families.js'
 import {resolveModel, type ResolveOptions} from '../package/resolve.js'
 import {readManifest} from '../package/manifest.js'

@@ -6,7 +6,7 @@
  */
 import {collectDefaultMetrics, Counter, Gauge, Histogram, Registry} from 'prom-client'
 
-import type {GenerationResult} from '../run/generation.js'
+import type {GenerationResult} from '../generation/generation.js'
 
 /** Live numbers read at scrape time. */
 export interface MetricsSource {

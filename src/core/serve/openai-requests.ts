@@ -6,10 +6,10 @@
  */
 import {UserError} from '../errors.js'
 import {rawChatFormat} from '../run/chat.js'
-import type {GenerationRequest} from '../run/generation.js'
+import type {GenerationRequest} from '../generation/generation.js'
 import type {RunNumbers} from '../run/plan.js'
 import {maxNewTokens, resolveSampling} from '../run/requests.js'
-import type {ChatMessage, GenerationDefaults, TextTokenizer} from '../run/tokenizer.js'
+import type {ChatMessage, GenerationDefaults, TextTokenizer} from '../generation/tokenizer.js'
 import {invalidRequest, modelNotFound, type ApiError} from './api-error.js'
 import type {ChatCompletionBody, ChatMessageBody, CommonBody, CompletionBody} from './schemas.js'
 

@@ -6,7 +6,7 @@
  * shutdown (as vLLM reports it). With `stream_weights`, a choice also carries `stream_weights`:
  * one array of P weights per generated token (streamed: one chunk per token, so one array).
  */
-import type {FinishReason, GenerationResult} from '../run/generation.js'
+import type {FinishReason, GenerationResult} from '../generation/generation.js'
 
 export interface Usage {
   prompt_tokens: number

@@ -10,7 +10,7 @@ import type {ServerResponse} from 'node:http'
 import Fastify, {type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest} from 'fastify'
 
 import {UserError} from '../errors.js'
-import type {GenerationResult} from '../run/generation.js'
+import type {GenerationResult} from '../generation/generation.js'
 import {roundedWeights} from '../run/json-result.js'
 import {ApiError, internalError, invalidRequest, methodNotAllowed, shuttingDown, unauthorized} from './api-error.js'
 import type {ServeEngine} from './engine.js'
