@@ -141,6 +141,9 @@ const prompts = ['def fibonacci(n):', 'import os\n', 'class Parser:', 'for i in 
   const autoLoaded = await startServeChild(packageDir, [...serveArgs, '--parallel', 'auto', '--auto-budget', '2'])
   const totals = {fixed: {tokens: 0, seconds: 0}, auto: {tokens: 0, seconds: 0, parallel: 0, requests: 0}}
   try {
+    // One uncounted round on each server first, as the lone requests have: a server's first load
+    // also pays ONNX Runtime's first runs at each batch shape.
+    for (const url of [fixedOne.url, autoLoaded.url]) await measureLoad(url, {concurrency: loadedClients, requestsPerClient: 1, maxTokens, prompts})
     for (const which of ['fixed', 'auto', 'auto', 'fixed'] as const) {
       await new Promise((resolve) => setTimeout(resolve, 400))
       log(`paired: ${which} at ${loadedClients} clients`)
