@@ -17,7 +17,7 @@ import type {ExternalLocation} from '../onnx/external-data.js'
 import type {ElementType} from '../onnx/builder.js'
 import {buildGpuFormGraph, floatGpuWeights, gpuFormIo, type GpuWeights, gpuRotaryTables, rotatePrefixKeys, type AggregationHeadFiles} from '../onnx/gpu-form-graph.js'
 import {floatWeights, type FloatWeightProvider} from '../onnx/weights.js'
-import {readManifest, selectVariant, type PackageManifest, type PackageVariant} from '../package/manifest.js'
+import {MANIFEST_FILE, readManifest, selectVariant, type PackageManifest, type PackageVariant} from '../package/manifest.js'
 import {checkWebGpu, webgpuSessionOptions, type Device} from './device.js'
 import {loadStreamWeights} from './stream-weights.js'
 
@@ -93,8 +93,8 @@ const firstRow = (blockName: string) => Number(/\[(\d+):/.exec(blockName)?.[1] ?
 
 /**
  * A quantized package's matrices as its CPU graph reads them: every MatMulNBits (by its codes'
- * name, `<storedAs>.codes`) and the GatherBlockQuantized of the embedding table are emitted again
- * with the same initializers and attributes; vectors come from the same graph.
+ * name, `<storedAs>.codes`) is emitted again with the same initializers and attributes; the
+ * embedding is a GatherBlockQuantized over the table the manifest locates; vectors come from the same graph.
  */
 export function packageQuantizedWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => GpuWeights {
   const graphPath = join(packageDir, manifest.graph)
@@ -103,8 +103,14 @@ export function packageQuantizedWeights(packageDir: string, manifest: PackageMan
   const nodes = model.graph?.node ?? []
   const ints = (node: onnxProto.onnx.INodeProto) => Object.fromEntries((node.attribute ?? []).filter((a) => a.i !== undefined && a.i !== null).map((a) => [a.name!, Number(a.i)]))
   const matMuls = new Map(nodes.filter((n) => n.opType === 'MatMulNBits').map((n) => [n.input![1]!, n]))
-  const gather = nodes.find((n) => n.opType === 'GatherBlockQuantized')
-  if (!gather) throw new UserError(`${graphPath}: no GatherBlockQuantized embedding; convert again`)
+  // Graph v8's CPU graph takes inputs_embeds (the engine reads rows): the GPU form gathers on
+  // the device, over the table's codes and scales where the manifest says they are (one copy).
+  const table = manifest.embedding
+  if (!table || (table.dtype !== 'int4' && table.dtype !== 'int8') || table.scalesOffset === undefined || !table.blockSize) {
+    throw new UserError(`${join(packageDir, MANIFEST_FILE)}: "embedding" does not describe a quantized table; convert again`)
+  }
+  const bits = table.dtype === 'int4' ? 4 : 8
+  const blocks = table.hidden / table.blockSize
   return (g) => {
     const made = new Set<string>()
     const initializer = (name: string): string => {
@@ -126,7 +132,11 @@ export function packageQuantizedWeights(packageDir: string, manifest: PackageMan
     return {
       get: initializer,
       project: (x, _parts, storedAs) => matMulNBits(x, `${storedAs}.codes`),
-      embed: (ids) => g.node('GatherBlockQuantized', [initializer(gather.input![0]!), ids, initializer(gather.input![2]!)], ints(gather), 'com.microsoft'),
+      embed: (ids) => {
+        const codes = g.externalInitializer('model.embed_tokens.weight.codes', 'uint8', [table.rows, (table.hidden * bits) / 8], {file: table.file, offset: table.offset, length: (table.rows * table.hidden * bits) / 8})
+        const scales = g.externalInitializer('model.embed_tokens.weight.scales', 'float32', [table.rows, blocks], {file: table.file, offset: table.scalesOffset!, length: table.rows * blocks * 4})
+        return g.node('GatherBlockQuantized', [codes, ids, scales], {bits, block_size: table.blockSize!, gather_axis: 0, quantize_axis: 1}, 'com.microsoft')
+      },
       lmHead: (x) => {
         const tied = blocksOf('lm_head.weight (tied to model.embed_tokens.weight)')
         const blocks = manifest.model.tieWordEmbeddings ? tied : blocksOf('lm_head.weight')
