@@ -161,7 +161,6 @@ export class ParScaleModel implements DeviceCacheHost {
         ? {preferredOutputLocation: Object.fromEntries(Array.from({length: manifest.model.numLayers}, (_, l) => [webgpuIo.presentKey(l), webgpuIo.presentValue(l)]).flat().map((name) => [name, 'gpu-buffer']))}
         : {}),
     }
-    const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph! : manifest.graph))
     // Only the CPU form of a quantized package has a widened twin (webgpu ones have no quant).
     const widenable = form === 'cpu' && manifest.quant !== undefined && options.widenDecode !== false && Math.max(...manifest.parallel) >= WIDENED_DECODE_FROM_PARALLEL
     const preload = widenable && Math.max(0, ...(options.parallel ?? [])) >= WIDENED_DECODE_FROM_PARALLEL
@@ -178,6 +177,7 @@ export class ParScaleModel implements DeviceCacheHost {
       if (options.parallel?.length === 1) await model.gpuFormSession(options.parallel[0]!)
       return model
     }
+    const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph! : manifest.graph))
     const session = await createSession(graph, preload ? sleeping : sessionOptions)
     const widenedOptions = widenable ? (options.profilePrefix ? {...sleeping, profileFilePrefix: `${options.profilePrefix}-decode`} : sleeping) : undefined
     const deviceOps = form === 'webgpu'
