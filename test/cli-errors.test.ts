@@ -44,7 +44,7 @@ describe('unknown commands', () => {
 
 describe('usage errors exit 2, runtime failures 1', () => {
   it('bad flag values of every kind are usage errors', async () => {
-    oneLine(await runCli(['run', '--parallel', '0', 'hi'], {env}), 2, '--parallel must be a whole number >= 1 (got "0")')
+    oneLine(await runCli(['run', '--parallel', '0', 'hi'], {env}), 2, '--parallel must be a whole number >= 1 or auto (got "0")')
     oneLine(await runCli(['serve', '--port', 'eighty'], {env}), 2, '--port must be')
     oneLine(await runCli(['serve', '--max-batch', '0'], {env}), 2, '--max-batch')
     oneLine(await runCli(['worker', '--queue', 'redis://127.0.0.1:9', '--batch-size', '0'], {env}), 2, '--batch-size')

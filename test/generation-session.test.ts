@@ -5,11 +5,11 @@ import path from 'node:path'
 import {after, before, describe, it} from 'node:test'
 
 import {ChatSession} from '../src/core/run/chat.js'
-import {generateAll} from '../src/core/run/batcher.js'
-import type {GenerationOptions} from '../src/core/run/generation.js'
+import {generateAll} from '../src/core/generation/batcher.js'
+import type {GenerationOptions} from '../src/core/generation/generation.js'
 import {resolveModel} from '../src/core/package/resolve.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
-import {readGenerationDefaults, TextTokenizer} from '../src/core/run/tokenizer.js'
+import {readGenerationDefaults, TextTokenizer} from '../src/core/generation/tokenizer.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 
 interface Golden {

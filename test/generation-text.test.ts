@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict'
 import {describe, it} from 'node:test'
 
-import {IncrementalDetokenizer, readGenerationDefaults, TextTokenizer} from '../src/core/run/tokenizer.js'
+import {IncrementalDetokenizer, readGenerationDefaults, TextTokenizer} from '../src/core/generation/tokenizer.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 import fs from 'node:fs'
 import path from 'node:path'

@@ -15,7 +15,7 @@ import {readManifest} from '../src/core/package/manifest.js'
 import {resolveModel} from '../src/core/package/resolve.js'
 import {quantScheme} from '../src/core/quant/scheme.js'
 import {negativeLogLikelihood} from '../src/core/run/evaluate.js'
-import {TextTokenizer} from '../src/core/run/tokenizer.js'
+import {TextTokenizer} from '../src/core/generation/tokenizer.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 
 const work = makeTempDir()

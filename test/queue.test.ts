@@ -161,6 +161,30 @@ describe('parscale batch on a Redis queue', () => {
     assert.ok(done.tokens_per_s !== null && done.tokens_per_s > 0, JSON.stringify(done))
   })
 
+  test('--parallel auto: lines naming no P are left to the worker, which chooses from its own cost profile; a named P is kept', async () => {
+    const file = jsonl('auto.jsonl', [{prompt: 'def add(a, b):'}, {prompt: 'import os\n', parallel: 2}, {prompt: 'class Stack:'}])
+    const submitted = await cli(['batch', 'submit', file, '--queue', redis.url, '--parallel', 'auto', '--max-new-tokens', '3', '--temperature', '0'])
+    assert.equal(submitted.code, 0, submitted.stderr)
+    assert.match(submitted.stdout, /P=auto/)
+    const fingerprint = /fingerprint (\w+)/.exec(submitted.stdout)![1]
+    const queue = new Queue<LineJob>(modelQueueName(fingerprint), {connection: client, prefix: BULL_PREFIX})
+    const jobs = await Promise.all([1, 2, 3].map(async (line) => (await queue.getJob(lineJobId('auto', line)))!.data))
+    await queue.close()
+    assert.deepEqual(jobs.map((j) => j.autoParallel), [true, undefined, true])
+    const worker = startWorker(['--queue', redis.url, '--threads', '1'], env)
+    await waitForStatus(redis.url, 'auto', (s) => s.done === 3)
+    worker.child.kill('SIGTERM')
+    assert.equal(await worker.exited, 0, worker.stderr())
+    assert.match(worker.stderr(), /measuring the cost profile of the default model for --parallel auto/)
+    const collected = await cli(['batch', 'collect', 'auto', '--queue', redis.url])
+    assert.equal(collected.code, 0, collected.stderr)
+    const parallels = collected.stdout.trim().split('\n').map((l) => (JSON.parse(l) as {parallel: number}).parallel)
+    assert.equal(parallels[1], 2)
+    for (const p of [parallels[0], parallels[2]]) assert.ok([1, 2, 4, 8].includes(p), `chosen P ${p}`)
+    const profiles = fs.readdirSync(path.join(env.PARSCALE_CACHE, 'converted')).filter((dir) => fs.existsSync(path.join(env.PARSCALE_CACHE, 'converted', dir, 'cost-profile.json')))
+    assert.equal(profiles.length, 1, 'the worker saved its profile beside the package')
+  })
+
   test('--quant int8: the job records the scheme, a worker converts the model with it, and collect equals run --batch --quant int8', async () => {
     const file = prompts('quant.jsonl', 3)
     const gen = ['--max-new-tokens', '6', '--parallel', '1', '--quant', 'int8']

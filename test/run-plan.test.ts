@@ -15,7 +15,7 @@ import {
   type RequestTokenizer,
   resolveSampling,
 } from '../src/core/run/requests.js'
-import type {ChatMessage, GenerationDefaults} from '../src/core/run/tokenizer.js'
+import type {ChatMessage, GenerationDefaults} from '../src/core/generation/tokenizer.js'
 
 function options(extra: Partial<RunOptions> = {}): RunOptions {
   return {raw: false, chat: false, json: false, quiet: false, truncate: false, numbers: {}, ...extra}
@@ -82,7 +82,7 @@ describe('run plan: numeric options', () => {
     refuses(() => parseRunNumbers({'max-new-tokens': '1.5'}), '--max-new-tokens must be a whole number >= 1 (got "1.5")', 2)
     refuses(() => parseRunNumbers({'top-k': '-1'}), '--top-k must be a whole number >= 0 (got "-1")', 2)
     refuses(() => parseRunNumbers({'batch-size': '0'}), '--batch-size must be a whole number >= 1 (got "0")', 2)
-    refuses(() => parseRunNumbers({parallel: 'x'}), '--parallel must be a whole number >= 1 (got "x")', 2)
+    refuses(() => parseRunNumbers({parallel: 'x'}), '--parallel must be a whole number >= 1 or auto (got "x")', 2)
     refuses(() => parseRunNumbers({threads: '0'}), '--threads must be a whole number >= 1 (got "0")', 2)
     refuses(() => parseRunNumbers({'repetition-penalty': '0'}), '--repetition-penalty must be a number > 0 (got "0")', 2)
     refuses(() => parseRunNumbers({seed: '4294967296'}), '--seed must be a whole number from 0 to 4294967295 (got "4294967296")', 2)

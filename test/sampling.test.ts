@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict'
 import {describe, it} from 'node:test'
 
-import {applyRepetitionPenalty, argmax, candidateDistribution, createRng, Sampler} from '../src/core/run/sampling.js'
+import {applyRepetitionPenalty, argmax, candidateDistribution, createRng, Sampler} from '../src/core/generation/sampling.js'
 
 const logits = (...v: number[]) => Float32Array.from(v)
 

@@ -7,7 +7,7 @@ import path from 'node:path'
 import {after, before, describe, test} from 'node:test'
 
 import {convertCheckpoints} from '../src/core/package/convert.js'
-import {generateAll} from '../src/core/run/batcher.js'
+import {generateAll} from '../src/core/generation/batcher.js'
 import {checkWebGpu} from '../src/core/engine/device.js'
 import {GpuFormCache} from '../src/core/engine/gpu-form-cache.js'
 import {ParScaleModel, type ModelOptions} from '../src/core/engine/model.js'

@@ -17,14 +17,14 @@ import {buildWebGpuDecoderGraph, type WebGpuGraphOptions} from '../../src/core/o
 import {floatWeights, type FloatWeightProvider} from '../../src/core/onnx/weights.js'
 import {convertCheckpoints} from '../../src/core/package/convert.js'
 import {readManifest} from '../../src/core/package/manifest.js'
-import {generateAll} from '../../src/core/run/batcher.js'
+import {generateAll} from '../../src/core/generation/batcher.js'
 import {ParScaleModel, type ModelOptions} from '../../src/core/engine/model.js'
 import {GpuFormModel} from '../../src/core/engine/gpu-form.js'
 import {adapterName, checkWebGpu} from '../../src/core/engine/device.js'
 import {resolveModel} from '../../src/core/package/resolve.js'
 import {quantScheme} from '../../src/core/quant/scheme.js'
 import {negativeLogLikelihood} from '../../src/core/run/evaluate.js'
-import {TextTokenizer} from '../../src/core/run/tokenizer.js'
+import {TextTokenizer} from '../../src/core/generation/tokenizer.js'
 
 const [command, ...args] = process.argv.slice(2)
 const write = (file: string, value: unknown) => fs.writeFileSync(file, JSON.stringify(value, null, 1) + '\n')

@@ -15,6 +15,19 @@ import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {plotTarget, writePlots} from '../ui/bench-plot.js'
 import {Progress} from '../ui/progress.js'
 import {quantFlags, quantFromFlags} from '../flags/quant.js'
+import {loadCurves, loadModes} from '../core/bench/auto-load.js'
+import {ParScaleModel} from '../core/engine/model.js'
+import {measureProfile, saveProfile, type CostProfile} from '../core/parallel/cost-profile.js'
+import {parseAutoBudget} from '../core/parallel/policy.js'
+import {renderLoadTable, writeLoadPlot} from '../ui/load-report.js'
+
+/** The cost profile as `bench --save-profile` prints it. */
+function renderProfile(profile: CostProfile, label: string): string {
+  const p1 = profile.decode[0].ms
+  const lines = profile.decode.map((d) => `${String(d.rows).padStart(5)}  ${d.ms.toFixed(1).padStart(8)}  ${(d.ms / p1).toFixed(2).padStart(6)}×  (P=${d.parallel} × ${d.batch})`)
+  const prefill = profile.prefill.map((p) => `P=${p.parallel} ${(p.ms / p.tokens).toFixed(1)} ms/token`).join(', ')
+  return `cost profile of ${label} · ${profile.key} · measured in ${(profile.measureMs / 1000).toFixed(1)} s\n rows  step ms  vs 1 row\n${lines.join('\n')}\nprefill (${profile.prefill[0]?.tokens ?? 0} tokens): ${prefill}`
+}
 
 /**
  * `--json FILE`, the spelling before `--json` became a switch (JSON on stdout) and `--json-file
@@ -59,6 +72,9 @@ export default class Bench extends BaseCommand {
 
 --vs-params: the paper's parallel scaling law L = E + (A·1e9/(N·(k·ln P + 1)))^α says P streams match a P = 1 model of N′ = N·(k·ln P + 1) parameters (only k matters for N′). k = ${SCALING_FITS.map((f) => `${f.k} (${f.dataset})`).join(', ')}: approximate values of the paper's published fits, not re-fitted. A synthetic P = 1 model of about N′ (wider and deeper as Qwen2.5 grows; capped so its fp32 weights take at most half of RAM, stated when capped) is measured the same way, and memory and latency increases of parallel vs parameter scaling are printed side by side.
 
+--save-profile measures the cost profile \`--parallel auto\` predicts from (decode step time by rows = Σ P of the sequences in a step, and prefill per token), saves it beside the package for these --threads and --device, and prints it: the way to refresh it after the machine changed.
+--concurrency N[,N…] measures \`parscale serve\` under load instead: one server per mode (fixed smallest P, fixed largest P, --parallel auto with --auto-budget), each loaded at every N by N clients sending --repeat requests of --max-new-tokens back to back (paired rounds); the table gives tokens/s, latency and the P the answers got, and --plot charts them against N (docs/auto-parallel.md).
+
 --plot FILE.svg|FILE.html draws the profile with Vega-Lite (rendered in Node, no browser): decode ms/token, prefill and peak RSS against P with the roofline floors dashed, the parameter-scaling curve beside ParScale's after --vs-params, and one line per P against batch and prompt length when several were measured. The HTML page holds the charts and the table and needs no network. The file's folder must exist; it is checked before anything runs.`
   static override examples = [
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,2,4,8',
@@ -69,6 +85,8 @@ export default class Bench extends BaseCommand {
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,8 --prompt-len 64,1024,2048 --max-new-tokens 33 --repeat 1',
     '<%= config.bin %> bench --synthetic 0.5b --parallel 1,2,4,8 --plot profile.html',
     '<%= config.bin %> bench --synthetic 0.5b --vs-params --plot charts.svg --plot report.html',
+    '<%= config.bin %> bench --save-profile --threads 2',
+    '<%= config.bin %> bench --synthetic 0.5b --concurrency 1,4,8,24 --auto-budget 2 -n 16 --repeat 2 --plot load.svg',
   ]
   static override args = {
     model: Args.string({description: 'converted package, checkpoint folder or pulled hub repo id (default: the embedded model)', ignoreStdin: true}),
@@ -101,6 +119,9 @@ export default class Bench extends BaseCommand {
       helpValue: 'FILE.svg|FILE.html',
     }),
     profile: Flags.string({description: 'write ONNX Runtime profiles with this file prefix'}),
+    'save-profile': Flags.boolean({description: 'measure the cost profile --parallel auto predicts from (decode step by rows, prefill) afresh for these --threads and --device, save it beside the package, print it; nothing else is measured'}),
+    concurrency: Flags.string({description: 'serve under load instead: `parscale serve` children at fixed smallest P, fixed largest P and --parallel auto, each loaded by N clients at once (a list: each N), every client sending --repeat requests of --max-new-tokens one after another; tokens/s, latency and the P the answers got (--plot charts them)', helpValue: 'LIST'}),
+    'auto-budget': Flags.string({description: 'with --concurrency: the auto server\'s --auto-budget', helpValue: 'X'}),
     device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider (one CPU thread launches its kernels; --threads is for cpu)', options: [...DEVICES], default: 'cpu'}),
     ...quantFlags,
   }
@@ -124,6 +145,9 @@ export default class Bench extends BaseCommand {
     if (flags['vs-params'] && !parallel.includes(1)) parallel.unshift(1)
     // A bad --plot target fails now, not after minutes of measuring.
     const plots = (flags.plot ?? []).map(plotTarget)
+    const autoBudget = parseAutoBudget(flags['auto-budget'])
+    if (autoBudget !== undefined && flags.concurrency === undefined) throw new UsageError('--auto-budget goes with --concurrency (the auto server\'s budget)')
+    if (flags['save-profile'] && flags.concurrency !== undefined) throw new UsageError('--save-profile and --concurrency are separate runs: drop one')
 
     const progress = new Progress('preparing')
     const onStatus = (text: string) => progress.update(text)
@@ -131,6 +155,32 @@ export default class Bench extends BaseCommand {
       const {packageDir, label, shape} = prepareBenchModel({model: args.model, synthetic: flags.synthetic, dims, parallel, quant}, onStatus, (line) => progress.log(line))
       const manifest = readManifest(packageDir)
       const model = manifest.model
+      if (flags['save-profile']) {
+        const maxBatch = Math.max(8, ...batch)
+        onStatus('measuring the cost profile')
+        const session = await ParScaleModel.open(packageDir, {threads: flags.threads, device})
+        try {
+          const profile = await measureProfile(session, {threads: flags.threads, device}, maxBatch)
+          const file = saveProfile(packageDir, profile)
+          progress.stop()
+          this.log(flags.json ? JSON.stringify(profile) : renderProfile(profile, label))
+          process.stderr.write(`saved the cost profile to ${file}\n`)
+        } finally {
+          await session.release()
+        }
+        return
+      }
+      if (flags.concurrency !== undefined) {
+        const concurrencies = intList(flags.concurrency, 'concurrency')
+        const modes = loadModes(manifest.parallel, autoBudget === undefined ? [] : ['--auto-budget', String(autoBudget)])
+        const serveArgs = ['--threads', String(threads), '--max-batch', String(Math.max(...batch, 8)), '--max-queue', String(Math.max(256, 2 * Math.max(...concurrencies)))]
+        const prompts = ['def fibonacci(n):', 'import os\n', 'class Parser:', 'for i in range(', 'def read_config(path):', 'import json\n\n', 'class Stack:', 'def main():\n']
+        const curves = await loadCurves(packageDir, modes, concurrencies, {requestsPerClient: flags.repeat, maxTokens: flags['max-new-tokens'], prompts}, serveArgs, onStatus)
+        progress.stop()
+        this.log(flags.json ? JSON.stringify({model: label, threads, curves}) : `${label} · ${threads} threads · ${flags['max-new-tokens']} tokens per request, ${flags.repeat} per client\n${renderLoadTable(curves)}`)
+        for (const {file} of plots) await writeLoadPlot(curves, file, `${label}: serve under load`)
+        return
+      }
       // A prompt past the model's positions would fail inside ONNX Runtime after minutes of other runs.
       const newTokens = flags['max-new-tokens']
       const longest = Math.max(...promptLengths) + newTokens

@@ -26,6 +26,7 @@ const runFlags = {
   quiet: Flags.boolean({char: 'q', description: 'no progress or timing on stderr'}),
   streams: Flags.boolean({description: 'after each answer, show how the P streams were weighted per generated token (with --json: "stream_weights")'}),
   threads: numberFlag('ONNX Runtime intra-op threads'),
+  verbose: Flags.boolean({description: 'say on stderr which P --parallel auto chose and why'}),
   device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
   ...quantFlags,
 }
@@ -44,6 +45,7 @@ function runOptions(flags: RunFlags, promptArgument: string | undefined): RunOpt
     quiet: flags.quiet,
     device: flags.device as Device,
     streams: flags.streams,
+    verbose: flags.verbose,
     quant: quantFromFlags(flags),
     numbers: {...generation.numbers, 'batch-size': flags['batch-size'], threads: flags.threads},
   }
@@ -60,7 +62,7 @@ Batch: --batch FILE.jsonl with one {"prompt": …} or {"messages": [{"role": …
 --batch-size sequences decode together per P, new ones joining as others finish, and results come out in input order (with --json one object per line, its "id" first). The whole file is checked first; progress shows on stderr when it is a terminal.
 
 When the tokenizer has a chat template a prompt is sent as a user message (--system adds a system message); --raw sends the text as is, without the template or special tokens.
-Sampling defaults come from the model's generation_config.json; --temperature 0 is greedy. --parallel N picks how many parallel streams (P) to run; the model must provide it.
+Sampling defaults come from the model's generation_config.json; --temperature 0 is greedy. --parallel N picks how many parallel streams (P) to run; the model must provide it. --parallel auto picks it from a cost profile of the model measured once on this machine (cached beside the package): alone, the largest P whose decode step is within --auto-budget (default 1.25) × P = 1's; in --batch, lines that name no "parallel" get smaller P as more lines share the batch, so throughput stays near all-P = 1's. --verbose says which P and why.
 --streams shows, after the answer, the weight the aggregation head gave each stream for each generated token (one bar per stream per token; colour on a terminal unless NO_COLOR is set); with --json each result carries "stream_weights", one array of P weights per generated token.
 
 MODEL is a converted package, a checkpoint folder (converted on first use and cached), or a pulled hub repo id; without it, the embedded default model.`
@@ -73,6 +75,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     {description: 'Run a JSONL file 16 prompts at a time, one JSON result per line', command: '<%= config.bin %> run ./my-model --batch prompts.jsonl --batch-size 16 --json > results.jsonl'},
     {description: 'The default model with 4-bit weights (converted once and cached)', command: '<%= config.bin %> run --quant int4 --prompt "def add(a, b):"'},
     {description: 'Stop at a blank line, at most 64 tokens, with 2 streams', command: '<%= config.bin %> run ./my-model "Once upon a time" --stop $\'\\n\\n\' --max-new-tokens 64 --parallel 2'},
+    {description: 'Let parscale choose P from this machine\'s measured costs, and say why', command: '<%= config.bin %> run "def add(a, b):" --parallel auto --verbose'},
     {description: 'Which of the 8 streams the default model trusts, token by token', command: '<%= config.bin %> run "def fibonacci(n):" --parallel 8 --streams'},
   ]
 
@@ -109,6 +112,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
       return await openRunContext(model, plan, {
         onProgress: ({phase, doneBytes, totalBytes}) => progress.update(`${phase}: ${percent(doneBytes, totalBytes)} of ${formatBytes(totalBytes)}`),
         onLoading: () => progress.update('loading model'),
+        onMeasuring: () => progress.update('measuring the cost profile for --parallel auto (once per machine, cached beside the package)'),
         onNotice: (line) => progress.log(line),
       })
     } finally {

@@ -12,6 +12,7 @@ import {RunningServer} from '../core/serve/server.js'
 import {readBenchFigures} from '../core/serve/ui/bench-figures.js'
 import {quantFlags, quantFromFlags} from '../flags/quant.js'
 import {Progress} from '../ui/progress.js'
+import {DEFAULT_AUTO_BUDGET, type ParallelChoice} from '../core/parallel/policy.js'
 
 /** A number flag; checked in `parseServeOptions` so a bad value is one line, like every user error. */
 function numberFlag(description: string, helpValue = 'N', char?: 'p') {
@@ -21,7 +22,7 @@ function numberFlag(description: string, helpValue = 'N', char?: 'p') {
 export default class Serve extends BaseCommand {
   static override summary = 'Serve a ParScale model over an OpenAI-compatible HTTP API, with continuous batching'
   static override description = `Endpoints: POST /v1/chat/completions, POST /v1/completions (both with "stream": true for server-sent events), GET /v1/models, GET /health, GET /metrics (Prometheus).
-A request may pick its number of parallel streams with the extension field "parallel" (one of the P values /v1/models lists); without it, --parallel. Requests that arrive while others decode join the running batch at the next step (up to --max-batch sequences per P); past --max-queue running + waiting generations, requests get 429 with Retry-After.
+A request may pick its number of parallel streams with the extension field "parallel" (one of the P values /v1/models lists, or "auto"); without it, --parallel. With --parallel auto the server chooses the P of each request that names none: alone, the largest P whose decode step is within --auto-budget × P = 1's; under load, smaller P so throughput stays near all-P = 1's (measured once per machine into a cost profile cached beside the package; docs/auto-parallel.md). Answers report the P they got in "parallel"; /metrics counts them (parscale_parallel_chosen_total). Requests that arrive while others decode join the running batch at the next step (up to --max-batch sequences per P); past --max-queue running + waiting generations, requests get 429 with Retry-After.
 Sampling fields left out of a request come from the model's generation_config.json, as with \`parscale run\`. A model without a chat template (like the embedded default model, a base model) answers chat requests by continuing the conversation's texts joined together, system messages left out.
 With "stream_weights": true a request gets each generated token's P stream weights (streamed: one chunk per token, its weights in choices[].stream_weights).
 A chat page is served at / (plain HTML talking to this API, offline): choose P, stream answers with each token's stream weights, see this server's latency and memory per P (--bench-json FILE adds a \`parscale bench --json\` report to that chart); --no-ui leaves it out.
@@ -43,7 +44,9 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
   static override flags = {
     host: Flags.string({description: `address to listen on (default ${SERVE_DEFAULTS.host}; 0.0.0.0 for every interface)`, helpValue: 'ADDRESS'}),
     port: numberFlag(`port to listen on (default ${SERVE_DEFAULTS.port}; 0 picks a free one)`, 'PORT'),
-    parallel: numberFlag('parallel streams P of requests that name none (default: the model\'s largest)', 'N', 'p'),
+    parallel: numberFlag('parallel streams P of requests that name none (default: the model\'s largest); auto: chosen per request from the load and a measured cost profile (docs/auto-parallel.md)', 'N|auto', 'p'),
+    'auto-budget': Flags.string({description: 'with --parallel auto: a lone request gets the largest P whose decode step is at most this many times P = 1\'s (default 1.25)', helpValue: 'X'}),
+    verbose: Flags.boolean({description: 'with --parallel auto: one line on stderr per request saying which P it got and why'}),
     'max-batch': numberFlag(`most sequences of one P decoding together (default ${SERVE_DEFAULTS.maxBatch})`),
     'max-queue': numberFlag(`most generations running or waiting; more get 429 (default ${SERVE_DEFAULTS.maxQueue})`),
     'api-key': Flags.string({description: 'require "Authorization: Bearer KEY" on /v1 requests', helpValue: 'KEY', env: 'PARSCALE_API_KEY'}),
@@ -61,6 +64,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     const options = parseServeOptions({
       host: flags.host,
       apiKey: flags['api-key'],
+      autoBudget: flags['auto-budget'],
       numbers: {
         port: flags.port,
         parallel: flags.parallel,
@@ -75,7 +79,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     if (!flags.ui && flags['bench-json'] !== undefined) throw new UserError('--bench-json charts on the page, which --no-ui leaves out: drop one of them', 2)
     const bench = flags['bench-json'] === undefined ? undefined : readBenchFigures(flags['bench-json'])
     if (device === 'webgpu') await checkWebGpu() // before converting or loading anything
-    const engine = await this.load(args.model, options, device, quant)
+    const engine = await this.load(args.model, options, device, quant, flags.verbose)
     let server: RunningServer
     try {
       server = await RunningServer.listen(engine, {
@@ -91,19 +95,26 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
       throw error
     }
     const {served} = engine
+    const profile = engine.profile
     process.stderr.write(
-      `serving ${served.id} (P ${served.parallelValues.join(', ')}; default ${served.defaultParallel}) at ${server.url}/v1 · ` +
+      (profile
+        ? `auto P: cost profile ${profile.cached ? 'cached' : `measured in ${(profile.profile.measureMs / 1000).toFixed(1)} s`} (${profile.file}); budget ${options.autoBudget ?? DEFAULT_AUTO_BUDGET}× P = 1's step alone\n`
+        : '') +
+      `serving ${served.id} (P ${served.parallelValues.join(', ')}; default ${served.autoParallel ? 'auto' : served.defaultParallel}) at ${server.url}/v1 · ` +
         `max batch ${options.maxBatch} per P, max queue ${options.maxQueue}${options.apiKey ? ' · API key required' : ''}\n` +
         (flags.ui ? `chat page: ${server.url}/\n` : ''),
     )
     await untilStopped(server, options.shutdownTimeout)
   }
 
-  private async load(model: string | undefined, options: ServeOptions, device: Device, quant: QuantScheme | undefined): Promise<ServeEngine> {
+  private async load(model: string | undefined, options: ServeOptions, device: Device, quant: QuantScheme | undefined, verbose: boolean): Promise<ServeEngine> {
     const progress = new Progress('preparing model')
     try {
       return await ServeEngine.open(model, {
         parallel: options.parallel,
+        autoBudget: options.autoBudget,
+        onMeasuring: () => progress.update('measuring the cost profile for --parallel auto (once per machine, cached beside the package)'),
+        ...(verbose ? {onChoice: ({reason}: ParallelChoice) => process.stderr.write(`${reason}\n`)} : {}),
         threads: options.threads,
         device,
         quant,

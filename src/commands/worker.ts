@@ -5,6 +5,8 @@ import {onStopRequest} from '../core/processes.js'
 import {checkQueueUrl} from '../core/queue/connection.js'
 import {defaultConcurrency, QueueWorker} from '../core/queue/worker.js'
 import {queueFlag} from '../flags/queue.js'
+import {UsageError} from '../core/errors.js'
+import {parseAutoBudget} from '../core/parallel/policy.js'
 import {Progress} from '../ui/progress.js'
 import {BatchLog, workerProgress} from '../ui/queue-report.js'
 
@@ -26,12 +28,16 @@ Progress is shown when stderr is a terminal; otherwise (a service's journal, a c
     concurrency: Flags.integer({description: 'lines held at once per model (default: --batch-size + max(2, --batch-size / 4), so a finished line\'s place is refilled at the next step)', min: 1}),
     model: Flags.string({description: 'a model this machine has (package, checkpoint folder or hub repo id), served to jobs whose fingerprint it matches (repeatable)', multiple: true, helpValue: 'MODEL'}),
     threads: Flags.integer({description: 'ONNX Runtime intra-op threads', min: 1}),
+    parallel: Flags.string({description: 'auto: lines that named no "parallel" get a P chosen here, from this machine\'s measured cost profile and the lines in hand (lines submitted with --parallel auto always do; docs/auto-parallel.md)', options: ['auto'], helpValue: 'auto'}),
+    'auto-budget': Flags.string({description: 'with --parallel auto: a lone line gets the largest P whose decode step is at most this many times P = 1\'s (default 1.25)', helpValue: 'X'}),
     'stall-timeout': Flags.integer({description: 'seconds before the lines of a worker that stopped answering go to another worker', min: 1, default: 30, helpValue: 'SECONDS'}),
   }
 
   async run(): Promise<void> {
     const {flags} = await this.parse(WorkerCommand)
     const url = checkQueueUrl(flags.queue)
+    const autoBudget = parseAutoBudget(flags['auto-budget'])
+    if (autoBudget !== undefined && flags.parallel !== 'auto') throw new UsageError('--auto-budget needs --parallel auto')
     const progress = new Progress('connecting', Boolean(process.stderr.isTTY))
     // Off a terminal (a journal, a container log) nothing repaints: one line per batch instead.
     const batchLog = process.stderr.isTTY ? undefined : new BatchLog((line) => process.stderr.write(line + '\n'))
@@ -46,6 +52,8 @@ Progress is shown when stderr is a terminal; otherwise (a service's journal, a c
       batchSize: flags['batch-size'],
       concurrency: flags.concurrency ?? defaultConcurrency(flags['batch-size']),
       threads: flags.threads,
+      autoParallel: flags.parallel === 'auto',
+      ...(autoBudget !== undefined ? {autoBudget} : {}),
       models: flags.model ?? [],
       stallSeconds: flags['stall-timeout'],
     }

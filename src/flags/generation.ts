@@ -21,7 +21,8 @@ export const generationFlags = {
   'repetition-penalty': numberFlag('penalty (> 1) for tokens already in the sequence', 'X'),
   seed: numberFlag('random seed: the same seed gives the same output'),
   stop: Flags.string({description: 'stop when this text is generated (repeatable); it is not printed', multiple: true, helpValue: 'TEXT'}),
-  parallel: numberFlag('number of parallel streams P (the model must provide it; default: the model\'s own)', 'N', 'p'),
+  parallel: numberFlag('number of parallel streams P (the model must provide it; default: the model\'s own); auto: the largest P whose decode step fits --auto-budget, lower for a batch under load (docs/auto-parallel.md)', 'N|auto', 'p'),
+  'auto-budget': numberFlag('with --parallel auto: a lone request gets the largest P whose decode step is at most this many times P = 1\'s (default 1.25)', 'X'),
   truncate: Flags.boolean({description: 'keep the tail of a prompt that is too long for the context, instead of failing'}),
 }
 
@@ -42,6 +43,7 @@ export function generationFlagOptions(flags: GenerationFlags): Pick<RunOptions, 
       'repetition-penalty': flags['repetition-penalty'],
       seed: flags.seed,
       parallel: flags.parallel,
+      'auto-budget': flags['auto-budget'],
     },
   }
 }

@@ -4,6 +4,7 @@
  * between turns. /commands manage the chat; Ctrl-C stops the current answer, or leaves when
  * there is none.
  */
+import {autoLine} from './run-modes.js'
 import {createInterface} from 'node:readline'
 
 import {UserError} from '../core/errors.js'
@@ -43,6 +44,7 @@ export async function runChat(ctx: RunContext, log: LineWriter): Promise<void> {
   if (interactive && !options.quiet) {
     process.stderr.write(`parscale chat · ${ctx.label} · P=${chat.parallel}${ctx.useTemplate ? '' : ' · raw text (no chat template)'} · /help for commands\n`)
   }
+  if (ctx.auto && options.verbose) process.stderr.write(autoLine(ctx) + '\n')
   // Piped text output is a transcript that reads as the terminal session would: each line sent
   // after the prompt "> ", each answer after it, a blank line between turns. --json stays one
   // object per turn for scripts.

@@ -3,16 +3,31 @@
  * batch printed in input order. Timing goes to stderr unless --quiet or --json.
  */
 import {readBatchFile} from '../core/run/batch-file.js'
-import {generateAll} from '../core/run/batcher.js'
+import {generateAll} from '../core/generation/batcher.js'
 import type {RunContext} from '../core/run/context.js'
 import {batchRequests, generationOptions, promptRequest} from '../core/run/requests.js'
 import {Progress} from './progress.js'
 import {batchItemText, batchJsonResult, batchProgressLine, batchSummaryLine, jsonResult, type LineWriter, timingLine, writeTokenText} from './run-output.js'
 import {answerStreamView} from './stream-view.js'
+import {assignAutoParallel} from '../core/parallel/policy.js'
+import type {LoadedProfile} from '../core/parallel/cost-profile.js'
+
+/** Where the cost profile came from, for --verbose. */
+export function profileLine(loaded: LoadedProfile): string {
+  const p = loaded.profile
+  const how = loaded.cached ? 'cached' : `measured now in ${(p.measureMs / 1000).toFixed(1)} s`
+  return `auto: cost profile ${how} (${p.key}; ${loaded.file})`
+}
+
+/** The profile and the lone request's choice, for --verbose. */
+export function autoLine(ctx: Pick<RunContext, 'auto'>): string {
+  return ctx.auto ? `${profileLine(ctx.auto.profile)}\n${ctx.auto.alone.reason}` : ''
+}
 
 /** One prompt: stream the answer (or print one JSON line), timing on stderr. */
 export async function runOneShot(ctx: RunContext, prompt: string, log: LineWriter): Promise<void> {
   const {options} = ctx
+  if (ctx.auto && options.verbose) process.stderr.write(autoLine(ctx) + '\n')
   const request = promptRequest(ctx, prompt)
   const generation = generationOptions(ctx)
   if (!options.json) generation.onToken = writeTokenText
@@ -32,6 +47,13 @@ export async function runBatch(ctx: RunContext, file: string, log: LineWriter): 
   const {options} = ctx
   const items = await readBatchFile(file)
   const requests = batchRequests(ctx, file, items)
+  if (ctx.auto) {
+    const choices = assignAutoParallel(ctx.auto.policy, requests, items.map((item) => item.parallel === undefined))
+    if (options.verbose) {
+      process.stderr.write(profileLine(ctx.auto.profile) + '\n')
+      choices.forEach((choice, i) => choice && process.stderr.write(`${file}:${items[i].line}: ${choice.reason}\n`))
+    }
+  }
   const started = performance.now()
   // A terminal watching stderr sees lines done and the rate while stdout goes to a file; the
   // summary closes the run in text mode, and after --json only on a terminal (scripts read stderr).

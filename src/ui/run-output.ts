@@ -3,7 +3,7 @@
  * stderr, batch text blocks and summary, streamed tokens.
  */
 import type {ChatTurnResult} from '../core/run/chat.js'
-import type {GenerationResult, TokenEvent} from '../core/run/generation.js'
+import type {GenerationResult, TokenEvent} from '../core/generation/generation.js'
 import type {BatchItem} from '../core/run/batch-file.js'
 import {batchJsonResult, jsonResult} from '../core/run/json-result.js'
 

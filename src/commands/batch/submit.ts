@@ -18,6 +18,7 @@ export default class BatchSubmit extends BaseCommand {
 
   static override description = `FILE.jsonl has the lines \`run --batch\` takes, checked whole first with the same rules and messages: one {"prompt": …} or {"messages": […]} per line, optionally with "max_new_tokens" (or "max_tokens"), "temperature", "parallel" and "id" (given back on the line's result by \`batch collect\`), e.g.
   {"id": "fib", "prompt": "def fibonacci(n):", "max_new_tokens": 48}
+With --parallel auto, lines that name no "parallel" are left to the worker that takes them: it chooses P from its own machine's measured cost profile and the lines it has in hand (docs/auto-parallel.md).
 Each line becomes one job (id NAME#LINE) that records the model and its package fingerprint, the sampling settings and the line's own fields; submitting the same batch again adds only what is missing.
 Workers (\`parscale worker --queue URL\`) on any machine that reaches Redis generate the lines; \`batch status\` shows the progress and \`batch collect\` writes the results in input order, the objects \`run --batch --json\` prints.
 

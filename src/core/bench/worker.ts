@@ -3,8 +3,8 @@
 import {readSync} from 'node:fs'
 
 import {variantConfig, selectVariant} from '../package/manifest.js'
-import {generateAll} from '../run/batcher.js'
-import {prefill} from '../run/generation.js'
+import {generateAll} from '../generation/batcher.js'
+import {prefill} from '../generation/generation.js'
 import {ParScaleModel} from '../engine/model.js'
 import {kvCacheBytes, prefillFlops, weightBytes} from './model-cost.js'
 import {runProbes} from './roofline.js'

@@ -14,7 +14,7 @@ import {basename, extname} from 'node:path'
 import {UsageError} from '../errors.js'
 import type {BatchInput, BatchLineId} from '../run/batch-file.js'
 import type {QuantScheme} from '../quant/scheme.js'
-import type {GenerationRequest} from '../run/generation.js'
+import type {GenerationRequest} from '../generation/generation.js'
 
 /** The version of `LineJob` and `BatchSpec`; a worker refuses jobs of a newer one. */
 export const JOB_FORMAT = 1
@@ -70,6 +70,8 @@ export interface LineJob {
   model: ModelRef
   /** Prompt ids (chat template applied, fitted to the context), length, sampling and P. */
   request: GenerationRequest
+  /** Submitted with --parallel auto and the line named no P: the worker chooses it (its own machine's cost profile, its load). */
+  autoParallel?: boolean
   /** The line's own fields, as given. */
   fields: {input: BatchInput; max_new_tokens?: number; temperature?: number; parallel?: number; id?: BatchLineId}
 }
@@ -83,8 +85,8 @@ export interface BatchSpec {
   /** Line numbers in file order; job ids are `NAME#LINE`. */
   lines: number[]
   model: ModelRef
-  /** P of the lines that name none. */
-  parallel: number
+  /** P of the lines that name none (`auto`: each worker chooses). */
+  parallel: number | 'auto'
   /** Digest of every job's content: a second submit under the same name must match it. */
   digest: string
   attempts: number

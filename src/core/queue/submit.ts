@@ -47,6 +47,7 @@ export async function prepareBatch(model: string | undefined, plan: Extract<RunP
     line: item.line,
     model: ref,
     request: requests[i],
+    ...(plan.numbers.autoParallel && item.parallel === undefined ? {autoParallel: true} : {}),
     fields: {
       input: item.input,
       ...(item.maxNewTokens === undefined ? {} : {max_new_tokens: item.maxNewTokens}),
@@ -56,7 +57,7 @@ export async function prepareBatch(model: string | undefined, plan: Extract<RunP
     },
   }))
   // Without --seed each submit draws a new base seed: the digest takes --seed, not the seeds drawn.
-  const content = jobs.map(({line, request, fields}) => ({line, fields, request: {...request, sampling: {...request.sampling, seed: undefined}}}))
+  const content = jobs.map(({line, request, fields, autoParallel}) => ({line, fields, autoParallel, request: {...request, sampling: {...request.sampling, seed: undefined}}}))
   const settings = {model: ref.fingerprint, attempts: options.attempts, seed: plan.numbers.seed ?? null}
   const digest = createHash('sha256').update(JSON.stringify({settings, content})).digest('hex').slice(0, 16)
   const spec: BatchSpec = {
@@ -65,7 +66,7 @@ export async function prepareBatch(model: string | undefined, plan: Extract<RunP
     file,
     lines: items.map((item) => item.line),
     model: ref,
-    parallel: ctx.parallel,
+    parallel: plan.numbers.autoParallel ? 'auto' : ctx.parallel,
     digest,
     attempts: options.attempts,
     submittedAt: new Date().toISOString(),

@@ -46,6 +46,10 @@ export interface WorkerSettings {
   /** Lines held at once (BullMQ concurrency), per model served. */
   concurrency: number
   threads?: number
+  /** --parallel auto: lines that named no P get one chosen by this worker (lines submitted with --parallel auto always do). */
+  autoParallel?: boolean
+  /** --auto-budget. */
+  autoBudget?: number
   /** Models this worker has under other paths than the submitters' (matched by fingerprint). */
   models: string[]
   /** How long the jobs of a worker that stopped answering stay locked before others take them. */
@@ -198,7 +202,13 @@ export class QueueWorker {
       }
     }
     const {settings} = this
-    const model = await ServedModel.open(ref, packageDir, {batchSize: settings.batchSize, threads: settings.threads})
+    const model = await ServedModel.open(ref, packageDir, {
+      batchSize: settings.batchSize,
+      threads: settings.threads,
+      autoParallel: settings.autoParallel,
+      autoBudget: settings.autoBudget,
+      onMeasuring: (label) => this.events.notice?.(`measuring the cost profile of ${label} for --parallel auto (once per machine, cached beside the package)`),
+    })
     const worker = new Worker<LineJob, JobResult>(modelQueueName(ref.fingerprint), (job) => this.process(job, model), {
       connection: this.redis,
       prefix: BULL_PREFIX,

@@ -9,7 +9,7 @@ import {readFile} from 'node:fs/promises'
 
 import {FileFormatError} from '../errors.js'
 import {decodeUtf8, lineAt} from '../utf8.js'
-import type {ChatMessage} from './tokenizer.js'
+import type {ChatMessage} from '../generation/tokenizer.js'
 
 export type BatchInput = {kind: 'prompt'; text: string} | {kind: 'messages'; messages: ChatMessage[]}
 

@@ -1,8 +1,8 @@
 /** Multi-turn chat over the decode loop, keeping the KV cache between turns. */
 import {UserError} from '../errors.js'
 import type {Decoder, SequenceCache} from '../engine/decoder.js'
-import {checkRequest, generateSequence, prefill, Row, type GenerationOptions, type GenerationRequest, type GenerationResult, type TokenEvent} from './generation.js'
-import type {ChatMessage} from './tokenizer.js'
+import {checkRequest, generateSequence, prefill, Row, type GenerationOptions, type GenerationRequest, type GenerationResult, type TokenEvent} from '../generation/generation.js'
+import type {ChatMessage} from '../generation/tokenizer.js'
 
 /** What a chat needs from the tokenizer (TextTokenizer provides it; see `rawChatFormat`). */
 export interface ChatFormat {

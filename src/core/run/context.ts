@@ -8,7 +8,9 @@ import {resolveModel, type ResolvedModel, type ResolveOptions} from '../package/
 import type {RunPlan} from './plan.js'
 import type {RequestContext} from './requests.js'
 import {ParScaleModel} from '../engine/model.js'
-import {readGenerationDefaults, TextTokenizer} from './tokenizer.js'
+import {readGenerationDefaults, TextTokenizer} from '../generation/tokenizer.js'
+import {loadOrMeasureProfile, type LoadedProfile} from '../parallel/cost-profile.js'
+import {AutoParallelPolicy, type ParallelChoice} from '../parallel/policy.js'
 
 /** What requests are built from, without the ONNX Runtime session: enough to check and encode prompts. */
 export interface RequestModel extends RequestContext {
@@ -28,6 +30,8 @@ export interface RunContext extends RequestContext {
   options: RunPlan['options']
   /** The model as the user named it, for messages. */
   label: string
+  /** `--parallel auto`: the policy, its profile, and the P a lone request gets (already in `parallel`). */
+  auto?: {policy: AutoParallelPolicy; profile: LoadedProfile; alone: ParallelChoice}
 }
 
 export interface LoadHooks {
@@ -37,6 +41,8 @@ export interface LoadHooks {
   onNotice?: ResolveOptions['onNotice']
   /** The package is ready; tokenizer and session are loading. */
   onLoading?: () => void
+  /** `--parallel auto` is measuring the cost profile (first use on this machine). */
+  onMeasuring?: () => void
 }
 
 /** The model resolved, its tokenizer and defaults loaded, the options checked against them. */
@@ -65,13 +71,27 @@ async function loadRequestModel(resolved: ResolvedModel, {options, numbers}: Pic
 export async function openRunContext(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RunContext> {
   const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, quant: plan.options.quant, onProgress: hooks.onProgress, onNotice: hooks.onNotice})
   hooks.onLoading?.()
-  const opening = ParScaleModel.open(resolved.packageDir, {threads: plan.numbers.threads, device: plan.options.device ?? 'cpu', parallel: [resolved.parallel]})
+  const auto = plan.numbers.autoParallel === true
+  const expected = auto ? readManifest(resolved.packageDir).parallel : [resolved.parallel]
+  const opening = ParScaleModel.open(resolved.packageDir, {threads: plan.numbers.threads, device: plan.options.device ?? 'cpu', parallel: expected})
   const [loaded, model] = await Promise.allSettled([loadRequestModel(resolved, plan), opening])
   if (loaded.status === 'rejected') {
     if (model.status === 'fulfilled') await model.value.release()
     throw loaded.reason
   }
   if (model.status === 'rejected') throw model.reason
-  const {packageDir: _packageDir, ...ctx} = loaded.value
-  return {...ctx, model: model.value}
+  const {packageDir, ...ctx} = loaded.value
+  if (!auto) return {...ctx, model: model.value}
+  try {
+    const setting = {threads: plan.numbers.threads, device: plan.options.device ?? 'cpu'}
+    // Profiles cover the rows of a full batch (at least the batcher's default 8 sequences), so one measurement serves every mode.
+    const maxBatch = Math.max(plan.numbers.batchSize, 8)
+    const profile = await loadOrMeasureProfile(packageDir, model.value, setting, maxBatch, {onMeasuring: hooks.onMeasuring})
+    const policy = new AutoParallelPolicy(profile.profile, model.value.parallelValues, {budget: plan.numbers.autoBudget, maxBatch: plan.numbers.batchSize})
+    const alone = policy.choose([])
+    return {...ctx, parallel: alone.parallel, model: model.value, auto: {policy, profile, alone}}
+  } catch (error) {
+    await model.value.release()
+    throw error
+  }
 }

@@ -1,5 +1,5 @@
 import type {Decoder, SequenceCache} from '../engine/decoder.js'
-import {prefill} from './generation.js'
+import {prefill} from '../generation/generation.js'
 import {StreamWeightStats, type StreamSummary} from './stream-stats.js'
 
 export interface EvalResult {

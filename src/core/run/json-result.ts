@@ -2,7 +2,7 @@
  * The JSON object `run --json` prints for one result, one per line. The field names are a
  * public format: `batch collect` writes the same objects, stored on each queue job.
  */
-import type {GenerationResult} from './generation.js'
+import type {GenerationResult} from '../generation/generation.js'
 
 function round(value: number, digits: number): number {
   const f = 10 ** digits

@@ -6,9 +6,10 @@
 import {UsageError, UserError} from '../errors.js'
 import type {Device} from '../engine/device.js'
 import type {QuantScheme} from '../quant/scheme.js'
+import {parseAutoBudget, parseParallel} from '../parallel/policy.js'
 
 /** Options given as text and checked here, so a bad value is one line like every user error. */
-export type NumberOption = 'batch-size' | 'max-new-tokens' | 'temperature' | 'top-k' | 'top-p' | 'repetition-penalty' | 'seed' | 'parallel' | 'threads'
+export type NumberOption = 'batch-size' | 'max-new-tokens' | 'temperature' | 'top-k' | 'top-p' | 'repetition-penalty' | 'seed' | 'parallel' | 'threads' | 'auto-budget'
 
 /** What the user asked `parscale run` for (numbers still as typed). */
 export interface RunOptions {
@@ -29,6 +30,8 @@ export interface RunOptions {
   device?: Device
   /** Keep each generated token's stream weights and show them (`--streams`). */
   streams?: boolean
+  /** Say on stderr which P `--parallel auto` chose and why. */
+  verbose?: boolean
   /** Quantized weights (`--quant`): a checkpoint is converted with this scheme. */
   quant?: QuantScheme
   numbers: Partial<Record<NumberOption, string>>
@@ -44,6 +47,10 @@ export interface RunNumbers {
   repetitionPenalty?: number
   seed?: number
   parallel?: number
+  /** `--parallel auto`: P chosen from the measured cost profile (and, with --batch, the lines in flight). */
+  autoParallel?: boolean
+  /** --auto-budget (with --parallel auto). */
+  autoBudget?: number
   threads?: number
 }
 
@@ -76,8 +83,11 @@ function parseNumber(name: NumberOption, input: string | undefined, integer: boo
 }
 
 export function parseRunNumbers(input: RunOptions['numbers']): RunNumbers {
-  const whole = (name: 'batch-size' | 'max-new-tokens' | 'top-k' | 'parallel' | 'threads', min: number) =>
+  const whole = (name: 'batch-size' | 'max-new-tokens' | 'top-k' | 'threads', min: number) =>
     parseNumber(name, input[name], true, (v) => v >= min, `a whole number >= ${min}`)
+  const parallel = parseParallel(input.parallel)
+  const autoBudget = parseAutoBudget(input['auto-budget'])
+  if (autoBudget !== undefined && parallel !== 'auto') throw new UsageError('--auto-budget needs --parallel auto')
   return {
     batchSize: whole('batch-size', 1) ?? 8,
     maxNewTokens: whole('max-new-tokens', 1),
@@ -86,7 +96,9 @@ export function parseRunNumbers(input: RunOptions['numbers']): RunNumbers {
     topP: parseNumber('top-p', input['top-p'], false, (v) => v > 0 && v <= 1, 'in (0, 1]'),
     repetitionPenalty: parseNumber('repetition-penalty', input['repetition-penalty'], false, (v) => v > 0, 'a number > 0'),
     seed: parseNumber('seed', input.seed, true, (v) => v >= 0 && v <= 0xffffffff, 'a whole number from 0 to 4294967295'),
-    parallel: whole('parallel', 1),
+    parallel: parallel === 'auto' ? undefined : parallel,
+    ...(parallel === 'auto' ? {autoParallel: true} : {}),
+    ...(autoBudget !== undefined ? {autoBudget} : {}),
     threads: whole('threads', 1),
   }
 }

@@ -5,10 +5,10 @@
  */
 import type {BatchInput, BatchItem} from './batch-file.js'
 import {UserError} from '../errors.js'
-import {fitToContext, type GenerationOptions, type GenerationRequest} from './generation.js'
+import {fitToContext, type GenerationOptions, type GenerationRequest} from '../generation/generation.js'
 import type {RunNumbers, RunOptions} from './plan.js'
-import {randomSeed, type SamplingOptions} from './sampling.js'
-import type {ChatMessage, GenerationDefaults, TextTokenizer} from './tokenizer.js'
+import {randomSeed, type SamplingOptions} from '../generation/sampling.js'
+import type {ChatMessage, GenerationDefaults, TextTokenizer} from '../generation/tokenizer.js'
 
 /** What requests need from the tokenizer (TextTokenizer provides it). */
 export type RequestTokenizer = Pick<TextTokenizer, 'hasChatTemplate' | 'eosId' | 'encode' | 'encodeChat' | 'decode'>

@@ -6,13 +6,13 @@
  */
 import {basename, resolve} from 'node:path'
 
-import {ContinuousBatcher} from '../run/batcher.js'
+import {ContinuousBatcher} from '../generation/batcher.js'
 import type {Decoder, SequenceCache} from '../engine/decoder.js'
-import type {GenerationOptions, GenerationRequest, GenerationResult} from '../run/generation.js'
+import type {GenerationOptions, GenerationRequest, GenerationResult} from '../generation/generation.js'
 import type {Device} from '../engine/device.js'
 import {ParScaleModel} from '../engine/model.js'
 import {generationOptions} from '../run/requests.js'
-import {readGenerationDefaults, TextTokenizer} from '../run/tokenizer.js'
+import {readGenerationDefaults, TextTokenizer} from '../generation/tokenizer.js'
 import {isRepoId} from '../hub/families.js'
 import {resolveModel, type ResolveOptions} from '../package/resolve.js'
 import {readManifest} from '../package/manifest.js'
@@ -20,18 +20,30 @@ import type {QuantScheme} from '../quant/scheme.js'
 import {queueFull, shuttingDown} from './api-error.js'
 import {ServedFigures} from './figures.js'
 import {ServerMetrics} from './metrics.js'
-import type {ServedModel} from './openai-requests.js'
+import type {PreparedRequest, ServedModel} from './openai-requests.js'
+import {loadOrMeasureProfile, stepMs, type LoadedProfile} from '../parallel/cost-profile.js'
+import {AUTO_LOAD_WINDOW_MS, AutoParallel, AutoParallelPolicy, type ParallelChoice} from '../parallel/policy.js'
 
 export interface EngineOptions {
   /** Most sequences of one P decoding together (--max-batch). */
   maxBatch: number
   /** Most generations running or waiting (--max-queue); more get 429. */
   maxQueue: number
+  /** --parallel auto: chooses the P of requests that name none. */
+  auto?: AutoParallel
+  /** Each choice the policy makes, with its reason (serve --verbose prints them). */
+  onChoice?: (choice: ParallelChoice) => void
 }
 
 export interface OpenEngineOptions extends EngineOptions {
-  /** --parallel: the P of requests that name none (default: the model's largest). */
-  parallel?: number
+  /** --parallel: the P of requests that name none (default: the model's largest); `auto` chooses per request. */
+  parallel?: number | 'auto'
+  /** --auto-budget: how many times the P = 1 step a lone request's step may take. */
+  autoBudget?: number
+  /** Measure the cost profile again even when one is cached. */
+  refreshProfile?: boolean
+  /** The cost profile is being measured (first use): a line for the user. */
+  onMeasuring?: () => void
   threads?: number
   device?: Device
   /** --quant: a checkpoint is converted (once, cached) with this scheme. */
@@ -81,6 +93,8 @@ export class ServeEngine {
   readonly metrics: ServerMetrics
   /** Latency and memory per P as this server measured them (the page charts them). */
   readonly figures = new ServedFigures()
+  /** With --parallel auto: the cost profile the policy predicts from, and whether it came from the cache. */
+  profile: LoadedProfile | undefined
   private admitted = 0
   private closing = false
   /** Aborted when shutdown runs out of time: every generation stops at its next step. */
@@ -113,7 +127,9 @@ export class ServeEngine {
   }
 
   static async open(modelName: string | undefined, options: OpenEngineOptions): Promise<ServeEngine> {
-    const resolved = resolveModel(modelName, {parallel: options.parallel, quant: options.quant, onProgress: options.onProgress, onNotice: options.onNotice})
+    const auto = options.parallel === 'auto'
+    const fixed = options.parallel === 'auto' ? undefined : options.parallel
+    const resolved = resolveModel(modelName, {parallel: fixed, quant: options.quant, onProgress: options.onProgress, onNotice: options.onNotice})
     const [tokenizer, defaults, model] = await Promise.all([
       TextTokenizer.load(resolved.packageDir),
       readGenerationDefaults(resolved.packageDir),
@@ -128,9 +144,29 @@ export class ServeEngine {
       context: defaults.contextLength ?? model.maxPositions,
       parallelValues: model.parallelValues,
       defaultParallel: resolved.parallel,
+      ...(auto ? {autoParallel: true} : {}),
+    }
+    let autoParallel: AutoParallel | undefined
+    let profile: LoadedProfile | undefined
+    if (auto) {
+      let loaded: LoadedProfile
+      try {
+        loaded = await loadOrMeasureProfile(resolved.packageDir, model, {threads: options.threads, device: options.device ?? 'cpu'}, options.maxBatch, {
+          refresh: options.refreshProfile,
+          onMeasuring: options.onMeasuring,
+        })
+      } catch (error) {
+        await model.release()
+        throw error
+      }
+      const policy = new AutoParallelPolicy(loaded.profile, model.parallelValues, {budget: options.autoBudget, maxBatch: options.maxBatch})
+      autoParallel = new AutoParallel(policy, AUTO_LOAD_WINDOW_MS)
+      profile = loaded
     }
     const context = served.context
-    return ServeEngine.over(served, model, generationOptions({tokenizer, defaults, context}), options)
+    const engine = ServeEngine.over(served, model, generationOptions({tokenizer, defaults, context}), {...options, ...(autoParallel ? {auto: autoParallel} : {})})
+    engine.profile = profile
+    return engine
   }
 
   get inProgress(): number {
@@ -142,7 +178,7 @@ export class ServeEngine {
   }
 
   /** Takes room for `count` generations, or refuses at once (429 over --max-queue, 503 while closing). */
-  admit(count: number): Admission {
+  admit(count: number, onRelease?: () => void): Admission {
     if (this.closing) throw shuttingDown()
     if (this.admitted + count > this.options.maxQueue) throw queueFull(this.options.maxQueue, RETRY_AFTER_SECONDS)
     this.admitted += count
@@ -152,10 +188,37 @@ export class ServeEngine {
       release: () => {
         if (released) return
         released = true
+        onRelease?.()
         this.admitted -= count
         if (this.admitted === 0) for (const wake of this.idleWaiters.splice(0)) wake()
       },
     }
+  }
+
+  /**
+   * Admits an HTTP request's generations (as `admit`) and settles their P: chosen by the
+   * --parallel auto policy against the requests in flight when the request left it to the server;
+   * counted in the metrics by P and by who chose it.
+   */
+  async admitRequest(prepared: PreparedRequest): Promise<Admission> {
+    const auto = this.options.auto
+    const ends: (() => void)[] = []
+    const admission = this.admit(prepared.requests.length, () => ends.forEach((end) => end()))
+    try {
+      if (prepared.auto && auto) {
+        // A request finding the server idle waits about one P = 1 step, so a burst is seen as one.
+        const choice = await auto.chooseGathered(Math.min(100, stepMs(auto.policy.profile, 1)))
+        prepared.parallel = choice.parallel
+        for (const request of prepared.requests) request.parallel = choice.parallel
+        this.options.onChoice?.(choice)
+      }
+    } catch (error) {
+      admission.release()
+      throw error
+    }
+    if (auto) for (const _ of prepared.requests) ends.push(auto.begin(prepared.parallel))
+    this.metrics.parallelChosen(prepared.parallel, prepared.chosenBy, prepared.requests.length)
+    return admission
   }
 
   /** Generates the admitted requests (one per choice) in the shared batch; releases the admission when all are done. */

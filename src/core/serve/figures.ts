@@ -5,7 +5,7 @@
  * P, so memory is the whole process's, the largest seen at the end of a generation at that P.
  */
 import {median} from '../bench/stats.js'
-import type {GenerationResult} from '../run/generation.js'
+import type {GenerationResult} from '../generation/generation.js'
 
 /** The figures of one P (snake_case: they leave as JSON). */
 export interface FiguresOfP {

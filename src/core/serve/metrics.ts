@@ -6,7 +6,7 @@
  */
 import {collectDefaultMetrics, Counter, Gauge, Histogram, Registry} from 'prom-client'
 
-import type {GenerationResult} from '../run/generation.js'
+import type {GenerationResult} from '../generation/generation.js'
 
 /** Live numbers read at scrape time. */
 export interface MetricsSource {
@@ -36,6 +36,7 @@ export class ServerMetrics {
   private readonly generations: Counter<'parallel' | 'finish_reason'>
   private readonly ttft: Histogram<'parallel'>
   private readonly tokenLatency: Histogram<'parallel'>
+  private readonly chosen: Counter<'parallel' | 'by'>
 
   constructor(source: MetricsSource) {
     const registers = [this.registry]
@@ -46,6 +47,12 @@ export class ServerMetrics {
     this.generations = new Counter({name: 'parscale_generations_total', help: 'Generations finished, by P and finish reason', labelNames: ['parallel', 'finish_reason'], registers})
     this.ttft = new Histogram({name: 'parscale_time_to_first_token_seconds', help: 'From a generation entering the queue to its first token', labelNames: ['parallel'], buckets: LATENCY_BUCKETS, registers})
     this.tokenLatency = new Histogram({name: 'parscale_time_per_output_token_seconds', help: 'Between consecutive tokens of one generation', labelNames: ['parallel'], buckets: TOKEN_BUCKETS, registers})
+    this.chosen = new Counter({
+      name: 'parscale_parallel_chosen_total',
+      help: 'Generations admitted, by the P they run at and who chose it: auto (--parallel auto), request (its "parallel"), default (--parallel N)',
+      labelNames: ['parallel', 'by'],
+      registers,
+    })
     new Gauge({
       name: 'parscale_queue_depth',
       help: 'Generations waiting for a slot in the batch',
@@ -72,6 +79,11 @@ export class ServerMetrics {
         for (const parallel of source.parallelValues) this.set({parallel: String(parallel)}, running[parallel] ?? 0)
       },
     })
+  }
+
+  /** A generation admitted at `parallel`, chosen `by` the policy, the request or the server's default. */
+  parallelChosen(parallel: number, by: 'auto' | 'request' | 'default', count = 1): void {
+    this.chosen.inc({parallel: String(parallel), by}, count)
   }
 
   request(endpoint: string, status: number): void {

@@ -6,10 +6,10 @@
  */
 import {UserError} from '../errors.js'
 import {rawChatFormat} from '../run/chat.js'
-import type {GenerationRequest} from '../run/generation.js'
+import type {GenerationRequest} from '../generation/generation.js'
 import type {RunNumbers} from '../run/plan.js'
 import {maxNewTokens, resolveSampling} from '../run/requests.js'
-import type {ChatMessage, GenerationDefaults, TextTokenizer} from '../run/tokenizer.js'
+import type {ChatMessage, GenerationDefaults, TextTokenizer} from '../generation/tokenizer.js'
 import {invalidRequest, modelNotFound, type ApiError} from './api-error.js'
 import type {ChatCompletionBody, ChatMessageBody, CommonBody, CompletionBody} from './schemas.js'
 
@@ -22,14 +22,21 @@ export interface ServedModel {
   /** Longest sequence (prompt + answer) the model takes. */
   context: number
   parallelValues: number[]
-  /** P of a request that names none (`--parallel`). */
+  /** P of a request that names none (`--parallel`); with `--parallel auto`, the model's largest (a placeholder until chosen). */
   defaultParallel: number
+  /** `--parallel auto`: requests that name no P (or "auto") get one chosen by the server's policy when admitted. */
+  autoParallel?: boolean
 }
 
 /** One HTTP request's work: a generation per choice, and how to answer. */
 export interface PreparedRequest {
   requests: GenerationRequest[]
+  /** The P every choice runs at; when `auto`, set by the engine at admission (until then the default). */
   parallel: number
+  /** The server chooses the P (`--parallel auto` and the request named none, or "auto"). */
+  auto: boolean
+  /** Who set the P: the policy, the request's "parallel", or the server's --parallel. */
+  chosenBy: 'auto' | 'request' | 'default'
   stream: boolean
   /** `stream_options.include_usage`: a last chunk with the token counts. */
   includeUsage: boolean
@@ -81,7 +88,9 @@ interface MaxTokens {
 }
 
 function prepared(model: ServedModel, body: CommonBody, prompts: EncodedPrompt[], maxTokens: MaxTokens | undefined): PreparedRequest {
-  const parallel = body.parallel ?? model.defaultParallel
+  // "auto" on a server without the policy means its default P, as a request naming none.
+  const auto = model.autoParallel === true && (body.parallel == null || body.parallel === 'auto')
+  const parallel = body.parallel == null || body.parallel === 'auto' ? model.defaultParallel : body.parallel
   if (!model.parallelValues.includes(parallel)) {
     throw invalidRequest(`The model has no parallel = ${parallel}; available: ${model.parallelValues.join(', ')}`, 'parallel', 'unsupported_parallel')
   }
@@ -121,7 +130,8 @@ function prepared(model: ServedModel, body: CommonBody, prompts: EncodedPrompt[]
     // Each prompt of a list gets its own seed, so identical prompts give different samples.
     return {promptIds, maxNewTokens: maxNew, sampling: {...sampling, seed: ((sampling.seed ?? 0) + index) >>> 0}, stop, parallel}
   })
-  return {requests, parallel, stream: body.stream === true, includeUsage: body.stream_options?.include_usage === true, streamWeights: body.stream_weights === true}
+  const chosenBy = auto ? 'auto' : typeof body.parallel === 'number' ? 'request' : 'default'
+  return {requests, parallel, auto, chosenBy, stream: body.stream === true, includeUsage: body.stream_options?.include_usage === true, streamWeights: body.stream_weights === true}
 }
 
 function checkModel(model: ServedModel, body: CommonBody): void {

@@ -6,7 +6,7 @@
  * shutdown (as vLLM reports it). With `stream_weights`, a choice also carries `stream_weights`:
  * one array of P weights per generated token (streamed: one chunk per token, so one array).
  */
-import type {FinishReason, GenerationResult} from '../run/generation.js'
+import type {FinishReason, GenerationResult} from '../generation/generation.js'
 
 export interface Usage {
   prompt_tokens: number
@@ -84,7 +84,8 @@ export interface ModelCard {
   created: number
   /** The P values a request may ask for with `parallel`. */
   parallel: number[]
-  default_parallel: number
+  /** `auto` when the server chooses P per request (--parallel auto). */
+  default_parallel: number | 'auto'
   context_length: number
   chat_template: boolean
 }

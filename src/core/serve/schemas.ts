@@ -32,7 +32,8 @@ const common = {
     properties: {include_usage: nullable('boolean')},
   },
   n: {...nullable('integer'), minimum: 1},
-  parallel: {...nullable('integer'), minimum: 1},
+  // A P value, or "auto": the server chooses (its --parallel auto policy; else its default P).
+  parallel: {anyOf: [{type: 'integer', minimum: 1}, {type: 'string', enum: ['auto']}, {type: 'null'}]},
   stream_weights: nullable('boolean'),
 } as const
 
@@ -115,7 +116,7 @@ export interface CommonBody {
   stream?: boolean | null
   stream_options?: {include_usage?: boolean | null} | null
   n?: number | null
-  parallel?: number | null
+  parallel?: number | 'auto' | null
   /** Each choice gets, per generated token, the weight of each of the P streams (streamed: one chunk per token). */
   stream_weights?: boolean | null
 }

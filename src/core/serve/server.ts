@@ -10,7 +10,7 @@ import type {ServerResponse} from 'node:http'
 import Fastify, {type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest} from 'fastify'
 
 import {UserError} from '../errors.js'
-import type {GenerationResult} from '../run/generation.js'
+import type {GenerationResult} from '../generation/generation.js'
 import {roundedWeights} from '../run/json-result.js'
 import {ApiError, internalError, invalidRequest, methodNotAllowed, shuttingDown, unauthorized} from './api-error.js'
 import type {ServeEngine} from './engine.js'
@@ -170,7 +170,7 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
     id: served.id,
     created,
     parallel: served.parallelValues,
-    default_parallel: served.defaultParallel,
+    default_parallel: served.autoParallel ? 'auto' : served.defaultParallel,
     context_length: served.context,
     chat_template: served.tokenizer.hasChatTemplate,
   }
@@ -274,7 +274,11 @@ export function createServer(engine: ServeEngine, options: ServerOptions = {}): 
   if (options.page) registerPage(app, engine.figures, served, options.page)
 
   function completionHeader(prefix: string, prepared: PreparedRequest): CompletionHeader {
-    return {id: `${prefix}-${randomUUID().replaceAll('-', '')}`, created: Math.floor(Date.now() / 1000), model: served.id, parallel: prepared.parallel}
+    const id = `${prefix}-${randomUUID().replaceAll('-', '')}`
+    // Read when each body or chunk is made: with --parallel auto the P is chosen at admission, after this header.
+    return {id, created: Math.floor(Date.now() / 1000), model: served.id, get parallel() {
+      return prepared.parallel
+    }}
   }
 
   return app
@@ -306,7 +310,7 @@ async function generateWhole(
   response: ServerResponse,
   done: (results: GenerationResult[]) => void,
 ): Promise<{results: GenerationResult[]; weights?: TokenWeights[]}> {
-  const admission = engine.admit(prepared.requests.length)
+  const admission = await engine.admitRequest(prepared)
   const weights: TokenWeights[] | undefined = prepared.streamWeights ? prepared.requests.map(() => []) : undefined
   const results = await engine.generate(admission, prepared.requests, {
     signal: clientGone(response),
@@ -327,7 +331,7 @@ async function streamGeneration(
   shapes: ChunkShapes,
 ): Promise<void> {
   // Admission first: a refusal (429, 503) is still an ordinary JSON error response.
-  const admission = engine.admit(prepared.requests.length)
+  const admission = await engine.admitRequest(prepared)
   reply.hijack()
   const sse = new SseStream(reply.raw)
   sse.open(engine.isClosing ? {Connection: 'close'} : {})
