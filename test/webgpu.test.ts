@@ -119,7 +119,8 @@ for (const name of CASES) {
 
 describe('the CLI on --device webgpu (GPU form): greedy answers and held-out loss as on the CPU', () => {
   const env = {PARSCALE_CACHE: path.join(work, 'cli-cache'), HF_HUB_OFFLINE: '1'}
-  const prompt = 'def add(a, b):'
+  // longer than 32 tokens: ONNX Runtime's WebGPU GroupQueryAttention is wrong on calls that long (the engine splits them)
+  const prompt = 'def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n    return a * b\n\ndef div(a, b):'
   const answer = async (device: string, parallel: number, extra: string[] = []) => {
     const result = await runCli(['run', '--raw', '--prompt', prompt, '--max-new-tokens', '6', '--parallel', String(parallel), '--json', '--device', device, ...extra], {env})
     assert.equal(result.code, 0, result.stderr)
@@ -138,7 +139,7 @@ describe('the CLI on --device webgpu (GPU form): greedy answers and held-out los
   test('eval at P = 4: the CPU\'s mean loss (within 1e-3 nats)', async (t) => {
     if (!adapter) return t.skip('no WebGPU adapter on this machine')
     const text = path.join(work, 'held-out.txt')
-    fs.writeFileSync(text, 'The quick brown fox jumps over the lazy dog. def add(a, b): return a + b\n')
+    fs.writeFileSync(text, 'The quick brown fox jumps over the lazy dog. def add(a, b): return a + b\n'.repeat(4))
     const loss = async (device: string) => {
       const result = await runCli(['eval', '--text-file', text, '--parallel', '4', '--json', '--device', device], {env})
       assert.equal(result.code, 0, result.stderr)

@@ -331,8 +331,8 @@ export interface GpuFormState {
 }
 
 /**
- * Appends `ids` to one sequence's cache and returns the new cache tensors and the last position's
- * logits [vocab] and stream weights [P]. `inPlace` binds present.* to the past tensors (CPU
+ * Appends `ids` to one sequence's cache and returns the new cache tensors and the last `keep`
+ * positions' logits [keep, vocab] and stream weights [keep, P] ([1, 1] at P = 1). `inPlace` binds present.* to the past tensors (CPU
  * provider); otherwise the previous device tensors are released once the new ones exist.
  */
 export async function gpuFormStep(
@@ -341,7 +341,10 @@ export async function gpuFormStep(
   state: GpuFormState,
   ids: readonly number[],
   inPlace: boolean,
+  /** Logits of the last this many of `ids` (default 1). */
+  keep = 1,
 ): Promise<{keys: ort.Tensor[]; values: ort.Tensor[]; logits: Float32Array; streamWeights: Float32Array}> {
+  if (!Number.isInteger(keep) || keep < 1 || keep > ids.length) throw new RangeError(`keep ${keep} of ${ids.length} tokens`)
   const capacity = state.keys[0]!.dims[2]!
   if (state.filled + ids.length > capacity) throw new RangeError(`the GPU form's cache holds ${capacity} slots; ${state.filled + ids.length} do not fit`)
   const total = state.filled + ids.length
@@ -349,6 +352,7 @@ export async function gpuFormStep(
     [gpuFormIo.inputIds]: new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]),
     [gpuFormIo.seqlensK]: new ort.Tensor('int32', Int32Array.of(total - 1), [1]),
     [gpuFormIo.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(total), []),
+    [gpuFormIo.numLogitsToKeep]: new ort.Tensor('int64', BigInt64Array.of(BigInt(keep)), []),
   }
   for (let layer = 0; layer < numLayers; layer++) {
     feeds[gpuFormIo.pastKey(layer)] = state.keys[layer]!

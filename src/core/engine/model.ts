@@ -82,6 +82,13 @@ const PREFILL_LOGITS_BYTES = 64 << 20
 const MAX_PREFILL_CHUNK = 256
 const MIN_PREFILL_CHUNK = 16
 
+/**
+ * Most tokens per GPU-form call: ONNX Runtime 1.30's WebGPU GroupQueryAttention gives wrong
+ * logits for a continuation of 32 tokens or more (measured on lavapipe, default model at P = 4:
+ * max |Δlogit| 2e-5 up to 31 tokens a call, 0.39 from 32), so longer inputs go in pieces.
+ */
+const GPU_FORM_CALL_TOKENS = 16
+
 /** Widened int8 decoding pays off from this many streams per token (docs/benchmarks.md). */
 export const WIDENED_DECODE_FROM_PARALLEL = 4
 
@@ -332,9 +339,7 @@ export class ParScaleModel implements DeviceCacheHost {
 
   /**
    * The GPU form: one sequence per call (batch 1, the streams on the head axis), so a batch's
-   * rows run one after another. Its graph returns the last position's logits only: with
-   * `numLogitsToKeep` k ≠ 1 the tokens before the last k go in one call and each of the last k
-   * in a call of its own (scoring text, `eval`, is slower there than a prompt's prefill).
+   * rows run one after another, each in one call that keeps the logits asked for.
    */
   private async forwardGpuForm(cache: GpuFormCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
     const session = await this.gpuFormSession(cache.parallel)
@@ -351,13 +356,18 @@ export class ParScaleModel implements DeviceCacheHost {
       let state = await cache.ready(slot)
       if (cache.tokens(slot) + seq > cache.capacity - cache.prefixTokens) throw new RangeError(`slot ${slot}: ${seq} more tokens exceed the cache (${cache.capacity}); reserve first`)
       const ids = inputIds[r]!
-      const pieces = [ids.slice(0, seq - kept + 1), ...ids.slice(seq - kept + 1).map((id) => [id])]
-      for (const [j, piece] of pieces.entries()) {
-        const out = await gpuFormStep(session, this.shape.numLayers, state, piece, inPlace)
-        state = {keys: out.keys, values: out.values, filled: state.filled + piece.length}
+      const firstKept = seq - kept
+      for (let begin = 0; begin < seq; begin += GPU_FORM_CALL_TOKENS) {
+        const end = Math.min(seq, begin + GPU_FORM_CALL_TOKENS)
+        const wanted = Math.max(0, end - Math.max(begin, firstKept)) // kept positions in this piece
+        const out = await gpuFormStep(session, this.shape.numLayers, state, ids.slice(begin, end), inPlace, Math.max(1, wanted))
+        state = {keys: out.keys, values: out.values, filled: state.filled + end - begin}
         cache.update(slot, state)
-        logits.set(out.logits, (r * kept + j) * vocab)
-        streamWeights.set(out.streamWeights, (r * kept + j) * P)
+        if (wanted === 0) continue
+        const at = r * kept + (end - wanted - firstKept) // row of this piece's first kept position
+        logits.set(out.logits, at * vocab)
+        if (out.streamWeights.length === wanted * P) streamWeights.set(out.streamWeights, at * P)
+        else streamWeights.fill(1, at * P, (at + wanted) * P) // P = 1: one stream, weight 1
       }
     }
     return {logits, dims: [count, kept, vocab], streamWeights}
