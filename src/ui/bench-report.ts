@@ -22,10 +22,12 @@ export function prefillVsRate(result: RunResult, roofline: ProbeResult): number 
   return result.prefill_flops / (result.prefill_ms.median / 1000) / roofline.matmul_flops_per_s
 }
 
-function describeWeights(quant: BenchReport['quant']): string {
+function describeWeights(quant: BenchReport['quant'], device: string | undefined): string {
   if (!quant) return 'unquantized'
+  // the GPU form gathers the quantized table on the device (GatherBlockQuantized)
+  const embedding = device === 'webgpu' ? 'embedding rows gathered and dequantized on the device' : 'embedding rows read and dequantized by the engine'
   const fallbacks = Object.keys(quant.blockFallbacks).length
-  return `${quant.scheme}, block ${quant.blockSize}${fallbacks ? ` (${fallbacks} matrices in smaller blocks)` : ''}, MatMulNBits accuracy level ${quant.accuracyLevel}, embedding rows read and dequantized by the engine; prefixes and aggregation float32`
+  return `${quant.scheme}, block ${quant.blockSize}${fallbacks ? ` (${fallbacks} matrices in smaller blocks)` : ''}, MatMulNBits accuracy level ${quant.accuracyLevel}, ${embedding}; prefixes and aggregation float32`
 }
 
 function baseline(results: RunResult[], r: RunResult): RunResult | undefined {
@@ -43,7 +45,7 @@ export function reportHeader(report: BenchReport): string[] {
   const {machine, roofline} = report
   const lines = [
     `model: ${report.model}`,
-    `weights: ${describeWeights(report.quant)}`,
+    `weights: ${describeWeights(report.quant, machine.device)}`,
     `machine: ${machine.cpu_model}, ${machine.cores} cores, ${formatBytes(machine.memory_bytes)}; ${machine.threads} threads; onnxruntime ${machine.onnxruntime_version}, node ${machine.node_version}`,
     `device: ${machine.device ?? 'cpu'}${machine.adapter ? `, adapter ${machine.adapter}` : ''}`,
   ]

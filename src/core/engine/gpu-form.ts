@@ -17,7 +17,7 @@ import type {ExternalLocation} from '../onnx/external-data.js'
 import type {ElementType} from '../onnx/builder.js'
 import {buildGpuFormGraph, floatGpuWeights, gpuFormIo, type GpuWeights, gpuRotaryTables, rotatePrefixKeys, type AggregationHeadFiles} from '../onnx/gpu-form-graph.js'
 import {floatWeights, type FloatWeightProvider} from '../onnx/weights.js'
-import {readManifest, selectVariant, type PackageManifest, type PackageVariant} from '../package/manifest.js'
+import {MANIFEST_FILE, readManifest, selectVariant, type PackageManifest, type PackageVariant} from '../package/manifest.js'
 import {checkWebGpu, webgpuSessionOptions, type Device} from './device.js'
 import {loadStreamWeights} from './stream-weights.js'
 
@@ -93,8 +93,8 @@ const firstRow = (blockName: string) => Number(/\[(\d+):/.exec(blockName)?.[1] ?
 
 /**
  * A quantized package's matrices as its CPU graph reads them: every MatMulNBits (by its codes'
- * name, `<storedAs>.codes`) and the GatherBlockQuantized of the embedding table are emitted again
- * with the same initializers and attributes; vectors come from the same graph.
+ * name, `<storedAs>.codes`) is emitted again with the same initializers and attributes; the
+ * embedding is a GatherBlockQuantized over the table the manifest locates; vectors come from the same graph.
  */
 export function packageQuantizedWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => GpuWeights {
   const graphPath = join(packageDir, manifest.graph)
@@ -103,8 +103,14 @@ export function packageQuantizedWeights(packageDir: string, manifest: PackageMan
   const nodes = model.graph?.node ?? []
   const ints = (node: onnxProto.onnx.INodeProto) => Object.fromEntries((node.attribute ?? []).filter((a) => a.i !== undefined && a.i !== null).map((a) => [a.name!, Number(a.i)]))
   const matMuls = new Map(nodes.filter((n) => n.opType === 'MatMulNBits').map((n) => [n.input![1]!, n]))
-  const gather = nodes.find((n) => n.opType === 'GatherBlockQuantized')
-  if (!gather) throw new UserError(`${graphPath}: no GatherBlockQuantized embedding; convert again`)
+  // Graph v8's CPU graph takes inputs_embeds (the engine reads rows): the GPU form gathers on
+  // the device, over the table's codes and scales where the manifest says they are (one copy).
+  const table = manifest.embedding
+  if (!table || (table.dtype !== 'int4' && table.dtype !== 'int8') || table.scalesOffset === undefined || !table.blockSize) {
+    throw new UserError(`${join(packageDir, MANIFEST_FILE)}: "embedding" does not describe a quantized table; convert again`)
+  }
+  const bits = table.dtype === 'int4' ? 4 : 8
+  const blocks = table.hidden / table.blockSize
   return (g) => {
     const made = new Set<string>()
     const initializer = (name: string): string => {
@@ -126,7 +132,11 @@ export function packageQuantizedWeights(packageDir: string, manifest: PackageMan
     return {
       get: initializer,
       project: (x, _parts, storedAs) => matMulNBits(x, `${storedAs}.codes`),
-      embed: (ids) => g.node('GatherBlockQuantized', [initializer(gather.input![0]!), ids, initializer(gather.input![2]!)], ints(gather), 'com.microsoft'),
+      embed: (ids) => {
+        const codes = g.externalInitializer('model.embed_tokens.weight.codes', 'uint8', [table.rows, (table.hidden * bits) / 8], {file: table.file, offset: table.offset, length: (table.rows * table.hidden * bits) / 8})
+        const scales = g.externalInitializer('model.embed_tokens.weight.scales', 'float32', [table.rows, blocks], {file: table.file, offset: table.scalesOffset!, length: table.rows * blocks * 4})
+        return g.node('GatherBlockQuantized', [codes, ids, scales], {bits, block_size: table.blockSize!, gather_axis: 0, quantize_axis: 1}, 'com.microsoft')
+      },
       lmHead: (x) => {
         const tied = blocksOf('lm_head.weight (tied to model.embed_tokens.weight)')
         const blocks = manifest.model.tieWordEmbeddings ? tied : blocksOf('lm_head.weight')
@@ -135,6 +145,20 @@ export function packageQuantizedWeights(packageDir: string, manifest: PackageMan
       },
     }
   }
+}
+
+/**
+ * Why the GPU form cannot run a package, or undefined when it can: float packages give it their
+ * WebGPU graph's weights, quantized ones their CPU graph's MatMulNBits codes and the embedding
+ * table the manifest locates (graph v8).
+ */
+export function gpuFormSupport(manifest: PackageManifest): string | undefined {
+  if (manifest.quant) {
+    const table = manifest.embedding
+    if (!table || (table.dtype !== 'int4' && table.dtype !== 'int8') || table.scalesOffset === undefined || !table.blockSize) return 'its quantized embedding table is not in the manifest'
+    return undefined
+  }
+  return manifest.webgpuGraph ? undefined : 'it has no float weights placed for the GPU (no WebGPU graph)'
 }
 
 /** The package's weights for the GPU form: float (from its WebGPU graph) or quantized (from its CPU graph). */
@@ -235,16 +259,12 @@ export class GpuFormModel {
     }
     const device = options.device ?? 'cpu'
     if (device === 'webgpu') await checkWebGpu() // before any loading: fail at once
-    const graph = writeGpuFormGraph(packageDir, P)
-    const presents = Array.from({length: manifest.model.numLayers}, (_, l) => [gpuFormIo.presentKey(l), gpuFormIo.presentValue(l)]).flat()
-    const session = await ort.InferenceSession.create(graph, {
-      graphOptimizationLevel: 'all',
-      logSeverityLevel: 3, // not the provider's notes on shape ops kept on the CPU
-      ...(device === 'webgpu' ? {...webgpuSessionOptions(), preferredOutputLocation: Object.fromEntries(presents.map((name) => [name, 'gpu-buffer' as const]))} : {}),
-      ...(options.profilePrefix ? {enableProfiling: true, profileFilePrefix: options.profilePrefix} : {}),
-      ...options.sessionOptions,
+    const session = await openGpuFormSession(packageDir, P, device, options)
+    const prefix = prefixCache(packageDir, variant, manifest.model)
+    return new GpuFormModel(session, device, manifest.model, P, prefixTokens, options.capacity, {
+      keys: prefix.keys.map((k) => placePrefix(k, P * manifest.model.numKvHeads, prefix.tokens, options.capacity, manifest.model.headDim)),
+      values: prefix.values.map((v) => placePrefix(v, P * manifest.model.numKvHeads, prefix.tokens, options.capacity, manifest.model.headDim)),
     })
-    return new GpuFormModel(session, device, manifest.model, P, prefixTokens, options.capacity, initialCache(packageDir, variant, manifest.model, options.capacity))
   }
 
   /** Back to the prefixes only. */
@@ -265,38 +285,11 @@ export class GpuFormModel {
   /** Appends `ids` and returns the logits [vocab] and stream weights [P] of the last of them. */
   async step(ids: number[]): Promise<{logits: Float32Array; streamWeights: Float32Array}> {
     if (this.filled + ids.length > this.capacity) throw new UserError(`the cache holds ${this.capacity - this.prefixTokens} tokens; ${this.length + ids.length} do not fit`)
-    const total = this.filled + ids.length
-    const feeds: Record<string, ort.Tensor> = {
-      [gpuFormIo.inputIds]: new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]),
-      [gpuFormIo.seqlensK]: new ort.Tensor('int32', Int32Array.of(total - 1), [1]),
-      [gpuFormIo.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(total), []),
-    }
-    for (let layer = 0; layer < this.shape.numLayers; layer++) {
-      feeds[gpuFormIo.pastKey(layer)] = this.keys[layer]!
-      feeds[gpuFormIo.pastValue(layer)] = this.values[layer]!
-    }
-    // present.* bound to the past tensors: one buffer per layer and kind, written in place
-    // (GroupQueryAttention's shared past/present buffer, what graph capture needs)
-    let out: ort.InferenceSession.ReturnType | undefined
-    if (this.bindPresent) {
-      const fetches: Record<string, ort.Tensor | null> = {[gpuFormIo.logits]: null, [gpuFormIo.streamWeights]: null}
-      for (let layer = 0; layer < this.shape.numLayers; layer++) {
-        fetches[gpuFormIo.presentKey(layer)] = this.keys[layer]!
-        fetches[gpuFormIo.presentValue(layer)] = this.values[layer]!
-      }
-      out = await this.session.run(feeds, fetches)
-    }
-    if (!out) {
-      const previous = [...this.keys, ...this.values]
-      out = await this.session.run(feeds)
-      for (const t of previous) if (t.location === 'gpu-buffer') t.dispose()
-    }
-    for (let layer = 0; layer < this.shape.numLayers; layer++) {
-      this.keys[layer] = out[gpuFormIo.presentKey(layer)]!
-      this.values[layer] = out[gpuFormIo.presentValue(layer)]!
-    }
-    this.filled = total
-    return {logits: out[gpuFormIo.logits]!.data as Float32Array, streamWeights: out[gpuFormIo.streamWeights]!.data as Float32Array}
+    const out = await gpuFormStep(this.session, this.shape.numLayers, {keys: this.keys, values: this.values, filled: this.filled}, ids, this.bindPresent)
+    this.keys = out.keys
+    this.values = out.values
+    this.filled += ids.length
+    return {logits: out.logits, streamWeights: out.streamWeights}
   }
 
   /** Whether the last steps wrote the cache in place (past and present one buffer). */
@@ -310,8 +303,89 @@ export class GpuFormModel {
   }
 }
 
-/** Per layer, keys and values [1, P·kv, capacity, d] with the prefixes in the first slots (keys rotated, see the graph). */
-function initialCache(packageDir: string, variant: PackageVariant, shape: BackboneShape, capacity: number): {keys: Float32Array[]; values: Float32Array[]} {
+/** The GPU form's session for one P (its graph written into the package at first use). */
+export async function openGpuFormSession(
+  packageDir: string,
+  parallel: number,
+  device: Device,
+  options: {profilePrefix?: string; sessionOptions?: ort.InferenceSession.SessionOptions; threads?: number} = {},
+): Promise<ort.InferenceSession> {
+  const manifest = readManifest(packageDir)
+  const graph = writeGpuFormGraph(packageDir, parallel)
+  const presents = Array.from({length: manifest.model.numLayers}, (_, l) => [gpuFormIo.presentKey(l), gpuFormIo.presentValue(l)]).flat()
+  return ort.InferenceSession.create(graph, {
+    graphOptimizationLevel: 'all',
+    logSeverityLevel: 3, // not the provider's notes on shape ops kept on the CPU
+    ...(device === 'cpu' && options.threads ? {intraOpNumThreads: options.threads, interOpNumThreads: 1} : {}),
+    ...(device === 'webgpu' ? {...webgpuSessionOptions(), preferredOutputLocation: Object.fromEntries(presents.map((name) => [name, 'gpu-buffer' as const]))} : {}),
+    ...(options.profilePrefix ? {enableProfiling: true, profileFilePrefix: options.profilePrefix} : {}),
+    ...options.sessionOptions,
+  })
+}
+
+/** One sequence's cache in the GPU form: per layer [1, P·kv, capacity, d], `filled` slots used (prefix included). */
+export interface GpuFormState {
+  keys: ort.Tensor[]
+  values: ort.Tensor[]
+  filled: number
+}
+
+/**
+ * Appends `ids` to one sequence's cache and returns the new cache tensors and the last `keep`
+ * positions' logits [keep, vocab] and stream weights [keep, P] ([1, 1] at P = 1). `inPlace` binds present.* to the past tensors (CPU
+ * provider); otherwise the previous device tensors are released once the new ones exist.
+ */
+export async function gpuFormStep(
+  session: ort.InferenceSession,
+  numLayers: number,
+  state: GpuFormState,
+  ids: readonly number[],
+  inPlace: boolean,
+  /** Logits of the last this many of `ids` (default 1). */
+  keep = 1,
+): Promise<{keys: ort.Tensor[]; values: ort.Tensor[]; logits: Float32Array; streamWeights: Float32Array}> {
+  if (!Number.isInteger(keep) || keep < 1 || keep > ids.length) throw new RangeError(`keep ${keep} of ${ids.length} tokens`)
+  const capacity = state.keys[0]!.dims[2]!
+  if (state.filled + ids.length > capacity) throw new RangeError(`the GPU form's cache holds ${capacity} slots; ${state.filled + ids.length} do not fit`)
+  const total = state.filled + ids.length
+  const feeds: Record<string, ort.Tensor> = {
+    [gpuFormIo.inputIds]: new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]),
+    [gpuFormIo.seqlensK]: new ort.Tensor('int32', Int32Array.of(total - 1), [1]),
+    [gpuFormIo.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(total), []),
+    [gpuFormIo.numLogitsToKeep]: new ort.Tensor('int64', BigInt64Array.of(BigInt(keep)), []),
+  }
+  for (let layer = 0; layer < numLayers; layer++) {
+    feeds[gpuFormIo.pastKey(layer)] = state.keys[layer]!
+    feeds[gpuFormIo.pastValue(layer)] = state.values[layer]!
+  }
+  // present.* bound to the past tensors: one buffer per layer and kind, written in place
+  // (GroupQueryAttention's shared past/present buffer, what graph capture needs)
+  let out: ort.InferenceSession.ReturnType
+  if (inPlace) {
+    const fetches: Record<string, ort.Tensor | null> = {[gpuFormIo.logits]: null, [gpuFormIo.streamWeights]: null}
+    for (let layer = 0; layer < numLayers; layer++) {
+      fetches[gpuFormIo.presentKey(layer)] = state.keys[layer]!
+      fetches[gpuFormIo.presentValue(layer)] = state.values[layer]!
+    }
+    out = await session.run(feeds, fetches)
+  } else {
+    out = await session.run(feeds)
+    for (const t of [...state.keys, ...state.values]) if (t.location === 'gpu-buffer') t.dispose()
+  }
+  const layers = Array.from({length: numLayers}, (_, layer) => layer)
+  return {
+    keys: layers.map((l) => out[gpuFormIo.presentKey(l)]!),
+    values: layers.map((l) => out[gpuFormIo.presentValue(l)]!),
+    logits: out[gpuFormIo.logits]!.data as Float32Array,
+    streamWeights: out[gpuFormIo.streamWeights]!.data as Float32Array,
+  }
+}
+
+/**
+ * Per layer, the prefixes' keys and values as the GPU form's cache starts with them: [P·kv, n, d]
+ * (keys rotated, see the graph); n = 0 at P = 1.
+ */
+export function prefixCache(packageDir: string, variant: PackageVariant, shape: BackboneShape): {tokens: number; keys: Float32Array[]; values: Float32Array[]} {
   const {numLayers, numKvHeads: kv, headDim: d} = shape
   const P = variant.parallel
   const streams = loadStreamWeights(packageDir, variant, shape)
@@ -320,22 +394,24 @@ function initialCache(packageDir: string, variant: PackageVariant, shape: Backbo
   const keys: Float32Array[] = []
   const values: Float32Array[] = []
   for (let layer = 0; layer < numLayers; layer++) {
-    const key = new Float32Array(P * kv * capacity * d)
-    const value = new Float32Array(key.length)
-    if (n > 0) {
-      // stream-weights keeps keys [P·kv, d, n]: back to [P·kv, n, d], then rotated by n
-      const stored = streams.prefixKeys[layer]!
-      const rows = new Float32Array(stored.length)
-      for (let h = 0; h < P * kv; h++) for (let i = 0; i < d; i++) for (let t = 0; t < n; t++) rows[(h * n + t) * d + i] = stored[(h * d + i) * n + t]!
-      const rotated = rotatePrefixKeys(rows, P * kv, n, d, cos, sin)
-      const prefixValues = streams.prefixValues[layer]!
-      for (let h = 0; h < P * kv; h++) {
-        key.set(rotated.subarray(h * n * d, (h + 1) * n * d), h * capacity * d)
-        value.set(prefixValues.subarray(h * n * d, (h + 1) * n * d), h * capacity * d)
-      }
+    if (n === 0) {
+      keys.push(new Float32Array(0))
+      values.push(new Float32Array(0))
+      continue
     }
-    keys.push(key)
-    values.push(value)
+    // stream-weights keeps keys [P·kv, d, n]: back to [P·kv, n, d], then rotated by n
+    const stored = streams.prefixKeys[layer]!
+    const rows = new Float32Array(stored.length)
+    for (let h = 0; h < P * kv; h++) for (let i = 0; i < d; i++) for (let t = 0; t < n; t++) rows[(h * n + t) * d + i] = stored[(h * d + i) * n + t]!
+    keys.push(rotatePrefixKeys(rows, P * kv, n, d, cos, sin))
+    values.push(streams.prefixValues[layer]!.slice())
   }
-  return {keys, values}
+  return {tokens: n, keys, values}
+}
+
+/** Prefix rows [heads, n, d] laid into the first slots of a cache [heads, capacity, d]. */
+export function placePrefix(prefix: Float32Array, heads: number, n: number, capacity: number, d: number): Float32Array {
+  const out = new Float32Array(heads * capacity * d)
+  if (n > 0) for (let h = 0; h < heads; h++) out.set(prefix.subarray(h * n * d, (h + 1) * n * d), h * capacity * d)
+  return out
 }

@@ -16,12 +16,14 @@ import {removalAdvice} from '../package/paths.js'
 import {attentionMask, DeviceKvCache, DeviceOps, type DeviceCacheHost, type DeviceSegment, type InitialCache} from './device-cache.js'
 import {checkWebGpu, webgpuSessionOptions, type AdapterInfo, type Device} from './device.js'
 import {EmbeddingRows} from './embedding-rows.js'
+import {GpuFormCache} from './gpu-form-cache.js'
+import {gpuFormStep, gpuFormSupport, openGpuFormSession, prefixCache} from './gpu-form.js'
 import {KvCache} from './kv-cache.js'
 import {loadStreamWeights, type HostTensor, type StreamWeights} from './stream-weights.js'
 import {widenedDecodeGraph} from '../quant/widen.js'
 
-/** A cache of one P: in JavaScript (CPU) or in device memory (WebGPU). */
-export type ModelCache = KvCache | DeviceKvCache
+/** A cache of one P: in JavaScript (CPU), in device memory (WebGPU), or per sequence in the GPU form. */
+export type ModelCache = KvCache | DeviceKvCache | GpuFormCache
 
 export interface ModelOptions {
   /** Intra-op threads; default: ONNX Runtime's choice (one per core). */
@@ -48,6 +50,13 @@ export interface ModelOptions {
   form?: Device
   /** Another graph file of the package, in the chosen form (measuring graph variants; bench/stream-weights-cost.ts). */
   graphFile?: string
+  /**
+   * On `webgpu`: false runs the older WebGPU graph (one graph for every P, its cache joined on
+   * the device) instead of the GPU form (gpu-form.ts: one graph per P, streams on the head axis,
+   * fused attention, fewer dispatches; quantized and fp16 weights). Default: the GPU form
+   * wherever it supports the package (`gpuFormSupport`).
+   */
+  gpuForm?: boolean
 }
 
 export interface ForwardResult {
@@ -73,6 +82,13 @@ const PREFILL_LOGITS_BYTES = 64 << 20
 const MAX_PREFILL_CHUNK = 256
 const MIN_PREFILL_CHUNK = 16
 
+/**
+ * Most tokens per GPU-form call: ONNX Runtime 1.30's WebGPU GroupQueryAttention gives wrong
+ * logits for a continuation of 32 tokens or more (measured on lavapipe, default model at P = 4:
+ * max |Δlogit| 2e-5 up to 31 tokens a call, 0.39 from 32), so longer inputs go in pieces.
+ */
+const GPU_FORM_CALL_TOKENS = 16
+
 /** Widened int8 decoding pays off from this many streams per token (docs/benchmarks.md). */
 export const WIDENED_DECODE_FROM_PARALLEL = 4
 
@@ -82,8 +98,13 @@ export class ParScaleModel implements DeviceCacheHost {
   private readonly deviceHeads = new Map<number, Promise<Record<string, ort.Tensor>>>()
   private readonly initialCaches = new Map<number, Promise<InitialCache>>()
 
+  /** The GPU form's sessions, one per P (each graph holds the backbone: opened as P values are used). */
+  private readonly gpuFormSessions = new Map<number, Promise<ort.InferenceSession>>()
+  private readonly gpuFormPrefixes = new Map<number, ReturnType<typeof prefixCache>>()
+
   private constructor(
-    private readonly session: ort.InferenceSession,
+    /** The package's graph; undefined when the GPU form runs every call. */
+    private readonly session: ort.InferenceSession | undefined,
     /** Options of the widened decode session; undefined where there is none (not quantized, WebGPU). */
     private readonly widenedOptions: ort.InferenceSession.SessionOptions | undefined,
     readonly packageDir: string,
@@ -96,12 +117,19 @@ export class ParScaleModel implements DeviceCacheHost {
     readonly adapter: AdapterInfo | undefined,
     /** The CPU form's embedding rows, read per call (the WebGPU form gathers them itself). */
     private readonly embeddings: EmbeddingRows | undefined,
+    /** Whether `webgpu` runs the GPU form (gpu-form.ts) rather than the package's WebGPU graph. */
+    readonly gpuForm: boolean,
+    private readonly gpuFormOptions: {profilePrefix?: string},
   ) {}
 
   private widened: Promise<ort.InferenceSession | undefined> | undefined
 
   /** Which kernels run this model's steps at `parallel`, for reports. */
   kernels(parallel: number): {prefill: string; decode: string} {
+    if (this.gpuForm) {
+      const kernel = this.manifest.quant ? 'MatMulNBits (GPU form)' : 'MatMul (GPU form)'
+      return {prefill: kernel, decode: kernel}
+    }
     if (!this.manifest.quant) return {prefill: 'Gemm', decode: 'Gemm'}
     return {prefill: 'MatMulNBits', decode: this.widensAt(parallel) ? 'DynamicQuantizeMatMul (int8 widened at load)' : 'MatMulNBits'}
   }
@@ -118,7 +146,10 @@ export class ParScaleModel implements DeviceCacheHost {
       throw new UserError(`${packageDir}: converted by an older parscale (graph version ${manifest.graphVersion}); convert it again`)
     }
     const form = options.form ?? device
-    if (form === 'webgpu' && !manifest.webgpuGraph) {
+    // The GPU form wherever it runs the package; the older WebGPU graph only where it does not
+    // (or when asked for: tests of that form on the CPU provider, graph-variant measurements).
+    const gpuForm = device === 'webgpu' && form === 'webgpu' && options.gpuForm !== false && !options.graphFile && gpuFormSupport(manifest) === undefined
+    if (form === 'webgpu' && !gpuForm && !manifest.webgpuGraph) {
       const scheme = manifest.quant ? `its ${manifest.quant.scheme} weights` : 'it'
       throw new UserError(`${packageDir}: the package has no WebGPU form (${scheme} run on the CPU's quantized operators); use --device cpu, or convert without --quant`)
     }
@@ -137,20 +168,30 @@ export class ParScaleModel implements DeviceCacheHost {
         ? {preferredOutputLocation: Object.fromEntries(Array.from({length: manifest.model.numLayers}, (_, l) => [webgpuIo.presentKey(l), webgpuIo.presentValue(l)]).flat().map((name) => [name, 'gpu-buffer']))}
         : {}),
     }
-    const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph! : manifest.graph))
     // Only the CPU form of a quantized package has a widened twin (webgpu ones have no quant).
     const widenable = form === 'cpu' && manifest.quant !== undefined && options.widenDecode !== false && Math.max(...manifest.parallel) >= WIDENED_DECODE_FROM_PARALLEL
     const preload = widenable && Math.max(0, ...(options.parallel ?? [])) >= WIDENED_DECODE_FROM_PARALLEL
     // Two sessions mean two thread pools: threads left spinning by one would take the cores
     // the other needs, so with a decode session both pools sleep when idle.
     const sleeping = {...sessionOptions, extra: {session: {intra_op: {allow_spinning: '0'}}}}
+    if (gpuForm) {
+      const model = new ParScaleModel(undefined, undefined, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, undefined, adapter, undefined, true, {
+        ...(options.profilePrefix ? {profilePrefix: options.profilePrefix} : {}),
+      })
+      // One P named (run, eval, bench): its graph is built and loaded now, so failures and load
+      // time show at open. Several (serve): each P's session opens at its first use, as each
+      // holds the backbone on the device.
+      if (options.parallel?.length === 1) await model.gpuFormSession(options.parallel[0]!)
+      return model
+    }
+    const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph! : manifest.graph))
     const session = await createSession(graph, preload ? sleeping : sessionOptions)
     const widenedOptions = widenable ? (options.profilePrefix ? {...sleeping, profileFilePrefix: `${options.profilePrefix}-decode`} : sleeping) : undefined
     const deviceOps = form === 'webgpu'
       ? await DeviceOps.create(manifest.model.numLayers, {...base, ...(device === 'webgpu' ? {preferredOutputLocation: 'gpu-buffer'} : {})})
       : undefined
     const embeddings = form === 'cpu' ? new EmbeddingRows(packageDir, manifest.embedding) : undefined
-    const model = new ParScaleModel(session, widenedOptions, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter, embeddings)
+    const model = new ParScaleModel(session, widenedOptions, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter, embeddings, false, {})
     if (preload) await model.decodeSession(WIDENED_DECODE_FROM_PARALLEL)
     return model
   }
@@ -200,6 +241,10 @@ export class ParScaleModel implements DeviceCacheHost {
 
   /** An empty cache for sequences at `parallel` streams (`reserve` sizes it). */
   newCache(parallel: number): ModelCache {
+    if (this.gpuForm) {
+      void this.gpuFormSession(parallel).catch(() => undefined) // starts loading; `forward` reports a failure
+      return new GpuFormCache(this.shape, parallel, this.gpuFormPrefix(parallel))
+    }
     if (this.deviceOps) return new DeviceKvCache(this.shape, this.streams(parallel), this)
     return new KvCache(this.shape, this.streams(parallel))
   }
@@ -221,6 +266,7 @@ export class ParScaleModel implements DeviceCacheHost {
     const seq = inputIds[0]?.length ?? 0
     if (count === 0 || seq === 0 || inputIds.some((row) => row.length !== seq)) throw new Error('forward needs rows of equal, non-zero length')
     if (cache instanceof DeviceKvCache) return this.forwardDevice(cache, first, inputIds, numLogitsToKeep)
+    if (cache instanceof GpuFormCache) return this.forwardGpuForm(cache, first, inputIds, numLogitsToKeep)
     const positions = new BigInt64Array(count * seq)
     const lengths = new BigInt64Array(count)
     for (let r = 0; r < count; r++) {
@@ -249,7 +295,7 @@ export class ParScaleModel implements DeviceCacheHost {
       feeds[io.pastValue(layer)] = new ort.Tensor('float32', views.values[layer], views.dims.values)
     }
     const decode = seq === 1 ? await this.decodeSession(cache.parallel) : undefined
-    const out = await (decode ?? this.session).run(feeds)
+    const out = await (decode ?? this.session!).run(feeds)
     const layers = Array.from({length: this.shape.numLayers}, (_, layer) => layer)
     cache.append(
       first,
@@ -284,11 +330,70 @@ export class ParScaleModel implements DeviceCacheHost {
       feeds[webgpuIo.pastKey(layer)] = segment.keys[layer]
       feeds[webgpuIo.pastValue(layer)] = segment.values[layer]
     }
-    const out = await this.session.run(feeds)
+    const out = await this.session!.run(feeds)
     const layers = Array.from({length: this.shape.numLayers}, (_, layer) => layer)
     cache.commit(segment, layers.map((l) => out[webgpuIo.presentKey(l)]), layers.map((l) => out[webgpuIo.presentValue(l)]), seq)
     const logits = out[io.logits]
     return {logits: logits.data as Float32Array, dims: logits.dims as [number, number, number], streamWeights: out[io.streamWeights].data as Float32Array}
+  }
+
+  /**
+   * The GPU form: one sequence per call (batch 1, the streams on the head axis), so a batch's
+   * rows run one after another, each in one call that keeps the logits asked for.
+   */
+  private async forwardGpuForm(cache: GpuFormCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
+    const session = await this.gpuFormSession(cache.parallel)
+    const count = inputIds.length
+    const seq = inputIds[0]!.length
+    const kept = numLogitsToKeep === 0 ? seq : Math.min(numLogitsToKeep, seq)
+    const vocab = this.vocabSize
+    const P = cache.parallel
+    const logits = new Float32Array(count * kept * vocab)
+    const streamWeights = new Float32Array(count * kept * P)
+    const inPlace = this.device === 'cpu'
+    for (let r = 0; r < count; r++) {
+      const slot = first + r
+      let state = await cache.ready(slot)
+      if (cache.tokens(slot) + seq > cache.capacity - cache.prefixTokens) throw new RangeError(`slot ${slot}: ${seq} more tokens exceed the cache (${cache.capacity}); reserve first`)
+      const ids = inputIds[r]!
+      const firstKept = seq - kept
+      for (let begin = 0; begin < seq; begin += GPU_FORM_CALL_TOKENS) {
+        const end = Math.min(seq, begin + GPU_FORM_CALL_TOKENS)
+        const wanted = Math.max(0, end - Math.max(begin, firstKept)) // kept positions in this piece
+        const out = await gpuFormStep(session, this.shape.numLayers, state, ids.slice(begin, end), inPlace, Math.max(1, wanted))
+        state = {keys: out.keys, values: out.values, filled: state.filled + end - begin}
+        cache.update(slot, state)
+        if (wanted === 0) continue
+        const at = r * kept + (end - wanted - firstKept) // row of this piece's first kept position
+        logits.set(out.logits, at * vocab)
+        if (out.streamWeights.length === wanted * P) streamWeights.set(out.streamWeights, at * P)
+        else streamWeights.fill(1, at * P, (at + wanted) * P) // P = 1: one stream, weight 1
+      }
+    }
+    return {logits, dims: [count, kept, vocab], streamWeights}
+  }
+
+  /** The GPU form's session for one P, opened at first use. */
+  private gpuFormSession(parallel: number): Promise<ort.InferenceSession> {
+    let session = this.gpuFormSessions.get(parallel)
+    if (!session) {
+      selectVariant(this.manifest, parallel, this.packageDir) // an unknown P: its own one-line error
+      session = openGpuFormSession(this.packageDir, parallel, this.device, this.gpuFormOptions).catch((error: unknown) => {
+        if (error instanceof UserError) throw error
+        throw new UserError(`${this.packageDir}: the GPU form at P = ${parallel} cannot be loaded (${(error as Error).message.split('\n')[0]})`)
+      })
+      this.gpuFormSessions.set(parallel, session)
+    }
+    return session
+  }
+
+  private gpuFormPrefix(parallel: number): ReturnType<typeof prefixCache> {
+    let prefix = this.gpuFormPrefixes.get(parallel)
+    if (!prefix) {
+      prefix = prefixCache(this.packageDir, selectVariant(this.manifest, parallel, this.packageDir), this.shape)
+      this.gpuFormPrefixes.set(parallel, prefix)
+    }
+    return prefix
   }
 
   /** The aggregation head of one P as device tensors (weights transposed for MatMul), uploaded once. */
@@ -344,7 +449,8 @@ export class ParScaleModel implements DeviceCacheHost {
     for (const head of this.deviceHeads.values()) for (const t of Object.values(await head)) t.dispose()
     for (const initial of this.initialCaches.values()) for (const t of [...(await initial).keys, ...(await initial).values]) t.dispose()
     await this.deviceOps?.release()
-    await this.session.release()
+    await this.session?.release()
+    for (const session of this.gpuFormSessions.values()) await (await session.catch(() => undefined))?.release()
     await (await this.widened)?.release()
     this.embeddings?.close()
   }

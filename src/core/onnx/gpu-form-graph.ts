@@ -27,7 +27,8 @@ import type {FloatWeightProvider, LinearPart} from './weights.js'
  *   prefix keys unrotated; scores depend on position differences only (R(a)q·R(b)k = q·R(b−a)k),
  *   so the tokens' scores are unchanged and the prefix keys are stored rotated by +prefixTokens
  *   (`rotatePrefixKeys`), which gives R(prefix)k·R(t + prefix)q = k·R(t)q as in the reference.
- * - Only the last position's logits are computed (the head and the aggregation run on P rows).
+ * - Only the last K positions' logits are computed (the head and the aggregation run on K·P rows;
+ *   K = 1 in decode, every position when scoring text).
  */
 export const gpuFormIo = {
   inputIds: io.inputIds,
@@ -40,9 +41,11 @@ export const gpuFormIo = {
   pastValue: (layer: number) => `past_key_values.${layer}.value`,
   presentKey: (layer: number) => `present.${layer}.key`,
   presentValue: (layer: number) => `present.${layer}.value`,
-  /** float32 [1, vocab]: the last position's logits. */
+  /** int64 scalar K ≥ 1: logits of the last K positions (1 in decode: every step the same shapes). */
+  numLogitsToKeep: io.numLogitsToKeep,
+  /** float32 [K, vocab]: the last K positions' logits. */
   logits: io.logits,
-  /** float32 [1, P]: the last position's stream weights. */
+  /** float32 [K, P] (P > 1; [1, 1] at P = 1): the last K positions' stream weights. */
   streamWeights: io.streamWeights,
 } as const
 
@@ -144,6 +147,7 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
   const inputIds = g.input(gpuFormIo.inputIds, 'int64', [1, 'sequence_length'])
   const seqlensK = g.input(gpuFormIo.seqlensK, 'int32', [1])
   const totalLength = g.input(gpuFormIo.totalSequenceLength, 'int32', [])
+  const keep = g.input(gpuFormIo.numLogitsToKeep, 'int64', [])
   const past = Array.from({length: numLayers}, (_, layer) => ({
     key: g.input(gpuFormIo.pastKey(layer), 'float32', [1, P * kv, 'capacity', d]),
     value: g.input(gpuFormIo.pastValue(layer), 'float32', [1, P * kv, 'capacity', d]),
@@ -220,8 +224,9 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
 
   g.within('head', () => {
     const normed = norm('model.norm.weight') // [S·P, H]
-    // the last position's P rows
-    const last = ops.slice(normed, g.int64([-P]), g.int64([Number.MAX_SAFE_INTEGER]), 0) // [P, H]
+    // the last K positions' P rows each (the start, −K·P, is shape arithmetic on the CPU)
+    const keepRows = ops.reshape(keep, g.int64([1]))
+    const last = ops.slice(normed, ops.mul(keepRows, g.int64([-P])), g.int64([Number.MAX_SAFE_INTEGER]), 0) // [K·P, H]
     let mixed: string
     let mix: string
     if (P === 1 || !options.head) {
@@ -230,15 +235,16 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
     } else {
       const head = options.head
       const tensor = (name: string, t: {location: ExternalLocation; shape: number[]}) => g.externalInitializer(name, 'float32', t.shape, t.location)
-      const features = ops.reshape(ops.transpose(last, [1, 0]), g.int64([1, H * P])) // hidden-major: h·P + p
+      const perPosition = ops.reshape(last, g.int64([-1, P, H])) // [K, P, H]
+      const features = ops.reshape(ops.transpose(perPosition, [0, 2, 1]), g.int64([-1, H * P])) // hidden-major: h·P + p
       const hidden = ops.add(ops.matmul(features, transposed(tensor('aggregate.0.weight', head.weight0))), tensor('aggregate.0.bias', head.bias0))
       const silu = g.node('QuickGelu', [hidden], {alpha: {float: 1}}, 'com.microsoft')
       const scores = ops.add(ops.matmul(silu, transposed(tensor('aggregate.2.weight', head.weight2))), tensor('aggregate.2.bias', head.bias2))
-      mix = ops.add(ops.mul(ops.softmax(scores, -1), g.float([1 - head.smooth], [])), g.float([head.smooth / P], [])) // [1, P]
-      mixed = ops.matmul(mix, last) // [1, H]
+      mix = ops.add(ops.mul(ops.softmax(scores, -1), g.float([1 - head.smooth], [])), g.float([head.smooth / P], [])) // [K, P]
+      mixed = ops.reshape(ops.matmul(ops.reshape(mix, g.int64([-1, 1, P])), perPosition), g.int64([-1, H])) // [K, H]
     }
-    g.output(weights.lmHead(mixed), gpuFormIo.logits, 'float32', [1, config.vocabSize])
-    g.output(mix, gpuFormIo.streamWeights, 'float32', [1, P])
+    g.output(weights.lmHead(mixed), gpuFormIo.logits, 'float32', ['keep', config.vocabSize])
+    g.output(mix, gpuFormIo.streamWeights, 'float32', [P === 1 || !options.head ? 1 : 'keep', P])
   })
   return g
 }
