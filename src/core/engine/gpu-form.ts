@@ -16,7 +16,7 @@ import {GraphBuilder} from '../onnx/builder.js'
 import type {ExternalLocation} from '../onnx/external-data.js'
 import type {ElementType} from '../onnx/builder.js'
 import {buildGpuFormGraph, floatGpuWeights, gpuFormIo, type GpuWeights, gpuRotaryTables, rotatePrefixKeys, type AggregationHeadFiles} from '../onnx/gpu-form-graph.js'
-import {floatWeights, type FloatWeightProvider} from '../onnx/weights.js'
+import {floatWeights, placedInitializers, type FloatWeightProvider} from '../onnx/weights.js'
 import {MANIFEST_FILE, readManifest, selectVariant, type PackageManifest, type PackageVariant} from '../package/manifest.js'
 import {checkWebGpu, webgpuSessionOptions, type Device} from './device.js'
 import {loadStreamWeights} from './stream-weights.js'
@@ -62,17 +62,11 @@ export function packageFloatWeights(packageDir: string, manifest: PackageManifes
   if (!manifest.webgpuGraph) throw new UserError(`${packageDir}: the package has no float weights for the GPU form (a quantized package); convert without --quant`)
   const stored = storedInitializers(join(packageDir, manifest.webgpuGraph))
   return (g) => {
-    const made = new Map<string, string>()
-    const initializer = (name: string): string => {
-      const cached = made.get(name)
-      if (cached) return cached
+    const initializer = placedInitializers(g, (name) => {
       const entry = stored.get(name)
       if (!entry) throw new Error(`${packageDir}: weight "${name}" is not in ${manifest.webgpuGraph}`)
-      const value = g.externalInitializer(name, entry.half ? 'float16' : 'float32', entry.shape, entry.location)
-      const out = entry.half ? g.node('Cast', [value], {to: 1}) : value
-      made.set(name, out)
-      return out
-    }
+      return entry
+    })
     return floatWeights(g, {
       get: (name, shape) => initializer(shape ? `${name}#${shape.join('x')}` : name),
       rowBlocks: (_name, storedAs) => {

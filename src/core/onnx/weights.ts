@@ -198,6 +198,30 @@ function* hashing(chunks: Iterable<Uint8Array>, hash: ReturnType<typeof createHa
   }
 }
 
+/** A float weight already in the package's weight files: where, its shape, whether stored as half. */
+export interface PlacedInitializer {
+  half: boolean
+  shape: number[]
+  location: ExternalLocation
+}
+
+/**
+ * Initializers of another graph over weights already placed in the package's files, each made once
+ * (half ones widened to float32 by a Cast): how a second graph reads the same bytes as the first.
+ */
+export function placedInitializers(g: GraphBuilder, entryOf: (name: string) => PlacedInitializer): (name: string) => string {
+  const made = new Map<string, string>()
+  return (name) => {
+    const cached = made.get(name)
+    if (cached) return cached
+    const entry = entryOf(name)
+    const value = g.externalInitializer(name, entry.half ? 'float16' : 'float32', entry.shape, entry.location)
+    const out = entry.half ? g.node('Cast', [value], {to: 1}) : value
+    made.set(name, out)
+    return out
+  }
+}
+
 /**
  * Streams checkpoint tensors into the store as the graph asks for them. With fp16, matrices
  * are stored in half precision and widened by a Cast in the graph; vectors (norms, biases)
@@ -206,7 +230,7 @@ function* hashing(chunks: Iterable<Uint8Array>, hash: ReturnType<typeof createHa
 export class CheckpointWeights implements FloatWeightProvider {
   private readonly values = new Map<string, string>()
   /** Every initializer made, by name, so another graph of the package can read the same bytes. */
-  private readonly made = new Map<string, {half: boolean; shape: number[]; location: ExternalLocation}>()
+  private readonly made = new Map<string, PlacedInitializer>()
   private readonly blocks = new Map<string, string[]>()
 
   constructor(
@@ -300,17 +324,11 @@ export class CheckpointWeights implements FloatWeightProvider {
    * it for a weight the first graph did not use is an error.
    */
   placedFor(g: GraphBuilder): FloatWeightProvider {
-    const made = new Map<string, string>()
-    const initializer = (name: string): string => {
-      const cached = made.get(name)
-      if (cached) return cached
+    const initializer = placedInitializers(g, (name) => {
       const entry = this.made.get(name)
       if (!entry) throw new Error(`weight "${name}" was not placed by the first graph`)
-      const value = g.externalInitializer(name, entry.half ? 'float16' : 'float32', entry.shape, entry.location)
-      const out = entry.half ? g.node('Cast', [value], {to: 1}) : value
-      made.set(name, out)
-      return out
-    }
+      return entry
+    })
     return floatWeights(g, {
       get: (name, shape) => initializer(shape ? `${name}#${shape.join('x')}` : name),
       rowBlocks: (_name, storedAs) => {
