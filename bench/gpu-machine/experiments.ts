@@ -10,16 +10,13 @@ import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
-import onnxProto from 'onnx-proto'
 
-import {GraphBuilder} from '../../src/core/onnx/builder.js'
 import {buildWebGpuDecoderGraph, type WebGpuGraphOptions} from '../../src/core/onnx/webgpu-graph.js'
-import {floatWeights, type FloatWeightProvider} from '../../src/core/onnx/weights.js'
 import {convertCheckpoints} from '../../src/core/package/convert.js'
 import {readManifest} from '../../src/core/package/manifest.js'
 import {generateAll} from '../../src/core/generation/batcher.js'
 import {ParScaleModel, type ModelOptions} from '../../src/core/engine/model.js'
-import {GpuFormModel} from '../../src/core/engine/gpu-form.js'
+import {GpuFormModel, packageFloatWeights} from '../../src/core/engine/gpu-form.js'
 import {adapterName, checkWebGpu} from '../../src/core/engine/device.js'
 import {resolveModel} from '../../src/core/package/resolve.js'
 import {quantScheme} from '../../src/core/quant/scheme.js'
@@ -68,14 +65,21 @@ async function batched(dir: string, options: ModelOptions, ids: number[]) {
   return results.map((r) => r.tokenIds)
 }
 
-async function golden(root: string, out: string): Promise<void> {
-  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'golden-'))
-  const rows = []
+/** The three golden checkpoints, each converted (fp32) into a fresh folder, with their reference logits. */
+async function* convertedGoldens(root: string, prefix: string) {
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), prefix))
   for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
     const source = path.join(root, 'fixtures/golden', name)
     const dir = path.join(work, name)
     convertCheckpoints({sources: [source], outDir: dir, dtype: 'fp32'})
     const {prompt_ids: ids, values} = (JSON.parse(fs.readFileSync(path.join(source, 'golden.json'), 'utf8')) as {logits: {prompt_ids: number[]; values: number[][]}}).logits
+    yield {name, dir, ids, values}
+  }
+}
+
+async function golden(root: string, out: string): Promise<void> {
+  const rows = []
+  for await (const {name, dir, ids, values} of convertedGoldens(root, 'golden-')) {
     const cpu = await logitsOf(dir, {}, ids)
     const onGpu = await logitsOf(dir, gpu, ids)
     const vocab = values[0].length
@@ -91,29 +95,6 @@ async function golden(root: string, out: string): Promise<void> {
     rows.push(row)
   }
   write(out, rows)
-}
-
-/** The package's WebGPU-graph weights, by the names the graph builder asks for. */
-function packageWeights(dir: string): (g: GraphBuilder) => FloatWeightProvider {
-  const model = onnxProto.onnx.ModelProto.decode(fs.readFileSync(path.join(dir, readManifest(dir).webgpuGraph ?? 'model.webgpu.onnx')))
-  const table = new Map(model.graph!.initializer!.filter((t) => t.externalData?.length).map((t) => [t.name!, t]))
-  return (g) => {
-    const made = new Map<string, string>()
-    const get = (name: string) => {
-      if (made.has(name)) return made.get(name)!
-      const t = table.get(name)
-      if (!t) throw new Error(`no initializer ${name}`)
-      const ext = Object.fromEntries(t.externalData!.map((e) => [e.key, e.value]))
-      made.set(name, g.externalInitializer(name, 'float32', t.dims!.map(Number), {file: ext.location!, offset: Number(ext.offset), length: Number(ext.length)}))
-      return made.get(name)!
-    }
-    return floatWeights(g, {
-      get: (name, shape) => get(shape ? `${name}#${shape.join('x')}` : name),
-      rowBlocks: (_name, storedAs) => [...table.keys()].filter((n) => n.startsWith(`${storedAs}[`)).sort((a, b) => Number(/\[(\d+)/.exec(a)![1]) - Number(/\[(\d+)/.exec(b)![1])).map(get),
-      computed: (name) => get(name),
-      concatenated: (parts, storedAs) => (parts.some((p) => p.bias) ? {weight: get(`${storedAs}.weight`), bias: get(`${storedAs}.bias`)} : {weight: get(`${storedAs}.weight`)}),
-    })
-  }
 }
 
 async function decodeMs(dir: string, options: ModelOptions, parallel: number[], steps = 32) {
@@ -155,7 +136,7 @@ async function decode(dir: string, form: string, parallel: number[]): Promise<vo
     nosplit: {splitK: 0}, t1536: {splitK: 1536}, t3072: {splitK: 3072}, t768: {splitK: 768}, mlp: {splitOn: 'mlp'}, down: {splitOn: 'down'},
   }
   const file = `model.webgpu.${form}.onnx`
-  fs.writeFileSync(path.join(dir, file), buildWebGpuDecoderGraph(readManifest(dir).model, packageWeights(dir), forms[form]).toModelBytes('variant'))
+  fs.writeFileSync(path.join(dir, file), buildWebGpuDecoderGraph(readManifest(dir).model, packageFloatWeights(dir, readManifest(dir)), forms[form]).toModelBytes('variant'))
   let row: Record<string, unknown>
   try {
     row = {form, settings: process.env.PARSCALE_WEBGPU_OPTIONS ?? 'parscale defaults', ...(await decodeMs(dir, {graphFile: file}, parallel))}
@@ -167,13 +148,8 @@ async function decode(dir: string, form: string, parallel: number[]): Promise<vo
 
 /** Every stage of the GPU form's first positions: whole prompt, then token by token, on WebGPU and the CPU graph. */
 async function gpuFormGolden(root: string, out: string): Promise<void> {
-  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'gpuform-golden-'))
   const rows = []
-  for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
-    const source = path.join(root, 'fixtures/golden', name)
-    const dir = path.join(work, name)
-    convertCheckpoints({sources: [source], outDir: dir, dtype: 'fp32'})
-    const {prompt_ids: ids, values} = (JSON.parse(fs.readFileSync(path.join(source, 'golden.json'), 'utf8')) as {logits: {prompt_ids: number[]; values: number[][]}}).logits
+  for await (const {name, dir, ids, values} of convertedGoldens(root, 'gpuform-golden-')) {
     const P = Math.max(...readManifest(dir).parallel)
     const cpu = await logitsOf(dir, {}, ids)
     const vocab = values[0].length
