@@ -350,7 +350,6 @@ export class ParScaleModel implements DeviceCacheHost {
     const P = cache.parallel
     const logits = new Float32Array(count * kept * vocab)
     const streamWeights = new Float32Array(count * kept * P)
-    const inPlace = this.device === 'cpu'
     for (let r = 0; r < count; r++) {
       const slot = first + r
       let state = await cache.ready(slot)
@@ -360,7 +359,8 @@ export class ParScaleModel implements DeviceCacheHost {
       for (let begin = 0; begin < seq; begin += GPU_FORM_CALL_TOKENS) {
         const end = Math.min(seq, begin + GPU_FORM_CALL_TOKENS)
         const wanted = Math.max(0, end - Math.max(begin, firstKept)) // kept positions in this piece
-        const out = await gpuFormStep(session, this.shape.numLayers, state, ids.slice(begin, end), inPlace, Math.max(1, wanted))
+        // Never in place: the GPU form runs here on WebGPU only, where a bound output leaks (gpu-form.ts).
+        const out = await gpuFormStep(session, this.shape.numLayers, state, ids.slice(begin, end), false, Math.max(1, wanted))
         state = {keys: out.keys, values: out.values, filled: state.filled + end - begin}
         cache.update(slot, state)
         if (wanted === 0) continue
