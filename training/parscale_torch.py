@@ -21,6 +21,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _sdpa_math(q, k, v, attn_mask=None, is_causal=False):
+    """scaled_dot_product_attention for PyTorch < 2.0 (Debian bookworm's 1.13, used for CPU
+    tests of training/): the same arithmetic, without fused kernels."""
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+sdpa = getattr(F, "scaled_dot_product_attention", _sdpa_math)
+
+
 @dataclass
 class Cfg:
     vocab_size: int
@@ -132,11 +146,11 @@ class Attention(nn.Module):
             mask[:, t:] = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            o = sdpa(q, k, v, attn_mask=mask)
         else:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o = sdpa(q, k, v, is_causal=True)
         o = o.transpose(1, 2).reshape(n, s, c.num_attention_heads * hd)
         return self.o_proj(o)
 
