@@ -9,6 +9,7 @@ matched (the training text never contains them; ids are appended by the caller).
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -78,6 +79,7 @@ class PurePythonBPE:
         return [self.encode(t) for t in texts]
 
 
+@functools.lru_cache(maxsize=None)
 def load(path: str):
     try:
         from tokenizers import Tokenizer

@@ -184,6 +184,9 @@ def build(args):
             skip("exact duplicate", name)
             continue
         seen.add(h)
+        if any(part in name for part in dc["exclude_path_parts"]):
+            skip("generated or data (exclude_path_parts)", name)
+            continue
         if not name.startswith("stdlib/") and held_name(name):
             skip("held-out module name", name)
             continue

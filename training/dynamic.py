@@ -341,6 +341,7 @@ def train(args):
         "backbone_epochs": step * B * ctx / train_tokens, "history": history, "weight_shards": n_shards,
         "data": json.load(open(os.path.join(args.work, "prepare.json"))),
     }
+    json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)  # kept if the eval is cut off
     results["eval"] = final_eval(family, s, args.work)
     json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)
     log(f"wrote {out}: results.json, train.log, {n_shards} weight shard(s)")
@@ -416,8 +417,11 @@ def export(c, s, tensors: dict, dest: str):
         d = os.path.join(root, f"p{P}")
         os.makedirs(d, exist_ok=True)
         json.dump(hf_config(shape, P, None, sp), open(os.path.join(d, "config.json"), "w"), indent=2)
-        json.dump({"bos_token_id": sp["<|endoftext|>"], "eos_token_id": [sp["<|im_end|>"], sp["<|endoftext|>"]], "do_sample": False},
-                  open(os.path.join(d, "generation_config.json"), "w"), indent=2)
+        # greedy with repetition penalty 1.3, as the shipped model decodes (readable Python at every P)
+        with open(os.path.join(d, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": sp["<|endoftext|>"], "eos_token_id": [sp["<|im_end|>"], sp["<|endoftext|>"]],
+                       "do_sample": False, "repetition_penalty": 1.3}, f, indent=2)
+            f.write("\n")
         for f in ("tokenizer.json", "tokenizer_config.json", "model-backbone.safetensors"):
             link = os.path.join(d, f)
             if os.path.lexists(link):

@@ -51,11 +51,21 @@ def fit(N: np.ndarray, P: np.ndarray, L: np.ndarray) -> dict:
         i, j = np.unravel_index(np.argmin(sse), sse.shape)
         return alphas[i], ks[j], c[i, j], E[i, j], sse[i, j], bool(bad.all())
 
-    alpha, k, c, E, sse, _ = search(np.geomspace(0.01, 3.0, 400), np.linspace(0.0, 5.0, 501))
+    K_MAX = 5.0
+    alpha, k, c, E, sse, _ = search(np.geomspace(0.01, 3.0, 400), np.linspace(0.0, K_MAX, 501))
+    if not np.isfinite(sse):  # loss does not fall with N (or with P): the law's form cannot fit
+        return {"ok": False, "why": "no (alpha, k) with A > 0 and E >= 0 fits: loss does not fall with N·(k ln P + 1)"}
     alpha, k, c, E, sse, _ = search(np.linspace(alpha * 0.9, alpha * 1.1, 201), np.linspace(max(0, k - 0.02), k + 0.02, 201))
     A = c ** (1 / alpha)
+    notes = []
+    if k >= K_MAX - 0.05:
+        notes.append(f"k at the grid's upper end ({K_MAX}): not identified by these points")
+    if k <= 0.0:
+        notes.append("k = 0: P adds nothing in this fit")
+    if E == 0.0:
+        notes.append("E pinned at 0")
     pred = law(N, P, A, alpha, k, E)
-    return {"k": float(k), "alpha": float(alpha), "A": float(A), "E": float(E),
+    return {"ok": True, "notes": notes, "k": float(k), "alpha": float(alpha), "A": float(A), "E": float(E),
             "rmse": float(np.sqrt(sse / len(L))), "max_abs_residual": float(np.abs(pred - L).max()),
             "points": [{"N": int(n), "P": int(p), "nll": float(l), "fit": float(f)} for n, p, l, f in zip(N, P, L, pred)],
             "p_worth_params": {str(p): float(k * np.log(p) + 1) for p in PS}}
@@ -133,10 +143,16 @@ def main(argv=None):
         fits[set_name] = fit(N, P, L)
         tables[set_name] = {"rows": rows, "controls": controls}
         fr = fits[set_name]
+        if not fr["ok"]:
+            print(f"{set_name}: {fr['why']}")
+            continue
         print(f"{set_name}: k = {fr['k']:.3f} (paper {PAPER_K}), alpha = {fr['alpha']:.3f}, A = {fr['A']:.4g}, "
-              f"E = {fr['E']:.3f}, rmse {fr['rmse']:.4f}; P=8 is worth {fr['p_worth_params']['8']:.2f}x parameters")
+              f"E = {fr['E']:.3f}, rmse {fr['rmse']:.4f}; P=8 is worth {fr['p_worth_params']['8']:.2f}x parameters"
+              + "".join(f"; {n}" for n in fr["notes"]))
     json.dump({"N": "backbone non-embedding parameters", "paper_k": PAPER_K, "fits": fits, "tables": tables},
               open(os.path.join(out, "fit.json"), "w"), indent=1)
+    if not fits["heldout"]["ok"]:
+        return 0
     spec = chart_spec(tables["heldout"]["rows"], tables["heldout"]["controls"], fits, "heldout")
     spec_path = os.path.join(out, "law-chart.vl.json")
     json.dump(spec, open(spec_path, "w"), indent=1)
