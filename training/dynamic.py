@@ -48,8 +48,11 @@ T0 = time.time()
 _log_file = None
 
 
+_tag = ""  # the size, so two trainers' lines can be told apart in one console
+
+
 def log(*a):
-    line = f"[{time.time() - T0:7.1f}s] " + " ".join(str(x) for x in a)
+    line = f"[{time.time() - T0:7.1f}s]{_tag} " + " ".join(str(x) for x in a)
     print(line, flush=True)
     if _log_file:
         _log_file.write(line + "\n")
@@ -82,6 +85,10 @@ def special_ids():
 # ----------------------------------------------------------------------------- prepare
 def prepare(args):
     """Tokenize the corpus archive into WORK/{train,dev,heldout,heldout2,sample}_ids.npy."""
+    from train import golden
+
+    if not golden():  # the model code must still match fixtures/golden on this machine's torch
+        sys.exit("dynamic.py: golden check failed")
     c = load_cfg()
     os.makedirs(args.work, exist_ok=True)
     texts: dict[str, list] = {"train": [], "dev": [], "heldout": [], "heldout2": []}
@@ -230,9 +237,10 @@ def read_shards(folder) -> dict:
 
 # ----------------------------------------------------------------------------- train
 def train(args):
-    global _log_file
+    global _log_file, _tag
     c = load_cfg()
     s = size_settings(c, args.size)
+    _tag = f" {args.size}"
     out = os.path.join(args.out, args.size)
     os.makedirs(out, exist_ok=True)
     _log_file = open(os.path.join(out, "train.log"), "w")
@@ -265,6 +273,8 @@ def train(args):
     B = s["batch"]
     max_steps = int(s["max_epochs"] * train_tokens / (B * ctx))  # counts every arm's step: backbone epochs
     max_seconds = args.max_seconds or s["max_seconds"]
+    if args.end_by:  # an absolute deadline for the whole call: leave time for the final eval
+        max_seconds = min(max_seconds, args.end_by - time.time() - s["eval_reserve_seconds"])
     log(f"train stream {train_tokens:,} tokens; batch {B}x{ctx}; at most {max_steps} steps "
         f"({s['max_epochs']} backbone epochs) or {max_seconds:.0f}s; arms {s['arms']} round-robin")
     loss_fn = {a: family[a].loss for a in s["arms"]}
@@ -478,8 +488,10 @@ def cpu_test(args):
     json.dump(c, open(cfg_path, "w"))
     env = dict(os.environ, PARSCALE_TRAIN_CONFIG=cfg_path, PYTHONUNBUFFERED="1")
     out = os.path.join(tmp, "out")
+    seconds = args.max_seconds or 40
     procs = [subprocess.Popen([sys.executable, __file__, "train", "--work", os.path.join(tmp, "work"), "--size", size,
-                               "--out", out, "--max-seconds", str(args.max_seconds)], env=env) for size in ("tiny", "tiny2")]
+                               "--out", out, "--max-seconds", str(seconds),
+                               "--end-by", str(time.time() + seconds + 25)], env=env) for size in ("tiny", "tiny2")]
     assert all(p.wait() == 0 for p in procs), "a training process failed"
     subprocess.run([sys.executable, __file__, "finish", "--results", out, "--size", "tiny", "--dest", os.path.join(tmp, "fixtures"),
                     "--chart", os.path.join(tmp, "law.svg"), "--record", os.path.join(tmp, "record")], env=env, check=True)
@@ -494,7 +506,9 @@ def main():
     ap.add_argument("--limit-mb", type=float, default=None, help="prepare: only this many MB of training text")
     ap.add_argument("--size", default="small")
     ap.add_argument("--out", default=os.path.join(HERE, "work", "out"))
-    ap.add_argument("--max-seconds", type=float, default=None, help="train: wall-clock budget of the training loop")
+    ap.add_argument("--max-seconds", type=float, default=None, help="train: wall-clock budget of the training loop (cpu-test: default 40)")
+    ap.add_argument("--end-by", type=float, default=None,
+                    help="train: unix time by which training and eval must be done (the loop stops eval_reserve_seconds before)")
     ap.add_argument("--compile", action="store_true", help="train: torch.compile each arm's loss")
     ap.add_argument("--results", default=None, help="finish: the folder the device run wrote ($OUT)")
     ap.add_argument("--dest", default=os.path.join(ROOT, "fixtures"))
