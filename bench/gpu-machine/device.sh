@@ -31,7 +31,7 @@ for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 mkdir -p /tmp/node /tmp/nm/node_modules/onnxruntime-node
 python3 -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.carry/node.xz'),open('/tmp/node/node','wb'))" && chmod +x /tmp/node/node
-tar xzf .carry/ort-node.tgz -C /tmp/nm/node_modules/onnxruntime-node
+python3 -c "import tarfile;tarfile.open('.carry/ort-node.txz').extractall('/tmp/nm/node_modules/onnxruntime-node')"
 tar xzf .carry/pscale/ort-common.tgz -C /tmp/nm/node_modules
 python3 -c "import tarfile;tarfile.open('.carry/pscale/bundle.tar.xz').extractall('.carry/pscale')"
 ln -sfn /tmp/nm/node_modules node_modules
