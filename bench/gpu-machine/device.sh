@@ -4,7 +4,7 @@
 # most 600 s: steps run in the order given, each under its own limit and the call's deadline
 # (BUDGET seconds from the start, default 570); a step that would not fit is skipped and said so.
 # Usage: bash .carry/pscale/device.sh STEPS (comma list, or "all") ; results under $OUT.
-# Steps (issue 23): probe run golden gpuform int4 fp16 cpu16 eval synth18 gpubench profile
+# Steps (issue 23): probe run golden gpuform int4 fp16 cpu16 eval synth18 gpubench profile rss
 #   (and, from issue 19: forms ortdefaults cpu2).
 set -u
 STEPS=",${1:-all},"
@@ -36,7 +36,7 @@ tar xzf .carry/pscale/ort-common.tgz -C /tmp/nm/node_modules
 python3 -c "import tarfile;tarfile.open('.carry/pscale/bundle.tar.xz').extractall('.carry/pscale')"
 ln -sfn /tmp/nm/node_modules node_modules
 export PATH=/tmp/node:$PATH NODE_NO_WARNINGS=1 PARSCALE_CACHE=/tmp/pscache
-B=.carry/pscale/x/y; CLI=$B/cli.js; EXP=$B/experiments.js; GF=$B/gpu-form.js
+B=.carry/pscale/x/y; CLI=$B/cli.js; EXP=$B/experiments.js; GF=$B/gpu-form.js; MEM=$B/gpu-memory.js
 node --version; nvidia-smi -L; nproc; free -g | head -2
 cat /proc/driver/nvidia/gpus/*/information 2>&1 | head -3
 if has probe || has run; then
@@ -65,5 +65,7 @@ if has forms && [ -n "$PKG" ]; then
   for f in ${FORMS:-nosplit t768 mlp down}; do step "decode form $f" 100 node $EXP decode $PKG $f 1 8; done
   if has ortdefaults; then PARSCALE_WEBGPU_OPTIONS='{"provider":{"validationMode":"basic"},"config":{"maxNumPendingDispatches":"16"}}' step "decode gemm, ORT's default provider settings" 100 node $EXP decode $PKG default 1 8; fi
 fi
+# peak host RSS of the GPU form on WebGPU against the CPU graph (16 threads), 0.5b synthetic, P=8, prompt 64, 4 tokens
+if has rss; then BENCH_THREADS=16 step "peak host RSS webgpu vs cpu (0.5b, P=8)" 120 node $MEM > $OUT/rss.txt; cat $OUT/rss.txt; fi
 if has cpu2; then step "bench 0.5b cpu 2 threads" 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json-file $OUT/bench-cpu2.json; fi
 stamp done
