@@ -3,12 +3,10 @@
 # the GL/Vulkan user-space libraries the NVIDIA ICD needs, then measures. One device call runs at
 # most 600 s: steps run in the order given, each under its own limit and the call's deadline
 # (BUDGET seconds from the start, default 570); a step that would not fit is skipped and said so.
-# Usage: bash .carry/pscale/device.sh STEPS (comma list, or "all") ; results under $OUT.
-# Steps (issue 23): probe run golden gpuform int4 fp16 cpu16 eval synth18 gpubench profile rss
+# Usage: bash .carry/pscale/device.sh STEPS (comma list, run in that order) ; results under $OUT.
+# Steps (issue 23): probe run golden gpuform int4 fp16 cpu16 eval synth18 profile gpubench oldgolden rss
 #   (and, from issue 19: forms ortdefaults cpu2).
 set -u
-STEPS=",${1:-all},"
-has() { [[ "$STEPS" == *",all,"* || "$STEPS" == *",$1,"* ]]; }
 exec > >(tee -a "$OUT/log.txt") 2>&1
 T0=$(date +%s)
 BUDGET=${BUDGET:-570}
@@ -31,7 +29,7 @@ for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 mkdir -p /tmp/node /tmp/nm/node_modules/onnxruntime-node
 python3 -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.carry/node.xz'),open('/tmp/node/node','wb'))" && chmod +x /tmp/node/node
-tar xzf .carry/ort-node.tgz -C /tmp/nm/node_modules/onnxruntime-node
+python3 -c "import tarfile;tarfile.open('.carry/ort-node.txz').extractall('/tmp/nm/node_modules/onnxruntime-node')"
 tar xzf .carry/pscale/ort-common.tgz -C /tmp/nm/node_modules
 python3 -c "import tarfile;tarfile.open('.carry/pscale/bundle.tar.xz').extractall('.carry/pscale')"
 ln -sfn /tmp/nm/node_modules node_modules
@@ -39,33 +37,33 @@ export PATH=/tmp/node:$PATH NODE_NO_WARNINGS=1 PARSCALE_CACHE=/tmp/pscache
 B=.carry/pscale/x/y; CLI=$B/cli.js; EXP=$B/experiments.js; GF=$B/gpu-form.js; MEM=$B/gpu-memory.js
 node --version; nvidia-smi -L; nproc; free -g | head -2
 cat /proc/driver/nvidia/gpus/*/information 2>&1 | head -3
-if has probe || has run; then
-  step probe 60 node $EXP probe || {
+# Steps run in the order given (the probe first whenever it is named), so the list says what matters most.
+PKG_OF() { ls -d /tmp/pscache/synthetic/h896-l24-* 2>/dev/null | grep -v -e int -e fp16 | head -1; }
+run_step() {
+  case $1 in
+  probe) step probe 60 node $EXP probe || {
     stamp "no adapter: stop"; ldconfig -p | grep -i -E "gldispatch|libGLX|libX11|libxcb" | head -6
-    VK_LOADER_DEBUG=error,warn timeout 60 node $EXP probe 2>&1 | grep -v "^Warning" | head -12; exit 1; }
-fi
-if has run; then
-  step "run --device webgpu (default model, P=8)" 120 node $CLI run --device webgpu --prompt "def fibonacci(n):" --max-new-tokens 32 --parallel 8 --temperature 0
-fi
-if has golden; then
-  step "golden: GPU form on WebGPU vs PyTorch and the CPU graph" 120 node $EXP gpuform-golden . $OUT/gpuform-golden.json
-  step "golden: WebGPU graph (before) vs CPU" 150 node $EXP golden . $OUT/golden.json
-fi
-# The GPU form, 0.5b synthetic, prompt 64, 32 new tokens: decode ms/token per P, dispatches, floor
-if has gpuform; then BENCH_PARALLEL=1,2,4,8 step "GPU form 0.5b fp32 (builds the package)" 240 node $GF > $OUT/gpuform-fp32.txt; cat $OUT/gpuform-fp32.txt; fi
-if has int4; then BENCH_QUANT=int4 step "GPU form 0.5b int4 (builds the package)" 200 node $GF > $OUT/gpuform-int4.txt; cat $OUT/gpuform-int4.txt; fi
-if has fp16; then BENCH_DTYPE=fp16 step "GPU form 0.5b fp16 (builds the package)" 200 node $GF > $OUT/gpuform-fp16.txt; cat $OUT/gpuform-fp16.txt; fi
-if has cpu16; then step "CPU graph 0.5b, 16 threads (the ratio's base)" 150 node $CLI bench --synthetic 0.5b --parallel 1,8 --threads 16 --repeat 1 --no-roofline --json-file $OUT/bench-cpu16.json; fi
-if has eval; then step "held-out NLL through the GPU form: fp32, int8, int4 at P=1,8" 120 node $EXP gpuform-eval . $OUT/gpuform-eval.json; fi
-if has synth18; then BENCH_SHAPE=1.8b BENCH_PARALLEL=1,8 BENCH_REPEAT=2 step "GPU form 1.8b fp32 (builds the package)" 300 node $GF > $OUT/gpuform-1.8b.txt; cat $OUT/gpuform-1.8b.txt; fi
-PKG=$(ls -d /tmp/pscache/synthetic/h896-l24-* 2>/dev/null | grep -v -e int -e fp16 | head -1)
-if has profile && [ -n "$PKG" ]; then step "profile of GPU form decode, P=8" 100 node $EXP gpuform-profile $PKG $OUT/gpuform-profile-p8.json 8; fi
-if has gpubench; then step "bench 0.5b webgpu, the WebGPU graph (before)" 300 node $CLI bench --synthetic 0.5b --parallel 1,8 --device webgpu --repeat 2 --json-file $OUT/bench-webgpu.json; fi
-if has forms && [ -n "$PKG" ]; then
-  for f in ${FORMS:-nosplit t768 mlp down}; do step "decode form $f" 100 node $EXP decode $PKG $f 1 8; done
-  if has ortdefaults; then PARSCALE_WEBGPU_OPTIONS='{"provider":{"validationMode":"basic"},"config":{"maxNumPendingDispatches":"16"}}' step "decode gemm, ORT's default provider settings" 100 node $EXP decode $PKG default 1 8; fi
-fi
-# peak host RSS of the GPU form on WebGPU against the CPU graph (16 threads), 0.5b synthetic, P=8, prompt 64, 4 tokens
-if has rss; then BENCH_THREADS=16 step "peak host RSS webgpu vs cpu (0.5b, P=8)" 120 node $MEM > $OUT/rss.txt; cat $OUT/rss.txt; fi
-if has cpu2; then step "bench 0.5b cpu 2 threads" 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json-file $OUT/bench-cpu2.json; fi
+    VK_LOADER_DEBUG=error,warn timeout 60 node $EXP probe 2>&1 | grep -v "^Warning" | head -12; exit 1; } ;;
+  run) step "run --device webgpu (default model, P=8)" 120 node $CLI run --device webgpu --prompt "def fibonacci(n):" --max-new-tokens 32 --parallel 8 --temperature 0 ;;
+  golden) step "golden: GPU form on WebGPU vs PyTorch and the CPU graph" 120 node $EXP gpuform-golden . $OUT/gpuform-golden.json ;;
+  oldgolden) step "golden: WebGPU graph (before) vs CPU" 150 node $EXP golden . $OUT/golden.json ;;
+  # The GPU form, 0.5b synthetic, prompt 64, 32 new tokens: decode ms/token per P, dispatches, floor, peak RSS
+  gpuform) BENCH_PARALLEL=1,2,4,8 step "GPU form 0.5b fp32 (builds the package)" 240 node $GF > $OUT/gpuform-fp32.txt; cat $OUT/gpuform-fp32.txt ;;
+  int4) BENCH_QUANT=int4 step "GPU form 0.5b int4 (builds the package)" 200 node $GF > $OUT/gpuform-int4.txt; cat $OUT/gpuform-int4.txt ;;
+  fp16) BENCH_DTYPE=fp16 step "GPU form 0.5b fp16 (builds the package)" 200 node $GF > $OUT/gpuform-fp16.txt; cat $OUT/gpuform-fp16.txt ;;
+  cpu16) step "CPU graph 0.5b, 16 threads (the ratio's base)" 150 node $CLI bench --synthetic 0.5b --parallel 1,8 --threads 16 --repeat 1 --no-roofline --json-file $OUT/bench-cpu16.json ;;
+  eval) step "held-out NLL through the GPU form: fp32, int8, int4 at P=1,8" 120 node $EXP gpuform-eval . $OUT/gpuform-eval.json ;;
+  synth18) BENCH_SHAPE=1.8b BENCH_PARALLEL=1,8 BENCH_REPEAT=2 step "GPU form 1.8b fp32 (builds the package)" 300 node $GF > $OUT/gpuform-1.8b.txt; cat $OUT/gpuform-1.8b.txt ;;
+  profile) PKG=$(PKG_OF); [ -n "$PKG" ] && step "profile of GPU form decode, P=8" 100 node $EXP gpuform-profile $PKG $OUT/gpuform-profile-p8.json 8 ;;
+  gpubench) step "bench 0.5b webgpu, the WebGPU graph (before)" 300 node $CLI bench --synthetic 0.5b --parallel 1,8 --device webgpu --repeat 2 --json-file $OUT/bench-webgpu.json ;;
+  forms) PKG=$(PKG_OF); [ -n "$PKG" ] && for f in ${FORMS:-nosplit t768 mlp down}; do step "decode form $f" 100 node $EXP decode $PKG $f 1 8; done ;;
+  ortdefaults) PKG=$(PKG_OF); [ -n "$PKG" ] && PARSCALE_WEBGPU_OPTIONS='{"provider":{"validationMode":"basic"},"config":{"maxNumPendingDispatches":"16"}}' step "decode gemm, ORT's default provider settings" 100 node $EXP decode $PKG default 1 8 ;;
+  rss) BENCH_THREADS=16 step "peak host RSS: GPU form on webgpu vs CPU graph (0.5b, P=8, prompt 64, 4 tokens)" 120 node $MEM > $OUT/rss.txt; cat $OUT/rss.txt ;;
+  cpu2) step "bench 0.5b cpu 2 threads" 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json-file $OUT/bench-cpu2.json ;;
+  *) stamp "unknown step $1" ;;
+  esac
+}
+LIST=${1:-probe,run,golden,gpuform,int4,fp16,cpu16,eval,synth18,profile}
+[[ ",$LIST," == *",probe,"* ]] && run_step probe
+for s in ${LIST//,/ }; do [ "$s" = probe ] || run_step "$s"; done
 stamp done
