@@ -28,6 +28,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import st_io  # noqa: E402
+from bpe import bytes_to_unicode  # noqa: E402  (one byte-to-unicode table for the trainer and the encoder)
 from parscale_torch import Cfg, ParScaleLM  # noqa: E402
 
 T0 = time.time()
@@ -97,16 +98,6 @@ def golden(_args=None):
 
 
 # ----------------------------------------------------------------------------- prepare
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def list_corpus(c, root=None):
