@@ -6,9 +6,11 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, before, describe, test} from 'node:test'
 
+import onnxProto from 'onnx-proto'
+
 import {writeSyntheticCheckpoint, syntheticShape} from '../src/core/checkpoint/synthetic.js'
 import {checkWebGpu, type Device} from '../src/core/engine/device.js'
-import {GpuFormModel} from '../src/core/engine/gpu-form.js'
+import {GpuFormModel, writeGpuFormGraph} from '../src/core/engine/gpu-form.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest} from '../src/core/package/manifest.js'
@@ -18,6 +20,7 @@ import {negativeLogLikelihood} from '../src/core/run/evaluate.js'
 import {TextTokenizer} from '../src/core/generation/tokenizer.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 
+const {onnx} = onnxProto
 const work = makeTempDir()
 after(() => fs.rmSync(work, {recursive: true, force: true}))
 
@@ -144,6 +147,32 @@ test('GPU form of an fp16 package (half matrices widened at load): the CPU graph
   for (const device of adapter ? (['cpu', 'webgpu'] as const) : (['cpu'] as const)) {
     const diff = await gpuFormDiff(dir, 4, ids, plans(ids.length)['chunks of 3, 4, 1, rest']!, (p) => cpu.values.subarray(p * cpu.vocab, (p + 1) * cpu.vocab), device)
     assert.ok(diff < (device === 'cpu' ? 1e-4 : 1e-3), `${device}: ${diff}`)
+  }
+})
+
+test('the GPU form reads its float matrices laid out for it (gpu-form.weights): nothing on an initializer to fold at load, one table for a tied head, the file made once', () => {
+  for (const [name, dtype] of [['tiny-p2-tied', 'fp32'], ['tiny-p4', 'fp16']] as const) {
+    const dir = path.join(work, `layout-${name}-${dtype}`)
+    convertCheckpoints({sources: [goldenDir(name)], outDir: dir, dtype})
+    const manifest = readManifest(dir)
+    const P = Math.max(...manifest.parallel)
+    const graph = onnx.ModelProto.decode(fs.readFileSync(writeGpuFormGraph(dir, P))).graph!
+    const initializers = new Set((graph.initializer ?? []).map((t) => t.name!))
+    // what ONNX Runtime folds when a session loads: a node whose inputs are all initializers
+    const onInitializers = (graph.node ?? []).filter((n) => (n.input ?? []).filter((i) => i !== '').every((i) => initializers.has(i)))
+    assert.deepEqual(onInitializers.map((n) => `${n.opType}(${n.input!.join(', ')})`), [], `${name} ${dtype}: ops on initializers are folded on the host at load`)
+    const matrices = (graph.initializer ?? []).filter((t) => t.dims?.length === 2 && !t.name!.startsWith('rotary'))
+    for (const m of matrices) {
+      // the untied table is gathered as stored (an fp16 one: its rows widened after the Gather)
+      if (m.name !== 'model.embed_tokens.weight') assert.equal(m.dataType, onnx.TensorProto.DataType.FLOAT, `${m.name}: float32 as the graph multiplies`)
+      const file = m.externalData!.find((e) => e.key === 'location')!.value
+      assert.ok(file === 'gpu-form.weights' || file === `model.gpu-p${P}.weights` || m.name === 'model.embed_tokens.weight', `${m.name} in ${file}`)
+    }
+    const tables = [...initializers].filter((n) => /embed_tokens|lm_head/.test(n))
+    assert.deepEqual(tables, manifest.model.tieWordEmbeddings ? ['lm_head.weight (tied to model.embed_tokens.weight)^T'] : ['model.embed_tokens.weight', 'lm_head.weight^T'], `${name}: the tables on the device`)
+    const stamp = fs.statSync(path.join(dir, 'gpu-form.weights')).mtimeMs
+    writeGpuFormGraph(dir, P)
+    assert.equal(fs.statSync(path.join(dir, 'gpu-form.weights')).mtimeMs, stamp, 'made once per package')
   }
 })
 
