@@ -7,10 +7,11 @@ import path from 'node:path'
 import {after, before, describe, test} from 'node:test'
 
 import onnxProto from 'onnx-proto'
+import ort from 'onnxruntime-node'
 
 import {writeSyntheticCheckpoint, syntheticShape} from '../src/core/checkpoint/synthetic.js'
 import {checkWebGpu, type Device} from '../src/core/engine/device.js'
-import {GpuFormModel, writeGpuFormGraph} from '../src/core/engine/gpu-form.js'
+import {GpuFormModel, gpuFormStep, placePrefix, prefixCache, writeGpuFormGraph} from '../src/core/engine/gpu-form.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest} from '../src/core/package/manifest.js'
@@ -135,6 +136,48 @@ describe('GPU form on the CPU provider, synthetic P = 1, 2, 4, 8 (one package)',
         if (process.env.PARSCALE_SHOW_DIFFS) console.log(`P=${parallel} ${chunks.length} chunks: ${diff}`)
       }
     })
+  }
+})
+
+test('decode-only GPU form (static shapes, for graph capture): no shape arithmetic, the same logits token by token', async () => {
+  const shape = syntheticShape(undefined, {hiddenSize: 64, numLayers: 2, vocabSize: 300})
+  const source = path.join(work, 'decode-only-p4')
+  const pkg = path.join(work, 'decode-only-pkg')
+  writeSyntheticCheckpoint(source, shape, {parallel: 4, prefixTokens: 8, seed: 5})
+  convertCheckpoints({sources: [source], outDir: pkg, dtype: 'fp32'})
+  const graphPath = writeGpuFormGraph(pkg, 4, true)
+  const graph = onnx.ModelProto.decode(fs.readFileSync(graphPath)).graph!
+  const opTypes = new Set(graph.node!.map((n) => n.opType))
+  for (const op of ['Shape', 'Slice', 'Range', 'ConstantOfShape']) assert.ok(!opTypes.has(op), `${op} in the decode-only graph`)
+  assert.deepEqual(graph.input!.map((i) => i.name).filter((n) => !n!.startsWith('past_key_values')), ['input_ids', 'seqlens_k', 'total_sequence_length'])
+  assert.equal(Number(graph.input![0]!.type!.tensorType!.shape!.dim![1]!.dimValue), 1, 'input_ids [1, 1]')
+
+  const ids = Array.from({length: 9}, (_, i) => (i * 53 + 7) % 300)
+  const cpu = await cpuLogits(pkg, 4, ids)
+  const manifest = readManifest(pkg)
+  const variant = manifest.variants.find((v) => v.parallel === 4)!
+  const prefix = prefixCache(pkg, variant, manifest.model)
+  const heads = 4 * manifest.model.numKvHeads
+  const capacity = prefix.tokens + ids.length + 2
+  const session = await ort.InferenceSession.create(graphPath)
+  try {
+    const dims = [1, heads, capacity, manifest.model.headDim]
+    let state: {keys: ort.Tensor[]; values: ort.Tensor[]; filled: number} = {
+      keys: prefix.keys.map((k) => new ort.Tensor('float32', placePrefix(k, heads, prefix.tokens, capacity, manifest.model.headDim), dims)),
+      values: prefix.values.map((v) => new ort.Tensor('float32', placePrefix(v, heads, prefix.tokens, capacity, manifest.model.headDim), dims)),
+      filled: prefix.tokens,
+    }
+    let worst = 0
+    for (const [position, id] of ids.entries()) {
+      const out = await gpuFormStep(session, manifest.model.numLayers, state, [id], true)
+      state = {keys: out.keys, values: out.values, filled: state.filled + 1}
+      const expected = cpu.values.subarray(position * cpu.vocab, (position + 1) * cpu.vocab)
+      for (let i = 0; i < cpu.vocab; i++) worst = Math.max(worst, Math.abs(out.logits[i]! - expected[i]!))
+    }
+    assert.ok(worst < 1e-4, `max |logit diff| ${worst}`)
+    await assert.rejects(gpuFormStep(session, manifest.model.numLayers, state, [1, 2], true), /one token a call/)
+  } finally {
+    await session.release()
   }
 })
 

@@ -241,27 +241,30 @@ function headFiles(packageDir: string, variant: PackageVariant): AggregationHead
 }
 
 /** The GPU form's graph for one P of a package, as ONNX bytes (external data in the package; its matrices laid out on first use). */
-export function gpuFormGraphBytes(packageDir: string, parallel: number): Uint8Array {
+export function gpuFormGraphBytes(packageDir: string, parallel: number, decodeOnly = false): Uint8Array {
   const manifest = readManifest(packageDir)
   const variant = selectVariant(manifest, parallel, packageDir)
   const graph = buildGpuFormGraph(manifest.model, packageGpuWeights(packageDir, manifest), {
     parallel,
     prefixTokens: variant.parallel === 1 ? 0 : variant.prefixTokens,
     head: headFiles(packageDir, variant),
+    decodeOnly,
   })
   return graph.toModelBytes(manifest.toolVersion)
 }
 
 /** Writes the GPU form's graph for `parallel` into the package (next to the files it reads) and returns its path. */
-export function writeGpuFormGraph(packageDir: string, parallel: number): string {
-  const path = join(packageDir, gpuFormGraphFile(parallel))
+export function writeGpuFormGraph(packageDir: string, parallel: number, decodeOnly = false): string {
+  const path = join(packageDir, decodeOnly ? gpuFormDecodeGraphFile(parallel) : gpuFormGraphFile(parallel))
   const temporary = `${path}.${process.pid}.tmp`
-  writeFileSync(temporary, gpuFormGraphBytes(packageDir, parallel))
+  writeFileSync(temporary, gpuFormGraphBytes(packageDir, parallel, decodeOnly))
   renameSync(temporary, path)
   return path
 }
 
 export const gpuFormGraphFile = (parallel: number) => `model.gpu-p${parallel}.onnx`
+/** The decode-only variant (one token a call, static shapes: what graph capture needs). */
+export const gpuFormDecodeGraphFile = (parallel: number) => `model.gpu-p${parallel}.decode.onnx`
 export const gpuFormHeadFile = (parallel: number) => `model.gpu-p${parallel}.weights`
 
 export interface GpuFormOptions {
@@ -409,8 +412,10 @@ export async function gpuFormStep(
     [gpuFormIo.inputIds]: new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]),
     [gpuFormIo.seqlensK]: new ort.Tensor('int32', Int32Array.of(total - 1), [1]),
     [gpuFormIo.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(total), []),
-    [gpuFormIo.numLogitsToKeep]: new ort.Tensor('int64', BigInt64Array.of(BigInt(keep)), []),
   }
+  // the decode-only graph has no such input: one token, its logits
+  if (session.inputNames.includes(gpuFormIo.numLogitsToKeep)) feeds[gpuFormIo.numLogitsToKeep] = new ort.Tensor('int64', BigInt64Array.of(BigInt(keep)), [])
+  else if (ids.length !== 1) throw new RangeError(`the decode-only GPU form takes one token a call, not ${ids.length}`)
   for (let layer = 0; layer < numLayers; layer++) {
     feeds[gpuFormIo.pastKey(layer)] = state.keys[layer]!
     feeds[gpuFormIo.pastValue(layer)] = state.values[layer]!

@@ -133,6 +133,12 @@ export interface GpuFormOptions {
   prefixTokens: number
   /** P > 1: the aggregation head's tensors in the package. */
   head?: AggregationHeadFiles
+  /**
+   * One token per call and the last position's logits only, every shape static: no Shape,
+   * no shape arithmetic, no `num_logits_to_keep` input. Graph capture needs every node on the
+   * GPU provider, and ONNX Runtime places shape arithmetic on the CPU.
+   */
+  decodeOnly?: boolean
 }
 
 /** The rotary tables GroupQueryAttention reads: positions 0 … maxPositions + prefixTokens − 1. */
@@ -170,10 +176,11 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
   const {numKvHeads: kv, headDim: d, hiddenSize: H, numHeads, intermediateSize: I, numLayers} = config
   const eps = {float: config.rmsNormEps}
 
-  const inputIds = g.input(gpuFormIo.inputIds, 'int64', [1, 'sequence_length'])
+  const decodeOnly = options.decodeOnly === true
+  const inputIds = g.input(gpuFormIo.inputIds, 'int64', [1, decodeOnly ? 1 : 'sequence_length'])
   const seqlensK = g.input(gpuFormIo.seqlensK, 'int32', [1])
   const totalLength = g.input(gpuFormIo.totalSequenceLength, 'int32', [])
-  const keep = g.input(gpuFormIo.numLogitsToKeep, 'int64', [])
+  const keep = decodeOnly ? undefined : g.input(gpuFormIo.numLogitsToKeep, 'int64', [])
   const past = Array.from({length: numLayers}, (_, layer) => ({
     key: g.input(gpuFormIo.pastKey(layer), 'float32', [1, P * kv, 'capacity', d]),
     value: g.input(gpuFormIo.pastValue(layer), 'float32', [1, P * kv, 'capacity', d]),
@@ -188,6 +195,7 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
   let residual = g.within('embed', () => {
     const embedded = weights.embed(inputIds) // [1, S, H]
     if (P === 1) return ops.reshape(embedded, g.int64([-1, H]))
+    if (decodeOnly) return ops.reshape(ops.expand(ops.reshape(embedded, g.int64([1, 1, H])), g.int64([1, P, H])), g.int64([P, H]))
     const seq = ops.shape(inputIds, 1, 2)
     return ops.reshape(ops.expand(ops.reshape(embedded, g.int64([-1, 1, H])), ops.shapeOf([seq, P, H])), g.int64([-1, H]))
   })
@@ -250,8 +258,7 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
   g.within('head', () => {
     const normed = norm('model.norm.weight') // [S·P, H]
     // the last K positions' P rows each (the start, −K·P, is shape arithmetic on the CPU)
-    const keepRows = ops.reshape(keep, g.int64([1]))
-    const last = ops.slice(normed, ops.mul(keepRows, g.int64([-P])), g.int64([Number.MAX_SAFE_INTEGER]), 0) // [K·P, H]
+    const last = keep === undefined ? normed : ops.slice(normed, ops.mul(ops.reshape(keep, g.int64([1])), g.int64([-P])), g.int64([Number.MAX_SAFE_INTEGER]), 0) // [K·P, H]
     let mixed: string
     let mix: string
     if (P === 1 || !options.head) {
@@ -268,8 +275,9 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
       mix = ops.add(ops.mul(ops.softmax(scores, -1), g.float([1 - head.smooth], [])), g.float([head.smooth / P], [])) // [K, P]
       mixed = ops.reshape(ops.matmul(ops.reshape(mix, g.int64([-1, 1, P])), perPosition), g.int64([-1, H])) // [K, H]
     }
-    g.output(weights.lmHead(mixed), gpuFormIo.logits, 'float32', ['keep', config.vocabSize])
-    g.output(mix, gpuFormIo.streamWeights, 'float32', [P === 1 || !options.head ? 1 : 'keep', P])
+    const keptRows = decodeOnly ? 1 : 'keep'
+    g.output(weights.lmHead(mixed), gpuFormIo.logits, 'float32', [keptRows, config.vocabSize])
+    g.output(mix, gpuFormIo.streamWeights, 'float32', [P === 1 || !options.head ? 1 : keptRows, P])
   })
   return g
 }

@@ -1,0 +1,92 @@
+// Route 1 for WebGPU graph capture (issue 23): the GPU form on onnxruntime-web's WebGPU provider
+// under Node, with Dawn's `webgpu` package as navigator.gpu. onnxruntime-node cannot turn
+// capture on; onnxruntime-web reads `enableGraphCapture` and binds GPU tensors made in JS.
+// Not a dependency of parscale: install both beside it, e.g.
+//   mkdir /tmp/ortweb && cd /tmp/ortweb && npm init -y && npm i webgpu@0.6.2 onnxruntime-web@1.30.0
+//   NODE_PATH=/tmp/ortweb/node_modules node bench/gpu-machine/ortweb-capture.mjs PACKAGE_DIR P [capture]
+// PACKAGE_DIR: a converted fp32 package in which `model.gpu-pP.onnx` (and for `capture`,
+// `model.gpu-pP.decode.onnx`: writeGpuFormGraph(dir, P, true)) exist. Prints the provider's
+// logits against onnxruntime-node's CPU provider on the same feeds (a synthetic cache).
+// Findings (lavapipe, 2026-12-05) are in docs/benchmarks.md, "Graph capture: routes".
+import {createRequire} from 'node:module'
+import fs from 'node:fs'
+import path from 'node:path'
+
+const fromNodePath = createRequire(path.join(process.env.NODE_PATH ?? '.', 'x.js'))
+const {create, globals} = fromNodePath('webgpu')
+Object.assign(globalThis, globals)
+globalThis.navigator = {gpu: create([])}
+// dawn.node refuses views of shared memory (the wasm heap) in writeBuffer: copy them
+const writeBuffer = GPUQueue.prototype.writeBuffer
+GPUQueue.prototype.writeBuffer = function (buffer, offset, data, dataOffset = 0, size) {
+  if (ArrayBuffer.isView(data) && data.buffer instanceof SharedArrayBuffer) {
+    const per = data.BYTES_PER_ELEMENT ?? 1
+    const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+    const start = dataOffset * per
+    return writeBuffer.call(this, buffer, offset, bytes.slice(start, size === undefined ? undefined : start + size * per))
+  }
+  return writeBuffer.call(this, buffer, offset, data, dataOffset, size)
+}
+const ortNode = createRequire(path.resolve('package.json'))('onnxruntime-node')
+const ortWebModule = await import(fromNodePath.resolve('onnxruntime-web/webgpu'))
+const ortWeb = ortWebModule.env ? ortWebModule : ortWebModule.default
+
+const [pkg, P, capture] = [process.argv[2], Number(process.argv[3] ?? 8), process.argv[4] === 'capture']
+const model = JSON.parse(fs.readFileSync(path.join(pkg, 'parscale.json'), 'utf8')).model
+const [layers, kv, d, capacity, filled] = [model.numLayers, model.numKvHeads, model.headDim, 64, 48]
+const graph = path.join(pkg, `model.gpu-p${P}${capture ? '.decode' : ''}.onnx`)
+const feedsOf = (ort, step) => {
+  const feeds = {
+    input_ids: new ort.Tensor('int64', BigInt64Array.of(BigInt(5 + step)), [1, 1]),
+    seqlens_k: new ort.Tensor('int32', Int32Array.of(filled + step), [1]),
+    total_sequence_length: new ort.Tensor('int32', Int32Array.of(filled + step + 1), []),
+  }
+  if (!capture) feeds.num_logits_to_keep = new ort.Tensor('int64', BigInt64Array.of(1n), [])
+  for (let l = 0; l < layers; l++) for (const kind of ['key', 'value']) {
+    const cache = new Float32Array(P * kv * capacity * d).map((_, i) => Math.sin(i * 0.37 + l) * 0.5)
+    feeds[`past_key_values.${l}.${kind}`] = new ort.Tensor('float32', cache, [1, P * kv, capacity, d])
+  }
+  return feeds
+}
+const maxDiff = (a, b) => a.reduce((m, x, i) => Math.max(m, Math.abs(x - b[i])), 0)
+const reference = (await (await ortNode.InferenceSession.create(graph)).run(feedsOf(ortNode, 0))).logits.data
+const externalData = fs.readdirSync(pkg).filter((f) => f.endsWith('.weights')).map((f) => ({path: f, data: new Uint8Array(fs.readFileSync(path.join(pkg, f)))}))
+ortWeb.env.wasm.numThreads = 1
+const options = {executionProviders: ['webgpu'], externalData, graphOptimizationLevel: 'all'}
+const plain = await ortWeb.InferenceSession.create(new Uint8Array(fs.readFileSync(graph)), options)
+console.log('onnxruntime-web WebGPU vs onnxruntime-node CPU: max |logit diff|', maxDiff((await plain.run(feedsOf(ortWeb, 0))).logits.data, reference).toExponential(2))
+if (capture) {
+  const device = ortWeb.env.webgpu.device
+  const gpuTensor = (type, data, dims) => {
+    const size = Math.max(16, Math.ceil(data.byteLength / 16) * 16)
+    const buffer = device.createBuffer({size, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST})
+    if (data.byteLength) device.queue.writeBuffer(buffer, 0, new Uint8Array(data.buffer, data.byteOffset, data.byteLength))
+    const download = async () => {
+      const staging = device.createBuffer({size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST})
+      const encoder = device.createCommandEncoder()
+      encoder.copyBufferToBuffer(buffer, 0, staging, 0, size)
+      device.queue.submit([encoder.finish()])
+      await staging.mapAsync(GPUMapMode.READ)
+      const copy = new Float32Array(staging.getMappedRange().slice(0, data.byteLength))
+      staging.unmap()
+      return copy
+    }
+    return ortWeb.Tensor.fromGpuBuffer(buffer, {dataType: type, dims, download})
+  }
+  const feeds = Object.fromEntries(Object.entries(feedsOf(ortWeb, 0)).map(([name, t]) => [name, gpuTensor(t.type, t.data, t.dims)]))
+  const session = await ortWeb.InferenceSession.create(new Uint8Array(fs.readFileSync(graph)), {...options, enableGraphCapture: true, preferredOutputLocation: 'gpu-buffer'})
+  // present.* must be past_key_values.*'s buffer (GroupQueryAttention refuses capture otherwise)
+  const fetches = {}
+  for (const name of session.outputNames) {
+    const past = feeds[name.replace('present.', 'past_key_values.')]
+    fetches[name] = name.startsWith('present.')
+      ? ortWeb.Tensor.fromGpuBuffer(past.gpuBuffer, {dataType: 'float32', dims: past.dims})
+      : gpuTensor('float32', new Float32Array(name === 'logits' ? model.vocabSize : P), name === 'logits' ? [1, model.vocabSize] : [1, P])
+  }
+  for (let run = 0; run < 3; run++) {
+    const started = performance.now()
+    const out = await session.run(feeds, fetches)
+    const logits = await out.logits.getData()
+    console.log(`capture run ${run}: ${(performance.now() - started).toFixed(1)} ms, max |logit diff| vs CPU (step 0) ${maxDiff(logits, reference).toExponential(2)}`)
+  }
+}
