@@ -131,4 +131,29 @@ if (capture) {
     console.log(`capture step ${step}${step === 0 ? ' (records)' : ' (replays)'}: ${ms.toFixed(1)} ms, max |logit diff| vs CPU ${diff.toExponential(2)}`)
   }
   console.log(`graph capture: 6 decode steps, worst |logit diff| ${worst.toExponential(2)}`)
+
+  // timing (STEPS, default 64): replays against the same bound buffers run without capture, in
+  // alternating rounds; each step writes its inputs, runs, and reads the logits back
+  const timed = Number(process.env.STEPS ?? 64)
+  if (timed > 0) {
+    const plainBound = await ortWeb.InferenceSession.create(new Uint8Array(fs.readFileSync(graph)), {...options, preferredOutputLocation: 'gpu-buffer'})
+    const stepTimes = async (s, from) => {
+      const times = []
+      for (let step = from; step < from + timed; step++) {
+        const stepFeeds = feedsOf(ortNode, step % (capacity - filled - 1))
+        const started = performance.now()
+        for (const name of ['input_ids', 'seqlens_k', 'total_sequence_length']) device.queue.writeBuffer(feeds[name].gpuBuffer, 0, new Uint8Array(stepFeeds[name].data.buffer))
+        await s.run(feeds, fetches)
+        await readBack(fetches.logits.gpuBuffer, model.vocabSize)
+        times.push(performance.now() - started)
+      }
+      return times.sort((a, b) => a - b)[times.length >> 1]
+    }
+    const rounds = []
+    for (let round = 0; round < 3; round++) rounds.push({capture: await stepTimes(session, 0), plain: await stepTimes(plainBound, 0)})
+    const median = (xs) => xs.sort((a, b) => a - b)[xs.length >> 1]
+    const [withCapture, without] = [median(rounds.map((r) => r.capture)), median(rounds.map((r) => r.plain))]
+    console.log(JSON.stringify({adapter: (await navigator.gpu.requestAdapter())?.info?.description, parallel: P, steps_per_round: timed, rounds: rounds.length,
+      ms_per_token_capture: +withCapture.toFixed(3), ms_per_token_no_capture: +without.toFixed(3), speedup: +(without / withCapture).toFixed(2)}))
+  }
 }
