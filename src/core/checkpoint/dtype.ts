@@ -8,7 +8,7 @@ if (os.endianness() !== 'LE') throw new Error('parscale needs a little-endian ho
 let f16Table: Uint32Array | undefined
 
 /** f16 bit pattern → f32 bit pattern, all 65536 of them (256 KiB, built on first use). */
-function halfToFloatBits(): Uint32Array {
+export function halfToFloatBits(): Uint32Array {
   if (f16Table) return f16Table
   const table = new Uint32Array(65536)
   const f = new Float32Array(1)

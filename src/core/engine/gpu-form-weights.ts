@@ -7,14 +7,14 @@
  * matrix while loading, and freed pages the allocator keeps (docs/benchmarks.md, host memory on
  * WebGPU). Over this file a session reads each matrix once, as stored, into the device.
  *
- * Matrices are transposed chunk by chunk (a few MB of rows at a time), so writing the file costs
- * no more memory than a chunk. Each P's aggregation head is laid out the same way into a small
+ * Matrices are transposed a band of output rows at a time (≤ 64 MB, written sequentially at once,
+ * from stored rows read 8 MB at a time), so writing the file costs no more memory than the two buffers. Each P's aggregation head is laid out the same way into a small
  * file of its own (`model.gpu-p{P}.weights`), next to that P's graph.
  */
 import {closeSync, existsSync, ftruncateSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync} from 'node:fs'
 import {join} from 'node:path'
 
-import {decodeToFloat32} from '../checkpoint/dtype.js'
+import {halfToFloatBits} from '../checkpoint/dtype.js'
 import type {ExternalLocation} from '../onnx/external-data.js'
 import type {PackageManifest} from '../package/manifest.js'
 
@@ -25,8 +25,10 @@ const GPU_FORM_WEIGHTS_VERSION = 1
 
 /** Offsets are multiples of this (ONNX Runtime maps page-aligned external data). */
 const ALIGNMENT = 65536
-/** Bytes of stored rows transposed at a time. */
+/** Bytes of stored rows read at a time. */
 const CHUNK_BYTES = 8 << 20
+/** Bytes of output rows made, then written, at a time (many small scattered writes made the first open slow). */
+const BAND_BYTES = 64 << 20
 
 /** A stored matrix [rows, cols] (Hugging Face's [out, in]), float32 or float16. */
 export interface StoredMatrix {
@@ -97,7 +99,10 @@ export function gpuFormMatrices(packageDir: string, manifest: PackageManifest, r
 
 /**
  * Writes each request's matrix transposed, float32, into `path` (replacing it), and returns
- * where each lies. Reads the package's files (`packageDir`) a chunk of rows at a time.
+ * where each lies. Output rows (stored columns) are made a band at a time in one reused buffer
+ * of at most BAND_BYTES and written with one sequential write each; the stored rows are read
+ * a chunk at a time (one reused buffer) once per band, so a matrix of at most BAND_BYTES is read
+ * once and the largest (the vocabulary) a few times, from the page cache.
  */
 export function writeTransposed(packageDir: string, path: string, requests: LayoutRequest[]): Map<string, {offset: number; length: number; shape: [number, number]}> {
   const placed = new Map<string, {offset: number; length: number; shape: [number, number]}>()
@@ -112,32 +117,42 @@ export function writeTransposed(packageDir: string, path: string, requests: Layo
   }
   const out = openSync(path, 'w')
   const inputs = new Map<string, number>()
+  let band = new Uint32Array(0) // float32 bits of the output rows being made
+  let chunk = new ArrayBuffer(0) // stored rows as read
+  const halfBits = halfToFloatBits()
   try {
     ftruncateSync(out, end)
     for (const r of requests) {
       const {offset, shape} = placed.get(r.name)!
       const [cols, rows] = shape
-      let firstRow = 0 // of the stacked matrix
-      for (const source of r.sources) {
-        let fd = inputs.get(source.location.file)
-        if (fd === undefined) inputs.set(source.location.file, (fd = openSync(join(packageDir, source.location.file), 'r')))
-        const elementBytes = source.half ? 2 : 4
-        const sourceRows = source.shape[0]!
-        const chunkRows = Math.max(1, Math.floor(CHUNK_BYTES / (cols * 4)))
-        for (let r0 = 0; r0 < sourceRows; r0 += chunkRows) {
-          const n = Math.min(chunkRows, sourceRows - r0)
-          const bytes = Buffer.alloc(n * cols * elementBytes)
-          readFully(fd, bytes, source.location.offset + r0 * cols * elementBytes)
-          const values = decodeToFloat32(source.half ? 'F16' : 'F32', bytes)
-          // rows r0 … r0+n of the source become columns firstRow+r0 … of the output's every row
-          const tile = new Float32Array(cols * n)
-          for (let i = 0; i < n; i++) for (let c = 0; c < cols; c++) tile[c * n + i] = values[i * cols + c]!
-          const tileBytes = new Uint8Array(tile.buffer)
-          for (let c = 0; c < cols; c++) {
-            writeFully(out, tileBytes.subarray(c * n * 4, (c + 1) * n * 4), offset + (c * rows + firstRow + r0) * 4)
+      const bandRows = Math.max(1, Math.min(cols, Math.floor(BAND_BYTES / (rows * 4))))
+      if (band.length < bandRows * rows) band = new Uint32Array(bandRows * rows)
+      for (let c0 = 0; c0 < cols; c0 += bandRows) {
+        const width = Math.min(bandRows, cols - c0)
+        let firstRow = 0 // of the stacked matrix
+        for (const source of r.sources) {
+          let fd = inputs.get(source.location.file)
+          if (fd === undefined) inputs.set(source.location.file, (fd = openSync(join(packageDir, source.location.file), 'r')))
+          const elementBytes = source.half ? 2 : 4
+          const sourceRows = source.shape[0]!
+          const chunkRows = Math.max(1, Math.floor(CHUNK_BYTES / (cols * elementBytes)))
+          if (chunk.byteLength < chunkRows * cols * elementBytes) chunk = new ArrayBuffer(chunkRows * cols * elementBytes)
+          for (let r0 = 0; r0 < sourceRows; r0 += chunkRows) {
+            const n = Math.min(chunkRows, sourceRows - r0)
+            readFully(fd, new Uint8Array(chunk, 0, n * cols * elementBytes), source.location.offset + r0 * cols * elementBytes)
+            // stored rows r0 … r0+n become columns firstRow+r0 … of output rows c0 … c0+width
+            const base = firstRow + r0
+            if (source.half) {
+              const values = new Uint16Array(chunk, 0, n * cols)
+              for (let i = 0; i < n; i++) for (let c = 0, from = i * cols + c0, to = base + i; c < width; c++, to += rows) band[to] = halfBits[values[from + c]!]!
+            } else {
+              const values = new Uint32Array(chunk, 0, n * cols)
+              for (let i = 0; i < n; i++) for (let c = 0, from = i * cols + c0, to = base + i; c < width; c++, to += rows) band[to] = values[from + c]!
+            }
           }
+          firstRow += sourceRows
         }
-        firstRow += sourceRows
+        writeFully(out, new Uint8Array(band.buffer, 0, width * rows * 4), offset + c0 * rows * 4)
       }
     }
   } finally {
@@ -147,7 +162,7 @@ export function writeTransposed(packageDir: string, path: string, requests: Layo
   return placed
 }
 
-function readFully(fd: number, into: Buffer, position: number): void {
+function readFully(fd: number, into: Uint8Array, position: number): void {
   let done = 0
   while (done < into.byteLength) {
     const n = readSync(fd, into, done, into.byteLength - done, position + done)
