@@ -15,6 +15,9 @@ import {GpuFormModel, gpuFormStep, placePrefix, prefixCache, writeGpuFormGraph} 
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest} from '../src/core/package/manifest.js'
+import {writeTransposed} from '../src/core/engine/gpu-form-weights.js'
+import {decodeToFloat32, encodeFloat16} from '../src/core/checkpoint/dtype.js'
+import {spawnSync} from 'node:child_process'
 import {resolveModel} from '../src/core/package/resolve.js'
 import {quantScheme} from '../src/core/quant/scheme.js'
 import {negativeLogLikelihood} from '../src/core/run/evaluate.js'
@@ -199,7 +202,11 @@ test('the GPU form reads its float matrices laid out for it (gpu-form.weights): 
     convertCheckpoints({sources: [goldenDir(name)], outDir: dir, dtype})
     const manifest = readManifest(dir)
     const P = Math.max(...manifest.parallel)
+    // a temporary file of a killed writer (a pid that has exited) is taken back by the next write
+    const deadPid = spawnSync(process.execPath, ['-e', '0']).pid!
+    fs.writeFileSync(path.join(dir, `gpu-form.weights.tmp-${deadPid}`), 'half-written')
     const graph = onnx.ModelProto.decode(fs.readFileSync(writeGpuFormGraph(dir, P))).graph!
+    assert.ok(!fs.existsSync(path.join(dir, `gpu-form.weights.tmp-${deadPid}`)), 'an abandoned temporary file is removed')
     const initializers = new Set((graph.initializer ?? []).map((t) => t.name!))
     // what ONNX Runtime folds when a session loads: a node whose inputs are all initializers
     const onInitializers = (graph.node ?? []).filter((n) => (n.input ?? []).filter((i) => i !== '').every((i) => initializers.has(i)))
@@ -216,6 +223,39 @@ test('the GPU form reads its float matrices laid out for it (gpu-form.weights): 
     const stamp = fs.statSync(path.join(dir, 'gpu-form.weights')).mtimeMs
     writeGpuFormGraph(dir, P)
     assert.equal(fs.statSync(path.join(dir, 'gpu-form.weights')).mtimeMs, stamp, 'made once per package')
+  }
+})
+
+test('gpu-form.weights: matrices stacked from float32 and float16 parts are written transposed exactly, in one band or many', () => {
+  const dir = path.join(work, 'transpose')
+  fs.mkdirSync(dir, {recursive: true})
+  const cols = 7
+  const a = Float32Array.from({length: 5 * cols}, (_, i) => Math.sin(i) * 3)
+  const b = decodeToFloat32('F16', new Uint8Array(encodeFloat16(Float32Array.from({length: 3 * cols}, (_, i) => Math.cos(i))).buffer))
+  fs.writeFileSync(path.join(dir, 'parts.bin'), Buffer.concat([Buffer.from(a.buffer), Buffer.from(encodeFloat16(b).buffer)]))
+  const requests = [
+    {name: 'small', sources: [{name: 'b', half: true, location: {file: 'parts.bin', offset: a.byteLength, length: b.length * 2}, shape: [3, cols]}]},
+    {name: 'stacked', sources: [
+      {name: 'a', half: false, location: {file: 'parts.bin', offset: 0, length: a.byteLength}, shape: [5, cols]},
+      {name: 'b', half: true, location: {file: 'parts.bin', offset: a.byteLength, length: b.length * 2}, shape: [3, cols]},
+    ]},
+  ]
+  const stacked = [...a, ...b]
+  for (const bandBytes of [1 << 20, 8 * 4, 3 * 8 * 4]) {
+    const file = path.join(dir, `out-${bandBytes}.weights`)
+    const placed = writeTransposed(dir, file, requests, bandBytes)
+    const bytes = fs.readFileSync(file)
+    const read = (name: string) => {
+      const {offset, length, shape} = placed.get(name)!
+      assert.equal(offset % 65536, 0, 'page-aligned')
+      return {values: new Float32Array(bytes.buffer.slice(bytes.byteOffset + offset, bytes.byteOffset + offset + length)), shape}
+    }
+    const small = read('small')
+    assert.deepEqual(small.shape, [cols, 3])
+    for (let r = 0; r < 3; r++) for (let c = 0; c < cols; c++) assert.equal(small.values[c * 3 + r], b[r * cols + c], `small[${c}, ${r}] band ${bandBytes}`)
+    const all = read('stacked')
+    assert.deepEqual(all.shape, [cols, 8])
+    for (let r = 0; r < 8; r++) for (let c = 0; c < cols; c++) assert.equal(all.values[c * 8 + r], stacked[r * cols + c], `stacked[${c}, ${r}] band ${bandBytes}`)
   }
 })
 

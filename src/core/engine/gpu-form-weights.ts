@@ -11,7 +11,7 @@
  * from stored rows read 8 MB at a time), so writing the file costs no more memory than the two buffers. Each P's aggregation head is laid out the same way into a small
  * file of its own (`model.gpu-p{P}.weights`), next to that P's graph.
  */
-import {closeSync, existsSync, ftruncateSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync} from 'node:fs'
+import {closeSync, existsSync, ftruncateSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync} from 'node:fs'
 import {join} from 'node:path'
 
 import {halfToFloatBits} from '../checkpoint/dtype.js'
@@ -77,6 +77,7 @@ export function gpuFormMatrices(packageDir: string, manifest: PackageManifest, r
   }
   const complete = (i: Index) => existsSync(weightsPath) && statSync(weightsPath).size >= Math.max(0, ...Object.values(i.tensors).map((t) => t.offset + t.length))
   if (!index || !fresh(index) || !complete(index)) {
+    removeAbandoned(packageDir)
     const temporary = `${weightsPath}.tmp-${process.pid}`
     try {
       const tensors = writeTransposed(packageDir, temporary, requests)
@@ -104,7 +105,7 @@ export function gpuFormMatrices(packageDir: string, manifest: PackageManifest, r
  * a chunk at a time (one reused buffer) once per band, so a matrix of at most BAND_BYTES is read
  * once and the largest (the vocabulary) a few times, from the page cache.
  */
-export function writeTransposed(packageDir: string, path: string, requests: LayoutRequest[]): Map<string, {offset: number; length: number; shape: [number, number]}> {
+export function writeTransposed(packageDir: string, path: string, requests: LayoutRequest[], bandBytes = BAND_BYTES): Map<string, {offset: number; length: number; shape: [number, number]}> {
   const placed = new Map<string, {offset: number; length: number; shape: [number, number]}>()
   let end = 0
   for (const r of requests) {
@@ -125,7 +126,7 @@ export function writeTransposed(packageDir: string, path: string, requests: Layo
     for (const r of requests) {
       const {offset, shape} = placed.get(r.name)!
       const [cols, rows] = shape
-      const bandRows = Math.max(1, Math.min(cols, Math.floor(BAND_BYTES / (rows * 4))))
+      const bandRows = Math.max(1, Math.min(cols, Math.floor(bandBytes / (rows * 4))))
       if (band.length < bandRows * rows) band = new Uint32Array(bandRows * rows)
       for (let c0 = 0; c0 < cols; c0 += bandRows) {
         const width = Math.min(bandRows, cols - c0)
@@ -160,6 +161,19 @@ export function writeTransposed(packageDir: string, path: string, requests: Layo
     closeSync(out)
   }
   return placed
+}
+
+/** Temporary files a killed process left (`<name>.tmp-<pid>` of a pid no longer running): never a half-written file under the real name, but disk to take back. */
+function removeAbandoned(packageDir: string): void {
+  for (const name of readdirSync(packageDir)) {
+    const match = /^(?:gpu-form\.weights|gpu-form\.json)\.tmp-(\d+)$/.exec(name)
+    if (!match || Number(match[1]) === process.pid) continue
+    try {
+      process.kill(Number(match[1]), 0)
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ESRCH') rmSync(join(packageDir, name), {force: true})
+    }
+  }
 }
 
 function readFully(fd: number, into: Uint8Array, position: number): void {
