@@ -1,0 +1,114 @@
+// `node dist/bench/attention-layouts.js [CAPACITY...]`: the decode step's attention core alone
+// (scores against the cache, softmax, values), 24 layers of the 0.5b shape at P = 8, for each
+// cache layout, so the cost of reading the cache can be compared without the weights around it.
+// Layouts run in paired, alternating rounds (BENCH_ROUNDS, default 5); each round times
+// BENCH_STEPS runs (default 20) of each layout and keeps the median.
+//   keys-transposed: q [g, d] · Kᵀ [d, C], p [g, C] · V [C, d] (graph 8: the cache is MatMul's second operand)
+//   cache-first:     K [C, d] · qᵀ [d, g], Vᵀ [d, C] · pᵀ [C, g] (the cache is the first operand)
+//   row-per-head:    every query head a 1-row product: q [1, d] · Kᵀ [d, C], p [1, C] · V [C, d]
+import os from 'node:os'
+
+import ort from 'onnxruntime-node'
+
+import {GraphBuilder} from '../src/core/onnx/builder.js'
+import {Ops} from '../src/core/onnx/ops.js'
+import {pairedRounds} from '../src/core/bench/paired.js'
+import {median} from '../src/core/bench/stats.js'
+
+const layers = 24
+const rows = 8 // batch · P
+const kv = 2
+const group = 7
+const d = 64
+const capacities = process.argv.slice(2).map(Number).filter((n) => n > 0)
+if (capacities.length === 0) capacities.push(128, 1088)
+const rounds = Number(process.env.BENCH_ROUNDS ?? 5)
+const steps = Number(process.env.BENCH_STEPS ?? 20)
+const threads = Number(process.env.BENCH_THREADS ?? 2)
+
+type Layout = 'keys-transposed' | 'cache-first' | 'cache-first-rows' | 'row-per-head'
+const layouts: Layout[] = ['keys-transposed', 'cache-first', 'cache-first-rows', 'row-per-head']
+const cacheFirst = (layout: Layout) => layout === 'cache-first' || layout === 'cache-first-rows'
+
+/** The graph of one layout: inputs q [rows, kv·g, d] per call and per layer K, V in the layout's order. */
+function build(layout: Layout): Uint8Array {
+  const g = new GraphBuilder(layout)
+  const ops = new Ops(g)
+  const q = g.input('q', 'float32', [rows, kv, group, d])
+  const outs: string[] = []
+  for (let layer = 0; layer < layers; layer++) {
+    const keyShape = cacheFirst(layout) ? [rows, kv, 'C', d] : [rows, kv, d, 'C']
+    const valueShape = cacheFirst(layout) ? [rows, kv, d, 'C'] : [rows, kv, 'C', d]
+    const k = g.input(`k${layer}`, 'float32', keyShape)
+    const v = g.input(`v${layer}`, 'float32', valueShape)
+    let context: string
+    if (layout === 'keys-transposed') {
+      const probs = ops.softmax(ops.matmul(q, k), -1) // [rows, kv, g, C]
+      context = ops.matmul(probs, v) // [rows, kv, g, d]
+    } else if (layout === 'cache-first') {
+      const scores = ops.matmul(k, ops.transpose(q, [0, 1, 3, 2])) // [rows, kv, C, g]
+      const probs = ops.softmax(scores, 2)
+      context = ops.transpose(ops.matmul(v, probs), [0, 1, 3, 2]) // [rows, kv, g, d]
+    } else if (layout === 'cache-first-rows') {
+      // scores turned to rows before the softmax: its axis is the last, and the value product reads pᵀ through transB
+      const scores = g.node('FusedMatMul', [k, q], {transB: 1}, 'com.microsoft') // [rows, kv, C, g]
+      const probs = ops.softmax(ops.transpose(scores, [0, 1, 3, 2]), -1) // [rows, kv, g, C]
+      context = ops.transpose(g.node('FusedMatMul', [v, probs], {transB: 1}, 'com.microsoft'), [0, 1, 3, 2])
+    } else {
+      const q1 = ops.unsqueeze(q, [3]) // [rows, kv, g, 1, d]
+      const probs = ops.softmax(ops.matmul(q1, ops.unsqueeze(k, [2])), -1) // [rows, kv, g, 1, C]
+      context = ops.reshape(ops.matmul(probs, ops.unsqueeze(v, [2])), g.int64([rows, kv, group, d]))
+    }
+    outs.push(context)
+  }
+  g.output(ops.concat(outs, 0), 'out', 'float32', null)
+  return g.toModelBytes('bench')
+}
+
+function random(n: number): Float32Array {
+  const a = new Float32Array(n)
+  for (let i = 0; i < n; i++) a[i] = Math.random() - 0.5
+  return a
+}
+
+const log = (t: string) => process.stderr.write(`${t}\n`)
+const sessions = new Map<Layout, ort.InferenceSession>()
+for (const layout of layouts) {
+  sessions.set(layout, await ort.InferenceSession.create(build(layout), {graphOptimizationLevel: 'all', executionMode: 'sequential', intraOpNumThreads: threads, interOpNumThreads: 1}))
+}
+const q = new ort.Tensor('float32', random(rows * kv * group * d), [rows, kv, group, d])
+console.log(`attention core, ${layers} layers, rows ${rows}, kv ${kv}, group ${group}, d ${d}, ${threads} threads; ${rounds} rounds × ${steps} runs; load ${os.loadavg()[0]!.toFixed(2)}`)
+for (const capacity of capacities) {
+  const feeds = new Map<Layout, Record<string, ort.Tensor>>()
+  for (const layout of layouts) {
+    const f: Record<string, ort.Tensor> = {q}
+    for (let layer = 0; layer < layers; layer++) {
+      f[`k${layer}`] = new ort.Tensor('float32', random(rows * kv * d * capacity), cacheFirst(layout) ? [rows, kv, capacity, d] : [rows, kv, d, capacity])
+      f[`v${layer}`] = new ort.Tensor('float32', random(rows * kv * d * capacity), cacheFirst(layout) ? [rows, kv, d, capacity] : [rows, kv, capacity, d])
+    }
+    feeds.set(layout, f)
+    await sessions.get(layout)!.run(f) // warm-up
+  }
+  const result = await pairedRounds(
+    rounds,
+    layouts.map((layout) => ({
+      name: layout,
+      run: async () => {
+        const times: number[] = []
+        for (let i = 0; i < steps; i++) {
+          const t0 = performance.now()
+          await sessions.get(layout)!.run(feeds.get(layout)!)
+          times.push(performance.now() - t0)
+        }
+        return median(times)
+      },
+    })),
+    log,
+  )
+  const cacheBytes = 2 * layers * rows * kv * d * capacity * 4
+  for (const layout of layouts) {
+    const ms = result.map((r) => r.results[layout]!)
+    const ratios = result.map((r) => r.results[layout]! / r.results['keys-transposed']!)
+    console.log(`C ${capacity}: ${layout.padEnd(16)} ${median(ms).toFixed(2)} ms (${ms.map((m) => m.toFixed(1)).join(', ')}), ${(cacheBytes / median(ms) / 1e6).toFixed(1)} GB/s, vs keys-transposed ${median(ratios).toFixed(2)} (${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)})`)
+  }
+}
