@@ -18,7 +18,7 @@ export interface HostTensor {
 export interface StreamWeights {
   parallel: number
   prefixTokens: number
-  /** Per layer, [P, kv, head_dim, prefix] (transposed, as the cache keeps keys). */
+  /** Per layer, [P, kv, head_dim, prefix] (transposed; the WebGPU graph keeps its cache so, the CPU cache transposes back). */
   prefixKeys: Float32Array[]
   /** Per layer, [P, kv, prefix, head_dim]. */
   prefixValues: Float32Array[]

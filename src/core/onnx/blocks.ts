@@ -97,13 +97,14 @@ export function applyRotary(ctx: DecoderContext, x: string, rotary: Rotary): str
 }
 
 /**
- * Additive masks in the layout scores have, [batch·P, kv, group·seq, ·] (a KV head's group of
- * query heads as extra rows), built once and shared by every layer.
+ * Additive masks in the layout scores have, [batch·P, kv, positions, group·seq] (keys in
+ * rows, a KV head's group of query heads and their new tokens in columns: see `attention`),
+ * built once and shared by every layer.
  */
 export interface AttentionMasks {
-  /** [batch·P, 1, 1, capacity]: a cache slot is visible when it is filled (prefix and earlier tokens). */
+  /** [batch·P, 1, capacity, 1]: a cache slot is visible when it is filled (prefix and earlier tokens). */
   cache: string
-  /** [group·seq, seq]: a new token sees the new tokens up to itself. */
+  /** [seq, group·seq]: a new token sees the new tokens up to itself. */
   causal: string
   /** The cache's capacity as a 1-element int64 tensor (where new-token scores start). */
   capacity: string
@@ -119,33 +120,43 @@ export function attentionMasks(ctx: DecoderContext, cacheLengths: string, pastKe
   const one = g.int64([1], [])
   const blocked = g.float([-1e30], [])
   const open = g.float([0], [])
-  const capacity = ops.shape(pastKey, 3, 4)
+  const capacity = ops.shape(pastKey, 2, 3)
   const slot = ops.range(zero, ops.reshape(capacity, g.int64([], [0])), one) // [C]
   const filled = ops.less(ops.unsqueeze(slot, [0]), ops.unsqueeze(cacheLengths, [1])) // [B, C]
   const perBatch = ops.unsqueeze(ops.where(filled, open, blocked), [1, 2]) // [B, 1, 1, C]
-  const cache = ops.reshape(ops.expand(perBatch, ops.shapeOf([dims.batch, dims.streams, 1, 1])), ops.shapeOf([dims.batchStreams, 1, 1, -1]))
+  const cache = ops.reshape(ops.expand(perBatch, ops.shapeOf([dims.batch, dims.streams, 1, 1])), ops.shapeOf([dims.batchStreams, 1, -1, 1]))
   const seq = ops.reshape(dims.seq, g.int64([], [0]))
   const position = ops.range(zero, seq, one) // [S]
-  const causal = ops.where(ops.lessOrEqual(ops.unsqueeze(position, [0]), ops.unsqueeze(position, [1])), open, blocked) // [S, S]
+  // [key j, query i]: open where j ≤ i
+  const causal = ops.where(ops.lessOrEqual(ops.unsqueeze(position, [1]), ops.unsqueeze(position, [0])), open, blocked) // [S, S]
   const group = config.numHeads / config.numKvHeads
-  return {cache, causal: group === 1 ? causal : g.node('Tile', [causal, g.int64([group, 1])]), capacity}
+  return {cache, causal: group === 1 ? causal : g.node('Tile', [causal, g.int64([1, group])]), capacity}
 }
 
 export interface LayerCache {
-  /** [batch·P, kv, head_dim, capacity]: keys stored transposed, as the score MatMul reads them. */
+  /** [batch·P, kv, capacity, head_dim]: keys in rows, the score product's first operand. */
   pastKey: string
-  /** [batch·P, kv, capacity, head_dim] */
+  /** [batch·P, kv, head_dim, capacity]: values transposed, the value product's first operand. */
   pastValue: string
+}
+
+/** A · Bᵀ over the last two axes (ONNX Runtime hands the transpose to the GEMM: B is packed, A is read in place). */
+function matmulTransB(ctx: DecoderContext, a: string, b: string): string {
+  return ctx.g.node('FusedMatMul', [a, b], {transB: 1}, 'com.microsoft')
 }
 
 /**
  * Grouped-query self-attention over the cache (whose first slots hold the stream's prefix)
  * and the new tokens. The cache is read where the caller keeps it, never copied: scores
  * against it and against the new keys are computed apart and joined before the softmax.
- * q, k and v come from one projection (one matmul, split by head), and every tensor stays in
- * the layout [batch·P, heads, …] the scores need, so a layer runs few kernels.
- * Returns the output rows and the new keys [batch·P, kv, head_dim, seq] and values
- * [batch·P, kv, seq, head_dim], which the caller appends to its cache.
+ * Both products take the cache as their first operand: the CPU's GEMM (MLAS) packs its
+ * second operand into a buffer before multiplying, so with the cache second every step
+ * copied it once more; first, it streams once, and what is packed is the small side (the
+ * queries, the probabilities). So scores are computed transposed, K·qᵀ [positions, group·seq],
+ * and the context as Vᵀ·pᵀ [head_dim, group·seq]; the softmax runs over the rows.
+ * q, k and v come from one projection (one matmul, split by head).
+ * Returns the output rows and the new keys [batch·P, kv, seq, head_dim] and values
+ * [batch·P, kv, head_dim, seq], which the caller appends to its cache.
  */
 export function attention(
   ctx: DecoderContext,
@@ -166,17 +177,18 @@ export function attention(
 
   // Queries of one KV head's group become extra rows: [b·p, kv, group·s, d].
   const queries = ops.reshape(applyRotary(ctx, q!, rotary), ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
-  const newKey = ops.transpose(applyRotary(ctx, k!, rotary), [0, 1, 3, 2]) // [b·p, kv, d, s]
-  const newValue = v! // [b·p, kv, s, d]
+  const newKey = applyRotary(ctx, k!, rotary) // [b·p, kv, s, d]
+  const newValue = ops.transpose(v!, [0, 1, 3, 2]) // [b·p, kv, d, s]
 
-  const cacheScores = ops.add(ops.matmul(queries, cache.pastKey), masks.cache) // [b·p, kv, group·s, C]
-  const newScores = ops.add(ops.matmul(queries, newKey), masks.causal) // [b·p, kv, group·s, s]
-  const probs = ops.softmax(ops.concat([cacheScores, newScores], 3), -1)
-  const fromCache = ops.matmul(ops.slice(probs, g.int64([0]), masks.capacity, 3), cache.pastValue)
-  const fromNew = ops.matmul(ops.slice(probs, masks.capacity, g.int64([Number.MAX_SAFE_INTEGER]), 3), newValue)
-  const context = ops.add(fromCache, fromNew) // [b·p, kv, group·s, d]
-  const perToken = ops.transpose(ops.reshape(context, ops.shapeOf([dims.batchStreams, numHeads, dims.seq, headDim])), [0, 2, 1, 3])
-  const rows = ops.reshape(perToken, ops.shapeOf([-1, numHeads * headDim]))
+  const cacheScores = ops.add(matmulTransB(ctx, cache.pastKey, queries), masks.cache) // [b·p, kv, C, group·s]
+  const newScores = ops.add(matmulTransB(ctx, newKey, queries), masks.causal) // [b·p, kv, s, group·s]
+  const probs = ops.softmax(ops.concat([cacheScores, newScores], 2), 2) // over the key positions
+  const fromCache = ops.matmul(cache.pastValue, ops.slice(probs, g.int64([0]), masks.capacity, 2))
+  const fromNew = ops.matmul(newValue, ops.slice(probs, masks.capacity, g.int64([Number.MAX_SAFE_INTEGER]), 2))
+  const context = ops.add(fromCache, fromNew) // [b·p, kv, d, group·s]
+  // → [b·p, s, kv, group, d]: the rows of the output projection, heads in order
+  const grouped = ops.reshape(context, ops.shapeOf([dims.batchStreams, numKvHeads, headDim, numHeads / numKvHeads, dims.seq]))
+  const rows = ops.reshape(ops.transpose(grouped, [0, 4, 1, 3, 2]), ops.shapeOf([-1, numHeads * headDim]))
   return {output: weights.linear(rows, name('o_proj.weight')), newKey, newValue}
 }
 
