@@ -97,14 +97,13 @@ export function applyRotary(ctx: DecoderContext, x: string, rotary: Rotary): str
 }
 
 /**
- * Additive masks in the layout scores have, [batch·P, kv, positions, group·seq] (keys in
- * rows, a KV head's group of query heads and their new tokens in columns: see `attention`),
- * built once and shared by every layer.
+ * Additive masks in the layout scores have, [batch·P, kv, group·seq, ·] (a KV head's group of
+ * query heads as extra rows), built once and shared by every layer.
  */
 export interface AttentionMasks {
-  /** [batch·P, 1, capacity, 1]: a cache slot is visible when it is filled (prefix and earlier tokens). */
+  /** [batch·P, 1, 1, capacity]: a cache slot is visible when it is filled (prefix and earlier tokens). */
   cache: string
-  /** [seq, group·seq]: a new token sees the new tokens up to itself. */
+  /** [group·seq, seq]: a new token sees the new tokens up to itself. */
   causal: string
   /** The cache's capacity as a 1-element int64 tensor (where new-token scores start). */
   capacity: string
@@ -112,7 +111,7 @@ export interface AttentionMasks {
 
 /**
  * Masked scores get a large finite negative rather than −inf, so a row with nothing visible
- * in one part still has a finite softmax.
+ * in one part still has a finite softmax. `pastKey` is a layer's cache keys [batch·P, kv, capacity, head_dim].
  */
 export function attentionMasks(ctx: DecoderContext, cacheLengths: string, pastKey: string): AttentionMasks {
   const {ops, g, dims, config} = ctx
@@ -124,13 +123,12 @@ export function attentionMasks(ctx: DecoderContext, cacheLengths: string, pastKe
   const slot = ops.range(zero, ops.reshape(capacity, g.int64([], [0])), one) // [C]
   const filled = ops.less(ops.unsqueeze(slot, [0]), ops.unsqueeze(cacheLengths, [1])) // [B, C]
   const perBatch = ops.unsqueeze(ops.where(filled, open, blocked), [1, 2]) // [B, 1, 1, C]
-  const cache = ops.reshape(ops.expand(perBatch, ops.shapeOf([dims.batch, dims.streams, 1, 1])), ops.shapeOf([dims.batchStreams, 1, -1, 1]))
+  const cache = ops.reshape(ops.expand(perBatch, ops.shapeOf([dims.batch, dims.streams, 1, 1])), ops.shapeOf([dims.batchStreams, 1, 1, -1]))
   const seq = ops.reshape(dims.seq, g.int64([], [0]))
   const position = ops.range(zero, seq, one) // [S]
-  // [key j, query i]: open where j ≤ i
-  const causal = ops.where(ops.lessOrEqual(ops.unsqueeze(position, [1]), ops.unsqueeze(position, [0])), open, blocked) // [S, S]
+  const causal = ops.where(ops.lessOrEqual(ops.unsqueeze(position, [0]), ops.unsqueeze(position, [1])), open, blocked) // [S, S]
   const group = config.numHeads / config.numKvHeads
-  return {cache, causal: group === 1 ? causal : g.node('Tile', [causal, g.int64([1, group])]), capacity}
+  return {cache, causal: group === 1 ? causal : g.node('Tile', [causal, g.int64([group, 1])]), capacity}
 }
 
 export interface LayerCache {
@@ -152,8 +150,10 @@ function matmulTransB(ctx: DecoderContext, a: string, b: string): string {
  * Both products take the cache as their first operand: the CPU's GEMM (MLAS) packs its
  * second operand into a buffer before multiplying, so with the cache second every step
  * copied it once more; first, it streams once, and what is packed is the small side (the
- * queries, the probabilities). So scores are computed transposed, K·qᵀ [positions, group·seq],
- * and the context as Vᵀ·pᵀ [head_dim, group·seq]; the softmax runs over the rows.
+ * queries, the probabilities). So the scores against the cache come out transposed, K·qᵀ
+ * [positions, group·seq], and are turned to rows (an eighth of the keys' bytes at head_dim
+ * 64 and group 7) for the mask and the softmax, whose axis is then the last; the context is
+ * Vᵀ·pᵀ [head_dim, group·seq].
  * q, k and v come from one projection (one matmul, split by head).
  * Returns the output rows and the new keys [batch·P, kv, seq, head_dim] and values
  * [batch·P, kv, head_dim, seq], which the caller appends to its cache.
@@ -180,11 +180,11 @@ export function attention(
   const newKey = applyRotary(ctx, k!, rotary) // [b·p, kv, s, d]
   const newValue = ops.transpose(v!, [0, 1, 3, 2]) // [b·p, kv, d, s]
 
-  const cacheScores = ops.add(matmulTransB(ctx, cache.pastKey, queries), masks.cache) // [b·p, kv, C, group·s]
-  const newScores = ops.add(matmulTransB(ctx, newKey, queries), masks.causal) // [b·p, kv, s, group·s]
-  const probs = ops.softmax(ops.concat([cacheScores, newScores], 2), 2) // over the key positions
-  const fromCache = ops.matmul(cache.pastValue, ops.slice(probs, g.int64([0]), masks.capacity, 2))
-  const fromNew = ops.matmul(newValue, ops.slice(probs, masks.capacity, g.int64([Number.MAX_SAFE_INTEGER]), 2))
+  const cacheScores = ops.add(ops.transpose(matmulTransB(ctx, cache.pastKey, queries), [0, 1, 3, 2]), masks.cache) // [b·p, kv, group·s, C]
+  const newScores = ops.add(matmulTransB(ctx, queries, newKey), masks.causal) // [b·p, kv, group·s, s]
+  const probs = ops.softmax(ops.concat([cacheScores, newScores], 3), -1)
+  const fromCache = matmulTransB(ctx, cache.pastValue, ops.slice(probs, g.int64([0]), masks.capacity, 3))
+  const fromNew = matmulTransB(ctx, newValue, ops.slice(probs, masks.capacity, g.int64([Number.MAX_SAFE_INTEGER]), 3))
   const context = ops.add(fromCache, fromNew) // [b·p, kv, d, group·s]
   // → [b·p, s, kv, group, d]: the rows of the output projection, heads in order
   const grouped = ops.reshape(context, ops.shapeOf([dims.batchStreams, numKvHeads, headDim, numHeads / numKvHeads, dims.seq]))
