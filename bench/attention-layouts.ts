@@ -4,8 +4,9 @@
 // Layouts run in paired, alternating rounds (BENCH_ROUNDS, default 5); each round times
 // BENCH_STEPS runs (default 20) of each layout and keeps the median.
 //   keys-transposed: q [g, d] · Kᵀ [d, C], p [g, C] · V [C, d] (graph 8: the cache is MatMul's second operand)
-//   cache-first:     K [C, d] · qᵀ [d, g], Vᵀ [d, C] · pᵀ [C, g] (the cache is the first operand)
-//   row-per-head:    every query head a 1-row product: q [1, d] · Kᵀ [d, C], p [1, C] · V [C, d]
+//   cache-first:     K [C, d] · qᵀ [d, g], Vᵀ [d, C] · pᵀ [C, g] (the cache is the first operand; scores transposed to rows)
+//   rows-per-head:   every query head a 1-row product: q [1, d] · (K [C, d])ᵀ, p [1, C] · V [C, d] (cache in rows)
+//   hybrid:          scores as rows-per-head, values as cache-first
 import os from 'node:os'
 
 import ort from 'onnxruntime-node'
@@ -26,38 +27,43 @@ const rounds = Number(process.env.BENCH_ROUNDS ?? 5)
 const steps = Number(process.env.BENCH_STEPS ?? 20)
 const threads = Number(process.env.BENCH_THREADS ?? 2)
 
-type Layout = 'keys-transposed' | 'cache-first' | 'cache-first-rows' | 'row-per-head'
-const layouts: Layout[] = ['keys-transposed', 'cache-first', 'cache-first-rows', 'row-per-head']
-const cacheFirst = (layout: Layout) => layout === 'cache-first' || layout === 'cache-first-rows'
+type Layout = 'keys-transposed' | 'cache-first' | 'rows-per-head' | 'hybrid'
+const layouts: Layout[] = ['keys-transposed', 'cache-first', 'rows-per-head', 'hybrid']
+/** Each layout's cache shapes [keys, values] for capacity C. */
+function cacheDims(layout: Layout, capacity: number | string): [(number | string)[], (number | string)[]] {
+  const rowsOf = [rows, kv, capacity, d]
+  const transposed = [rows, kv, d, capacity]
+  if (layout === 'keys-transposed') return [transposed, rowsOf]
+  if (layout === 'cache-first' || layout === 'hybrid') return [rowsOf, transposed]
+  return [rowsOf, rowsOf]
+}
 
-/** The graph of one layout: inputs q [rows, kv·g, d] per call and per layer K, V in the layout's order. */
+/** The graph of one layout: inputs q [rows, kv, g, d] per call and per layer K, V in the layout's order. */
 function build(layout: Layout): Uint8Array {
   const g = new GraphBuilder(layout)
   const ops = new Ops(g)
+  const transB = (a: string, b: string) => g.node('FusedMatMul', [a, b], {transB: 1}, 'com.microsoft')
   const q = g.input('q', 'float32', [rows, kv, group, d])
   const outs: string[] = []
   for (let layer = 0; layer < layers; layer++) {
-    const keyShape = cacheFirst(layout) ? [rows, kv, 'C', d] : [rows, kv, d, 'C']
-    const valueShape = cacheFirst(layout) ? [rows, kv, d, 'C'] : [rows, kv, 'C', d]
+    const [keyShape, valueShape] = cacheDims(layout, 'C')
     const k = g.input(`k${layer}`, 'float32', keyShape)
     const v = g.input(`v${layer}`, 'float32', valueShape)
     let context: string
     if (layout === 'keys-transposed') {
-      const probs = ops.softmax(ops.matmul(q, k), -1) // [rows, kv, g, C]
-      context = ops.matmul(probs, v) // [rows, kv, g, d]
+      // graph 8: q·Kᵀ and p·V, the cache as the second operand
+      context = ops.matmul(ops.softmax(ops.matmul(q, k), -1), v) // [rows, kv, g, d]
     } else if (layout === 'cache-first') {
-      const scores = ops.matmul(k, ops.transpose(q, [0, 1, 3, 2])) // [rows, kv, C, g]
-      const probs = ops.softmax(scores, 2)
-      context = ops.transpose(ops.matmul(v, probs), [0, 1, 3, 2]) // [rows, kv, g, d]
-    } else if (layout === 'cache-first-rows') {
-      // scores turned to rows before the softmax: its axis is the last, and the value product reads pᵀ through transB
-      const scores = g.node('FusedMatMul', [k, q], {transB: 1}, 'com.microsoft') // [rows, kv, C, g]
-      const probs = ops.softmax(ops.transpose(scores, [0, 1, 3, 2]), -1) // [rows, kv, g, C]
-      context = ops.transpose(g.node('FusedMatMul', [v, probs], {transB: 1}, 'com.microsoft'), [0, 1, 3, 2])
+      // K·qᵀ turned to rows for the softmax, Vᵀ·pᵀ turned back
+      const probs = ops.softmax(ops.transpose(transB(k, q), [0, 1, 3, 2]), -1) // [rows, kv, g, C]
+      context = ops.transpose(transB(v, probs), [0, 1, 3, 2])
     } else {
-      const q1 = ops.unsqueeze(q, [3]) // [rows, kv, g, 1, d]
-      const probs = ops.softmax(ops.matmul(q1, ops.unsqueeze(k, [2])), -1) // [rows, kv, g, 1, C]
-      context = ops.reshape(ops.matmul(probs, ops.unsqueeze(v, [2])), g.int64([rows, kv, group, d]))
+      // one 1-row product per query head: q_h·Kᵀ reads K in rows (MLAS's M = 1 kernels pack nothing)
+      const probs = ops.softmax(transB(ops.unsqueeze(q, [3]), ops.unsqueeze(k, [2])), -1) // [rows, kv, g, 1, C]
+      context =
+        layout === 'rows-per-head'
+          ? ops.reshape(ops.matmul(probs, ops.unsqueeze(v, [2])), g.int64([rows, kv, group, d]))
+          : ops.transpose(transB(v, ops.reshape(probs, g.int64([rows, kv, group, -1]))), [0, 1, 3, 2])
     }
     outs.push(context)
   }
@@ -83,8 +89,9 @@ for (const capacity of capacities) {
   for (const layout of layouts) {
     const f: Record<string, ort.Tensor> = {q}
     for (let layer = 0; layer < layers; layer++) {
-      f[`k${layer}`] = new ort.Tensor('float32', random(rows * kv * d * capacity), cacheFirst(layout) ? [rows, kv, capacity, d] : [rows, kv, d, capacity])
-      f[`v${layer}`] = new ort.Tensor('float32', random(rows * kv * d * capacity), cacheFirst(layout) ? [rows, kv, d, capacity] : [rows, kv, capacity, d])
+      const [keyDims, valueDims] = cacheDims(layout, capacity) as [number[], number[]]
+      f[`k${layer}`] = new ort.Tensor('float32', random(rows * kv * d * capacity), keyDims)
+      f[`v${layer}`] = new ort.Tensor('float32', random(rows * kv * d * capacity), valueDims)
     }
     feeds.set(layout, f)
     await sessions.get(layout)!.run(f) // warm-up

@@ -107,6 +107,8 @@ export interface AttentionMasks {
   causal: string
   /** The cache's capacity as a 1-element int64 tensor (where new-token scores start). */
   capacity: string
+  /** bool [1]: the call runs one new token per row (a decode step), which picks the attention's product order. */
+  oneToken: string
 }
 
 /**
@@ -128,7 +130,8 @@ export function attentionMasks(ctx: DecoderContext, cacheLengths: string, pastKe
   const position = ops.range(zero, seq, one) // [S]
   const causal = ops.where(ops.lessOrEqual(ops.unsqueeze(position, [0]), ops.unsqueeze(position, [1])), open, blocked) // [S, S]
   const group = config.numHeads / config.numKvHeads
-  return {cache, causal: group === 1 ? causal : g.node('Tile', [causal, g.int64([group, 1])]), capacity}
+  const oneToken = g.node('Equal', [dims.seq, g.int64([1])])
+  return {cache, causal: group === 1 ? causal : g.node('Tile', [causal, g.int64([group, 1])]), capacity, oneToken}
 }
 
 export interface LayerCache {
@@ -138,23 +141,12 @@ export interface LayerCache {
   pastValue: string
 }
 
-/** A · Bᵀ over the last two axes (ONNX Runtime hands the transpose to the GEMM: B is packed, A is read in place). */
-function matmulTransB(ctx: DecoderContext, a: string, b: string): string {
-  return ctx.g.node('FusedMatMul', [a, b], {transB: 1}, 'com.microsoft')
-}
-
 /**
  * Grouped-query self-attention over the cache (whose first slots hold the stream's prefix)
  * and the new tokens. The cache is read where the caller keeps it, never copied: scores
  * against it and against the new keys are computed apart and joined before the softmax.
- * Both products take the cache as their first operand: the CPU's GEMM (MLAS) packs its
- * second operand into a buffer before multiplying, so with the cache second every step
- * copied it once more; first, it streams once, and what is packed is the small side (the
- * queries, the probabilities). So the scores against the cache come out transposed, K·qᵀ
- * [positions, group·seq], and are turned to rows (an eighth of the keys' bytes at head_dim
- * 64 and group 7) for the mask and the softmax, whose axis is then the last; the context is
- * Vᵀ·pᵀ [head_dim, group·seq].
- * q, k and v come from one projection (one matmul, split by head).
+ * q, k and v come from one projection (one matmul, split by head), and every tensor stays in
+ * the layout [batch·P, heads, …] the scores need, so a layer runs few kernels.
  * Returns the output rows and the new keys [batch·P, kv, seq, head_dim] and values
  * [batch·P, kv, head_dim, seq], which the caller appends to its cache.
  */
@@ -179,17 +171,45 @@ export function attention(
   const queries = ops.reshape(applyRotary(ctx, q!, rotary), ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
   const newKey = applyRotary(ctx, k!, rotary) // [b·p, kv, s, d]
   const newValue = ops.transpose(v!, [0, 1, 3, 2]) // [b·p, kv, d, s]
+  const branch = (cacheFirst: boolean) => g.subgraph(cacheFirst ? 'decode' : 'prefill', () => ops.inSubgraph(() => [attentionCore(ctx, {queries, newKey, newValue}, masks, cache, cacheFirst)]))
+  const context = g.node('If', [masks.oneToken], {then_branch: {graph: branch(true)}, else_branch: {graph: branch(false)}}) // [b·p, kv, group·s, d]
+  const perToken = ops.transpose(ops.reshape(context, ops.shapeOf([dims.batchStreams, numHeads, dims.seq, headDim])), [0, 2, 1, 3])
+  const rows = ops.reshape(perToken, ops.shapeOf([-1, numHeads * headDim]))
+  return {output: weights.linear(rows, name('o_proj.weight')), newKey, newValue}
+}
 
-  const cacheScores = ops.add(ops.transpose(matmulTransB(ctx, cache.pastKey, queries), [0, 1, 3, 2]), masks.cache) // [b·p, kv, group·s, C]
+/** A · Bᵀ over the last two axes (ONNX Runtime hands the transpose to the GEMM, which packs B and reads A in place). */
+function matmulTransB(ctx: DecoderContext, a: string, b: string): string {
+  return ctx.g.node('FusedMatMul', [a, b], {transB: 1}, 'com.microsoft')
+}
+
+/**
+ * Scores, softmax and values against the cache and the new tokens: the context
+ * [b·p, kv, group·s, d]. The CPU's GEMM (MLAS) copies its second operand into a packed
+ * buffer before multiplying and reads the first in place. A decode step (`cacheFirst`) has
+ * a KV head's few query rows (7 at 0.5b) against the whole cache, so the cache goes first and
+ * streams once: K·qᵀ [C, group], turned to rows for the mask and the softmax, and Vᵀ·pᵀ
+ * [d, group], turned back; what is packed is the queries and the probabilities. A prefill
+ * chunk has many rows, over which one copy of the cache is shared, and turning its wide
+ * scores costs more than that copy: q·Kᵀ and p·V, the cache second.
+ */
+function attentionCore(
+  ctx: DecoderContext,
+  fresh: {queries: string; newKey: string; newValue: string},
+  masks: AttentionMasks,
+  cache: LayerCache,
+  cacheFirst: boolean,
+): string {
+  const {ops, g} = ctx
+  const {queries, newKey, newValue} = fresh
+  const scoresOnCache = cacheFirst ? ops.transpose(matmulTransB(ctx, cache.pastKey, queries), [0, 1, 3, 2]) : matmulTransB(ctx, queries, cache.pastKey)
+  const cacheScores = ops.add(scoresOnCache, masks.cache) // [b·p, kv, group·s, C]
   const newScores = ops.add(matmulTransB(ctx, queries, newKey), masks.causal) // [b·p, kv, group·s, s]
   const probs = ops.softmax(ops.concat([cacheScores, newScores], 3), -1)
-  const fromCache = matmulTransB(ctx, cache.pastValue, ops.slice(probs, g.int64([0]), masks.capacity, 3))
-  const fromNew = matmulTransB(ctx, newValue, ops.slice(probs, masks.capacity, g.int64([Number.MAX_SAFE_INTEGER]), 3))
-  const context = ops.add(fromCache, fromNew) // [b·p, kv, d, group·s]
-  // → [b·p, s, kv, group, d]: the rows of the output projection, heads in order
-  const grouped = ops.reshape(context, ops.shapeOf([dims.batchStreams, numKvHeads, headDim, numHeads / numKvHeads, dims.seq]))
-  const rows = ops.reshape(ops.transpose(grouped, [0, 4, 1, 3, 2]), ops.shapeOf([-1, numHeads * headDim]))
-  return {output: weights.linear(rows, name('o_proj.weight')), newKey, newValue}
+  const onCache = ops.slice(probs, g.int64([0]), masks.capacity, 3)
+  const onNew = ops.slice(probs, masks.capacity, g.int64([Number.MAX_SAFE_INTEGER]), 3)
+  const fromCache = cacheFirst ? ops.transpose(matmulTransB(ctx, cache.pastValue, onCache), [0, 1, 3, 2]) : matmulTransB(ctx, onCache, cache.pastValue)
+  return ops.add(fromCache, matmulTransB(ctx, onNew, newValue))
 }
 
 /**
