@@ -2,7 +2,9 @@
 // target ≤ 1.10), measured step by step in one process: both caches prefilled once, then one
 // decode step on each in turn (BENCH_STEPS turns, default 40). Each turn gives one ratio; the
 // target is judged on their median, printed with the quartiles and the load average.
-// BENCH_PROMPTS (default "64,1024") and BENCH_PARALLEL (default 8) pick other shapes.
+// BENCH_PROMPTS (default "64,1024") and BENCH_PARALLEL (default 8) pick other shapes;
+// BENCH_PROFILE=PREFIX writes an ONNX Runtime profile and prints kernel ms per step by operator
+// (an If's time includes its branch's kernels, which are listed too).
 import {interleavedDecode, medianWithQuartiles} from '../src/core/bench/interleaved-decode.js'
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import {median} from '../src/core/bench/stats.js'
@@ -14,7 +16,8 @@ const parallel = Number(process.env.BENCH_PARALLEL ?? 8)
 const prompts = (process.env.BENCH_PROMPTS ?? '64,1024').split(',').map(Number)
 const log = (t: string) => process.stderr.write(`${t}\n`)
 const packageDir = ensureSyntheticPackage(SYNTHETIC_PRESETS['0.5b']!, {parallel: [1, parallel], onProgress: log})
-const result = await interleavedDecode({packageDir, parallel, prompts, steps, threads, onStatus: log})
+const profilePrefix = process.env.BENCH_PROFILE
+const result = await interleavedDecode({packageDir, parallel, prompts, steps, threads, onStatus: log, ...(profilePrefix ? {profilePrefix} : {})})
 
 console.log(`0.5b synthetic fp32, P = ${parallel}, ${threads} threads, ${steps} interleaved decode steps per prompt; load ${result.load[0].toFixed(2)} → ${result.load[1].toFixed(2)}`)
 console.log('')
@@ -27,3 +30,15 @@ const long = prompts.at(-1)!
 const ratio = median(result.ratios[long]!)
 console.log('')
 console.log(`target: P=${parallel} decode at prompt ${long} / at prompt ${prompts[0]} ≤ 1.10: ${ratio.toFixed(3)} ${ratio <= 1.1 ? 'met' : 'MISSED'}`)
+
+if (result.opMs) {
+  const first = result.opMs[prompts[0]!] ?? {}
+  const last = result.opMs[long] ?? {}
+  const ops = [...new Set([...Object.keys(first), ...Object.keys(last)])].sort((a, b) => (last[b] ?? 0) - (last[a] ?? 0))
+  console.log('')
+  console.log(`| kernel ms per step (profiled) | prompt ${prompts[0]} | prompt ${long} | difference |`)
+  console.log('|---|---|---|---|')
+  for (const op of ops.filter((o) => Math.max(first[o] ?? 0, last[o] ?? 0) >= 0.2)) {
+    console.log(`| ${op} | ${(first[op] ?? 0).toFixed(2)} | ${(last[op] ?? 0).toFixed(2)} | ${((last[op] ?? 0) - (first[op] ?? 0)).toFixed(2)} |`)
+  }
+}

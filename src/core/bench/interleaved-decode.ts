@@ -2,7 +2,9 @@
 // process: the ratio of two context lengths' steps is then measured milliseconds apart, on
 // the same weights in the same memory, instead of minutes apart in separate processes (where
 // a burst of other work on this shared machine decides the ratio; see docs/benchmarks.md).
+import fs from 'node:fs'
 import os from 'node:os'
+import path from 'node:path'
 
 import {prefill} from '../generation/generation.js'
 import {ParScaleModel} from '../engine/model.js'
@@ -16,6 +18,8 @@ export interface InterleavedOptions {
   /** Timed decode steps per prompt (after two untimed ones each). */
   steps: number
   threads: number
+  /** Writes an ONNX Runtime profile (`<prefix>_<time>.json`) and sums its kernels per prompt (`opMs`). */
+  profilePrefix?: string
   onStatus?: (line: string) => void
 }
 
@@ -27,6 +31,8 @@ export interface InterleavedResult {
   prefillMs: Record<number, number>
   /** 1-minute load average at the first and the last timed step. */
   load: [number, number]
+  /** With a profile: per prompt, kernel milliseconds per timed step by operator ("op (attn)" inside attention). */
+  opMs?: Record<number, Record<string, number>>
 }
 
 /**
@@ -35,7 +41,9 @@ export interface InterleavedResult {
  */
 export async function interleavedDecode(options: InterleavedOptions): Promise<InterleavedResult> {
   const {parallel, prompts, steps} = options
-  const model = await ParScaleModel.open(options.packageDir, {threads: options.threads, parallel: [parallel]})
+  const model = await ParScaleModel.open(options.packageDir, {threads: options.threads, parallel: [parallel], ...(options.profilePrefix ? {profilePrefix: options.profilePrefix} : {})})
+  const runOrder: number[] = [] // the prompt of every timed step, in the order they ran
+  let result: Omit<InterleavedResult, 'opMs'>
   try {
     const vocab = Math.min(model.vocabSize, 150000)
     const sequences = []
@@ -62,16 +70,47 @@ export async function interleavedDecode(options: InterleavedOptions): Promise<In
         const ms = performance.now() - t0
         sequence.next = (sequence.next * 31 + 7) % vocab
         if (turn >= 0) stepMs[sequence.length]!.push(ms)
+        if (turn >= 0) runOrder.push(sequence.length)
       }
     }
     load[1] = os.loadavg()[0]!
     for (const {cache} of sequences) cache.dispose()
     const base = stepMs[prompts[0]!]!
     const ratios = Object.fromEntries(prompts.map((p) => [p, stepMs[p]!.map((ms, i) => ms / base[i]!)]))
-    return {stepMs, ratios, prefillMs, load}
+    result = {stepMs, ratios, prefillMs, load}
   } finally {
     await model.release()
   }
+  return options.profilePrefix ? {...result, opMs: profiledOps(options.profilePrefix, runOrder, steps)} : result
+}
+
+interface ProfileEvent {
+  cat: string
+  name: string
+  ts: number
+  dur: number
+  args?: {op_name?: string}
+}
+
+/** Kernel time per operator and prompt from the newest profile under `prefix`: its last runs are the timed steps. */
+function profiledOps(prefix: string, runOrder: number[], steps: number): Record<number, Record<string, number>> {
+  const dir = path.dirname(prefix)
+  const base = path.basename(prefix)
+  const file = fs.readdirSync(dir).filter((f) => f.startsWith(`${base}_`) && f.endsWith('.json')).sort().at(-1)
+  if (!file) throw new Error(`no ONNX Runtime profile ${prefix}_*.json`)
+  const events = JSON.parse(fs.readFileSync(path.join(dir, file), 'utf8')) as ProfileEvent[]
+  const runs = events.filter((e) => e.cat === 'Session' && e.name === 'model_run').sort((a, b) => a.ts - b.ts).slice(-runOrder.length)
+  const kernels = events.filter((e) => e.cat === 'Node' && e.name.endsWith('_kernel_time'))
+  const out: Record<number, Record<string, number>> = {}
+  runs.forEach((run, i) => {
+    const ops = (out[runOrder[i]!] ??= {})
+    for (const k of kernels) {
+      if (k.ts < run.ts || k.ts > run.ts + run.dur) continue
+      const op = `${k.args?.op_name ?? '?'}${k.name.includes('/attn/') ? ' (attn)' : ''}`
+      ops[op] = (ops[op] ?? 0) + k.dur / 1000 / steps
+    }
+  })
+  return out
 }
 
 /** Median and the quartiles of a list, as "median (q1–q3)". */
