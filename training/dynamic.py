@@ -68,12 +68,15 @@ def dev():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def size_settings(c, size):
-    """The dynamic section with one size's overrides applied."""
-    d = {k: v for k, v in c["dynamic"].items() if k not in ("sizes", "corpus", "optim")}
+def size_settings(c, size, recipe=None):
+    """The dynamic section with one size's overrides applied, then the recipe's (if any)."""
+    d = {k: v for k, v in c["dynamic"].items() if k not in ("sizes", "corpus", "optim", "recipes")}
     d.update(c["dynamic"]["optim"])
     d.update(c["dynamic"]["sizes"][size])
+    if recipe:
+        d.update({k: v for k, v in c["dynamic"]["recipes"][recipe].items() if k != "about"})
     d["size"] = size
+    d["recipe"] = recipe or "base"
     return d
 
 
@@ -239,7 +242,7 @@ def read_shards(folder) -> dict:
 def train(args):
     global _log_file, _tag
     c = load_cfg()
-    s = size_settings(c, args.size)
+    s = size_settings(c, args.size, args.recipe)
     _tag = f" {args.size}"
     out = os.path.join(args.out, args.size)
     os.makedirs(out, exist_ok=True)
@@ -399,7 +402,7 @@ def greedy(model, prompt, n):
 
 def eval_only(args):
     c = load_cfg()
-    s = size_settings(c, args.size)
+    s = size_settings(c, args.size, args.recipe)
     folder = os.path.join(args.out, args.size)
     family = build_family(c, s, 0)
     load_family_state(family, read_shards(folder))
@@ -456,7 +459,7 @@ def export(c, s, tensors: dict, dest: str):
 def finish(args):
     """After the device run: export the chosen size, keep the records, fit the law, draw the chart."""
     c = load_cfg()
-    s = size_settings(c, args.size)
+    s = size_settings(c, args.size, args.recipe)
     tensors = read_shards(os.path.join(args.results, args.size))
     export(c, s, tensors, args.dest)
     record = args.record
@@ -505,6 +508,7 @@ def main():
     ap.add_argument("--work", default=os.path.join(HERE, "work"))
     ap.add_argument("--limit-mb", type=float, default=None, help="prepare: only this many MB of training text")
     ap.add_argument("--size", default="small")
+    ap.add_argument("--recipe", default=None, help="train/eval/finish: apply config.json dynamic.recipes[NAME] over the size's settings")
     ap.add_argument("--out", default=os.path.join(HERE, "work", "out"))
     ap.add_argument("--max-seconds", type=float, default=None, help="train: wall-clock budget of the training loop (cpu-test: default 40)")
     ap.add_argument("--end-by", type=float, default=None,

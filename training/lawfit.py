@@ -71,8 +71,22 @@ def fit(N: np.ndarray, P: np.ndarray, L: np.ndarray) -> dict:
             "p_worth_params": {str(p): float(k * np.log(p) + 1) for p in PS}}
 
 
-def chart_spec(rows, controls, fits, set_name):
+def chart_spec(rows, controls, fits, set_name, shown=()):
+    """Loss vs P for the fitted runs (and `shown`: other runs drawn, not fitted); the law's panel
+    only when the fit holds."""
     f = fits[set_name]
+    y = {"field": "nll", "type": "quantitative", "title": f"held-out NLL ({set_name})", "scale": {"zero": False}}
+    x = {"field": "P", "type": "quantitative", "scale": {"type": "log", "base": 2}, "axis": {"values": PS}}
+    observed = [
+        {"data": {"values": list(rows) + list(shown)}, "mark": {"type": "line", "point": True},
+         "encoding": {"x": x, "y": y, "color": {"field": "size", "type": "nominal", "title": "run"}}},
+        {"data": {"values": controls}, "mark": {"type": "point", "shape": "cross", "size": 90, "filled": True},
+         "encoding": {"x": x, "y": {"field": "nll", "type": "quantitative"}, "color": {"field": "size", "type": "nominal"}}},
+    ]
+    if not f["ok"]:
+        return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+                "title": "Held-out loss against P (crosses: P=1 + prefix control); no law fit, see fit.json",
+                "width": 420, "height": 300, "layer": observed}
     curve = []
     for size, N in sorted({(r["size"], r["N"]) for r in rows}, key=lambda t: t[1]):
         for p in np.geomspace(1, 8, 25):
@@ -119,6 +133,9 @@ def main(argv=None):
     ap.add_argument("--results", required=True)
     ap.add_argument("--out", default=None)
     ap.add_argument("--chart", default=None, help="SVG to write (needs node and the repo's node_modules)")
+    ap.add_argument("--label", default=None, help="chart: a prefix for the fitted runs' names")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=DIR",
+                    help="other runs (DIR/<size>/results.json) drawn in the chart, not fitted")
     a = ap.parse_args(argv)
     out = a.out or a.results
     runs = []
@@ -151,9 +168,20 @@ def main(argv=None):
               + "".join(f"; {n}" for n in fr["notes"]))
     json.dump({"N": "backbone non-embedding parameters", "paper_k": PAPER_K, "fits": fits, "tables": tables},
               open(os.path.join(out, "fit.json"), "w"), indent=1)
-    if not fits["heldout"]["ok"]:
-        return 0
-    spec = chart_spec(tables["heldout"]["rows"], tables["heldout"]["controls"], fits, "heldout")
+    shown, controls = [], list(tables["heldout"]["controls"])
+    for item in a.also:
+        label, folder = item.split("=", 1)
+        for size in sorted(os.listdir(folder)):
+            f = os.path.join(folder, size, "results.json")
+            if os.path.isfile(f) and "eval" in (r := json.load(open(f))):
+                name = f"{label} {size}"
+                shown += [{"size": name, "P": p, "nll": r["eval"][f"p{p}"]["heldout"]["nll"]} for p in PS]
+                if "control" in r["eval"]:
+                    controls.append({"size": name, "P": 1, "nll": r["eval"]["control"]["heldout"]["nll"]})
+    if a.label:
+        for row in tables["heldout"]["rows"] + controls[: len(tables["heldout"]["controls"])]:
+            row["size"] = f"{a.label} {row['size']}"
+    spec = chart_spec(tables["heldout"]["rows"], controls, fits, "heldout", shown)
     spec_path = os.path.join(out, "law-chart.vl.json")
     json.dump(spec, open(spec_path, "w"), indent=1)
     if a.chart:

@@ -48,7 +48,7 @@ run_step() {
   golden) step "golden: GPU form on WebGPU vs PyTorch and the CPU graph" 120 node $EXP gpuform-golden . $OUT/gpuform-golden.json ;;
   oldgolden) step "golden: WebGPU graph (before) vs CPU" 150 node $EXP golden . $OUT/golden.json ;;
   # The GPU form, 0.5b synthetic, prompt 64, 32 new tokens: decode ms/token per P, dispatches, floor, peak RSS
-  gpuform) BENCH_PARALLEL=1,2,4,8 step "GPU form 0.5b fp32 (builds the package)" 240 node $GF > $OUT/gpuform-fp32.txt; cat $OUT/gpuform-fp32.txt ;;
+  gpuform) BENCH_PARALLEL=${GF_PARALLEL:-1,2,4,8} step "GPU form 0.5b fp32 (builds the package)" 240 node $GF > $OUT/gpuform-fp32.txt; cat $OUT/gpuform-fp32.txt ;;
   int4) BENCH_QUANT=int4 step "GPU form 0.5b int4 (builds the package)" 200 node $GF > $OUT/gpuform-int4.txt; cat $OUT/gpuform-int4.txt ;;
   fp16) BENCH_DTYPE=fp16 step "GPU form 0.5b fp16 (builds the package)" 200 node $GF > $OUT/gpuform-fp16.txt; cat $OUT/gpuform-fp16.txt ;;
   cpu16) step "CPU graph 0.5b, 16 threads (the ratio's base)" 150 node $CLI bench --synthetic 0.5b --parallel 1,8 --threads 16 --repeat 1 --no-roofline --json-file $OUT/bench-cpu16.json ;;
