@@ -7,6 +7,7 @@
 //   cache-first:     K [C, d] · qᵀ [d, g], Vᵀ [d, C] · pᵀ [C, g] (the cache is the first operand; scores transposed to rows)
 //   rows-per-head:   every query head a 1-row product: q [1, d] · (K [C, d])ᵀ, p [1, C] · V [C, d] (cache in rows)
 //   hybrid:          scores as rows-per-head, values as cache-first
+//   values-in-blocks: as cache-first, values stored [C / 64, d, 64] (a sum over blocks of Vᵀ·pᵀ)
 import os from 'node:os'
 
 import ort from 'onnxruntime-node'
@@ -27,14 +28,17 @@ const rounds = Number(process.env.BENCH_ROUNDS ?? 5)
 const steps = Number(process.env.BENCH_STEPS ?? 20)
 const threads = Number(process.env.BENCH_THREADS ?? 2)
 
-type Layout = 'keys-transposed' | 'cache-first' | 'rows-per-head' | 'hybrid'
-const layouts: Layout[] = ['keys-transposed', 'cache-first', 'rows-per-head', 'hybrid']
+type Layout = 'keys-transposed' | 'cache-first' | 'rows-per-head' | 'hybrid' | 'values-in-blocks'
+const layouts: Layout[] = (process.env.BENCH_LAYOUTS?.split(',') as Layout[] | undefined) ?? ['keys-transposed', 'cache-first', 'rows-per-head', 'hybrid', 'values-in-blocks']
+/** Positions per block of the blocked value layout [C / block, d, block]. */
+const block = 64
 /** Each layout's cache shapes [keys, values] for capacity C. */
 function cacheDims(layout: Layout, capacity: number | string): [(number | string)[], (number | string)[]] {
   const rowsOf = [rows, kv, capacity, d]
   const transposed = [rows, kv, d, capacity]
   if (layout === 'keys-transposed') return [transposed, rowsOf]
   if (layout === 'cache-first' || layout === 'hybrid') return [rowsOf, transposed]
+  if (layout === 'values-in-blocks') return [rowsOf, [rows, kv, typeof capacity === 'number' ? capacity / block : 'blocks', d, block]]
   return [rowsOf, rowsOf]
 }
 
@@ -57,6 +61,11 @@ function build(layout: Layout): Uint8Array {
       // K·qᵀ turned to rows for the softmax, Vᵀ·pᵀ turned back
       const probs = ops.softmax(ops.transpose(transB(k, q), [0, 1, 3, 2]), -1) // [rows, kv, g, C]
       context = ops.transpose(transB(v, probs), [0, 1, 3, 2])
+    } else if (layout === 'values-in-blocks') {
+      // as cache-first, values stored [C / block, d, block]: each block's product reads contiguous memory
+      const probs = ops.softmax(ops.transpose(transB(k, q), [0, 1, 3, 2]), -1) // [rows, kv, g, C]
+      const perBlock = ops.transpose(ops.reshape(probs, g.int64([rows, kv, group, -1, block])), [0, 1, 3, 2, 4]) // [rows, kv, blocks, g, block]
+      context = ops.transpose(ops.reduceSum(transB(v, perBlock), [2], 0), [0, 1, 3, 2]) // Σ over blocks of [d, g]
     } else {
       // one 1-row product per query head: q_h·Kᵀ reads K in rows (MLAS's M = 1 kernels pack nothing)
       const probs = ops.softmax(transB(ops.unsqueeze(q, [3]), ops.unsqueeze(k, [2])), -1) // [rows, kv, g, 1, C]
@@ -90,6 +99,7 @@ for (const capacity of capacities) {
     const f: Record<string, ort.Tensor> = {q}
     for (let layer = 0; layer < layers; layer++) {
       const [keyDims, valueDims] = cacheDims(layout, capacity) as [number[], number[]]
+      if (capacity % block !== 0) throw new Error(`capacity ${capacity} is not a multiple of ${block}`)
       f[`k${layer}`] = new ort.Tensor('float32', random(rows * kv * d * capacity), keyDims)
       f[`v${layer}`] = new ort.Tensor('float32', random(rows * kv * d * capacity), valueDims)
     }
