@@ -12,7 +12,7 @@
  * tokens follow. A call runs consecutive slots, so
  * finished sequences are compacted away (`move`).
  */
-import type {StreamWeights} from './stream-weights.js'
+import {transposeLastTwo, type StreamWeights} from './stream-weights.js'
 
 export interface CacheShape {
   numLayers: number
@@ -31,6 +31,7 @@ export class KvCache {
   private filled: number[] = []
   private slotCount = 0
   private cap = 0
+  private prefix: {keys: Float32Array[]; values: Float32Array[]} | undefined
 
   constructor(
     readonly shape: CacheShape,
@@ -83,26 +84,32 @@ export class KvCache {
     const {numLayers, numKvHeads: kv, headDim: d} = this.shape
     const n = this.prefixTokens
     const P = this.parallel
-    for (let layer = 0; layer < numLayers && n > 0; layer++) {
+    const prefix = n > 0 ? this.prefixInLayout() : undefined
+    for (let layer = 0; layer < numLayers && prefix; layer++) {
       const keys = this.keys[layer]
       const values = this.values[layer]
-      const prefixKeys = this.streams.prefixKeys[layer] // [P, kv, d, n]
-      const prefixValues = this.streams.prefixValues[layer] // [P, kv, n, d]
       for (let head = 0; head < P * kv; head++) {
         const cacheHead = slot * P * kv + head
-        // keys [d, n] → rows [n, d]; values [n, d] → [d, n]
-        const keyBase = cacheHead * this.cap * d
-        for (let j = 0; j < d; j++) {
-          const from = (head * d + j) * n
-          for (let t = 0; t < n; t++) keys[keyBase + t * d + j] = prefixKeys[from + t]
-        }
-        for (let t = 0; t < n; t++) {
-          const from = (head * n + t) * d
-          for (let j = 0; j < d; j++) values[(cacheHead * d + j) * this.cap + t] = prefixValues[from + j]
-        }
+        keys.set(prefix.keys[layer].subarray(head * n * d, (head + 1) * n * d), cacheHead * this.cap * d)
+        for (let j = 0; j < d; j++) values.set(prefix.values[layer].subarray((head * d + j) * n, (head * d + j + 1) * n), (cacheHead * d + j) * this.cap)
       }
     }
     this.filled[slot] = n
+  }
+
+  /** The stream prefixes in this cache's layout, made once: keys [P·kv, n, d], values [P·kv, d, n]. */
+  private prefixInLayout(): {keys: Float32Array[]; values: Float32Array[]} {
+    if (!this.prefix) {
+      const {numKvHeads: kv, headDim: d} = this.shape
+      const heads = this.parallel * kv
+      const n = this.prefixTokens
+      // stream-weights keeps keys transposed [P·kv, d, n] (the WebGPU graph's layout) and values [P·kv, n, d]
+      this.prefix = {
+        keys: this.streams.prefixKeys.map((stored) => transposeLastTwo(stored, heads, d, n)),
+        values: this.streams.prefixValues.map((stored) => transposeLastTwo(stored, heads, n, d)),
+      }
+    }
+    return this.prefix
   }
 
   /** Copies slot `from` over slot `to` (compaction when a sequence leaves). */

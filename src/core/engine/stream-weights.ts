@@ -88,7 +88,7 @@ export function loadStreamWeights(packageDir: string, variant: PackageVariant, s
 }
 
 /** [batch, rows, cols] → [batch, cols, rows] */
-function transposeLastTwo(x: Float32Array, batch: number, rows: number, cols: number): Float32Array {
+export function transposeLastTwo(x: Float32Array, batch: number, rows: number, cols: number): Float32Array {
   const out = new Float32Array(x.length)
   for (let b = 0; b < batch; b++) {
     const base = b * rows * cols
