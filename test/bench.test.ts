@@ -2,12 +2,16 @@ import assert from 'node:assert/strict'
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
-import {test} from 'node:test'
+import {before, test} from 'node:test'
 
 import {equivalentParameters, SCALING_FITS, scaledShape, shapeParameters} from '../src/core/bench/scaling-law.js'
 import {percentile, summarize} from '../src/core/bench/stats.js'
 import {SYNTHETIC_PRESETS} from '../src/core/checkpoint/synthetic.js'
 import {legacyJsonFile} from '../src/commands/bench.js'
+import {gpuDispatches, gpuStepCosts} from '../src/core/bench/gpu-dispatches.js'
+import type {GpuStepCost} from '../src/core/bench/types.js'
+import {describeProfile, summarizeProfile, type ProfileSummary} from '../src/core/bench/profile-summary.js'
+import {checkWebGpu} from '../src/core/engine/device.js'
 import {runCli} from './helpers/cli.js'
 
 test('percentiles are nearest-rank', () => {
@@ -100,4 +104,105 @@ test('bench refuses a bad --parallel in one line, exit 2 (usage)', async () => {
   const r = await runCli(['bench', '--synthetic', '0.5b', '--parallel', '0,x'])
   assert.equal(r.code, 2)
   assert.match(r.stderr, /^parscale: --parallel must be/)
+})
+
+let adapter: string | undefined
+before(async () => {
+  adapter = await checkWebGpu().then((a) => a.name, () => undefined)
+})
+
+const TINY_GPU = ['--hidden', '64', '--layers', '2', '--heads', '4', '--kv-heads', '2', '--intermediate', '128', '--vocab', '300',
+  '--prompt-len', '8', '--max-new-tokens', '4', '--repeat', '1', '--no-roofline']
+
+interface ReportRow {
+  parallel: number
+  gpu_step?: GpuStepCost
+  profile?: ProfileSummary[]
+}
+
+test('bench --device webgpu --json: dispatches per decode step (before and after fusion) and the bandwidth floor per P, in the report and the table', async (t) => {
+  if (!adapter) return t.skip('no WebGPU adapter on this machine')
+  const cache = fs.mkdtempSync(path.join(os.tmpdir(), 'parscale-bench-'))
+  try {
+    const json = await runCli(['bench', ...TINY_GPU, '-p', '1,2', '--device', 'webgpu', '--json'], {env: {PARSCALE_CACHE: cache}})
+    assert.equal(json.code, 0, json.stderr)
+    assert.equal(json.stderr, '', 'the counts are in the report, not on stderr')
+    const rows = (JSON.parse(json.stdout) as {results: ReportRow[]}).results
+    assert.deepEqual(rows.map((r) => r.parallel), [1, 2])
+    for (const {gpu_step: step} of rows) {
+      assert.ok(step, 'every P has its step cost')
+      assert.ok(step.dispatches_per_step > 0 && step.dispatches_per_step < step.dispatches_before_fusion, JSON.stringify(step))
+      assert.ok(step.kernels_per_step >= step.dispatches_per_step)
+      assert.ok(step.weight_bytes_per_step > 0)
+      // lavapipe is in no vendor's table and the roofline was skipped: no floor, and the report says why
+      assert.equal(step.floor_ms_per_token, null)
+      assert.match(step.bandwidth_source, /not in the table of vendors' figures; the roofline probe did not run/)
+    }
+    assert.ok(rows[1]!.gpu_step!.dispatches_per_step > rows[0]!.gpu_step!.dispatches_per_step, 'P = 2 adds the aggregation head')
+    assert.equal(rows[0]!.gpu_step!.dispatches_before_fusion, rows[1]!.gpu_step!.dispatches_before_fusion, 'one WebGPU graph for every P')
+
+    const table = await runCli(['bench', ...TINY_GPU, '-p', '2', '--device', 'webgpu'], {env: {PARSCALE_CACHE: cache}})
+    assert.equal(table.code, 0, table.stderr)
+    assert.match(table.stdout, /dispatches\/step \(before fusion\)/)
+    assert.ok(table.stdout.includes(`${rows[1]!.gpu_step!.dispatches_per_step} (${rows[1]!.gpu_step!.dispatches_before_fusion})`), table.stdout)
+    assert.match(table.stdout, /^GPU: .*no floor: bandwidth none/m)
+  } finally {
+    fs.rmSync(cache, {recursive: true, force: true})
+  }
+})
+
+test('the GPU floor names its bandwidth: a vendor\'s figure by adapter name, else the roofline probe measured on the adapter', async () => {
+  const shape = {hiddenSize: 64, numLayers: 2, numHeads: 4, numKvHeads: 2, intermediateSize: 128, vocabSize: 300, tieWordEmbeddings: false}
+  const h200 = await gpuDispatches(shape, [1, 2], 'NVIDIA H200 NVL')
+  const vendor = gpuStepCosts(h200).get(2)!
+  assert.equal(vendor.bandwidth_bytes_per_s, 4.8e12)
+  assert.match(vendor.bandwidth_source, /^NVIDIA H200 \(HBM3e\): the vendor's figure$/)
+  assert.ok(Math.abs(vendor.floor_ms_per_token! - (vendor.weight_bytes_per_step / 4.8e12) * 1000) < 1e-12)
+  const probe = {bytes: 1e8, gemv_bytes_per_s: 50e9, matmul_flops_per_s: 1e12, reduce_bytes_per_s: 0}
+  const measured = gpuStepCosts(await gpuDispatches(shape, [2], 'PCI 0x1234:0x5678'), probe).get(2)!
+  assert.equal(measured.bandwidth_bytes_per_s, 50e9)
+  assert.match(measured.bandwidth_source, /^measured on PCI 0x1234:0x5678: the roofline probe/)
+  assert.equal(measured.dispatches_per_step, vendor.dispatches_per_step)
+})
+
+test('bench --profile: per-operator time of the median decode step and prefill, on the CPU and on WebGPU (the GPU\'s kernel timestamps)', async (t) => {
+  const cache = fs.mkdtempSync(path.join(os.tmpdir(), 'parscale-bench-'))
+  try {
+    const profileOf = async (device: string) => {
+      const prefix = path.join(cache, `prof-${device}`)
+      const result = await runCli(['bench', ...TINY_GPU, '-p', '2', '--device', device, '--profile', prefix, '--json'], {env: {PARSCALE_CACHE: cache}})
+      assert.equal(result.code, 0, result.stderr)
+      const [row] = (JSON.parse(result.stdout) as {results: ReportRow[]}).results
+      assert.equal(row!.profile?.length, 1, 'one session, one profile')
+      const summary = row!.profile![0]!
+      assert.ok(fs.existsSync(summary.file) && path.basename(summary.file).startsWith(`prof-${device}-p2-b1-s8_`), summary.file)
+      const decode = summary.groups.find((g) => g.tokens === 1)
+      assert.ok(decode && decode.runs >= 3 && decode.kernels > 0 && decode.ops.length > 0, JSON.stringify(summary.groups))
+      assert.ok(summary.groups.some((g) => g.tokens === 8), 'the prompt\'s runs are their own group')
+      return {summary, decode, row: row!}
+    }
+    const cpu = await profileOf('cpu')
+    assert.equal(cpu.summary.clock, 'cpu kernels')
+    assert.ok(cpu.decode.ops.some((o) => o.op === 'Gemm' || o.op === 'MatMul'))
+
+    if (!adapter) return t.skip('no WebGPU adapter on this machine')
+    const gpu = await profileOf('webgpu')
+    assert.equal(gpu.summary.clock, 'gpu kernels', JSON.stringify(gpu.summary.event_categories))
+    assert.equal(gpu.summary.note, undefined)
+    const ops = new Map(gpu.decode.ops.map((o) => [o.op, o]))
+    assert.ok(ops.has('GroupQueryAttention') && ops.has('MatMul'), [...ops.keys()].join(', '))
+    assert.ok(gpu.decode.kernels >= gpu.row.gpu_step!.dispatches_per_step, `${gpu.decode.kernels} GPU kernels for ${gpu.row.gpu_step!.dispatches_per_step} dispatching nodes`)
+    assert.ok([...ops.values()].every((o) => o.cpu_ms !== undefined && o.ms > 0))
+
+    // a provider that writes no GPU timings: the summary says so plainly, and what it shows instead
+    const events = JSON.parse(fs.readFileSync(gpu.summary.file, 'utf8')) as {cat: string}[]
+    const withoutGpu = path.join(cache, 'without-gpu-events.json')
+    fs.writeFileSync(withoutGpu, JSON.stringify(events.filter((e) => e.cat !== 'Api')))
+    const plain = summarizeProfile(withoutGpu)
+    assert.equal(plain.clock, 'cpu side of gpu nodes')
+    assert.match(plain.note ?? '', /^the WebGPU provider wrote no GPU kernel timings \(no "Api" events; events by category: Session \d+, Node \d+\)/)
+    assert.match(describeProfile(plain).join('\n'), /note: the WebGPU provider wrote no GPU kernel timings/)
+  } finally {
+    fs.rmSync(cache, {recursive: true, force: true})
+  }
 })

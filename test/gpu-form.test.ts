@@ -6,9 +6,12 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, before, describe, test} from 'node:test'
 
+import onnxProto from 'onnx-proto'
+import ort from 'onnxruntime-node'
+
 import {writeSyntheticCheckpoint, syntheticShape} from '../src/core/checkpoint/synthetic.js'
 import {checkWebGpu, type Device} from '../src/core/engine/device.js'
-import {GpuFormModel} from '../src/core/engine/gpu-form.js'
+import {GpuFormModel, gpuFormStep, placePrefix, prefixCache, writeGpuFormGraph} from '../src/core/engine/gpu-form.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest} from '../src/core/package/manifest.js'
@@ -18,6 +21,7 @@ import {negativeLogLikelihood} from '../src/core/run/evaluate.js'
 import {TextTokenizer} from '../src/core/generation/tokenizer.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 
+const {onnx} = onnxProto
 const work = makeTempDir()
 after(() => fs.rmSync(work, {recursive: true, force: true}))
 
@@ -135,6 +139,48 @@ describe('GPU form on the CPU provider, synthetic P = 1, 2, 4, 8 (one package)',
   }
 })
 
+test('decode-only GPU form (static shapes, for graph capture): no shape arithmetic, the same logits token by token', async () => {
+  const shape = syntheticShape(undefined, {hiddenSize: 64, numLayers: 2, vocabSize: 300})
+  const source = path.join(work, 'decode-only-p4')
+  const pkg = path.join(work, 'decode-only-pkg')
+  writeSyntheticCheckpoint(source, shape, {parallel: 4, prefixTokens: 8, seed: 5})
+  convertCheckpoints({sources: [source], outDir: pkg, dtype: 'fp32'})
+  const graphPath = writeGpuFormGraph(pkg, 4, true)
+  const graph = onnx.ModelProto.decode(fs.readFileSync(graphPath)).graph!
+  const opTypes = new Set(graph.node!.map((n) => n.opType))
+  for (const op of ['Shape', 'Slice', 'Range', 'ConstantOfShape']) assert.ok(!opTypes.has(op), `${op} in the decode-only graph`)
+  assert.deepEqual(graph.input!.map((i) => i.name).filter((n) => !n!.startsWith('past_key_values')), ['input_ids', 'seqlens_k', 'total_sequence_length'])
+  assert.equal(Number(graph.input![0]!.type!.tensorType!.shape!.dim![1]!.dimValue), 1, 'input_ids [1, 1]')
+
+  const ids = Array.from({length: 9}, (_, i) => (i * 53 + 7) % 300)
+  const cpu = await cpuLogits(pkg, 4, ids)
+  const manifest = readManifest(pkg)
+  const variant = manifest.variants.find((v) => v.parallel === 4)!
+  const prefix = prefixCache(pkg, variant, manifest.model)
+  const heads = 4 * manifest.model.numKvHeads
+  const capacity = prefix.tokens + ids.length + 2
+  const session = await ort.InferenceSession.create(graphPath)
+  try {
+    const dims = [1, heads, capacity, manifest.model.headDim]
+    let state: {keys: ort.Tensor[]; values: ort.Tensor[]; filled: number} = {
+      keys: prefix.keys.map((k) => new ort.Tensor('float32', placePrefix(k, heads, prefix.tokens, capacity, manifest.model.headDim), dims)),
+      values: prefix.values.map((v) => new ort.Tensor('float32', placePrefix(v, heads, prefix.tokens, capacity, manifest.model.headDim), dims)),
+      filled: prefix.tokens,
+    }
+    let worst = 0
+    for (const [position, id] of ids.entries()) {
+      const out = await gpuFormStep(session, manifest.model.numLayers, state, [id], true)
+      state = {keys: out.keys, values: out.values, filled: state.filled + 1}
+      const expected = cpu.values.subarray(position * cpu.vocab, (position + 1) * cpu.vocab)
+      for (let i = 0; i < cpu.vocab; i++) worst = Math.max(worst, Math.abs(out.logits[i]! - expected[i]!))
+    }
+    assert.ok(worst < 1e-4, `max |logit diff| ${worst}`)
+    await assert.rejects(gpuFormStep(session, manifest.model.numLayers, state, [1, 2], true), /one token a call/)
+  } finally {
+    await session.release()
+  }
+})
+
 test('GPU form of an fp16 package (half matrices widened at load): the CPU graph\'s logits', async () => {
   const golden = JSON.parse(fs.readFileSync(path.join(goldenDir('tiny-p4'), 'golden.json'), 'utf8')) as Golden
   const ids = golden.logits.prompt_ids
@@ -144,6 +190,32 @@ test('GPU form of an fp16 package (half matrices widened at load): the CPU graph
   for (const device of adapter ? (['cpu', 'webgpu'] as const) : (['cpu'] as const)) {
     const diff = await gpuFormDiff(dir, 4, ids, plans(ids.length)['chunks of 3, 4, 1, rest']!, (p) => cpu.values.subarray(p * cpu.vocab, (p + 1) * cpu.vocab), device)
     assert.ok(diff < (device === 'cpu' ? 1e-4 : 1e-3), `${device}: ${diff}`)
+  }
+})
+
+test('the GPU form reads its float matrices laid out for it (gpu-form.weights): nothing on an initializer to fold at load, one table for a tied head, the file made once', () => {
+  for (const [name, dtype] of [['tiny-p2-tied', 'fp32'], ['tiny-p4', 'fp16']] as const) {
+    const dir = path.join(work, `layout-${name}-${dtype}`)
+    convertCheckpoints({sources: [goldenDir(name)], outDir: dir, dtype})
+    const manifest = readManifest(dir)
+    const P = Math.max(...manifest.parallel)
+    const graph = onnx.ModelProto.decode(fs.readFileSync(writeGpuFormGraph(dir, P))).graph!
+    const initializers = new Set((graph.initializer ?? []).map((t) => t.name!))
+    // what ONNX Runtime folds when a session loads: a node whose inputs are all initializers
+    const onInitializers = (graph.node ?? []).filter((n) => (n.input ?? []).filter((i) => i !== '').every((i) => initializers.has(i)))
+    assert.deepEqual(onInitializers.map((n) => `${n.opType}(${n.input!.join(', ')})`), [], `${name} ${dtype}: ops on initializers are folded on the host at load`)
+    const matrices = (graph.initializer ?? []).filter((t) => t.dims?.length === 2 && !t.name!.startsWith('rotary'))
+    for (const m of matrices) {
+      // the untied table is gathered as stored (an fp16 one: its rows widened after the Gather)
+      if (m.name !== 'model.embed_tokens.weight') assert.equal(m.dataType, onnx.TensorProto.DataType.FLOAT, `${m.name}: float32 as the graph multiplies`)
+      const file = m.externalData!.find((e) => e.key === 'location')!.value
+      assert.ok(file === 'gpu-form.weights' || file === `model.gpu-p${P}.weights` || m.name === 'model.embed_tokens.weight', `${m.name} in ${file}`)
+    }
+    const tables = [...initializers].filter((n) => /embed_tokens|lm_head/.test(n))
+    assert.deepEqual(tables, manifest.model.tieWordEmbeddings ? ['lm_head.weight (tied to model.embed_tokens.weight)^T'] : ['model.embed_tokens.weight', 'lm_head.weight^T'], `${name}: the tables on the device`)
+    const stamp = fs.statSync(path.join(dir, 'gpu-form.weights')).mtimeMs
+    writeGpuFormGraph(dir, P)
+    assert.equal(fs.statSync(path.join(dir, 'gpu-form.weights')).mtimeMs, stamp, 'made once per package')
   }
 })
 

@@ -144,16 +144,24 @@ def build(args):
         else:
             stdlib_files.append((f"stdlib/{rel}", text))
     packages = {}
-    for pkg in dc["heldout2_packages"]:
+
+    def package_files(pkg: str, role: str) -> tuple[str, list]:
+        """A Debian package's readable .py files as (name, text); the unreadable ones noted as skipped."""
         version, tree = fetch_package(pkg, args.debs)
-        packages[pkg] = {"version": version, "role": "heldout2"}
+        packages[pkg] = {"version": version, "role": role}
+        files = []
         for rel, p in walk_py(tree):
             text, why = read_text(p, max_bytes)
             if text is None:
                 skip(why, f"{pkg}/{rel}")
             else:
-                heldout2.append((f"{pkg}/{rel}", text))
-                overlap.add(f"{pkg}/{rel}", text)
+                files.append((f"{pkg}/{rel}", text))
+        return version, files
+
+    for pkg in dc["heldout2_packages"]:
+        for name, text in package_files(pkg, "heldout2")[1]:
+            heldout2.append((name, text))
+            overlap.add(name, text)
     # held-out names: a training file with one of these basenames (or under one of these
     # import folders) is dropped even when its text differs (another version of the module)
     held_basenames = {h for h in old["heldout_modules"] if not h.endswith("/")}
@@ -166,16 +174,9 @@ def build(args):
     # 2. training candidates: stdlib, then the packages in config order (first copy wins)
     candidates = list(stdlib_files)
     for pkg in dc["train_packages"]:
-        version, tree = fetch_package(pkg, args.debs)
-        packages[pkg] = {"version": version, "role": "train"}
-        n0 = len(candidates)
-        for rel, p in walk_py(tree):
-            text, why = read_text(p, max_bytes)
-            if text is None:
-                skip(why, f"{pkg}/{rel}")
-            else:
-                candidates.append((f"{pkg}/{rel}", text))
-        log(f"{pkg} {version}: {len(candidates) - n0} files ({time.time() - t0:.0f}s)")
+        version, files = package_files(pkg, "train")
+        candidates += files
+        log(f"{pkg} {version}: {len(files)} files ({time.time() - t0:.0f}s)")
     seen = {hashlib.sha256(t.encode()).hexdigest() for _, t in heldout + heldout2}
     train = []
     for name, text in candidates:

@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 import bpe  # noqa: E402
 import st_io  # noqa: E402
 from parscale_torch import Cfg, ParScaleLM  # noqa: E402
-from train import Batches, evaluate, hf_config, lr_at, seed_all  # noqa: E402
+from train import Batches, evaluate, hf_config, lr_at, seed_all, write_variant  # noqa: E402
 
 ARM_P = {"p1": 1, "p2": 2, "p4": 4, "p8": 8, "control": 1}
 SHIPPED_ARMS = ["p1", "p2", "p4", "p8"]
@@ -427,31 +427,11 @@ def export(c, s, tensors: dict, dest: str):
              "stage2": {"prefix_tokens": s["prefix_tokens"], "attn_smooth": s["attn_smooth"]}}
     for arm in SHIPPED_ARMS:
         P = ARM_P[arm]
-        d = os.path.join(root, f"p{P}")
-        os.makedirs(d, exist_ok=True)
-        json.dump(hf_config(shape, P, None, sp), open(os.path.join(d, "config.json"), "w"), indent=2)
+        own = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(arm + "/")} if P > 1 else None
         # greedy with repetition penalty 1.3, as the shipped model decodes (readable Python at every P)
-        with open(os.path.join(d, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": sp["<|endoftext|>"], "eos_token_id": [sp["<|im_end|>"], sp["<|endoftext|>"]],
-                       "do_sample": False, "repetition_penalty": 1.3}, f, indent=2)
-            f.write("\n")
-        for f in ("tokenizer.json", "tokenizer_config.json", "model-backbone.safetensors"):
-            link = os.path.join(d, f)
-            if os.path.lexists(link):
-                os.remove(link)
-            os.symlink(os.path.join("..", f), link)
-        weight_map = {k: "model-backbone.safetensors" for k in bb}
-        size = sum(v.size * 2 for v in bb.values())
-        own_file = os.path.join(d, "model-parscale.safetensors")
-        if P > 1:
-            own = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(arm + "/")}
-            st_io.write(own_file, dict(sorted(own.items())), "BF16")
-            weight_map.update({k: "model-parscale.safetensors" for k in own})
-            size += sum(v.size * 2 for v in own.values())
-        elif os.path.exists(own_file):
-            os.remove(own_file)
-        idx = {"metadata": {"total_size": int(size)}, "weight_map": dict(sorted(weight_map.items()))}
-        json.dump(idx, open(os.path.join(d, "model.safetensors.index.json"), "w"), indent=2)
+        generation = {"bos_token_id": sp["<|endoftext|>"], "eos_token_id": [sp["<|im_end|>"], sp["<|endoftext|>"]],
+                      "do_sample": False, "repetition_penalty": 1.3}
+        write_variant(os.path.join(root, f"p{P}"), hf_config(shape, P, None, sp), generation, bb, own)
     log(f"exported {root}")
     return root
 

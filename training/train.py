@@ -599,6 +599,33 @@ def hf_config(c, P, vocab, sp):
     return d
 
 
+def write_variant(d: str, config: dict, generation: dict, backbone: dict, own: dict | None):
+    """One p{P}/ folder of the shipped layout: config, generation config, relative links to the
+    shared backbone and tokenizer, the P-specific tensors (prefixes, aggregation) in
+    model-parscale.safetensors (none at P = 1), and the index mapping every name to its file."""
+    os.makedirs(d, exist_ok=True)
+    json.dump(config, open(os.path.join(d, "config.json"), "w"), indent=2)
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+        f.write("\n")
+    for name in ("tokenizer.json", "tokenizer_config.json", "model-backbone.safetensors"):
+        link = os.path.join(d, name)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.join("..", name), link)
+    weight_map = {k: "model-backbone.safetensors" for k in backbone}
+    size = sum(v.size * 2 for v in backbone.values())  # BF16
+    own_file = os.path.join(d, "model-parscale.safetensors")
+    if own:
+        st_io.write(own_file, dict(sorted(own.items())), "BF16")
+        weight_map.update({k: "model-parscale.safetensors" for k in own})
+        size += sum(v.size * 2 for v in own.values())
+    elif os.path.exists(own_file):
+        os.remove(own_file)
+    idx = {"metadata": {"total_size": int(size)}, "weight_map": dict(sorted(weight_map.items()))}
+    json.dump(idx, open(os.path.join(d, "model.safetensors.index.json"), "w"), indent=2)
+
+
 def export(args):
     """Write DEST/default-model/: model-backbone.safetensors once, p{P}/ folders that point to it."""
     c = load_cfg()
@@ -612,29 +639,11 @@ def export(args):
         shutil.copy(os.path.join(args.work, f), os.path.join(root, f))
     Ps = [1] + [P for P in c["stage2"]["parallel"] if os.path.exists(os.path.join(args.work, f"stage2_p{P}.pt"))]
     for P in Ps:
-        d = os.path.join(root, f"p{P}")
-        os.makedirs(d, exist_ok=True)
-        json.dump(hf_config(c, P, None, sp), open(os.path.join(d, "config.json"), "w"), indent=2)
-        json.dump({"bos_token_id": sp["<|endoftext|>"], "eos_token_id": [sp["<|im_end|>"], sp["<|endoftext|>"]], "do_sample": False},
-                  open(os.path.join(d, "generation_config.json"), "w"), indent=2)
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            link = os.path.join(d, f)
-            if os.path.lexists(link):
-                os.remove(link)
-            os.symlink(os.path.join("..", f), link)
-        link = os.path.join(d, "model-backbone.safetensors")
-        if os.path.lexists(link):
-            os.remove(link)
-        os.symlink(os.path.join("..", "model-backbone.safetensors"), link)
-        wm = {k: "model-backbone.safetensors" for k in bb}
-        size = sum(v.size * 2 for v in bb.values())
-        if P > 1:
-            ps = {k: v.float().numpy() for k, v in torch.load(os.path.join(args.work, f"stage2_p{P}.pt")).items()}
-            st_io.write(os.path.join(d, "model-parscale.safetensors"), ps, "BF16")
-            wm.update({k: "model-parscale.safetensors" for k in ps})
-            size += sum(v.size * 2 for v in ps.values())
-        idx = {"metadata": {"total_size": int(size)}, "weight_map": dict(sorted(wm.items()))}
-        json.dump(idx, open(os.path.join(d, "model.safetensors.index.json"), "w"), indent=2)
+        own = ({k: v.float().numpy() for k, v in torch.load(os.path.join(args.work, f"stage2_p{P}.pt")).items()}
+               if P > 1 else None)
+        write_variant(os.path.join(root, f"p{P}"), hf_config(c, P, None, sp),
+                      {"bos_token_id": sp["<|endoftext|>"], "eos_token_id": [sp["<|im_end|>"], sp["<|endoftext|>"]], "do_sample": False},
+                      bb, own)
     log(f"exported {root}")
     return root
 

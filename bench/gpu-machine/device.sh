@@ -4,7 +4,7 @@
 # most 600 s: steps run in the order given, each under its own limit and the call's deadline
 # (BUDGET seconds from the start, default 570); a step that would not fit is skipped and said so.
 # Usage: bash .carry/pscale/device.sh STEPS (comma list, run in that order) ; results under $OUT.
-# Steps (issue 23): probe run golden gpuform int4 fp16 cpu16 eval synth18 profile gpubench oldgolden rss
+# Steps (issue 23): probe run golden gpuform int4 fp16 cpu16 eval synth18 profile gpubench gpuprofile oldgolden rss
 #   (and, from issue 19: forms ortdefaults cpu2).
 set -u
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -58,6 +58,7 @@ run_step() {
   gpubench) step "bench 0.5b webgpu, the WebGPU graph (before)" 300 node $CLI bench --synthetic 0.5b --parallel 1,8 --device webgpu --repeat 2 --json-file $OUT/bench-webgpu.json ;;
   forms) PKG=$(PKG_OF); [ -n "$PKG" ] && for f in ${FORMS:-nosplit t768 mlp down}; do step "decode form $f" 100 node $EXP decode $PKG $f 1 8; done ;;
   ortdefaults) PKG=$(PKG_OF); [ -n "$PKG" ] && PARSCALE_WEBGPU_OPTIONS='{"provider":{"validationMode":"basic"},"config":{"maxNumPendingDispatches":"16"}}' step "decode gemm, ORT's default provider settings" 100 node $EXP decode $PKG default 1 8 ;;
+  gpuprofile) step "bench 0.5b webgpu with --profile: dispatches/step, floor and per-op GPU time per P" 200 node $CLI bench --synthetic 0.5b --parallel 1,8 --device webgpu --repeat 1 -n 9 --profile /tmp/gpuprof --json-file $OUT/bench-webgpu-profile.json ;;
   rss) BENCH_THREADS=16 step "peak host RSS: GPU form on webgpu vs CPU graph (0.5b, P=8, prompt 64, 4 tokens)" 120 node $MEM > $OUT/rss.txt; cat $OUT/rss.txt ;;
   cpu2) step "bench 0.5b cpu 2 threads" 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json-file $OUT/bench-cpu2.json ;;
   *) stamp "unknown step $1" ;;

@@ -9,7 +9,7 @@ import {SCALING_FITS} from '../core/bench/scaling-law.js'
 import {UsageError, UserError} from '../core/errors.js'
 import {readManifest} from '../core/package/manifest.js'
 import {checkWebGpu, DEVICES, type Device} from '../core/engine/device.js'
-import {describeGpuDispatches, gpuDispatches, weightBytesPerParameter} from '../core/bench/gpu-dispatches.js'
+import {gpuDispatches, gpuStepCosts, weightBytesPerParameter} from '../core/bench/gpu-dispatches.js'
 import {SYNTHETIC_PRESETS} from '../core/checkpoint/synthetic.js'
 import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {plotTarget, writePlots} from '../ui/bench-plot.js'
@@ -189,19 +189,21 @@ export default class Bench extends BaseCommand {
       const report: BenchReport = {machine: benchMachine(threads, device, adapter && `${adapter.name} (${adapter.backend})`), model: label, quant: manifest.quant ?? null, results: []}
       if (!flags['no-roofline']) report.roofline = await probeRoofline(threads, model.hiddenSize, model.intermediateSize, onStatus, device)
       report.results = await benchPackage(packageDir, options)
+      if (device === 'webgpu') {
+        // kernel launches per decode step (counted from the graphs) and the adapter's bandwidth floor, per P
+        onStatus('counting dispatches per decode step')
+        const costs = gpuStepCosts(await gpuDispatches(model, parallel, adapter?.name ?? 'unknown adapter', weightBytesPerParameter(manifest)), report.roofline)
+        report.results = report.results.map((r) => {
+          const cost = costs.get(r.parallel)
+          return cost ? {...r, gpu_step: cost} : r
+        })
+      }
       if (flags['vs-params'] && shape) report.vs_params = await benchVsParams(shape, options)
       progress.stop()
       const jsonFile = flags['json-file']
       if (jsonFile) writeFileSync(jsonFile, JSON.stringify(toJson(report), null, 2) + '\n')
       this.log(flags.json ? JSON.stringify(toJson(report)) : flags.csv ? renderCsv(report).trimEnd() : renderTable(report))
       if (jsonFile) process.stderr.write(`wrote the report as JSON to ${jsonFile}\n`)
-      if (device === 'webgpu') {
-        // kernel launches per decode step (counted from the graphs) and the adapter's bandwidth floor
-        const counted = await gpuDispatches(model, parallel, adapter?.name ?? 'unknown adapter', weightBytesPerParameter(manifest))
-        const lines = describeGpuDispatches(counted)
-        if (flags.json || flags.csv) process.stderr.write(lines.join('\n') + '\n')
-        else for (const line of lines) this.log(line)
-      }
       await writePlots(report, plots)
     } finally {
       progress.stop()

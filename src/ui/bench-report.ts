@@ -1,7 +1,8 @@
 // Renders a bench report: table (cli-table3), CSV, JSON.
 import {formatBytes, snakeCaseKeys} from '../core/format.js'
 import type {BenchReport} from '../core/bench/run-bench.js'
-import type {ProbeResult, RunResult} from '../core/bench/types.js'
+import type {GpuStepCost, ProbeResult, RunResult} from '../core/bench/types.js'
+import {describeProfile} from '../core/bench/profile-summary.js'
 import {createTable} from './table.js'
 
 /** Milliseconds as the report prints them. */
@@ -62,6 +63,9 @@ export function resultsTable(report: BenchReport): TextTable {
   const prompts = new Set(report.results.map((r) => r.prompt_length)).size > 1
   const head = ['P', 'batch', ...(prompts ? ['prompt'] : []), 'prefill ms', 'TTFT ms', 'decode ms/tok (p90)', 'tok/s', 'peak RSS', 'weights', 'KV cache']
   if (roofline) head.push('decode vs floor', 'prefill vs FLOP rate')
+  // on webgpu: launches per decode step (the GPU form, and the WebGPU graph before fusion) and the adapter's floor
+  const gpu = report.results.some((r) => r.gpu_step)
+  if (gpu) head.push('dispatches/step (before fusion)', 'GPU floor ms/tok')
   head.push('decode vs P=1', 'RSS vs P=1')
   const rows = report.results.map((r) => {
     const b = baseline(report.results, r)
@@ -71,6 +75,10 @@ export function resultsTable(report: BenchReport): TextTable {
       formatBytes(r.peak_rss_bytes), formatBytes(r.weight_bytes), formatBytes(r.kv_cache_bytes),
     ]
     if (roofline) row.push(`${(decodeVsFloor(r, roofline) * 100).toFixed(0)}%`, `${(prefillVsRate(r, roofline) * 100).toFixed(0)}%`)
+    if (gpu) {
+      const step = r.gpu_step
+      row.push(step ? `${step.dispatches_per_step} (${step.dispatches_before_fusion})` : '–', step?.floor_ms_per_token != null ? floorMs(step.floor_ms_per_token) : '–')
+    }
     row.push(b ? ratio(r.decode_ms_per_token.median, b.decode_ms_per_token.median) : '–', b ? ratio(r.peak_rss_bytes, b.peak_rss_bytes) : '–')
     return row
   })
@@ -80,13 +88,32 @@ export function resultsTable(report: BenchReport): TextTable {
 export function renderTable(report: BenchReport): string {
   const lines = reportHeader(report)
   lines.push(renderTextTable(resultsTable(report)))
+  const step = report.results.find((r) => r.gpu_step)?.gpu_step
+  if (step) lines.push(gpuStepLine(step))
   const widened = report.results.filter((r) => r.kernels && r.kernels.decode !== r.kernels.prefill)
   if (widened.length) lines.push(`P = ${[...new Set(widened.map((r) => r.parallel))].join(', ')}: decode steps ran on ${widened[0]!.kernels!.decode}, prompts on ${widened[0]!.kernels!.prefill}`)
+  for (const r of report.results) {
+    if (!r.profile) continue
+    lines.push('', `P=${r.parallel}, batch ${r.batch}, prompt ${r.prompt_length}: ONNX Runtime's profile${r.profile.length === 1 ? '' : 's'}`)
+    if (r.profile.length === 0) lines.push('no profile file was written')
+    for (const summary of r.profile) lines.push(...describeProfile(summary))
+  }
   const context = contextCostTable(report)
   if (context) lines.push('', CONTEXT_COST_TITLE, renderTextTable(context))
   const vs = vsParamsTable(report)
   if (vs) lines.push('', vsParamsTitle(report), renderTextTable(vs))
   return lines.join('\n')
+}
+
+/** A floor in ms: GPU floors are fractions of a millisecond. */
+const floorMs = (v: number) => (v >= 10 ? ms(v) : v.toPrecision(2))
+
+/** What the GPU columns mean, and where the floor's bandwidth comes from. */
+export function gpuStepLine(step: GpuStepCost): string {
+  const floor = step.floor_ms_per_token === null || step.bandwidth_bytes_per_s === null
+    ? `no floor: bandwidth ${step.bandwidth_source}`
+    : `floor = ${(step.weight_bytes_per_step / 1e9).toFixed(2)} GB of weights a step ÷ ${(step.bandwidth_bytes_per_s / 1e9).toFixed(0)} GB/s (${step.bandwidth_source}) = ${floorMs(step.floor_ms_per_token)} ms/token`
+  return `GPU: dispatches/step = nodes launching kernels per decode step in the GPU form (in brackets: the WebGPU graph before fusion), counted from the optimized graphs; ${floor}`
 }
 
 export const CONTEXT_COST_TITLE = 'decode against context length (relative to the shortest prompt):'

@@ -17,6 +17,7 @@ import {readManifest, type PackageManifest} from '../package/manifest.js'
 import {countDispatches, type DispatchCount} from './dispatches.js'
 import {gpuFloor, type GpuFloor} from './gpu-floor.js'
 import {shapeParameters} from './scaling-law.js'
+import type {GpuStepCost, ProbeResult} from './types.js'
 
 export interface GpuDispatchRow {
   parallel: number
@@ -75,4 +76,31 @@ export function describeGpuDispatches(report: GpuDispatchReport): string[] {
     ? `bandwidth floor: unknown for ${floor.adapter} (${(floor.weightBytes / 1e9).toFixed(2)} GB of weights a step)`
     : `bandwidth floor: ${(floor.weightBytes / 1e9).toFixed(2)} GB of weights a step at ${(floor.bandwidth!.bytesPerS / 1e12).toFixed(2)} TB/s (${floor.bandwidth!.name}) = ${floor.floorMs.toFixed(2)} ms/token`)
   return lines
+}
+
+/**
+ * Each P's step cost for the bench report: the counts of `report`, and the floor from the
+ * adapter's bandwidth as the vendors' table knows it, else as the roofline probe measured it
+ * on the adapter (`roofline`, a matmul chain at one row: what ONNX Runtime reads at), else none.
+ */
+export function gpuStepCosts(report: GpuDispatchReport, roofline?: ProbeResult): Map<number, GpuStepCost> {
+  const {floor} = report
+  let bandwidth: {bytesPerS: number; source: string} | undefined
+  if (floor.bandwidth) bandwidth = {bytesPerS: floor.bandwidth.bytesPerS, source: `${floor.bandwidth.name}: the vendor's figure`}
+  else if (roofline && roofline.gemv_bytes_per_s > 0) bandwidth = {bytesPerS: roofline.gemv_bytes_per_s, source: `measured on ${floor.adapter}: the roofline probe (ONNX Runtime matmul chain at 1 row)`}
+  const none = `none (${floor.adapter} is not in the table of vendors' figures${roofline ? '' : '; the roofline probe did not run: --no-roofline'})`
+  const costs = new Map<number, GpuStepCost>()
+  for (const {parallel, before, after} of report.rows) {
+    costs.set(parallel, {
+      dispatches_per_step: after.dispatches,
+      kernels_per_step: after.programs,
+      dispatches_before_fusion: before.dispatches,
+      kernels_before_fusion: before.programs,
+      weight_bytes_per_step: floor.weightBytes,
+      bandwidth_bytes_per_s: bandwidth?.bytesPerS ?? null,
+      bandwidth_source: bandwidth?.source ?? none,
+      floor_ms_per_token: bandwidth ? (floor.weightBytes / bandwidth.bytesPerS) * 1000 : null,
+    })
+  }
+  return costs
 }

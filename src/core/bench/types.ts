@@ -1,5 +1,6 @@
 // Shapes of what the bench children receive and report (JSON over stdio).
 import type {Device} from '../engine/device.js'
+import type {ProfileSummary} from './profile-summary.js'
 
 /** One configuration to measure, run in its own child process. */
 export interface RunSpec {
@@ -82,6 +83,32 @@ export interface RunResult {
   prefill_flops: number
   /** The operators the matrices ran on, prompts and decode steps (see ParScaleModel.kernels). */
   kernels?: {prefill: string; decode: string}
+  /** On webgpu: what a decode step costs by the graph's structure and by the adapter's bandwidth (gpu-dispatches.ts). */
+  gpu_step?: GpuStepCost
+  /** With a profile prefix: each profile the run's sessions wrote, summarized per operator (profile-summary.ts). */
+  profile?: ProfileSummary[]
+}
+
+/**
+ * A WebGPU decode step's launches (counted from the graphs, core/bench/dispatches.ts) and its
+ * bandwidth floor (core/bench/gpu-floor.ts), for one P.
+ */
+export interface GpuStepCost {
+  /** Nodes that launch kernels in the GPU form's graph at this P (after fusion). */
+  dispatches_per_step: number
+  /** Estimated kernel launches of those nodes (GroupQueryAttention counts its inner passes). */
+  kernels_per_step: number
+  /** The same counts for the P-generic WebGPU graph (before fusion). */
+  dispatches_before_fusion: number
+  kernels_before_fusion: number
+  /** Bytes a decode step reads: every matrix once. */
+  weight_bytes_per_step: number
+  /** The bandwidth the floor divides by; null when none is known. */
+  bandwidth_bytes_per_s: number | null
+  /** Where that bandwidth comes from (a vendor's figure for the adapter, or the roofline probe measured on it), or why there is none. */
+  bandwidth_source: string
+  /** weight_bytes_per_step ÷ bandwidth, ms/token; null without a bandwidth. */
+  floor_ms_per_token: number | null
 }
 
 export interface ProbeResult {

@@ -7,6 +7,7 @@ import {generateAll} from '../generation/batcher.js'
 import {prefill} from '../generation/generation.js'
 import {ParScaleModel} from '../engine/model.js'
 import {kvCacheBytes, prefillFlops, weightBytes} from './model-cost.js'
+import {profileFiles, summarizeProfile} from './profile-summary.js'
 import {runProbes} from './roofline.js'
 import {summarize} from './stats.js'
 import type {MixedResult, MixedSpec, RunResult, RunSpec, WorkerSpec} from './types.js'
@@ -81,7 +82,8 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
     cacheBytes = cache.bytes
     cache.dispose()
   }
-  await model.release()
+  await model.release() // ONNX Runtime writes the profiles now
+  const profile = spec.profilePrefix ? profileFiles(spec.profilePrefix).map(summarizeProfile) : undefined
   const config = variantConfig(model.manifest, selectVariant(model.manifest, parallel, spec.packageDir))
   const decodeSummary = summarize(decode)
   return {
@@ -102,6 +104,7 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
     kv_cache_allocated_bytes: cacheBytes,
     prefill_flops: prefillFlops(config, batch, promptLength),
     kernels: model.kernels(parallel),
+    ...(profile ? {profile} : {}),
   }
 }
 

@@ -15,10 +15,11 @@ import {UserError} from '../errors.js'
 import {GraphBuilder} from '../onnx/builder.js'
 import type {ExternalLocation} from '../onnx/external-data.js'
 import type {ElementType} from '../onnx/builder.js'
-import {buildGpuFormGraph, floatGpuWeights, gpuFormIo, type GpuWeights, gpuRotaryTables, rotatePrefixKeys, type AggregationHeadFiles} from '../onnx/gpu-form-graph.js'
+import {buildGpuFormGraph, floatGpuWeights, gpuFormIo, type GpuWeights, gpuRotaryTables, rotatePrefixKeys, type AggregationHeadFiles, type LaidOutFloatWeights} from '../onnx/gpu-form-graph.js'
 import {floatWeights, placedInitializers, type FloatWeightProvider} from '../onnx/weights.js'
 import {MANIFEST_FILE, readManifest, selectVariant, type PackageManifest, type PackageVariant} from '../package/manifest.js'
 import {checkWebGpu, webgpuSessionOptions, type Device} from './device.js'
+import {gpuFormMatrices, writeTransposed, type LayoutRequest} from './gpu-form-weights.js'
 import {loadStreamWeights} from './stream-weights.js'
 
 const {onnx} = onnxProto
@@ -155,51 +156,116 @@ export function gpuFormSupport(manifest: PackageManifest): string | undefined {
   return manifest.webgpuGraph ? undefined : 'it has no float weights placed for the GPU (no WebGPU graph)'
 }
 
-/** The package's weights for the GPU form: float (from its WebGPU graph) or quantized (from its CPU graph). */
+/**
+ * A float package's tensors for the GPU form: vectors and the untied embedding table as its
+ * WebGPU graph placed them (same names, same bytes), matrices from `gpu-form.weights`
+ * (gpu-form-weights.ts), written at the first use of the GPU form on this package.
+ */
+export function packageLaidOutWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => LaidOutFloatWeights {
+  if (!manifest.webgpuGraph) throw new UserError(`${packageDir}: the package has no float weights for the GPU form (a quantized package); convert without --quant`)
+  const stored = storedInitializers(join(packageDir, manifest.webgpuGraph))
+  const entry = (name: string) => {
+    const found = stored.get(name)
+    if (!found) throw new Error(`${packageDir}: weight "${name}" is not in ${manifest.webgpuGraph}`)
+    return found
+  }
+  const matrixName = (sources: string[]) => `${sources[0]!.replace(/\[\d+:\d+\]$/, '')}^T` // the head's blocks: one matrix
+  const provider = (matrix: (g: GraphBuilder, name: string, sources: string[]) => string) => (g: GraphBuilder): LaidOutFloatWeights => {
+    const vectors = placedInitializers(g, entry)
+    const made = new Map<string, string>()
+    return {
+      get: vectors,
+      transposed: (sources) => {
+        const name = matrixName(sources)
+        let tensor = made.get(name)
+        if (!tensor) made.set(name, (tensor = matrix(g, name, sources)))
+        return tensor
+      },
+      rowBlocks: (storedAs) => {
+        const blocks = [...stored.keys()].filter((n) => n.startsWith(`${storedAs}[`)).sort((a, b) => firstRow(a) - firstRow(b))
+        if (blocks.length === 0) throw new Error(`${packageDir}: weight "${storedAs}" is not in ${manifest.webgpuGraph}`)
+        return blocks
+      },
+      table: (name) => {
+        const t = entry(name)
+        return {tensor: g.externalInitializer(name, t.half ? 'float16' : 'float32', t.shape, t.location), half: t.half}
+      },
+    }
+  }
+  // The matrices the graph multiplies by depend on the model's structure only: a first build
+  // names them, the file is made (or found), and the graph is built over it.
+  const requests = new Map<string, LayoutRequest>()
+  buildGpuFormGraph(manifest.model, (g) => floatGpuWeights(g, provider((_g, name, sources) => {
+    requests.set(name, {name, sources: sources.map((source) => ({name: source, ...entry(source)}))})
+    return name
+  })(g), manifest.model), {parallel: 1, prefixTokens: 0})
+  const laidOut = gpuFormMatrices(packageDir, manifest, [...requests.values()])
+  return provider((g, name) => {
+    const m = laidOut.get(name)!
+    return g.externalInitializer(name, 'float32', m.shape, m.location)
+  })
+}
+
+/** The package's weights for the GPU form: float (laid out for it, from its WebGPU graph's tensors) or quantized (from its CPU graph). */
 export function packageGpuWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => GpuWeights {
   if (manifest.quant) return packageQuantizedWeights(packageDir, manifest)
-  const float = packageFloatWeights(packageDir, manifest)
+  const float = packageLaidOutWeights(packageDir, manifest)
   return (g) => floatGpuWeights(g, float(g), manifest.model)
 }
 
-function headFiles(variant: PackageVariant): AggregationHeadFiles | undefined {
+/** One P's aggregation head, its matrices laid out (transposed) into `model.gpu-p{P}.weights` beside the graph. */
+function headFiles(packageDir: string, variant: PackageVariant): AggregationHeadFiles | undefined {
   if (variant.parallel === 1 || !variant.weights) return undefined
   const at = (name: string) => {
     const t = variant.tensors[name]
     if (!t) throw new UserError(`${variant.weights}: no tensor "${name}" in the manifest; convert again`)
     return {location: {file: variant.weights!, offset: t.offset, length: t.length}, shape: t.shape}
   }
+  const file = gpuFormHeadFile(variant.parallel)
+  const path = join(packageDir, file)
+  const temporary = `${path}.${process.pid}.tmp`
+  const matrices = ['model.aggregate_layer.0.weight', 'model.aggregate_layer.2.weight']
+  const placed = writeTransposed(packageDir, temporary, matrices.map((name) => ({name, sources: [{name, half: false, ...at(name)}]})))
+  renameSync(temporary, path)
+  const laidOut = (name: string) => {
+    const {offset, length, shape} = placed.get(name)!
+    return {location: {file, offset, length}, shape}
+  }
   return {
-    weight0: at('model.aggregate_layer.0.weight'),
+    weight0: laidOut(matrices[0]!),
     bias0: at('model.aggregate_layer.0.bias'),
-    weight2: at('model.aggregate_layer.2.weight'),
+    weight2: laidOut(matrices[1]!),
     bias2: at('model.aggregate_layer.2.bias'),
     smooth: variant.attnSmooth,
   }
 }
 
-/** The GPU form's graph for one P of a package, as ONNX bytes (external data in the package). */
-export function gpuFormGraphBytes(packageDir: string, parallel: number): Uint8Array {
+/** The GPU form's graph for one P of a package, as ONNX bytes (external data in the package; its matrices laid out on first use). */
+export function gpuFormGraphBytes(packageDir: string, parallel: number, decodeOnly = false): Uint8Array {
   const manifest = readManifest(packageDir)
   const variant = selectVariant(manifest, parallel, packageDir)
   const graph = buildGpuFormGraph(manifest.model, packageGpuWeights(packageDir, manifest), {
     parallel,
     prefixTokens: variant.parallel === 1 ? 0 : variant.prefixTokens,
-    head: headFiles(variant),
+    head: headFiles(packageDir, variant),
+    decodeOnly,
   })
   return graph.toModelBytes(manifest.toolVersion)
 }
 
 /** Writes the GPU form's graph for `parallel` into the package (next to the files it reads) and returns its path. */
-export function writeGpuFormGraph(packageDir: string, parallel: number): string {
-  const path = join(packageDir, gpuFormGraphFile(parallel))
+export function writeGpuFormGraph(packageDir: string, parallel: number, decodeOnly = false): string {
+  const path = join(packageDir, decodeOnly ? gpuFormDecodeGraphFile(parallel) : gpuFormGraphFile(parallel))
   const temporary = `${path}.${process.pid}.tmp`
-  writeFileSync(temporary, gpuFormGraphBytes(packageDir, parallel))
+  writeFileSync(temporary, gpuFormGraphBytes(packageDir, parallel, decodeOnly))
   renameSync(temporary, path)
   return path
 }
 
 export const gpuFormGraphFile = (parallel: number) => `model.gpu-p${parallel}.onnx`
+/** The decode-only variant (one token a call, static shapes: what graph capture needs). */
+export const gpuFormDecodeGraphFile = (parallel: number) => `model.gpu-p${parallel}.decode.onnx`
+export const gpuFormHeadFile = (parallel: number) => `model.gpu-p${parallel}.weights`
 
 export interface GpuFormOptions {
   parallel: number
@@ -346,8 +412,10 @@ export async function gpuFormStep(
     [gpuFormIo.inputIds]: new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]),
     [gpuFormIo.seqlensK]: new ort.Tensor('int32', Int32Array.of(total - 1), [1]),
     [gpuFormIo.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(total), []),
-    [gpuFormIo.numLogitsToKeep]: new ort.Tensor('int64', BigInt64Array.of(BigInt(keep)), []),
   }
+  // the decode-only graph has no such input: one token, its logits
+  if (session.inputNames.includes(gpuFormIo.numLogitsToKeep)) feeds[gpuFormIo.numLogitsToKeep] = new ort.Tensor('int64', BigInt64Array.of(BigInt(keep)), [])
+  else if (ids.length !== 1) throw new RangeError(`the decode-only GPU form takes one token a call, not ${ids.length}`)
   for (let layer = 0; layer < numLayers; layer++) {
     feeds[gpuFormIo.pastKey(layer)] = state.keys[layer]!
     feeds[gpuFormIo.pastValue(layer)] = state.values[layer]!

@@ -4,7 +4,7 @@ import {GraphBuilder} from './builder.js'
 import type {ExternalLocation} from './external-data.js'
 import {Ops} from './ops.js'
 import {io} from './parscale-graph.js'
-import type {FloatWeightProvider, LinearPart} from './weights.js'
+import type {LinearPart} from './weights.js'
 
 /**
  * The GPU form of the decoder (issue 23): one graph per P, built for few kernel launches per
@@ -49,7 +49,11 @@ export const gpuFormIo = {
   streamWeights: io.streamWeights,
 } as const
 
-/** Where one P's aggregation head lies (the package's p{P}.weights, float32). */
+/**
+ * Where one P's aggregation head lies, its matrices already laid out as the graph multiplies by
+ * them (engine/gpu-form-weights.ts): `weight0` [P·H, H_agg] and `weight2` [H_agg, P] (the
+ * checkpoint's transposed), biases as stored.
+ */
 export interface AggregationHeadFiles {
   weight0: {location: ExternalLocation; shape: number[]}
   bias0: {location: ExternalLocation; shape: number[]}
@@ -59,11 +63,12 @@ export interface AggregationHeadFiles {
 }
 
 /**
- * The matrices as the GPU form multiplies by them. Float weights: MatMul on the stored [out, in]
- * matrices transposed once at load (the provider's Gemm(transB) streams weights slowly at one
- * row, docs/benchmarks.md). Quantized weights: the package's MatMulNBits codes and scales as
- * its CPU graph reads them (the WebGPU provider has a MatMulNBits kernel), and
- * GatherBlockQuantized for the embedding table.
+ * The matrices as the GPU form multiplies by them. Float weights: MatMul on matrices laid out
+ * [in, out] in a file of their own (the provider's Gemm(transB) streams weights slowly at one
+ * row, docs/benchmarks.md; a Transpose on an initializer would be folded on the host at every
+ * load). Quantized weights: the package's MatMulNBits codes and scales as its CPU graph reads
+ * them (the WebGPU provider has a MatMulNBits kernel), and GatherBlockQuantized for the
+ * embedding table.
  */
 export interface GpuWeights {
   /** Norm weights, biases: float32 vectors. */
@@ -76,29 +81,50 @@ export interface GpuWeights {
   lmHead(x: string): string
 }
 
-/** GpuWeights over float matrices (see GpuWeights). */
-export function floatGpuWeights(g: GraphBuilder, weights: FloatWeightProvider, config: BackboneShape): GpuWeights {
+/** A package's float tensors for the GPU form: vectors as stored, matrices laid out [in, out]. */
+export interface LaidOutFloatWeights {
+  /** A float32 vector (norm weight, bias) by its stored name. */
+  get(name: string): string
+  /**
+   * The matrix whose rows are these stored [out, in] tensors stacked (one tensor, or the head's
+   * vocabulary blocks), as a float32 initializer [in, out].
+   */
+  transposed(sources: string[]): string
+  /** The stored tensors of a matrix kept in row blocks (the LM head), first rows first. */
+  rowBlocks(storedAs: string): string[]
+  /** The embedding table [vocab, H] as stored, and whether it is float16 (untied models). */
+  table(name: string): {tensor: string; half: boolean}
+}
+
+/**
+ * GpuWeights over float matrices (see GpuWeights). A tied model keeps one table on the device:
+ * the LM head's [H, vocab], which the embedding gathers columns of (Gather on axis 1, then a
+ * Transpose of the few gathered rows) instead of holding the embedding table as well.
+ */
+export function floatGpuWeights(g: GraphBuilder, weights: LaidOutFloatWeights, config: BackboneShape): GpuWeights {
   const ops = new Ops(g)
-  const transposed = (weight: string) => ops.transpose(weight, [1, 0]) // folded once at load
+  const headBlocks = () => config.tieWordEmbeddings ? weights.rowBlocks('lm_head.weight (tied to model.embed_tokens.weight)') : weights.rowBlocks('lm_head.weight')
+  let head: string | undefined
+  const headMatrix = () => (head ??= weights.transposed(headBlocks())) // [H, vocab]
   return {
     get: (name) => weights.get(name),
     project: (x, parts, storedAs) => {
-      if (parts.length === 1 && !parts[0]!.scale) {
-        const y = ops.matmul(x, transposed(weights.get(parts[0]!.weight)))
-        return parts[0]!.bias ? ops.add(y, weights.get(parts[0]!.bias)) : y
+      // one stored part as it is; several (q·k·v, gate·up) are stored stacked as `storedAs`
+      const single = parts.length === 1 && !parts[0]!.scale
+      const y = ops.matmul(x, weights.transposed([single ? parts[0]!.weight : `${storedAs}.weight`]))
+      const bias = single ? parts[0]!.bias : parts.some((p) => p.bias) ? `${storedAs}.bias` : undefined
+      return bias ? ops.add(y, weights.get(bias)) : y
+    },
+    embed: (ids) => {
+      if (config.tieWordEmbeddings) {
+        const columns = g.node('Gather', [headMatrix(), ids], {axis: 1}) // [H, 1, S]
+        return ops.transpose(columns, [1, 2, 0]) // [1, S, H]
       }
-      const {weight, bias} = weights.concatenated(parts, storedAs)
-      const y = ops.matmul(x, transposed(weight))
-      return bias ? ops.add(y, bias) : y
+      const {tensor, half} = weights.table('model.embed_tokens.weight')
+      const rows = g.node('Gather', [tensor, ids], {axis: 0})
+      return half ? g.node('Cast', [rows], {to: 1}) : rows // widens the rows read, not the table
     },
-    embed: (ids) => weights.embed('model.embed_tokens.weight', ids),
-    lmHead: (x) => {
-      const blocks = config.tieWordEmbeddings
-        ? weights.rowBlocks('model.embed_tokens.weight', 'lm_head.weight (tied to model.embed_tokens.weight)', HEAD_BLOCK_BYTES)
-        : weights.rowBlocks('lm_head.weight', 'lm_head.weight', HEAD_BLOCK_BYTES)
-      const matrix = blocks.length === 1 ? transposed(blocks[0]!) : ops.concat(blocks.map((b) => transposed(b)), 1)
-      return ops.matmul(x, matrix)
-    },
+    lmHead: (x) => ops.matmul(x, headMatrix()),
   }
 }
 
@@ -107,6 +133,12 @@ export interface GpuFormOptions {
   prefixTokens: number
   /** P > 1: the aggregation head's tensors in the package. */
   head?: AggregationHeadFiles
+  /**
+   * One token per call and the last position's logits only, every shape static: no Shape,
+   * no shape arithmetic, no `num_logits_to_keep` input. Graph capture needs every node on the
+   * GPU provider, and ONNX Runtime places shape arithmetic on the CPU.
+   */
+  decodeOnly?: boolean
 }
 
 /** The rotary tables GroupQueryAttention reads: positions 0 … maxPositions + prefixTokens − 1. */
@@ -144,17 +176,17 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
   const {numKvHeads: kv, headDim: d, hiddenSize: H, numHeads, intermediateSize: I, numLayers} = config
   const eps = {float: config.rmsNormEps}
 
-  const inputIds = g.input(gpuFormIo.inputIds, 'int64', [1, 'sequence_length'])
+  const decodeOnly = options.decodeOnly === true
+  const inputIds = g.input(gpuFormIo.inputIds, 'int64', [1, decodeOnly ? 1 : 'sequence_length'])
   const seqlensK = g.input(gpuFormIo.seqlensK, 'int32', [1])
   const totalLength = g.input(gpuFormIo.totalSequenceLength, 'int32', [])
-  const keep = g.input(gpuFormIo.numLogitsToKeep, 'int64', [])
+  const keep = decodeOnly ? undefined : g.input(gpuFormIo.numLogitsToKeep, 'int64', [])
   const past = Array.from({length: numLayers}, (_, layer) => ({
     key: g.input(gpuFormIo.pastKey(layer), 'float32', [1, P * kv, 'capacity', d]),
     value: g.input(gpuFormIo.pastValue(layer), 'float32', [1, P * kv, 'capacity', d]),
   }))
   const weights = makeWeights(g)
   const w = (name: string) => weights.get(name)
-  const transposed = (weight: string) => ops.transpose(weight, [1, 0]) // folded once at load
   const tables = gpuRotaryTables(config, prefixTokens)
   const cosCache = g.inlineFloat('rotary.gpu_cos_cache', tables.cos, [tables.rows, d / 2])
   const sinCache = g.inlineFloat('rotary.gpu_sin_cache', tables.sin, [tables.rows, d / 2])
@@ -163,6 +195,7 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
   let residual = g.within('embed', () => {
     const embedded = weights.embed(inputIds) // [1, S, H]
     if (P === 1) return ops.reshape(embedded, g.int64([-1, H]))
+    if (decodeOnly) return ops.reshape(ops.expand(ops.reshape(embedded, g.int64([1, 1, H])), g.int64([1, P, H])), g.int64([P, H]))
     const seq = ops.shape(inputIds, 1, 2)
     return ops.reshape(ops.expand(ops.reshape(embedded, g.int64([-1, 1, H])), ops.shapeOf([seq, P, H])), g.int64([-1, H]))
   })
@@ -225,8 +258,7 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
   g.within('head', () => {
     const normed = norm('model.norm.weight') // [S·P, H]
     // the last K positions' P rows each (the start, −K·P, is shape arithmetic on the CPU)
-    const keepRows = ops.reshape(keep, g.int64([1]))
-    const last = ops.slice(normed, ops.mul(keepRows, g.int64([-P])), g.int64([Number.MAX_SAFE_INTEGER]), 0) // [K·P, H]
+    const last = keep === undefined ? normed : ops.slice(normed, ops.mul(ops.reshape(keep, g.int64([1])), g.int64([-P])), g.int64([Number.MAX_SAFE_INTEGER]), 0) // [K·P, H]
     let mixed: string
     let mix: string
     if (P === 1 || !options.head) {
@@ -237,17 +269,15 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
       const tensor = (name: string, t: {location: ExternalLocation; shape: number[]}) => g.externalInitializer(name, 'float32', t.shape, t.location)
       const perPosition = ops.reshape(last, g.int64([-1, P, H])) // [K, P, H]
       const features = ops.reshape(ops.transpose(perPosition, [0, 2, 1]), g.int64([-1, H * P])) // hidden-major: h·P + p
-      const hidden = ops.add(ops.matmul(features, transposed(tensor('aggregate.0.weight', head.weight0))), tensor('aggregate.0.bias', head.bias0))
+      const hidden = ops.add(ops.matmul(features, tensor('aggregate.0.weight^T', head.weight0)), tensor('aggregate.0.bias', head.bias0))
       const silu = g.node('QuickGelu', [hidden], {alpha: {float: 1}}, 'com.microsoft')
-      const scores = ops.add(ops.matmul(silu, transposed(tensor('aggregate.2.weight', head.weight2))), tensor('aggregate.2.bias', head.bias2))
+      const scores = ops.add(ops.matmul(silu, tensor('aggregate.2.weight^T', head.weight2)), tensor('aggregate.2.bias', head.bias2))
       mix = ops.add(ops.mul(ops.softmax(scores, -1), g.float([1 - head.smooth], [])), g.float([head.smooth / P], [])) // [K, P]
       mixed = ops.reshape(ops.matmul(ops.reshape(mix, g.int64([-1, 1, P])), perPosition), g.int64([-1, H])) // [K, H]
     }
-    g.output(weights.lmHead(mixed), gpuFormIo.logits, 'float32', ['keep', config.vocabSize])
-    g.output(mix, gpuFormIo.streamWeights, 'float32', [P === 1 || !options.head ? 1 : 'keep', P])
+    const keptRows = decodeOnly ? 1 : 'keep'
+    g.output(weights.lmHead(mixed), gpuFormIo.logits, 'float32', [keptRows, config.vocabSize])
+    g.output(mix, gpuFormIo.streamWeights, 'float32', [P === 1 || !options.head ? 1 : keptRows, P])
   })
   return g
 }
-
-/** The CPU graph's LM head blocks (blocks.ts): the same stored tensors. */
-const HEAD_BLOCK_BYTES = 64 << 20

@@ -1,0 +1,182 @@
+/**
+ * Where a step's time goes, from an ONNX Runtime profile (`bench --profile PREFIX`, the session
+ * option `enableProfiling`). Runs are told apart by the tokens they feed (decode: one per row;
+ * prefill: many), and time is summed per operator for the median run of each group.
+ *
+ * On the CPU provider the times are its kernels' (`Node` events named `…_kernel_time`). The
+ * WebGPU provider writes those too, but there they time the CPU side of a node (preparing and
+ * recording its dispatches), not the GPU; with profiling on it also reads GPU timestamps around
+ * each dispatch and writes one `Api` event per kernel (`node&op&program`, its shapes in args),
+ * which is what the GPU spent. So on WebGPU the operator table is GPU time per operator, with the
+ * CPU time of the same nodes beside it; a profile without `Api` events says so instead of
+ * showing an empty table.
+ */
+import fs from 'node:fs'
+import path from 'node:path'
+
+interface ProfileEvent {
+  cat: string
+  name: string
+  ts: number
+  dur: number
+  args?: {op_name?: string; provider?: string; input_type_shape?: Record<string, number[]>[]}
+}
+
+export interface OperatorTime {
+  op: string
+  /** Summed time of the operator's kernels in the run, ms (GPU time on WebGPU). */
+  ms: number
+  kernels: number
+  /** Of the run's kernel time. */
+  share: number
+  /** WebGPU: the CPU time of the operator's nodes in the run (recording their dispatches), ms. */
+  cpu_ms?: number
+}
+
+/** The median run of the runs that fed one number of tokens. */
+export interface ProfileRunGroup {
+  /** Tokens the run fed (batch × sequence). */
+  tokens: number
+  runs: number
+  /** The median run's wall time (ONNX Runtime's model_run), ms. */
+  run_ms: number
+  /** Its kernels' summed time, ms (GPU time on WebGPU). */
+  kernel_ms: number
+  kernels: number
+  /** Operators by time, most first (those under 0.5 % left out). */
+  ops: OperatorTime[]
+}
+
+export interface ProfileSummary {
+  file: string
+  /** Which clock the operator times are: the CPU provider's kernels, or the WebGPU provider's GPU timestamps. */
+  clock: 'cpu kernels' | 'gpu kernels' | 'cpu side of gpu nodes'
+  /** Events in the file by category (Session, Node, Api, …). */
+  event_categories: Record<string, number>
+  groups: ProfileRunGroup[]
+  /** Set when the profile lacks the per-kernel events its provider should write: what it has instead. */
+  note?: string
+}
+
+/** The profiles a session with `profileFilePrefix: prefix` wrote (ONNX Runtime appends `_<date>_<time>.json`; a widened decode session writes `<prefix>-decode_…`). */
+export function profileFiles(prefix: string): string[] {
+  const dir = path.dirname(prefix)
+  const base = path.basename(prefix)
+  const escaped = base.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
+  const pattern = new RegExp(`^${escaped}(-decode)?_\\d{4}-\\d\\d-\\d\\d_[\\d-]+(_\\d+)?\\.json$`)
+  if (!fs.existsSync(dir)) return []
+  return fs.readdirSync(dir).filter((f) => pattern.test(f)).sort().map((f) => path.join(dir, f))
+}
+
+/** Tokens a run fed: the embedding's ids [batch, seq] (GPU forms gather), or the rows [batch, seq, hidden] the CPU graph's embed block starts from. */
+function tokensOf(node: ProfileEvent): number {
+  const op = node.args?.op_name ?? ''
+  const gather = op === 'Gather' || op === 'GatherBlockQuantized'
+  const shape = Object.values(node.args?.input_type_shape?.[gather ? 1 : 0] ?? {})[0]
+  return shape && (gather || shape.length === 3) ? shape.slice(0, 2).reduce((a, b) => a * b, 1) : 0
+}
+
+/** The operator of a WebGPU kernel event, named `node&op&program`. */
+const gpuOperator = (name: string) => name.split('&')[1] ?? name
+
+interface Run {
+  dur: number
+  tokens: number
+  ops: Map<string, {us: number; kernels: number; cpuUs: number}>
+}
+
+export function summarizeProfile(file: string): ProfileSummary {
+  const events = JSON.parse(fs.readFileSync(file, 'utf8')) as ProfileEvent[]
+  const categories: Record<string, number> = {}
+  for (const e of events) categories[e.cat] = (categories[e.cat] ?? 0) + 1
+  const byTime = (a: ProfileEvent, b: ProfileEvent) => a.ts - b.ts
+  const sessionRuns = events.filter((e) => e.cat === 'Session' && e.name === 'model_run').sort(byTime)
+  const nodes = events.filter((e) => e.cat === 'Node' && e.name.endsWith('_kernel_time')).sort(byTime)
+  const gpuKernels = events.filter((e) => e.cat === 'Api' && e.name.includes('&')).sort(byTime)
+  const onGpu = nodes.some((n) => (n.args?.provider ?? '').startsWith('WebGpu'))
+  const clock: ProfileSummary['clock'] = !onGpu ? 'cpu kernels' : gpuKernels.length > 0 ? 'gpu kernels' : 'cpu side of gpu nodes'
+
+  const runs: Run[] = sessionRuns.map((run) => {
+    const end = run.ts + run.dur
+    const ops: Run['ops'] = new Map()
+    const entry = (op: string) => {
+      let e = ops.get(op)
+      if (!e) ops.set(op, (e = {us: 0, kernels: 0, cpuUs: 0}))
+      return e
+    }
+    let tokens = 0
+    for (const node of nodes) {
+      if (node.ts < run.ts || node.ts > end) continue
+      if (!tokens && node.name.startsWith('embed/')) tokens = tokensOf(node)
+      const op = node.args?.op_name ?? '?'
+      if (clock === 'gpu kernels') {
+        // the CPU side of the nodes the GPU ran (shape arithmetic on the CPU provider is not the GPU's)
+        if ((node.args?.provider ?? '').startsWith('WebGpu')) entry(op).cpuUs += node.dur
+        continue
+      }
+      const e = entry(op)
+      e.us += node.dur
+      e.kernels++
+    }
+    if (clock === 'gpu kernels') {
+      for (const kernel of gpuKernels) {
+        if (kernel.ts < run.ts || kernel.ts > end) continue
+        const e = entry(gpuOperator(kernel.name))
+        e.us += kernel.dur
+        e.kernels++
+      }
+      for (const [op, e] of ops) if (e.kernels === 0) ops.delete(op) // launched nothing (views)
+    }
+    return {dur: run.dur, tokens, ops}
+  })
+
+  const groups = new Map<number, Run[]>()
+  for (const run of runs) groups.set(run.tokens, [...(groups.get(run.tokens) ?? []), run])
+  const summary: ProfileSummary = {
+    file,
+    clock,
+    event_categories: categories,
+    groups: [...groups].sort((a, b) => a[0] - b[0]).map(([tokens, group]) => summarizeGroup(tokens, group, clock === 'gpu kernels')),
+  }
+  if (clock === 'cpu side of gpu nodes') {
+    summary.note = `the WebGPU provider wrote no GPU kernel timings (no "Api" events; events by category: ${describeCategories(categories)}): the times are the CPU side of each node (recording its dispatches), not GPU time`
+  } else if (nodes.length === 0) {
+    summary.note = `the profile has no per-kernel events (events by category: ${describeCategories(categories)})`
+  }
+  return summary
+}
+
+const describeCategories = (categories: Record<string, number>) => Object.entries(categories).map(([c, n]) => `${c} ${n}`).join(', ')
+
+function summarizeGroup(tokens: number, runs: Run[], withCpu: boolean): ProfileRunGroup {
+  const run = [...runs].sort((a, b) => a.dur - b.dur)[runs.length >> 1]!
+  const totalUs = [...run.ops.values()].reduce((sum, o) => sum + o.us, 0)
+  const kernels = [...run.ops.values()].reduce((sum, o) => sum + o.kernels, 0)
+  const ops = [...run.ops]
+    .sort((a, b) => b[1].us - a[1].us)
+    .filter(([, o]) => totalUs > 0 && o.us / totalUs >= 0.005)
+    .map(([op, o]): OperatorTime => ({op, ms: o.us / 1000, kernels: o.kernels, share: o.us / totalUs, ...(withCpu ? {cpu_ms: o.cpuUs / 1000} : {})}))
+  return {tokens, runs: runs.length, run_ms: run.dur / 1000, kernel_ms: totalUs / 1000, kernels, ops}
+}
+
+/** The summary as lines of text: a heading per group and a Markdown table of its operators. */
+export function describeProfile(summary: ProfileSummary): string[] {
+  const lines = [`profile ${summary.file} (${summary.clock === 'gpu kernels' ? 'GPU time per kernel, the WebGPU provider\'s timestamps' : summary.clock === 'cpu kernels' ? 'CPU kernel time' : 'CPU time of each node'})`]
+  if (summary.note) lines.push(`note: ${summary.note}`)
+  const gpu = summary.clock === 'gpu kernels'
+  for (const group of summary.groups) {
+    if (group.kernels === 0) {
+      lines.push(`${group.tokens} token${group.tokens === 1 ? '' : 's'} per run: ${group.runs} runs, no kernel events in them`)
+      continue
+    }
+    const between = group.run_ms - group.kernel_ms
+    lines.push(`${group.tokens} token${group.tokens === 1 ? '' : 's'} per run: median of ${group.runs} runs, ${group.run_ms.toFixed(1)} ms per run, ${group.kernel_ms.toFixed(1)} ms in ${group.kernels} ${gpu ? 'GPU kernels' : 'kernels'}${gpu ? '' : ` (${between.toFixed(1)} ms between kernels)`}`)
+    lines.push(gpu ? '| operator | GPU ms | kernels | share | CPU ms (recording) |' : '| operator | ms | kernels | share |')
+    lines.push(gpu ? '|---|---|---|---|---|' : '|---|---|---|---|')
+    for (const o of group.ops) {
+      const cells = [o.op, o.ms.toFixed(2), String(o.kernels), `${(o.share * 100).toFixed(0)} %`, ...(gpu ? [(o.cpu_ms ?? 0).toFixed(2)] : [])]
+      lines.push(`| ${cells.join(' | ')} |`)
+    }
+  }
+  return lines
+}
