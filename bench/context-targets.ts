@@ -3,8 +3,13 @@
 // 1024 tokens against P = 1's, peak RSS against weights + KV cache, and the prompt-64 figures
 // against the previous parscale (PARSCALE_BASELINE). Every configuration runs once per round, in
 // paired, alternating rounds (BENCH_ROUNDS, default 3); ratios are per round, median and spread.
+// The P = 8 decode ratio is also measured step by step in one process (both caches prefilled,
+// decode steps interleaved: `bench:context-steps`), which load bursts of minutes cannot skew;
+// BENCH_INTERLEAVED=0 skips it.
 import {formatBytes} from '../src/core/format.js'
+import {interleavedDecode, medianWithQuartiles} from '../src/core/bench/interleaved-decode.js'
 import {benchMachine, benchPackage, type BenchReport} from '../src/core/bench/run-bench.js'
+import {median} from '../src/core/bench/stats.js'
 import {loadLine, pairedRounds, perRound, roundsFromEnv, targetLine, type PairedTarget, type Side} from '../src/core/bench/paired.js'
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import type {RunResult} from '../src/core/bench/types.js'
@@ -65,3 +70,14 @@ if (baselineCheckout()) {
   }
 }
 for (const target of targets) console.log(targetLine(target))
+
+if (process.env.BENCH_INTERLEAVED !== '0') {
+  const steps = Number(process.env.BENCH_STEPS ?? 30)
+  const interleaved = await interleavedDecode({packageDir, parallel: 8, prompts: [64, 1024], steps, threads, onStatus: log})
+  const ratios = interleaved.ratios[1024]!
+  const ratio = median(ratios)
+  console.log(
+    `${ratio <= 1.1 ? 'MET   ' : 'MISSED'} P=8 decode at prompt 1024 / at prompt 64, ${steps} steps interleaved in one process (≤ 1.10): median ${medianWithQuartiles(ratios, 3)} (quartiles); ` +
+      `steps ${medianWithQuartiles(interleaved.stepMs[64]!, 1)} and ${medianWithQuartiles(interleaved.stepMs[1024]!, 1)} ms; load ${interleaved.load[0].toFixed(2)} → ${interleaved.load[1].toFixed(2)}`,
+  )
+}

@@ -5,12 +5,14 @@
  * place; a step never copies the cache.
  *
  * Layout per layer, one slot per sequence, the P streams of a slot next to each other:
- * keys `[slots·P, kv, head_dim, capacity]` (transposed, as the score MatMul reads them) and
- * values `[slots·P, kv, capacity, head_dim]`. The first `prefixTokens` positions of every
- * stream hold its learned prefix; a slot's tokens follow. A call runs consecutive slots, so
+ * keys `[slots·P, kv, capacity, head_dim]` and values `[slots·P, kv, head_dim, capacity]`
+ * (transposed): each is the first operand of its attention product, which the CPU's GEMM
+ * reads in place (the second operand it copies into a packed buffer; blocks.ts `attention`).
+ * The first `prefixTokens` positions of every stream hold its learned prefix; a slot's
+ * tokens follow. A call runs consecutive slots, so
  * finished sequences are compacted away (`move`).
  */
-import type {StreamWeights} from './stream-weights.js'
+import {transposeLastTwo, type StreamWeights} from './stream-weights.js'
 
 export interface CacheShape {
   numLayers: number
@@ -29,6 +31,7 @@ export class KvCache {
   private filled: number[] = []
   private slotCount = 0
   private cap = 0
+  private prefix: {keys: Float32Array[]; values: Float32Array[]} | undefined
 
   constructor(
     readonly shape: CacheShape,
@@ -81,18 +84,32 @@ export class KvCache {
     const {numLayers, numKvHeads: kv, headDim: d} = this.shape
     const n = this.prefixTokens
     const P = this.parallel
-    for (let layer = 0; layer < numLayers && n > 0; layer++) {
+    const prefix = n > 0 ? this.prefixInLayout() : undefined
+    for (let layer = 0; layer < numLayers && prefix; layer++) {
       const keys = this.keys[layer]
       const values = this.values[layer]
-      const prefixKeys = this.streams.prefixKeys[layer] // [P, kv, d, n]
-      const prefixValues = this.streams.prefixValues[layer] // [P, kv, n, d]
       for (let head = 0; head < P * kv; head++) {
         const cacheHead = slot * P * kv + head
-        for (let j = 0; j < d; j++) keys.set(prefixKeys.subarray((head * d + j) * n, (head * d + j + 1) * n), (cacheHead * d + j) * this.cap)
-        values.set(prefixValues.subarray(head * n * d, (head + 1) * n * d), cacheHead * this.cap * d)
+        keys.set(prefix.keys[layer].subarray(head * n * d, (head + 1) * n * d), cacheHead * this.cap * d)
+        for (let j = 0; j < d; j++) values.set(prefix.values[layer].subarray((head * d + j) * n, (head * d + j + 1) * n), (cacheHead * d + j) * this.cap)
       }
     }
     this.filled[slot] = n
+  }
+
+  /** The stream prefixes in this cache's layout, made once: keys [P·kv, n, d], values [P·kv, d, n]. */
+  private prefixInLayout(): {keys: Float32Array[]; values: Float32Array[]} {
+    if (!this.prefix) {
+      const {numKvHeads: kv, headDim: d} = this.shape
+      const heads = this.parallel * kv
+      const n = this.prefixTokens
+      // stream-weights keeps keys transposed [P·kv, d, n] (the WebGPU graph's layout) and values [P·kv, n, d]
+      this.prefix = {
+        keys: this.streams.prefixKeys.map((stored) => transposeLastTwo(stored, heads, d, n)),
+        values: this.streams.prefixValues.map((stored) => transposeLastTwo(stored, heads, n, d)),
+      }
+    }
+    return this.prefix
   }
 
   /** Copies slot `from` over slot `to` (compaction when a sequence leaves). */
@@ -119,13 +136,13 @@ export class KvCache {
     return {
       keys: this.keys.map((k) => k.subarray(first * size, (first + count) * size)),
       values: this.values.map((v) => v.subarray(first * size, (first + count) * size)),
-      dims: {keys: [rows, kv, d, this.cap], values: [rows, kv, this.cap, d]},
+      dims: {keys: [rows, kv, this.cap, d], values: [rows, kv, d, this.cap]},
     }
   }
 
   /**
-   * Appends a call's new keys ([count·P, kv, head_dim, seq] per layer) and values
-   * ([count·P, kv, seq, head_dim]) to slots first … first+count−1.
+   * Appends a call's new keys ([count·P, kv, seq, head_dim] per layer) and values
+   * ([count·P, kv, head_dim, seq]) to slots first … first+count−1.
    */
   append(first: number, count: number, seq: number, newKeys: Float32Array[], newValues: Float32Array[]): void {
     const {numLayers, numKvHeads: kv, headDim: d} = this.shape
@@ -143,12 +160,12 @@ export class KvCache {
         for (let h = 0; h < P * kv; h++) {
           const src = r * P * kv + h
           const dst = slot * P * kv + h
+          keys.set(srcKeys.subarray(src * seq * d, (src + 1) * seq * d), (dst * cap + at) * d)
           if (seq === 1) {
-            for (let j = 0; j < d; j++) keys[(dst * d + j) * cap + at] = srcKeys[src * d + j]
+            for (let j = 0; j < d; j++) values[(dst * d + j) * cap + at] = srcValues[src * d + j]
           } else {
-            for (let j = 0; j < d; j++) keys.set(srcKeys.subarray((src * d + j) * seq, (src * d + j + 1) * seq), (dst * d + j) * cap + at)
+            for (let j = 0; j < d; j++) values.set(srcValues.subarray((src * d + j) * seq, (src * d + j + 1) * seq), (dst * d + j) * cap + at)
           }
-          values.set(srcValues.subarray(src * seq * d, (src + 1) * seq * d), (dst * cap + at) * d)
         }
       }
       this.filled[slot] = at + seq
@@ -168,10 +185,10 @@ export class KvCache {
     const heads = slots * this.parallel * kv
     const oldCap = this.cap
     const oldHeads = this.slotCount * this.parallel * kv
-    const grow = (old: Float32Array | undefined, keyLayout: boolean): Float32Array => {
+    const grow = (old: Float32Array | undefined, transposed: boolean): Float32Array => {
       const next = new Float32Array(heads * d * capacity)
       if (!old || oldCap === 0) return next
-      if (keyLayout) {
+      if (transposed) {
         // rows of one (head, dim) are `capacity` long: copy each row's filled prefix
         for (let row = 0; row < oldHeads * d; row++) next.set(old.subarray(row * oldCap, row * oldCap + oldCap), row * capacity)
       } else {
@@ -179,8 +196,8 @@ export class KvCache {
       }
       return next
     }
-    this.keys = Array.from({length: numLayers}, (_, layer) => grow(this.keys[layer], true))
-    this.values = Array.from({length: numLayers}, (_, layer) => grow(this.values[layer], false))
+    this.keys = Array.from({length: numLayers}, (_, layer) => grow(this.keys[layer], false))
+    this.values = Array.from({length: numLayers}, (_, layer) => grow(this.values[layer], true))
     this.filled = Array.from({length: slots}, (_, slot) => this.filled[slot] ?? 0)
     this.slotCount = slots
     this.cap = capacity

@@ -18,7 +18,7 @@ export interface HostTensor {
 export interface StreamWeights {
   parallel: number
   prefixTokens: number
-  /** Per layer, [P, kv, head_dim, prefix] (transposed, as the cache keeps keys). */
+  /** Per layer, [P, kv, head_dim, prefix] (transposed; the WebGPU graph keeps its cache so, the CPU cache transposes back). */
   prefixKeys: Float32Array[]
   /** Per layer, [P, kv, prefix, head_dim]. */
   prefixValues: Float32Array[]
@@ -88,7 +88,7 @@ export function loadStreamWeights(packageDir: string, variant: PackageVariant, s
 }
 
 /** [batch, rows, cols] → [batch, cols, rows] */
-function transposeLastTwo(x: Float32Array, batch: number, rows: number, cols: number): Float32Array {
+export function transposeLastTwo(x: Float32Array, batch: number, rows: number, cols: number): Float32Array {
   const out = new Float32Array(x.length)
   for (let b = 0; b < batch; b++) {
     const base = b * rows * cols

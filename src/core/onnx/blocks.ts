@@ -107,11 +107,13 @@ export interface AttentionMasks {
   causal: string
   /** The cache's capacity as a 1-element int64 tensor (where new-token scores start). */
   capacity: string
+  /** bool [1]: the call runs one new token per row (a decode step), which picks the attention's product order. */
+  oneToken: string
 }
 
 /**
  * Masked scores get a large finite negative rather than −inf, so a row with nothing visible
- * in one part still has a finite softmax.
+ * in one part still has a finite softmax. `pastKey` is a layer's cache keys [batch·P, kv, capacity, head_dim].
  */
 export function attentionMasks(ctx: DecoderContext, cacheLengths: string, pastKey: string): AttentionMasks {
   const {ops, g, dims, config} = ctx
@@ -119,7 +121,7 @@ export function attentionMasks(ctx: DecoderContext, cacheLengths: string, pastKe
   const one = g.int64([1], [])
   const blocked = g.float([-1e30], [])
   const open = g.float([0], [])
-  const capacity = ops.shape(pastKey, 3, 4)
+  const capacity = ops.shape(pastKey, 2, 3)
   const slot = ops.range(zero, ops.reshape(capacity, g.int64([], [0])), one) // [C]
   const filled = ops.less(ops.unsqueeze(slot, [0]), ops.unsqueeze(cacheLengths, [1])) // [B, C]
   const perBatch = ops.unsqueeze(ops.where(filled, open, blocked), [1, 2]) // [B, 1, 1, C]
@@ -128,13 +130,14 @@ export function attentionMasks(ctx: DecoderContext, cacheLengths: string, pastKe
   const position = ops.range(zero, seq, one) // [S]
   const causal = ops.where(ops.lessOrEqual(ops.unsqueeze(position, [0]), ops.unsqueeze(position, [1])), open, blocked) // [S, S]
   const group = config.numHeads / config.numKvHeads
-  return {cache, causal: group === 1 ? causal : g.node('Tile', [causal, g.int64([group, 1])]), capacity}
+  const oneToken = g.node('Equal', [dims.seq, g.int64([1])])
+  return {cache, causal: group === 1 ? causal : g.node('Tile', [causal, g.int64([group, 1])]), capacity, oneToken}
 }
 
 export interface LayerCache {
-  /** [batch·P, kv, head_dim, capacity]: keys stored transposed, as the score MatMul reads them. */
+  /** [batch·P, kv, capacity, head_dim]: keys in rows, the score product's first operand. */
   pastKey: string
-  /** [batch·P, kv, capacity, head_dim] */
+  /** [batch·P, kv, head_dim, capacity]: values transposed, the value product's first operand. */
   pastValue: string
 }
 
@@ -144,8 +147,8 @@ export interface LayerCache {
  * against it and against the new keys are computed apart and joined before the softmax.
  * q, k and v come from one projection (one matmul, split by head), and every tensor stays in
  * the layout [batch·P, heads, …] the scores need, so a layer runs few kernels.
- * Returns the output rows and the new keys [batch·P, kv, head_dim, seq] and values
- * [batch·P, kv, seq, head_dim], which the caller appends to its cache.
+ * Returns the output rows and the new keys [batch·P, kv, seq, head_dim] and values
+ * [batch·P, kv, head_dim, seq], which the caller appends to its cache.
  */
 export function attention(
   ctx: DecoderContext,
@@ -166,18 +169,56 @@ export function attention(
 
   // Queries of one KV head's group become extra rows: [b·p, kv, group·s, d].
   const queries = ops.reshape(applyRotary(ctx, q!, rotary), ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
-  const newKey = ops.transpose(applyRotary(ctx, k!, rotary), [0, 1, 3, 2]) // [b·p, kv, d, s]
-  const newValue = v! // [b·p, kv, s, d]
-
-  const cacheScores = ops.add(ops.matmul(queries, cache.pastKey), masks.cache) // [b·p, kv, group·s, C]
-  const newScores = ops.add(ops.matmul(queries, newKey), masks.causal) // [b·p, kv, group·s, s]
-  const probs = ops.softmax(ops.concat([cacheScores, newScores], 3), -1)
-  const fromCache = ops.matmul(ops.slice(probs, g.int64([0]), masks.capacity, 3), cache.pastValue)
-  const fromNew = ops.matmul(ops.slice(probs, masks.capacity, g.int64([Number.MAX_SAFE_INTEGER]), 3), newValue)
-  const context = ops.add(fromCache, fromNew) // [b·p, kv, group·s, d]
+  const newKey = applyRotary(ctx, k!, rotary) // [b·p, kv, s, d]
+  const newValue = ops.transpose(v!, [0, 1, 3, 2]) // [b·p, kv, d, s]
+  const branch = (cacheFirst: boolean) => g.subgraph(cacheFirst ? 'decode' : 'prefill', () => ops.inSubgraph(() => [attentionCore(ctx, {queries, newKey, newValue}, masks, cache, cacheFirst)]))
+  const context = g.node('If', [masks.oneToken], {then_branch: {graph: branch(true)}, else_branch: {graph: branch(false)}}) // [b·p, kv, group·s, d]
   const perToken = ops.transpose(ops.reshape(context, ops.shapeOf([dims.batchStreams, numHeads, dims.seq, headDim])), [0, 2, 1, 3])
   const rows = ops.reshape(perToken, ops.shapeOf([-1, numHeads * headDim]))
   return {output: weights.linear(rows, name('o_proj.weight')), newKey, newValue}
+}
+
+/** A · Bᵀ over the last two axes (ONNX Runtime hands the transpose to the GEMM, which packs B and reads A in place). */
+function matmulTransB(ctx: DecoderContext, a: string, b: string): string {
+  return ctx.g.node('FusedMatMul', [a, b], {transB: 1}, 'com.microsoft')
+}
+
+/** The n × n identity matrix, a float32 constant. */
+function identity(ctx: DecoderContext, n: number): string {
+  return ctx.g.float(Array.from({length: n * n}, (_, i) => (i % (n + 1) === 0 ? 1 : 0)), [n, n])
+}
+
+/**
+ * Scores, softmax and values against the cache and the new tokens: the context
+ * [b·p, kv, group·s, d]. The CPU's GEMM (MLAS) copies its second operand into a packed
+ * buffer before multiplying and reads the first in place. A decode step (`cacheFirst`) has
+ * a KV head's few query rows (7 at 0.5b) against the whole cache, so the cache goes first and
+ * streams once: K·qᵀ [C, group], turned to rows for the mask and the softmax, and Vᵀ·pᵀ
+ * [d, group], turned back; what is packed is the queries and the probabilities. A prefill
+ * chunk has many rows, over which one copy of the cache is shared, and turning its wide
+ * scores costs more than that copy: q·Kᵀ and p·V, the cache second.
+ */
+function attentionCore(
+  ctx: DecoderContext,
+  fresh: {queries: string; newKey: string; newValue: string},
+  masks: AttentionMasks,
+  cache: LayerCache,
+  cacheFirst: boolean,
+): string {
+  const {ops, g} = ctx
+  const {queries, newKey, newValue} = fresh
+  // A decode step's [·, group] results turned to rows as I·Xᵀ: MLAS's packing transposes far faster
+  // than ONNX Runtime's Transpose on these narrow shapes, and multiplying by 1 and adding 0 is exact.
+  const group = ctx.config.numHeads / ctx.config.numKvHeads
+  const toRows = (x: string) => matmulTransB(ctx, identity(ctx, group), x)
+  const scoresOnCache = cacheFirst ? toRows(matmulTransB(ctx, cache.pastKey, queries)) : matmulTransB(ctx, queries, cache.pastKey)
+  const cacheScores = ops.add(scoresOnCache, masks.cache) // [b·p, kv, group·s, C]
+  const newScores = ops.add(matmulTransB(ctx, queries, newKey), masks.causal) // [b·p, kv, group·s, s]
+  const probs = ops.softmax(ops.concat([cacheScores, newScores], 3), -1)
+  const onCache = ops.slice(probs, g.int64([0]), masks.capacity, 3)
+  const onNew = ops.slice(probs, masks.capacity, g.int64([Number.MAX_SAFE_INTEGER]), 3)
+  const fromCache = cacheFirst ? toRows(matmulTransB(ctx, cache.pastValue, onCache)) : matmulTransB(ctx, onCache, cache.pastValue)
+  return ops.add(fromCache, matmulTransB(ctx, onNew, newValue))
 }
 
 /**

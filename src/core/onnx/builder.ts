@@ -7,7 +7,7 @@ const {onnx} = onnxProto
 export type ElementType = 'float32' | 'float16' | 'int64' | 'int32' | 'bool' | 'uint8' | 'int8'
 /** A tensor dimension: a fixed size or a symbolic name such as "batch". */
 export type Dim = number | string
-export type AttributeValue = number | number[] | string | {float: number} | {floats: number[]}
+export type AttributeValue = number | number[] | string | {float: number} | {floats: number[]} | {graph: onnxProto.onnx.IGraphProto}
 
 const ELEMENT_TYPES: Record<ElementType, number> = {
   float32: onnx.TensorProto.DataType.FLOAT,
@@ -29,7 +29,7 @@ const MICROSOFT_OPSET = 1
  * which block produced a value.
  */
 export class GraphBuilder {
-  private readonly nodes: onnxProto.onnx.INodeProto[] = []
+  private nodes: onnxProto.onnx.INodeProto[] = []
   private readonly initializers: onnxProto.onnx.ITensorProto[] = []
   private readonly inputs: onnxProto.onnx.IValueInfoProto[] = []
   private readonly outputs: onnxProto.onnx.IValueInfoProto[] = []
@@ -50,6 +50,23 @@ export class GraphBuilder {
     }
   }
 
+  /**
+   * A subgraph (an `If` branch): the nodes `body` emits go into it, and it returns the values
+   * that are its outputs (float32, each made by a node of the body). Its nodes read outer
+   * values and constants by name.
+   */
+  subgraph(name: string, body: () => string[]): onnxProto.onnx.IGraphProto {
+    const outer = this.nodes
+    const inner: onnxProto.onnx.INodeProto[] = []
+    this.nodes = inner
+    try {
+      const outputs = body()
+      return {name: this.uniqueName(name), node: inner, output: outputs.map((o) => valueInfo(o, 'float32', null))}
+    } finally {
+      this.nodes = outer
+    }
+  }
+
   input(name: string, type: ElementType, shape: Dim[]): string {
     this.inputs.push(valueInfo(name, type, shape))
     return name
@@ -65,7 +82,7 @@ export class GraphBuilder {
     const isOutputAlready = this.outputs.some((o) => o.name === value)
     if (producer && !isOutputAlready) {
       producer.output = producer.output!.map((o) => (o === value ? name : o))
-      for (const node of this.nodes) node.input = node.input?.map((i) => (i === value ? name : i))
+      renameInputs(this.nodes, value, name)
     } else {
       this.nodes.push({opType: 'Identity', input: [value], output: [name], name: `output/${name}`})
     }
@@ -182,6 +199,14 @@ export class GraphBuilder {
 }
 
 /** `shape` null: any rank (an output whose rank depends on an input's values). */
+/** Renames a value wherever `nodes` read it, the subgraphs of their branches included. */
+function renameInputs(nodes: onnxProto.onnx.INodeProto[], from: string, to: string): void {
+  for (const node of nodes) {
+    node.input = node.input?.map((i) => (i === from ? to : i))
+    for (const attribute of node.attribute ?? []) if (attribute.g?.node) renameInputs(attribute.g.node, from, to)
+  }
+}
+
 function valueInfo(name: string, type: ElementType, shape: Dim[] | null): onnxProto.onnx.IValueInfoProto {
   return {
     name,
@@ -200,5 +225,6 @@ function attribute(name: string, value: AttributeValue): onnxProto.onnx.IAttribu
   if (typeof value === 'string') return {name, type: AttributeType.STRING, s: new TextEncoder().encode(value)}
   if (Array.isArray(value)) return {name, type: AttributeType.INTS, ints: value}
   if ('float' in value) return {name, type: AttributeType.FLOAT, f: value.float}
+  if ('graph' in value) return {name, type: AttributeType.GRAPH, g: value.graph}
   return {name, type: AttributeType.FLOATS, floats: value.floats}
 }

@@ -5,7 +5,7 @@ import type {GraphBuilder} from './builder.js'
  * arithmetic they implement. Shape arguments are int64 tensors (see `DynamicShapes`).
  */
 export class Ops {
-  private readonly shapes = new Map<string, string>()
+  private shapes = new Map<string, string>()
 
   constructor(readonly g: GraphBuilder) {}
 
@@ -126,6 +126,17 @@ export class Ops {
     if (start !== undefined) attributes.start = start
     if (end !== undefined) attributes.end = end
     return this.g.node('Shape', [x], attributes)
+  }
+
+  /** `body` building a subgraph: shapes it builds stay inside it (the outer graph cannot read them). */
+  inSubgraph<T>(body: () => T): T {
+    const outer = this.shapes
+    this.shapes = new Map(outer)
+    try {
+      return body()
+    } finally {
+      this.shapes = outer
+    }
   }
 
   /** Builds a 1-D int64 shape from fixed sizes and 1-element dynamic dims (tensor names). */

@@ -8,7 +8,7 @@ import type {WeightProvider} from './weights.js'
  * Bumped whenever the graph a conversion writes changes (ops, inputs, layout of stored
  * weights), so packages cached by an older parscale are converted again instead of reused.
  */
-export const GRAPH_VERSION = 8
+export const GRAPH_VERSION = 9
 
 /** Names of the decoder's inputs and outputs. */
 export const io = {
@@ -45,8 +45,8 @@ export function buildDecoderGraph(config: BackboneShape, makeWeights: (g: GraphB
   const g = new GraphBuilder('parscale')
   const ops = new Ops(g)
   const {numKvHeads: kv, headDim, hiddenSize: H} = config
-  const keyShape = ['batch_streams', kv, headDim, 'capacity']
-  const valueShape = ['batch_streams', kv, 'capacity', headDim]
+  const keyShape = ['batch_streams', kv, 'capacity', headDim]
+  const valueShape = ['batch_streams', kv, headDim, 'capacity']
 
   const inputsEmbeds = g.input(io.inputsEmbeds, 'float32', ['batch', 'sequence_length', H])
   const positions = g.input(io.positions, 'int64', ['batch', 'sequence_length'])
@@ -87,8 +87,8 @@ export function buildDecoderGraph(config: BackboneShape, makeWeights: (g: GraphB
       const afterMlp = addAndNorm(ctx, mlpOutput, afterAttention.sum, nextNorm)
       residual = afterMlp.sum
       normed = afterMlp.normed
-      g.output(attn.newKey, io.newKey(layer), 'float32', ['batch_streams', kv, headDim, 'sequence_length'])
-      g.output(attn.newValue, io.newValue(layer), 'float32', ['batch_streams', kv, 'sequence_length', headDim])
+      g.output(attn.newKey, io.newKey(layer), 'float32', ['batch_streams', kv, 'sequence_length', headDim])
+      g.output(attn.newValue, io.newValue(layer), 'float32', ['batch_streams', kv, headDim, 'sequence_length'])
     })
   }
 
