@@ -262,6 +262,13 @@ export function writeGpuFormGraph(packageDir: string, parallel: number, decodeOn
   return path
 }
 
+/**
+ * Most tokens per GPU-form call: ONNX Runtime 1.30's WebGPU GroupQueryAttention gives wrong
+ * logits for a continuation of 32 tokens or more (measured on lavapipe, default model at P = 4:
+ * max |Δlogit| 2e-5 up to 31 tokens a call, 0.39 from 32), so longer inputs go in pieces.
+ */
+export const GPU_FORM_CALL_TOKENS = 16
+
 export const gpuFormGraphFile = (parallel: number) => `model.gpu-p${parallel}.onnx`
 /** The decode-only variant (one token a call, static shapes: what graph capture needs). */
 export const gpuFormDecodeGraphFile = (parallel: number) => `model.gpu-p${parallel}.decode.onnx`
@@ -350,6 +357,11 @@ export class GpuFormModel {
     this.values = out.values
     this.filled += ids.length
     return {logits: out.logits, streamWeights: out.streamWeights}
+  }
+
+  /** Which provider runs it: the CPU provider (checking) or onnxruntime-node's WebGPU provider (no graph capture). */
+  get route(): 'cpu' | 'node' {
+    return this.device === 'cpu' ? 'cpu' : 'node'
   }
 
   /** Whether the last steps wrote the cache in place (past and present one buffer). */

@@ -17,7 +17,7 @@ import {attentionMask, DeviceKvCache, DeviceOps, type DeviceCacheHost, type Devi
 import {checkWebGpu, webgpuSessionOptions, type AdapterInfo, type Device} from './device.js'
 import {EmbeddingRows} from './embedding-rows.js'
 import {GpuFormCache} from './gpu-form-cache.js'
-import {gpuFormStep, gpuFormSupport, openGpuFormSession, prefixCache} from './gpu-form.js'
+import {GPU_FORM_CALL_TOKENS, gpuFormStep, gpuFormSupport, openGpuFormSession, prefixCache} from './gpu-form.js'
 import {KvCache} from './kv-cache.js'
 import {loadStreamWeights, type HostTensor, type StreamWeights} from './stream-weights.js'
 import {widenedDecodeGraph} from '../quant/widen.js'
@@ -81,13 +81,6 @@ const PREFILL_SCORE_BYTES = 64 << 20
 const PREFILL_LOGITS_BYTES = 64 << 20
 const MAX_PREFILL_CHUNK = 256
 const MIN_PREFILL_CHUNK = 16
-
-/**
- * Most tokens per GPU-form call: ONNX Runtime 1.30's WebGPU GroupQueryAttention gives wrong
- * logits for a continuation of 32 tokens or more (measured on lavapipe, default model at P = 4:
- * max |Δlogit| 2e-5 up to 31 tokens a call, 0.39 from 32), so longer inputs go in pieces.
- */
-const GPU_FORM_CALL_TOKENS = 16
 
 /** Widened int8 decoding pays off from this many streams per token (docs/benchmarks.md). */
 export const WIDENED_DECODE_FROM_PARALLEL = 4

@@ -1,0 +1,119 @@
+// The WebGPU capture route (issue 23): onnxruntime-web on Dawn, prefill through the dynamic GPU
+// form, decode through the captured decode-only form, one GPU buffer per layer and kind as past
+// and present. Its logits against the exact CPU graph (onnxruntime-node's CPU provider) on the
+// default model at every P, over a prompt and 10 decode steps (the first records, the rest
+// replay), then again after reset (the same buffers rewritten). Skips itself where
+// onnxruntime-web and Dawn do not load or Dawn finds no adapter; runs on lavapipe.
+import assert from 'node:assert/strict'
+import {spawnSync} from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import {after, before, describe, test} from 'node:test'
+import {fileURLToPath} from 'node:url'
+
+import {ParScaleModel} from '../src/core/engine/model.js'
+import {CapturedGpuFormModel, chooseWebGpuRoute, loadCaptureRuntime, type CaptureRuntime} from '../src/core/engine/webgpu-capture.js'
+import {resolveModel} from '../src/core/package/resolve.js'
+import {makeTempDir} from './helpers/safetensors-writer.js'
+
+const work = makeTempDir()
+after(() => fs.rmSync(work, {recursive: true, force: true}))
+
+let runtime: CaptureRuntime | string = 'not loaded'
+let packageDir = ''
+before(async () => {
+  process.env.PARSCALE_CACHE ??= path.join(work, 'cache')
+  runtime = await loadCaptureRuntime()
+  packageDir = resolveModel(undefined, {parallel: 8}).packageDir
+})
+
+const maxDiff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
+  assert.equal(a.length, b.length)
+  let worst = 0
+  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!))
+  return worst
+}
+const argmax = (xs: Float32Array) => xs.reduce((best, x, i) => (x > xs[best]! ? i : best), 0)
+
+describe('WebGPU graph capture route: logits equal the CPU graph\'s', () => {
+  for (const parallel of [8, 4, 2, 1]) {
+    test(`P = ${parallel}: a 20-token prompt, then 10 decode steps (recorded, then replayed), twice`, async (t) => {
+      if (typeof runtime === 'string') return t.skip(runtime)
+      const capacity = 48 + 40
+      const gpu = await CapturedGpuFormModel.open(packageDir, {parallel, capacity}, runtime)
+      const cpu = await ParScaleModel.open(packageDir)
+      const cache = cpu.newCache(parallel)
+      cache.reserve(1, capacity)
+      const prompt = Array.from({length: 20}, (_, i) => (i * 37 + 11) % 4000)
+      const worst: number[] = []
+      try {
+        for (let round = 0; round < 2; round++) {
+          gpu.reset()
+          cache.reset(0)
+          let g = await gpu.step(prompt) // 16 + 4 tokens: two calls of the dynamic form
+          let c = await cpu.forward(cache, 0, [prompt], 1)
+          worst.push(maxDiff(g.logits, c.logits))
+          for (let s = 0; s < 10; s++) {
+            const next = argmax(c.logits)
+            g = await gpu.step([next])
+            c = await cpu.forward(cache, 0, [[next]], 1)
+            worst.push(maxDiff(g.logits, c.logits))
+            if (c.streamWeights) assert.ok(maxDiff(g.streamWeights, c.streamWeights) < 1e-5, 'stream weights')
+            assert.ok(Math.abs(g.streamWeights.reduce((a, b) => a + b, 0) - 1) < 1e-5, 'stream weights sum to 1')
+          }
+          assert.equal(gpu.length, 30)
+          assert.ok(gpu.captured)
+        }
+      } finally {
+        cache.dispose()
+        await cpu.release()
+        await gpu.release()
+      }
+      const most = Math.max(...worst)
+      if (process.env.PARSCALE_SHOW_DIFFS) console.log(`P=${parallel} on ${runtime.adapter}: worst |logit diff| ${most.toExponential(2)} over ${worst.length} steps`)
+      assert.ok(most < 1e-4, `P=${parallel}: worst |logit diff| ${most}`)
+    })
+  }
+
+  test('a full cache is refused in one line', async (t) => {
+    if (typeof runtime === 'string') return t.skip(runtime)
+    const gpu = await CapturedGpuFormModel.open(packageDir, {parallel: 1, capacity: 4}, runtime)
+    try {
+      await gpu.step([1, 2, 3])
+      await gpu.step([4])
+      await assert.rejects(gpu.step([5]), /the cache holds 4 tokens; 5 do not fit/)
+    } finally {
+      await gpu.release()
+    }
+  })
+})
+
+test('PARSCALE_WEBGPU_ROUTE picks the route; a wrong value is one line', async () => {
+  const previous = process.env.PARSCALE_WEBGPU_ROUTE
+  try {
+    process.env.PARSCALE_WEBGPU_ROUTE = 'node'
+    assert.deepEqual(await chooseWebGpuRoute(), {route: 'node'})
+    process.env.PARSCALE_WEBGPU_ROUTE = 'fast'
+    await assert.rejects(chooseWebGpuRoute(), /PARSCALE_WEBGPU_ROUTE must be capture or node, not "fast"/)
+  } finally {
+    if (previous === undefined) delete process.env.PARSCALE_WEBGPU_ROUTE
+    else process.env.PARSCALE_WEBGPU_ROUTE = previous
+  }
+})
+
+test('without onnxruntime-web and Dawn, the route falls back to onnxruntime-node with one reason', () => {
+  // PARSCALE_ORTWEB, when set, is the only place looked in
+  const here = path.dirname(fileURLToPath(import.meta.url))
+  const script = `
+    const m = await import(${JSON.stringify(path.join(here, '..', 'src', 'core', 'engine', 'webgpu-capture.js'))})
+    console.log(JSON.stringify(await m.chooseWebGpuRoute()))`
+  const child = spawnSync(process.execPath, ['--input-type=module', '-e', script], {
+    cwd: os.tmpdir(),
+    env: {...process.env, PARSCALE_ORTWEB: path.join(work, 'nothing'), NODE_PATH: '', PARSCALE_WEBGPU_ROUTE: 'capture'},
+    encoding: 'utf8',
+  })
+  const choice = JSON.parse(child.stdout.trim().split('\n').at(-1) ?? '{}') as {route?: string; fallback?: string}
+  assert.equal(choice.route, 'node', child.stderr)
+  assert.match(choice.fallback ?? '', /onnxruntime-web and webgpu \(Dawn\) are not installed/)
+})
