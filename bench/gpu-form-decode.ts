@@ -4,7 +4,9 @@
 // kernel launches per step counted from the graph and the adapter's bandwidth floor.
 // Env: BENCH_DEVICE (webgpu), BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,8), BENCH_PROMPT (64),
 // BENCH_NEW (32), BENCH_REPEAT (3), BENCH_THREADS (CPU provider threads), BENCH_DIMS (JSON shape overrides),
-// BENCH_QUANT (int8|int4), BENCH_DTYPE (fp32|fp16).
+// BENCH_QUANT (int8|int4), BENCH_DTYPE (fp32|fp16). On webgpu the route is PARSCALE_WEBGPU_ROUTE's
+// (capture: onnxruntime-web with the decode graph captured and replayed, where it loads; node:
+// onnxruntime-node), printed per P.
 import {spawnSync} from 'node:child_process'
 import {fileURLToPath} from 'node:url'
 
@@ -12,7 +14,7 @@ import {describeGpuDispatches, gpuDispatches} from '../src/core/bench/gpu-dispat
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import {syntheticShape} from '../src/core/checkpoint/synthetic.js'
 import {adapterName, checkWebGpu, type Device} from '../src/core/engine/device.js'
-import {GpuFormModel} from '../src/core/engine/gpu-form.js'
+import {openGpuFormRunner} from '../src/core/engine/webgpu-capture.js'
 import type {WeightDtype} from '../src/core/onnx/weights.js'
 import {readManifest} from '../src/core/package/manifest.js'
 import {quantScheme, type QuantName} from '../src/core/quant/scheme.js'
@@ -38,13 +40,14 @@ interface Measured {
   decodeP90Ms: number
   peakRssBytes: number
   inPlace: boolean
+  route: string
 }
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!
 const p90 = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(xs.length * 0.9))]!
 
 async function measure(packageDir: string, P: number): Promise<Measured> {
-  const model = await GpuFormModel.open(packageDir, {
+  const {runner: model, choice} = await openGpuFormRunner(packageDir, {
     parallel: P, capacity: 48 + promptLength + newTokens + 1, device,
     ...(threads ? {sessionOptions: {intraOpNumThreads: threads, interOpNumThreads: 1}} : {}),
   })
@@ -66,7 +69,8 @@ async function measure(packageDir: string, P: number): Promise<Measured> {
   }
   const inPlace = model.inPlace
   await model.release()
-  return {parallel: P, prefillMs: median(prefill), decodeMs: median(decode), decodeP90Ms: p90(decode), peakRssBytes: process.resourceUsage().maxRSS * 1024, inPlace}
+  const route = choice.fallback ? `${choice.route} (no capture: ${choice.fallback})` : choice.route
+  return {parallel: P, prefillMs: median(prefill), decodeMs: median(decode), decodeP90Ms: p90(decode), peakRssBytes: process.resourceUsage().maxRSS * 1024, inPlace, route}
 }
 
 if (process.env.BENCH_CHILD) {
@@ -84,7 +88,7 @@ if (process.env.BENCH_CHILD) {
     if (child.status !== 0 || !line) { log(`P=${P}: the measuring process failed (${child.status})`); continue }
     const r = JSON.parse(line) as Measured
     results.push(r)
-    console.log(`P=${P}: prefill ${r.prefillMs.toFixed(1)} ms, decode ${r.decodeMs.toFixed(2)} ms/token (p90 ${r.decodeP90Ms.toFixed(2)}), peak RSS ${(r.peakRssBytes / 1e9).toFixed(2)} GB, cache in place ${r.inPlace}`)
+    console.log(`P=${P}: prefill ${r.prefillMs.toFixed(1)} ms, decode ${r.decodeMs.toFixed(2)} ms/token (p90 ${r.decodeP90Ms.toFixed(2)}), peak RSS ${(r.peakRssBytes / 1e9).toFixed(2)} GB, cache in place ${r.inPlace}, route ${r.route}`)
   }
   const p1 = results.find((r) => r.parallel === 1)
   const p8 = results.find((r) => r.parallel === 8)

@@ -117,3 +117,42 @@ test('without onnxruntime-web and Dawn, the route falls back to onnxruntime-node
   assert.equal(choice.route, 'node', child.stderr)
   assert.match(choice.fallback ?? '', /onnxruntime-web and webgpu \(Dawn\) are not installed/)
 })
+
+test('through ParScaleModel (run, bench): two sequences taking turns and a cache that grows, as on the CPU', async (t) => {
+  if (typeof runtime === 'string') return t.skip(runtime)
+  const parallel = 2
+  const gpu = await ParScaleModel.open(packageDir, {device: 'webgpu', parallel: [parallel]})
+  const cpu = await ParScaleModel.open(packageDir)
+  const caches = [gpu.newCache(parallel), cpu.newCache(parallel)]
+  let worst = 0
+  try {
+    assert.equal(gpu.webgpuRoute?.route, 'capture', gpu.webgpuRoute?.fallback)
+    assert.match(gpu.kernels(parallel).decode, /captured graph replayed/)
+    for (const cache of caches) {
+      cache.reserve(2, 40)
+      cache.reset(0)
+      cache.reset(1)
+    }
+    const both = async (rows: number[][], keep: number) => {
+      const [g, c] = [await gpu.forward(caches[0]!, 0, rows, keep), await cpu.forward(caches[1]!, 0, rows, keep)]
+      assert.deepEqual(g.dims, c.dims)
+      worst = Math.max(worst, maxDiff(g.logits, c.logits))
+      return c
+    }
+    // two prompts (logits of the last 3 positions), then steps for both rows: each step swaps the sequences in and out
+    let out = await both([[5, 6, 7, 8, 9], [11, 12, 13, 14, 15]], 3)
+    const nextOf = (o: {logits: Float32Array; dims: [number, number, number]}) => [0, 1].map((r) => [argmax(o.logits.subarray((r * o.dims[1] + o.dims[1] - 1) * o.dims[2], (r * o.dims[1] + o.dims[1]) * o.dims[2]))])
+    for (let s = 0; s < 3; s++) out = await both(nextOf(out), 1)
+    // a longer answer than reserved: the model is opened again with room for it, the resident sequence copied over
+    for (const cache of caches) cache.reserve(2, 300)
+    for (let s = 0; s < 3; s++) out = await both(nextOf(out), 1)
+    assert.equal(caches[0]!.tokens(0), caches[1]!.tokens(0))
+    assert.equal(caches[0]!.tokens(1), caches[1]!.tokens(1))
+  } finally {
+    for (const cache of caches) cache.dispose?.()
+    await cpu.release()
+    await gpu.release()
+  }
+  if (process.env.PARSCALE_SHOW_DIFFS) console.log(`ParScaleModel on the capture route, P=${parallel}, two sequences: worst |logit diff| ${worst.toExponential(2)}`)
+  assert.ok(worst < 1e-4, `worst |logit diff| ${worst}`)
+})

@@ -4,7 +4,7 @@
  * fixed-capacity cache per layer whose first slots hold the P streams' prefixes, and one
  * sequence (batch 1). Runs on the CPU provider too, where its exactness is checked.
  */
-import {readFileSync, renameSync, writeFileSync} from 'node:fs'
+import {readFileSync, renameSync, statSync, writeFileSync} from 'node:fs'
 import {join} from 'node:path'
 
 import onnxProto from 'onnx-proto'
@@ -83,6 +83,9 @@ export function packageFloatWeights(packageDir: string, manifest: PackageManifes
     })
   }
 }
+
+/** The matrices a package's GPU form lays out, by package (packageLaidOutWeights' first build, once per process). */
+const layoutRequests = new Map<string, LayoutRequest[]>()
 
 const firstRow = (blockName: string) => Number(/\[(\d+):/.exec(blockName)?.[1] ?? 0)
 
@@ -193,13 +196,19 @@ export function packageLaidOutWeights(packageDir: string, manifest: PackageManif
     }
   }
   // The matrices the graph multiplies by depend on the model's structure only: a first build
-  // names them, the file is made (or found), and the graph is built over it.
-  const requests = new Map<string, LayoutRequest>()
-  buildGpuFormGraph(manifest.model, (g) => floatGpuWeights(g, provider((_g, name, sources) => {
-    requests.set(name, {name, sources: sources.map((source) => ({name: source, ...entry(source)}))})
-    return name
-  })(g), manifest.model), {parallel: 1, prefixTokens: 0})
-  const laidOut = gpuFormMatrices(packageDir, manifest, [...requests.values()])
+  // names them (once per package and process: each open builds one graph more), the file is
+  // made (or found), and the graph is built over it.
+  const memo = `${packageDir}\n${manifest.backbone.sha256}\n${manifest.graphVersion}\n${manifest.webgpuGraph}`
+  let requests = layoutRequests.get(memo)
+  if (!requests) {
+    const named = new Map<string, LayoutRequest>()
+    buildGpuFormGraph(manifest.model, (g) => floatGpuWeights(g, provider((_g, name, sources) => {
+      named.set(name, {name, sources: sources.map((source) => ({name: source, ...entry(source)}))})
+      return name
+    })(g), manifest.model), {parallel: 1, prefixTokens: 0})
+    layoutRequests.set(memo, (requests = [...named.values()]))
+  }
+  const laidOut = gpuFormMatrices(packageDir, manifest, requests)
   return provider((g, name) => {
     const m = laidOut.get(name)!
     return g.externalInitializer(name, 'float32', m.shape, m.location)
@@ -213,7 +222,12 @@ export function packageGpuWeights(packageDir: string, manifest: PackageManifest)
   return (g) => floatGpuWeights(g, float(g), manifest.model)
 }
 
-/** One P's aggregation head, its matrices laid out (transposed) into `model.gpu-p{P}.weights` beside the graph. */
+/**
+ * One P's aggregation head, its matrices laid out (transposed) into `model.gpu-p{P}.weights`
+ * beside the graph: written at the first open, then reused while its index
+ * (`model.gpu-p{P}.weights.json`) names the same source tensors, the same source file (size and
+ * modification time) and the file is whole.
+ */
 function headFiles(packageDir: string, variant: PackageVariant): AggregationHeadFiles | undefined {
   if (variant.parallel === 1 || !variant.weights) return undefined
   const at = (name: string) => {
@@ -223,12 +237,27 @@ function headFiles(packageDir: string, variant: PackageVariant): AggregationHead
   }
   const file = gpuFormHeadFile(variant.parallel)
   const path = join(packageDir, file)
-  const temporary = `${path}.${process.pid}.tmp`
+  const indexPath = `${path}.json`
   const matrices = ['model.aggregate_layer.0.weight', 'model.aggregate_layer.2.weight']
-  const placed = writeTransposed(packageDir, temporary, matrices.map((name) => ({name, sources: [{name, half: false, ...at(name)}]})))
-  renameSync(temporary, path)
+  const source = statSync(join(packageDir, variant.weights))
+  const key = JSON.stringify({version: 1, weights: variant.weights, size: source.size, mtimeMs: source.mtimeMs, sources: matrices.map((name) => ({name, ...at(name)}))})
+  let placed: Map<string, {offset: number; length: number; shape: [number, number]}> | undefined
+  try {
+    const index = JSON.parse(readFileSync(indexPath, 'utf8')) as {key: string; placed: [string, {offset: number; length: number; shape: [number, number]}][]}
+    const end = Math.max(...index.placed.map(([, p]) => p.offset + p.length))
+    if (index.key === key && statSync(path).size >= end) placed = new Map(index.placed)
+  } catch {
+    placed = undefined // absent, unreadable or stale: written again
+  }
+  if (!placed) {
+    const temporary = `${path}.${process.pid}.tmp`
+    placed = writeTransposed(packageDir, temporary, matrices.map((name) => ({name, sources: [{name, half: false, ...at(name)}]})))
+    renameSync(temporary, path)
+    writeFileSync(`${indexPath}.${process.pid}.tmp`, JSON.stringify({key, placed: [...placed]}))
+    renameSync(`${indexPath}.${process.pid}.tmp`, indexPath)
+  }
   const laidOut = (name: string) => {
-    const {offset, length, shape} = placed.get(name)!
+    const {offset, length, shape} = placed!.get(name)!
     return {location: {file, offset, length}, shape}
   }
   return {

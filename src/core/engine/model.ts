@@ -20,10 +20,14 @@ import {GpuFormCache} from './gpu-form-cache.js'
 import {GPU_FORM_CALL_TOKENS, gpuFormStep, gpuFormSupport, openGpuFormSession, prefixCache} from './gpu-form.js'
 import {KvCache} from './kv-cache.js'
 import {loadStreamWeights, type HostTensor, type StreamWeights} from './stream-weights.js'
+import {CaptureCache, CapturedGpuFormModel, chooseWebGpuRoute, loadCaptureRuntime, type RouteChoice} from './webgpu-capture.js'
 import {widenedDecodeGraph} from '../quant/widen.js'
 
-/** A cache of one P: in JavaScript (CPU), in device memory (WebGPU), or per sequence in the GPU form. */
-export type ModelCache = KvCache | DeviceKvCache | GpuFormCache
+/** A cache of one P: in JavaScript (CPU), in device memory (WebGPU), or per sequence in the GPU form (onnxruntime-node, or the capture route's GPU buffers). */
+export type ModelCache = KvCache | DeviceKvCache | GpuFormCache | CaptureCache
+
+/** The capture route's first cache capacity (slots, prefix included): a prompt of 64 and 32 new tokens at a 48-token prefix fit. */
+const CAPTURE_CAPACITY = 256
 
 export interface ModelOptions {
   /** Intra-op threads; default: ONNX Runtime's choice (one per core). */
@@ -94,6 +98,8 @@ export class ParScaleModel implements DeviceCacheHost {
   /** The GPU form's sessions, one per P (each graph holds the backbone: opened as P values are used). */
   private readonly gpuFormSessions = new Map<number, Promise<ort.InferenceSession>>()
   private readonly gpuFormPrefixes = new Map<number, ReturnType<typeof prefixCache>>()
+  /** The capture route's models, one per P (each with its two sessions and bound cache buffers), and the capacity each was asked for. */
+  private readonly captureModels = new Map<number, {capacity: number; model: Promise<CapturedGpuFormModel>}>()
 
   private constructor(
     /** The package's graph; undefined when the GPU form runs every call. */
@@ -113,7 +119,14 @@ export class ParScaleModel implements DeviceCacheHost {
     /** Whether `webgpu` runs the GPU form (gpu-form.ts) rather than the package's WebGPU graph. */
     readonly gpuForm: boolean,
     private readonly gpuFormOptions: {profilePrefix?: string},
+    /** On webgpu's GPU form: the route (capture: onnxruntime-web with decode replayed; node: onnxruntime-node) and why not capture. */
+    private route: RouteChoice | undefined = undefined,
   ) {}
+
+  /** The WebGPU route taken (GPU form on webgpu only), and the reason where capture was wanted but is not used. */
+  get webgpuRoute(): RouteChoice | undefined {
+    return this.route
+  }
 
   private widened: Promise<ort.InferenceSession | undefined> | undefined
 
@@ -121,6 +134,8 @@ export class ParScaleModel implements DeviceCacheHost {
   kernels(parallel: number): {prefill: string; decode: string} {
     if (this.gpuForm) {
       const kernel = this.manifest.quant ? 'MatMulNBits (GPU form)' : 'MatMul (GPU form)'
+      if (this.route?.route === 'capture') return {prefill: `${kernel}, onnxruntime-web`, decode: `${kernel}, onnxruntime-web, captured graph replayed`}
+      if (this.route?.fallback) return {prefill: kernel, decode: `${kernel}, not captured: ${this.route.fallback}`}
       return {prefill: kernel, decode: kernel}
     }
     if (!this.manifest.quant) return {prefill: 'Gemm', decode: 'Gemm'}
@@ -168,13 +183,25 @@ export class ParScaleModel implements DeviceCacheHost {
     // the other needs, so with a decode session both pools sleep when idle.
     const sleeping = {...sessionOptions, extra: {session: {intra_op: {allow_spinning: '0'}}}}
     if (gpuForm) {
+      const route = await chooseWebGpuRoute()
       const model = new ParScaleModel(undefined, undefined, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, undefined, adapter, undefined, true, {
         ...(options.profilePrefix ? {profilePrefix: options.profilePrefix} : {}),
-      })
+      }, route)
       // One P named (run, eval, bench): its graph is built and loaded now, so failures and load
       // time show at open. Several (serve): each P's session opens at its first use, as each
       // holds the backbone on the device.
-      if (options.parallel?.length === 1) await model.gpuFormSession(options.parallel[0]!)
+      if (options.parallel?.length === 1) {
+        const P = options.parallel[0]!
+        if (route.route === 'capture') {
+          // where the capture route cannot open this package (an operator onnxruntime-web's
+          // WebGPU provider lacks, a session it refuses), onnxruntime-node's GPU form runs it
+          await model.captureModel(P, CAPTURE_CAPACITY).catch((error: unknown) => {
+            model.captureModels.delete(P)
+            model.route = {route: 'node', fallback: `the capture route did not open it: ${(error as Error).message.split('\n')[0]}`}
+          })
+        }
+        if (model.route?.route !== 'capture') await model.gpuFormSession(P)
+      }
       return model
     }
     const graph = join(packageDir, options.graphFile ?? (form === 'webgpu' ? manifest.webgpuGraph! : manifest.graph))
@@ -234,6 +261,10 @@ export class ParScaleModel implements DeviceCacheHost {
 
   /** An empty cache for sequences at `parallel` streams (`reserve` sizes it). */
   newCache(parallel: number): ModelCache {
+    if (this.gpuForm && this.route?.route === 'capture') {
+      const prefixTokens = parallel === 1 ? 0 : selectVariant(this.manifest, parallel, this.packageDir).prefixTokens
+      return new CaptureCache(this.shape, parallel, prefixTokens, (capacity) => this.captureModel(parallel, capacity))
+    }
     if (this.gpuForm) {
       void this.gpuFormSession(parallel).catch(() => undefined) // starts loading; `forward` reports a failure
       return new GpuFormCache(this.shape, parallel, this.gpuFormPrefix(parallel))
@@ -260,6 +291,7 @@ export class ParScaleModel implements DeviceCacheHost {
     if (count === 0 || seq === 0 || inputIds.some((row) => row.length !== seq)) throw new Error('forward needs rows of equal, non-zero length')
     if (cache instanceof DeviceKvCache) return this.forwardDevice(cache, first, inputIds, numLogitsToKeep)
     if (cache instanceof GpuFormCache) return this.forwardGpuForm(cache, first, inputIds, numLogitsToKeep)
+    if (cache instanceof CaptureCache) return this.forwardCapture(cache, first, inputIds, numLogitsToKeep)
     const positions = new BigInt64Array(count * seq)
     const lengths = new BigInt64Array(count)
     for (let r = 0; r < count; r++) {
@@ -366,6 +398,67 @@ export class ParScaleModel implements DeviceCacheHost {
     return {logits, dims: [count, kept, vocab], streamWeights}
   }
 
+  /**
+   * The capture route (webgpu-capture.ts): as forwardGpuForm, one sequence at a time in pieces
+   * of at most GPU_FORM_CALL_TOKENS, a one-token piece replaying the captured decode graph.
+   */
+  private async forwardCapture(cache: CaptureCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
+    const count = inputIds.length
+    const seq = inputIds[0]!.length
+    const kept = numLogitsToKeep === 0 ? seq : Math.min(numLogitsToKeep, seq)
+    const vocab = this.vocabSize
+    const P = cache.parallel
+    const logits = new Float32Array(count * kept * vocab)
+    const streamWeights = new Float32Array(count * kept * P)
+    for (let r = 0; r < count; r++) {
+      const slot = first + r
+      if (cache.tokens(slot) + seq > cache.capacity - cache.prefixTokens) throw new RangeError(`slot ${slot}: ${seq} more tokens exceed the cache (${cache.capacity}); reserve first`)
+      const model = await cache.ready(slot)
+      const ids = inputIds[r]!
+      const firstKept = seq - kept
+      for (let begin = 0; begin < seq; begin += GPU_FORM_CALL_TOKENS) {
+        const end = Math.min(seq, begin + GPU_FORM_CALL_TOKENS)
+        const wanted = Math.max(0, end - Math.max(begin, firstKept))
+        const out = await model.run(ids.slice(begin, end), Math.max(1, wanted))
+        cache.update(slot)
+        if (wanted === 0) continue
+        const at = r * kept + (end - wanted - firstKept)
+        logits.set(out.logits.subarray(0, wanted * vocab), at * vocab)
+        if (out.streamWeights.length >= wanted * P) streamWeights.set(out.streamWeights.subarray(0, wanted * P), at * P)
+        else streamWeights.fill(1, at * P, (at + wanted) * P)
+      }
+    }
+    return {logits, dims: [count, kept, vocab], streamWeights}
+  }
+
+  /**
+   * The capture route's model of one P with room for `capacity` slots: opened at first use, and
+   * opened again, bigger, when a cache outgrows it (the sequence in its buffers copied over).
+   */
+  private captureModel(parallel: number, capacity: number): Promise<CapturedGpuFormModel> {
+    const current = this.captureModels.get(parallel)
+    if (current && current.capacity >= capacity) return current.model
+    const model = (async () => {
+      const old = await current?.model.catch(() => undefined)
+      const runtime = await loadCaptureRuntime()
+      if (typeof runtime === 'string') throw new UserError(runtime)
+      const made = await CapturedGpuFormModel.open(this.packageDir, {parallel, capacity}, runtime).catch((error: unknown) => {
+        if (error instanceof UserError) throw error
+        throw new UserError(`${this.packageDir}: the GPU form at P = ${parallel} cannot be loaded on the capture route (${(error as Error).message.split('\n')[0]})`)
+      })
+      if (old) {
+        if (old.holder) {
+          made.load(old.buffers, old.filledSlots)
+          made.holder = old.holder
+        }
+        await old.release()
+      }
+      return made
+    })()
+    this.captureModels.set(parallel, {capacity, model})
+    return model
+  }
+
   /** The GPU form's session for one P, opened at first use. */
   private gpuFormSession(parallel: number): Promise<ort.InferenceSession> {
     let session = this.gpuFormSessions.get(parallel)
@@ -444,6 +537,7 @@ export class ParScaleModel implements DeviceCacheHost {
     await this.deviceOps?.release()
     await this.session?.release()
     for (const session of this.gpuFormSessions.values()) await (await session.catch(() => undefined))?.release()
+    for (const {model} of this.captureModels.values()) await (await model.catch(() => undefined))?.release()
     await (await this.widened)?.release()
     this.embeddings?.close()
   }

@@ -42,6 +42,7 @@ import type {BackboneShape} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {gpuFormIo} from '../onnx/gpu-form-graph.js'
 import {readManifest, selectVariant} from '../package/manifest.js'
+import type {SequenceCache} from './decoder.js'
 import {checkWebGpu} from './device.js'
 import {GPU_FORM_CALL_TOKENS, GpuFormModel, placePrefix, prefixCache, writeGpuFormGraph, type GpuFormOptions} from './gpu-form.js'
 
@@ -265,9 +266,18 @@ function externalFiles(graph: Uint8Array): string[] {
   return [...files]
 }
 
+/** A cache's GPU buffers, per layer [1, P·kv, capacity, d]. */
+export interface CacheBuffers {
+  keys: GpuBuffer[]
+  values: GpuBuffer[]
+  capacity: number
+}
+
 export class CapturedGpuFormModel implements GpuFormRunner {
   readonly route = 'capture' as const
   readonly inPlace = true
+  /** Whose sequence the bound buffers hold (CaptureCache): it saves them before another is loaded. */
+  holder: {evict(): void} | undefined
   private filled: number
   private readonly staging: GpuBuffer
   private recorded = false
@@ -366,6 +376,50 @@ export class CapturedGpuFormModel implements GpuFormRunner {
     return this.filled - this.prefixTokens
   }
 
+  /** Filled cache slots, the prefix included. */
+  get filledSlots(): number {
+    return this.filled
+  }
+
+  /** The bound cache buffers (past and present of both sessions). */
+  get buffers(): CacheBuffers {
+    return {keys: this.cache.keys, values: this.cache.values, capacity: this.capacity}
+  }
+
+  /** Buffers for a cache of `capacity` slots kept aside (another sequence's, while this one runs). */
+  newBuffers(capacity = this.capacity): CacheBuffers {
+    const bytes = this.parallel * this.shape.numKvHeads * capacity * this.shape.headDim * 4
+    const make = () => this.device.createBuffer({size: bytes, usage: STORAGE | COPY_SRC | COPY_DST})
+    return {keys: Array.from({length: this.shape.numLayers}, make), values: Array.from({length: this.shape.numLayers}, make), capacity}
+  }
+
+  /** Copies the first `filled` slots of every head from one cache to another on the GPU (whole buffers where the capacities match). */
+  copyCache(from: CacheBuffers, to: CacheBuffers, filled: number): void {
+    if (filled > to.capacity) throw new RangeError(`${filled} slots do not fit a cache of ${to.capacity}`)
+    const heads = this.parallel * this.shape.numKvHeads
+    const rowBytes = this.shape.headDim * 4
+    const encoder = this.device.createCommandEncoder()
+    for (const kind of ['keys', 'values'] as const) {
+      for (let l = 0; l < this.shape.numLayers; l++) {
+        const [a, b] = [from[kind][l]!, to[kind][l]!]
+        if (from.capacity === to.capacity) encoder.copyBufferToBuffer(a, 0, b, 0, heads * from.capacity * rowBytes)
+        else if (filled > 0) for (let h = 0; h < heads; h++) encoder.copyBufferToBuffer(a, h * from.capacity * rowBytes, b, h * to.capacity * rowBytes, filled * rowBytes)
+      }
+    }
+    this.device.queue.submit([encoder.finish()])
+  }
+
+  /** Makes `from` (or, undefined, the prefixes only) this model's cache, `filled` slots used; the bound buffers stay (the captured graph keeps them). */
+  load(from: CacheBuffers | undefined, filled: number): void {
+    if (!from) return this.reset()
+    this.copyCache(from, this.buffers, filled)
+    this.filled = filled
+  }
+
+  destroyBuffers(buffers: CacheBuffers): void {
+    for (const b of [...buffers.keys, ...buffers.values]) b.destroy()
+  }
+
   /** Whether the decode graph has been recorded (its first run). */
   get captured(): boolean {
     return this.recorded
@@ -374,21 +428,32 @@ export class CapturedGpuFormModel implements GpuFormRunner {
   async step(ids: number[]): Promise<{logits: Float32Array; streamWeights: Float32Array}> {
     if (ids.length === 0) throw new RangeError('a step needs at least one token')
     if (this.filled + ids.length > this.capacity) throw new UserError(`the cache holds ${this.capacity - this.prefixTokens} tokens; ${this.length + ids.length} do not fit`)
-    if (ids.length === 1) return this.decodeStep(ids[0]!)
     let out: {logits: Float32Array; streamWeights: Float32Array} | undefined
-    for (let begin = 0; begin < ids.length; begin += GPU_FORM_CALL_TOKENS) out = await this.prefillStep(ids.slice(begin, begin + GPU_FORM_CALL_TOKENS))
+    for (let begin = 0; begin < ids.length; begin += GPU_FORM_CALL_TOKENS) out = await this.run(ids.slice(begin, begin + GPU_FORM_CALL_TOKENS))
     return out!
   }
 
+  /**
+   * Appends at most GPU_FORM_CALL_TOKENS `ids` and returns the last `keep` positions' logits
+   * [keep, vocab] and stream weights [keep, P]: one token (keep 1) replays the captured decode
+   * graph, more go through the dynamic form.
+   */
+  async run(ids: readonly number[], keep = 1): Promise<{logits: Float32Array; streamWeights: Float32Array}> {
+    if (ids.length === 0 || ids.length > GPU_FORM_CALL_TOKENS) throw new RangeError(`${ids.length} tokens in one GPU-form call (1 to ${GPU_FORM_CALL_TOKENS})`)
+    if (!Number.isInteger(keep) || keep < 1 || keep > ids.length) throw new RangeError(`keep ${keep} of ${ids.length} tokens`)
+    if (this.filled + ids.length > this.capacity) throw new RangeError(`the GPU form's cache holds ${this.capacity} slots; ${this.filled + ids.length} do not fit`)
+    return ids.length === 1 ? this.decodeStep(ids[0]!) : this.prefillStep(ids, keep)
+  }
+
   /** Several tokens through the dynamic form (not captured), the cache bound in place. */
-  private async prefillStep(ids: number[]): Promise<{logits: Float32Array; streamWeights: Float32Array}> {
+  private async prefillStep(ids: readonly number[], keep: number): Promise<{logits: Float32Array; streamWeights: Float32Array}> {
     const {ort} = this
     const total = this.filled + ids.length
     const feeds: Record<string, WebTensor> = {
       [gpuFormIo.inputIds]: new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]),
       [gpuFormIo.seqlensK]: new ort.Tensor('int32', Int32Array.of(total - 1), [1]),
       [gpuFormIo.totalSequenceLength]: new ort.Tensor('int32', Int32Array.of(total), []),
-      [gpuFormIo.numLogitsToKeep]: new ort.Tensor('int64', BigInt64Array.of(1n), []),
+      [gpuFormIo.numLogitsToKeep]: new ort.Tensor('int64', BigInt64Array.of(BigInt(keep)), []),
     }
     const fetches: Record<string, WebTensor | null> = {[gpuFormIo.logits]: null, [gpuFormIo.streamWeights]: null}
     for (let l = 0; l < this.shape.numLayers; l++) {
@@ -467,4 +532,124 @@ export async function chooseWebGpuRoute(): Promise<RouteChoice> {
   const rt = await loadCaptureRuntime()
   if (typeof rt === 'string') return {route: 'node', fallback: rt}
   return {route: 'capture', adapter: rt.adapter}
+}
+
+/** Capacity grows in whole steps of this many slots (as GpuFormCache's). */
+const CAPACITY_STEP = 256
+
+/**
+ * The capture route's sequences as the engine's `SequenceCache` (decoder.ts), so `run`, `bench`,
+ * `eval` and `serve` drive it through `ParScaleModel.forward`. A captured graph keeps the buffers
+ * it recorded with, so one sequence at a time lives in the model's bound buffers (per P, one
+ * `CapturedGpuFormModel`); the others wait in buffers of their own, copied in and out on the GPU
+ * when their turn comes (nothing is copied while one sequence runs, as in `run`).
+ */
+export class CaptureCache implements SequenceCache {
+  private states: ({filled: number; saved?: CacheBuffers} | undefined)[] = []
+  private cap = 0
+  private resident: number | undefined
+  private model: CapturedGpuFormModel | undefined
+
+  constructor(
+    private readonly shape: BackboneShape,
+    readonly parallel: number,
+    readonly prefixTokens: number,
+    /** The model of this P with room for at least `capacity` slots (made bigger when it has less). */
+    private readonly modelFor: (capacity: number) => Promise<CapturedGpuFormModel>,
+  ) {}
+
+  get slots(): number {
+    return this.states.length
+  }
+
+  get capacity(): number {
+    return this.cap
+  }
+
+  /** Bytes of the sequences' GPU buffers (the bound ones counted for the one that runs). */
+  get bytes(): number {
+    const {numLayers, numKvHeads: kv, headDim: d} = this.shape
+    return this.states.filter(Boolean).length * numLayers * 2 * this.parallel * kv * this.cap * d * 4
+  }
+
+  tokens(slot: number): number {
+    const state = this.states[slot]
+    if (!state) throw new RangeError(`slot ${slot} of the capture route's cache is not reset`)
+    return state.filled - this.prefixTokens
+  }
+
+  reserve(slots: number, tokens: number): void {
+    const most = this.prefixTokens + this.shape.maxPositionEmbeddings
+    const needed = this.prefixTokens + tokens
+    if (needed > most) throw new RangeError(`${tokens} tokens exceed the model's ${this.shape.maxPositionEmbeddings} positions`)
+    if (needed > this.cap) this.cap = Math.min(most, Math.ceil(needed / CAPACITY_STEP) * CAPACITY_STEP)
+    while (this.states.length < slots) this.states.push(undefined)
+  }
+
+  reset(slot: number): void {
+    if (slot >= this.states.length || this.cap === 0) throw new RangeError(`slot ${slot}: reserve first`)
+    this.drop(slot)
+    this.states[slot] = {filled: this.prefixTokens}
+  }
+
+  move(from: number, to: number): void {
+    if (from === to) return
+    this.drop(to)
+    this.states[to] = this.states[from]
+    this.states[from] = undefined
+    if (this.resident === from) this.resident = to
+  }
+
+  /** The model with `slot`'s sequence in its bound buffers (the one there before saved aside). */
+  async ready(slot: number): Promise<CapturedGpuFormModel> {
+    const state = this.states[slot]
+    if (!state) throw new RangeError(`slot ${slot} of the capture route's cache is not reset`)
+    const model = await this.modelFor(this.cap)
+    if (model !== this.model) {
+      // a new (bigger) model: the sequence that was resident was copied into it, holder and all
+      if (model.holder !== this) this.resident = undefined
+      this.model = model
+    }
+    if (model.holder === this && this.resident === slot) return model
+    model.holder?.evict()
+    model.load(state.saved, state.filled)
+    if (state.saved) model.destroyBuffers(state.saved)
+    state.saved = undefined
+    this.resident = slot
+    model.holder = this
+    return model
+  }
+
+  /** After a step: the slot's filled count, as the model has it. */
+  update(slot: number): void {
+    const state = this.states[slot]
+    if (state && this.model) state.filled = this.model.filledSlots
+  }
+
+  /** Another sequence needs the model's buffers: the resident one is copied aside. */
+  evict(): void {
+    const model = this.model
+    const slot = this.resident
+    this.resident = undefined
+    if (model) model.holder = undefined
+    if (!model || slot === undefined) return
+    const state = this.states[slot]
+    if (!state) return
+    const saved = model.newBuffers()
+    model.copyCache(model.buffers, saved, state.filled)
+    state.saved = saved
+  }
+
+  dispose(): void {
+    for (let slot = 0; slot < this.states.length; slot++) this.drop(slot)
+    if (this.model?.holder === this) this.model.holder = undefined
+    this.states = []
+  }
+
+  private drop(slot: number): void {
+    const state = this.states[slot]
+    if (state?.saved) this.model?.destroyBuffers(state.saved)
+    if (this.resident === slot) this.resident = undefined
+    this.states[slot] = undefined
+  }
 }

@@ -80,6 +80,8 @@ export async function openRunContext(modelName: string | undefined, plan: Pick<R
     throw loaded.reason
   }
   if (model.status === 'rejected') throw model.reason
+  const fallback = model.value.webgpuRoute?.fallback
+  if (fallback) hooks.onNotice?.(`parscale: WebGPU without graph capture (onnxruntime-node's GPU form): ${fallback}`)
   const {packageDir, ...ctx} = loaded.value
   if (!auto) return {...ctx, model: model.value}
   try {
