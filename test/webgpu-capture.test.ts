@@ -3,7 +3,8 @@
 // and present. Its logits against the exact CPU graph (onnxruntime-node's CPU provider) on the
 // default model at every P, over a prompt and 10 decode steps (the first records, the rest
 // replay), then again after reset (the same buffers rewritten). Skips itself where
-// onnxruntime-web and Dawn do not load or Dawn finds no adapter; runs on lavapipe.
+// onnxruntime-web and Dawn do not load or Dawn finds no adapter; runs on lavapipe with
+// PARSCALE_ORTWEB=<a node_modules with onnxruntime-web@1.30.0 and webgpu@0.6.2>.
 import assert from 'node:assert/strict'
 import {spawnSync} from 'node:child_process'
 import fs from 'node:fs'
@@ -89,9 +90,11 @@ describe('WebGPU graph capture route: logits equal the CPU graph\'s', () => {
   })
 })
 
-test('PARSCALE_WEBGPU_ROUTE picks the route; a wrong value is one line', async () => {
+test('PARSCALE_WEBGPU_ROUTE picks the route (node by default); a wrong value is one line', async () => {
   const previous = process.env.PARSCALE_WEBGPU_ROUTE
   try {
+    delete process.env.PARSCALE_WEBGPU_ROUTE
+    assert.deepEqual(await chooseWebGpuRoute(), {route: 'node'})
     process.env.PARSCALE_WEBGPU_ROUTE = 'node'
     assert.deepEqual(await chooseWebGpuRoute(), {route: 'node'})
     process.env.PARSCALE_WEBGPU_ROUTE = 'fast'
@@ -121,7 +124,12 @@ test('without onnxruntime-web and Dawn, the route falls back to onnxruntime-node
 test('through ParScaleModel (run, bench): two sequences taking turns and a cache that grows, as on the CPU', async (t) => {
   if (typeof runtime === 'string') return t.skip(runtime)
   const parallel = 2
-  const gpu = await ParScaleModel.open(packageDir, {device: 'webgpu', parallel: [parallel]})
+  const previous = process.env.PARSCALE_WEBGPU_ROUTE
+  process.env.PARSCALE_WEBGPU_ROUTE = 'capture' // opt-in
+  const gpu = await ParScaleModel.open(packageDir, {device: 'webgpu', parallel: [parallel]}).finally(() => {
+    if (previous === undefined) delete process.env.PARSCALE_WEBGPU_ROUTE
+    else process.env.PARSCALE_WEBGPU_ROUTE = previous
+  })
   const cpu = await ParScaleModel.open(packageDir)
   const caches = [gpu.newCache(parallel), cpu.newCache(parallel)]
   let worst = 0

@@ -119,7 +119,7 @@ export class ParScaleModel implements DeviceCacheHost {
     /** Whether `webgpu` runs the GPU form (gpu-form.ts) rather than the package's WebGPU graph. */
     readonly gpuForm: boolean,
     private readonly gpuFormOptions: {profilePrefix?: string},
-    /** On webgpu's GPU form: the route (capture: onnxruntime-web with decode replayed; node: onnxruntime-node) and why not capture. */
+    /** On webgpu's GPU form: the route (node: onnxruntime-node, the default; capture: onnxruntime-web with decode replayed, PARSCALE_WEBGPU_ROUTE=capture) and why not capture. */
     private route: RouteChoice | undefined = undefined,
   ) {}
 

@@ -15,10 +15,12 @@
  *   lengths are written into bound GPU buffers, and only the logits (and P stream weights) are
  *   copied back.
  *
- * The two packages are optional: they are looked for beside parscale (optionalDependencies),
- * under `PARSCALE_ORTWEB` (a node_modules folder), in the working directory and in NODE_PATH,
- * and imported at run time only (a bundle of parscale does not hold them). Where they or an
- * adapter are missing, `openGpuFormRunner` runs the onnxruntime-node GPU form and says why.
+ * The two packages are not dependencies of parscale (270 MB installed, for an opt-in route): they
+ * are looked for under `PARSCALE_ORTWEB` (a node_modules folder) alone when it is set, else
+ * beside parscale, in the working directory and in NODE_PATH,
+ * and imported at run time only (a bundle of parscale does not hold them). Opt-in
+ * (PARSCALE_WEBGPU_ROUTE=capture; see requestedWebGpuRoute for why): where they or an adapter
+ * are missing, the onnxruntime-node GPU form runs and says why.
  *
  * Two workarounds, both checked at load (docs/benchmarks.md):
  * - Dawn's `queue.writeBuffer` refuses views of shared memory (the wasm heap): such views are
@@ -133,9 +135,14 @@ export interface CaptureRuntime {
 /** Which WebGPU route `--device webgpu` takes: `capture` (onnxruntime-web + Dawn, when both load) or `node` (onnxruntime-node, no capture). */
 export type WebGpuRoute = 'capture' | 'node'
 
-/** `PARSCALE_WEBGPU_ROUTE`: `capture` (default: capture where it loads, else node) or `node`. */
+/**
+ * `PARSCALE_WEBGPU_ROUTE`: `node` (the default) or `capture` (opt-in: where it loads, else node
+ * with the reason). Not the default: on an H100 (2026-12-06, 0.5b fp32, prompt 64) capture gained
+ * only 1.03–1.12× over the same bindings without it, and onnxruntime-web's decode was slower than
+ * onnxruntime-node's GPU form (P = 1 18.8 against 12.45 ms/token, P = 8 37.0 against 13.95).
+ */
 export function requestedWebGpuRoute(): WebGpuRoute {
-  const value = process.env.PARSCALE_WEBGPU_ROUTE ?? 'capture'
+  const value = process.env.PARSCALE_WEBGPU_ROUTE ?? 'node'
   if (value !== 'capture' && value !== 'node') throw new UserError(`PARSCALE_WEBGPU_ROUTE must be capture or node, not "${value}"`)
   return value
 }
@@ -143,7 +150,7 @@ export function requestedWebGpuRoute(): WebGpuRoute {
 /**
  * Folders (node_modules or a folder above one) where `webgpu` and `onnxruntime-web` may be
  * resolved from, first match wins: `PARSCALE_ORTWEB` alone when set, else parscale's own
- * (optionalDependencies), the working directory, and NODE_PATH's entries.
+ * node_modules, the working directory, and NODE_PATH's entries.
  */
 function searchRoots(): string[] {
   if (process.env.PARSCALE_ORTWEB) return [process.env.PARSCALE_ORTWEB]
@@ -169,7 +176,7 @@ function resolvePackages(): {dawn: string; ort: string; root: string} | string {
       // not here either
     }
   }
-  const where = process.env.PARSCALE_ORTWEB ? ` under PARSCALE_ORTWEB=${process.env.PARSCALE_ORTWEB}` : ' (optional dependencies; or set PARSCALE_ORTWEB to a node_modules folder holding them)'
+  const where = process.env.PARSCALE_ORTWEB ? ` under PARSCALE_ORTWEB=${process.env.PARSCALE_ORTWEB}` : ' (npm i onnxruntime-web@1.30.0 webgpu@0.6.2 in a folder and set PARSCALE_ORTWEB to its node_modules)'
   return `onnxruntime-web and webgpu (Dawn) are not installed${where}`
 }
 
@@ -510,9 +517,9 @@ export interface RouteChoice {
 }
 
 /**
- * The GPU form for one sequence: on `webgpu`, the capture route where onnxruntime-web and Dawn
- * load and find an adapter (unless PARSCALE_WEBGPU_ROUTE=node), else onnxruntime-node's GPU
- * form, with the reason; on `cpu`, the CPU provider (checking).
+ * The GPU form for one sequence: on `webgpu`, onnxruntime-node's GPU form, or with
+ * PARSCALE_WEBGPU_ROUTE=capture the capture route where onnxruntime-web and Dawn load and find
+ * an adapter (else node, with the reason); on `cpu`, the CPU provider (checking).
  */
 export async function openGpuFormRunner(packageDir: string, options: GpuFormOptions): Promise<{runner: GpuFormRunner; choice: RouteChoice}> {
   const device = options.device ?? 'cpu'
