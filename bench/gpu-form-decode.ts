@@ -4,17 +4,21 @@
 // kernel launches per step counted from the graph and the adapter's bandwidth floor.
 // Env: BENCH_DEVICE (webgpu), BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,8), BENCH_PROMPT (64),
 // BENCH_NEW (32), BENCH_REPEAT (3), BENCH_THREADS (CPU provider threads), BENCH_DIMS (JSON shape overrides),
-// BENCH_QUANT (int8|int4), BENCH_DTYPE (fp32|fp16). On webgpu the route is PARSCALE_WEBGPU_ROUTE's
-// (capture: onnxruntime-web with the decode graph captured and replayed, where it loads; node:
-// onnxruntime-node), printed per P.
+// BENCH_QUANT (int8|int4), BENCH_BLOCK (quantization block size; int4 at 32 lets the WebGPU provider
+// fuse the MLP into MatMulNBitsMlp), BENCH_DTYPE (fp32|fp16). On webgpu the route is
+// PARSCALE_WEBGPU_ROUTE's (node: onnxruntime-node, the default; capture: onnxruntime-web with the
+// decode graph captured and replayed, where it loads), printed per P.
 import {spawnSync} from 'node:child_process'
+import path from 'node:path'
 import {fileURLToPath} from 'node:url'
 
 import {describeGpuDispatches, gpuDispatches} from '../src/core/bench/gpu-dispatches.js'
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import {syntheticShape} from '../src/core/checkpoint/synthetic.js'
 import {adapterName, checkWebGpu, type Device} from '../src/core/engine/device.js'
+import {gpuFormGraphFile} from '../src/core/engine/gpu-form.js'
 import {openGpuFormRunner} from '../src/core/engine/webgpu-capture.js'
+import {countDispatches} from '../src/core/bench/dispatches.js'
 import type {WeightDtype} from '../src/core/onnx/weights.js'
 import {readManifest} from '../src/core/package/manifest.js'
 import {quantScheme, type QuantName} from '../src/core/quant/scheme.js'
@@ -78,7 +82,7 @@ if (process.env.BENCH_CHILD) {
   process.stdout.write(JSON.stringify(await measure(packageDir!, Number(P))) + '\n')
 } else {
   if (device === 'webgpu') await checkWebGpu().catch((error: Error) => { log(`parscale: ${error.message}`); process.exit(1) })
-  const packageDir = ensureSyntheticPackage(shape, {parallel, onProgress: log, ...(quant ? {quant: quantScheme(quant)} : {}), dtype})
+  const packageDir = ensureSyntheticPackage(shape, {parallel, onProgress: log, ...(quant ? {quant: quantScheme(quant, process.env.BENCH_BLOCK ? Number(process.env.BENCH_BLOCK) : undefined)} : {}), dtype})
   const adapter = device === 'webgpu' ? adapterName() : 'cpu'
   console.log(`GPU form, synthetic ${preset}${process.env.BENCH_DIMS ? ` with ${process.env.BENCH_DIMS}` : ""} ${weights}, prompt ${promptLength}, ${newTokens} new tokens, ${repeat} rounds; device ${device} (${adapter})`)
   const results: Measured[] = []
@@ -94,4 +98,11 @@ if (process.env.BENCH_CHILD) {
   const p8 = results.find((r) => r.parallel === 8)
   if (p1 && p8) console.log(`P8/P1 decode: ${(p8.decodeMs / p1.decodeMs).toFixed(2)}`)
   for (const line of describeGpuDispatches(await gpuDispatches(shape, parallel, adapter, weightBytesPerParameter(readManifest(packageDir))))) console.log(line)
+  if (device === 'webgpu') {
+    // as the WebGPU provider itself optimizes the package's GPU form (its fusions included)
+    for (const P of parallel) {
+      const count = await countDispatches(path.join(packageDir, gpuFormGraphFile(P)), 'webgpu')
+      console.log(`P=${P}: ${count.programs} kernels per decode step after the WebGPU provider's own fusions (${count.dispatches} nodes: ${JSON.stringify(count.byOp)})`)
+    }
+  }
 }

@@ -11,7 +11,8 @@ import ort from 'onnxruntime-node'
 
 import {writeSyntheticCheckpoint, syntheticShape} from '../src/core/checkpoint/synthetic.js'
 import {checkWebGpu, type Device} from '../src/core/engine/device.js'
-import {GpuFormModel, gpuFormStep, placePrefix, prefixCache, writeGpuFormGraph} from '../src/core/engine/gpu-form.js'
+import {GpuFormModel, gpuFormGraphFile, gpuFormStep, placePrefix, prefixCache, writeGpuFormGraph} from '../src/core/engine/gpu-form.js'
+import {countDispatches} from '../src/core/bench/dispatches.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest} from '../src/core/package/manifest.js'
@@ -289,11 +290,19 @@ describe('GPU form of quantized packages (MatMulNBits, GatherBlockQuantized): he
         const ids = tokenizer.encode(fs.readFileSync(heldOut, 'utf8')).slice(0, 160)
         const devices: Device[] = adapter ? ['cpu', 'webgpu'] : ['cpu']
         for (const device of devices) {
-          const loss = async (quant?: 'int8' | 'int4') => meanNll(resolveModel(undefined, {parallel, ...(quant ? {quant: quantScheme(quant)} : {})}).packageDir, parallel, ids, device)
-          const [fp32, int8, int4] = [await loss(), await loss('int8'), await loss('int4')]
-          if (process.env.PARSCALE_SHOW_DIFFS) console.log(`P=${parallel} on ${device}: fp32 ${fp32}, int8 ${int8}, int4 ${int4}`)
+          const loss = async (quant?: 'int8' | 'int4', blockSize?: number) => meanNll(resolveModel(undefined, {parallel, ...(quant ? {quant: quantScheme(quant, blockSize)} : {})}).packageDir, parallel, ids, device)
+          // int4 in blocks of 32 is the layout the WebGPU provider fuses the MLP for (MatMulNBitsMlp)
+          const [fp32, int8, int4, int4b32] = [await loss(), await loss('int8'), await loss('int4'), await loss('int4', 32)]
+          if (process.env.PARSCALE_SHOW_DIFFS) console.log(`P=${parallel} on ${device}: fp32 ${fp32}, int8 ${int8}, int4 ${int4}, int4 b32 ${int4b32}`)
           assert.ok(Math.abs(int8 - fp32) < 0.01, `${device}: int8 ${int8} vs fp32 ${fp32}`)
           assert.ok(Math.abs(int4 - fp32) < 0.1, `${device}: int4 ${int4} vs fp32 ${fp32}`)
+          assert.ok(Math.abs(int4b32 - fp32) < 0.1, `${device}: int4 (block 32) ${int4b32} vs fp32 ${fp32}`)
+          if (device === 'webgpu') {
+            // the provider fuses each layer's MLP (norm, gate, up, SiLU, product) into one kernel
+            const dir = resolveModel(undefined, {parallel, quant: quantScheme('int4', 32)}).packageDir
+            const count = await countDispatches(path.join(dir, gpuFormGraphFile(parallel)), 'webgpu')
+            assert.equal(count.byOp.MatMulNBitsMlp, readManifest(dir).model.numLayers, JSON.stringify(count.byOp))
+          }
         }
       } finally {
         if (previous === undefined) delete process.env.PARSCALE_CACHE

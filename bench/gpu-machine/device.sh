@@ -5,6 +5,7 @@
 # (BUDGET seconds from the start, default 570); a step that would not fit is skipped and said so.
 # Usage: bash .carry/pscale/device.sh STEPS (comma list, run in that order) ; results under $OUT.
 # Steps (issue 23): probe run golden gpuform int4 fp16 cpu16 eval synth18 profile gpubench gpuprofile oldgolden rss
+#   capture (needs .carry/ortweb.txz: onnxruntime-web + Dawn's webgpu, see ortweb-capture.mjs; after gpuform/int4 built the packages)
 #   (and, from issue 19: forms ortdefaults cpu2).
 set -u
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -39,6 +40,20 @@ node --version; nvidia-smi -L; nproc; free -g | head -2
 cat /proc/driver/nvidia/gpus/*/information 2>&1 | head -3
 # Steps run in the order given (the probe first whenever it is named), so the list says what matters most.
 PKG_OF() { ls -d /tmp/pscache/synthetic/h896-l24-* 2>/dev/null | grep -v -e int -e fp16 | head -1; }
+PKG_INT4() { ls -d /tmp/pscache/synthetic/h896-l24-*int4* 2>/dev/null | head -1; }
+# Graph capture through onnxruntime-web + Dawn (ortweb-capture.mjs): per P, the decode-only GPU form
+# recorded once and replayed, against the same bound buffers without capture; prompt 64 (+48 prefix rows)
+capture_on() {
+  local pkg=$1 label=$2 ps=$3 P F
+  [ -n "$pkg" ] || { stamp "capture $label: no package (run gpuform/int4 first)"; return 0; }
+  [ -d /tmp/ortweb/node_modules ] || { mkdir -p /tmp/ortweb && python3 -c "import tarfile;tarfile.open('.carry/ortweb.txz').extractall('/tmp/ortweb')"; }
+  step "capture $label: write graphs" 90 node $EXP gpuform-graphs $pkg $ps >/dev/null
+  for P in $ps; do
+    F=$(( P > 1 ? 112 : 64 ))
+    CAPACITY=$(( F + 33 )) FILLED=$F STEPS=${CAPTURE_STEPS:-48} NODE_PATH=/tmp/ortweb/node_modules \
+      step "capture $label P=$P" 120 node bench/gpu-machine/ortweb-capture.mjs $pkg $P capture 2>&1 | grep -v '^Warning' | tee -a $OUT/capture.txt
+  done
+}
 run_step() {
   case $1 in
   probe) step probe 60 node $EXP probe || {
@@ -61,6 +76,8 @@ run_step() {
   gpuprofile) step "bench 0.5b webgpu with --profile: dispatches/step, floor and per-op GPU time per P" 200 node $CLI bench --synthetic 0.5b --parallel 1,8 --device webgpu --repeat 1 -n 9 --profile /tmp/gpuprof --json-file $OUT/bench-webgpu-profile.json ;;
   rss) BENCH_THREADS=16 step "peak host RSS: GPU form on webgpu vs CPU graph (0.5b, P=8, prompt 64, 4 tokens)" 120 node $MEM > $OUT/rss.txt; cat $OUT/rss.txt ;;
   cpu2) step "bench 0.5b cpu 2 threads" 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json-file $OUT/bench-cpu2.json ;;
+  capture) capture_on "$(PKG_OF)" fp32 "${CAPTURE_P:-8 1 2 4}" ;;
+  capture4) capture_on "$(PKG_INT4)" int4 "8 1" ;;
   *) stamp "unknown step $1" ;;
   esac
 }
@@ -68,3 +85,6 @@ LIST=${1:-probe,run,golden,gpuform,int4,fp16,cpu16,eval,synth18,profile}
 [[ ",$LIST," == *",probe,"* ]] && run_step probe
 for s in ${LIST//,/ }; do [ "$s" = probe ] || run_step "$s"; done
 stamp done
+# the device returns at most 8 files: everything but the log in one tar
+(cd $OUT && ls | grep -v -x -e log.txt -e results.tar | tar cf results.tar -T - --remove-files) 2>/dev/null
+ls -la $OUT

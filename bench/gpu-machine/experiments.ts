@@ -6,6 +6,7 @@
 //   gpuform-profile PKG OUT.json P  the profile of the GPU form's decode steps, summarized as `profile` does
 //   gpuform-eval ROOT OUT.json  held-out NLL of the default model through the GPU form: fp32, int8, int4 at P = 1 and 8
 //   probe                       the WebGPU adapter (exit 1 without one)
+//   gpuform-graphs PKG P…       writes the GPU form's graphs (dynamic and decode-only) for each P (for ortweb-capture.mjs)
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
@@ -16,7 +17,7 @@ import {convertCheckpoints} from '../../src/core/package/convert.js'
 import {readManifest} from '../../src/core/package/manifest.js'
 import {generateAll} from '../../src/core/generation/batcher.js'
 import {ParScaleModel, type ModelOptions} from '../../src/core/engine/model.js'
-import {GpuFormModel, packageFloatWeights} from '../../src/core/engine/gpu-form.js'
+import {GpuFormModel, packageFloatWeights, writeGpuFormGraph} from '../../src/core/engine/gpu-form.js'
 import {adapterName, checkWebGpu} from '../../src/core/engine/device.js'
 import {resolveModel} from '../../src/core/package/resolve.js'
 import {quantScheme} from '../../src/core/quant/scheme.js'
@@ -261,5 +262,7 @@ else if (command === 'probe') {
     process.exit(1)
   })
   console.log(JSON.stringify({adapter: adapterName(), backend: adapter.backend}))
+} else if (command === 'gpuform-graphs') {
+  for (const P of args.slice(1).map(Number)) for (const decodeOnly of [false, true]) console.log(writeGpuFormGraph(args[0], P, decodeOnly))
 } else if (command === 'gpuform-profile') await profile(args[0], args[1], Number(args[2]), 'gpuform')
 else throw new Error(`unknown command ${command}`)

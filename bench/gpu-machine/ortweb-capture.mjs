@@ -33,7 +33,8 @@ const ortWeb = ortWebModule.env ? ortWebModule : ortWebModule.default
 
 const [pkg, P, capture] = [process.argv[2], Number(process.argv[3] ?? 8), process.argv[4] === 'capture']
 const model = JSON.parse(fs.readFileSync(path.join(pkg, 'parscale.json'), 'utf8')).model
-const [layers, kv, d, capacity, filled] = [model.numLayers, model.numKvHeads, model.headDim, 64, 48]
+// CAPACITY/FILLED: cache slots and filled slots at the first step (prompt 64 after 48 prefix rows: 145/112)
+const [layers, kv, d, capacity, filled] = [model.numLayers, model.numKvHeads, model.headDim, Number(process.env.CAPACITY ?? 64), Number(process.env.FILLED ?? 48)]
 const graph = path.join(pkg, `model.gpu-p${P}${capture ? '.decode' : ''}.onnx`)
 const feedsOf = (ort, step) => {
   const feeds = {
@@ -50,7 +51,17 @@ const feedsOf = (ort, step) => {
 }
 const maxDiff = (a, b) => a.reduce((m, x, i) => Math.max(m, Math.abs(x - b[i])), 0)
 const reference = (await (await ortNode.InferenceSession.create(graph)).run(feedsOf(ortNode, 0))).logits.data
-const externalData = fs.readdirSync(pkg).filter((f) => f.endsWith('.weights')).map((f) => ({path: f, data: new Uint8Array(fs.readFileSync(path.join(pkg, f)))}))
+// only the weight files this graph names (a package also holds the CPU graph's)
+const graphText = fs.readFileSync(graph).toString('latin1')
+// read in chunks: fs.readFileSync refuses files over 2 GiB (a 0.5b package's backbone.weights is 2.5 GB)
+const readWhole = (file) => {
+  const fd = fs.openSync(file, 'r')
+  const data = new Uint8Array(fs.fstatSync(fd).size)
+  for (let at = 0; at < data.length;) at += fs.readSync(fd, data, at, Math.min(1 << 30, data.length - at), at)
+  fs.closeSync(fd)
+  return data
+}
+const externalData = fs.readdirSync(pkg).filter((f) => f.endsWith('.weights') && graphText.includes(f)).map((f) => ({path: f, data: readWhole(path.join(pkg, f))}))
 ortWeb.env.wasm.numThreads = 1
 // onnxruntime-web 1.30 releases a GPU buffer's registration when a run ends, but a captured
 // session keeps the buffers it bound at its first run: the replay then fails ("Buffer is not
@@ -153,7 +164,7 @@ if (capture) {
     for (let round = 0; round < 3; round++) rounds.push({capture: await stepTimes(session, 0), plain: await stepTimes(plainBound, 0)})
     const median = (xs) => xs.sort((a, b) => a - b)[xs.length >> 1]
     const [withCapture, without] = [median(rounds.map((r) => r.capture)), median(rounds.map((r) => r.plain))]
-    console.log(JSON.stringify({adapter: (await navigator.gpu.requestAdapter())?.info?.description, parallel: P, steps_per_round: timed, rounds: rounds.length,
+    console.log(JSON.stringify({adapter: (await navigator.gpu.requestAdapter())?.info?.description, package: path.basename(pkg), parallel: P, capacity, filled, steps_per_round: timed, rounds: rounds.length,
       ms_per_token_capture: +withCapture.toFixed(3), ms_per_token_no_capture: +without.toFixed(3), speedup: +(without / withCapture).toFixed(2)}))
   }
 }

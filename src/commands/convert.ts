@@ -15,7 +15,7 @@ export default class Convert extends BaseCommand {
 
 Several sources that are P variants of one backbone (e.g. a family's -P2, -P4 and -P8) go into one package that stores the backbone once; \`run --parallel N\` then picks the variant.
 
---quant int8|int4 stores every projection, MLP matrix and the LM head block-quantized for ONNX Runtime's MatMulNBits (one float32 scale per --block-size inputs, default 32) and the embedding table in the same codes (GatherBlockQuantized); norms, biases, the stream prefixes and the aggregation head stay float32. int4 is about 1/6 of the float32 size, int8 about 1/3.
+--quant int8|int4 stores every projection, MLP matrix and the LM head block-quantized for ONNX Runtime's MatMulNBits (one float32 scale per --block-size inputs: default 32 for int8, 256 for int4; int4 in blocks of 32 is the layout whose MLP the WebGPU provider fuses into one kernel per layer) and the embedding table in the same codes (GatherBlockQuantized); norms, biases, the stream prefixes and the aggregation head stay float32. int4 is about 1/6 of the float32 size, int8 about 1/3.
 
 The package is written to a temporary folder and renamed into place when complete, so an interrupted conversion leaves nothing behind that would be loaded.`
   static override examples = [

@@ -49,13 +49,18 @@ export interface DispatchCount {
   byOp: Record<string, number>
 }
 
-/** Optimizes the graph file on the CPU provider and counts its kernel launches per call. */
-export async function countDispatches(graphPath: string): Promise<DispatchCount> {
+/**
+ * Optimizes the graph file on the CPU provider and counts its kernel launches per call. With
+ * `provider` 'webgpu' (an adapter needed) the WebGPU provider optimizes it instead, so its own
+ * fusions count (MatMulNBitsMlp: the MLP's norm, gate, up, SiLU and product in one kernel).
+ */
+export async function countDispatches(graphPath: string, provider: 'cpu' | 'webgpu' = 'cpu'): Promise<DispatchCount> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'parscale-dispatches-'))
   const optimized = path.join(dir, 'optimized.onnx')
   try {
     const session = await ort.InferenceSession.create(graphPath, {
-      graphOptimizationLevel: 'extended',
+      ...(provider === 'webgpu' ? {executionProviders: ['webgpu'], logSeverityLevel: 3 as const} : {}),
+      graphOptimizationLevel: provider === 'webgpu' ? 'all' : 'extended',
       optimizedModelFilePath: optimized,
       intraOpNumThreads: 1,
       // weights go to a side file, so a large model's optimized copy stays a valid protobuf

@@ -126,10 +126,35 @@ export function packageQuantizedWeights(packageDir: string, manifest: PackageMan
       if (bias) inputs.push('', '', initializer(bias))
       return g.node('MatMulNBits', inputs, ints(node), 'com.microsoft')
     }
+    // Output rows [first, first + count) of a stored tensor laid out output-row-major (codes
+    // [N, blocks, blob], scales [N·blocks] or [N, blocks], bias [N]): the same file, a later offset.
+    const rowsOf = (name: string, N: number, first: number, count: number): string => {
+      const entry = stored.get(name)
+      if (!entry) throw new Error(`${graphPath}: no stored tensor "${name}"`)
+      const rowBytes = entry.location.length / N
+      if (first + count > N || !Number.isInteger(rowBytes)) throw new Error(`${graphPath}: "${name}" has no output rows ${first}…${first + count}`)
+      const part = `${name}[${first}:${first + count}]`
+      if (made.has(part)) return part
+      const shape = entry.shape.length === 1 ? [(entry.shape[0]! / N) * count] : [count, ...entry.shape.slice(1)]
+      made.add(g.externalInitializer(part, entry.type, shape, {file: entry.location.file, offset: entry.location.offset + first * rowBytes, length: count * rowBytes}))
+      return part
+    }
+    const matMulNBitsRows = (x: string, storedAs: string, first: number, count: number): string => {
+      const codes = `${storedAs}.codes`
+      const node = matMuls.get(codes)
+      if (!node) throw new Error(`${graphPath}: no MatMulNBits reads "${codes}"`)
+      const attributes = ints(node)
+      const N = attributes.N!
+      const inputs = [x, rowsOf(codes, N, first, count), rowsOf(node.input![2]!, N, first, count)]
+      const bias = node.input![5]
+      if (bias) inputs.push('', '', rowsOf(bias, N, first, count))
+      return g.node('MatMulNBits', inputs, {...attributes, N: count}, 'com.microsoft')
+    }
     const blocksOf = (storedAs: string) => [...matMuls.keys()].filter((c) => c.startsWith(`${storedAs}[`)).sort((a, b) => firstRow(a) - firstRow(b))
     return {
       get: initializer,
       project: (x, _parts, storedAs) => matMulNBits(x, `${storedAs}.codes`),
+      projectRows: matMulNBitsRows,
       embed: (ids) => {
         const codes = g.externalInitializer('model.embed_tokens.weight.codes', 'uint8', [table.rows, (table.hidden * bits) / 8], {file: table.file, offset: table.offset, length: (table.rows * table.hidden * bits) / 8})
         const scales = g.externalInitializer('model.embed_tokens.weight.scales', 'float32', [table.rows, blocks], {file: table.file, offset: table.scalesOffset!, length: table.rows * blocks * 4})

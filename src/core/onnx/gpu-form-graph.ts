@@ -75,6 +75,13 @@ export interface GpuWeights {
   get(name: string): string
   /** x · Wᵀ (+ b) for a matrix stored [out, in] as `storedAs` (several parts stacked: q·k·v, gate·up). */
   project(x: string, parts: LinearPart[], storedAs: string): string
+  /**
+   * x · W[first … first + count)ᵀ: some output rows of a stacked matrix, as a product of its own
+   * over the same stored bytes (quantized weights only). The MLP's gate and up as two MatMulNBits
+   * over one SkipSimplifiedLayerNormalization are the pattern the WebGPU provider fuses, with the
+   * SiLU and the product, into one MatMulNBitsMlp kernel (4-bit, blocks of 32).
+   */
+  projectRows?(x: string, storedAs: string, first: number, count: number): string
   /** Rows of the embedding table for the ids [1, S]: [1, S, H]. */
   embed(ids: string): string
   /** Logits [rows, vocab] of hidden rows [rows, H] (the LM head, or the tied embeddings). */
@@ -248,7 +255,10 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
       })
       const y = norm(name('post_attention_layernorm.weight'))
       pending = g.within('mlp', () => {
-        const [gate, up] = g.nodeN('Split', [weights.project(y, gateUpParts(layer), name('mlp.gate_up_proj')), g.int64([I, I])], 2, {axis: -1})
+        const stacked = name('mlp.gate_up_proj')
+        const [gate, up] = weights.projectRows
+          ? [weights.projectRows(y, stacked, 0, I), weights.projectRows(y, stacked, I, I)]
+          : g.nodeN('Split', [weights.project(y, gateUpParts(layer), stacked), g.int64([I, I])], 2, {axis: -1})
         const silu = g.node('QuickGelu', [gate!], {alpha: {float: 1}}, 'com.microsoft') // x·sigmoid(x)
         return weights.project(ops.mul(silu, up!), [{weight: name('mlp.down_proj.weight')}], name('mlp.down_proj.weight'))
       })
