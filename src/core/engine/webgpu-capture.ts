@@ -32,7 +32,7 @@
  *   registrations kept are few.
  */
 import {createHash} from 'node:crypto'
-import {existsSync, mkdirSync, readFileSync, renameSync, writeFileSync} from 'node:fs'
+import {closeSync, existsSync, fstatSync, mkdirSync, openSync, readFileSync, readSync, renameSync, writeFileSync} from 'node:fs'
 import {createRequire} from 'node:module'
 import {tmpdir} from 'node:os'
 import {delimiter, dirname, join} from 'node:path'
@@ -329,7 +329,7 @@ export class CapturedGpuFormModel implements GpuFormRunner {
     const externalData = (graph: Uint8Array) =>
       externalFiles(graph).map((file) => {
         let data = files.get(file)
-        if (!data) files.set(file, (data = new Uint8Array(readFileSync(join(packageDir, file)))))
+        if (!data) files.set(file, (data = readWhole(join(packageDir, file))))
         return {path: file, data}
       })
     const {numLayers, numKvHeads: kv, headDim: d, vocabSize} = shape
@@ -500,6 +500,22 @@ export class CapturedGpuFormModel implements GpuFormRunner {
     await this.decode.release()
     await this.prefill.release()
     for (const b of [...this.cache.keys, ...this.cache.values, this.bound.ids, this.bound.seqlens, this.bound.total, this.bound.logits, this.bound.streamWeights, this.staging]) b.destroy()
+  }
+}
+
+/** A file's bytes, read in chunks: readFileSync refuses files over 2 GiB (a 0.5b package's backbone). */
+function readWhole(path: string): Uint8Array {
+  const fd = openSync(path, 'r')
+  try {
+    const out = new Uint8Array(fstatSync(fd).size)
+    for (let at = 0; at < out.length; ) {
+      const n = readSync(fd, out, at, Math.min(1 << 30, out.length - at), at)
+      if (n <= 0) throw new Error(`${path}: ended at ${at} of ${out.length} bytes`)
+      at += n
+    }
+    return out
+  } finally {
+    closeSync(fd)
   }
 }
 
