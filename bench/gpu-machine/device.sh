@@ -6,6 +6,7 @@
 # Usage: bash .carry/pscale/device.sh STEPS (comma list, run in that order) ; results under $OUT.
 # Steps (issue 23): probe run golden gpuform int4 fp16 cpu16 eval synth18 profile gpubench gpuprofile oldgolden rss
 #   capture (needs .carry/ortweb.txz: onnxruntime-web + Dawn's webgpu, see ortweb-capture.mjs; after gpuform/int4 built the packages)
+#   gfcapture (the same ortweb.txz: the engine's capture route, PARSCALE_WEBGPU_ROUTE=capture, through bench/gpu-form-decode.ts)
 #   (and, from issue 19: forms ortdefaults cpu2).
 set -u
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -77,6 +78,10 @@ run_step() {
   rss) BENCH_THREADS=16 step "peak host RSS: GPU form on webgpu vs CPU graph (0.5b, P=8, prompt 64, 4 tokens)" 120 node $MEM > $OUT/rss.txt; cat $OUT/rss.txt ;;
   cpu2) step "bench 0.5b cpu 2 threads" 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json-file $OUT/bench-cpu2.json ;;
   capture) capture_on "$(PKG_OF)" fp32 "${CAPTURE_P:-8 1 2 4}" ;;
+  # the engine's capture route (core/engine/webgpu-capture.ts): prefill through the dynamic form, decode replayed; each P's line says the route taken
+  gfcapture) [ -d /tmp/ortweb/node_modules ] || { mkdir -p /tmp/ortweb && python3 -c "import tarfile;tarfile.open('.carry/ortweb.txz').extractall('/tmp/ortweb')"; }
+    PARSCALE_WEBGPU_ROUTE=capture PARSCALE_ORTWEB=/tmp/ortweb/node_modules BENCH_PARALLEL=${GF_PARALLEL:-1,8} \
+      step "GPU form 0.5b fp32 on the capture route (engine)" 300 node $GF 2>&1 | grep -v '^Warning' > $OUT/gpuform-capture.txt; cat $OUT/gpuform-capture.txt ;;
   capture4) capture_on "$(PKG_INT4)" int4 "8 1" ;;
   *) stamp "unknown step $1" ;;
   esac
