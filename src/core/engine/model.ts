@@ -364,71 +364,39 @@ export class ParScaleModel implements DeviceCacheHost {
 
   /**
    * The GPU form: one sequence per call (batch 1, the streams on the head axis), so a batch's
-   * rows run one after another, each in one call that keeps the logits asked for.
+   * rows run one after another, each in pieces (forwardInPieces) that keep the logits asked for.
    */
   private async forwardGpuForm(cache: GpuFormCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
     const session = await this.gpuFormSession(cache.parallel)
-    const count = inputIds.length
-    const seq = inputIds[0]!.length
-    const kept = numLogitsToKeep === 0 ? seq : Math.min(numLogitsToKeep, seq)
-    const vocab = this.vocabSize
-    const P = cache.parallel
-    const logits = new Float32Array(count * kept * vocab)
-    const streamWeights = new Float32Array(count * kept * P)
-    for (let r = 0; r < count; r++) {
+    return forwardInPieces(inputIds, numLogitsToKeep, this.vocabSize, cache.parallel, async (r, seq) => {
       const slot = first + r
       let state = await cache.ready(slot)
       if (cache.tokens(slot) + seq > cache.capacity - cache.prefixTokens) throw new RangeError(`slot ${slot}: ${seq} more tokens exceed the cache (${cache.capacity}); reserve first`)
-      const ids = inputIds[r]!
-      const firstKept = seq - kept
-      for (let begin = 0; begin < seq; begin += GPU_FORM_CALL_TOKENS) {
-        const end = Math.min(seq, begin + GPU_FORM_CALL_TOKENS)
-        const wanted = Math.max(0, end - Math.max(begin, firstKept)) // kept positions in this piece
+      return async (ids, wanted) => {
         // Never in place: the GPU form runs here on WebGPU only, where a bound output leaks (gpu-form.ts).
-        const out = await gpuFormStep(session, this.shape.numLayers, state, ids.slice(begin, end), false, Math.max(1, wanted))
-        state = {keys: out.keys, values: out.values, filled: state.filled + end - begin}
+        const out = await gpuFormStep(session, this.shape.numLayers, state, ids, false, wanted)
+        state = {keys: out.keys, values: out.values, filled: state.filled + ids.length}
         cache.update(slot, state)
-        if (wanted === 0) continue
-        const at = r * kept + (end - wanted - firstKept) // row of this piece's first kept position
-        logits.set(out.logits, at * vocab)
-        if (out.streamWeights.length === wanted * P) streamWeights.set(out.streamWeights, at * P)
-        else streamWeights.fill(1, at * P, (at + wanted) * P) // P = 1: one stream, weight 1
+        return out
       }
-    }
-    return {logits, dims: [count, kept, vocab], streamWeights}
+    })
   }
 
   /**
-   * The capture route (webgpu-capture.ts): as forwardGpuForm, one sequence at a time in pieces
-   * of at most GPU_FORM_CALL_TOKENS, a one-token piece replaying the captured decode graph.
+   * The capture route (webgpu-capture.ts): as forwardGpuForm, a one-token piece replaying the
+   * captured decode graph.
    */
   private async forwardCapture(cache: CaptureCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
-    const count = inputIds.length
-    const seq = inputIds[0]!.length
-    const kept = numLogitsToKeep === 0 ? seq : Math.min(numLogitsToKeep, seq)
-    const vocab = this.vocabSize
-    const P = cache.parallel
-    const logits = new Float32Array(count * kept * vocab)
-    const streamWeights = new Float32Array(count * kept * P)
-    for (let r = 0; r < count; r++) {
+    return forwardInPieces(inputIds, numLogitsToKeep, this.vocabSize, cache.parallel, async (r, seq) => {
       const slot = first + r
       if (cache.tokens(slot) + seq > cache.capacity - cache.prefixTokens) throw new RangeError(`slot ${slot}: ${seq} more tokens exceed the cache (${cache.capacity}); reserve first`)
       const model = await cache.ready(slot)
-      const ids = inputIds[r]!
-      const firstKept = seq - kept
-      for (let begin = 0; begin < seq; begin += GPU_FORM_CALL_TOKENS) {
-        const end = Math.min(seq, begin + GPU_FORM_CALL_TOKENS)
-        const wanted = Math.max(0, end - Math.max(begin, firstKept))
-        const out = await model.run(ids.slice(begin, end), Math.max(1, wanted))
+      return async (ids, wanted) => {
+        const out = await model.run(ids, wanted)
         cache.update(slot)
-        if (wanted === 0) continue
-        const at = r * kept + (end - wanted - firstKept)
-        logits.set(out.logits.subarray(0, wanted * vocab), at * vocab)
-        if (out.streamWeights.length >= wanted * P) streamWeights.set(out.streamWeights.subarray(0, wanted * P), at * P)
-        else streamWeights.fill(1, at * P, (at + wanted) * P)
+        return out
       }
-    }
-    return {logits, dims: [count, kept, vocab], streamWeights}
+    })
   }
 
   /**
@@ -558,4 +526,36 @@ function transposed(t: HostTensor): HostTensor {
   const data = new Float32Array(t.data.length)
   for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) data[c * rows + r] = t.data[r * cols + c]
   return {data, dims: [cols, rows]}
+}
+
+/** Runs one piece of a row: its ids and how many of its last positions' logits to return (≥ 1). */
+type PieceRunner = (ids: number[], wanted: number) => Promise<{logits: Float32Array; streamWeights: Float32Array}>
+
+/**
+ * A batch on a one-sequence form (the GPU form, the capture route): each row in pieces of at most
+ * GPU_FORM_CALL_TOKENS, keeping the last `numLogitsToKeep` positions' logits and stream weights
+ * (0: all). `row` checks the row's slot and returns the runner of its pieces.
+ */
+async function forwardInPieces(inputIds: number[][], numLogitsToKeep: number, vocab: number, P: number, row: (r: number, seq: number) => Promise<PieceRunner>): Promise<ForwardResult> {
+  const count = inputIds.length
+  const seq = inputIds[0]!.length
+  const kept = numLogitsToKeep === 0 ? seq : Math.min(numLogitsToKeep, seq)
+  const logits = new Float32Array(count * kept * vocab)
+  const streamWeights = new Float32Array(count * kept * P)
+  const firstKept = seq - kept
+  for (let r = 0; r < count; r++) {
+    const run = await row(r, seq)
+    const ids = inputIds[r]!
+    for (let begin = 0; begin < seq; begin += GPU_FORM_CALL_TOKENS) {
+      const end = Math.min(seq, begin + GPU_FORM_CALL_TOKENS)
+      const wanted = Math.max(0, end - Math.max(begin, firstKept)) // kept positions in this piece
+      const out = await run(ids.slice(begin, end), Math.max(1, wanted))
+      if (wanted === 0) continue
+      const at = r * kept + (end - wanted - firstKept) // row of this piece's first kept position
+      logits.set(out.logits.subarray(0, wanted * vocab), at * vocab)
+      if (out.streamWeights.length >= wanted * P) streamWeights.set(out.streamWeights.subarray(0, wanted * P), at * P)
+      else streamWeights.fill(1, at * P, (at + wanted) * P) // P = 1: one stream, weight 1
+    }
+  }
+  return {logits, dims: [count, kept, vocab], streamWeights}
 }
