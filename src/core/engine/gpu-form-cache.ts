@@ -14,23 +14,23 @@ import {placePrefix, type GpuFormState} from './gpu-form.js'
 /** Capacity grows in whole steps of this many slots (fewer regrowths, one shape per step size). */
 const CAPACITY_STEP = 256
 
-export class GpuFormCache implements SequenceCache {
-  private states: (GpuFormState | undefined)[] = []
-  private cap = 0
+/**
+ * Slots of one-sequence-a-call forms (the GPU form, the capture route): one fixed capacity for
+ * all (prefix included), grown in whole steps; each slot's state knows how many are filled.
+ */
+export abstract class FixedCapacitySlots<State extends {filled: number}> {
+  protected states: (State | undefined)[] = []
+  protected cap = 0
 
   constructor(
-    private readonly shape: BackboneShape,
+    protected readonly shape: BackboneShape,
     readonly parallel: number,
-    /** Per layer, the prefixes [P·kv, n, d] (keys rotated as the graph needs). */
-    private readonly prefix: {tokens: number; keys: Float32Array[]; values: Float32Array[]},
+    readonly prefixTokens: number,
+    private readonly what: string,
   ) {}
 
   get slots(): number {
     return this.states.length
-  }
-
-  get prefixTokens(): number {
-    return this.prefix.tokens
   }
 
   /** Cache slots per sequence (prefix included). */
@@ -38,7 +38,7 @@ export class GpuFormCache implements SequenceCache {
     return this.cap
   }
 
-  /** Bytes of the slots' tensors (where they live: device memory on a GPU). */
+  /** Bytes of the slots' float32 keys and values (where they live: device memory on a GPU). */
   get bytes(): number {
     const {numLayers, numKvHeads: kv, headDim: d} = this.shape
     return this.states.filter(Boolean).length * numLayers * 2 * this.parallel * kv * this.cap * d * 4
@@ -46,20 +46,28 @@ export class GpuFormCache implements SequenceCache {
 
   tokens(slot: number): number {
     const state = this.states[slot]
-    if (!state) throw new RangeError(`slot ${slot} of the GPU form's cache is not reset`)
-    return state.filled - this.prefix.tokens
+    if (!state) throw new RangeError(`slot ${slot} of ${this.what} is not reset`)
+    return state.filled - this.prefixTokens
   }
 
   reserve(slots: number, tokens: number): void {
-    const most = this.prefix.tokens + this.shape.maxPositionEmbeddings // the rotary table ends there
-    const needed = this.prefix.tokens + tokens
+    const most = this.prefixTokens + this.shape.maxPositionEmbeddings // the rotary table ends there
+    const needed = this.prefixTokens + tokens
     if (needed > most) throw new RangeError(`${tokens} tokens exceed the model's ${this.shape.maxPositionEmbeddings} positions`)
-    if (needed > this.cap) {
-      const capacity = Math.min(most, Math.ceil(needed / CAPACITY_STEP) * CAPACITY_STEP)
-      // rare (a conversation that outgrows its cache): existing slots grow at their next step (`ready`)
-      this.cap = capacity
-    }
+    // rare (a conversation that outgrows its cache): existing slots grow at their next step (`ready`)
+    if (needed > this.cap) this.cap = Math.min(most, Math.ceil(needed / CAPACITY_STEP) * CAPACITY_STEP)
     while (this.states.length < slots) this.states.push(undefined)
+  }
+}
+
+export class GpuFormCache extends FixedCapacitySlots<GpuFormState> implements SequenceCache {
+  constructor(
+    shape: BackboneShape,
+    parallel: number,
+    /** Per layer, the prefixes [P·kv, n, d] (keys rotated as the graph needs). */
+    private readonly prefix: {tokens: number; keys: Float32Array[]; values: Float32Array[]},
+  ) {
+    super(shape, parallel, prefix.tokens, "the GPU form's cache")
   }
 
   reset(slot: number): void {

@@ -47,6 +47,7 @@ import {readManifest, selectVariant} from '../package/manifest.js'
 import type {SequenceCache} from './decoder.js'
 import {checkWebGpu} from './device.js'
 import {GPU_FORM_CALL_TOKENS, GpuFormModel, placePrefix, prefixCache, writeGpuFormGraph, type GpuFormOptions} from './gpu-form.js'
+import {FixedCapacitySlots} from './gpu-form-cache.js'
 
 const {onnx} = onnxProto
 
@@ -557,9 +558,6 @@ export async function chooseWebGpuRoute(): Promise<RouteChoice> {
   return {route: 'capture', adapter: rt.adapter}
 }
 
-/** Capacity grows in whole steps of this many slots (as GpuFormCache's). */
-const CAPACITY_STEP = 256
-
 /**
  * The capture route's sequences as the engine's `SequenceCache` (decoder.ts), so `run`, `bench`,
  * `eval` and `serve` drive it through `ParScaleModel.forward`. A captured graph keeps the buffers
@@ -567,46 +565,18 @@ const CAPACITY_STEP = 256
  * `CapturedGpuFormModel`); the others wait in buffers of their own, copied in and out on the GPU
  * when their turn comes (nothing is copied while one sequence runs, as in `run`).
  */
-export class CaptureCache implements SequenceCache {
-  private states: ({filled: number; saved?: CacheBuffers} | undefined)[] = []
-  private cap = 0
+export class CaptureCache extends FixedCapacitySlots<{filled: number; saved?: CacheBuffers}> implements SequenceCache {
   private resident: number | undefined
   private model: CapturedGpuFormModel | undefined
 
   constructor(
-    private readonly shape: BackboneShape,
-    readonly parallel: number,
-    readonly prefixTokens: number,
+    shape: BackboneShape,
+    parallel: number,
+    prefixTokens: number,
     /** The model of this P with room for at least `capacity` slots (made bigger when it has less). */
     private readonly modelFor: (capacity: number) => Promise<CapturedGpuFormModel>,
-  ) {}
-
-  get slots(): number {
-    return this.states.length
-  }
-
-  get capacity(): number {
-    return this.cap
-  }
-
-  /** Bytes of the sequences' GPU buffers (the bound ones counted for the one that runs). */
-  get bytes(): number {
-    const {numLayers, numKvHeads: kv, headDim: d} = this.shape
-    return this.states.filter(Boolean).length * numLayers * 2 * this.parallel * kv * this.cap * d * 4
-  }
-
-  tokens(slot: number): number {
-    const state = this.states[slot]
-    if (!state) throw new RangeError(`slot ${slot} of the capture route's cache is not reset`)
-    return state.filled - this.prefixTokens
-  }
-
-  reserve(slots: number, tokens: number): void {
-    const most = this.prefixTokens + this.shape.maxPositionEmbeddings
-    const needed = this.prefixTokens + tokens
-    if (needed > most) throw new RangeError(`${tokens} tokens exceed the model's ${this.shape.maxPositionEmbeddings} positions`)
-    if (needed > this.cap) this.cap = Math.min(most, Math.ceil(needed / CAPACITY_STEP) * CAPACITY_STEP)
-    while (this.states.length < slots) this.states.push(undefined)
+  ) {
+    super(shape, parallel, prefixTokens, "the capture route's cache")
   }
 
   reset(slot: number): void {
