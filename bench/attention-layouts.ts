@@ -8,6 +8,8 @@
 //   rows-per-head:   every query head a 1-row product: q [1, d] · (K [C, d])ᵀ, p [1, C] · V [C, d] (cache in rows)
 //   hybrid:          scores as rows-per-head, values as cache-first
 //   values-in-blocks: as cache-first, values stored [C / 64, d, 64] (a sum over blocks of Vᵀ·pᵀ)
+//   values-rows:     as cache-first, values stored in rows [C, d] like the keys; Vᵀ·pᵀ through transA
+//                    (MLAS transposes A's blocks into its own panel as it goes: the cache read in rows)
 import os from 'node:os'
 
 import ort from 'onnxruntime-node'
@@ -28,8 +30,8 @@ const rounds = Number(process.env.BENCH_ROUNDS ?? 5)
 const steps = Number(process.env.BENCH_STEPS ?? 20)
 const threads = Number(process.env.BENCH_THREADS ?? 2)
 
-type Layout = 'keys-transposed' | 'cache-first' | 'rows-per-head' | 'hybrid' | 'values-in-blocks'
-const layouts: Layout[] = (process.env.BENCH_LAYOUTS?.split(',') as Layout[] | undefined) ?? ['keys-transposed', 'cache-first', 'rows-per-head', 'hybrid', 'values-in-blocks']
+type Layout = 'keys-transposed' | 'cache-first' | 'rows-per-head' | 'hybrid' | 'values-in-blocks' | 'values-rows'
+const layouts: Layout[] = (process.env.BENCH_LAYOUTS?.split(',') as Layout[] | undefined) ?? ['keys-transposed', 'cache-first', 'rows-per-head', 'hybrid', 'values-in-blocks', 'values-rows']
 /** Positions per block of the blocked value layout [C / block, d, block]. */
 const block = 64
 /** Each layout's cache shapes [keys, values] for capacity C. */
@@ -61,6 +63,10 @@ function build(layout: Layout): Uint8Array {
       // K·qᵀ turned to rows for the softmax, Vᵀ·pᵀ turned back
       const probs = ops.softmax(ops.transpose(transB(k, q), [0, 1, 3, 2]), -1) // [rows, kv, g, C]
       context = ops.transpose(transB(v, probs), [0, 1, 3, 2])
+    } else if (layout === 'values-rows') {
+      // as cache-first, values in rows [C, d]: Vᵀ·pᵀ with transA (MLAS transposes blocks of A as it reads them)
+      const probs = ops.softmax(ops.transpose(transB(k, q), [0, 1, 3, 2]), -1) // [rows, kv, g, C]
+      context = ops.transpose(g.node('FusedMatMul', [v, probs], {transA: 1, transB: 1}, 'com.microsoft'), [0, 1, 3, 2])
     } else if (layout === 'values-in-blocks') {
       // as cache-first, values stored [C / block, d, block]: each block's product reads contiguous memory
       const probs = ops.softmax(ops.transpose(transB(k, q), [0, 1, 3, 2]), -1) // [rows, kv, g, C]

@@ -13,6 +13,24 @@ export interface Round<T> {
   results: Record<string, T>
   /** The machine's 1-minute load average when the round started. */
   load: number
+  /** Seconds spent waiting for the load to fall under `quiet.maxLoad` before the round (0 without). */
+  waitedS: number
+}
+
+/**
+ * Waiting for a quieter machine before each round (BENCH_MAX_LOAD, BENCH_MAX_WAIT): on a shared
+ * machine a peer that spin-waits (llama.cpp) runs 5–300× slower while others build, which
+ * measures the schedulers, not the kernels. A round starts once the 1-minute load average is at
+ * most `maxLoad`, or after `maxWaitS` seconds anyway (its load is recorded either way).
+ */
+export interface QuietRule {
+  maxLoad: number
+  maxWaitS: number
+  /** Seconds between looks at the load (default 10). */
+  pollS?: number
+  /** Defaults to os.loadavg()[0] and a timer; tests replace them. */
+  loadNow?: () => number
+  sleep?: (seconds: number) => Promise<void>
 }
 
 export interface Side<T> {
@@ -25,18 +43,43 @@ export interface Side<T> {
  * even rounds in reverse, so neither side always runs first (first after a cold page cache) or
  * always last.
  */
-export async function pairedRounds<T>(rounds: number, sides: readonly Side<T>[], log?: (line: string) => void): Promise<Round<T>[]> {
+export async function pairedRounds<T>(rounds: number, sides: readonly Side<T>[], log?: (line: string) => void, quiet: QuietRule | undefined = quietFromEnv()): Promise<Round<T>[]> {
   if (rounds < 1) throw new Error(`paired rounds: need at least one round (got ${rounds})`)
   const out: Round<T>[] = []
   for (let round = 1; round <= rounds; round++) {
-    const load = os.loadavg()[0]!
-    log?.(`round ${round} of ${rounds} (load ${load.toFixed(2)})`)
+    const waitedS = quiet ? await waitForQuiet(quiet, log) : 0
+    const load = quiet?.loadNow?.() ?? os.loadavg()[0]!
+    log?.(`round ${round} of ${rounds} (load ${load.toFixed(2)}${waitedS > 0 ? `, after waiting ${waitedS} s for load ≤ ${quiet!.maxLoad}` : ''})`)
     const order = round % 2 === 1 ? sides : [...sides].reverse()
     const results: Record<string, T> = {}
     for (const side of order) results[side.name] = await side.run()
-    out.push({round, results, load})
+    out.push({round, results, load, waitedS})
   }
   return out
+}
+
+/** Waits until the load is at most `maxLoad` or `maxWaitS` has passed; returns the seconds waited. */
+export async function waitForQuiet(rule: QuietRule, log?: (line: string) => void): Promise<number> {
+  const loadNow = rule.loadNow ?? (() => os.loadavg()[0]!)
+  const sleep = rule.sleep ?? ((seconds: number) => new Promise<void>((resolve) => setTimeout(resolve, seconds * 1000)))
+  const poll = rule.pollS ?? 10
+  let waited = 0
+  while (loadNow() > rule.maxLoad && waited < rule.maxWaitS) {
+    if (waited === 0) log?.(`load ${loadNow().toFixed(2)} > ${rule.maxLoad}: waiting up to ${rule.maxWaitS} s for a quieter machine`)
+    const step = Math.min(poll, rule.maxWaitS - waited)
+    await sleep(step)
+    waited += step
+  }
+  return waited
+}
+
+/** BENCH_MAX_LOAD (off when unset) and BENCH_MAX_WAIT (seconds, default 600). */
+export function quietFromEnv(env: NodeJS.ProcessEnv = process.env): QuietRule | undefined {
+  if (env.BENCH_MAX_LOAD === undefined || env.BENCH_MAX_LOAD === '') return undefined
+  const maxLoad = Number(env.BENCH_MAX_LOAD)
+  const maxWaitS = Number(env.BENCH_MAX_WAIT ?? 600)
+  if (!(maxLoad > 0) || !(maxWaitS >= 0)) throw new Error(`BENCH_MAX_LOAD must be > 0 and BENCH_MAX_WAIT ≥ 0 (got ${env.BENCH_MAX_LOAD}, ${env.BENCH_MAX_WAIT})`)
+  return {maxLoad, maxWaitS}
 }
 
 export interface RatioSpread {
@@ -85,7 +128,8 @@ export function targetLine(target: PairedTarget): string {
 /** The load averages the rounds started at, for the figures' record. */
 export function loadLine(rounds: readonly Round<unknown>[]): string {
   const now = os.loadavg().map((l) => l.toFixed(2)).join(' ')
-  return `load average at each round's start: ${rounds.map((r) => r.load.toFixed(2)).join(', ')}; now (1/5/15 min) ${now}`
+  const waited = rounds.some((r) => r.waitedS > 0) ? `; waited for a quieter machine (s): ${rounds.map((r) => r.waitedS).join(', ')}` : ''
+  return `load average at each round's start: ${rounds.map((r) => r.load.toFixed(2)).join(', ')}${waited}; now (1/5/15 min) ${now}`
 }
 
 /** BENCH_ROUNDS, at least 3 unless set lower on purpose (quick checks). */
