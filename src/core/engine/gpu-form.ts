@@ -118,13 +118,16 @@ export function packageQuantizedWeights(packageDir: string, manifest: PackageMan
       made.add(g.externalInitializer(name, entry.type, entry.shape, entry.location))
       return name
     }
-    const matMulNBits = (x: string, codes: string): string => {
+    /** The package's MatMulNBits over `codes`, or over output rows [first, first + count) of it. */
+    const matMulNBits = (x: string, codes: string, rows?: {first: number; count: number}): string => {
       const node = matMuls.get(codes)
       if (!node) throw new Error(`${graphPath}: no MatMulNBits reads "${codes}"`)
-      const inputs = [x, initializer(node.input![1]!), initializer(node.input![2]!)]
+      const attributes = ints(node)
+      const tensor = (name: string) => (rows ? rowsOf(name, attributes.N!, rows.first, rows.count) : initializer(name))
+      const inputs = [x, tensor(node.input![1]!), tensor(node.input![2]!)]
       const bias = node.input![5]
-      if (bias) inputs.push('', '', initializer(bias))
-      return g.node('MatMulNBits', inputs, ints(node), 'com.microsoft')
+      if (bias) inputs.push('', '', tensor(bias))
+      return g.node('MatMulNBits', inputs, rows ? {...attributes, N: rows.count} : attributes, 'com.microsoft')
     }
     // Output rows [first, first + count) of a stored tensor laid out output-row-major (codes
     // [N, blocks, blob], scales [N·blocks] or [N, blocks], bias [N]): the same file, a later offset.
@@ -139,22 +142,11 @@ export function packageQuantizedWeights(packageDir: string, manifest: PackageMan
       made.add(g.externalInitializer(part, entry.type, shape, {file: entry.location.file, offset: entry.location.offset + first * rowBytes, length: count * rowBytes}))
       return part
     }
-    const matMulNBitsRows = (x: string, storedAs: string, first: number, count: number): string => {
-      const codes = `${storedAs}.codes`
-      const node = matMuls.get(codes)
-      if (!node) throw new Error(`${graphPath}: no MatMulNBits reads "${codes}"`)
-      const attributes = ints(node)
-      const N = attributes.N!
-      const inputs = [x, rowsOf(codes, N, first, count), rowsOf(node.input![2]!, N, first, count)]
-      const bias = node.input![5]
-      if (bias) inputs.push('', '', rowsOf(bias, N, first, count))
-      return g.node('MatMulNBits', inputs, {...attributes, N: count}, 'com.microsoft')
-    }
     const blocksOf = (storedAs: string) => [...matMuls.keys()].filter((c) => c.startsWith(`${storedAs}[`)).sort((a, b) => firstRow(a) - firstRow(b))
     return {
       get: initializer,
       project: (x, _parts, storedAs) => matMulNBits(x, `${storedAs}.codes`),
-      projectRows: matMulNBitsRows,
+      projectRows: (x, storedAs, first, count) => matMulNBits(x, `${storedAs}.codes`, {first, count}),
       embed: (ids) => {
         const codes = g.externalInitializer('model.embed_tokens.weight.codes', 'uint8', [table.rows, (table.hidden * bits) / 8], {file: table.file, offset: table.offset, length: (table.rows * table.hidden * bits) / 8})
         const scales = g.externalInitializer('model.embed_tokens.weight.scales', 'float32', [table.rows, blocks], {file: table.file, offset: table.scalesOffset!, length: table.rows * blocks * 4})
