@@ -42,12 +42,14 @@ cat /proc/driver/nvidia/gpus/*/information 2>&1 | head -3
 # Steps run in the order given (the probe first whenever it is named), so the list says what matters most.
 PKG_OF() { ls -d /tmp/pscache/synthetic/h896-l24-* 2>/dev/null | grep -v -e int -e fp16 | head -1; }
 PKG_INT4() { ls -d /tmp/pscache/synthetic/h896-l24-*int4* 2>/dev/null | head -1; }
+# onnxruntime-web + Dawn's webgpu, unpacked once from the carried ortweb.txz
+ortweb_unpack() { [ -d /tmp/ortweb/node_modules ] || { mkdir -p /tmp/ortweb && python3 -c "import tarfile;tarfile.open('.carry/ortweb.txz').extractall('/tmp/ortweb')"; } }
 # Graph capture through onnxruntime-web + Dawn (ortweb-capture.mjs): per P, the decode-only GPU form
 # recorded once and replayed, against the same bound buffers without capture; prompt 64 (+48 prefix rows)
 capture_on() {
   local pkg=$1 label=$2 ps=$3 P F
   [ -n "$pkg" ] || { stamp "capture $label: no package (run gpuform/int4 first)"; return 0; }
-  [ -d /tmp/ortweb/node_modules ] || { mkdir -p /tmp/ortweb && python3 -c "import tarfile;tarfile.open('.carry/ortweb.txz').extractall('/tmp/ortweb')"; }
+  ortweb_unpack
   step "capture $label: write graphs" 90 node $EXP gpuform-graphs $pkg $ps >/dev/null
   for P in $ps; do
     F=$(( P > 1 ? 112 : 64 ))
@@ -79,7 +81,7 @@ run_step() {
   cpu2) step "bench 0.5b cpu 2 threads" 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json-file $OUT/bench-cpu2.json ;;
   capture) capture_on "$(PKG_OF)" fp32 "${CAPTURE_P:-8 1 2 4}" ;;
   # the engine's capture route (core/engine/webgpu-capture.ts): prefill through the dynamic form, decode replayed; each P's line says the route taken
-  gfcapture) [ -d /tmp/ortweb/node_modules ] || { mkdir -p /tmp/ortweb && python3 -c "import tarfile;tarfile.open('.carry/ortweb.txz').extractall('/tmp/ortweb')"; }
+  gfcapture) ortweb_unpack
     PARSCALE_WEBGPU_ROUTE=capture PARSCALE_ORTWEB=/tmp/ortweb/node_modules BENCH_PARALLEL=${GF_PARALLEL:-1,8} \
       step "GPU form 0.5b fp32 on the capture route (engine)" 300 node $GF 2>&1 | grep -v '^Warning' > $OUT/gpuform-capture.txt; cat $OUT/gpuform-capture.txt ;;
   capture4) capture_on "$(PKG_INT4)" int4 "8 1" ;;
