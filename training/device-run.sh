@@ -4,6 +4,7 @@
 # logs.tar (every results.json and train.log) and the weights of the recipe whose P = 8 beats its
 # control by most on held-out set 1 (split into 15 MB parts: weights.tar.xz.part-*).
 # Usage: sh training/device-run.sh SECONDS OUT "RECIPE..." "SIZE..."   (RECIPE "base" = no overrides)
+# TRAIN_ARGS (env): more arguments for every `dynamic.py train`, e.g. "--max-steps 3289".
 set -u
 SECONDS_TOTAL=$1; OUT=$2; RECIPES=$3; SIZES=$4
 END=$(( $(date +%s) + SECONDS_TOTAL ))
@@ -13,7 +14,7 @@ cp $W/prepare.json $OUT/ 2>/dev/null
 R=/tmp/runs; mkdir -p $R
 for r in $RECIPES; do for z in $SIZES; do
   opt=""; [ "$r" = base ] || opt="--recipe $r"
-  python3 training/dynamic.py train --work $W --size $z $opt --out $R/$r --end-by $END > $R/$r-$z.out 2>&1 &
+  python3 training/dynamic.py train --work $W --size $z $opt --out $R/$r --end-by $END ${TRAIN_ARGS:-} > $R/$r-$z.out 2>&1 &
 done; done
 wait
 grep -h "eval\|heldout\|trained" $R/*.out

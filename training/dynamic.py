@@ -275,6 +275,8 @@ def train(args):
     train_tokens = len(data.ids)
     B = s["batch"]
     max_steps = int(s["max_epochs"] * train_tokens / (B * ctx))  # counts every arm's step: backbone epochs
+    if args.max_steps:  # a fixed step count (a second size trained on the tokens the first one saw)
+        max_steps = min(max_steps, args.max_steps)
     max_seconds = args.max_seconds or s["max_seconds"]
     if args.end_by:  # an absolute deadline for the whole call: leave time for the final eval
         max_seconds = min(max_seconds, args.end_by - time.time() - s["eval_reserve_seconds"])
@@ -490,6 +492,7 @@ def main():
     ap.add_argument("--size", default="small")
     ap.add_argument("--recipe", default=None, help="train/eval/finish: apply config.json dynamic.recipes[NAME] over the size's settings")
     ap.add_argument("--out", default=os.path.join(HERE, "work", "out"))
+    ap.add_argument("--max-steps", type=int, default=None, help="train: at most this many steps (the schedule runs over them), within the epoch cap")
     ap.add_argument("--max-seconds", type=float, default=None, help="train: wall-clock budget of the training loop (cpu-test: default 40)")
     ap.add_argument("--end-by", type=float, default=None,
                     help="train: unix time by which training and eval must be done (the loop stops eval_reserve_seconds before)")

@@ -181,8 +181,9 @@ async function gpuFormEval(root: string, out: string): Promise<void> {
   const rows = []
   for (const parallel of [1, 8]) {
     const row: Record<string, number> = {parallel}
-    for (const quant of [undefined, 'int8', 'int4'] as const) {
-      const dir = resolveModel(undefined, {parallel, ...(quant ? {quant: quantScheme(quant)} : {})}).packageDir
+    // int4 at its default block and at 32 (the block the WebGPU provider fuses into MatMulNBitsMlp)
+    for (const [name, quant, block] of [['fp32'], ['int8', 'int8'], ['int4', 'int4'], ['int4-b32', 'int4', 32]] as const) {
+      const dir = resolveModel(undefined, {parallel, ...(quant ? {quant: quantScheme(quant, block)} : {})}).packageDir
       const model = await GpuFormModel.open(dir, {parallel, capacity: 64 + ids.length, device: process.env.EXP_ON_CPU ? 'cpu' : 'webgpu'})
       let total = 0
       let {logits} = await model.step(ids.slice(0, 8))
@@ -191,7 +192,7 @@ async function gpuFormEval(root: string, out: string): Promise<void> {
         if (t + 1 < ids.length) ({logits} = await model.step([ids[t]]))
       }
       await model.release()
-      row[quant ?? 'fp32'] = total / (ids.length - 8)
+      row[name] = total / (ids.length - 8)
     }
     console.log(JSON.stringify(row))
     rows.push(row)
