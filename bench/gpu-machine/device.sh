@@ -77,7 +77,7 @@ run_step() {
   forms) PKG=$(PKG_OF); [ -n "$PKG" ] && for f in ${FORMS:-nosplit t768 mlp down}; do step "decode form $f" 100 node $EXP decode $PKG $f 1 8; done ;;
   ortdefaults) PKG=$(PKG_OF); [ -n "$PKG" ] && PARSCALE_WEBGPU_OPTIONS='{"provider":{"validationMode":"basic"},"config":{"maxNumPendingDispatches":"16"}}' step "decode gemm, ORT's default provider settings" 100 node $EXP decode $PKG default 1 8 ;;
   gpuprofile) step "bench 0.5b webgpu with --profile: dispatches/step, floor and per-op GPU time per P" 200 node $CLI bench --synthetic 0.5b --parallel 1,8 --device webgpu --repeat 1 -n 9 --profile /tmp/gpuprof --json-file $OUT/bench-webgpu-profile.json ;;
-  rss) BENCH_THREADS=16 step "peak host RSS: GPU form on webgpu vs CPU graph (0.5b, P=8, prompt 64, 4 tokens)" 120 node $MEM > $OUT/rss.txt; cat $OUT/rss.txt ;;
+  rss) BENCH_THREADS=16 BENCH_PARALLEL=8 step "peak host RSS: GPU form on webgpu vs CPU graph (0.5b, P=8, prompt 64, 4 tokens)" 120 node $MEM > $OUT/rss.txt; cat $OUT/rss.txt ;;
   cpu2) step "bench 0.5b cpu 2 threads" 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json-file $OUT/bench-cpu2.json ;;
   capture) capture_on "$(PKG_OF)" fp32 "${CAPTURE_P:-8 1 2 4}" ;;
   # the engine's capture route (core/engine/webgpu-capture.ts): prefill through the dynamic form, decode replayed; each P's line says the route taken

@@ -184,7 +184,8 @@ async function gpuFormEval(root: string, out: string): Promise<void> {
     // int4 at its default block and at 32 (the block the WebGPU provider fuses into MatMulNBitsMlp)
     for (const [name, quant, block] of [['fp32'], ['int8', 'int8'], ['int4', 'int4'], ['int4-b32', 'int4', 32]] as const) {
       const dir = resolveModel(undefined, {parallel, ...(quant ? {quant: quantScheme(quant, block)} : {})}).packageDir
-      const model = await GpuFormModel.open(dir, {parallel, capacity: 64 + ids.length, device: process.env.EXP_ON_CPU ? 'cpu' : 'webgpu'})
+      // the capacity counts the prefix rows (48 at P > 1) and may not exceed them + the 512 positions
+      const model = await GpuFormModel.open(dir, {parallel, capacity: (parallel > 1 ? 64 : 0) + ids.length, device: process.env.EXP_ON_CPU ? 'cpu' : 'webgpu'})
       let total = 0
       let {logits} = await model.step(ids.slice(0, 8))
       for (let t = 8; t < ids.length; t++) {
