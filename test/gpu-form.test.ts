@@ -19,6 +19,7 @@ import {readManifest} from '../src/core/package/manifest.js'
 import {writeTransposed} from '../src/core/engine/gpu-form-weights.js'
 import {decodeToFloat32, encodeFloat16} from '../src/core/checkpoint/dtype.js'
 import {spawnSync} from 'node:child_process'
+import {fileURLToPath} from 'node:url'
 import {resolveModel} from '../src/core/package/resolve.js'
 import {quantScheme} from '../src/core/quant/scheme.js'
 import {negativeLogLikelihood} from '../src/core/run/evaluate.js'
@@ -328,4 +329,46 @@ test('on a GPU: a long decode keeps its memory (each step\'s cache released)', a
   } finally {
     await model.release()
   }
+})
+
+describe('WebGPU: a prompt of 64 tokens (ONNX Runtime 1.30 GroupQueryAttention, 32 new tokens or more)', () => {
+  // GroupQueryAttention's one-kernel prefill (32 new tokens or more) is exact on some adapters
+  // and wrong on others (gpuFormCallTokens): the engine checks which and cuts calls only where
+  // it must. Both ways, every position's logits are the CPU graph's.
+  const script = fileURLToPath(new URL('./helpers/gpu-long-call.js', import.meta.url))
+  const longCall = (dir: string, env: NodeJS.ProcessEnv = {}) => {
+    const child = spawnSync(process.execPath, [script, dir, '4', '64'], {encoding: 'utf8', env: {...process.env, ...env}, timeout: 600_000})
+    assert.equal(child.status, 0, child.stderr)
+    return JSON.parse(child.stdout.trim().split('\n').at(-1)!) as {limit: number | null; runs: number[]; worst: number}
+  }
+  const packageDir = () => {
+    const previous = process.env.PARSCALE_CACHE
+    process.env.PARSCALE_CACHE = path.join(work, 'cache')
+    try {
+      return resolveModel(undefined, {parallel: 4}).packageDir
+    } finally {
+      if (previous === undefined) delete process.env.PARSCALE_CACHE
+      else process.env.PARSCALE_CACHE = previous
+    }
+  }
+
+  test('this adapter: one call where the check finds the kernel exact, pieces of 16 where not', async (t) => {
+    if (!adapter) return t.skip('no WebGPU adapter on this machine')
+    const {limit, runs, worst} = longCall(packageDir())
+    assert.deepEqual(runs, limit === null ? [64] : Array.from({length: Math.ceil(64 / limit)}, (_, i) => Math.min(limit, 64 - i * limit)))
+    assert.ok(worst <= 1e-4, `max |Δlogit| ${worst} (calls of ${runs.join(', ')} tokens)`)
+  })
+
+  test('lavapipe without subgroups (the shared-memory kernel NVIDIA and Apple get): 64 tokens in one call, exact', async (t) => {
+    // LP_NATIVE_VECTOR_WIDTH=64 gives lavapipe 2-lane subgroups, which Dawn does not offer as the
+    // subgroups feature; ONNX Runtime then takes the shared-memory variant
+    if (!adapter) return t.skip('no WebGPU adapter on this machine')
+    if (!fs.existsSync('/usr/share/vulkan/icd.d/lvp_icd.json') || (fs.existsSync('/dev/dri') && fs.readdirSync('/dev/dri').some((name) => name.startsWith('card')))) {
+      return t.skip('not lavapipe only')
+    }
+    const {limit, runs, worst} = longCall(packageDir(), {LP_NATIVE_VECTOR_WIDTH: '64'})
+    assert.equal(limit, null)
+    assert.deepEqual(runs, [64])
+    assert.ok(worst <= 1e-4, `max |Δlogit| ${worst}`)
+  })
 })

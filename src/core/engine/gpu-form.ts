@@ -309,11 +309,86 @@ export function writeGpuFormGraph(packageDir: string, parallel: number, decodeOn
 }
 
 /**
- * Most tokens per GPU-form call: ONNX Runtime 1.30's WebGPU GroupQueryAttention gives wrong
- * logits for a continuation of 32 tokens or more (measured on lavapipe, default model at P = 4:
- * max |Δlogit| 2e-5 up to 31 tokens a call, 0.39 from 32), so longer inputs go in pieces.
+ * Most tokens per GPU-form call where the adapter's long-continuation attention is wrong (and on
+ * the capture route, whose graph-capture variant of that kernel is not checked): see
+ * gpuFormCallTokens.
  */
 export const GPU_FORM_CALL_TOKENS = 16
+
+const callTokensChecked = new Map<number, Promise<number>>()
+
+/**
+ * Most tokens per GPU-form call on `device` for heads of `headDim` (Infinity: no limit).
+ * ONNX Runtime 1.30's WebGPU GroupQueryAttention (ApplyFlashAttention in
+ * contrib_ops/webgpu/bert/flash_attention.cc) sends a call of fewer than 32 new tokens to its
+ * split-reduce kernels and one of 32 or more to its one-kernel FlashAttention prefill, which has
+ * two variants by adapter: shared-memory tiles (NVIDIA, Apple, adapters without subgroups) and
+ * subgroup shuffles (the others). On lavapipe the subgroup variant is wrong for every query row
+ * after the first subgroup-sized step of keys (max |Δ| 1e-2 to 1e-1), the shared-memory one
+ * exact (lavapipe without subgroups: 1e-7). Which variant runs is the provider's choice, so it
+ * is checked here once per process and head size: one 32-token call of a one-head
+ * GroupQueryAttention against the CPU provider; exact gives no limit, otherwise calls are cut
+ * to GPU_FORM_CALL_TOKENS (split-reduce, exact everywhere measured).
+ */
+export function gpuFormCallTokens(device: Device, headDim: number): Promise<number> {
+  if (device === 'cpu') return Promise.resolve(Number.POSITIVE_INFINITY)
+  let checked = callTokensChecked.get(headDim)
+  if (!checked) {
+    checked = longCallExact(headDim).then((exact) => (exact ? Number.POSITIVE_INFINITY : GPU_FORM_CALL_TOKENS))
+    callTokensChecked.set(headDim, checked)
+  }
+  return checked
+}
+
+/** Whether WebGPU's GroupQueryAttention gives the CPU provider's output for 32 new tokens after 8 cached. */
+async function longCallExact(d: number): Promise<boolean> {
+  const S = 32
+  const past = 8
+  const capacity = past + S
+  const g = new GraphBuilder('gqa-check')
+  const inputs = [
+    g.input('q', 'float32', [1, S, d]),
+    g.input('k', 'float32', [1, S, d]),
+    g.input('v', 'float32', [1, S, d]),
+    g.input('past_k', 'float32', [1, 1, capacity, d]),
+    g.input('past_v', 'float32', [1, 1, capacity, d]),
+    g.input('seqlens_k', 'int32', [1]),
+    g.input('total', 'int32', []),
+  ]
+  const [out] = g.nodeN('GroupQueryAttention', inputs, 3, {num_heads: 1, kv_num_heads: 1, scale: {float: 1 / Math.sqrt(d)}, local_window_size: -1}, 'com.microsoft')
+  g.output(out!, 'out', 'float32', [1, S, d])
+  const model = g.toModelBytes('check')
+  // fixed pseudo-random values (a linear congruential sequence), the same on every machine
+  let state = 12345
+  const values = (n: number) => Float32Array.from({length: n}, () => ((state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31) * 2 - 1)
+  const q = values(S * d)
+  const k = values(S * d)
+  const v = values(S * d)
+  const pastK = values(capacity * d)
+  const pastV = values(capacity * d)
+  const feeds = () => ({
+    q: new ort.Tensor('float32', q, [1, S, d]),
+    k: new ort.Tensor('float32', k, [1, S, d]),
+    v: new ort.Tensor('float32', v, [1, S, d]),
+    past_k: new ort.Tensor('float32', pastK.slice(), [1, 1, capacity, d]),
+    past_v: new ort.Tensor('float32', pastV.slice(), [1, 1, capacity, d]),
+    seqlens_k: new ort.Tensor('int32', Int32Array.of(past + S - 1), [1]),
+    total: new ort.Tensor('int32', Int32Array.of(past + S), []),
+  })
+  const run = async (options: ort.InferenceSession.SessionOptions): Promise<Float32Array> => {
+    const session = await ort.InferenceSession.create(model, options)
+    try {
+      return (await session.run(feeds(), ['out'])).out!.data as Float32Array
+    } finally {
+      await session.release()
+    }
+  }
+  const expected = await run({executionProviders: ['cpu']})
+  const got = await run(webgpuSessionOptions())
+  let worst = 0
+  for (let i = 0; i < expected.length; i++) worst = Math.max(worst, Math.abs(expected[i]! - got[i]!))
+  return worst <= 1e-4
+}
 
 export const gpuFormGraphFile = (parallel: number) => `model.gpu-p${parallel}.onnx`
 /** The decode-only variant (one token a call, static shapes: what graph capture needs). */
@@ -395,14 +470,23 @@ export class GpuFormModel {
     return this.filled - this.prefixTokens
   }
 
-  /** Appends `ids` and returns the logits [vocab] and stream weights [P] of the last of them. */
+  /**
+   * Appends `ids` and returns the logits [vocab] and stream weights [P] of the last of them: one
+   * call, or pieces where the adapter needs them (gpuFormCallTokens).
+   */
   async step(ids: number[]): Promise<{logits: Float32Array; streamWeights: Float32Array}> {
     if (this.filled + ids.length > this.capacity) throw new UserError(`the cache holds ${this.capacity - this.prefixTokens} tokens; ${this.length + ids.length} do not fit`)
-    const out = await gpuFormStep(this.session, this.shape.numLayers, {keys: this.keys, values: this.values, filled: this.filled}, ids, this.bindPresent)
-    this.keys = out.keys
-    this.values = out.values
-    this.filled += ids.length
-    return {logits: out.logits, streamWeights: out.streamWeights}
+    const pieceTokens = ids.length > 1 ? await gpuFormCallTokens(this.device, this.shape.headDim) : 1
+    let out: {logits: Float32Array; streamWeights: Float32Array} | undefined
+    for (let begin = 0; begin < ids.length || begin === 0; begin += pieceTokens) {
+      const piece = ids.slice(begin, begin + pieceTokens)
+      const next = await gpuFormStep(this.session, this.shape.numLayers, {keys: this.keys, values: this.values, filled: this.filled}, piece, this.bindPresent)
+      this.keys = next.keys
+      this.values = next.values
+      this.filled += piece.length
+      out = next
+    }
+    return {logits: out!.logits, streamWeights: out!.streamWeights}
   }
 
   /** Which provider runs it: the CPU provider (checking) or onnxruntime-node's WebGPU provider (no graph capture). */

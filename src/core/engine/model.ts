@@ -17,7 +17,7 @@ import {attentionMask, DeviceKvCache, DeviceOps, type DeviceCacheHost, type Devi
 import {checkWebGpu, webgpuSessionOptions, type AdapterInfo, type Device} from './device.js'
 import {EmbeddingRows} from './embedding-rows.js'
 import {GpuFormCache} from './gpu-form-cache.js'
-import {GPU_FORM_CALL_TOKENS, gpuFormStep, gpuFormSupport, openGpuFormSession, prefixCache} from './gpu-form.js'
+import {GPU_FORM_CALL_TOKENS, gpuFormCallTokens, gpuFormStep, gpuFormSupport, openGpuFormSession, prefixCache} from './gpu-form.js'
 import {KvCache} from './kv-cache.js'
 import {loadStreamWeights, type HostTensor, type StreamWeights} from './stream-weights.js'
 import {CaptureCache, CapturedGpuFormModel, chooseWebGpuRoute, loadCaptureRuntime, type RouteChoice} from './webgpu-capture.js'
@@ -368,7 +368,8 @@ export class ParScaleModel implements DeviceCacheHost {
    */
   private async forwardGpuForm(cache: GpuFormCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
     const session = await this.gpuFormSession(cache.parallel)
-    return forwardInPieces(inputIds, numLogitsToKeep, this.vocabSize, cache.parallel, async (r, seq) => {
+    const pieceTokens = await gpuFormCallTokens(this.device, this.shape.headDim)
+    return forwardInPieces(inputIds, numLogitsToKeep, this.vocabSize, cache.parallel, pieceTokens, async (r, seq) => {
       const slot = first + r
       let state = await cache.ready(slot)
       if (cache.tokens(slot) + seq > cache.capacity - cache.prefixTokens) throw new RangeError(`slot ${slot}: ${seq} more tokens exceed the cache (${cache.capacity}); reserve first`)
@@ -387,7 +388,7 @@ export class ParScaleModel implements DeviceCacheHost {
    * captured decode graph.
    */
   private async forwardCapture(cache: CaptureCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
-    return forwardInPieces(inputIds, numLogitsToKeep, this.vocabSize, cache.parallel, async (r, seq) => {
+    return forwardInPieces(inputIds, numLogitsToKeep, this.vocabSize, cache.parallel, GPU_FORM_CALL_TOKENS, async (r, seq) => {
       const slot = first + r
       if (cache.tokens(slot) + seq > cache.capacity - cache.prefixTokens) throw new RangeError(`slot ${slot}: ${seq} more tokens exceed the cache (${cache.capacity}); reserve first`)
       const model = await cache.ready(slot)
@@ -533,10 +534,10 @@ type PieceRunner = (ids: number[], wanted: number) => Promise<{logits: Float32Ar
 
 /**
  * A batch on a one-sequence form (the GPU form, the capture route): each row in pieces of at most
- * GPU_FORM_CALL_TOKENS, keeping the last `numLogitsToKeep` positions' logits and stream weights
+ * `pieceTokens`, keeping the last `numLogitsToKeep` positions' logits and stream weights
  * (0: all). `row` checks the row's slot and returns the runner of its pieces.
  */
-async function forwardInPieces(inputIds: number[][], numLogitsToKeep: number, vocab: number, P: number, row: (r: number, seq: number) => Promise<PieceRunner>): Promise<ForwardResult> {
+async function forwardInPieces(inputIds: number[][], numLogitsToKeep: number, vocab: number, P: number, pieceTokens: number, row: (r: number, seq: number) => Promise<PieceRunner>): Promise<ForwardResult> {
   const count = inputIds.length
   const seq = inputIds[0]!.length
   const kept = numLogitsToKeep === 0 ? seq : Math.min(numLogitsToKeep, seq)
@@ -546,8 +547,8 @@ async function forwardInPieces(inputIds: number[][], numLogitsToKeep: number, vo
   for (let r = 0; r < count; r++) {
     const run = await row(r, seq)
     const ids = inputIds[r]!
-    for (let begin = 0; begin < seq; begin += GPU_FORM_CALL_TOKENS) {
-      const end = Math.min(seq, begin + GPU_FORM_CALL_TOKENS)
+    for (let begin = 0; begin < seq; begin += pieceTokens) {
+      const end = Math.min(seq, begin + pieceTokens)
       const wanted = Math.max(0, end - Math.max(begin, firstKept)) // kept positions in this piece
       const out = await run(ids.slice(begin, end), Math.max(1, wanted))
       if (wanted === 0) continue
