@@ -4,7 +4,7 @@
 # most 600 s: steps run in the order given, each under its own limit and the call's deadline
 # (BUDGET seconds from the start, default 570); a step that would not fit is skipped and said so.
 # Usage: bash .carry/pscale/device.sh STEPS (comma list, run in that order) ; results under $OUT.
-# Steps (issue 23): probe run golden gpuform int4 fp16 cpu16 eval synth18 profile gpubench gpuprofile oldgolden rss
+# Steps (issue 23): probe longcall run golden gpuform int4 fp16 cpu16 eval synth18 profile gpubench gpuprofile oldgolden rss
 #   capture (needs .carry/ortweb.txz: onnxruntime-web + Dawn's webgpu, see ortweb-capture.mjs; after gpuform/int4 built the packages)
 #   gfcapture (the same ortweb.txz: the engine's capture route, PARSCALE_WEBGPU_ROUTE=capture, through bench/gpu-form-decode.ts)
 #   (and, from issue 19: forms ortdefaults cpu2).
@@ -78,6 +78,9 @@ run_step() {
   ortdefaults) PKG=$(PKG_OF); [ -n "$PKG" ] && PARSCALE_WEBGPU_OPTIONS='{"provider":{"validationMode":"basic"},"config":{"maxNumPendingDispatches":"16"}}' step "decode gemm, ORT's default provider settings" 100 node $EXP decode $PKG default 1 8 ;;
   gpuprofile) step "bench 0.5b webgpu with --profile: dispatches/step, floor and per-op GPU time per P" 200 node $CLI bench --synthetic 0.5b --parallel 1,8 --device webgpu --repeat 1 -n 9 --profile /tmp/gpuprof --json-file $OUT/bench-webgpu-profile.json ;;
   rss) BENCH_THREADS=16 BENCH_PARALLEL=8 step "peak host RSS: GPU form on webgpu vs CPU graph (0.5b, P=8, prompt 64, 4 tokens)" 120 node $MEM > $OUT/rss.txt; cat $OUT/rss.txt ;;
+  # one long call through the GPU form against the CPU graph (default model): {limit, runs, worst} per length
+  longcall) step "default model, P=8: the first run converts it" 60 node $CLI run --parallel 8 --prompt x --max-new-tokens 1 >/dev/null
+    for n in 64 128; do step "GPU form: $n tokens in one call vs the CPU graph (P=8)" 60 node $B/long-call.js "$(dirname "$(ls /tmp/pscache/converted/default-model-*/parscale.json | head -1)")" 8 $n | tee -a $OUT/long-call.txt; done ;;
   cpu2) step "bench 0.5b cpu 2 threads" 300 node $CLI bench --synthetic 0.5b --parallel 1,2,4,8 --threads 2 --repeat 1 --no-roofline --json-file $OUT/bench-cpu2.json ;;
   capture) capture_on "$(PKG_OF)" fp32 "${CAPTURE_P:-8 1 2 4}" ;;
   # the engine's capture route (core/engine/webgpu-capture.ts): prefill through the dynamic form, decode replayed; each P's line says the route taken

@@ -19,6 +19,7 @@ $esbuild src/core/bench/worker.ts $common --banner:js="$banner" --outfile="$out/
 $esbuild bench/gpu-machine/experiments.ts $common --banner:js="$banner" --outfile="$out/x/y/experiments.js"
 $esbuild bench/gpu-form-decode.ts $common --banner:js="$banner" --outfile="$out/x/y/gpu-form.js"
 $esbuild bench/gpu-form-memory.ts $common --banner:js="$banner" --outfile="$out/x/y/gpu-memory.js"
+$esbuild test/helpers/gpu-long-call.ts $common --banner:js="$banner" --outfile="$out/x/y/long-call.js"
 version=$(node -p "require('./package.json').version")
 cat > "$out/x/y/package.json" <<JSON
 {"name": "parscale", "version": "$version", "type": "module",
