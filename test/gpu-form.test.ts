@@ -13,7 +13,6 @@ import {writeSyntheticCheckpoint, syntheticShape} from '../src/core/checkpoint/s
 import {checkWebGpu, type Device} from '../src/core/engine/device.js'
 import {GpuFormModel, gpuFormGraphFile, gpuFormStep, placePrefix, prefixCache, writeGpuFormGraph} from '../src/core/engine/gpu-form.js'
 import {countDispatches} from '../src/core/bench/dispatches.js'
-import {ParScaleModel} from '../src/core/engine/model.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest} from '../src/core/package/manifest.js'
 import {writeTransposed} from '../src/core/engine/gpu-form-weights.js'
@@ -23,6 +22,7 @@ import {fileURLToPath} from 'node:url'
 import {resolveModel} from '../src/core/package/resolve.js'
 import {quantScheme} from '../src/core/quant/scheme.js'
 import {negativeLogLikelihood} from '../src/core/run/evaluate.js'
+import {forwardLogits} from './helpers/forward-logits.js'
 import {TextTokenizer} from '../src/core/generation/tokenizer.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 
@@ -37,18 +37,6 @@ before(async () => {
 
 interface Golden {
   logits: {prompt_ids: number[]; values: number[][]}
-}
-
-/** Every position's logits from the exact CPU graph, in one call. */
-async function cpuLogits(dir: string, parallel: number, ids: number[]): Promise<{values: Float32Array; vocab: number}> {
-  const model = await ParScaleModel.open(dir)
-  const cache = model.newCache(parallel)
-  cache.reserve(1, ids.length)
-  cache.reset(0)
-  const out = await model.forward(cache, 0, [ids], 0)
-  cache.dispose()
-  await model.release()
-  return {values: out.logits, vocab: out.dims[2]}
 }
 
 /**
@@ -96,7 +84,7 @@ for (const name of ['tiny-p1', 'tiny-p4', 'tiny-p2-tied']) {
       test(`${plan}: the exact graph's logits (≤ 1e-4) and the PyTorch reference's (≤ 1e-3)`, async () => {
         const pkg = packageOf()
         const parallel = Math.max(...readManifest(pkg).parallel)
-        const cpu = await cpuLogits(pkg, parallel, ids)
+        const cpu = await forwardLogits(pkg, parallel, ids)
         const vsCpu = await gpuFormDiff(pkg, parallel, ids, chunks, (p) => cpu.values.subarray(p * cpu.vocab, (p + 1) * cpu.vocab))
         assert.ok(vsCpu < 1e-4, `vs the CPU graph: ${vsCpu}`)
         const vsReference = await gpuFormDiff(pkg, parallel, ids, chunks, (p) => golden.logits.values[p]!)
@@ -134,7 +122,7 @@ describe('GPU form on the CPU provider, synthetic P = 1, 2, 4, 8 (one package)',
   for (const parallel of [1, 2, 4, 8]) {
     test(`P = ${parallel}: the exact graph's logits, by one token and by chunks`, async () => {
       const pkg = packageOf()
-      const cpu = await cpuLogits(pkg, parallel, ids)
+      const cpu = await forwardLogits(pkg, parallel, ids)
       for (const chunks of Object.values(plans(ids.length))) {
         const diff = await gpuFormDiff(pkg, parallel, ids, chunks, (p) => cpu.values.subarray(p * cpu.vocab, (p + 1) * cpu.vocab))
         assert.ok(diff < 1e-4, `${chunks.join(',')}: ${diff}`)
@@ -158,7 +146,7 @@ test('decode-only GPU form (static shapes, for graph capture): no shape arithmet
   assert.equal(Number(graph.input![0]!.type!.tensorType!.shape!.dim![1]!.dimValue), 1, 'input_ids [1, 1]')
 
   const ids = Array.from({length: 9}, (_, i) => (i * 53 + 7) % 300)
-  const cpu = await cpuLogits(pkg, 4, ids)
+  const cpu = await forwardLogits(pkg, 4, ids)
   const manifest = readManifest(pkg)
   const variant = manifest.variants.find((v) => v.parallel === 4)!
   const prefix = prefixCache(pkg, variant, manifest.model)
@@ -191,7 +179,7 @@ test('GPU form of an fp16 package (half matrices widened at load): the CPU graph
   const ids = golden.logits.prompt_ids
   const dir = path.join(work, 'tiny-p4-fp16')
   convertCheckpoints({sources: [goldenDir('tiny-p4')], outDir: dir, dtype: 'fp16'})
-  const cpu = await cpuLogits(dir, 4, ids)
+  const cpu = await forwardLogits(dir, 4, ids)
   for (const device of adapter ? (['cpu', 'webgpu'] as const) : (['cpu'] as const)) {
     const diff = await gpuFormDiff(dir, 4, ids, plans(ids.length)['chunks of 3, 4, 1, rest']!, (p) => cpu.values.subarray(p * cpu.vocab, (p + 1) * cpu.vocab), device)
     assert.ok(diff < (device === 'cpu' ? 1e-4 : 1e-3), `${device}: ${diff}`)

@@ -8,25 +8,15 @@ import path from 'node:path'
 import ort from 'onnxruntime-node'
 
 import {gpuFormCallTokens} from '../../src/core/engine/gpu-form.js'
-import {ParScaleModel} from '../../src/core/engine/model.js'
 import {readManifest} from '../../src/core/package/manifest.js'
 import {TextTokenizer} from '../../src/core/generation/tokenizer.js'
 
-async function logits(dir: string, parallel: number, ids: number[], device: 'cpu' | 'webgpu'): Promise<Float32Array> {
-  const model = await ParScaleModel.open(dir, {device})
-  const cache = model.newCache(parallel)
-  cache.reserve(1, ids.length)
-  cache.reset(0)
-  const out = await model.forward(cache, 0, [ids], 0)
-  cache.dispose()
-  await model.release()
-  return out.logits
-}
+import {forwardLogits} from './forward-logits.js'
 
 const [dir, parallel, count] = [process.argv[2]!, Number(process.argv[3]), Number(process.argv[4])]
 const tokenizer = await TextTokenizer.load(path.join('fixtures', 'default-model'))
 const ids = tokenizer.encode(fs.readFileSync(path.join('fixtures', 'default-model', 'heldout.py'), 'utf8')).slice(0, count)
-const expected = await logits(dir, parallel, ids, 'cpu')
+const expected = (await forwardLogits(dir, parallel, ids, 'cpu')).values
 const runs: number[] = [] // tokens of each GPU-form call
 // the sessions' class (the factory's type does not show its prototype)
 const sessions = (ort.InferenceSession as unknown as {prototype: ort.InferenceSession}).prototype
@@ -36,7 +26,7 @@ sessions.run = function (this: ort.InferenceSession, ...args: Parameters<typeof 
   if (this.inputNames.includes('seqlens_k') && feeds.input_ids) runs.push(feeds.input_ids.dims[1]!) // the GPU form's graph
   return run.apply(this, args)
 } as typeof run
-const got = await logits(dir, parallel, ids, 'webgpu')
+const got = (await forwardLogits(dir, parallel, ids, 'webgpu')).values
 sessions.run = run
 let worst = 0
 for (let i = 0; i < expected.length; i++) worst = Math.max(worst, Math.abs(expected[i]! - got[i]!))
