@@ -170,10 +170,44 @@ export function attention(
   const perRow = ops.reshape(qkv, ops.shapeOf([dims.batchStreams, dims.seq, (numHeads + 2 * numKvHeads) * headDim]))
   const [q, k, v] = g.nodeN('Split', [perRow, g.int64([numHeads * headDim, numKvHeads * headDim, numKvHeads * headDim])], 3, {axis: 2})
   const rotated = {q: applyRotary(ctx, q!, rotary, numHeads), k: applyRotary(ctx, k!, rotary, numKvHeads), v: v!}
+  const shapes = attentionShapes(ctx)
   const branch = (decode: boolean) =>
-    g.subgraph(decode ? 'decode' : 'prefill', () => ops.inSubgraph(() => (decode ? decodeAttention(ctx, rotated, masks, cache) : prefillAttention(ctx, rotated, masks, cache))))
+    g.subgraph(decode ? 'decode' : 'prefill', () => ops.inSubgraph(() => (decode ? decodeAttention(ctx, rotated, masks, cache, shapes) : prefillAttention(ctx, rotated, masks, cache, shapes))))
   const [rows, newKey, newValue] = g.nodeN('If', [masks.oneToken], 3, {then_branch: {graph: branch(true)}, else_branch: {graph: branch(false)}})
   return {output: weights.linear(rows!, name('o_proj.weight')), newKey: newKey!, newValue: newValue!}
+}
+
+/**
+ * The shapes the attention branches reshape to, all constants: Reshape's 0 keeps an input
+ * dimension and −1 infers one, so no run-time shape is built (each would be a kernel per step).
+ */
+interface AttentionShapes {
+  /** Decode: [b·p, kv, group, d] (queries), [b·p, kv, 1, d] (keys), [b·p, kv, d, 1] (values). */
+  decodeQueries: string
+  decodeKey: string
+  decodeValue: string
+  /** Prefill: [b·p, s, heads, d], [b·p, s, kv, d], [b·p, kv, group·s, d], [b·p, heads, s, d]. */
+  tokenQueries: string
+  tokenKeys: string
+  groupedQueries: string
+  headContext: string
+  /** [b·p·s, heads·d] */
+  rows: string
+}
+
+function attentionShapes(ctx: DecoderContext): AttentionShapes {
+  const {g, config} = ctx
+  const {numHeads, numKvHeads, headDim} = config
+  return {
+    decodeQueries: g.int64([-1, numKvHeads, numHeads / numKvHeads, headDim]),
+    decodeKey: g.int64([-1, numKvHeads, 1, headDim]),
+    decodeValue: g.int64([-1, numKvHeads, headDim, 1]),
+    tokenQueries: g.int64([0, 0, numHeads, headDim]),
+    tokenKeys: g.int64([0, 0, numKvHeads, headDim]),
+    groupedQueries: g.int64([0, numKvHeads, -1, headDim]),
+    headContext: g.int64([0, numHeads, -1, headDim]),
+    rows: g.int64([-1, numHeads * headDim]),
+  }
 }
 
 /** A layer's new q, k, v after rotary, token-major: [b·p, s, heads·d], [b·p, s, kv·d] twice. */
@@ -190,28 +224,25 @@ interface FreshProjections {
  * token against itself is all zeros and is not added. Returns rows [b·p, heads·d], new keys
  * [b·p, kv, 1, d] and values [b·p, kv, d, 1].
  */
-function decodeAttention(ctx: DecoderContext, fresh: FreshProjections, masks: AttentionMasks, cache: LayerCache): string[] {
-  const {ops, dims, config} = ctx
-  const {numHeads, numKvHeads, headDim} = config
-  const queries = ops.reshape(fresh.q, ops.shapeOf([dims.batchStreams, numKvHeads, numHeads / numKvHeads, headDim]))
-  const newKey = ops.reshape(fresh.k, ops.shapeOf([dims.batchStreams, numKvHeads, 1, headDim]))
-  const newValue = ops.reshape(fresh.v, ops.shapeOf([dims.batchStreams, numKvHeads, headDim, 1]))
+function decodeAttention(ctx: DecoderContext, fresh: FreshProjections, masks: AttentionMasks, cache: LayerCache, shapes: AttentionShapes): string[] {
+  const {ops} = ctx
+  const queries = ops.reshape(fresh.q, shapes.decodeQueries)
+  const newKey = ops.reshape(fresh.k, shapes.decodeKey)
+  const newValue = ops.reshape(fresh.v, shapes.decodeValue)
   const context = attentionCore(ctx, {queries, newKey, newValue}, masks, cache, true)
-  return [ops.reshape(context, ops.shapeOf([-1, numHeads * headDim])), newKey, newValue]
+  return [ops.reshape(context, shapes.rows), newKey, newValue]
 }
 
 /** Attention of a prefill chunk (any s), as the `If`'s else-branch: q, k, v transposed to head-major, the context back to token-major rows. */
-function prefillAttention(ctx: DecoderContext, fresh: FreshProjections, masks: AttentionMasks, cache: LayerCache): string[] {
-  const {ops, dims, config} = ctx
-  const {numHeads, numKvHeads, headDim} = config
-  const headMajor = (x: string, heads: number, perm: number[]) => ops.transpose(ops.reshape(x, ops.shapeOf([dims.batchStreams, dims.seq, heads, headDim])), perm)
+function prefillAttention(ctx: DecoderContext, fresh: FreshProjections, masks: AttentionMasks, cache: LayerCache, shapes: AttentionShapes): string[] {
+  const {ops} = ctx
   // Queries of one KV head's group become extra rows: [b·p, kv, group·s, d].
-  const queries = ops.reshape(headMajor(fresh.q, numHeads, [0, 2, 1, 3]), ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
-  const newKey = headMajor(fresh.k, numKvHeads, [0, 2, 1, 3]) // [b·p, kv, s, d]
-  const newValue = headMajor(fresh.v, numKvHeads, [0, 2, 3, 1]) // [b·p, kv, d, s]
+  const queries = ops.reshape(ops.transpose(ops.reshape(fresh.q, shapes.tokenQueries), [0, 2, 1, 3]), shapes.groupedQueries)
+  const newKey = ops.transpose(ops.reshape(fresh.k, shapes.tokenKeys), [0, 2, 1, 3]) // [b·p, kv, s, d]
+  const newValue = ops.transpose(ops.reshape(fresh.v, shapes.tokenKeys), [0, 2, 3, 1]) // [b·p, kv, d, s]
   const context = attentionCore(ctx, {queries, newKey, newValue}, masks, cache, false) // [b·p, kv, group·s, d]
-  const perToken = ops.transpose(ops.reshape(context, ops.shapeOf([dims.batchStreams, numHeads, dims.seq, headDim])), [0, 2, 1, 3])
-  return [ops.reshape(perToken, ops.shapeOf([-1, numHeads * headDim])), newKey, newValue]
+  const perToken = ops.transpose(ops.reshape(context, shapes.headContext), [0, 2, 1, 3])
+  return [ops.reshape(perToken, shapes.rows), newKey, newValue]
 }
 
 /** A · Bᵀ over the last two axes (ONNX Runtime hands the transpose to the GEMM, which packs B and reads A in place). */
