@@ -91,9 +91,9 @@ export function rotaryTables(config: BackboneShape): {cos: Float32Array; sin: Fl
   return {cos, sin}
 }
 
-/** x·cos + rotate_half(x)·sin for x [batch·P, heads, seq, head_dim], one fused ONNX Runtime op. */
-export function applyRotary(ctx: DecoderContext, x: string, rotary: Rotary): string {
-  return ctx.g.node('RotaryEmbedding', [x, rotary.positions, rotary.cosTable, rotary.sinTable], {interleaved: 0}, 'com.microsoft')
+/** x·cos + rotate_half(x)·sin for x [batch·P, seq, heads·head_dim] (token-major, as the projection writes it), one fused ONNX Runtime op. */
+export function applyRotary(ctx: DecoderContext, x: string, rotary: Rotary, heads: number): string {
+  return ctx.g.node('RotaryEmbedding', [x, rotary.positions, rotary.cosTable, rotary.sinTable], {interleaved: 0, num_heads: heads}, 'com.microsoft')
 }
 
 /**
@@ -145,8 +145,11 @@ export interface LayerCache {
  * Grouped-query self-attention over the cache (whose first slots hold the stream's prefix)
  * and the new tokens. The cache is read where the caller keeps it, never copied: scores
  * against it and against the new keys are computed apart and joined before the softmax.
- * q, k and v come from one projection (one matmul, split by head), and every tensor stays in
- * the layout [batch·P, heads, …] the scores need, so a layer runs few kernels.
+ * q, k and v come from one projection (one matmul), split and rotated in the token-major
+ * layout [b·p, s, heads·d] the matmul writes; each `If` branch then lays them out as its
+ * products need, which a decode step (one token per row) does with reshapes alone: a decode
+ * step runs some thirty kernels per layer, and each small kernel costs about as much time
+ * between kernels as in them.
  * Returns the output rows and the new keys [batch·P, kv, seq, head_dim] and values
  * [batch·P, kv, head_dim, seq], which the caller appends to its cache.
  */
@@ -163,19 +166,83 @@ export function attention(
   const name = (tensor: string) => `model.layers.${layer}.self_attn.${tensor}`
   const qkv = weights.linearConcat(x, queryKeyValueParts(layer, headDim), name('qkv_proj')) // [(b p s), (heads + 2·kv)·d]
 
-  // [(b p s), (heads + 2 kv)·d] → [b·p, heads + 2 kv, s, d] → q, k, v by head
-  const split = ops.reshape(qkv, ops.shapeOf([dims.batchStreams, dims.seq, numHeads + 2 * numKvHeads, headDim]))
-  const [q, k, v] = g.nodeN('Split', [ops.transpose(split, [0, 2, 1, 3]), g.int64([numHeads, numKvHeads, numKvHeads])], 3, {axis: 1})
+  // [(b p s), (heads + 2 kv)·d] → [b·p, s, (heads + 2 kv)·d] → q, k, v, token-major
+  const perRow = ops.reshape(qkv, ops.shapeOf([dims.batchStreams, dims.seq, (numHeads + 2 * numKvHeads) * headDim]))
+  const [q, k, v] = g.nodeN('Split', [perRow, g.int64([numHeads * headDim, numKvHeads * headDim, numKvHeads * headDim])], 3, {axis: 2})
+  const rotated = {q: applyRotary(ctx, q!, rotary, numHeads), k: applyRotary(ctx, k!, rotary, numKvHeads), v: v!}
+  const shapes = attentionShapes(ctx)
+  const branch = (decode: boolean) =>
+    g.subgraph(decode ? 'decode' : 'prefill', () => ops.inSubgraph(() => (decode ? decodeAttention(ctx, rotated, masks, cache, shapes) : prefillAttention(ctx, rotated, masks, cache, shapes))))
+  const [rows, newKey, newValue] = g.nodeN('If', [masks.oneToken], 3, {then_branch: {graph: branch(true)}, else_branch: {graph: branch(false)}})
+  return {output: weights.linear(rows!, name('o_proj.weight')), newKey: newKey!, newValue: newValue!}
+}
 
+/**
+ * The shapes the attention branches reshape to, all constants: Reshape's 0 keeps an input
+ * dimension and −1 infers one, so no run-time shape is built (each would be a kernel per step).
+ */
+interface AttentionShapes {
+  /** Decode: [b·p, kv, group, d] (queries), [b·p, kv, 1, d] (keys), [b·p, kv, d, 1] (values). */
+  decodeQueries: string
+  decodeKey: string
+  decodeValue: string
+  /** Prefill: [b·p, s, heads, d], [b·p, s, kv, d], [b·p, kv, group·s, d], [b·p, heads, s, d]. */
+  tokenQueries: string
+  tokenKeys: string
+  groupedQueries: string
+  headContext: string
+  /** [b·p·s, heads·d] */
+  rows: string
+}
+
+function attentionShapes(ctx: DecoderContext): AttentionShapes {
+  const {g, config} = ctx
+  const {numHeads, numKvHeads, headDim} = config
+  return {
+    decodeQueries: g.int64([-1, numKvHeads, numHeads / numKvHeads, headDim]),
+    decodeKey: g.int64([-1, numKvHeads, 1, headDim]),
+    decodeValue: g.int64([-1, numKvHeads, headDim, 1]),
+    tokenQueries: g.int64([0, 0, numHeads, headDim]),
+    tokenKeys: g.int64([0, 0, numKvHeads, headDim]),
+    groupedQueries: g.int64([0, numKvHeads, -1, headDim]),
+    headContext: g.int64([0, numHeads, -1, headDim]),
+    rows: g.int64([-1, numHeads * headDim]),
+  }
+}
+
+/** A layer's new q, k, v after rotary, token-major: [b·p, s, heads·d], [b·p, s, kv·d] twice. */
+interface FreshProjections {
+  q: string
+  k: string
+  v: string
+}
+
+/**
+ * Attention of a decode step (one token per row, s = 1), as the `If`'s then-branch: at s = 1
+ * the token-major q, k, v are already in the head-major order the products read, so reshapes
+ * lay them out, and the context comes back to rows by a reshape too. The causal mask of one
+ * token against itself is all zeros and is not added. Returns rows [b·p, heads·d], new keys
+ * [b·p, kv, 1, d] and values [b·p, kv, d, 1].
+ */
+function decodeAttention(ctx: DecoderContext, fresh: FreshProjections, masks: AttentionMasks, cache: LayerCache, shapes: AttentionShapes): string[] {
+  const {ops} = ctx
+  const queries = ops.reshape(fresh.q, shapes.decodeQueries)
+  const newKey = ops.reshape(fresh.k, shapes.decodeKey)
+  const newValue = ops.reshape(fresh.v, shapes.decodeValue)
+  const context = attentionCore(ctx, {queries, newKey, newValue}, masks, cache, true)
+  return [ops.reshape(context, shapes.rows), newKey, newValue]
+}
+
+/** Attention of a prefill chunk (any s), as the `If`'s else-branch: q, k, v transposed to head-major, the context back to token-major rows. */
+function prefillAttention(ctx: DecoderContext, fresh: FreshProjections, masks: AttentionMasks, cache: LayerCache, shapes: AttentionShapes): string[] {
+  const {ops} = ctx
   // Queries of one KV head's group become extra rows: [b·p, kv, group·s, d].
-  const queries = ops.reshape(applyRotary(ctx, q!, rotary), ops.shapeOf([dims.batchStreams, numKvHeads, -1, headDim]))
-  const newKey = applyRotary(ctx, k!, rotary) // [b·p, kv, s, d]
-  const newValue = ops.transpose(v!, [0, 1, 3, 2]) // [b·p, kv, d, s]
-  const branch = (cacheFirst: boolean) => g.subgraph(cacheFirst ? 'decode' : 'prefill', () => ops.inSubgraph(() => [attentionCore(ctx, {queries, newKey, newValue}, masks, cache, cacheFirst)]))
-  const context = g.node('If', [masks.oneToken], {then_branch: {graph: branch(true)}, else_branch: {graph: branch(false)}}) // [b·p, kv, group·s, d]
-  const perToken = ops.transpose(ops.reshape(context, ops.shapeOf([dims.batchStreams, numHeads, dims.seq, headDim])), [0, 2, 1, 3])
-  const rows = ops.reshape(perToken, ops.shapeOf([-1, numHeads * headDim]))
-  return {output: weights.linear(rows, name('o_proj.weight')), newKey, newValue}
+  const queries = ops.reshape(ops.transpose(ops.reshape(fresh.q, shapes.tokenQueries), [0, 2, 1, 3]), shapes.groupedQueries)
+  const newKey = ops.transpose(ops.reshape(fresh.k, shapes.tokenKeys), [0, 2, 1, 3]) // [b·p, kv, s, d]
+  const newValue = ops.transpose(ops.reshape(fresh.v, shapes.tokenKeys), [0, 2, 3, 1]) // [b·p, kv, d, s]
+  const context = attentionCore(ctx, {queries, newKey, newValue}, masks, cache, false) // [b·p, kv, group·s, d]
+  const perToken = ops.transpose(ops.reshape(context, shapes.headContext), [0, 2, 1, 3])
+  return [ops.reshape(perToken, shapes.rows), newKey, newValue]
 }
 
 /** A · Bᵀ over the last two axes (ONNX Runtime hands the transpose to the GEMM, which packs B and reads A in place). */
@@ -213,7 +280,9 @@ function attentionCore(
   const toRows = (x: string) => matmulTransB(ctx, identity(ctx, group), x)
   const scoresOnCache = cacheFirst ? toRows(matmulTransB(ctx, cache.pastKey, queries)) : matmulTransB(ctx, queries, cache.pastKey)
   const cacheScores = ops.add(scoresOnCache, masks.cache) // [b·p, kv, group·s, C]
-  const newScores = ops.add(matmulTransB(ctx, queries, newKey), masks.causal) // [b·p, kv, group·s, s]
+  // One new token sees itself: its causal mask is zeros, added only when there are several.
+  const ownScores = matmulTransB(ctx, queries, newKey)
+  const newScores = cacheFirst ? ownScores : ops.add(ownScores, masks.causal) // [b·p, kv, group·s, s]
   const probs = ops.softmax(ops.concat([cacheScores, newScores], 3), -1)
   const onCache = ops.slice(probs, g.int64([0]), masks.capacity, 3)
   const onNew = ops.slice(probs, masks.capacity, g.int64([Number.MAX_SAFE_INTEGER]), 3)
