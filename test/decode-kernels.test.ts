@@ -6,7 +6,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, test} from 'node:test'
 
-import {profileFiles} from '../src/core/bench/profile-summary.js'
+import {nodesByRun, profileFiles, readProfileEvents} from '../src/core/bench/profile-summary.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
@@ -14,22 +14,9 @@ import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 const work = makeTempDir()
 after(() => fs.rmSync(work, {recursive: true, force: true}))
 
-interface ProfileEvent {
-  cat: string
-  name: string
-  ts: number
-  dur: number
-  args?: {op_name?: string; output_type_shape?: Record<string, number[]>[]}
-}
-
 /** Kernels of each model run (in order) that ran in one decoder layer: op names by node. */
 function layerKernelsPerRun(file: string, layer: number): string[][] {
-  const events = JSON.parse(fs.readFileSync(file, 'utf8')) as ProfileEvent[]
-  const kernels = events.filter((e) => e.cat === 'Node' && e.name.endsWith('_kernel_time'))
-  return events
-    .filter((e) => e.cat === 'Session' && e.name === 'model_run')
-    .sort((a, b) => a.ts - b.ts)
-    .map((run) => kernels.filter((k) => k.ts >= run.ts && k.ts <= run.ts + run.dur && k.name.startsWith(`layers.${layer}/`)).map((k) => k.args?.op_name ?? '?'))
+  return nodesByRun(readProfileEvents(file)).map(({nodes}) => nodes.filter((k) => k.name.startsWith(`layers.${layer}/`)).map((k) => k.args?.op_name ?? '?'))
 }
 
 for (const name of ['tiny-p1', 'tiny-p4']) {

@@ -14,7 +14,7 @@
 import fs from 'node:fs'
 import path from 'node:path'
 
-interface ProfileEvent {
+export interface ProfileEvent {
   cat: string
   name: string
   ts: number
@@ -68,6 +68,24 @@ export function profileFiles(prefix: string): string[] {
   return fs.readdirSync(dir).filter((f) => pattern.test(f)).sort().map((f) => path.join(dir, f))
 }
 
+/** A profile's events, as ONNX Runtime wrote them. */
+export function readProfileEvents(file: string): ProfileEvent[] {
+  return JSON.parse(fs.readFileSync(file, 'utf8')) as ProfileEvent[]
+}
+
+/** A node's kernel event (`…_kernel_time`): on the CPU its kernel, on WebGPU the CPU side of its dispatches. */
+const isNodeKernel = (e: ProfileEvent) => e.cat === 'Node' && e.name.endsWith('_kernel_time')
+
+/** Each model run, in time order, with the node kernel events (in time order) that ran inside it. */
+export function nodesByRun(events: readonly ProfileEvent[]): {run: ProfileEvent; nodes: ProfileEvent[]}[] {
+  const byTime = (a: ProfileEvent, b: ProfileEvent) => a.ts - b.ts
+  const nodes = events.filter(isNodeKernel).sort(byTime)
+  return events
+    .filter((e) => e.cat === 'Session' && e.name === 'model_run')
+    .sort(byTime)
+    .map((run) => ({run, nodes: nodes.filter((n) => n.ts >= run.ts && n.ts <= run.ts + run.dur)}))
+}
+
 /** Tokens a run fed: the embedding's ids [batch, seq] (GPU forms gather), or the rows [batch, seq, hidden] the CPU graph's embed block starts from. */
 function tokensOf(node: ProfileEvent): number {
   const op = node.args?.op_name ?? ''
@@ -86,17 +104,15 @@ interface Run {
 }
 
 export function summarizeProfile(file: string): ProfileSummary {
-  const events = JSON.parse(fs.readFileSync(file, 'utf8')) as ProfileEvent[]
+  const events = readProfileEvents(file)
   const categories: Record<string, number> = {}
   for (const e of events) categories[e.cat] = (categories[e.cat] ?? 0) + 1
-  const byTime = (a: ProfileEvent, b: ProfileEvent) => a.ts - b.ts
-  const sessionRuns = events.filter((e) => e.cat === 'Session' && e.name === 'model_run').sort(byTime)
-  const nodes = events.filter((e) => e.cat === 'Node' && e.name.endsWith('_kernel_time')).sort(byTime)
-  const gpuKernels = events.filter((e) => e.cat === 'Api' && e.name.includes('&')).sort(byTime)
-  const onGpu = nodes.some((n) => (n.args?.provider ?? '').startsWith('WebGpu'))
+  const sessionRuns = nodesByRun(events)
+  const gpuKernels = events.filter((e) => e.cat === 'Api' && e.name.includes('&')).sort((a, b) => a.ts - b.ts)
+  const onGpu = events.some((e) => isNodeKernel(e) && (e.args?.provider ?? '').startsWith('WebGpu'))
   const clock: ProfileSummary['clock'] = !onGpu ? 'cpu kernels' : gpuKernels.length > 0 ? 'gpu kernels' : 'cpu side of gpu nodes'
 
-  const runs: Run[] = sessionRuns.map((run) => {
+  const runs: Run[] = sessionRuns.map(({run, nodes}) => {
     const end = run.ts + run.dur
     const ops: Run['ops'] = new Map()
     const entry = (op: string) => {
@@ -106,7 +122,6 @@ export function summarizeProfile(file: string): ProfileSummary {
     }
     let tokens = 0
     for (const node of nodes) {
-      if (node.ts < run.ts || node.ts > end) continue
       if (!tokens && node.name.startsWith('embed/')) tokens = tokensOf(node)
       const op = node.args?.op_name ?? '?'
       if (clock === 'gpu kernels') {
@@ -140,7 +155,7 @@ export function summarizeProfile(file: string): ProfileSummary {
   }
   if (clock === 'cpu side of gpu nodes') {
     summary.note = `the WebGPU provider wrote no GPU kernel timings (no "Api" events; events by category: ${describeCategories(categories)}): the times are the CPU side of each node (recording its dispatches), not GPU time`
-  } else if (nodes.length === 0) {
+  } else if (!events.some(isNodeKernel)) {
     summary.note = `the profile has no per-kernel events (events by category: ${describeCategories(categories)})`
   }
   return summary
