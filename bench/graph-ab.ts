@@ -10,6 +10,8 @@ import {copyFileSync, rmSync} from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 
+import {greedyDecodeStepMs} from '../src/core/bench/decode-steps.js'
+import {median} from '../src/core/bench/stats.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {readManifest} from '../src/core/package/manifest.js'
 
@@ -28,27 +30,9 @@ copyFileSync(otherGraph, path.join(packageDir, otherName))
 
 const vocab = manifest.model.vocabSize
 const prompt = Array.from({length: 64}, (_, i) => (i * 7919 + 13) % vocab)
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b)
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2
-}
 
 /** One round: prefill the prompt, then `steps` greedy decode steps; the median step ms. */
-async function round(model: ParScaleModel): Promise<number> {
-  const cache = model.newCache(parallel)
-  cache.reserve(1, prompt.length + steps + 1)
-  cache.reset(0)
-  let out = await model.forward(cache, 0, [prompt], 1)
-  const times: number[] = []
-  for (let s = 0; s < steps; s++) {
-    let next = 0
-    for (let v = 1; v < vocab; v++) if (out.logits[v]! > out.logits[next]!) next = v
-    const t0 = performance.now()
-    out = await model.forward(cache, 0, [[next]], 1)
-    times.push(performance.now() - t0)
-  }
-  return median(times)
-}
+const round = async (model: ParScaleModel) => median(await greedyDecodeStepMs(model, parallel, prompt, steps))
 
 type Name = 'package' | 'other' | 'control'
 try {

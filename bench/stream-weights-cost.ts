@@ -9,6 +9,7 @@ import path from 'node:path'
 
 import onnxProto from 'onnx-proto'
 
+import {greedyDecodeStepMs} from '../src/core/bench/decode-steps.js'
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import {SYNTHETIC_PRESETS} from '../src/core/checkpoint/synthetic.js'
 import {io} from '../src/core/onnx/parscale-graph.js'
@@ -49,18 +50,7 @@ const steps = 16
 
 /** One round: prefill 64 tokens, `steps` greedy decode steps (ms each), then a 256-token prefill with every position's logits. */
 async function round(model: ParScaleModel): Promise<{decode: number[]; score: number}> {
-  const cache = model.newCache(parallel)
-  cache.reserve(1, prompt.length + steps + 1)
-  cache.reset(0)
-  let out = await model.forward(cache, 0, [prompt], 1)
-  const decode: number[] = []
-  for (let s = 0; s < steps; s++) {
-    let next = 0
-    for (let v = 1; v < vocab; v++) if (out.logits[v]! > out.logits[next]!) next = v
-    const t0 = performance.now()
-    out = await model.forward(cache, 0, [[next]], 1)
-    decode.push(performance.now() - t0)
-  }
+  const decode = await greedyDecodeStepMs(model, parallel, prompt, steps)
   const scoring = model.newCache(parallel)
   scoring.reserve(1, scored.length)
   scoring.reset(0)
