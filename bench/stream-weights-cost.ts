@@ -34,9 +34,15 @@ const proto = onnx.ModelProto.decode(readFileSync(path.join(packageDir, manifest
 const outputs = proto.graph!.output!
 proto.graph!.output = outputs.filter((o) => o.name !== io.streamWeights)
 if (proto.graph!.output.length !== outputs.length - 1) throw new Error(`${manifest.graph} has no ${io.streamWeights} output`)
+type NodeProto = NonNullable<NonNullable<typeof proto.graph>['node']>[number]
+/** Every name a node reads, its `If` branches' nodes included (they read the outer graph's values by name). */
+const reads = (node: NodeProto): string[] => [
+  ...(node.input ?? []),
+  ...(node.attribute ?? []).flatMap((a) => (a.g?.node ?? []).flatMap(reads)),
+]
 // Then the nodes that only fed it (the Reshape and its shape arithmetic), until none is left.
 for (let removed = true; removed; ) {
-  const used = new Set([...proto.graph!.output.map((o) => o.name), ...proto.graph!.node!.flatMap((n) => n.input ?? [])])
+  const used = new Set([...proto.graph!.output.map((o) => o.name), ...proto.graph!.node!.flatMap(reads)])
   const nodes = proto.graph!.node!.filter((n) => (n.output ?? []).some((o) => used.has(o)))
   removed = nodes.length < proto.graph!.node!.length
   proto.graph!.node = nodes
