@@ -2,9 +2,10 @@
 # One device call for issue 22: tokenize the carried corpus, train every RECIPE x SIZE at once on the
 # GPU until a shared deadline, then pack what must come back within the device's 8-file limit:
 # logs.tar (every results.json and train.log) and the weights of the recipe whose P = 8 beats its
-# control by most on held-out set 1 (split into 15 MB parts: weights.tar.xz.part-*).
+# control by most on held-out set 1 (or every recipe's, WEIGHTS=all) (split into 15 MB parts: weights.tar.xz.part-*).
 # Usage: sh training/device-run.sh SECONDS OUT "RECIPE..." "SIZE..."   (RECIPE "base" = no overrides)
 # TRAIN_ARGS (env): more arguments for every `dynamic.py train`, e.g. "--max-steps 3289".
+# WEIGHTS=all (env): bring back every recipe's weights instead of the best one's.
 set -u
 SECONDS_TOTAL=$1; OUT=$2; RECIPES=$3; SIZES=$4
 END=$(( $(date +%s) + SECONDS_TOTAL ))
@@ -33,5 +34,8 @@ PY
 )
 echo "best recipe: $best"
 (cd $R && tar cf $OUT/logs.tar *.out */*/results.json */*/train.log)
-(cd $R/$best && tar cf - */weights-*.safetensors | xz -T0 -3) | split -b 15000000 - $OUT/weights-$best.tar.xz.part-
+# WEIGHTS=all (env): every recipe's weights come back, not only the best one's (small sizes fit the file limit)
+for r in $( [ "${WEIGHTS:-best}" = all ] && echo $RECIPES || echo $best ); do
+  (cd $R/$r && tar cf - */weights-*.safetensors | xz -T0 -3) | split -b 15000000 - $OUT/weights-$r.tar.xz.part-
+done
 ls -la $OUT

@@ -248,7 +248,7 @@ def train(args):
     os.makedirs(out, exist_ok=True)
     _log_file = open(os.path.join(out, "train.log"), "w")
     d = dev()
-    seed = c["seed"] + 2200 + sum(map(ord, args.size))
+    seed = c["seed"] + 2200 + sum(map(ord, args.size)) + s.get("seed_offset", 0)  # a recipe may redraw everything
     seed_all(seed)
     if d.type == "cuda":
         log("GPU:", torch.cuda.get_device_name(0), "torch", torch.__version__)
@@ -280,8 +280,13 @@ def train(args):
     max_seconds = args.max_seconds or s["max_seconds"]
     if args.end_by:  # an absolute deadline for the whole call: leave time for the final eval
         max_seconds = min(max_seconds, args.end_by - time.time() - s["eval_reserve_seconds"])
+    # the arms' turns, repeated: every arm once by default; a recipe's "schedule" gives some arms more turns
+    schedule = s.get("schedule") or s["arms"]
+    unknown = sorted(set(schedule) - set(s["arms"]))
+    if unknown or set(s["arms"]) - set(schedule):
+        sys.exit(f"config.json: schedule {schedule} must name every arm of {s['arms']} and nothing else (unknown: {unknown})")
     log(f"train stream {train_tokens:,} tokens; batch {B}x{ctx}; at most {max_steps} steps "
-        f"({s['max_epochs']} backbone epochs) or {max_seconds:.0f}s; arms {s['arms']} round-robin")
+        f"({s['max_epochs']} backbone epochs) or {max_seconds:.0f}s; arms {s['arms']}, turns {schedule} round-robin")
     loss_fn = {a: family[a].loss for a in s["arms"]}
     if args.compile:
         loss_fn = {a: torch.compile(f) for a, f in loss_fn.items()}
@@ -305,7 +310,7 @@ def train(args):
         lr = lr_at(progress, step, s["warmup"], s["lr"], s["min_lr_frac"])
         for g in opt.param_groups:
             g["lr"] = lr
-        arm = s["arms"][step % len(s["arms"])]
+        arm = schedule[step % len(schedule)]
         x, y = windows[arm].get(B)
         rows = max(1, min(B, s["max_stream_rows"] // ARM_P[arm]))  # micro-batches bound memory at large P
         opt.zero_grad(set_to_none=True)  # arms not in this step get no gradient: AdamW leaves them alone
@@ -351,7 +356,7 @@ def train(args):
         "size": args.size, "settings": s, "device": torch.cuda.get_device_name(0) if d.type == "cuda" else "cpu",
         "torch": torch.__version__, "backbone_params": n_backbone, "non_embedding_params": non_embedding_params(family),
         "arm_params": {a: sum(p.numel() for p in family[a].parscale_parameters()) for a in s["arms"] if a != "p1"},
-        "steps": step, "steps_per_arm": step / len(s["arms"]), "kept_step": best[1], "seconds": round(seconds, 1),
+        "steps": step, "steps_per_arm": {a: sum(1 for i in range(step) if schedule[i % len(schedule)] == a) for a in s["arms"]}, "kept_step": best[1], "seconds": round(seconds, 1),
         "ended_by": ended_by, "tokens_seen_backbone": step * B * ctx, "tokens_seen_per_arm": step * B * ctx / len(s["arms"]),
         "backbone_epochs": step * B * ctx / train_tokens, "history": history, "weight_shards": n_shards,
         "data": json.load(open(os.path.join(args.work, "prepare.json"))),

@@ -90,6 +90,19 @@ const layoutRequests = new Map<string, LayoutRequest[]>()
 const firstRow = (blockName: string) => Number(/\[(\d+):/.exec(blockName)?.[1] ?? 0)
 
 /**
+ * `PARSCALE_GPU_MATMUL_ACCURACY` (for measuring): the GPU form's MatMulNBits accuracy_level in
+ * place of the package's 4 (int8 activations: on adapters with subgroups the WebGPU provider then
+ * takes its DP4A kernels, which quantize the activations in a dispatch of their own, and runs the
+ * fused MLP unfused); 0 keeps float activations.
+ */
+function gpuMatMulAccuracy(): {accuracy_level?: number} {
+  const level = process.env.PARSCALE_GPU_MATMUL_ACCURACY
+  if (level === undefined || level === '') return {}
+  if (!['0', '1', '2', '3', '4'].includes(level)) throw new UserError(`PARSCALE_GPU_MATMUL_ACCURACY must be 0-4, not "${level}"`)
+  return {accuracy_level: Number(level)}
+}
+
+/**
  * A quantized package's matrices as its CPU graph reads them: every MatMulNBits (by its codes'
  * name, `<storedAs>.codes`) is emitted again with the same initializers and attributes; the
  * embedding is a GatherBlockQuantized over the table the manifest locates; vectors come from the same graph.
@@ -122,7 +135,7 @@ export function packageQuantizedWeights(packageDir: string, manifest: PackageMan
     const matMulNBits = (x: string, codes: string, rows?: {first: number; count: number}): string => {
       const node = matMuls.get(codes)
       if (!node) throw new Error(`${graphPath}: no MatMulNBits reads "${codes}"`)
-      const attributes = ints(node)
+      const attributes: Record<string, number> = {...ints(node), ...gpuMatMulAccuracy()}
       const tensor = (name: string) => (rows ? rowsOf(name, attributes.N!, rows.first, rows.count) : initializer(name))
       const inputs = [x, tensor(node.input![1]!), tensor(node.input![2]!)]
       const bias = node.input![5]
