@@ -7,7 +7,9 @@
 // BENCH_QUANT (int8|int4), BENCH_BLOCK (quantization block size; int4 at 32 lets the WebGPU provider
 // fuse the MLP into MatMulNBitsMlp), BENCH_DTYPE (fp32|fp16). On webgpu the route is
 // PARSCALE_WEBGPU_ROUTE's (node: onnxruntime-node, the default; capture: onnxruntime-web with the
-// decode graph captured and replayed, where it loads), printed per P.
+// decode graph captured and replayed, where it loads), printed per P. An fp16 package runs the half
+// form (float16 matrices, activations and cache) unless PARSCALE_GPU_FORM_HALF=0 (the widened
+// float32 form) or the adapter lacks shader-f16; each P's line says which form ran.
 import {spawnSync} from 'node:child_process'
 import path from 'node:path'
 import {fileURLToPath} from 'node:url'
@@ -16,7 +18,7 @@ import {describeGpuDispatches, gpuDispatches} from '../src/core/bench/gpu-dispat
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import {syntheticShape} from '../src/core/checkpoint/synthetic.js'
 import {adapterName, checkWebGpu, type Device} from '../src/core/engine/device.js'
-import {gpuFormGraphFile} from '../src/core/engine/gpu-form.js'
+import {GpuFormModel, gpuFormGraphFile} from '../src/core/engine/gpu-form.js'
 import {openGpuFormRunner} from '../src/core/engine/webgpu-capture.js'
 import {countDispatches} from '../src/core/bench/dispatches.js'
 import type {WeightDtype} from '../src/core/onnx/weights.js'
@@ -45,6 +47,8 @@ interface Measured {
   peakRssBytes: number
   inPlace: boolean
   route: string
+  /** float32, half, or widened (an fp16 package's matrices as float32) with the reason */
+  form: string
 }
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!
@@ -72,9 +76,10 @@ async function measure(packageDir: string, P: number): Promise<Measured> {
     }
   }
   const inPlace = model.inPlace
+  const form = !(model instanceof GpuFormModel) ? 'float32' : model.half ? 'half' : model.halfFallback ? `widened (${model.halfFallback})` : 'float32'
   await model.release()
   const route = choice.fallback ? `${choice.route} (no capture: ${choice.fallback})` : choice.route
-  return {parallel: P, prefillMs: median(prefill), decodeMs: median(decode), decodeP90Ms: p90(decode), peakRssBytes: process.resourceUsage().maxRSS * 1024, inPlace, route}
+  return {parallel: P, prefillMs: median(prefill), decodeMs: median(decode), decodeP90Ms: p90(decode), peakRssBytes: process.resourceUsage().maxRSS * 1024, inPlace, route, form}
 }
 
 if (process.env.BENCH_CHILD) {
@@ -92,12 +97,14 @@ if (process.env.BENCH_CHILD) {
     if (child.status !== 0 || !line) { log(`P=${P}: the measuring process failed (${child.status})`); continue }
     const r = JSON.parse(line) as Measured
     results.push(r)
-    console.log(`P=${P}: prefill ${r.prefillMs.toFixed(1)} ms, decode ${r.decodeMs.toFixed(2)} ms/token (p90 ${r.decodeP90Ms.toFixed(2)}), peak RSS ${(r.peakRssBytes / 1e9).toFixed(2)} GB, cache in place ${r.inPlace}, route ${r.route}`)
+    console.log(`P=${P}: prefill ${r.prefillMs.toFixed(1)} ms, decode ${r.decodeMs.toFixed(2)} ms/token (p90 ${r.decodeP90Ms.toFixed(2)}), peak RSS ${(r.peakRssBytes / 1e9).toFixed(2)} GB, cache in place ${r.inPlace}, route ${r.route}, form ${r.form}`)
   }
   const p1 = results.find((r) => r.parallel === 1)
   const p8 = results.find((r) => r.parallel === 8)
   if (p1 && p8) console.log(`P8/P1 decode: ${(p8.decodeMs / p1.decodeMs).toFixed(2)}`)
-  for (const line of describeGpuDispatches(await gpuDispatches(shape, parallel, adapter, weightBytesPerParameter(readManifest(packageDir))))) console.log(line)
+  // the floor counts the bytes the device reads: an fp16 package's widened form reads float32
+  const bytesPerWeight = results.some((r) => r.form.startsWith('widened')) ? 4 : weightBytesPerParameter(readManifest(packageDir))
+  for (const line of describeGpuDispatches(await gpuDispatches(shape, parallel, adapter, bytesPerWeight))) console.log(line)
   if (device === 'webgpu') {
     // as the WebGPU provider itself optimizes the package's GPU form (its fusions included)
     for (const P of parallel) {

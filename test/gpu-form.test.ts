@@ -43,8 +43,8 @@ interface Golden {
  * The GPU form's last-position logits fed in the chunks `chunks` (lengths), compared with the
  * reference row of each chunk's last position: the largest difference.
  */
-async function gpuFormDiff(dir: string, parallel: number, ids: number[], chunks: number[], reference: (position: number) => ArrayLike<number>, device: Device = 'cpu'): Promise<number> {
-  const model = await GpuFormModel.open(dir, {parallel, capacity: 96 + ids.length, device})
+async function gpuFormDiff(dir: string, parallel: number, ids: number[], chunks: number[], reference: (position: number) => ArrayLike<number>, device: Device = 'cpu', half?: boolean): Promise<number> {
+  const model = await GpuFormModel.open(dir, {parallel, capacity: 96 + ids.length, device, ...(half === undefined ? {} : {half})})
   let worst = 0
   try {
     let at = 0
@@ -174,14 +174,14 @@ test('decode-only GPU form (static shapes, for graph capture): no shape arithmet
   }
 })
 
-test('GPU form of an fp16 package (half matrices widened at load): the CPU graph\'s logits', async () => {
+test('GPU form of an fp16 package, widened (half matrices written as float32; the half form: gpu-form-half.test.ts): the CPU graph\'s logits', async () => {
   const golden = JSON.parse(fs.readFileSync(path.join(goldenDir('tiny-p4'), 'golden.json'), 'utf8')) as Golden
   const ids = golden.logits.prompt_ids
   const dir = path.join(work, 'tiny-p4-fp16')
   convertCheckpoints({sources: [goldenDir('tiny-p4')], outDir: dir, dtype: 'fp16'})
   const cpu = await forwardLogits(dir, 4, ids)
   for (const device of adapter ? (['cpu', 'webgpu'] as const) : (['cpu'] as const)) {
-    const diff = await gpuFormDiff(dir, 4, ids, plans(ids.length)['chunks of 3, 4, 1, rest']!, (p) => cpu.values.subarray(p * cpu.vocab, (p + 1) * cpu.vocab), device)
+    const diff = await gpuFormDiff(dir, 4, ids, plans(ids.length)['chunks of 3, 4, 1, rest']!, (p) => cpu.values.subarray(p * cpu.vocab, (p + 1) * cpu.vocab), device, false)
     assert.ok(diff < (device === 'cpu' ? 1e-4 : 1e-3), `${device}: ${diff}`)
   }
 })

@@ -4,7 +4,8 @@
 # most 600 s: steps run in the order given, each under its own limit and the call's deadline
 # (BUDGET seconds from the start, default 570); a step that would not fit is skipped and said so.
 # Usage: bash .carry/pscale/device.sh STEPS (comma list, run in that order) ; results under $OUT.
-# Steps (issue 23): probe longcall run golden gpuform int4 int4acc0 fp16 cpu16 eval evalacc0 synth18 profile gpubench gpuprofile oldgolden rss
+# Steps (issue 23): probe longcall run golden gpuform int4 int4acc0 fp16 fp16w cpu16 eval evalfp16 evalacc0 synth18 profile gpubench gpuprofile oldgolden rss
+#   (fp16: the half GPU form of an fp16 package; fp16w: the same package widened to float32, PARSCALE_GPU_FORM_HALF=0)
 #   capture (needs .carry/ortweb.txz: onnxruntime-web + Dawn's webgpu, see ortweb-capture.mjs; after gpuform/int4 built the packages)
 #   gfcapture (the same ortweb.txz: the engine's capture route, PARSCALE_WEBGPU_ROUTE=capture, through bench/gpu-form-decode.ts)
 #   (and, from issue 19: forms ortdefaults cpu2).
@@ -69,9 +70,11 @@ run_step() {
   gpuform) BENCH_PARALLEL=${GF_PARALLEL:-1,2,4,8} step "GPU form 0.5b fp32 (builds the package)" 240 node $GF > $OUT/gpuform-fp32.txt; cat $OUT/gpuform-fp32.txt ;;
   int4acc0) BENCH_QUANT=int4 PARSCALE_GPU_MATMUL_ACCURACY=0 step "GPU form 0.5b int4, MatMulNBits accuracy_level 0 (float activations, no DP4A)" 200 node $GF > $OUT/gpuform-int4-acc0.txt; cat $OUT/gpuform-int4-acc0.txt ;;
   int4) BENCH_QUANT=int4 step "GPU form 0.5b int4 (builds the package)" 200 node $GF > $OUT/gpuform-int4.txt; cat $OUT/gpuform-int4.txt ;;
-  fp16) BENCH_DTYPE=fp16 step "GPU form 0.5b fp16 (builds the package)" 200 node $GF > $OUT/gpuform-fp16.txt; cat $OUT/gpuform-fp16.txt ;;
+  fp16) BENCH_DTYPE=fp16 PARSCALE_GPU_FORM_HALF=1 step "GPU form 0.5b fp16, the half form (builds the package)" 200 node $GF > $OUT/gpuform-fp16.txt; cat $OUT/gpuform-fp16.txt ;;
+  fp16w) BENCH_DTYPE=fp16 PARSCALE_GPU_FORM_HALF=0 step "GPU form 0.5b fp16 widened to float32 (PARSCALE_GPU_FORM_HALF=0)" 200 node $GF > $OUT/gpuform-fp16w.txt; cat $OUT/gpuform-fp16w.txt ;;
   cpu16) step "CPU graph 0.5b, 16 threads (the ratio's base)" 150 node $CLI bench --synthetic 0.5b --parallel 1,8 --threads 16 --repeat 1 --no-roofline --json-file $OUT/bench-cpu16.json ;;
   eval) step "held-out NLL through the GPU form: fp32, int8, int4 at P=1,8" 120 node $EXP gpuform-eval . $OUT/gpuform-eval.json ;;
+  evalfp16) step "held-out NLL through the GPU form: fp32, fp16 half, fp16 widened at P=1,8" 120 node $EXP gpuform-eval-fp16 . $OUT/gpuform-eval-fp16.json ;;
   evalacc0) PARSCALE_GPU_MATMUL_ACCURACY=0 step "held-out NLL through the GPU form, MatMulNBits accuracy_level 0" 120 node $EXP gpuform-eval . $OUT/gpuform-eval-acc0.json ;;
   synth18) BENCH_SHAPE=1.8b BENCH_PARALLEL=1,8 BENCH_REPEAT=2 step "GPU form 1.8b fp32 (builds the package)" 300 node $GF > $OUT/gpuform-1.8b.txt; cat $OUT/gpuform-1.8b.txt ;;
   profile) PKG=$(PKG_OF); [ -n "$PKG" ] && step "profile of GPU form decode, P=8" 100 node $EXP gpuform-profile $PKG $OUT/gpuform-profile-p8.json 8 ;;

@@ -5,6 +5,7 @@
 //   gpuform-golden ROOT OUT.json  the GPU form (issue 23) on WebGPU vs the PyTorch reference and the CPU graph
 //   gpuform-profile PKG OUT.json P  the profile of the GPU form's decode steps, summarized as `profile` does
 //   gpuform-eval ROOT OUT.json  held-out NLL of the default model through the GPU form: fp32, int8, int4 at P = 1 and 8
+//   gpuform-eval-fp16 ROOT OUT.json  the same for an fp16 package of it: fp32, fp16 in the half form, fp16 widened
 //   probe                       the WebGPU adapter (exit 1 without one)
 //   gpuform-graphs PKG P…       writes the GPU form's graphs (dynamic and decode-only) for each P (for ortweb-capture.mjs)
 import fs from 'node:fs'
@@ -175,6 +176,20 @@ async function gpuFormGolden(root: string, out: string): Promise<void> {
 }
 
 /** Mean NLL of the held-out text (first 8 tokens a prompt, then one a step) through the GPU form. */
+/** Mean NLL of `ids` (after the first 8) through the GPU form of a package, one token a step. */
+async function gpuFormNll(dir: string, parallel: number, ids: number[], half?: boolean): Promise<{nll: number; half: boolean}> {
+  // the capacity counts the prefix rows (48 at P > 1) and may not exceed them + the 512 positions
+  const model = await GpuFormModel.open(dir, {parallel, capacity: (parallel > 1 ? 64 : 0) + ids.length, device: process.env.EXP_ON_CPU ? 'cpu' : 'webgpu', ...(half === undefined ? {} : {half})})
+  let total = 0
+  let {logits} = await model.step(ids.slice(0, 8))
+  for (let t = 8; t < ids.length; t++) {
+    total += negativeLogLikelihood(logits, 0, logits.length, ids[t])
+    if (t + 1 < ids.length) ({logits} = await model.step([ids[t]]))
+  }
+  await model.release()
+  return {nll: total / (ids.length - 8), half: model.half}
+}
+
 async function gpuFormEval(root: string, out: string): Promise<void> {
   const tokenizer = await TextTokenizer.load(path.join(root, 'fixtures/default-model'))
   const ids = tokenizer.encode(fs.readFileSync(path.join(root, 'fixtures/default-model/heldout.py'), 'utf8'))
@@ -184,17 +199,26 @@ async function gpuFormEval(root: string, out: string): Promise<void> {
     // int4 at its default block and at 32 (the block the WebGPU provider fuses into MatMulNBitsMlp)
     for (const [name, quant, block] of [['fp32'], ['int8', 'int8'], ['int4', 'int4'], ['int4-b32', 'int4', 32]] as const) {
       const dir = resolveModel(undefined, {parallel, ...(quant ? {quant: quantScheme(quant, block)} : {})}).packageDir
-      // the capacity counts the prefix rows (48 at P > 1) and may not exceed them + the 512 positions
-      const model = await GpuFormModel.open(dir, {parallel, capacity: (parallel > 1 ? 64 : 0) + ids.length, device: process.env.EXP_ON_CPU ? 'cpu' : 'webgpu'})
-      let total = 0
-      let {logits} = await model.step(ids.slice(0, 8))
-      for (let t = 8; t < ids.length; t++) {
-        total += negativeLogLikelihood(logits, 0, logits.length, ids[t])
-        if (t + 1 < ids.length) ({logits} = await model.step([ids[t]]))
-      }
-      await model.release()
-      row[name] = total / (ids.length - 8)
+      row[name] = (await gpuFormNll(dir, parallel, ids)).nll
     }
+    console.log(JSON.stringify(row))
+    rows.push(row)
+  }
+  write(out, rows)
+}
+
+/** Held-out NLL through the GPU form of the default model: fp32, and an fp16 package in the half form and widened. */
+async function gpuFormEvalFp16(root: string, out: string): Promise<void> {
+  const tokenizer = await TextTokenizer.load(path.join(root, 'fixtures/default-model'))
+  const ids = tokenizer.encode(fs.readFileSync(path.join(root, 'fixtures/default-model/heldout.py'), 'utf8'))
+  const fp16 = path.join(os.tmpdir(), 'parscale-default-fp16')
+  if (!fs.existsSync(path.join(fp16, 'parscale.json'))) {
+    convertCheckpoints({sources: [1, 8].map((p) => path.join(root, `fixtures/default-model/p${p}`)), outDir: fp16, dtype: 'fp16'})
+  }
+  const rows = []
+  for (const parallel of [1, 8]) {
+    const half = await gpuFormNll(fp16, parallel, ids, true)
+    const row = {parallel, fp32: (await gpuFormNll(resolveModel(undefined, {parallel}).packageDir, parallel, ids)).nll, fp16Half: half.nll, halfRan: half.half, fp16Widened: (await gpuFormNll(fp16, parallel, ids, false)).nll}
     console.log(JSON.stringify(row))
     rows.push(row)
   }
@@ -258,6 +282,7 @@ else if (command === 'decode') await decode(args[0], args[1], args.slice(2).map(
 else if (command === 'profile') await profile(args[0], args[1], Number(args[2]), args[3])
 else if (command === 'gpuform-golden') await gpuFormGolden(args[0], args[1])
 else if (command === 'gpuform-eval') await gpuFormEval(args[0], args[1])
+else if (command === 'gpuform-eval-fp16') await gpuFormEvalFp16(args[0], args[1])
 else if (command === 'probe') {
   const adapter = await checkWebGpu().catch((error: Error) => {
     console.log(JSON.stringify({adapter: null, error: error.message}))

@@ -1,5 +1,7 @@
 /**
- * The GPU form's float matrices in the layout its graph multiplies by ([in, out], float32), written
+ * The GPU form's float matrices in the layout its graph multiplies by ([in, out]; float32, or
+ * float16 in the half form of an fp16 package, the dtype recorded in the index so that one form's
+ * file is never read as the other's), written
  * once into the package folder (`gpu-form.weights`, indexed by `gpu-form.json`), as a quantized
  * package's widened decode graph is (quant/widen.ts). The package stores Hugging Face's [out, in]
  * (and fp16 packages half floats); a graph that transposed (or widened) them with ops on
@@ -14,7 +16,7 @@
 import {closeSync, existsSync, ftruncateSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync} from 'node:fs'
 import {join} from 'node:path'
 
-import {halfToFloatBits} from '../checkpoint/dtype.js'
+import {encodeFloat16, halfToFloatBits} from '../checkpoint/dtype.js'
 import type {ExternalLocation} from '../onnx/external-data.js'
 import type {PackageManifest} from '../package/manifest.js'
 
@@ -51,8 +53,13 @@ export interface LaidOutMatrix {
   shape: [number, number]
 }
 
+/** The element type the matrices are written in: float32 (fp16 widened) or float16 (the half GPU form). */
+export type LaidOutDtype = 'float32' | 'float16'
+
 interface Index {
   version: number
+  /** Absent in files written before the half GPU form: float32. */
+  dtype?: LaidOutDtype
   graphVersion: number
   backboneSha256: string
   tensors: Record<string, {sources: string[]; offset: number; length: number; shape: [number, number]}>
@@ -63,11 +70,11 @@ interface Index {
  * backbone and holds every requested matrix from the same sources, else written now (a
  * temporary file renamed into place, then the index).
  */
-export function gpuFormMatrices(packageDir: string, manifest: PackageManifest, requests: LayoutRequest[]): Map<string, LaidOutMatrix> {
+export function gpuFormMatrices(packageDir: string, manifest: PackageManifest, requests: LayoutRequest[], dtype: LaidOutDtype = 'float32'): Map<string, LaidOutMatrix> {
   const indexPath = join(packageDir, GPU_FORM_INDEX)
   const weightsPath = join(packageDir, GPU_FORM_WEIGHTS)
   const fresh = (index: Index) =>
-    index.version === GPU_FORM_WEIGHTS_VERSION && index.graphVersion === manifest.graphVersion && index.backboneSha256 === manifest.backbone.sha256 &&
+    index.version === GPU_FORM_WEIGHTS_VERSION && (index.dtype ?? 'float32') === dtype && index.graphVersion === manifest.graphVersion && index.backboneSha256 === manifest.backbone.sha256 &&
     requests.every((r) => index.tensors[r.name]?.sources.join('\n') === r.sources.map((s) => s.name).join('\n'))
   let index: Index | undefined
   try {
@@ -80,9 +87,9 @@ export function gpuFormMatrices(packageDir: string, manifest: PackageManifest, r
     removeAbandoned(packageDir)
     const temporary = `${weightsPath}.tmp-${process.pid}`
     try {
-      const tensors = writeTransposed(packageDir, temporary, requests)
+      const tensors = writeTransposed(packageDir, temporary, requests, BAND_BYTES, dtype)
       renameSync(temporary, weightsPath)
-      index = {version: GPU_FORM_WEIGHTS_VERSION, graphVersion: manifest.graphVersion, backboneSha256: manifest.backbone.sha256, tensors: {}}
+      index = {version: GPU_FORM_WEIGHTS_VERSION, dtype, graphVersion: manifest.graphVersion, backboneSha256: manifest.backbone.sha256, tensors: {}}
       for (const r of requests) index.tensors[r.name] = {sources: r.sources.map((s) => s.name), ...tensors.get(r.name)!}
       writeFileSync(`${indexPath}.tmp-${process.pid}`, JSON.stringify(index))
       renameSync(`${indexPath}.tmp-${process.pid}`, indexPath)
@@ -99,26 +106,28 @@ export function gpuFormMatrices(packageDir: string, manifest: PackageManifest, r
 }
 
 /**
- * Writes each request's matrix transposed, float32, into `path` (replacing it), and returns
+ * Writes each request's matrix transposed, as `dtype` (half sources copied bit for bit, or
+ * widened; float32 sources rounded to half), into `path` (replacing it), and returns
  * where each lies. Output rows (stored columns) are made a band at a time in one reused buffer
  * of at most BAND_BYTES and written with one sequential write each; the stored rows are read
  * a chunk at a time (one reused buffer) once per band, so a matrix of at most BAND_BYTES is read
  * once and the largest (the vocabulary) a few times, from the page cache.
  */
-export function writeTransposed(packageDir: string, path: string, requests: LayoutRequest[], bandBytes = BAND_BYTES): Map<string, {offset: number; length: number; shape: [number, number]}> {
+export function writeTransposed(packageDir: string, path: string, requests: LayoutRequest[], bandBytes = BAND_BYTES, dtype: LaidOutDtype = 'float32'): Map<string, {offset: number; length: number; shape: [number, number]}> {
   const placed = new Map<string, {offset: number; length: number; shape: [number, number]}>()
   let end = 0
+  const outBytes = dtype === 'float16' ? 2 : 4
   for (const r of requests) {
     const cols = r.sources[0]!.shape[1]!
     if (r.sources.some((s) => s.shape.length !== 2 || s.shape[1] !== cols)) throw new Error(`${r.name}: its parts are not matrices of ${cols} columns`)
     const rows = r.sources.reduce((n, s) => n + s.shape[0]!, 0)
     const offset = Math.ceil(end / ALIGNMENT) * ALIGNMENT
-    placed.set(r.name, {offset, length: rows * cols * 4, shape: [cols, rows]})
-    end = offset + rows * cols * 4
+    placed.set(r.name, {offset, length: rows * cols * outBytes, shape: [cols, rows]})
+    end = offset + rows * cols * outBytes
   }
   const out = openSync(path, 'w')
   const inputs = new Map<string, number>()
-  let band = new Uint32Array(0) // float32 bits of the output rows being made
+  let band: Uint32Array | Uint16Array = new (dtype === 'float16' ? Uint16Array : Uint32Array)(0) // bits of the output rows being made
   let chunk = new ArrayBuffer(0) // stored rows as read
   const halfBits = halfToFloatBits()
   try {
@@ -126,8 +135,8 @@ export function writeTransposed(packageDir: string, path: string, requests: Layo
     for (const r of requests) {
       const {offset, shape} = placed.get(r.name)!
       const [cols, rows] = shape
-      const bandRows = Math.max(1, Math.min(cols, Math.floor(bandBytes / (rows * 4))))
-      if (band.length < bandRows * rows) band = new Uint32Array(bandRows * rows)
+      const bandRows = Math.max(1, Math.min(cols, Math.floor(bandBytes / (rows * outBytes))))
+      if (band.length < bandRows * rows) band = new (dtype === 'float16' ? Uint16Array : Uint32Array)(bandRows * rows)
       for (let c0 = 0; c0 < cols; c0 += bandRows) {
         const width = Math.min(bandRows, cols - c0)
         let firstRow = 0 // of the stacked matrix
@@ -145,7 +154,12 @@ export function writeTransposed(packageDir: string, path: string, requests: Layo
             const base = firstRow + r0
             if (source.half) {
               const values = new Uint16Array(chunk, 0, n * cols)
-              for (let i = 0; i < n; i++) for (let c = 0, from = i * cols + c0, to = base + i; c < width; c++, to += rows) band[to] = halfBits[values[from + c]!]!
+              // half to half: the stored bits as they are
+              const bits = outBytes === 2 ? (h: number) => h : (h: number) => halfBits[h]!
+              for (let i = 0; i < n; i++) for (let c = 0, from = i * cols + c0, to = base + i; c < width; c++, to += rows) band[to] = bits(values[from + c]!)
+            } else if (outBytes === 2) {
+              const values = encodeFloat16(new Float32Array(chunk, 0, n * cols))
+              for (let i = 0; i < n; i++) for (let c = 0, from = i * cols + c0, to = base + i; c < width; c++, to += rows) band[to] = values[from + c]!
             } else {
               const values = new Uint32Array(chunk, 0, n * cols)
               for (let i = 0; i < n; i++) for (let c = 0, from = i * cols + c0, to = base + i; c < width; c++, to += rows) band[to] = values[from + c]!
@@ -153,7 +167,7 @@ export function writeTransposed(packageDir: string, path: string, requests: Layo
           }
           firstRow += sourceRows
         }
-        writeFully(out, new Uint8Array(band.buffer, 0, width * rows * 4), offset + c0 * rows * 4)
+        writeFully(out, new Uint8Array(band.buffer, 0, width * rows * outBytes), offset + c0 * rows * outBytes)
       }
     }
   } finally {

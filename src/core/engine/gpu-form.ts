@@ -4,13 +4,14 @@
  * fixed-capacity cache per layer whose first slots hold the P streams' prefixes, and one
  * sequence (batch 1). Runs on the CPU provider too, where its exactness is checked.
  */
-import {readFileSync, renameSync, statSync, writeFileSync} from 'node:fs'
+import {closeSync, openSync, readFileSync, readSync, renameSync, statSync, writeFileSync} from 'node:fs'
 import {join} from 'node:path'
 
 import onnxProto from 'onnx-proto'
 import ort from 'onnxruntime-node'
 
 import type {BackboneShape} from '../checkpoint/config.js'
+import {encodeFloat16} from '../checkpoint/dtype.js'
 import {UserError} from '../errors.js'
 import {GraphBuilder} from '../onnx/builder.js'
 import type {ExternalLocation} from '../onnx/external-data.js'
@@ -192,9 +193,11 @@ export function gpuFormSupport(manifest: PackageManifest): string | undefined {
 /**
  * A float package's tensors for the GPU form: vectors and the untied embedding table as its
  * WebGPU graph placed them (same names, same bytes), matrices from `gpu-form.weights`
- * (gpu-form-weights.ts), written at the first use of the GPU form on this package.
+ * (gpu-form-weights.ts), written at the first use of the GPU form on this package. `half` (the
+ * half form of an fp16 package): matrices written as float16, and the vectors (stored float32,
+ * a few KB) rounded to half and held in the graph.
  */
-export function packageLaidOutWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => LaidOutFloatWeights {
+export function packageLaidOutWeights(packageDir: string, manifest: PackageManifest, half = false): (g: GraphBuilder) => LaidOutFloatWeights {
   if (!manifest.webgpuGraph) throw new UserError(`${packageDir}: the package has no float weights for the GPU form (a quantized package); convert without --quant`)
   const stored = storedInitializers(join(packageDir, manifest.webgpuGraph))
   const entry = (name: string) => {
@@ -203,8 +206,8 @@ export function packageLaidOutWeights(packageDir: string, manifest: PackageManif
     return found
   }
   const matrixName = (sources: string[]) => `${sources[0]!.replace(/\[\d+:\d+\]$/, '')}^T` // the head's blocks: one matrix
-  const provider = (matrix: (g: GraphBuilder, name: string, sources: string[]) => string) => (g: GraphBuilder): LaidOutFloatWeights => {
-    const vectors = placedInitializers(g, entry)
+  const provider = (matrix: (g: GraphBuilder, name: string, sources: string[]) => string, halfVectors = false) => (g: GraphBuilder): LaidOutFloatWeights => {
+    const vectors = halfVectors ? halfInitializers(g, packageDir, entry) : placedInitializers(g, entry)
     const made = new Map<string, string>()
     return {
       get: vectors,
@@ -238,18 +241,97 @@ export function packageLaidOutWeights(packageDir: string, manifest: PackageManif
     })(g), manifest.model), {parallel: 1, prefixTokens: 0})
     layoutRequests.set(memo, (requests = [...named.values()]))
   }
-  const laidOut = gpuFormMatrices(packageDir, manifest, requests)
+  const dtype = half ? 'float16' : 'float32'
+  const laidOut = gpuFormMatrices(packageDir, manifest, requests, dtype)
   return provider((g, name) => {
     const m = laidOut.get(name)!
-    return g.externalInitializer(name, 'float32', m.shape, m.location)
-  })
+    return g.externalInitializer(name, dtype, m.shape, m.location)
+  }, half)
 }
 
-/** The package's weights for the GPU form: float (laid out for it, from its WebGPU graph's tensors) or quantized (from its CPU graph). */
-export function packageGpuWeights(packageDir: string, manifest: PackageManifest): (g: GraphBuilder) => GpuWeights {
+/** Vectors as float16 initializers: stored half ones as they are, float32 ones rounded and held inline. */
+function halfInitializers(g: GraphBuilder, packageDir: string, entryOf: (name: string) => StoredInitializer): (name: string) => string {
+  const made = new Set<string>()
+  return (name) => {
+    if (made.has(name)) return name
+    made.add(name)
+    const entry = entryOf(name)
+    if (entry.half) return g.externalInitializer(name, 'float16', entry.shape, entry.location)
+    const bytes = new Uint8Array(entry.location.length)
+    const fd = openSync(join(packageDir, entry.location.file), 'r')
+    try {
+      for (let done = 0; done < bytes.length; ) {
+        const n = readSync(fd, bytes, done, bytes.length - done, entry.location.offset + done)
+        if (n === 0) throw new Error(`${join(packageDir, entry.location.file)}: "${name}" ends early`)
+        done += n
+      }
+    } finally {
+      closeSync(fd)
+    }
+    return g.inlineHalf(name, encodeFloat16(new Float32Array(bytes.buffer, 0, bytes.length / 4)), entry.shape)
+  }
+}
+
+/** The package's weights for the GPU form: float (laid out for it, from its WebGPU graph's tensors; float16 in the half form) or quantized (from its CPU graph). */
+export function packageGpuWeights(packageDir: string, manifest: PackageManifest, half = false): (g: GraphBuilder) => GpuWeights {
   if (manifest.quant) return packageQuantizedWeights(packageDir, manifest)
-  const float = packageLaidOutWeights(packageDir, manifest)
-  return (g) => floatGpuWeights(g, float(g), manifest.model)
+  const float = packageLaidOutWeights(packageDir, manifest, half)
+  return (g) => floatGpuWeights(g, float(g), manifest.model, half)
+}
+
+/**
+ * Whether a package's GPU form can be the half one (onnx/gpu-form-graph.ts): fp16 packages only
+ * (quantized ones keep MatMulNBits' float32 activations; fp32 ones keep their precision).
+ */
+export function gpuFormHalfCandidate(manifest: PackageManifest): boolean {
+  return !manifest.quant && manifest.dtype === 'fp16'
+}
+
+/** The one line said when an fp16 package's GPU form runs widened to float32 on WebGPU for want of half-precision kernels. */
+export const webgpuHalfMissing = (detail: string) => `this WebGPU adapter runs no float16 kernels (no shader-f16: ${detail}); fp16 weights run widened to float32`
+
+let halfProbe: Promise<string | undefined> | undefined
+
+/**
+ * Why the WebGPU provider cannot run the half form here (webgpuHalfMissing), or undefined when it
+ * can: a small float16 graph (MatMul, the norm GroupQueryAttention's neighbours use) with the CPU
+ * fallback disabled, so a provider without shader-f16, which assigns no float16 node to itself,
+ * refuses the session instead of running it on the CPU. Checked once per process.
+ */
+export function webgpuHalfSupport(): Promise<string | undefined> {
+  halfProbe ??= (async () => {
+    const g = new GraphBuilder('f16-check')
+    const x = g.input('x', 'float16', [2, 4])
+    const weight = g.inlineHalf('w', encodeFloat16(Float32Array.of(1, 1, 1, 1)), [4])
+    const normed = g.node('SimplifiedLayerNormalization', [g.node('MatMul', [x, g.inlineHalf('m', encodeFloat16(new Float32Array(16).fill(0.5)), [4, 4])]), weight], {axis: -1, epsilon: {float: 1e-6}})
+    g.output(normed, 'y', 'float16', [2, 4])
+    const options = webgpuSessionOptions()
+    const extra = (options.extra ?? {}) as {session?: Record<string, string>}
+    try {
+      const session = await ort.InferenceSession.create(g.toModelBytes('check'), {...options, logSeverityLevel: 3, extra: {...extra, session: {...extra.session, disable_cpu_ep_fallback: '1'}}})
+      try {
+        await session.run({x: new ort.Tensor('float16', encodeFloat16(Float32Array.of(1, 2, 3, 4, -1, -2, -3, -4)), [2, 4])})
+      } finally {
+        await session.release()
+      }
+      return undefined
+    } catch (error) {
+      return webgpuHalfMissing((error as Error).message.split('\n')[0]!.slice(0, 200))
+    }
+  })()
+  return halfProbe
+}
+
+/**
+ * Whether to build the half form for this package on `device`, and why not where an fp16 package
+ * does not get it: `PARSCALE_GPU_FORM_HALF=0` (measuring the widened form), or an adapter
+ * without float16 kernels. `half` (an explicit choice, tests and benchmarks) overrides the env.
+ */
+export async function chooseGpuFormHalf(manifest: PackageManifest, device: Device, half?: boolean): Promise<{half: boolean; fallback?: string}> {
+  if (!gpuFormHalfCandidate(manifest) || half === false) return {half: false}
+  if (half === undefined && process.env.PARSCALE_GPU_FORM_HALF === '0') return {half: false, fallback: 'PARSCALE_GPU_FORM_HALF=0: fp16 weights run widened to float32'}
+  const missing = device === 'webgpu' ? await webgpuHalfSupport() : undefined
+  return missing ? {half: false, fallback: missing} : {half: true}
 }
 
 /**
@@ -299,24 +381,29 @@ function headFiles(packageDir: string, variant: PackageVariant): AggregationHead
   }
 }
 
-/** The GPU form's graph for one P of a package, as ONNX bytes (external data in the package; its matrices laid out on first use). */
-export function gpuFormGraphBytes(packageDir: string, parallel: number, decodeOnly = false): Uint8Array {
+/**
+ * The GPU form's graph for one P of a package, as ONNX bytes (external data in the package; its
+ * matrices laid out on first use). `half`: the half form (fp16 packages, gpuFormHalfCandidate).
+ */
+export function gpuFormGraphBytes(packageDir: string, parallel: number, decodeOnly = false, half = false): Uint8Array {
   const manifest = readManifest(packageDir)
   const variant = selectVariant(manifest, parallel, packageDir)
-  const graph = buildGpuFormGraph(manifest.model, packageGpuWeights(packageDir, manifest), {
+  if (half && !gpuFormHalfCandidate(manifest)) throw new Error(`${packageDir}: the half GPU form is for fp16 packages`)
+  const graph = buildGpuFormGraph(manifest.model, packageGpuWeights(packageDir, manifest, half), {
     parallel,
     prefixTokens: variant.parallel === 1 ? 0 : variant.prefixTokens,
     head: headFiles(packageDir, variant),
     decodeOnly,
+    half,
   })
   return graph.toModelBytes(manifest.toolVersion)
 }
 
 /** Writes the GPU form's graph for `parallel` into the package (next to the files it reads) and returns its path. */
-export function writeGpuFormGraph(packageDir: string, parallel: number, decodeOnly = false): string {
+export function writeGpuFormGraph(packageDir: string, parallel: number, decodeOnly = false, half = false): string {
   const path = join(packageDir, decodeOnly ? gpuFormDecodeGraphFile(parallel) : gpuFormGraphFile(parallel))
   const temporary = `${path}.${process.pid}.tmp`
-  writeFileSync(temporary, gpuFormGraphBytes(packageDir, parallel, decodeOnly))
+  writeFileSync(temporary, gpuFormGraphBytes(packageDir, parallel, decodeOnly, half))
   renameSync(temporary, path)
   return path
 }
@@ -417,6 +504,8 @@ export interface GpuFormOptions {
   /** Write an ONNX Runtime profile (JSON) with this file prefix. */
   profilePrefix?: string
   sessionOptions?: ort.InferenceSession.SessionOptions
+  /** The half form (fp16 packages): true or false to choose; absent, where it runs (chooseGpuFormHalf). */
+  half?: boolean
 }
 
 /** One sequence on the GPU form: feed tokens, get the last position's logits. */
@@ -444,6 +533,9 @@ export class GpuFormModel {
     readonly prefixTokens: number,
     readonly capacity: number,
     private readonly initial: {keys: Float32Array[]; values: Float32Array[]},
+    /** Whether the half form runs (its cache float16), and why an fp16 package's does not. */
+    readonly half: boolean,
+    readonly halfFallback: string | undefined,
   ) {
     this.bindPresent = device === 'cpu'
     this.reset()
@@ -460,12 +552,12 @@ export class GpuFormModel {
     }
     const device = options.device ?? 'cpu'
     if (device === 'webgpu') await checkWebGpu() // before any loading: fail at once
-    const session = await openGpuFormSession(packageDir, P, device, options)
+    const {session, half, fallback} = await openGpuFormSession(packageDir, P, device, options)
     const prefix = prefixCache(packageDir, variant, manifest.model)
     return new GpuFormModel(session, device, manifest.model, P, prefixTokens, options.capacity, {
       keys: prefix.keys.map((k) => placePrefix(k, P * manifest.model.numKvHeads, prefix.tokens, options.capacity, manifest.model.headDim)),
       values: prefix.values.map((v) => placePrefix(v, P * manifest.model.numKvHeads, prefix.tokens, options.capacity, manifest.model.headDim)),
-    })
+    }, half, fallback)
   }
 
   /** Back to the prefixes only. */
@@ -473,8 +565,8 @@ export class GpuFormModel {
     for (const t of [...this.keys, ...this.values]) if (t.location === 'gpu-buffer') t.dispose()
     const {numLayers, numKvHeads: kv, headDim: d} = this.shape
     const dims = [1, this.parallel * kv, this.capacity, d]
-    this.keys = Array.from({length: numLayers}, (_, l) => new ort.Tensor('float32', this.initial.keys[l]!.slice(), dims))
-    this.values = Array.from({length: numLayers}, (_, l) => new ort.Tensor('float32', this.initial.values[l]!.slice(), dims))
+    this.keys = Array.from({length: numLayers}, (_, l) => cacheTensor(this.initial.keys[l]!.slice(), dims, this.half))
+    this.values = Array.from({length: numLayers}, (_, l) => cacheTensor(this.initial.values[l]!.slice(), dims, this.half))
     this.filled = this.prefixTokens
   }
 
@@ -518,17 +610,45 @@ export class GpuFormModel {
   }
 }
 
-/** The GPU form's session for one P (its graph written into the package at first use). */
+/** A cache tensor from float32 values: as they are, or rounded to half for the half form. */
+export function cacheTensor(values: Float32Array, dims: number[], half: boolean): ort.Tensor {
+  return half ? new ort.Tensor('float16', encodeFloat16(values), dims) : new ort.Tensor('float32', values, dims)
+}
+
+/** The GPU form's session for one P, whether it is the half form, and why an fp16 package's is not. */
+export interface GpuFormSession {
+  session: ort.InferenceSession
+  half: boolean
+  /** One line: why an fp16 package runs the widened float32 form (absent where it runs half, or is not fp16). */
+  fallback?: string
+}
+
+const halfFallbacksSaid = new Set<string>()
+
+/**
+ * Says a half-form fallback on stderr, once per process and reason (`parscale: ...`), so `run`,
+ * `serve`, `bench` and `eval` each print at most one line for it.
+ */
+export function sayHalfFallback(fallback: string | undefined): void {
+  if (!fallback || halfFallbacksSaid.has(fallback)) return
+  halfFallbacksSaid.add(fallback)
+  process.stderr.write(`parscale: the GPU form: ${fallback}\n`)
+}
+
+/**
+ * The GPU form's session for one P (its graph written into the package at first use). The half
+ * form where it runs (chooseGpuFormHalf); a half session the provider refuses (a kernel it lacks
+ * for float16) opens the widened form instead, with the provider's reason as the fallback.
+ */
 export async function openGpuFormSession(
   packageDir: string,
   parallel: number,
   device: Device,
-  options: {profilePrefix?: string; sessionOptions?: ort.InferenceSession.SessionOptions; threads?: number} = {},
-): Promise<ort.InferenceSession> {
+  options: {profilePrefix?: string; sessionOptions?: ort.InferenceSession.SessionOptions; threads?: number; half?: boolean} = {},
+): Promise<GpuFormSession> {
   const manifest = readManifest(packageDir)
-  const graph = writeGpuFormGraph(packageDir, parallel)
   const presents = Array.from({length: manifest.model.numLayers}, (_, l) => [gpuFormIo.presentKey(l), gpuFormIo.presentValue(l)]).flat()
-  return ort.InferenceSession.create(graph, {
+  const create = (half: boolean) => ort.InferenceSession.create(writeGpuFormGraph(packageDir, parallel, false, half), {
     graphOptimizationLevel: 'all',
     logSeverityLevel: 3, // not the provider's notes on shape ops kept on the CPU
     ...(device === 'cpu' && options.threads ? {intraOpNumThreads: options.threads, interOpNumThreads: 1} : {}),
@@ -536,6 +656,15 @@ export async function openGpuFormSession(
     ...(options.profilePrefix ? {enableProfiling: true, profileFilePrefix: options.profilePrefix} : {}),
     ...options.sessionOptions,
   })
+  const choice = await chooseGpuFormHalf(manifest, device, options.half)
+  if (!choice.half) return {session: await create(false), half: false, ...(choice.fallback ? {fallback: choice.fallback} : {})}
+  try {
+    return {session: await create(true), half: true}
+  } catch (error) {
+    if (error instanceof UserError || options.half === true) throw error
+    const fallback = device === 'webgpu' ? webgpuHalfMissing(`the half session was refused: ${(error as Error).message.split('\n')[0]!.slice(0, 200)}`) : `the half session was refused (${(error as Error).message.split('\n')[0]!.slice(0, 200)}); fp16 weights run widened to float32`
+    return {session: await create(false), half: false, fallback}
+  }
 }
 
 /** One sequence's cache in the GPU form: per layer [1, P·kv, capacity, d], `filled` slots used (prefix included). */

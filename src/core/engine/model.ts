@@ -17,7 +17,7 @@ import {attentionMask, DeviceKvCache, DeviceOps, type DeviceCacheHost, type Devi
 import {checkWebGpu, webgpuSessionOptions, type AdapterInfo, type Device} from './device.js'
 import {EmbeddingRows} from './embedding-rows.js'
 import {GpuFormCache} from './gpu-form-cache.js'
-import {GPU_FORM_CALL_TOKENS, gpuFormCallTokens, gpuFormStep, gpuFormSupport, openGpuFormSession, prefixCache} from './gpu-form.js'
+import {GPU_FORM_CALL_TOKENS, gpuFormCallTokens, gpuFormStep, gpuFormSupport, openGpuFormSession, prefixCache, sayHalfFallback, type GpuFormSession} from './gpu-form.js'
 import {KvCache} from './kv-cache.js'
 import {loadStreamWeights, type HostTensor, type StreamWeights} from './stream-weights.js'
 import {CaptureCache, CapturedGpuFormModel, chooseWebGpuRoute, loadCaptureRuntime, type RouteChoice} from './webgpu-capture.js'
@@ -96,7 +96,7 @@ export class ParScaleModel implements DeviceCacheHost {
   private readonly initialCaches = new Map<number, Promise<InitialCache>>()
 
   /** The GPU form's sessions, one per P (each graph holds the backbone: opened as P values are used). */
-  private readonly gpuFormSessions = new Map<number, Promise<ort.InferenceSession>>()
+  private readonly gpuFormSessions = new Map<number, Promise<GpuFormSession>>()
   private readonly gpuFormPrefixes = new Map<number, ReturnType<typeof prefixCache>>()
   /** The capture route's models, one per P (each with its two sessions and bound cache buffers), and the capacity each was asked for. */
   private readonly captureModels = new Map<number, {capacity: number; model: Promise<CapturedGpuFormModel>}>()
@@ -367,11 +367,11 @@ export class ParScaleModel implements DeviceCacheHost {
    * rows run one after another, each in pieces (forwardInPieces) that keep the logits asked for.
    */
   private async forwardGpuForm(cache: GpuFormCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
-    const session = await this.gpuFormSession(cache.parallel)
+    const {session, half} = await this.gpuFormSession(cache.parallel)
     const pieceTokens = await gpuFormCallTokens(this.device, this.shape.headDim)
     return forwardInPieces(inputIds, numLogitsToKeep, this.vocabSize, cache.parallel, pieceTokens, async (r, seq) => {
       const slot = first + r
-      let state = await cache.ready(slot)
+      let state = await cache.ready(slot, half)
       if (cache.tokens(slot) + seq > cache.capacity - cache.prefixTokens) throw new RangeError(`slot ${slot}: ${seq} more tokens exceed the cache (${cache.capacity}); reserve first`)
       return async (ids, wanted) => {
         // Never in place: the GPU form runs here on WebGPU only, where a bound output leaks (gpu-form.ts).
@@ -429,11 +429,14 @@ export class ParScaleModel implements DeviceCacheHost {
   }
 
   /** The GPU form's session for one P, opened at first use. */
-  private gpuFormSession(parallel: number): Promise<ort.InferenceSession> {
+  private gpuFormSession(parallel: number): Promise<GpuFormSession> {
     let session = this.gpuFormSessions.get(parallel)
     if (!session) {
       selectVariant(this.manifest, parallel, this.packageDir) // an unknown P: its own one-line error
-      session = openGpuFormSession(this.packageDir, parallel, this.device, this.gpuFormOptions).catch((error: unknown) => {
+      session = openGpuFormSession(this.packageDir, parallel, this.device, this.gpuFormOptions).then((opened) => {
+        sayHalfFallback(opened.fallback) // one line per process: an fp16 package runs widened, and why
+        return opened
+      }, (error: unknown) => {
         if (error instanceof UserError) throw error
         throw new UserError(`${this.packageDir}: the GPU form at P = ${parallel} cannot be loaded (${(error as Error).message.split('\n')[0]})`)
       })
@@ -505,7 +508,7 @@ export class ParScaleModel implements DeviceCacheHost {
     for (const initial of this.initialCaches.values()) for (const t of [...(await initial).keys, ...(await initial).values]) t.dispose()
     await this.deviceOps?.release()
     await this.session?.release()
-    for (const session of this.gpuFormSessions.values()) await (await session.catch(() => undefined))?.release()
+    for (const session of this.gpuFormSessions.values()) await (await session.catch(() => undefined))?.session.release()
     for (const {model} of this.captureModels.values()) await (await model.catch(() => undefined))?.release()
     await (await this.widened)?.release()
     this.embeddings?.close()

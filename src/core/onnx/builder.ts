@@ -139,6 +139,17 @@ export class GraphBuilder {
     return name
   }
 
+  /** A float16 initializer held inline (bits as stored): the half GPU form's small vectors and rotary tables. */
+  inlineHalf(name: string, bits: Uint16Array, shape: number[]): string {
+    this.initializers.push({
+      name,
+      dims: shape,
+      dataType: ELEMENT_TYPES.float16,
+      rawData: new Uint8Array(bits.buffer, bits.byteOffset, bits.byteLength),
+    })
+    return name
+  }
+
   /** An initializer whose bytes are stored in an external data file. */
   externalInitializer(name: string, type: ElementType, shape: number[], location: ExternalLocation): string {
     this.initializers.push({

@@ -1,4 +1,5 @@
 import type {BackboneShape} from '../checkpoint/config.js'
+import {encodeFloat16} from '../checkpoint/dtype.js'
 import {gateUpParts, queryKeyValueParts, rotaryTables} from './blocks.js'
 import {GraphBuilder} from './builder.js'
 import type {ExternalLocation} from './external-data.js'
@@ -29,6 +30,10 @@ import type {LinearPart} from './weights.js'
  *   (`rotatePrefixKeys`), which gives R(prefix)k·R(t + prefix)q = k·R(t)q as in the reference.
  * - Only the last K positions' logits are computed (the head and the aggregation run on K·P rows;
  *   K = 1 in decode, every position when scoring text).
+ * - Half (`half`, fp16 packages): matrices, embedding rows, norms, attention and the cache in
+ *   float16; the aggregation head, the mixing of the P streams and the logits in float32 (Casts at
+ *   the final norm's output and around the LM head), as the stream weights are a softmax of small
+ *   differences and the logits feed sampling and NLL.
  */
 export const gpuFormIo = {
   inputIds: io.inputIds,
@@ -36,7 +41,7 @@ export const gpuFormIo = {
   seqlensK: 'seqlens_k',
   /** int32 scalar: filled cache slots after this call (seqlens_k + 1). */
   totalSequenceLength: 'total_sequence_length',
-  /** float32 [1, P·kv, capacity, d] */
+  /** float32 (float16 in the half form) [1, P·kv, capacity, d] */
   pastKey: (layer: number) => `past_key_values.${layer}.key`,
   pastValue: (layer: number) => `past_key_values.${layer}.value`,
   presentKey: (layer: number) => `present.${layer}.key`,
@@ -90,11 +95,11 @@ export interface GpuWeights {
 
 /** A package's float tensors for the GPU form: vectors as stored, matrices laid out [in, out]. */
 export interface LaidOutFloatWeights {
-  /** A float32 vector (norm weight, bias) by its stored name. */
+  /** A vector (norm weight, bias) by its stored name, in the form's float type. */
   get(name: string): string
   /**
    * The matrix whose rows are these stored [out, in] tensors stacked (one tensor, or the head's
-   * vocabulary blocks), as a float32 initializer [in, out].
+   * vocabulary blocks), as an initializer [in, out] in the form's float type.
    */
   transposed(sources: string[]): string
   /** The stored tensors of a matrix kept in row blocks (the LM head), first rows first. */
@@ -108,7 +113,7 @@ export interface LaidOutFloatWeights {
  * the LM head's [H, vocab], which the embedding gathers columns of (Gather on axis 1, then a
  * Transpose of the few gathered rows) instead of holding the embedding table as well.
  */
-export function floatGpuWeights(g: GraphBuilder, weights: LaidOutFloatWeights, config: BackboneShape): GpuWeights {
+export function floatGpuWeights(g: GraphBuilder, weights: LaidOutFloatWeights, config: BackboneShape, half = false): GpuWeights {
   const ops = new Ops(g)
   const headBlocks = () => config.tieWordEmbeddings ? weights.rowBlocks('lm_head.weight (tied to model.embed_tokens.weight)') : weights.rowBlocks('lm_head.weight')
   let head: string | undefined
@@ -127,9 +132,10 @@ export function floatGpuWeights(g: GraphBuilder, weights: LaidOutFloatWeights, c
         const columns = g.node('Gather', [headMatrix(), ids], {axis: 1}) // [H, 1, S]
         return ops.transpose(columns, [1, 2, 0]) // [1, S, H]
       }
-      const {tensor, half} = weights.table('model.embed_tokens.weight')
+      const {tensor, half: stored} = weights.table('model.embed_tokens.weight')
       const rows = g.node('Gather', [tensor, ids], {axis: 0})
-      return half ? g.node('Cast', [rows], {to: 1}) : rows // widens the rows read, not the table
+      // the rows read change type, not the table: widened, or (an fp32 table in the half form) rounded
+      return stored === half ? rows : g.node('Cast', [rows], {to: half ? 10 : 1})
     },
     lmHead: (x) => ops.matmul(x, headMatrix()),
   }
@@ -146,6 +152,8 @@ export interface GpuFormOptions {
    * GPU provider, and ONNX Runtime places shape arithmetic on the CPU.
    */
   decodeOnly?: boolean
+  /** The half form (see the module comment): the weights given are float16 (LaidOutFloatWeights). */
+  half?: boolean
 }
 
 /** The rotary tables GroupQueryAttention reads: positions 0 … maxPositions + prefixTokens − 1. */
@@ -184,19 +192,23 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
   const eps = {float: config.rmsNormEps}
 
   const decodeOnly = options.decodeOnly === true
+  const half = options.half === true
+  const cacheType = half ? 'float16' : 'float32'
   const inputIds = g.input(gpuFormIo.inputIds, 'int64', [1, decodeOnly ? 1 : 'sequence_length'])
   const seqlensK = g.input(gpuFormIo.seqlensK, 'int32', [1])
   const totalLength = g.input(gpuFormIo.totalSequenceLength, 'int32', [])
   const keep = decodeOnly ? undefined : g.input(gpuFormIo.numLogitsToKeep, 'int64', [])
   const past = Array.from({length: numLayers}, (_, layer) => ({
-    key: g.input(gpuFormIo.pastKey(layer), 'float32', [1, P * kv, 'capacity', d]),
-    value: g.input(gpuFormIo.pastValue(layer), 'float32', [1, P * kv, 'capacity', d]),
+    key: g.input(gpuFormIo.pastKey(layer), cacheType, [1, P * kv, 'capacity', d]),
+    value: g.input(gpuFormIo.pastValue(layer), cacheType, [1, P * kv, 'capacity', d]),
   }))
   const weights = makeWeights(g)
   const w = (name: string) => weights.get(name)
   const tables = gpuRotaryTables(config, prefixTokens)
-  const cosCache = g.inlineFloat('rotary.gpu_cos_cache', tables.cos, [tables.rows, d / 2])
-  const sinCache = g.inlineFloat('rotary.gpu_sin_cache', tables.sin, [tables.rows, d / 2])
+  // GroupQueryAttention takes the tables in the type of its queries
+  const table = (name: string, values: Float32Array) => (half ? g.inlineHalf(name, encodeFloat16(values), [tables.rows, d / 2]) : g.inlineFloat(name, values, [tables.rows, d / 2]))
+  const cosCache = table('rotary.gpu_cos_cache', tables.cos)
+  const sinCache = table('rotary.gpu_sin_cache', tables.sin)
 
   // The residual stream, rows (position, stream): [S·P, H].
   let residual = g.within('embed', () => {
@@ -248,8 +260,8 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
           {num_heads: P * numHeads, kv_num_heads: P * kv, scale: {float: 1}, do_rotary: 1, rotary_interleaved: 0, local_window_size: -1},
           'com.microsoft',
         )
-        g.output(presentKey!, gpuFormIo.presentKey(layer), 'float32', [1, P * kv, 'capacity', d])
-        g.output(presentValue!, gpuFormIo.presentValue(layer), 'float32', [1, P * kv, 'capacity', d])
+        g.output(presentKey!, gpuFormIo.presentKey(layer), cacheType, [1, P * kv, 'capacity', d])
+        g.output(presentValue!, gpuFormIo.presentValue(layer), cacheType, [1, P * kv, 'capacity', d])
         const rows = ops.reshape(context!, g.int64([-1, numHeads * d]))
         return weights.project(rows, [{weight: name('self_attn.o_proj.weight')}], name('self_attn.o_proj.weight'))
       })
@@ -269,7 +281,7 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
     const normed = norm('model.norm.weight') // [S·P, H]
     // the last K positions' P rows each (the start, −K·P, is shape arithmetic on the CPU)
     const last = keep === undefined ? normed : ops.slice(normed, ops.mul(ops.reshape(keep, g.int64([1])), g.int64([-P])), g.int64([Number.MAX_SAFE_INTEGER]), 0) // [K·P, H]
-    let mixed: string
+    let mixed: string // [K, H], in the type of the LM head's matrix
     let mix: string
     if (P === 1 || !options.head) {
       mixed = last
@@ -277,16 +289,19 @@ export function buildGpuFormGraph(config: BackboneShape, makeWeights: (g: GraphB
     } else {
       const head = options.head
       const tensor = (name: string, t: {location: ExternalLocation; shape: number[]}) => g.externalInitializer(name, 'float32', t.shape, t.location)
-      const perPosition = ops.reshape(last, g.int64([-1, P, H])) // [K, P, H]
+      // the aggregation head and the mixing in float32 (the half form's boundary)
+      const perPosition = ops.reshape(half ? g.node('Cast', [last], {to: 1}) : last, g.int64([-1, P, H])) // [K, P, H]
       const features = ops.reshape(ops.transpose(perPosition, [0, 2, 1]), g.int64([-1, H * P])) // hidden-major: h·P + p
       const hidden = ops.add(ops.matmul(features, tensor('aggregate.0.weight^T', head.weight0)), tensor('aggregate.0.bias', head.bias0))
       const silu = g.node('QuickGelu', [hidden], {alpha: {float: 1}}, 'com.microsoft')
       const scores = ops.add(ops.matmul(silu, tensor('aggregate.2.weight^T', head.weight2)), tensor('aggregate.2.bias', head.bias2))
       mix = ops.add(ops.mul(ops.softmax(scores, -1), g.float([1 - head.smooth], [])), g.float([head.smooth / P], [])) // [K, P]
       mixed = ops.reshape(ops.matmul(ops.reshape(mix, g.int64([-1, 1, P])), perPosition), g.int64([-1, H])) // [K, H]
+      if (half) mixed = g.node('Cast', [mixed], {to: 10})
     }
     const keptRows = decodeOnly ? 1 : 'keep'
-    g.output(weights.lmHead(mixed), gpuFormIo.logits, 'float32', [keptRows, config.vocabSize])
+    const logits = weights.lmHead(mixed)
+    g.output(half ? g.node('Cast', [logits], {to: 1}) : logits, gpuFormIo.logits, 'float32', [keptRows, config.vocabSize])
     g.output(mix, gpuFormIo.streamWeights, 'float32', [P === 1 || !options.head ? 1 : keptRows, P])
   })
   return g
