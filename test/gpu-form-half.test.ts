@@ -18,9 +18,9 @@ import {ParScaleModel} from '../src/core/engine/model.js'
 import {TextTokenizer} from '../src/core/generation/tokenizer.js'
 import {convertCheckpoints} from '../src/core/package/convert.js'
 import {resolveModel} from '../src/core/package/resolve.js'
-import {negativeLogLikelihood} from '../src/core/run/evaluate.js'
 import {runCli} from './helpers/cli.js'
 import {forwardLogits} from './helpers/forward-logits.js'
+import {stepwiseMeanNll} from './helpers/gpu-form-nll.js'
 import {makeTempDir} from './helpers/safetensors-writer.js'
 
 const {onnx} = onnxProto
@@ -159,17 +159,11 @@ describe('half GPU form of an fp16 package (default model)', () => {
     const text = tokenizer.encode(fs.readFileSync(path.join(defaultModel, 'heldout.py'), 'utf8')).slice(0, 160)
     const meanNll = async (dir: string, parallel: number, device: Device, half?: boolean): Promise<{nll: number; half: boolean}> => {
       const model = await GpuFormModel.open(dir, {parallel, capacity: 64 + text.length, device, ...(half === undefined ? {} : {half})})
-      let total = 0
       try {
-        let {logits} = await model.step(text.slice(0, 8))
-        for (let t = 8; t < text.length; t++) {
-          total += negativeLogLikelihood(logits, 0, logits.length, text[t]!)
-          if (t + 1 < text.length) ({logits} = await model.step([text[t]!]))
-        }
+        return {nll: await stepwiseMeanNll(model, text), half: model.half}
       } finally {
         await model.release()
       }
-      return {nll: total / (text.length - 8), half: model.half}
     }
     const previous = process.env.PARSCALE_CACHE
     process.env.PARSCALE_CACHE = path.join(work, 'cache')

@@ -21,8 +21,8 @@ import {spawnSync} from 'node:child_process'
 import {fileURLToPath} from 'node:url'
 import {resolveModel} from '../src/core/package/resolve.js'
 import {quantScheme} from '../src/core/quant/scheme.js'
-import {negativeLogLikelihood} from '../src/core/run/evaluate.js'
 import {forwardLogits} from './helpers/forward-logits.js'
+import {stepwiseMeanNll} from './helpers/gpu-form-nll.js'
 import {TextTokenizer} from '../src/core/generation/tokenizer.js'
 import {goldenDir, makeTempDir} from './helpers/safetensors-writer.js'
 
@@ -257,18 +257,11 @@ describe('GPU form of quantized packages (MatMulNBits, GatherBlockQuantized): he
   const env = {PARSCALE_CACHE: path.join(work, 'cache')}
   const meanNll = async (dir: string, parallel: number, ids: number[], device: Device): Promise<number> => {
     const model = await GpuFormModel.open(dir, {parallel, capacity: 64 + ids.length, device})
-    let total = 0
     try {
-      // the first 8 tokens as a prompt, then one a step: each step's logits predict the next token
-      let {logits} = await model.step(ids.slice(0, 8))
-      for (let t = 8; t < ids.length; t++) {
-        total += negativeLogLikelihood(logits, 0, logits.length, ids[t]!)
-        if (t + 1 < ids.length) ({logits} = await model.step([ids[t]!]))
-      }
+      return await stepwiseMeanNll(model, ids)
     } finally {
       await model.release()
     }
-    return total / (ids.length - 8)
   }
   for (const parallel of [1, 8]) {
     test(`P = ${parallel}: int8 within 0.01 nats of fp32, int4 within 0.10`, async () => {
