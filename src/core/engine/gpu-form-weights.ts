@@ -190,11 +190,12 @@ function removeAbandoned(packageDir: string): void {
   }
 }
 
-function readFully(fd: number, into: Uint8Array, position: number): void {
+/** Reads exactly `into.byteLength` bytes at `position` (readSync may return short); `what` names the read in the error. */
+export function readFully(fd: number, into: Uint8Array, position: number, what?: string): void {
   let done = 0
   while (done < into.byteLength) {
     const n = readSync(fd, into, done, into.byteLength - done, position + done)
-    if (n === 0) throw new Error(`unexpected end of file at ${position + done}`)
+    if (n === 0) throw new Error(`${what ? `${what}: ` : ''}unexpected end of file at ${position + done}`)
     done += n
   }
 }

@@ -4,7 +4,7 @@
  * fixed-capacity cache per layer whose first slots hold the P streams' prefixes, and one
  * sequence (batch 1). Runs on the CPU provider too, where its exactness is checked.
  */
-import {closeSync, openSync, readFileSync, readSync, renameSync, statSync, writeFileSync} from 'node:fs'
+import {closeSync, openSync, readFileSync, renameSync, statSync, writeFileSync} from 'node:fs'
 import {join} from 'node:path'
 
 import onnxProto from 'onnx-proto'
@@ -20,7 +20,7 @@ import {buildGpuFormGraph, floatGpuWeights, gpuFormIo, type GpuWeights, gpuRotar
 import {floatWeights, placedInitializers, type FloatWeightProvider} from '../onnx/weights.js'
 import {MANIFEST_FILE, readManifest, selectVariant, type PackageManifest, type PackageVariant} from '../package/manifest.js'
 import {checkWebGpu, webgpuSessionOptions, type Device} from './device.js'
-import {gpuFormMatrices, writeTransposed, type LayoutRequest} from './gpu-form-weights.js'
+import {gpuFormMatrices, readFully, writeTransposed, type LayoutRequest} from './gpu-form-weights.js'
 import {loadStreamWeights} from './stream-weights.js'
 
 const {onnx} = onnxProto
@@ -260,11 +260,7 @@ function halfInitializers(g: GraphBuilder, packageDir: string, entryOf: (name: s
     const bytes = new Uint8Array(entry.location.length)
     const fd = openSync(join(packageDir, entry.location.file), 'r')
     try {
-      for (let done = 0; done < bytes.length; ) {
-        const n = readSync(fd, bytes, done, bytes.length - done, entry.location.offset + done)
-        if (n === 0) throw new Error(`${join(packageDir, entry.location.file)}: "${name}" ends early`)
-        done += n
-      }
+      readFully(fd, bytes, entry.location.offset, `${join(packageDir, entry.location.file)}: "${name}"`)
     } finally {
       closeSync(fd)
     }
@@ -292,6 +288,9 @@ export const webgpuHalfMissing = (detail: string) => `this WebGPU adapter runs n
 
 let halfProbe: Promise<string | undefined> | undefined
 
+/** A provider's refusal as a short reason for a one-line notice: its first line, at most 200 characters. */
+const providerReason = (error: unknown) => (error as Error).message.split('\n')[0]!.slice(0, 200)
+
 /**
  * Why the WebGPU provider cannot run the half form here (webgpuHalfMissing), or undefined when it
  * can: a small float16 graph (MatMul, the norm GroupQueryAttention's neighbours use) with the CPU
@@ -316,7 +315,7 @@ export function webgpuHalfSupport(): Promise<string | undefined> {
       }
       return undefined
     } catch (error) {
-      return webgpuHalfMissing((error as Error).message.split('\n')[0]!.slice(0, 200))
+      return webgpuHalfMissing(providerReason(error))
     }
   })()
   return halfProbe
@@ -662,7 +661,7 @@ export async function openGpuFormSession(
     return {session: await create(true), half: true}
   } catch (error) {
     if (error instanceof UserError || options.half === true) throw error
-    const fallback = device === 'webgpu' ? webgpuHalfMissing(`the half session was refused: ${(error as Error).message.split('\n')[0]!.slice(0, 200)}`) : `the half session was refused (${(error as Error).message.split('\n')[0]!.slice(0, 200)}); fp16 weights run widened to float32`
+    const fallback = device === 'webgpu' ? webgpuHalfMissing(`the half session was refused: ${providerReason(error)}`) : `the half session was refused (${providerReason(error)}); fp16 weights run widened to float32`
     return {session: await create(false), half: false, fallback}
   }
 }
