@@ -16,7 +16,7 @@ import {DEFAULT_MODEL_DIR} from '../src/core/package/resolve.js'
 const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..')
 const CLI = path.join(REPO_ROOT, 'bin', 'run.js')
 // The run that made fixtures/default-model (docs/default-model.md says which, and why).
-const SHIPPED_RESULTS = 'training/run-dynamic/attempts/run5-highp-alone/small/results.json'
+const SHIPPED_RESULTS = 'training/run-dynamic/attempts/run7-highp-long/small/results.json'
 const FAMILY = [1, 2, 4, 8] as const
 const log = (t: string) => process.stderr.write(`${t}\n`)
 
