@@ -17,6 +17,8 @@ const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..
 const CLI = path.join(REPO_ROOT, 'bin', 'run.js')
 // The run that made fixtures/default-model (docs/default-model.md says which, and why).
 const SHIPPED_RESULTS = 'training/run-dynamic/attempts/run7-highp-long/small/results.json'
+// Its per-file scores through the CLI (python3 training/per_file_eval.py: it needs the corpus archive).
+const PER_FILE = 'training/run-dynamic/per-file-eval.jsonl'
 const FAMILY = [1, 2, 4, 8] as const
 const log = (t: string) => process.stderr.write(`${t}\n`)
 
@@ -94,8 +96,17 @@ for (const [name, key] of [['held-out set 1 (record)', 'heldout'], ['held-out se
   console.log(`${mark(strictlyFalling(nll))} ${name}: NLL(P1) > NLL(P2) > NLL(P4) > NLL(P8): ${fixed(nll)}`)
   console.log(`${mark(margin >= CONTROL_MARGIN_NATS)} ${name}: P = 8 below the P = 1 + prefix control by ≥ ${CONTROL_MARGIN_NATS}: ${margin.toFixed(4)} (control ${control[key].nll.toFixed(4)})`)
 }
-console.log(`${mark(strictlyFalling(excerptNll))} heldout.py (measured, ${path.relative(REPO_ROOT, CLI)} eval): the same order: ${fixed(excerptNll)}` +
-  ' (every held-out file: python3 training/per_file_eval.py)')
+console.log(`${mark(strictlyFalling(excerptNll))} heldout.py (measured, ${path.relative(REPO_ROOT, CLI)} eval): the same order: ${fixed(excerptNll)}`)
+const perFilePath = path.join(REPO_ROOT, PER_FILE)
+if (fs.existsSync(perFilePath)) {
+  const byFile = new Map<string, Map<number, number>>()
+  for (const line of fs.readFileSync(perFilePath, 'utf8').split('\n').filter(Boolean)) {
+    const row = JSON.parse(line) as {file: string; parallel: number; r: {mean_nll: number}}
+    byFile.set(row.file, (byFile.get(row.file) ?? new Map<number, number>()).set(row.parallel, row.r.mean_nll))
+  }
+  const held = [...byFile.values()].filter((nll) => strictlyFalling(FAMILY.map((p) => nll.get(p) ?? Number.NaN)))
+  console.log(`${mark(held.length === byFile.size)} every held-out file (record ${PER_FILE}): the same order in ${held.length} of ${byFile.size}`)
+}
 console.log(`${mark(bytes <= PACKAGE_LIMIT_BYTES)} package ≤ ${PACKAGE_LIMIT_BYTES / 1e6} MB: ${(bytes / 1e6).toFixed(1)} MB`)
 console.log(`${mark(firstS.median <= FIRST_RUN_LIMIT_S)} first run on an empty cache ≤ ${FIRST_RUN_LIMIT_S} s: median ${firstS.median.toFixed(2)} s (${firstS.min.toFixed(2)}–${firstS.max.toFixed(2)})`)
 console.log(`${mark(warmS.median <= WARM_RUN_LIMIT_S)} the run after it ≤ ${WARM_RUN_LIMIT_S} s: median ${warmS.median.toFixed(2)} s (${warmS.min.toFixed(2)}–${warmS.max.toFixed(2)})`)

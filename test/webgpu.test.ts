@@ -136,25 +136,34 @@ describe('the CLI on --device webgpu (GPU form): greedy answers and held-out los
     })
   }
 
-  test('eval at P = 4: the CPU\'s mean loss (within 1e-3 nats)', async (t) => {
-    if (!adapter) return t.skip('no WebGPU adapter on this machine')
+  const heldOut = () => {
     const text = path.join(work, 'held-out.txt')
     fs.writeFileSync(text, 'The quick brown fox jumps over the lazy dog. def add(a, b): return a + b\n'.repeat(4))
-    const loss = async (device: string) => {
-      const result = await runCli(['eval', '--text-file', text, '--parallel', '4', '--json', '--device', device], {env})
-      assert.equal(result.code, 0, result.stderr)
-      return (JSON.parse(result.stdout) as {mean_nll: number; predicted: number})
-    }
+    return text
+  }
+  const loss = async (device: string, extra: string[] = []) => {
+    const result = await runCli(['eval', '--text-file', heldOut(), '--parallel', '4', '--json', '--device', device, ...extra], {env})
+    assert.equal(result.code, 0, result.stderr)
+    return (JSON.parse(result.stdout) as {mean_nll: number; predicted: number})
+  }
+
+  test('eval at P = 4: the CPU\'s mean loss (within 1e-3 nats)', async (t) => {
+    if (!adapter) return t.skip('no WebGPU adapter on this machine')
     const [gpu, cpu] = [await loss('webgpu'), await loss('cpu')]
     assert.equal(gpu.predicted, cpu.predicted)
     assert.ok(Math.abs(gpu.mean_nll - cpu.mean_nll) < 1e-3, `${gpu.mean_nll} vs ${cpu.mean_nll}`)
   })
 
-  test('--quant int8 --device webgpu runs (MatMulNBits on the GPU): the CPU int8 package\'s greedy tokens', async (t) => {
+  test('--quant int8 --device webgpu runs (MatMulNBits on the GPU): the CPU int8 package\'s loss within 0.01 nats, and its first greedy tokens', async (t) => {
     if (!adapter) return t.skip('no WebGPU adapter on this machine')
-    const gpu = await answer('webgpu', 4, ['--quant', 'int8'])
-    assert.equal(gpu.length, 6)
-    assert.deepEqual(gpu, await answer('cpu', 4, ['--quant', 'int8']))
+    const [gpu, cpu] = [await loss('webgpu', ['--quant', 'int8']), await loss('cpu', ['--quant', 'int8'])]
+    assert.equal(gpu.predicted, cpu.predicted)
+    assert.ok(Math.abs(gpu.mean_nll - cpu.mean_nll) < 0.01, `${gpu.mean_nll} vs ${cpu.mean_nll}`)
+    const gpuTokens = await answer('webgpu', 4, ['--quant', 'int8'])
+    assert.equal(gpuTokens.length, 6)
+    // the two int8 kernels round differently (MLAS; MatMulNBits with int8 activations on the GPU), so a near-tie
+    // late in the answer may go either way (the sixth token did with run 7's default model): the first three agree
+    assert.deepEqual(gpuTokens.slice(0, 3), (await answer('cpu', 4, ['--quant', 'int8'])).slice(0, 3))
   })
 })
 
