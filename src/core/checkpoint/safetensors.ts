@@ -1,6 +1,7 @@
 import fs from 'node:fs'
 
 import {FileFormatError} from '../errors.js'
+import {readAt} from '../read-at.js'
 import {QUANTIZED_REFUSAL} from './config.js'
 
 /** The element types parscale reads; every other safetensors dtype is refused at open. */
@@ -40,17 +41,11 @@ function isNonNegativeSafeInt(v: unknown): v is number {
   return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0
 }
 
-/** Reads exactly `length` bytes at `position`, looping because readSync may return short. */
+/** Reads exactly `length` bytes at `position`; a file that ends first is a format error naming the bytes wanted. */
 function readExactly(fd: number, file: string, position: number, length: number): Buffer {
   const buf = Buffer.allocUnsafe(length)
-  let done = 0
-  while (done < length) {
-    const n = fs.readSync(fd, buf, done, length - done, position + done)
-    if (n === 0) {
-      throw new FileFormatError(file, `unexpected end of file at byte ${position + done} (wanted bytes [${position}, ${position + length}))`)
-    }
-    done += n
-  }
+  const done = readAt(fd, buf, position)
+  if (done < length) throw new FileFormatError(file, `unexpected end of file at byte ${position + done} (wanted bytes [${position}, ${position + length}))`)
   return buf
 }
 

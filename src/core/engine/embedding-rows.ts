@@ -5,12 +5,13 @@
  * held 0.58 GB of the 0.55 GB table resident (docs/benchmarks.md). Reading a row costs
  * `hidden` floats (3.5 kB at 0.5b), through the page cache, and nothing stays mapped.
  */
-import {closeSync, openSync, readSync} from 'node:fs'
+import {closeSync, openSync} from 'node:fs'
 import {join} from 'node:path'
 
 import {decodeToFloat32} from '../checkpoint/dtype.js'
 import {UserError} from '../errors.js'
 import type {EmbeddingTable} from '../onnx/weights.js'
+import {readAt} from '../read-at.js'
 
 export class EmbeddingRows {
   private fd: number | undefined
@@ -69,12 +70,7 @@ export class EmbeddingRows {
 
   private read(into: Buffer, length: number, position: number): Buffer {
     if (this.fd === undefined) throw new Error('embedding rows: read after close')
-    let done = 0
-    while (done < length) {
-      const n = readSync(this.fd, into, done, length - done, position + done)
-      if (n === 0) throw new UserError(`${this.table.file}: ends inside the embedding table; the package is damaged`)
-      done += n
-    }
+    if (readAt(this.fd, into.subarray(0, length), position) < length) throw new UserError(`${this.table.file}: ends inside the embedding table; the package is damaged`)
     // aligned copy for the typed-array views above (a Buffer's byteOffset may not be a multiple of 4)
     return into.byteOffset % 4 === 0 ? into.subarray(0, length) : Buffer.from(into.subarray(0, length))
   }

@@ -13,12 +13,13 @@
  * from stored rows read 8 MB at a time), so writing the file costs no more memory than the two buffers. Each P's aggregation head is laid out the same way into a small
  * file of its own (`model.gpu-p{P}.weights`), next to that P's graph.
  */
-import {closeSync, existsSync, ftruncateSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync} from 'node:fs'
+import {closeSync, existsSync, ftruncateSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync} from 'node:fs'
 import {join} from 'node:path'
 
 import {encodeFloat16, halfToFloatBits} from '../checkpoint/dtype.js'
 import type {ExternalLocation} from '../onnx/external-data.js'
 import type {PackageManifest} from '../package/manifest.js'
+import {readAt} from '../read-at.js'
 
 export const GPU_FORM_WEIGHTS = 'gpu-form.weights'
 const GPU_FORM_INDEX = 'gpu-form.json'
@@ -190,14 +191,10 @@ function removeAbandoned(packageDir: string): void {
   }
 }
 
-/** Reads exactly `into.byteLength` bytes at `position` (readSync may return short); `what` names the read in the error. */
+/** Reads exactly `into.byteLength` bytes at `position` (readAt); `what` names the read in the error. */
 export function readFully(fd: number, into: Uint8Array, position: number, what?: string): void {
-  let done = 0
-  while (done < into.byteLength) {
-    const n = readSync(fd, into, done, into.byteLength - done, position + done)
-    if (n === 0) throw new Error(`${what ? `${what}: ` : ''}unexpected end of file at ${position + done}`)
-    done += n
-  }
+  const done = readAt(fd, into, position)
+  if (done < into.byteLength) throw new Error(`${what ? `${what}: ` : ''}unexpected end of file at ${position + done}`)
 }
 
 function writeFully(fd: number, bytes: Uint8Array, position: number): void {

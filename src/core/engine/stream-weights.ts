@@ -3,12 +3,13 @@
  * aggregation head that mixes the streams. They live in the package's `p{P}.weights` (float32,
  * indexed by the manifest) and are read once per P when a model first runs it.
  */
-import {closeSync, openSync, readSync} from 'node:fs'
+import {closeSync, openSync} from 'node:fs'
 import {join} from 'node:path'
 
 import type {BackboneShape} from '../checkpoint/config.js'
 import {FileFormatError} from '../errors.js'
 import type {PackageVariant, StoredTensor} from '../package/manifest.js'
+import {readAt} from '../read-at.js'
 
 export interface HostTensor {
   data: Float32Array
@@ -51,12 +52,7 @@ export function loadStreamWeights(packageDir: string, variant: PackageVariant, s
       if (!stored) throw new FileFormatError(file, `has no tensor "${name}" in the manifest; convert again`)
       const data = new Float32Array(stored.length / 4)
       const bytes = new Uint8Array(data.buffer)
-      let done = 0
-      while (done < bytes.byteLength) {
-        const n = readSync(fd, bytes, done, bytes.byteLength - done, stored.offset + done)
-        if (n === 0) throw new FileFormatError(file, `ends inside tensor "${name}"; convert again`)
-        done += n
-      }
+      if (readAt(fd, bytes, stored.offset) < bytes.byteLength) throw new FileFormatError(file, `ends inside tensor "${name}"; convert again`)
       return {data, dims: stored.shape}
     }
     const {numLayers, numKvHeads: kv, headDim: d} = shape

@@ -11,13 +11,14 @@
  * Written once into the package folder (weights, graph, then a stamp naming the backbone
  * they were made from) and memory-mapped by later processes.
  */
-import {closeSync, existsSync, openSync, readFileSync, readSync, renameSync, rmSync, writeFileSync} from 'node:fs'
+import {closeSync, existsSync, openSync, readFileSync, renameSync, rmSync, writeFileSync} from 'node:fs'
 import {join} from 'node:path'
 
 import onnxProto from 'onnx-proto'
 
 import {ExternalDataFile} from '../onnx/external-data.js'
 import type {PackageManifest} from '../package/manifest.js'
+import {readAt} from '../read-at.js'
 import {dequantizeRows, type BlockLayout, type QuantBits} from './blockwise.js'
 import {quantizePerColumn} from './per-column.js'
 
@@ -123,11 +124,7 @@ function readExternal(fd: number, tensor: Initializer): Uint8Array {
   const entry = (key: string) => tensor.externalData!.find((e) => e.key === key)!.value!
   const offset = Number(entry('offset'))
   const bytes = new Uint8Array(Number(entry('length')))
-  for (let done = 0; done < bytes.byteLength; ) {
-    const read = readSync(fd, bytes, done, bytes.byteLength - done, offset + done)
-    if (read === 0) throw new Error(`${tensor.name}: the package's weights end early; convert again`)
-    done += read
-  }
+  if (readAt(fd, bytes, offset) < bytes.byteLength) throw new Error(`${tensor.name}: the package's weights end early; convert again`)
   return bytes
 }
 
