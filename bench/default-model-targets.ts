@@ -11,6 +11,7 @@ import os from 'node:os'
 import path from 'node:path'
 import {fileURLToPath} from 'node:url'
 import {roundsFromEnv, spread} from '../src/core/bench/paired.js'
+import {treeSizeSync} from '../src/core/hub/inventory.js'
 import {DEFAULT_MODEL_DIR} from '../src/core/package/resolve.js'
 
 const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..')
@@ -27,16 +28,6 @@ const PACKAGE_LIMIT_BYTES = 40e6
 const FIRST_RUN_LIMIT_S = 14
 const WARM_RUN_LIMIT_S = 1.8
 const CONTROL_MARGIN_NATS = 0.02
-
-function packageBytes(dir: string): number {
-  let total = 0
-  for (const entry of fs.readdirSync(dir, {withFileTypes: true})) {
-    const full = path.join(dir, entry.name)
-    if (entry.isDirectory()) total += packageBytes(full)
-    else if (entry.isFile()) total += fs.statSync(full).size // the p*/ symlinks to shared files count once, as stored
-  }
-  return total
-}
 
 function cli(args: string[], cache: string): {seconds: number; stdout: string} {
   const started = process.hrtime.bigint()
@@ -84,7 +75,7 @@ if (mismatch > 1e-4) {
   throw new Error(`${path.relative(REPO_ROOT, recordPath)}: its heldout.py NLL differs from the package's by ${mismatch.toFixed(5)}: a record of other weights (set BENCH_RESULTS)`)
 }
 
-const bytes = packageBytes(DEFAULT_MODEL_DIR)
+const bytes = treeSizeSync(DEFAULT_MODEL_DIR) // the p*/ symlinks to shared files count once, as stored
 const firstS = spread(first)
 const warmS = spread(warm)
 console.log(`default model: ${path.relative(REPO_ROOT, DEFAULT_MODEL_DIR)}, record ${path.relative(REPO_ROOT, recordPath)} (${record.steps} steps; its heldout.py figures match the package's to ${mismatch.toExponential(1)})`)

@@ -50,7 +50,8 @@ export function listCheckpoints(): CheckpointEntry[] {
   return listCachedModels().map((m) => ({...m, ...describeCheckpoint(m.snapshotDir)}))
 }
 
-function treeSizeSync(dir: string): number {
+/** Bytes of the regular files below `dir`; symbolic links count as nothing (their targets are counted where they live). */
+export function treeSizeSync(dir: string): number {
   let total = 0
   for (const name of readdirSync(dir)) {
     const full = join(dir, name)
