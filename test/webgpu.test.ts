@@ -136,13 +136,10 @@ describe('the CLI on --device webgpu (GPU form): greedy answers and held-out los
     })
   }
 
-  const heldOut = () => {
-    const text = path.join(work, 'held-out.txt')
-    fs.writeFileSync(text, 'The quick brown fox jumps over the lazy dog. def add(a, b): return a + b\n'.repeat(4))
-    return text
-  }
+  const heldOut = path.join(work, 'held-out.txt')
+  before(() => fs.writeFileSync(heldOut, 'The quick brown fox jumps over the lazy dog. def add(a, b): return a + b\n'.repeat(4)))
   const loss = async (device: string, extra: string[] = []) => {
-    const result = await runCli(['eval', '--text-file', heldOut(), '--parallel', '4', '--json', '--device', device, ...extra], {env})
+    const result = await runCli(['eval', '--text-file', heldOut, '--parallel', '4', '--json', '--device', device, ...extra], {env})
     assert.equal(result.code, 0, result.stderr)
     return (JSON.parse(result.stdout) as {mean_nll: number; predicted: number})
   }
