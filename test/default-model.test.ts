@@ -36,6 +36,31 @@ describe('embedded default model', () => {
     assert.ok(p8 < p1, `P=8 ${p8} should be below P=1 ${p1}`)
   })
 
+  test('eval --per-token: one NLL per scored token, averaging to mean_nll, and causal across windows', async () => {
+    const score = async (file: string, extra: string[] = []) => {
+      const result = await runCli(['eval', '--text-file', file, '--parallel', '2', '--context', '64', '--json', '--per-token', ...extra], {env})
+      assert.equal(result.code, 0, result.stderr)
+      return JSON.parse(result.stdout) as {predicted: number; mean_nll: number; windows: number; token_nll: number[]}
+    }
+    const full = await score(heldOut)
+    assert.ok(full.windows > 3, 'the text must cross several windows')
+    assert.equal(full.token_nll.length, full.predicted)
+    assert.ok(full.token_nll.every((v) => Number.isFinite(v) && v >= 0))
+    const mean = full.token_nll.reduce((a, b) => a + b, 0) / full.token_nll.length
+    assert.ok(Math.abs(mean - full.mean_nll) < 1e-9, `${mean} vs ${full.mean_nll}`)
+    // A prefix of the text is scored in the same windows: its tokens get the same NLLs (the
+    // last ones may tokenize differently at the cut).
+    const prefixFile = path.join(cache, 'heldout-prefix.py')
+    fs.writeFileSync(prefixFile, fs.readFileSync(heldOut, 'utf8').slice(0, 700))
+    const prefix = await score(prefixFile)
+    assert.ok(prefix.predicted > 100 && prefix.predicted < full.predicted)
+    const same = prefix.token_nll.slice(0, -2)
+    same.forEach((v, i) => assert.ok(Math.abs(v - full.token_nll[i]) < 1e-4, `token ${i + 1}: ${v} vs ${full.token_nll[i]}`))
+    const plain = await runCli(['eval', '--text-file', heldOut, '--per-token'], {env})
+    assert.notEqual(plain.code, 0)
+    assert.match(plain.stderr, /--json/)
+  })
+
   test('works when the variant folders lost their links to the shared files (as npm packs it)', async () => {
     const copy = path.join(cache, 'packed', 'default-model')
     fs.cpSync(path.join(REPO_ROOT, 'fixtures', 'default-model'), copy, {recursive: true, verbatimSymlinks: true})

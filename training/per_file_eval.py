@@ -8,11 +8,20 @@ at each P, writes one JSON line per file and P, and prints how many files keep t
 
   python3 training/per_file_eval.py [--model DIR] [--out F.jsonl]    # score, then summarize
   python3 training/per_file_eval.py --summary F.jsonl                 # summarize an earlier run
+
+Each token's NLL goes to F.tokens.jsonl beside F (`parscale eval --per-token`), and the summary then
+also says, per file and step (P1→P2, P2→P4, P4→P8), whether the step is resolved at all: the paired
+per-token differences, a moving-block bootstrap of their mean (blocks of 32 tokens, as neighbouring
+tokens' losses are correlated), and the 95 % interval. A step whose interval straddles zero is not
+evidence either way; the pooled figures say how many tokens an excerpt needs before a step of the
+size this model has can be told from noise, and how many files are expected to keep the order by
+chance alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,8 +32,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+BLOCK = 32          # bootstrap block length in tokens
+RESAMPLES = 4000
+Z95 = 1.959964
+
+
+def tokens_path(out: str) -> str:
+    return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".tokens.jsonl"
+
+
 def score(model: str | None, archive: str, out: str, parallel: list[int]) -> None:
-    with tempfile.TemporaryDirectory(prefix="parscale-heldout-") as tmp, open(out + ".tmp", "w") as sink:
+    with tempfile.TemporaryDirectory(prefix="parscale-heldout-") as tmp, open(out + ".tmp", "w") as sink, \
+            open(tokens_path(out) + ".tmp", "w") as token_sink:
         with tarfile.open(archive) as tar:
             members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith(("heldout/", "heldout2/")) and m.name.endswith(".py")),
                              key=lambda m: m.name)
@@ -32,14 +51,75 @@ def score(model: str | None, archive: str, out: str, parallel: list[int]) -> Non
         for m in members:
             for p in parallel:
                 cmd = ["node", os.path.join(ROOT, "bin/run.js"), "eval", *([model] if model else []),
-                       "-f", os.path.join(tmp, m.name), "-p", str(p), "--json"]
+                       "-f", os.path.join(tmp, m.name), "-p", str(p), "--json", "--per-token"]
                 run = subprocess.run(cmd, capture_output=True, text=True)
                 if run.returncode != 0:
                     sys.exit(f"{m.name} at P = {p}: {run.stderr.strip() or run.stdout.strip()}")
-                sink.write(json.dumps({"file": m.name, "parallel": p, "r": json.loads(run.stdout)}) + "\n")
+                result = json.loads(run.stdout)
+                token_nll = result.pop("token_nll")
+                sink.write(json.dumps({"file": m.name, "parallel": p, "r": result}) + "\n")
+                token_sink.write(json.dumps({"file": m.name, "parallel": p, "token_nll": [round(v, 6) for v in token_nll]}) + "\n")
                 sink.flush()
             print(m.name, file=sys.stderr)
+    os.replace(tokens_path(out) + ".tmp", tokens_path(out))
     os.replace(out + ".tmp", out)  # nothing half-written under the final name
+
+
+def block_bootstrap_se(d, rng) -> float:
+    """Standard error of mean(d) by a moving-block bootstrap (BLOCK-token blocks, fewer on short files)."""
+    import numpy as np
+    n = len(d)
+    block = max(1, min(BLOCK, n // 4))
+    starts = np.arange(n - block + 1)
+    count = math.ceil(n / block)
+    picks = rng.choice(starts, size=(RESAMPLES, count))
+    idx = (picks[:, :, None] + np.arange(block)[None, None, :]).reshape(RESAMPLES, -1)[:, :n]
+    return float(d[idx].mean(axis=1).std(ddof=1))
+
+
+def step_statistics(tokens_file: str, ps: list[int]) -> dict:
+    """Per file and step: mean paired gain (NLL at the smaller P minus the larger), its bootstrap
+    interval and verdict; pooled per step and set: the gain, the per-token spread that sets the noise,
+    the tokens an excerpt needs for the gain to clear 1.96 standard errors, and the expected count of
+    files in strict order if every file's true steps were the pooled ones."""
+    import numpy as np
+    rng = np.random.default_rng(20250515)
+    nll: dict[str, dict[int, "np.ndarray"]] = {}
+    for line in open(tokens_file):
+        row = json.loads(line)
+        nll.setdefault(row["file"], {})[row["parallel"]] = np.asarray(row["token_nll"], dtype=np.float64)
+    steps = list(zip(ps, ps[1:]))
+    files = {}
+    for f, by_p in sorted(nll.items()):
+        entry = {"tokens": int(len(by_p[ps[0]])), "steps": {}}
+        for a, b in steps:
+            d = by_p[a] - by_p[b]
+            se = block_bootstrap_se(d, rng)
+            lo, hi = float(d.mean()) - Z95 * se, float(d.mean()) + Z95 * se
+            verdict = "in order" if lo > 0 else "reversed" if hi < 0 else "unresolved"
+            entry["steps"][f"{a}->{b}"] = {"gain": round(float(d.mean()), 5), "se": round(se, 5), "ci95": [round(lo, 5), round(hi, 5)], "verdict": verdict}
+        files[f] = entry
+    sets = {}
+    for name, prefix in (("set 1", "heldout/"), ("set 2", "heldout2/")):
+        names = [f for f in files if f.startswith(prefix)]
+        if not names:
+            continue
+        pooled = {}
+        expected = np.ones(len(names))
+        for a, b in steps:
+            key = f"{a}->{b}"
+            d = np.concatenate([nll[f][a] - nll[f][b] for f in names])
+            gain = float(d.mean())
+            spread = block_bootstrap_se(d, rng) * math.sqrt(len(d))  # per-token spread, correlation included
+            needed = (Z95 * spread / gain) ** 2 if gain > 0 else math.inf
+            # P(observed step in order) for a file whose true step is the pooled gain
+            se_files = np.array([files[f]["steps"][key]["se"] for f in names])
+            expected *= np.array([0.5 * math.erfc(-gain / (s * math.sqrt(2))) if s > 0 else float(gain > 0) for s in se_files])
+            verdicts = [files[f]["steps"][key]["verdict"] for f in names]
+            pooled[key] = {"gain": round(gain, 5), "per_token_spread": round(spread, 4), "tokens_to_resolve": round(needed) if math.isfinite(needed) else None,
+                           **{v: verdicts.count(v) for v in ("in order", "reversed", "unresolved")}}
+        sets[name] = {"files": len(names), "steps": pooled, "expected_strict_order_by_noise": round(float(expected.sum()), 1)}
+    return {"block_tokens": BLOCK, "resamples": RESAMPLES, "sets": sets, "files": files}
 
 
 def summarize(path: str) -> dict:
@@ -73,6 +153,7 @@ def main() -> None:
     ap.add_argument("--out", default="per-file-eval.jsonl")
     ap.add_argument("--parallel", default="1,2,4,8")
     ap.add_argument("--summary", default=None, help="only summarize this JSONL file")
+    ap.add_argument("--stats-out", default=None, help="write the per-file step statistics (JSON) here")
     args = ap.parse_args()
     path = args.summary
     if not path:
@@ -80,7 +161,21 @@ def main() -> None:
             sys.exit(f"{args.corpus}: no corpus archive (python3 training/corpus.py build makes it)")
         score(args.model, args.corpus, args.out, [int(p) for p in args.parallel.split(",")])
         path = args.out
-    print(json.dumps(summarize(path), indent=1))
+    summary = summarize(path)
+    if os.path.isfile(tokens_path(path)):
+        stats = step_statistics(tokens_path(path), summary["parallel"])
+        summary["steps_resolved"] = stats["sets"]
+        unresolved_breaks = {}
+        for name, body in summary["sets"].items():
+            # a broken file whose every reversed step is unresolved is noise, not evidence of a reversal
+            unresolved_breaks[name] = sum(1 for f in body["broken"]
+                                          if all(st["verdict"] != "reversed" for st in stats["files"][f]["steps"].values()))
+        summary["broken_within_noise"] = unresolved_breaks
+        if args.stats_out:
+            with open(args.stats_out + ".tmp", "w") as sink:
+                json.dump(stats, sink, indent=1)
+            os.replace(args.stats_out + ".tmp", args.stats_out)
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

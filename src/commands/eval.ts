@@ -22,12 +22,15 @@ export default class Eval extends BaseCommand {
 
 --streams also shows what the aggregation head does with the P streams over the scored tokens (each token's weights are the ones that mixed the streams for its prediction): each stream's mean weight, how often it has the largest weight, and the mean entropy of the weights against ln P (an even split; 100 % = the head averages, lower = it picks streams). Run once per P to compare.
 
+--json --per-token adds token_nll, the NLL of every scored token in text order (its mean is mean_nll): two runs at different P, or of two models, can then be compared token by token, e.g. to tell whether a difference of a few thousandths of a nat on a short text is more than noise.
+
 MODEL is a converted package, a checkpoint folder (converted on first use and cached), or a pulled hub repo id; without it, the embedded default model.`
   static override examples = [
     {description: 'Held-out loss of the default model at P = 8', command: '<%= config.bin %> eval --text-file held_out.py --parallel 8'},
     {description: 'Held-out loss with 4-bit weights', command: '<%= config.bin %> eval --text-file held_out.py --parallel 8 --quant int4'},
     {description: 'Compare P values of one family package, as JSON', command: 'for p in 1 2 4 8; do <%= config.bin %> eval ./family-onnx --text-file text.txt --parallel $p --json; done'},
     {description: 'How the default model weighs its 4 streams on held-out Python', command: '<%= config.bin %> eval --text-file held_out.py --parallel 4 --streams'},
+    {description: 'Every token\'s NLL at P = 8, for a paired comparison with another P', command: '<%= config.bin %> eval --text-file held_out.py --parallel 8 --json --per-token'},
   ]
   static override args = {
     // ignoreStdin: `--text-file -` reads stdin; oclif must not take it as the model name
@@ -41,6 +44,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     device: Flags.string({description: 'where the model runs: cpu, or a GPU through ONNX Runtime\'s WebGPU provider', options: [...DEVICES], default: 'cpu'}),
     json: Flags.boolean({description: 'print one JSON object instead of a table'}),
     streams: Flags.boolean({description: 'also summarize the stream weights: mean per stream, how often each is the top one, entropy against ln P'}),
+    'per-token': Flags.boolean({description: 'with --json: add token_nll, the NLL of every scored token in text order (to compare two P or two models token by token)', dependsOn: ['json']}),
     ...quantFlags,
   }
 
@@ -68,7 +72,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     if (ids.length < 2) throw new UserError(`${flags['text-file']}: needs at least 2 tokens to score, has ${ids.length}`)
     const session = await ParScaleModel.open(model.packageDir, {threads: flags.threads, device, parallel: [model.parallel]})
     try {
-      const result = await scoreTokens(session, model.parallel, ids, flags.context ?? session.maxPositions, {streams: flags.streams})
+      const result = await scoreTokens(session, model.parallel, ids, flags.context ?? session.maxPositions, {streams: flags.streams, perToken: flags['per-token']})
       if (flags.json) {
         this.log(JSON.stringify({model: model.label, ...result}))
         return

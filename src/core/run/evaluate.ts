@@ -15,6 +15,8 @@ export interface EvalResult {
   parallel: number
   /** With `streams`: how the aggregation head weighted the streams over the scored tokens. */
   streams?: StreamSummary
+  /** With `perToken`: the NLL of every scored token, in text order (token 1 first); their mean is `mean_nll`. */
+  token_nll?: number[]
 }
 
 /** −log softmax(row)[target], in float64 for a stable sum over long texts. */
@@ -31,10 +33,12 @@ export function negativeLogLikelihood(logits: Float32Array, offset: number, voca
  * the context are scored in windows that overlap by half, so each token after the first window
  * still sees at least half a context of history; every token is scored exactly once. Each
  * window goes through the model in chunks (logits for every position). `streams` also sums up
- * the stream weights of the positions that were scored (each once, as the loss).
+ * the stream weights of the positions that were scored (each once, as the loss). `perToken` keeps
+ * each token's NLL, for paired comparisons of two models or two P on the same text.
  */
-export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, parallel: number, ids: number[], contextLength: number, options: {streams?: boolean} = {}): Promise<EvalResult> {
+export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, parallel: number, ids: number[], contextLength: number, options: {streams?: boolean; perToken?: boolean} = {}): Promise<EvalResult> {
   const stats = options.streams ? new StreamWeightStats(parallel) : undefined
+  const tokenNll: number[] | undefined = options.perToken ? [] : undefined
   const window = Math.max(2, Math.min(contextLength, ids.length))
   const stride = Math.max(1, Math.floor(window / 2))
   let total = 0
@@ -53,7 +57,9 @@ export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, 
         for (let j = 0; j < positions; j++) {
           const target = begin + offset + j + 1
           if (target < nextTarget || target >= end) continue
-          total += negativeLogLikelihood(logits, j * vocab, vocab, ids[target])
+          const nll = negativeLogLikelihood(logits, j * vocab, vocab, ids[target])
+          total += nll
+          tokenNll?.push(nll)
           scored++
           if (stats && streamWeights) stats.add(streamWeights, j * parallel)
         }
@@ -74,5 +80,6 @@ export async function scoreTokens<C extends SequenceCache>(decoder: Decoder<C>, 
     window_tokens: window,
     parallel,
     ...(stats ? {streams: stats.summary()} : {}),
+    ...(tokenNll ? {token_nll: tokenNll} : {}),
   }
 }
