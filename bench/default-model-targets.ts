@@ -20,6 +20,8 @@ const CLI = path.join(REPO_ROOT, 'bin', 'run.js')
 const SHIPPED_RESULTS = 'training/run-dynamic/attempts/run7-highp-long/small/results.json'
 // Its per-file scores through the CLI (python3 training/per_file_eval.py: it needs the corpus archive).
 const PER_FILE = 'training/run-dynamic/per-file-eval.jsonl'
+// Whether each file's steps between P are resolved at all (per_file_eval.py --stats-out: paired per-token differences).
+const PER_FILE_STEPS = 'training/run-dynamic/per-file-steps.json'
 const FAMILY = [1, 2, 4, 8] as const
 const log = (t: string) => process.stderr.write(`${t}\n`)
 
@@ -97,6 +99,17 @@ if (fs.existsSync(perFilePath)) {
   }
   const held = [...byFile.values()].filter((nll) => strictlyFalling(FAMILY.map((p) => nll.get(p) ?? Number.NaN)))
   console.log(`${mark(held.length === byFile.size)} every held-out file (record ${PER_FILE}): the same order in ${held.length} of ${byFile.size}`)
+  const stepsPath = path.join(REPO_ROOT, PER_FILE_STEPS)
+  if (fs.existsSync(stepsPath)) {
+    interface Step {verdict: 'in order' | 'reversed' | 'unresolved'}
+    interface Steps {files: Record<string, {steps: Record<string, Step>}>; sets: Record<string, {expected_strict_order_by_noise: number}>}
+    const steps = JSON.parse(fs.readFileSync(stepsPath, 'utf8')) as Steps
+    const verdicts = Object.values(steps.files).flatMap((file) => Object.values(file.steps).map((step) => step.verdict))
+    const count = (verdict: Step['verdict']) => verdicts.filter((v) => v === verdict).length
+    const expected = Object.values(steps.sets).reduce((sum, set) => sum + set.expected_strict_order_by_noise, 0)
+    console.log(`       of their ${verdicts.length} steps between P (record ${PER_FILE_STEPS}, 95 % block bootstrap): ${count('in order')} in order, ${count('reversed')} reversed, ${count('unresolved')} within noise;` +
+      ` files in order expected from noise alone at this model's pooled steps: ${expected.toFixed(1)}`)
+  }
 }
 console.log(`${mark(bytes <= PACKAGE_LIMIT_BYTES)} package ≤ ${PACKAGE_LIMIT_BYTES / 1e6} MB: ${(bytes / 1e6).toFixed(1)} MB`)
 console.log(`${mark(firstS.median <= FIRST_RUN_LIMIT_S)} first run on an empty cache ≤ ${FIRST_RUN_LIMIT_S} s: median ${firstS.median.toFixed(2)} s (${firstS.min.toFixed(2)}–${firstS.max.toFixed(2)})`)
