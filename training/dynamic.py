@@ -187,6 +187,14 @@ def build_family(c, s, seed) -> torch.nn.ModuleDict:
                 elif "aggregate_layer" in pname:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.dim() == 2 else torch.zeros(p.shape))
         family[name] = arm
+    if s.get("nested_prefixes"):
+        # P = 2 and 4 use the first 2 and 4 of P = 8's prefixes: the larger P adds streams to the
+        # smaller one's instead of replacing them (the control keeps its own prefix)
+        nested = sorted((n for n in family if n != "control" and ARM_P[n] > 1), key=lambda n: ARM_P[n])
+        largest = family[nested[-1]]
+        for name in nested[:-1]:
+            for small, large in zip(family[name].model.layers, largest.model.layers):
+                small.self_attn.nest_prefixes_in(large.self_attn)
     return family
 
 
@@ -205,7 +213,10 @@ def load_family_state(family, tensors: dict):
     for name, arm in family.items():
         if name != "p1":
             own = {k.split("/", 1)[1]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith(name + "/")}
-            missing, unexpected = arm.load_state_dict(own, strict=False)
+            nested = {f"model.layers.{i}.self_attn.{k}" for i, layer in enumerate(arm.model.layers)
+                      if layer.self_attn.nested_in is not None for k in ("prefix_k", "prefix_v")}
+            # nested prefixes are the larger arm's (loaded with it); the saved copies must agree with it
+            missing, unexpected = arm.load_state_dict({k: v for k, v in own.items() if k not in nested}, strict=False)
             assert not unexpected and all("prefix_" not in k and "aggregate_layer" not in k for k in missing), (name, unexpected)
 
 
@@ -479,11 +490,12 @@ def cpu_test(args):
     env = dict(os.environ, PARSCALE_TRAIN_CONFIG=cfg_path, PYTHONUNBUFFERED="1")
     out = os.path.join(tmp, "out")
     seconds = args.max_seconds or 40
+    recipe = ["--recipe", args.recipe] if args.recipe else []
     procs = [subprocess.Popen([sys.executable, __file__, "train", "--work", os.path.join(tmp, "work"), "--size", size,
-                               "--out", out, "--max-seconds", str(seconds),
+                               "--out", out, "--max-seconds", str(seconds), *recipe,
                                "--end-by", str(time.time() + seconds + 25)], env=env) for size in ("tiny", "tiny2")]
     assert all(p.wait() == 0 for p in procs), "a training process failed"
-    subprocess.run([sys.executable, __file__, "finish", "--results", out, "--size", "tiny", "--dest", os.path.join(tmp, "fixtures"),
+    subprocess.run([sys.executable, __file__, "finish", "--results", out, "--size", "tiny", *recipe, "--dest", os.path.join(tmp, "fixtures"),
                     "--chart", os.path.join(tmp, "law.svg"), "--record", os.path.join(tmp, "record")], env=env, check=True)
     log(f"cpu-test done: {tmp}")
 
@@ -495,7 +507,7 @@ def main():
     ap.add_argument("--work", default=os.path.join(HERE, "work"))
     ap.add_argument("--limit-mb", type=float, default=None, help="prepare: only this many MB of training text")
     ap.add_argument("--size", default="small")
-    ap.add_argument("--recipe", default=None, help="train/eval/finish: apply config.json dynamic.recipes[NAME] over the size's settings")
+    ap.add_argument("--recipe", default=None, help="train/eval/finish/cpu-test: apply config.json dynamic.recipes[NAME] over the size's settings")
     ap.add_argument("--out", default=os.path.join(HERE, "work", "out"))
     ap.add_argument("--max-steps", type=int, default=None, help="train: at most this many steps (the schedule runs over them), within the epoch cap")
     ap.add_argument("--max-seconds", type=float, default=None, help="train: wall-clock budget of the training loop (cpu-test: default 40)")

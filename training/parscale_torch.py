@@ -121,6 +121,18 @@ class Attention(nn.Module):
             self.prefix_k = nn.Parameter(torch.zeros(shp))
             self.prefix_v = nn.Parameter(torch.zeros(shp))
         self.capture = None  # when a list: forward appends the un-rotated k and v
+        self.nested_in = None  # another Attention whose first n_streams prefixes are this one's (nested_prefixes)
+
+    def nest_prefixes_in(self, larger: "Attention"):
+        """Use the first n_streams prefixes of `larger` (same layer, more streams) instead of own ones."""
+        assert larger.n_streams >= self.n_streams and self.c.parscale_n_tokens > 0
+        del self.prefix_k, self.prefix_v
+        object.__setattr__(self, "nested_in", larger)  # a plain reference: not a submodule, not in state_dict
+
+    def prefixes(self):
+        if self.nested_in is not None:
+            return self.nested_in.prefix_k[: self.n_streams], self.nested_in.prefix_v[: self.n_streams]
+        return self.prefix_k, self.prefix_v
 
     def forward(self, x, cos, sin):
         c = self.c
@@ -137,8 +149,9 @@ class Attention(nn.Module):
         if c.parscale_n_tokens > 0:
             b = n // self.n_streams
             # stream-major batch: row i belongs to stream i // b
-            pk = self.prefix_k.to(k.dtype).repeat_interleave(b, dim=0)
-            pv = self.prefix_v.to(v.dtype).repeat_interleave(b, dim=0)
+            prefix_k, prefix_v = self.prefixes()
+            pk = prefix_k.to(k.dtype).repeat_interleave(b, dim=0)
+            pv = prefix_v.to(v.dtype).repeat_interleave(b, dim=0)
             k = torch.cat([pk, k], dim=2)  # prefix keys are not rotated
             v = torch.cat([pv, v], dim=2)
             t = c.parscale_n_tokens
@@ -262,4 +275,10 @@ class ParScaleLM(nn.Module):
         return {k: v for k, v in self.state_dict().items() if "prefix_" not in k and "aggregate_layer" not in k}
 
     def parscale_state(self):
-        return {k: v for k, v in self.state_dict().items() if "prefix_" in k or "aggregate_layer" in k}
+        out = {k: v for k, v in self.state_dict().items() if "prefix_" in k or "aggregate_layer" in k}
+        for i, layer in enumerate(self.model.layers):  # nested prefixes: this arm's slice of the larger arm's
+            if layer.self_attn.nested_in is not None:
+                pk, pv = layer.self_attn.prefixes()
+                out[f"model.layers.{i}.self_attn.prefix_k"] = pk.detach()
+                out[f"model.layers.{i}.self_attn.prefix_v"] = pv.detach()
+        return out
