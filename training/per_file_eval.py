@@ -8,6 +8,7 @@ at each P, writes one JSON line per file and P, and prints how many files keep t
 
   python3 training/per_file_eval.py [--model DIR] [--out F.jsonl]    # score, then summarize
   python3 training/per_file_eval.py --summary F.jsonl                 # summarize an earlier run
+  python3 training/per_file_eval.py --text A.py B.py --out F.jsonl    # the same for any text files
 
 Each token's NLL goes to F.tokens.jsonl beside F (`parscale eval --per-token`), and the summary then
 also says, per file and step (P1→P2, P2→P4, P4→P8), whether the step is resolved at all: the paired
@@ -37,30 +38,43 @@ RESAMPLES = 4000
 Z95 = 1.959964
 
 
+SETS = (("set 1", "heldout/"), ("set 2", "heldout2/"))
+
+
+def grouped(names) -> list[tuple[str, list[str]]]:
+    """The files of each held-out set (by archive path), then any other texts as one group."""
+    groups = [(name, [f for f in names if f.startswith(prefix)]) for name, prefix in SETS]
+    groups.append(("other texts", [f for f in names if not f.startswith(tuple(p for _, p in SETS))]))
+    return [(name, files) for name, files in groups if files]
+
+
 def tokens_path(out: str) -> str:
     return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".tokens.jsonl"
 
 
-def score(model: str | None, archive: str, out: str, parallel: list[int]) -> None:
+def score(model: str | None, archive: str | None, texts: list[str], out: str, parallel: list[int]) -> None:
     with tempfile.TemporaryDirectory(prefix="parscale-heldout-") as tmp, open(out + ".tmp", "w") as sink, \
             open(tokens_path(out) + ".tmp", "w") as token_sink:
-        with tarfile.open(archive) as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith(("heldout/", "heldout2/")) and m.name.endswith(".py")),
-                             key=lambda m: m.name)
-            tar.extractall(tmp, members=members)
-        for m in members:
+        files = [(t, t) for t in texts]  # (name in the records, path)
+        if archive:
+            with tarfile.open(archive) as tar:
+                members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith(tuple(p for _, p in SETS)) and m.name.endswith(".py")),
+                                 key=lambda m: m.name)
+                tar.extractall(tmp, members=members)
+            files = [(m.name, os.path.join(tmp, m.name)) for m in members]
+        for name, path in files:
             for p in parallel:
                 cmd = ["node", os.path.join(ROOT, "bin/run.js"), "eval", *([model] if model else []),
-                       "-f", os.path.join(tmp, m.name), "-p", str(p), "--json", "--per-token"]
+                       "-f", path, "-p", str(p), "--json", "--per-token"]
                 run = subprocess.run(cmd, capture_output=True, text=True)
                 if run.returncode != 0:
-                    sys.exit(f"{m.name} at P = {p}: {run.stderr.strip() or run.stdout.strip()}")
+                    sys.exit(f"{name} at P = {p}: {run.stderr.strip() or run.stdout.strip()}")
                 result = json.loads(run.stdout)
                 token_nll = result.pop("token_nll")
-                sink.write(json.dumps({"file": m.name, "parallel": p, "r": result}) + "\n")
-                token_sink.write(json.dumps({"file": m.name, "parallel": p, "token_nll": [round(v, 6) for v in token_nll]}) + "\n")
+                sink.write(json.dumps({"file": name, "parallel": p, "r": result}) + "\n")
+                token_sink.write(json.dumps({"file": name, "parallel": p, "token_nll": [round(v, 6) for v in token_nll]}) + "\n")
                 sink.flush()
-            print(m.name, file=sys.stderr)
+            print(name, file=sys.stderr)
     os.replace(tokens_path(out) + ".tmp", tokens_path(out))
     os.replace(out + ".tmp", out)  # nothing half-written under the final name
 
@@ -100,10 +114,7 @@ def step_statistics(tokens_file: str, ps: list[int]) -> dict:
             entry["steps"][f"{a}->{b}"] = {"gain": round(float(d.mean()), 5), "se": round(se, 5), "ci95": [round(lo, 5), round(hi, 5)], "verdict": verdict}
         files[f] = entry
     sets = {}
-    for name, prefix in (("set 1", "heldout/"), ("set 2", "heldout2/")):
-        names = [f for f in files if f.startswith(prefix)]
-        if not names:
-            continue
+    for name, names in grouped(list(files)):
         pooled = {}
         expected = np.ones(len(names))
         for a, b in steps:
@@ -129,10 +140,8 @@ def summarize(path: str) -> dict:
         by_file.setdefault(row["file"], {})[row["parallel"]] = (row["r"]["mean_nll"], row["r"]["predicted"])
     ps = sorted({p for v in by_file.values() for p in v})
     summary: dict = {"files": len(by_file), "parallel": ps, "sets": {}}
-    for name, prefix in (("set 1", "heldout/"), ("set 2", "heldout2/")):
-        files = {f: v for f, v in by_file.items() if f.startswith(prefix)}
-        if not files:
-            continue
+    for name, names in grouped(list(by_file)):
+        files = {f: by_file[f] for f in names}
         ordered = [f for f, v in files.items() if all(v[a][0] > v[b][0] for a, b in zip(ps, ps[1:]))]
         weighted = {p: sum(v[p][0] * v[p][1] for v in files.values()) / sum(v[p][1] for v in files.values()) for p in ps}
         summary["sets"][name] = {
@@ -153,13 +162,17 @@ def main() -> None:
     ap.add_argument("--out", default="per-file-eval.jsonl")
     ap.add_argument("--parallel", default="1,2,4,8")
     ap.add_argument("--summary", default=None, help="only summarize this JSONL file")
+    ap.add_argument("--text", nargs="+", default=None, help="score these text files instead of the archive's held-out files")
     ap.add_argument("--stats-out", default=None, help="write the per-file step statistics (JSON) here")
     args = ap.parse_args()
     path = args.summary
     if not path:
-        if not os.path.isfile(args.corpus):
+        for text in args.text or []:
+            if not os.path.isfile(text):
+                sys.exit(f"{text}: no such file")
+        if not args.text and not os.path.isfile(args.corpus):
             sys.exit(f"{args.corpus}: no corpus archive (python3 training/corpus.py build makes it)")
-        score(args.model, args.corpus, args.out, [int(p) for p in args.parallel.split(",")])
+        score(args.model, None if args.text else args.corpus, args.text or [], args.out, [int(p) for p in args.parallel.split(",")])
         path = args.out
     summary = summarize(path)
     if os.path.isfile(tokens_path(path)):
