@@ -37,8 +37,8 @@ describe('embedded default model', () => {
   })
 
   test('eval --per-token: one NLL per scored token, averaging to mean_nll, and causal across windows', async () => {
-    const score = async (file: string, extra: string[] = []) => {
-      const result = await runCli(['eval', '--text-file', file, '--parallel', '2', '--context', '64', '--json', '--per-token', ...extra], {env})
+    const score = async (file: string) => {
+      const result = await runCli(['eval', '--text-file', file, '--parallel', '2', '--context', '64', '--json', '--per-token'], {env})
       assert.equal(result.code, 0, result.stderr)
       return JSON.parse(result.stdout) as {predicted: number; mean_nll: number; windows: number; token_nll: number[]}
     }

@@ -215,7 +215,7 @@ def load_family_state(family, tensors: dict):
             own = {k.split("/", 1)[1]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith(name + "/")}
             nested = {f"model.layers.{i}.self_attn.{k}" for i, layer in enumerate(arm.model.layers)
                       if layer.self_attn.nested_in is not None for k in ("prefix_k", "prefix_v")}
-            # nested prefixes are the larger arm's (loaded with it); the saved copies must agree with it
+            # nested prefixes are the larger arm's, loaded with it; the saved copies are only its slices
             missing, unexpected = arm.load_state_dict({k: v for k, v in own.items() if k not in nested}, strict=False)
             assert not unexpected and all("prefix_" not in k and "aggregate_layer" not in k for k in missing), (name, unexpected)
 
