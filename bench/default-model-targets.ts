@@ -101,13 +101,13 @@ if (fs.existsSync(perFilePath)) {
   console.log(`${mark(held.length === byFile.size)} every held-out file (record ${PER_FILE}): the same order in ${held.length} of ${byFile.size}`)
   const stepsPath = path.join(REPO_ROOT, PER_FILE_STEPS)
   if (fs.existsSync(stepsPath)) {
-    interface Step {verdict: 'in order' | 'reversed' | 'unresolved'}
+    interface Step {verdict: 'in order' | 'reversed' | 'within noise'}
     interface Steps {files: Record<string, {steps: Record<string, Step>}>; sets: Record<string, {expected_strict_order_by_noise: number}>}
     const steps = JSON.parse(fs.readFileSync(stepsPath, 'utf8')) as Steps
     const verdicts = Object.values(steps.files).flatMap((file) => Object.values(file.steps).map((step) => step.verdict))
     const count = (verdict: Step['verdict']) => verdicts.filter((v) => v === verdict).length
     const expected = Object.values(steps.sets).reduce((sum, set) => sum + set.expected_strict_order_by_noise, 0)
-    console.log(`       of their ${verdicts.length} steps between P (record ${PER_FILE_STEPS}, 95 % block bootstrap): ${count('in order')} in order, ${count('reversed')} reversed, ${count('unresolved')} within noise;` +
+    console.log(`       of their ${verdicts.length} steps between P (record ${PER_FILE_STEPS}, 95 % block bootstrap): ${count('in order')} in order, ${count('reversed')} reversed, ${count('within noise')} within noise;` +
       ` files in order expected from noise alone at this model's pooled steps: ${expected.toFixed(1)}`)
   }
 }

@@ -61,6 +61,33 @@ describe('embedded default model', () => {
     assert.match(plain.stderr, /--json/)
   })
 
+  test('eval --parallel 1,2,4,8: one row per P, equal to single-P runs, and a step with its interval between each', async () => {
+    const result = await runCli(['eval', '--text-file', heldOut, '--parallel', '8,1,2,4', '--json'], {env})
+    assert.equal(result.code, 0, result.stderr)
+    type Step = {from: number; to: number; gain: number; ci95: [number, number]; verdict: string}
+    const json = JSON.parse(result.stdout) as {results: Array<{parallel: number; mean_nll: number; token_nll?: number[]}>; steps: Step[]}
+    assert.deepEqual(json.results.map((r) => r.parallel), [1, 2, 4, 8])
+    assert.ok(json.results.every((r) => r.token_nll === undefined), 'token_nll only with --per-token')
+    for (const parallel of [1, 8]) {
+      const single = await runCli(['eval', '--text-file', heldOut, '--parallel', String(parallel), '--json'], {env})
+      const meanNll = (JSON.parse(single.stdout) as {mean_nll: number}).mean_nll
+      assert.equal(json.results.find((r) => r.parallel === parallel)!.mean_nll, meanNll)
+    }
+    assert.deepEqual(json.steps.map((s) => [s.from, s.to]), [[1, 2], [2, 4], [4, 8]])
+    json.steps.forEach((s, i) => {
+      assert.ok(Math.abs(s.gain - (json.results[i].mean_nll - json.results[i + 1].mean_nll)) < 1e-9)
+      assert.ok(s.ci95[0] < s.gain && s.gain < s.ci95[1])
+      assert.equal(s.verdict, s.ci95[0] > 0 ? 'in order' : s.ci95[1] < 0 ? 'reversed' : 'within noise')
+    })
+    assert.equal(json.steps[0].verdict, 'in order', 'P = 2 beats P = 1 on held-out code by far more than the noise')
+    const table = await runCli(['eval', '--text-file', heldOut, '--parallel', '1,8'], {env})
+    assert.equal(table.code, 0, table.stderr)
+    assert.match(table.stdout, /P1 → P8/)
+    const twice = await runCli(['eval', '--text-file', heldOut, '--parallel', '2,2'], {env})
+    assert.notEqual(twice.code, 0)
+    assert.match(twice.stderr, /--parallel lists a P twice/)
+  })
+
   test('works when the variant folders lost their links to the shared files (as npm packs it)', async () => {
     const copy = path.join(cache, 'packed', 'default-model')
     fs.cpSync(path.join(REPO_ROOT, 'fixtures', 'default-model'), copy, {recursive: true, verbatimSymlinks: true})

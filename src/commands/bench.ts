@@ -15,6 +15,7 @@ import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {plotTarget, writePlots} from '../ui/bench-plot.js'
 import {Progress} from '../ui/progress.js'
 import {quantFlags, quantFromFlags} from '../flags/quant.js'
+import {intList} from '../flags/int-list.js'
 import {loadCurves, loadModes} from '../core/bench/auto-load.js'
 import {ParScaleModel} from '../core/engine/model.js'
 import {measureProfile, saveProfile, type CostProfile} from '../core/parallel/cost-profile.js'
@@ -50,12 +51,6 @@ export function legacyJsonFile(argv: string[], warn: (message: string) => void):
     if (arg === '--json') i++
   }
   return out
-}
-
-function intList(text: string, flag: string): number[] {
-  const values = text.split(',').map((s) => Number(s.trim()))
-  if (values.length === 0 || values.some((v) => !Number.isSafeInteger(v) || v < 1)) throw new UsageError(`--${flag} must be a comma-separated list of positive integers (found "${text}")`)
-  return values
 }
 
 const presetHelp = Object.entries(SYNTHETIC_PRESETS)
