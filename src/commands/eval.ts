@@ -107,9 +107,7 @@ MODEL is a converted package, a checkpoint folder (converted on first use and ca
     this.log(table.toString())
     if (results[0].windows > 1) this.log(`scored in ${results[0].windows} overlapping windows of ${results[0].window_tokens} tokens (the model's context)`)
     if (several) this.log(renderSteps(steps))
-    for (const r of results) {
-      if (r.streams) this.log(`${several ? `P = ${r.parallel}: ` : ''}${renderStreamSummary(r.streams)}`)
-    }
+    for (const r of results) if (r.streams) this.log(renderStreamSummary(r.streams)) // each names its P
   }
 }
 
