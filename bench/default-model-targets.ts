@@ -57,13 +57,14 @@ for (let round = 1; round <= roundsFromEnv(); round++) {
   else cacheForEval = cache
 }
 
-// 2. The held-out excerpt through the CLI, per P.
+// 2. The held-out excerpt through the CLI, every P on the same tokens, with each step's interval.
 const excerpt = path.join(DEFAULT_MODEL_DIR, 'heldout.py')
-const excerptNll = FAMILY.map((parallel) => {
-  log(`eval ${path.relative(REPO_ROOT, excerpt)} at P = ${parallel}`)
-  const {stdout} = cli(['eval', '--text-file', excerpt, '--parallel', String(parallel), '--json'], cacheForEval)
-  return (JSON.parse(stdout) as {mean_nll: number}).mean_nll
-})
+log(`eval ${path.relative(REPO_ROOT, excerpt)} at P = ${FAMILY.join(', ')}`)
+const excerptEval = JSON.parse(cli(['eval', '--text-file', excerpt, '--parallel', FAMILY.join(','), '--json'], cacheForEval).stdout) as {
+  results: Array<{parallel: number; mean_nll: number}>
+  steps: Array<{from: number; to: number; gain: number; verdict: string}>
+}
+const excerptNll = FAMILY.map((parallel) => excerptEval.results.find((r) => r.parallel === parallel)!.mean_nll)
 fs.rmSync(cacheForEval, {recursive: true, force: true})
 
 // 3. The shipped run's record, once it is shown to be these weights'.
@@ -90,6 +91,7 @@ for (const [name, key] of [['held-out set 1 (record)', 'heldout'], ['held-out se
   console.log(`${mark(margin >= CONTROL_MARGIN_NATS)} ${name}: P = 8 below the P = 1 + prefix control by ≥ ${CONTROL_MARGIN_NATS}: ${margin.toFixed(4)} (control ${control[key].nll.toFixed(4)})`)
 }
 console.log(`${mark(strictlyFalling(excerptNll))} heldout.py (measured, ${path.relative(REPO_ROOT, CLI)} eval): the same order: ${fixed(excerptNll)}`)
+console.log(`       its steps (eval --parallel ${FAMILY.join(',')}, 95 % block bootstrap): ${excerptEval.steps.map((s) => `P${s.from}→P${s.to} ${s.gain >= 0 ? '+' : '−'}${Math.abs(s.gain).toFixed(4)} ${s.verdict}`).join(', ')}`)
 const perFilePath = path.join(REPO_ROOT, PER_FILE)
 if (fs.existsSync(perFilePath)) {
   const byFile = new Map<string, Map<number, number>>()
