@@ -13,6 +13,8 @@ import {fileURLToPath} from 'node:url'
 import {roundsFromEnv, spread} from '../src/core/bench/paired.js'
 import {treeSizeSync} from '../src/core/hub/inventory.js'
 import {DEFAULT_MODEL_DIR} from '../src/core/package/resolve.js'
+import type {EvalResult} from '../src/core/run/evaluate.js'
+import type {PairedStep, StepVerdict} from '../src/core/run/paired-steps.js'
 
 const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..')
 const CLI = path.join(REPO_ROOT, 'bin', 'run.js')
@@ -60,10 +62,7 @@ for (let round = 1; round <= roundsFromEnv(); round++) {
 // 2. The held-out excerpt through the CLI, every P on the same tokens, with each step's interval.
 const excerpt = path.join(DEFAULT_MODEL_DIR, 'heldout.py')
 log(`eval ${path.relative(REPO_ROOT, excerpt)} at P = ${FAMILY.join(', ')}`)
-const excerptEval = JSON.parse(cli(['eval', '--text-file', excerpt, '--parallel', FAMILY.join(','), '--json'], cacheForEval).stdout) as {
-  results: Array<{parallel: number; mean_nll: number}>
-  steps: Array<{from: number; to: number; gain: number; verdict: string}>
-}
+const excerptEval = JSON.parse(cli(['eval', '--text-file', excerpt, '--parallel', FAMILY.join(','), '--json'], cacheForEval).stdout) as {results: EvalResult[]; steps: PairedStep[]}
 const excerptNll = FAMILY.map((parallel) => excerptEval.results.find((r) => r.parallel === parallel)!.mean_nll)
 fs.rmSync(cacheForEval, {recursive: true, force: true})
 
@@ -103,11 +102,10 @@ if (fs.existsSync(perFilePath)) {
   console.log(`${mark(held.length === byFile.size)} every held-out file (record ${PER_FILE}): the same order in ${held.length} of ${byFile.size}`)
   const stepsPath = path.join(REPO_ROOT, PER_FILE_STEPS)
   if (fs.existsSync(stepsPath)) {
-    interface Step {verdict: 'in order' | 'reversed' | 'within noise'}
-    interface Steps {files: Record<string, {steps: Record<string, Step>}>; sets: Record<string, {expected_strict_order_by_noise: number}>}
+    interface Steps {files: Record<string, {steps: Record<string, {verdict: StepVerdict}>}>; sets: Record<string, {expected_strict_order_by_noise: number}>}
     const steps = JSON.parse(fs.readFileSync(stepsPath, 'utf8')) as Steps
     const verdicts = Object.values(steps.files).flatMap((file) => Object.values(file.steps).map((step) => step.verdict))
-    const count = (verdict: Step['verdict']) => verdicts.filter((v) => v === verdict).length
+    const count = (verdict: StepVerdict) => verdicts.filter((v) => v === verdict).length
     const expected = Object.values(steps.sets).reduce((sum, set) => sum + set.expected_strict_order_by_noise, 0)
     console.log(`       of their ${verdicts.length} steps between P (record ${PER_FILE_STEPS}, 95 % block bootstrap): ${count('in order')} in order, ${count('reversed')} reversed, ${count('within noise')} within noise;` +
       ` files in order expected from noise alone at this model's pooled steps: ${expected.toFixed(1)}`)

@@ -39,12 +39,13 @@ Z95 = 1.959964
 
 
 SETS = (("set 1", "heldout/"), ("set 2", "heldout2/"))
+SET_PREFIXES = tuple(prefix for _, prefix in SETS)
 
 
 def grouped(names) -> list[tuple[str, list[str]]]:
     """The files of each held-out set (by archive path), then any other texts as one group."""
     groups = [(name, [f for f in names if f.startswith(prefix)]) for name, prefix in SETS]
-    groups.append(("other texts", [f for f in names if not f.startswith(tuple(p for _, p in SETS))]))
+    groups.append(("other texts", [f for f in names if not f.startswith(SET_PREFIXES)]))
     return [(name, files) for name, files in groups if files]
 
 
@@ -58,7 +59,7 @@ def score(model: str | None, archive: str | None, texts: list[str], out: str, pa
         files = [(t, t) for t in texts]  # (name in the records, path)
         if archive:
             with tarfile.open(archive) as tar:
-                members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith(tuple(p for _, p in SETS)) and m.name.endswith(".py")),
+                members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith(SET_PREFIXES) and m.name.endswith(".py")),
                                  key=lambda m: m.name)
                 tar.extractall(tmp, members=members)
             files = [(m.name, os.path.join(tmp, m.name)) for m in members]
@@ -184,7 +185,7 @@ def main() -> None:
         for name, body in summary["sets"].items():
             # a broken file whose reversed steps are all within noise is no evidence of a reversal
             within_noise[name] = sum(1 for f in body["broken"]
-                                          if all(st["verdict"] != "reversed" for st in stats["files"][f]["steps"].values()))
+                                     if all(st["verdict"] != "reversed" for st in stats["files"][f]["steps"].values()))
         summary["broken_within_noise"] = within_noise
         if args.stats_out:
             with open(args.stats_out + ".tmp", "w") as sink:
