@@ -54,8 +54,20 @@ def tokens_path(out: str) -> str:
 
 
 def score(model: str | None, archive: str | None, texts: list[str], out: str, parallel: list[int]) -> None:
-    with tempfile.TemporaryDirectory(prefix="parscale-heldout-") as tmp, open(out + ".tmp", "w") as sink, \
-            open(tokens_path(out) + ".tmp", "w") as token_sink:
+    partial = [out + ".tmp", tokens_path(out) + ".tmp"]
+    try:
+        score_into(model, archive, texts, partial, parallel)
+    except BaseException:  # a failed eval exits: leave no partial records behind
+        for path in partial:
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    os.replace(partial[1], tokens_path(out))
+    os.replace(partial[0], out)  # nothing half-written under the final names
+
+
+def score_into(model: str | None, archive: str | None, texts: list[str], partial: list[str], parallel: list[int]) -> None:
+    with tempfile.TemporaryDirectory(prefix="parscale-heldout-") as tmp, open(partial[0], "w") as sink, open(partial[1], "w") as token_sink:
         files = [(t, t) for t in texts]  # (name in the records, path)
         if archive:
             with tarfile.open(archive) as tar:
@@ -78,8 +90,6 @@ def score(model: str | None, archive: str | None, texts: list[str], out: str, pa
                 token_sink.write(json.dumps({"file": name, "parallel": result["parallel"], "token_nll": [round(v, 6) for v in token_nll]}) + "\n")
             sink.flush()
             print(name, file=sys.stderr)
-    os.replace(tokens_path(out) + ".tmp", tokens_path(out))
-    os.replace(out + ".tmp", out)  # nothing half-written under the final name
 
 
 def block_bootstrap_se(d, rng) -> float:
