@@ -11,6 +11,7 @@
 import OpenAI from 'openai'
 
 import {loadLine, pairedRounds, perRound, roundsFromEnv, targetLine} from '../src/core/bench/paired.js'
+import {percentile} from '../src/core/bench/stats.js'
 import {spawnServe} from '../test/helpers/serve.js'
 
 const setting = (name: string, fallback: number) => Number(process.env[name] ?? fallback)
@@ -67,11 +68,6 @@ async function streamOne(client: OpenAI, prompt: string): Promise<Outcome> {
   return {prompt, text, tokens, finishReason, ttftMs, totalMs: performance.now() - started}
 }
 
-function percentile(values: number[], p: number): number {
-  const sorted = values.filter((v) => !Number.isNaN(v)).sort((a, b) => a - b)
-  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)]
-}
-
 interface SideResult {
   outcomes: Outcome[]
   seconds: number
@@ -83,11 +79,11 @@ const tokensPerSecond = ({outcomes, seconds}: SideResult) => tokensOf(outcomes) 
 function summary(name: string, side: SideResult): void {
   const {outcomes, seconds} = side
   const tokens = tokensOf(outcomes)
-  const tokensPerS = tokensPerSecond(side)
-  const ttft = outcomes.map((o) => o.ttftMs)
+  const tokensPerS = tokens / seconds
+  const ttft = outcomes.map((o) => o.ttftMs).filter((ms) => !Number.isNaN(ms)) // NaN: no content came
   console.log(
     `${name.padEnd(26)} ${String(outcomes.length).padStart(4)} requests  ${String(tokens).padStart(6)} tokens  ${seconds.toFixed(2).padStart(7)} s  ` +
-      `${tokensPerS.toFixed(1).padStart(7)} tokens/s  TTFT p50 ${percentile(ttft, 50).toFixed(0)} ms  p99 ${percentile(ttft, 99).toFixed(0)} ms`,
+      `${tokensPerS.toFixed(1).padStart(7)} tokens/s  TTFT p50 ${percentile(ttft, 0.5).toFixed(0)} ms  p99 ${percentile(ttft, 0.99).toFixed(0)} ms`,
   )
 }
 
