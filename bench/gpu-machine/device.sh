@@ -4,7 +4,7 @@
 # most 600 s: steps run in the order given, each under its own limit and the call's deadline
 # (BUDGET seconds from the start, default 570); a step that would not fit is skipped and said so.
 # Usage: bash .carry/pscale/device.sh STEPS (comma list, run in that order) ; results under $OUT.
-# Steps (issue 23): probe longcall run golden gpuform int4 int4acc0 fp16 fp16w cpu16 eval evalfp16 evalacc0 synth18 profile gpubench gpuprofile oldgolden rss
+# Steps (issue 23): wgslgolden wgsl wgslrows wgsl18 (hand-written kernels; need .carry/dawn.txz from pack.sh with DAWN=) probe longcall run golden gpuform int4 int4acc0 fp16 fp16w cpu16 eval evalfp16 evalacc0 synth18 profile gpubench gpuprofile oldgolden rss
 #   (fp16: the half GPU form of an fp16 package; fp16w: the same package widened to float32, PARSCALE_GPU_FORM_HALF=0)
 #   capture (needs .carry/ortweb.txz: onnxruntime-web + Dawn's webgpu, see ortweb-capture.mjs; after gpuform/int4 built the packages)
 #   gfcapture (the same ortweb.txz: the engine's capture route, PARSCALE_WEBGPU_ROUTE=capture, through bench/gpu-form-decode.ts)
@@ -44,6 +44,7 @@ cat /proc/driver/nvidia/gpus/*/information 2>&1 | head -3
 PKG_OF() { ls -d /tmp/pscache/synthetic/h896-l24-* 2>/dev/null | grep -v -e int -e fp16 | head -1; }
 PKG_INT4() { ls -d /tmp/pscache/synthetic/h896-l24-*int4* 2>/dev/null | head -1; }
 # onnxruntime-web + Dawn's webgpu, unpacked once from the carried ortweb.txz
+dawn_unpack() { [ -d /tmp/dawn/node_modules/webgpu ] || { mkdir -p /tmp/dawn/node_modules && python3 -c "import tarfile;tarfile.open('.carry/dawn.txz').extractall('/tmp/dawn/node_modules')"; }; export PARSCALE_DAWN=/tmp/dawn/node_modules; }
 ortweb_unpack() { [ -d /tmp/ortweb/node_modules ] || { mkdir -p /tmp/ortweb && python3 -c "import tarfile;tarfile.open('.carry/ortweb.txz').extractall('/tmp/ortweb')"; } }
 # Graph capture through onnxruntime-web + Dawn (ortweb-capture.mjs): per P, the decode-only GPU form
 # recorded once and replayed, against the same bound buffers without capture; prompt 64 (+48 prefix rows)
@@ -93,6 +94,11 @@ run_step() {
     PARSCALE_WEBGPU_ROUTE=capture PARSCALE_ORTWEB=/tmp/ortweb/node_modules BENCH_PARALLEL=${GF_PARALLEL:-1,8} \
       step "GPU form 0.5b fp32 on the capture route (engine)" 300 node $GF 2>&1 | grep -v '^Warning' > $OUT/gpuform-capture.txt; cat $OUT/gpuform-capture.txt ;;
   capture4) capture_on "$(PKG_INT4)" int4 "8 1" ;;
+  # the hand-written WebGPU kernels (src/core/wgsl/, Dawn's webgpu from the carried dawn.txz): golden logits, then decode per P
+  wgslgolden) dawn_unpack; step "hand-written kernels: golden logits, every prompt position" 60 node $B/wgsl-golden.js fixtures/golden 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-golden.txt ;;
+  wgsl) dawn_unpack; BENCH_PARALLEL=${WGSL_PARALLEL:-1,2,4,8} step "hand-written kernels: 0.5b decode per P" 200 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-0.5b.txt ;;
+  wgslrows) dawn_unpack; for r in 1 4; do PARSCALE_WGSL_OUT_ROWS=$r BENCH_PARALLEL=1,8 step "hand-written kernels: 0.5b, o_proj/down $r rows a workgroup" 100 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee -a $OUT/wgsl-rows.txt; done ;;
+  wgsl18) dawn_unpack; BENCH_SHAPE=1.8b BENCH_PARALLEL=1,8 step "hand-written kernels: 1.8b decode, P=1,8" 200 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-1.8b.txt ;;
   *) stamp "unknown step $1" ;;
   esac
 }

@@ -20,6 +20,8 @@ $esbuild bench/gpu-machine/experiments.ts $common --banner:js="$banner" --outfil
 $esbuild bench/gpu-form-decode.ts $common --banner:js="$banner" --outfile="$out/x/y/gpu-form.js"
 $esbuild bench/gpu-form-memory.ts $common --banner:js="$banner" --outfile="$out/x/y/gpu-memory.js"
 $esbuild test/helpers/gpu-long-call.ts $common --banner:js="$banner" --outfile="$out/x/y/long-call.js"
+$esbuild bench/wgsl-decode.ts $common --banner:js="$banner" --outfile="$out/x/y/wgsl-decode.js"
+$esbuild bench/wgsl-golden.ts $common --banner:js="$banner" --outfile="$out/x/y/wgsl-golden.js"
 version=$(node -p "require('./package.json').version")
 cat > "$out/x/y/package.json" <<JSON
 {"name": "parscale", "version": "$version", "type": "module",
@@ -41,6 +43,16 @@ carry=$(dirname "$out")
 [ -f "$carry/node.xz" ] || xz -T0 -6 -c "$(command -v node)" > "$carry/node.xz"
 [ -f "$carry/ort-node.txz" ] || tar cJf "$carry/ort-node.txz" -C node_modules/onnxruntime-node dist lib package.json bin/napi-v6/linux/x64
 tar czf "$out/ort-common.tgz" -C node_modules onnxruntime-common
-total=$(( $(du -scb .carry .gl | tail -1 | cut -f1) + $(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1) ))
-echo "carry: .carry + .gl + the repo = $((total / 1048576)) MiB (limit 64 MiB)"
+# Dawn's webgpu package for the hand-written kernels (bench/wgsl-decode.ts), when installed beside: DAWN=<node_modules>
+if [ -n "${DAWN:-}" ]; then
+  rm -rf /tmp/dawn-pack && mkdir -p /tmp/dawn-pack/webgpu/dist/linux-x64
+  cp "$DAWN/webgpu/index.js" "$DAWN/webgpu/package.json" /tmp/dawn-pack/webgpu/
+  strip -o /tmp/dawn-pack/webgpu/dist/linux-x64/dawn.node "$DAWN/webgpu/dist/linux-x64/dawn.node"
+  tar cf - -C /tmp/dawn-pack webgpu | xz -9e -T0 > "$carry/dawn.txz"
+fi
+# what a GPU call carries (not the training corpus, which its own calls carry): the bundle, node, the two runtimes, .gl, the repo
+carried="$out $carry/node.xz $carry/ort-node.txz $carry/package.json .gl"
+[ -f "$carry/dawn.txz" ] && carried="$carried $carry/dawn.txz"
+total=$(( $(du -scb $carried | tail -1 | cut -f1) + $(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1) ))
+echo "carry: $carried + the repo = $((total / 1048576)) MiB (limit 64 MiB)"
 [ "$total" -lt $((64 * 1048576)) ] || { echo "pack.sh: the carry is over 64 MiB" >&2; exit 1; }

@@ -233,3 +233,30 @@ export function syntheticShape(preset: string | undefined, overrides: Partial<Sy
   }
   return shape
 }
+
+/**
+ * The tensors a synthetic checkpoint of `shape` would hold, made in memory as float32 when read
+ * (the same values `writeSyntheticCheckpoint` writes in f32): for runtimes that take tensors
+ * rather than files, without writing gigabytes first.
+ */
+export function syntheticTensors(shape: SyntheticShape, options: Omit<SyntheticOptions, 'dtype' | 'maxShardBytes'> = {}): {config: ModelConfig; read(name: string): Float32Array} {
+  const parallel = options.parallel ?? 1
+  const config = parseModelConfig(syntheticConfigJson(shape, parallel, options.prefixTokens ?? 48), '<synthetic>')
+  const planned = new Map(planTensors(config).map((t) => [t.name, t]))
+  const seed = options.seed ?? 0
+  return {
+    config,
+    read(name: string): Float32Array {
+      const t = planned.get(name)
+      if (!t) throw new UserError(`the synthetic ${config.modelType} model has no tensor "${name}"`)
+      const out = new Float32Array(t.elements)
+      if ('constant' in t.fill) out.fill(t.fill.constant)
+      else {
+        // chunk by chunk, as writeTensor draws them, so the values equal the file's
+        let state = tensorSeed(seed, t.name)
+        for (let done = 0; done < t.elements; done += CHUNK_ELEMENTS) state = fillUniform(out.subarray(done, Math.min(t.elements, done + CHUNK_ELEMENTS)), state, t.fill.scale)
+      }
+      return out
+    },
+  }
+}

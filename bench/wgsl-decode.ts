@@ -1,0 +1,69 @@
+/**
+ * Decode speed of the hand-written WebGPU step (issue 23) on a synthetic shape: for each P, a
+ * prompt fed one token a step, then timed decode steps with the logits read back (what
+ * generation costs), and the same steps submitted back to back without reading (the GPU's own
+ * rate), in alternating rounds. Prints one JSON line per P and a table.
+ *
+ *   PARSCALE_DAWN=<node_modules with webgpu@0.6.2> node dist/bench/wgsl-decode.js
+ *   env: BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,2,4,8), BENCH_PROMPT (64), BENCH_NEW (32), BENCH_ROUNDS (3)
+ */
+import {syntheticShape, syntheticTensors} from '../src/core/checkpoint/synthetic.js'
+import {median} from '../src/core/bench/stats.js'
+import {WgslDecoder} from '../src/core/wgsl/decoder.js'
+
+const shapeName = process.env.BENCH_SHAPE ?? '0.5b'
+const parallels = (process.env.BENCH_PARALLEL ?? '1,2,4,8').split(',').map(Number)
+const prompt = Number(process.env.BENCH_PROMPT ?? 64)
+const fresh = Number(process.env.BENCH_NEW ?? 32)
+const rounds = Number(process.env.BENCH_ROUNDS ?? 3)
+const shape = syntheticShape(shapeName === 'tiny' ? undefined : shapeName)
+
+interface Row {
+  shape: string
+  parallel: number
+  dispatches: number
+  weightsGB: number
+  loadS: number
+  prefillMs: number
+  readMs: number[]
+  gpuMs: number[]
+  adapter: string
+}
+
+const rows: Row[] = []
+for (const parallel of parallels) {
+  const t0 = performance.now()
+  const source = syntheticTensors(shape, {parallel})
+  const decoder = await WgslDecoder.open(source, {positions: prompt + (fresh + 1) * (2 * rounds + 1)})
+  const loadS = (performance.now() - t0) / 1000
+  const c = source.config
+  const weights = 4 * (c.numLayers * (c.hiddenSize * (c.numHeads + 2 * c.numKvHeads) * c.headDim + c.numHeads * c.headDim * c.hiddenSize + 3 * c.hiddenSize * c.intermediateSize) + c.vocabSize * c.hiddenSize * (c.tieWordEmbeddings ? 1 : 2))
+  const token = (i: number) => (i * 7919 + 13) % c.vocabSize
+  let p0 = performance.now()
+  for (let i = 0; i < prompt - 1; i++) await decoder.step(token(i), false)
+  await decoder.step(token(prompt - 1))
+  const prefillMs = performance.now() - p0
+  await decoder.step(token(prompt)) // warm the read path
+  const readMs: number[] = []
+  const gpuMs: number[] = []
+  for (let r = 0; r < rounds; r++) {
+    p0 = performance.now()
+    for (let i = 0; i < fresh; i++) await decoder.step(token(i))
+    readMs.push((performance.now() - p0) / fresh)
+    p0 = performance.now()
+    for (let i = 0; i < fresh; i++) await decoder.step(token(i), false)
+    await decoder.finish()
+    gpuMs.push((performance.now() - p0) / fresh)
+  }
+  const row = {shape: shapeName, parallel, dispatches: decoder.dispatchCount, weightsGB: weights / 1e9, loadS, prefillMs, readMs, gpuMs, adapter: decoder.adapterName}
+  console.log(JSON.stringify(row))
+  rows.push(row)
+  decoder.release()
+}
+console.log(`\n${shapeName} on ${rows[0]?.adapter}: prompt ${prompt} fed one token a step, ${fresh} decode steps, ${rounds} rounds (medians)`)
+console.log('P | dispatches | decode ms/token, logits read | GPU ms/step, nothing read | prompt ms')
+for (const r of rows) console.log(`${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${r.prefillMs.toFixed(0)}`)
+const p1 = rows.find((r) => r.parallel === 1)
+const p8 = rows.find((r) => r.parallel === 8)
+if (p1 && p8) console.log(`P8/P1 ${(median(p8.readMs) / median(p1.readMs)).toFixed(2)}`)
+process.exit(0)

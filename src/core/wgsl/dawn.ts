@@ -1,0 +1,78 @@
+/**
+ * WebGPU under Node through Dawn's `webgpu` package (dawn.node), for the hand-written decode step.
+ * Not a dependency of parscale (22 MB, one platform's binary, for an experimental route): it is
+ * resolved from `PARSCALE_DAWN` (a node_modules folder, or a folder above one) when set, else
+ * beside parscale, the working directory and NODE_PATH, and imported at run time only.
+ */
+import {createRequire} from 'node:module'
+import {delimiter, dirname, join} from 'node:path'
+import {fileURLToPath, pathToFileURL} from 'node:url'
+
+import type {Gpu, GpuAdapter, GpuDevice} from './webgpu-types.js'
+
+interface DawnModule {
+  create(flags: string[]): Gpu
+  globals: Record<string, unknown>
+}
+
+function searchRoots(): string[] {
+  const chosen = process.env.PARSCALE_DAWN ?? process.env.PARSCALE_ORTWEB
+  if (chosen) return [chosen]
+  const roots = [dirname(fileURLToPath(import.meta.url)), process.cwd()]
+  for (const entry of (process.env.NODE_PATH ?? '').split(delimiter)) if (entry) roots.push(entry)
+  return roots
+}
+
+function resolveDawn(): string | undefined {
+  for (const root of searchRoots()) {
+    for (const base of [root, join(root, 'node_modules')]) {
+      try {
+        return createRequire(join(base, 'x.js')).resolve('webgpu')
+      } catch {
+        // not here
+      }
+    }
+  }
+  return undefined
+}
+
+export interface WgslDevice {
+  /** Held for the process: when Dawn's instance object is collected, its pending events crash the process. */
+  gpu: Gpu
+  device: GpuDevice
+  adapter: GpuAdapter
+  /** Vendor, architecture and description, for reports. */
+  name: string
+}
+
+let opened: Promise<WgslDevice | string> | undefined
+
+/** One device per process with subgroups and the adapter's largest limits, or one line saying why not. */
+export function openWgslDevice(): Promise<WgslDevice | string> {
+  opened ??= open().catch((error: unknown) => `Dawn's WebGPU did not start (${String((error as Error)?.message ?? error).split('\n')[0]})`)
+  return opened
+}
+
+async function open(): Promise<WgslDevice | string> {
+  const entry = resolveDawn()
+  if (!entry) return `Dawn's webgpu package is not installed (npm i webgpu@0.6.2 in a folder and set PARSCALE_DAWN to its node_modules)`
+  const loaded = (await import(pathToFileURL(entry).href)) as DawnModule | {default: DawnModule}
+  const dawn = 'create' in loaded ? loaded : loaded.default
+  const gpu = dawn.create([])
+  const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'})
+  if (!adapter) return 'Dawn found no WebGPU adapter'
+  if (!adapter.features.has('subgroups')) return 'the WebGPU adapter has no subgroups feature, which the hand-written kernels need'
+  const l = adapter.limits
+  const device = await adapter.requestDevice({
+    requiredFeatures: ['subgroups'],
+    requiredLimits: {
+      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+      maxBufferSize: l.maxBufferSize,
+      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
+      maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
+    },
+  })
+  const info = adapter.info ?? {}
+  const name = [info.vendor, info.architecture, info.description || info.device].filter(Boolean).join(' ') || 'unknown adapter'
+  return {gpu, device, adapter, name}
+}

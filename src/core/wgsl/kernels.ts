@@ -1,0 +1,387 @@
+/**
+ * WGSL sources of the hand-written decode step (issue 23): a ParScale Qwen2 layer in five
+ * dispatches instead of ONNX Runtime's ~13, because on NVIDIA through Vulkan a step costs about
+ * what its dependent dispatches cost (docs/benchmarks.md, "Fourth GPU session").
+ *
+ * Every kernel is generated for one model shape (sizes are WGSL constants, so loops over streams
+ * and rows unroll). Buffers hold float32; matrices are row-major [out, in] as in the checkpoint.
+ *
+ * The matrix-vector kernel is the workhorse: one workgroup owns R output rows for all P streams,
+ * its 256 invocations split the input dimension, so each weight element is read once for all
+ * streams (P = 8 costs P = 1's bytes) and the whole input row passes through every workgroup,
+ * which makes the RMS norm of the input free (sum of squares in the same loop).
+ */
+
+export const WORKGROUP = 256
+
+/** The step's position, written by the host before each step (one uniform for every kernel). */
+const STEP_STRUCT = `struct Step { pos: u32, slot: u32, length: u32, pad: u32 }`
+
+export interface MatvecSpec {
+  /** Input width (a multiple of 4). */
+  k: number
+  /** Output rows of the matrix. */
+  n: number
+  /** Input rows that share the weights (the streams); the output has as many. */
+  streams: number
+  /** Output rows per workgroup. */
+  rows: number
+  /** RMS-normalize each input row with a weight vector (binding 4) and this epsilon. */
+  normEps?: number
+  /** Add a bias (binding 5). */
+  bias?: boolean
+  /**
+   * WGSL expression of the matrix row for local row `r` of workgroup tile `t` (both u32); the
+   * default is `t * R + r`.
+   */
+  rowOf?: string
+  /**
+   * WGSL statements run by invocation `li` < R·streams after the reduction, with `r`, `s`
+   * (stream), `row`, `v` (the dot product, normalized and biased) in scope; default writes
+   * `Y[s * N + row] = v`.
+   */
+  epilogue?: string
+  /** Statements that need all R·streams results at once (`fin(r, s)`); replaces `epilogue`. */
+  tileEpilogue?: string
+  /** Extra bindings (declarations from binding 6 on). */
+  extra?: string
+}
+
+/** Tiles a kernel of `spec` dispatches (N / R, rounded up). */
+export function matvecTiles(spec: Pick<MatvecSpec, 'n' | 'rows'>): number {
+  return Math.ceil(spec.n / spec.rows)
+}
+
+export function matvecKernel(spec: MatvecSpec): string {
+  const {k, n, streams: S, rows: R} = spec
+  if (k % 4 !== 0) throw new Error(`matvec input width ${k} is not a multiple of 4`)
+  const values = R * S + S // dot products, then the streams' sums of squares
+  const row = spec.rowOf ?? 't * R + r'
+  const epilogue = spec.tileEpilogue ?? `
+    if (li < R * S) {
+      let r = li / S;
+      let s = li % S;
+      let row = rowOf(t, r);
+      if (row < N) {
+        let v = fin(r, s);
+        ${spec.epilogue ?? 'Y[s * N + row] = v;'}
+      }
+    }`
+  return `enable subgroups;
+${STEP_STRUCT}
+const K4 = ${k / 4}u;
+const N = ${n}u;
+const S = ${S}u;
+const R = ${R}u;
+const WG = ${WORKGROUP}u;
+const VALUES = ${values}u;
+const TILES = ${Math.ceil(n / R)}u;
+@group(0) @binding(0) var<storage, read> W: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(3) var<uniform> step: Step;
+${spec.normEps !== undefined ? '@group(0) @binding(4) var<storage, read> G: array<vec4<f32>>;' : ''}
+${spec.bias ? '@group(0) @binding(5) var<storage, read> B: array<f32>;' : ''}
+${spec.extra ?? ''}
+var<workgroup> partial: array<f32, ${(WORKGROUP / 4) * values}>;
+var<workgroup> sums: array<f32, ${values}>;
+
+fn rowOf(t: u32, r: u32) -> u32 { return ${row}; }
+
+fn fin(r: u32, s: u32) -> f32 {
+  var v = sums[r * S + s];
+  ${spec.normEps !== undefined ? `v = v * inverseSqrt(sums[R * S + s] / f32(K4 * 4u) + ${spec.normEps.toExponential()});` : ''}
+  ${spec.bias ? 'v = v + B[rowOf(t_, r)];' : ''}
+  return v;
+}
+var<private> t_: u32;
+
+@compute @workgroup_size(${WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32,
+        @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32) {
+  let t = wid.x + wid.y * 65535u;
+  t_ = t;
+  _ = step.pos; // every matvec binds the same step uniform, used or not
+  _ = &Y;
+  if (t >= TILES) { return; }
+  var acc: array<f32, ${values}>;
+  var base: array<u32, ${R}>;
+  for (var r = 0u; r < R; r++) { base[r] = min(rowOf(t, r), N - 1u) * K4; }
+  for (var i = li; i < K4; i += WG) {
+    ${spec.normEps !== undefined ? 'let g = G[i];' : ''}
+    var xs: array<vec4<f32>, ${S}>;
+    for (var s = 0u; s < S; s++) {
+      let x = X[s * K4 + i];
+      acc[R * S + s] += dot(x, x);
+      xs[s] = x${spec.normEps !== undefined ? ' * g' : ''};
+    }
+    for (var r = 0u; r < R; r++) {
+      let w = W[base[r] + i];
+      for (var s = 0u; s < S; s++) { acc[r * S + s] += dot(w, xs[s]); }
+    }
+  }
+  let group = li / width;
+  for (var v = 0u; v < VALUES; v++) {
+    let total = subgroupAdd(acc[v]);
+    if (lane == 0u) { partial[group * VALUES + v] = total; }
+  }
+  workgroupBarrier();
+  let groups = (WG + width - 1u) / width;
+  if (li < VALUES) {
+    var total = 0.0;
+    for (var g2 = 0u; g2 < groups; g2++) { total += partial[g2 * VALUES + li]; }
+    sums[li] = total;
+  }
+  workgroupBarrier();
+  ${epilogue}
+}
+`
+}
+
+export interface LayerShape {
+  hidden: number
+  intermediate: number
+  heads: number
+  kvHeads: number
+  headDim: number
+  streams: number
+  prefix: number
+  /** Cache slots per (stream, kv head): prefix + positions. */
+  capacity: number
+  eps: number
+}
+
+/**
+ * Norm, q·k·v with biases, rotary on q and k, and the new key and value written into the cache
+ * at the step's slot. A tile holds rotary pairs (rows i and i + d/2 of one head), so the rotation
+ * happens in the workgroup; q goes to Y [streams, heads·d].
+ */
+export function qkvKernel(l: LayerShape): string {
+  const d = l.headDim
+  const half = d / 2
+  const pairs = pairsPerTile(d)
+  const rows = 2 * pairs
+  const tilesPerHead = half / pairs
+  const qRows = l.heads * d
+  const kvRows = l.kvHeads * d
+  return matvecKernel({
+    k: l.hidden,
+    n: qRows + 2 * kvRows,
+    streams: l.streams,
+    rows,
+    normEps: l.eps,
+    bias: true,
+    rowOf: `(t / ${tilesPerHead}u) * ${d}u + (t % ${tilesPerHead}u) * ${pairs}u + (r % ${pairs}u) + (r / ${pairs}u) * ${half}u`,
+    extra: `@group(0) @binding(6) var<storage, read_write> KC: array<f32>;
+@group(0) @binding(7) var<storage, read_write> VC: array<f32>;
+@group(0) @binding(8) var<storage, read> ROPE: array<f32>;`,
+    tileEpilogue: `
+    if (li < ${pairs}u * S) {
+      let j = li / S;
+      let s = li % S;
+      let row0 = rowOf(t, j);
+      let head = row0 / ${d}u;
+      let i = row0 % ${d}u;
+      let a = fin(j, s);
+      let b = fin(j + ${pairs}u, s);
+      if (row0 < ${qRows + kvRows}u) {
+        let c = ROPE[(step.pos * ${half}u + i) * 2u];
+        let sn = ROPE[(step.pos * ${half}u + i) * 2u + 1u];
+        let ra = a * c - b * sn;
+        let rb = b * c + a * sn;
+        if (row0 < ${qRows}u) {
+          Y[s * ${qRows}u + row0] = ra;
+          Y[s * ${qRows}u + row0 + ${half}u] = rb;
+        } else {
+          let at = ((s * ${l.kvHeads}u + head - ${l.heads}u) * ${l.capacity}u + step.slot) * ${d}u + i;
+          KC[at] = ra;
+          KC[at + ${half}u] = rb;
+        }
+      } else {
+        let at = ((s * ${l.kvHeads}u + head - ${l.heads + l.kvHeads}u) * ${l.capacity}u + step.slot) * ${d}u + i;
+        VC[at] = a;
+        VC[at + ${half}u] = b;
+      }
+    }`,
+  })
+}
+
+/** Rotary pairs per qkv tile: 2 (4 rows), fewer when the head is that small. */
+function pairsPerTile(headDim: number): number {
+  const half = headDim / 2
+  return half % 2 === 0 ? 2 : 1
+}
+
+export function qkvTiles(l: LayerShape): number {
+  const pairs = pairsPerTile(l.headDim)
+  return ((l.heads + 2 * l.kvHeads) * l.headDim) / (2 * pairs)
+}
+
+/**
+ * Attention of one step: a workgroup per (stream, query head) over the prefix and the cache
+ * [0, length), scores held in workgroup memory, softmax in float32, grouped query heads reading
+ * their kv head. Out: [streams, heads·d].
+ */
+export function attentionKernel(l: LayerShape): string {
+  const d = l.headDim
+  const groups = WORKGROUP / d
+  if (!Number.isInteger(groups)) throw new Error(`head size ${d} does not divide ${WORKGROUP}`)
+  return `enable subgroups;
+${STEP_STRUCT}
+const D = ${d}u;
+const D4 = ${d / 4}u;
+const HQ = ${l.heads}u;
+const HKV = ${l.kvHeads}u;
+const C = ${l.capacity}u;
+const WG = ${WORKGROUP}u;
+const GROUPS = ${groups}u;
+@group(0) @binding(0) var<storage, read> Q: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> KC: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> VC: array<f32>;
+@group(0) @binding(3) var<uniform> step: Step;
+@group(0) @binding(4) var<storage, read_write> O: array<f32>;
+var<workgroup> q: array<vec4<f32>, ${d / 4}>;
+var<workgroup> scores: array<f32, ${l.capacity}>;
+var<workgroup> part: array<f32, ${WORKGROUP}>;
+var<workgroup> outs: array<f32, ${WORKGROUP}>;
+
+fn reduceMax(v: f32, li: u32, lane: u32, width: u32) -> f32 {
+  let m = subgroupMax(v);
+  if (lane == 0u) { part[li / width] = m; }
+  workgroupBarrier();
+  var r = part[0];
+  for (var g = 1u; g < (WG + width - 1u) / width; g++) { r = max(r, part[g]); }
+  workgroupBarrier();
+  return r;
+}
+fn reduceSum(v: f32, li: u32, lane: u32, width: u32) -> f32 {
+  let m = subgroupAdd(v);
+  if (lane == 0u) { part[li / width] = m; }
+  workgroupBarrier();
+  var r = 0.0;
+  for (var g = 0u; g < (WG + width - 1u) / width; g++) { r += part[g]; }
+  workgroupBarrier();
+  return r;
+}
+
+@compute @workgroup_size(${WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32,
+        @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32) {
+  let s = wid.x / HQ;
+  let h = wid.x % HQ;
+  let kv = h / (HQ / HKV);
+  if (li < D4) { q[li] = Q[(s * HQ + h) * D4 + li]; }
+  workgroupBarrier();
+  let n = step.length;
+  let base = (s * HKV + kv) * C;
+  let scale = ${(1 / Math.sqrt(d)).toExponential(9)};
+  var m = -3.0e38;
+  for (var j = li; j < n; j += WG) {
+    var acc = 0.0;
+    for (var i = 0u; i < D4; i++) { acc += dot(q[i], KC[(base + j) * D4 + i]); }
+    let sc = acc * scale;
+    scores[j] = sc;
+    m = max(m, sc);
+  }
+  m = reduceMax(m, li, lane, width);
+  var total = 0.0;
+  for (var j = li; j < n; j += WG) {
+    let e = exp(scores[j] - m);
+    scores[j] = e;
+    total += e;
+  }
+  total = reduceSum(total, li, lane, width);
+  let e = li % D;
+  let g = li / D;
+  var o = 0.0;
+  for (var j = g; j < n; j += GROUPS) { o += scores[j] * VC[(base + j) * D + e]; }
+  outs[li] = o;
+  workgroupBarrier();
+  if (li < D) {
+    var r = 0.0;
+    for (var g2 = 0u; g2 < GROUPS; g2++) { r += outs[g2 * D + li]; }
+    O[(s * HQ + h) * D + li] = r / total;
+  }
+}
+`
+}
+
+/** The final RMS norm of every stream: a workgroup per stream. Y [streams, hidden]. */
+export function finalNormKernel(hidden: number, eps: number): string {
+  return `enable subgroups;
+const H = ${hidden}u;
+const WG = ${WORKGROUP}u;
+@group(0) @binding(0) var<storage, read> X: array<f32>;
+@group(0) @binding(1) var<storage, read> G: array<f32>;
+@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
+var<workgroup> part: array<f32, ${WORKGROUP}>;
+@compute @workgroup_size(${WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32,
+        @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32) {
+  let s = wid.x;
+  var ss = 0.0;
+  for (var i = li; i < H; i += WG) { let x = X[s * H + i]; ss += x * x; }
+  let t = subgroupAdd(ss);
+  if (lane == 0u) { part[li / width] = t; }
+  workgroupBarrier();
+  var total = 0.0;
+  for (var g = 0u; g < (WG + width - 1u) / width; g++) { total += part[g]; }
+  let inv = inverseSqrt(total / f32(H) + ${eps.toExponential()});
+  for (var i = li; i < H; i += WG) { Y[s * H + i] = X[s * H + i] * inv * G[i]; }
+}
+`
+}
+
+/**
+ * ParScale's mixing (P > 1), one workgroup: stream logits from the aggregation hidden A [hidden]
+ * (SiLU already applied), softmax, smoothing, then the weighted sum of the normalized streams
+ * Y [P, hidden] into M [hidden]; the stream weights go to WOUT [P].
+ */
+export function mixKernel(hidden: number, streams: number, smooth: number): string {
+  return `enable subgroups;
+const H = ${hidden}u;
+const P = ${streams}u;
+const WG = ${WORKGROUP}u;
+@group(0) @binding(0) var<storage, read> A: array<f32>;
+@group(0) @binding(1) var<storage, read> W2: array<f32>;
+@group(0) @binding(2) var<storage, read> B2: array<f32>;
+@group(0) @binding(3) var<storage, read> Y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> M: array<f32>;
+@group(0) @binding(5) var<storage, read_write> WOUT: array<f32>;
+var<workgroup> part: array<f32, ${WORKGROUP}>;
+var<workgroup> weights: array<f32, ${streams}>;
+@compute @workgroup_size(${WORKGROUP})
+fn main(@builtin(local_invocation_index) li: u32, @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32) {
+  for (var p = 0u; p < P; p++) {
+    var acc = 0.0;
+    for (var i = li; i < H; i += WG) { acc += W2[p * H + i] * A[i]; }
+    let t = subgroupAdd(acc);
+    if (lane == 0u) { part[li / width] = t; }
+    workgroupBarrier();
+    if (li == 0u) {
+      var total = B2[p];
+      for (var g = 0u; g < (WG + width - 1u) / width; g++) { total += part[g]; }
+      weights[p] = total;
+    }
+    workgroupBarrier();
+  }
+  if (li == 0u) {
+    var m = weights[0];
+    for (var p = 1u; p < P; p++) { m = max(m, weights[p]); }
+    var z = 0.0;
+    for (var p = 0u; p < P; p++) { weights[p] = exp(weights[p] - m); z += weights[p]; }
+    for (var p = 0u; p < P; p++) {
+      let w = (weights[p] / z) * (1.0 - ${smooth.toExponential()}) + ${smooth.toExponential()} / f32(P);
+      weights[p] = w;
+      WOUT[p] = w;
+    }
+  }
+  workgroupBarrier();
+  for (var i = li; i < H; i += WG) {
+    var v = 0.0;
+    for (var p = 0u; p < P; p++) { v += weights[p] * Y[p * H + i]; }
+    M[i] = v;
+  }
+}
+`
+}

@@ -1,0 +1,99 @@
+// The hand-written WebGPU decode step (src/core/wgsl/, issue 23) against the golden checkpoints'
+// reference outputs: every prompt position's logits, one token a step, and the greedy
+// continuations token for token, at P = 1, 2 (tied head, 6/6 heads) and 4 (bf16, 48 prefix
+// tokens). Skips itself where Dawn's webgpu package is not installed or finds no adapter; runs
+// on lavapipe with PARSCALE_DAWN=<a node_modules with webgpu@0.6.2>. The synthetic tensors it
+// is timed on are checked here against the files a synthetic checkpoint holds (no GPU needed).
+import assert from 'node:assert/strict'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import {after, before, describe, test} from 'node:test'
+
+import {Checkpoint} from '../src/core/checkpoint/checkpoint.js'
+import {readTensorFloat32} from '../src/core/checkpoint/dtype.js'
+import {syntheticShape, syntheticTensors, writeSyntheticCheckpoint} from '../src/core/checkpoint/synthetic.js'
+import {UserError} from '../src/core/errors.js'
+import {checkpointSource} from '../src/core/wgsl/checkpoint-source.js'
+import {openWgslDevice} from '../src/core/wgsl/dawn.js'
+import {WgslDecoder} from '../src/core/wgsl/decoder.js'
+
+interface Golden {
+  greedy: {prompt_ids: number[]; new_ids: number[]}[]
+  logits: {prompt_ids: number[]; values: number[][]}
+}
+
+const goldenRoot = path.join('fixtures', 'golden')
+const cases = ['tiny-p1', 'tiny-p2-tied', 'tiny-p4']
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'parscale-wgsl-'))
+after(() => fs.rmSync(work, {recursive: true, force: true}))
+
+let unavailable: string | undefined
+before(async () => {
+  const device = await openWgslDevice()
+  if (typeof device === 'string') unavailable = device
+})
+
+const argmax = (xs: Float32Array) => xs.reduce((best, x, i) => (x > xs[best]! ? i : best), 0)
+
+describe('hand-written WebGPU decode step: the golden checkpoints', () => {
+  for (const name of cases) {
+    test(`${name}: logits at every prompt position within 1e-4, greedy continuations equal`, async (t) => {
+      if (unavailable) return t.skip(unavailable)
+      const dir = path.join(goldenRoot, name)
+      const golden = JSON.parse(fs.readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden
+      const longest = Math.max(golden.logits.prompt_ids.length, ...golden.greedy.map((g) => g.prompt_ids.length + g.new_ids.length))
+      const decoder = await WgslDecoder.open(checkpointSource(dir), {positions: longest})
+      try {
+        const layers = decoder.config.numLayers
+        assert.equal(decoder.dispatchCount, 5 * layers + (decoder.config.parallel > 1 ? 4 : 1))
+        let worst = 0
+        for (const [i, id] of golden.logits.prompt_ids.entries()) {
+          const logits = (await decoder.step(id))!
+          const want = golden.logits.values[i]!
+          assert.equal(logits.length, decoder.config.vocabSize)
+          for (let v = 0; v < want.length; v++) worst = Math.max(worst, Math.abs(logits[v]! - want[v]!))
+        }
+        assert.ok(worst < 1e-4, `worst |logit diff| ${worst}`)
+        for (const g of golden.greedy) {
+          decoder.reset()
+          let logits: Float32Array | undefined
+          for (const id of g.prompt_ids) logits = await decoder.step(id)
+          const made: number[] = []
+          while (made.length < g.new_ids.length) {
+            const next = argmax(logits!)
+            made.push(next)
+            if (made.length < g.new_ids.length) logits = await decoder.step(next)
+          }
+          assert.deepEqual(made, g.new_ids)
+        }
+      } finally {
+        decoder.release()
+      }
+    })
+  }
+
+  test('a token outside the vocabulary and a full cache are refused with one clear line', async (t) => {
+    if (unavailable) return t.skip(unavailable)
+    const decoder = await WgslDecoder.open(checkpointSource(path.join(goldenRoot, 'tiny-p4')), {positions: 2})
+    try {
+      await assert.rejects(decoder.step(272), (e: unknown) => e instanceof UserError && /token id 272 is outside the vocabulary \(0…271\)/.test(e.message))
+      await decoder.step(1, false)
+      await decoder.step(2, false)
+      await assert.rejects(decoder.step(3), (e: unknown) => e instanceof UserError && /cache is full \(2 positions\)/.test(e.message))
+    } finally {
+      decoder.release()
+    }
+  })
+})
+
+test('synthetic tensors made in memory equal the synthetic checkpoint written to files', () => {
+  const shape = syntheticShape(undefined, {hiddenSize: 64, numLayers: 2, vocabSize: 300})
+  const dir = path.join(work, 'synthetic-p4')
+  writeSyntheticCheckpoint(dir, shape, {parallel: 4, prefixTokens: 8, seed: 7})
+  const files = Checkpoint.open(dir)
+  const memory = syntheticTensors(shape, {parallel: 4, prefixTokens: 8, seed: 7})
+  assert.deepEqual(memory.config.parallel, files.config.parallel)
+  for (const name of files.tensors.keys()) assert.deepEqual(memory.read(name), readTensorFloat32(files.get(name)), name)
+  assert.throws(() => memory.read('model.layers.9.mlp.up_proj.weight'), /no tensor "model.layers.9.mlp.up_proj.weight"/)
+})
