@@ -17,7 +17,7 @@ for (const name of readdirSync(root).filter((n) => n.startsWith('tiny')).sort())
   const decoder = await WgslDecoder.open(checkpointSource(dir), {positions: golden.logits.prompt_ids.length + 8})
   let caseWorst = 0
   for (const [i, id] of golden.logits.prompt_ids.entries()) {
-    const logits = (await decoder.step(id))!
+    const {logits} = (await decoder.step(id))!
     const want = golden.logits.values[i]!
     for (let v = 0; v < want.length; v++) caseWorst = Math.max(caseWorst, Math.abs(logits[v]! - want[v]!))
   }

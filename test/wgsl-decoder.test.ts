@@ -11,6 +11,8 @@ import path from 'node:path'
 import {after, before, describe, test} from 'node:test'
 
 import {Checkpoint} from '../src/core/checkpoint/checkpoint.js'
+import {ParScaleModel} from '../src/core/engine/model.js'
+import {resolveModel} from '../src/core/package/resolve.js'
 import {readTensorFloat32} from '../src/core/checkpoint/dtype.js'
 import {syntheticShape, syntheticTensors, writeSyntheticCheckpoint} from '../src/core/checkpoint/synthetic.js'
 import {UserError} from '../src/core/errors.js'
@@ -30,6 +32,7 @@ after(() => fs.rmSync(work, {recursive: true, force: true}))
 
 let unavailable: string | undefined
 before(async () => {
+  process.env.PARSCALE_CACHE ??= path.join(work, 'cache')
   const device = await openWgslDevice()
   if (typeof device === 'string') unavailable = device
 })
@@ -49,7 +52,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
         assert.equal(decoder.dispatchCount, 5 * layers + (decoder.config.parallel > 1 ? 4 : 1))
         let worst = 0
         for (const [i, id] of golden.logits.prompt_ids.entries()) {
-          const logits = (await decoder.step(id))!
+          const {logits} = (await decoder.step(id))!
           const want = golden.logits.values[i]!
           assert.equal(logits.length, decoder.config.vocabSize)
           for (let v = 0; v < want.length; v++) worst = Math.max(worst, Math.abs(logits[v]! - want[v]!))
@@ -58,12 +61,12 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
         for (const g of golden.greedy) {
           decoder.reset()
           let logits: Float32Array | undefined
-          for (const id of g.prompt_ids) logits = await decoder.step(id)
+          for (const id of g.prompt_ids) logits = (await decoder.step(id))!.logits
           const made: number[] = []
           while (made.length < g.new_ids.length) {
             const next = argmax(logits!)
             made.push(next)
-            if (made.length < g.new_ids.length) logits = await decoder.step(next)
+            if (made.length < g.new_ids.length) logits = (await decoder.step(next))!.logits
           }
           assert.deepEqual(made, g.new_ids)
         }
@@ -85,6 +88,47 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       decoder.release()
     }
   })
+})
+
+describe('hand-written WebGPU decode step: the default model against the exact CPU graph', () => {
+  const maxDiff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
+    assert.equal(a.length, b.length)
+    let worst = 0
+    for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!))
+    return worst
+  }
+  for (const parallel of [8, 1]) {
+    test(`P = ${parallel}: a 20-token prompt then 10 greedy steps, logits and stream weights`, async (t) => {
+      if (unavailable) return t.skip(unavailable)
+      const packageDir = resolveModel(undefined, {parallel}).packageDir
+      const cpu = await ParScaleModel.open(packageDir)
+      const cache = cpu.newCache(parallel)
+      cache.reserve(1, 48 + 32)
+      cache.reset(0)
+      const gpu = await WgslDecoder.open(checkpointSource(path.join('fixtures', 'default-model', `p${parallel}`)), {positions: 32})
+      try {
+        const prompt = Array.from({length: 20}, (_, i) => (i * 37 + 11) % 4000)
+        let g: Awaited<ReturnType<WgslDecoder['step']>>
+        for (const id of prompt) g = await gpu.step(id)
+        let c = await cpu.forward(cache, 0, [prompt], 1)
+        let worst = maxDiff(g!.logits, c.logits)
+        for (let s = 0; s < 10; s++) {
+          const next = argmax(c.logits)
+          g = await gpu.step(next)
+          c = await cpu.forward(cache, 0, [[next]], 1)
+          worst = Math.max(worst, maxDiff(g!.logits, c.logits))
+          if (c.streamWeights) assert.ok(maxDiff(g!.streamWeights, c.streamWeights) < 1e-5, 'stream weights')
+          assert.ok(Math.abs(g!.streamWeights.reduce((a, b) => a + b, 0) - 1) < 1e-5, 'stream weights sum to 1')
+        }
+        if (process.env.PARSCALE_SHOW_DIFFS) console.log(`P=${parallel}: worst |logit diff| ${worst.toExponential(2)}`)
+        assert.ok(worst < 1e-4, `worst |logit diff| ${worst}`)
+      } finally {
+        cache.dispose()
+        await cpu.release()
+        gpu.release()
+      }
+    })
+  }
 })
 
 test('synthetic tensors made in memory equal the synthetic checkpoint written to files', () => {

@@ -35,6 +35,13 @@ function grid(tiles: number): {x: number; y: number} {
   return tiles <= MAX_GROUPS_X ? {x: tiles, y: 1} : {x: MAX_GROUPS_X, y: Math.ceil(tiles / MAX_GROUPS_X)}
 }
 
+export interface StepResult {
+  /** [vocab] of the step's position. */
+  logits: Float32Array
+  /** [P]: the aggregation's weight of each stream. */
+  streamWeights: Float32Array
+}
+
 export interface WgslDecoderOptions {
   /** Token positions the cache holds (the prefix comes on top). */
   positions: number
@@ -47,6 +54,8 @@ export class WgslDecoder {
   private readonly buffers: GpuBuffer[] = []
   private readonly stepData = new Uint32Array(4)
   private readonly logitsRead: GpuBuffer
+  /** ParScale's per-stream weights of the step (P > 1), read back beside the logits. */
+  private streamWeights: GpuBuffer | undefined
   private position = 0
 
   private constructor(
@@ -57,7 +66,7 @@ export class WgslDecoder {
     private readonly logits: GpuBuffer,
     private readonly stepBuffer: GpuBuffer,
   ) {
-    this.logitsRead = this.buffer(config.vocabSize * 4, MAP_READ | COPY_DST)
+    this.logitsRead = this.buffer((config.vocabSize + config.parallel) * 4, MAP_READ | COPY_DST)
   }
 
   /** Dispatches a step encodes (kernel launches). */
@@ -233,6 +242,7 @@ export class WgslDecoder {
       const a = this.buffer(H * 4)
       const mixed = this.buffer(H * 4)
       const weights = this.buffer(P * 4)
+      this.streamWeights = weights
       const w0 = source.read('model.aggregate_layer.0.weight')
       // columns from hidden-major (h·P + p) to stream-major (p·H + h), so the input is the normed streams as they lie
       const w0s = new Float32Array(w0.length)
@@ -278,9 +288,10 @@ export class WgslDecoder {
 
   /**
    * Runs one token through the model at the next position. With `read` the logits of that
-   * position come back (a copy); without, the step is only submitted (for timing the GPU).
+   * position come back (a copy) with the stream weights (P > 1; [1] at P = 1); without, the step
+   * is only submitted (for timing the GPU).
    */
-  async step(token: number, read = true): Promise<Float32Array | undefined> {
+  async step(token: number, read = true): Promise<StepResult | undefined> {
     const c = this.config
     if (!Number.isInteger(token) || token < 0 || token >= c.vocabSize) throw new UserError(`token id ${token} is outside the vocabulary (0…${c.vocabSize - 1})`)
     if (this.position >= this.positions) throw new UserError(`the cache is full (${this.positions} positions)`)
@@ -300,14 +311,19 @@ export class WgslDecoder {
       pass.dispatchWorkgroups(d.x, d.y)
     }
     pass.end()
-    if (read) encoder.copyBufferToBuffer(this.logits, 0, this.logitsRead, 0, c.vocabSize * 4)
+    if (read) {
+      encoder.copyBufferToBuffer(this.logits, 0, this.logitsRead, 0, c.vocabSize * 4)
+      if (this.streamWeights) encoder.copyBufferToBuffer(this.streamWeights, 0, this.logitsRead, c.vocabSize * 4, c.parallel * 4)
+    }
     device.queue.submit([encoder.finish()])
     this.position++
     if (!read) return undefined
     await this.logitsRead.mapAsync(MAP_MODE_READ)
-    const out = new Float32Array(this.logitsRead.getMappedRange().slice(0, c.vocabSize * 4))
+    const bytes = this.logitsRead.getMappedRange().slice(0, (c.vocabSize + c.parallel) * 4)
     this.logitsRead.unmap()
-    return out
+    const logits = new Float32Array(bytes, 0, c.vocabSize)
+    const streamWeights = this.streamWeights ? new Float32Array(bytes, c.vocabSize * 4, c.parallel) : new Float32Array([1])
+    return {logits, streamWeights}
   }
 
   /** Waits for every submitted step. */
