@@ -14,8 +14,14 @@
 
 export const WORKGROUP = 256
 
-/** The step's position, written by the host before each step (one uniform for every kernel). */
-const STEP_STRUCT = `struct Step { pos: u32, slot: u32, length: u32, pad: u32 }`
+/**
+ * The call's place, written by the host before each call (one uniform for every kernel): the first
+ * new token's position, its cache slot (prefix + position), the cache length its attention sees
+ * (slot + 1), the first row of the last token (its P streams go to the head), and how many tokens
+ * the call holds (rows past them are left alone).
+ */
+const STEP_STRUCT = `struct Step { pos: u32, slot: u32, length: u32, last: u32, tokens: u32, pad0: u32, pad1: u32, pad2: u32 }`
+export const STEP_WORDS = 8
 
 export interface MatvecSpec {
   /** Input width (a multiple of 4). */
@@ -145,6 +151,8 @@ export interface LayerShape {
   kvHeads: number
   headDim: number
   streams: number
+  /** Tokens a call (1 for a decode step; rows are token-major: row = token · P + stream). */
+  tokens: number
   prefix: number
   /** Cache slots per (stream, kv head): prefix + positions. */
   capacity: number
@@ -159,7 +167,7 @@ export interface LayerShape {
 export function qkvKernel(l: LayerShape): string {
   const d = l.headDim
   const half = d / 2
-  const pairs = pairsPerTile(d)
+  const pairs = qkvPairs(l)
   const rows = 2 * pairs
   const tilesPerHead = half / pairs
   const qRows = l.heads * d
@@ -167,7 +175,7 @@ export function qkvKernel(l: LayerShape): string {
   return matvecKernel({
     k: l.hidden,
     n: qRows + 2 * kvRows,
-    streams: l.streams,
+    streams: l.streams * l.tokens,
     rows,
     normEps: l.eps,
     bias: true,
@@ -176,29 +184,33 @@ export function qkvKernel(l: LayerShape): string {
 @group(0) @binding(7) var<storage, read_write> VC: array<f32>;
 @group(0) @binding(8) var<storage, read> ROPE: array<f32>;`,
     tileEpilogue: `
-    if (li < ${pairs}u * S) {
+    if (li < ${pairs}u * S && (li % S) / ${l.streams}u < step.tokens) {
       let j = li / S;
       let s = li % S;
+      let token = s / ${l.streams}u;
+      let p = s % ${l.streams}u;
+      let pos = step.pos + token;
+      let slot = step.slot + token;
       let row0 = rowOf(t, j);
       let head = row0 / ${d}u;
       let i = row0 % ${d}u;
       let a = fin(j, s);
       let b = fin(j + ${pairs}u, s);
       if (row0 < ${qRows + kvRows}u) {
-        let c = ROPE[(step.pos * ${half}u + i) * 2u];
-        let sn = ROPE[(step.pos * ${half}u + i) * 2u + 1u];
+        let c = ROPE[(pos * ${half}u + i) * 2u];
+        let sn = ROPE[(pos * ${half}u + i) * 2u + 1u];
         let ra = a * c - b * sn;
         let rb = b * c + a * sn;
         if (row0 < ${qRows}u) {
           Y[s * ${qRows}u + row0] = ra;
           Y[s * ${qRows}u + row0 + ${half}u] = rb;
         } else {
-          let at = ((s * ${l.kvHeads}u + head - ${l.heads}u) * ${l.capacity}u + step.slot) * ${d}u + i;
+          let at = ((p * ${l.kvHeads}u + head - ${l.heads}u) * ${l.capacity}u + slot) * ${d}u + i;
           KC[at] = ra;
           KC[at + ${half}u] = rb;
         }
       } else {
-        let at = ((s * ${l.kvHeads}u + head - ${l.heads + l.kvHeads}u) * ${l.capacity}u + step.slot) * ${d}u + i;
+        let at = ((p * ${l.kvHeads}u + head - ${l.heads + l.kvHeads}u) * ${l.capacity}u + slot) * ${d}u + i;
         VC[at] = a;
         VC[at + ${half}u] = b;
       }
@@ -206,15 +218,17 @@ export function qkvKernel(l: LayerShape): string {
   })
 }
 
-/** Rotary pairs per qkv tile: 2 (4 rows), fewer when the head is that small. */
-function pairsPerTile(headDim: number): number {
-  const half = headDim / 2
-  return half % 2 === 0 ? 2 : 1
+/**
+ * Rotary pairs per qkv tile: 2 (4 rows) for a decode step, 1 when a call holds many rows (a
+ * prompt's tokens), so the accumulators (rows × stream rows) stay in registers.
+ */
+function qkvPairs(l: LayerShape): number {
+  const half = l.headDim / 2
+  return half % 2 === 0 && l.streams * l.tokens <= 8 ? 2 : 1
 }
 
 export function qkvTiles(l: LayerShape): number {
-  const pairs = pairsPerTile(l.headDim)
-  return ((l.heads + 2 * l.kvHeads) * l.headDim) / (2 * pairs)
+  return ((l.heads + 2 * l.kvHeads) * l.headDim) / (2 * qkvPairs(l))
 }
 
 /**
@@ -235,6 +249,7 @@ const HKV = ${l.kvHeads}u;
 const C = ${l.capacity}u;
 const WG = ${WORKGROUP}u;
 const GROUPS = ${groups}u;
+const P = ${l.streams}u;
 @group(0) @binding(0) var<storage, read> Q: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read> KC: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> VC: array<f32>;
@@ -270,10 +285,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let s = wid.x / HQ;
   let h = wid.x % HQ;
   let kv = h / (HQ / HKV);
+  let token = s / P;
+  if (token >= step.tokens) { return; }
   if (li < D4) { q[li] = Q[(s * HQ + h) * D4 + li]; }
   workgroupBarrier();
-  let n = step.length;
-  let base = (s * HKV + kv) * C;
+  let n = step.length + token;
+  let base = ((s % P) * HKV + kv) * C;
   let scale = ${(1 / Math.sqrt(d)).toExponential(9)};
   var m = -3.0e38;
   for (var j = li; j < n; j += WG) {
@@ -306,28 +323,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 `
 }
 
-/** The final RMS norm of every stream: a workgroup per stream. Y [streams, hidden]. */
+/** The final RMS norm of the last token's streams: a workgroup per stream. Y [streams, hidden]. */
 export function finalNormKernel(hidden: number, eps: number): string {
   return `enable subgroups;
+${STEP_STRUCT}
 const H = ${hidden}u;
 const WG = ${WORKGROUP}u;
 @group(0) @binding(0) var<storage, read> X: array<f32>;
 @group(0) @binding(1) var<storage, read> G: array<f32>;
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(3) var<uniform> step: Step;
 var<workgroup> part: array<f32, ${WORKGROUP}>;
 @compute @workgroup_size(${WORKGROUP})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32,
         @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32) {
   let s = wid.x;
+  let first = (step.last + s) * H;
   var ss = 0.0;
-  for (var i = li; i < H; i += WG) { let x = X[s * H + i]; ss += x * x; }
+  for (var i = li; i < H; i += WG) { let x = X[first + i]; ss += x * x; }
   let t = subgroupAdd(ss);
   if (lane == 0u) { part[li / width] = t; }
   workgroupBarrier();
   var total = 0.0;
   for (var g = 0u; g < (WG + width - 1u) / width; g++) { total += part[g]; }
   let inv = inverseSqrt(total / f32(H) + ${eps.toExponential()});
-  for (var i = li; i < H; i += WG) { Y[s * H + i] = X[s * H + i] * inv * G[i]; }
+  for (var i = li; i < H; i += WG) { Y[s * H + i] = X[first + i] * inv * G[i]; }
 }
 `
 }
