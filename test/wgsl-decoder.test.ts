@@ -5,18 +5,20 @@
 // on lavapipe with PARSCALE_DAWN=<a node_modules with webgpu@0.6.2>. The synthetic tensors it
 // is timed on are checked here against the files a synthetic checkpoint holds (no GPU needed).
 import assert from 'node:assert/strict'
+import {spawnSync} from 'node:child_process'
 import fs from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
 import {after, before, describe, test} from 'node:test'
 
-import {Checkpoint} from '../src/core/checkpoint/checkpoint.js'
+import {Checkpoint, expectedTensorShapes} from '../src/core/checkpoint/checkpoint.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {resolveModel} from '../src/core/package/resolve.js'
 import {readTensorFloat32} from '../src/core/checkpoint/dtype.js'
 import {syntheticShape, syntheticTensors, writeSyntheticCheckpoint} from '../src/core/checkpoint/synthetic.js'
 import {UserError} from '../src/core/errors.js'
 import {checkpointSource} from '../src/core/wgsl/checkpoint-source.js'
+import {packageSource} from '../src/core/wgsl/package-source.js'
 import {openWgslDevice} from '../src/core/wgsl/dawn.js'
 import {WgslDecoder} from '../src/core/wgsl/decoder.js'
 
@@ -90,7 +92,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
   })
 })
 
-describe('hand-written WebGPU decode step: the default model against the exact CPU graph', () => {
+describe('hand-written WebGPU decode step: the default model\'s package against the exact CPU graph', () => {
   const maxDiff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
     assert.equal(a.length, b.length)
     let worst = 0
@@ -105,7 +107,7 @@ describe('hand-written WebGPU decode step: the default model against the exact C
       const cache = cpu.newCache(parallel)
       cache.reserve(1, 48 + 32)
       cache.reset(0)
-      const gpu = await WgslDecoder.open(checkpointSource(path.join('fixtures', 'default-model', `p${parallel}`)), {positions: 32})
+      const gpu = await WgslDecoder.open(packageSource(packageDir, parallel), {positions: 32}) // the converted package, as the CLI has it
       try {
         const prompt = Array.from({length: 20}, (_, i) => (i * 37 + 11) % 4000)
         let g: Awaited<ReturnType<WgslDecoder['step']>>
@@ -129,6 +131,28 @@ describe('hand-written WebGPU decode step: the default model against the exact C
       }
     })
   }
+})
+
+test('a package read as tensors equals its checkpoint (q·k·v and gate·up split, 1/√d folded into q, untied head in blocks, fp16 widened)', (t) => {
+  for (const [name, options] of [['tiny-p1', []], ['tiny-p4', []], ['tiny-p1', ['--dtype', 'fp16']]] as const) {
+    const out = path.join(work, `${name}${options.join('')}`)
+    const converted = spawnSync(process.execPath, ['bin/run.js', 'convert', path.join(goldenRoot, name), '-o', out, ...options], {encoding: 'utf8'})
+    assert.equal(converted.status, 0, converted.stderr)
+    const checkpoint = checkpointSource(path.join(goldenRoot, name))
+    const pkg = packageSource(out, checkpoint.config.parallel)
+    assert.equal(pkg.queryScaled, true)
+    const scale = 1 / Math.sqrt(checkpoint.config.headDim)
+    for (const tensor of expectedTensorShapes(checkpoint.config).keys()) {
+      const want = checkpoint.read(tensor)
+      const got = pkg.read(tensor)
+      assert.equal(got.length, want.length, tensor)
+      const factor = /q_proj/.test(tensor) ? scale : 1
+      const tolerance = options.length > 0 ? 1e-3 : 1e-6
+      for (let i = 0; i < want.length; i++) assert.ok(Math.abs(got[i]! - want[i]! * factor) <= tolerance * Math.max(1, Math.abs(want[i]!)), `${tensor}[${i}]: ${got[i]} against ${want[i]! * factor}`)
+    }
+  }
+  t.diagnostic('fp32 and fp16 packages of tiny-p1, fp32 of tiny-p4')
+  assert.throws(() => packageSource(path.join(work, 'tiny-p4'), 3), /3/)
 })
 
 test('synthetic tensors made in memory equal the synthetic checkpoint written to files', () => {

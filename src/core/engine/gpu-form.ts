@@ -25,7 +25,7 @@ import {loadStreamWeights} from './stream-weights.js'
 
 const {onnx} = onnxProto
 
-interface StoredInitializer {
+export interface StoredInitializer {
   half: boolean
   type: ElementType
   shape: number[]
@@ -41,7 +41,7 @@ const ELEMENT_TYPE_OF: Partial<Record<number, ElementType>> = {
 }
 
 /** The external initializers of a stored graph of the package, by name. */
-function storedInitializers(graphPath: string, model = onnx.ModelProto.decode(readFileSync(graphPath))): Map<string, StoredInitializer> {
+export function storedInitializers(graphPath: string, model = onnx.ModelProto.decode(readFileSync(graphPath))): Map<string, StoredInitializer> {
   const out = new Map<string, StoredInitializer>()
   for (const tensor of model.graph?.initializer ?? []) {
     if (!tensor.externalData?.length || !tensor.name) continue

@@ -21,6 +21,8 @@ import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, STORAGE, UNIFORM, type GpuB
 export interface TensorSource {
   readonly config: ModelConfig
   read(name: string): Float32Array
+  /** q_proj's weight and bias already carry attention's 1/√d (a converted package's do), so scores are not scaled again. */
+  readonly queryScaled?: boolean
 }
 
 /** One layer's weights and cache on the GPU. */
@@ -231,7 +233,7 @@ export class WgslDecoder {
 
     // The layers' dispatches for calls of `tokens` tokens (rows = tokens · P).
     const planLayers = (plan: Dispatch[], tokens: number, outRowsHere: number, mlpRows: number) => {
-      const shape: LayerShape = {hidden: H, intermediate: I, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: hd, streams: P, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps}
+      const shape: LayerShape = {hidden: H, intermediate: I, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: hd, streams: P, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: source.queryScaled ? 1 : 1 / Math.sqrt(hd)}
       const S = P * tokens
       const h = mlpRows / 2
       const qkvPipe = this.pipeline(qkvKernel(shape), 'qkv')

@@ -157,6 +157,8 @@ export interface LayerShape {
   /** Cache slots per (stream, kv head): prefix + positions. */
   capacity: number
   eps: number
+  /** Multiplies q·k (1/√d, or 1 where q's weights carry it). */
+  scoreScale: number
 }
 
 /**
@@ -291,7 +293,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   workgroupBarrier();
   let n = step.length + token;
   let base = ((s % P) * HKV + kv) * C;
-  let scale = ${(1 / Math.sqrt(d)).toExponential(9)};
+  let scale = ${l.scoreScale.toExponential(9)};
   var m = -3.0e38;
   for (var j = li; j < n; j += WG) {
     var acc = 0.0;
