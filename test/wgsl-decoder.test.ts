@@ -20,7 +20,7 @@ import {UserError} from '../src/core/errors.js'
 import {checkpointSource} from '../src/core/wgsl/checkpoint-source.js'
 import {packageSource} from '../src/core/wgsl/package-source.js'
 import {openWgslDevice} from '../src/core/wgsl/dawn.js'
-import {WgslDecoder} from '../src/core/wgsl/decoder.js'
+import {WgslDecoder, WgslModel} from '../src/core/wgsl/decoder.js'
 
 interface Golden {
   greedy: {prompt_ids: number[]; new_ids: number[]}[]
@@ -77,6 +77,34 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       }
     })
   }
+
+  test('two sequences of one model, taking turns, one growing its cache mid-prompt, each equal to the reference', async (t) => {
+    if (unavailable) return t.skip(unavailable)
+    const dir = path.join(goldenRoot, 'tiny-p4')
+    const golden = JSON.parse(fs.readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden
+    const model = await WgslModel.open(checkpointSource(dir))
+    const small = model.sequence(3) // grows at its 4th token
+    const other = model.sequence()
+    try {
+      const ids = golden.logits.prompt_ids
+      let worst = 0
+      for (const [i, id] of ids.entries()) {
+        const a = (await model.run(small, [id], true))!
+        if (i % 4 === 3) await model.run(other, ids.slice(i - 3, i + 1), false) // the other one in calls of 4 between
+        for (let v = 0; v < a.logits.length; v++) worst = Math.max(worst, Math.abs(a.logits[v]! - golden.logits.values[i]![v]!))
+      }
+      assert.ok(small.room >= ids.length && small.room % 256 === 0, `grew to ${small.room}`)
+      const rest = ids.slice(other.length)
+      const last = rest.length > 0 ? (await model.run(other, rest, true))! : undefined
+      if (last) for (let v = 0; v < last.logits.length; v++) worst = Math.max(worst, Math.abs(last.logits[v]! - golden.logits.values.at(-1)![v]!))
+      assert.equal(other.length, ids.length)
+      assert.ok(worst < 1e-4, `worst |logit diff| ${worst}`)
+    } finally {
+      small.release()
+      other.release()
+      model.release()
+    }
+  })
 
   test('a token outside the vocabulary and a full cache are refused with one clear line', async (t) => {
     if (unavailable) return t.skip(unavailable)

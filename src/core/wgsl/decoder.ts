@@ -5,17 +5,19 @@
  * stream aggregation and the head: 5·layers + 4 dispatches at P > 1 (5·layers + 2 at P = 1),
  * against ONNX Runtime's ~375 at P = 8 for 24 layers.
  *
- * One sequence, a fixed-capacity cache on the GPU ([P, kv, capacity, d] per layer and kind, the
- * prefixes in its first slots), float32 weights as stored; only the logits and stream weights
- * are read back (or nothing, to time the GPU alone). A prompt goes in calls of several tokens
- * (the same kernels over token·P rows, compiled once more for that row count).
+ * `WgslModel` holds one P's weights on the GPU (float32 as stored) and the kernels; each
+ * `WgslSequence` its own fixed-capacity cache ([P, kv, capacity, d] per layer and kind, the
+ * prefixes in its first slots), grown (copied into a bigger one) when it fills. A call runs one
+ * sequence; only the logits and stream weights are read back (or nothing, to time the GPU alone).
+ * A prompt goes in calls of several tokens (the same kernels over token·P rows, compiled once
+ * more for that row count). `WgslDecoder` is a model with one sequence.
  */
 import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {attentionKernel, finalNormKernel, type LayerShape, matvecKernel, matvecTiles, mixKernel, qkvKernel, qkvTiles, STEP_WORDS} from './kernels.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
-import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, STORAGE, UNIFORM, type GpuBindGroup, type GpuBuffer, type GpuComputePipeline, type GpuDevice} from './webgpu-types.js'
+import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, STORAGE, UNIFORM, type GpuBindGroup, type GpuBuffer, type GpuComputePipeline} from './webgpu-types.js'
 
 /** Where the weights come from: a checkpoint, or a synthetic generator. Tensors by checkpoint name, widened to float32. */
 export interface TensorSource {
@@ -25,8 +27,8 @@ export interface TensorSource {
   readonly queryScaled?: boolean
 }
 
-/** One layer's weights and cache on the GPU. */
-interface LayerBuffers {
+/** One layer's weights on the GPU. */
+interface LayerWeights {
   qkvW: GpuBuffer
   qkvB: GpuBuffer
   ln1: GpuBuffer
@@ -34,12 +36,15 @@ interface LayerBuffers {
   ln2: GpuBuffer
   gateUp: GpuBuffer
   down: GpuBuffer
-  kc: GpuBuffer
-  vc: GpuBuffer
+  /** [P·kv, prefix, d] keys and values of the prefixes (P > 1), copied into every new cache. */
+  prefixK?: GpuBuffer
+  prefixV?: GpuBuffer
 }
 
 /** Rows (token · P + stream) a prompt call holds at most: the matvec keeps rows × tile rows accumulators per invocation. */
 const PROMPT_ROWS = 32
+/** Cache positions a new sequence starts with, and the step it grows by. */
+const POSITION_STEP = 256
 
 interface Dispatch {
   pipeline: GpuComputePipeline
@@ -61,83 +66,104 @@ export interface StepResult {
   streamWeights: Float32Array
 }
 
-export interface WgslDecoderOptions {
-  /** Token positions the cache holds (the prefix comes on top). */
-  positions: number
+/** The capacity-dependent kernels (q·k·v writes the cache, attention reads it) of one capacity and call size. */
+interface CacheKernels {
+  qkv: GpuComputePipeline
+  attention: GpuComputePipeline
+  shape: LayerShape
 }
 
-export class WgslDecoder {
-  /** Dispatches of a one-token step, and of a prompt call (`promptTokens` tokens). */
-  private readonly stepPlan: Dispatch[] = []
-  private readonly promptPlan: Dispatch[] = []
+export class WgslModel {
+  /** The layers' capacity-free kernels per call size (1, promptTokens): o_proj, gate·up, down. */
+  private readonly rowKernels = new Map<number, {o: GpuComputePipeline; mlp: GpuComputePipeline; down: GpuComputePipeline; mlpTiles: number; outTiles: number}>()
+  private readonly cacheKernels = new Map<string, CacheKernels>()
+  private readonly layers: LayerWeights[] = []
   /** Embedding rows: [chunk buffer, first row] so a token's row is one copy. */
   private readonly embedChunks: {buffer: GpuBuffer; first: number; rows: number}[] = []
   private readonly buffers: GpuBuffer[] = []
   private readonly stepData = new Uint32Array(STEP_WORDS)
+  private readonly tail: Dispatch[] = []
   private readonly readBack: GpuBuffer
+  private readonly x: GpuBuffer
+  private readonly q: GpuBuffer
+  private readonly attn: GpuBuffer
+  private readonly hidden: GpuBuffer
+  private readonly scratch: GpuBuffer
+  private readonly logits: GpuBuffer
+  private readonly stepBuffer: GpuBuffer
+  private readonly rope: GpuBuffer
   /** ParScale's per-stream weights of the step (P > 1), read back beside the logits. */
   private streamWeights: GpuBuffer | undefined
-  private position = 0
+  private readonly outRows: number
   /** Tokens a prompt call holds. */
   readonly promptTokens: number
+  /** Positions a sequence can grow to: the model's, and what the attention kernel's workgroup memory holds. */
+  readonly maxPositions: number
 
   private constructor(
     private readonly gpu: WgslDevice,
     readonly config: ModelConfig,
-    readonly positions: number,
-    private readonly x: GpuBuffer,
-    private readonly logits: GpuBuffer,
-    private readonly stepBuffer: GpuBuffer,
+    private readonly scoreScale: number,
   ) {
-    this.promptTokens = Math.max(1, Math.floor(PROMPT_ROWS / config.parallel))
-    this.readBack = this.buffer((config.vocabSize + config.parallel) * 4, MAP_READ | COPY_DST)
-  }
-
-  /** Dispatches a one-token step encodes (kernel launches). */
-  get dispatchCount(): number {
-    return this.stepPlan.length
+    const c = config
+    this.promptTokens = Math.max(1, Math.floor(PROMPT_ROWS / c.parallel))
+    const workgroupBytes = gpu.device.limits.maxComputeWorkgroupStorageSize!
+    const slotsThatFit = Math.floor((workgroupBytes - 2 * 256 * 4 - c.headDim * 4) / 4)
+    this.maxPositions = Math.min(c.maxPositionEmbeddings, slotsThatFit - c.prefixTokens)
+    if (this.maxPositions < 1) throw new UserError(`the adapter's ${workgroupBytes} bytes of workgroup memory hold no cache beyond the ${c.prefixTokens} prefix slots`)
+    // The residual products (o_proj, down) have only `hidden` rows: fewer rows a workgroup keeps more workgroups in flight.
+    this.outRows = Number(process.env.PARSCALE_WGSL_OUT_ROWS ?? 2)
+    if (![1, 2, 4].includes(this.outRows)) throw new UserError(`PARSCALE_WGSL_OUT_ROWS must be 1, 2 or 4, not "${process.env.PARSCALE_WGSL_OUT_ROWS}"`)
+    const rows = c.parallel * this.promptTokens
+    const qRows = c.numHeads * c.headDim
+    this.x = this.buffer(rows * c.hiddenSize * 4)
+    this.q = this.buffer(rows * qRows * 4)
+    this.attn = this.buffer(rows * qRows * 4)
+    this.hidden = this.buffer(rows * c.intermediateSize * 4)
+    this.scratch = this.buffer(16) // the unused output of kernels that write elsewhere
+    this.logits = this.buffer(c.vocabSize * 4)
+    this.stepBuffer = this.buffer(STEP_WORDS * 4, UNIFORM | COPY_DST)
+    this.readBack = this.buffer((c.vocabSize + c.parallel) * 4, MAP_READ | COPY_DST)
+    // Rotary table [position][i][cos, sin] for every position a sequence can reach, as the ONNX graph computes it.
+    const half = c.headDim / 2
+    const {cos, sin} = rotaryTables({...c, maxPositionEmbeddings: this.maxPositions})
+    const rope = new Float32Array(this.maxPositions * half * 2)
+    for (let i = 0; i < this.maxPositions * half; i++) {
+      rope[2 * i] = cos[i]!
+      rope[2 * i + 1] = sin[i]!
+    }
+    this.rope = this.upload(rope)
   }
 
   get adapterName(): string {
     return this.gpu.name
   }
 
-  /** Tokens in the cache. */
-  get length(): number {
-    return this.position
+  /** Dispatches a one-token step encodes (kernel launches). */
+  get dispatchCount(): number {
+    return 5 * this.config.numLayers + this.tail.length
   }
 
-  static async open(source: TensorSource, options: WgslDecoderOptions): Promise<WgslDecoder> {
+  /** Uploads one P's weights (from a checkpoint, a package or a generator) and makes its kernels. */
+  static async open(source: TensorSource): Promise<WgslModel> {
     const gpu = await openWgslDevice()
     if (typeof gpu === 'string') throw new UserError(gpu)
     const c = source.config
-    const capacity = c.prefixTokens + options.positions
-    if (!Number.isInteger(options.positions) || options.positions < 1) throw new UserError(`the cache needs at least one position (asked for ${options.positions})`)
-    if (options.positions > c.maxPositionEmbeddings) throw new UserError(`the cache asks for ${options.positions} positions; the model has ${c.maxPositionEmbeddings}`)
-    const limits = gpu.device.limits
-    const scoresBytes = capacity * 4 + 2 * 256 * 4 + c.headDim * 4
-    if (scoresBytes > limits.maxComputeWorkgroupStorageSize!) {
-      throw new UserError(`a cache of ${capacity} slots does not fit the adapter's ${limits.maxComputeWorkgroupStorageSize} bytes of workgroup memory (the attention kernel keeps one score per slot)`)
-    }
     if (c.hiddenSize % 4 !== 0 || c.intermediateSize % 4 !== 0 || c.headDim % 4 !== 0) throw new UserError(`hidden ${c.hiddenSize}, intermediate ${c.intermediateSize} and head ${c.headDim} sizes must be multiples of 4 for the hand-written kernels`)
-    const device = gpu.device
-    const make = (size: number, usage = STORAGE | COPY_DST | COPY_SRC) => device.createBuffer({size: Math.max(16, Math.ceil(size / 16) * 16), usage})
-    const rows = c.parallel * Math.max(1, Math.floor(PROMPT_ROWS / c.parallel))
-    const x = make(rows * c.hiddenSize * 4)
-    const logits = make(c.vocabSize * 4)
-    const stepBuffer = make(STEP_WORDS * 4, UNIFORM | COPY_DST)
-    const d = new WgslDecoder(gpu, c, options.positions, x, logits, stepBuffer)
-    d.buffers.push(x, logits, stepBuffer)
+    if (c.intermediateSize % 2 !== 0) throw new UserError(`intermediate size ${c.intermediateSize} is odd; the MLP kernel pairs gate and up rows`)
     // Validation errors arrive through the device's uncaptured-error event; one check after building.
     const errors: string[] = []
-    device.onuncapturederror = (event) => errors.push(event.error.message)
-    d.build(source, capacity)
-    await device.queue.onSubmittedWorkDone()
+    gpu.device.onuncapturederror = (event) => errors.push(event.error.message)
+    const model = new WgslModel(gpu, c, source.queryScaled ? 1 : 1 / Math.sqrt(c.headDim))
+    model.uploadWeights(source)
+    model.kernelsFor(1)
+    if (model.promptTokens > 1) model.kernelsFor(model.promptTokens)
+    await gpu.device.queue.onSubmittedWorkDone()
     if (errors.length > 0) {
-      d.release()
+      model.release()
       throw new Error(`WebGPU refused the hand-written kernels: ${errors[0]}`)
     }
-    return d
+    return model
   }
 
   private buffer(size: number, usage = STORAGE | COPY_DST | COPY_SRC): GpuBuffer {
@@ -153,47 +179,23 @@ export class WgslDecoder {
   }
 
   private pipeline(code: string, label: string): GpuComputePipeline {
-    const device: GpuDevice = this.gpu.device
-    const module = device.createShaderModule({code, label})
-    return device.createComputePipeline({layout: 'auto', compute: {module, entryPoint: 'main'}, label})
+    const module = this.gpu.device.createShaderModule({code, label})
+    return this.gpu.device.createComputePipeline({layout: 'auto', compute: {module, entryPoint: 'main'}, label})
   }
 
-  private add(plan: Dispatch[], pipeline: GpuComputePipeline, buffers: Record<number, GpuBuffer>, tiles: number): void {
+  private dispatch(pipeline: GpuComputePipeline, buffers: Record<number, GpuBuffer>, tiles: number): Dispatch {
     const entries = Object.entries(buffers).map(([binding, buffer]) => ({binding: Number(binding), resource: {buffer}}))
     const group = this.gpu.device.createBindGroup({layout: pipeline.getBindGroupLayout(0), entries})
-    plan.push({pipeline, group, ...grid(tiles)})
+    return {pipeline, group, ...grid(tiles)}
   }
 
-  private build(source: TensorSource, capacity: number): void {
+  private uploadWeights(source: TensorSource): void {
     const c = this.config
     const P = c.parallel
     const H = c.hiddenSize
     const I = c.intermediateSize
-    const hd = c.headDim
-    const qRows = c.numHeads * hd
-    const kvRows = c.numKvHeads * hd
-    const maxRows = P * this.promptTokens
-    if (I % 2 !== 0) throw new UserError(`intermediate size ${I} is odd; the MLP kernel pairs gate and up rows`)
-    // The residual products (o_proj, down) have only `hidden` rows: fewer rows a workgroup keeps more workgroups in flight.
-    const outRows = Number(process.env.PARSCALE_WGSL_OUT_ROWS ?? 2)
-    if (![1, 2, 4].includes(outRows)) throw new UserError(`PARSCALE_WGSL_OUT_ROWS must be 1, 2 or 4, not "${process.env.PARSCALE_WGSL_OUT_ROWS}"`)
-
-    const q = this.buffer(maxRows * qRows * 4)
-    const attn = this.buffer(maxRows * qRows * 4)
-    const hidden = this.buffer(maxRows * I * 4)
-    const scratch = this.buffer(16) // the unused output of kernels that write elsewhere
-
-    // Rotary table [position][i][cos, sin] for the cache's positions, as the ONNX graph computes it.
-    const half = hd / 2
-    const {cos, sin} = rotaryTables({...c, maxPositionEmbeddings: this.positions})
-    const rope = new Float32Array(this.positions * half * 2)
-    for (let i = 0; i < this.positions * half; i++) {
-      rope[2 * i] = cos[i]!
-      rope[2 * i + 1] = sin[i]!
-    }
-    const ropeBuffer = this.upload(rope)
-
-    const layers: LayerBuffers[] = []
+    const qRows = c.numHeads * c.headDim
+    const kvRows = c.numKvHeads * c.headDim
     for (let n = 0; n < c.numLayers; n++) {
       const l = `model.layers.${n}`
       const qkvW = new Float32Array((qRows + 2 * kvRows) * H)
@@ -204,21 +206,10 @@ export class WgslDecoder {
       qkvB.set(source.read(`${l}.self_attn.q_proj.bias`), 0)
       qkvB.set(source.read(`${l}.self_attn.k_proj.bias`), qRows)
       qkvB.set(source.read(`${l}.self_attn.v_proj.bias`), qRows + kvRows)
-      const kc = this.buffer(P * kvRows * capacity * 4)
-      const vc = this.buffer(P * kvRows * capacity * 4)
-      if (P > 1) {
-        const pk = source.read(`${l}.self_attn.prefix_k`)
-        const pv = source.read(`${l}.self_attn.prefix_v`)
-        const block = c.prefixTokens * hd
-        for (let s = 0; s < P * c.numKvHeads; s++) {
-          this.gpu.device.queue.writeBuffer(kc, s * capacity * hd * 4, pk.subarray(s * block, (s + 1) * block))
-          this.gpu.device.queue.writeBuffer(vc, s * capacity * hd * 4, pv.subarray(s * block, (s + 1) * block))
-        }
-      }
       const gateUp = new Float32Array(2 * I * H)
       gateUp.set(source.read(`${l}.mlp.gate_proj.weight`), 0)
       gateUp.set(source.read(`${l}.mlp.up_proj.weight`), I * H)
-      layers.push({
+      this.layers.push({
         qkvW: this.upload(qkvW),
         qkvB: this.upload(qkvB),
         ln1: this.upload(source.read(`${l}.input_layernorm.weight`)),
@@ -226,63 +217,20 @@ export class WgslDecoder {
         ln2: this.upload(source.read(`${l}.post_attention_layernorm.weight`)),
         gateUp: this.upload(gateUp),
         down: this.upload(source.read(`${l}.mlp.down_proj.weight`)),
-        kc,
-        vc,
+        ...(P > 1 ? {prefixK: this.upload(source.read(`${l}.self_attn.prefix_k`)), prefixV: this.upload(source.read(`${l}.self_attn.prefix_v`))} : {}),
       })
     }
-
-    // The layers' dispatches for calls of `tokens` tokens (rows = tokens · P).
-    const planLayers = (plan: Dispatch[], tokens: number, outRowsHere: number, mlpRows: number) => {
-      const shape: LayerShape = {hidden: H, intermediate: I, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: hd, streams: P, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: source.queryScaled ? 1 : 1 / Math.sqrt(hd)}
-      const S = P * tokens
-      const h = mlpRows / 2
-      const qkvPipe = this.pipeline(qkvKernel(shape), 'qkv')
-      const attnPipe = this.pipeline(attentionKernel(shape), 'attention')
-      const oPipe = this.pipeline(matvecKernel({k: qRows, n: H, streams: S, rows: outRowsHere, epilogue: 'Y[s * N + row] += v;'}), 'o_proj')
-      const mlpPipe = this.pipeline(
-        matvecKernel({
-          k: H,
-          n: 2 * I,
-          streams: S,
-          rows: mlpRows,
-          normEps: c.rmsNormEps,
-          rowOf: `select(${I}u + t * ${h}u + r - ${h}u, t * ${h}u + r, r < ${h}u)`,
-          extra: '@group(0) @binding(6) var<storage, read_write> HOUT: array<f32>;',
-          tileEpilogue: `
-    if (li < ${h}u * S) {
-      let j = li / S;
-      let s = li % S;
-      let g = fin(j, s);
-      let u = fin(j + ${h}u, s);
-      HOUT[s * ${I}u + t * ${h}u + j] = g / (1.0 + exp(-g)) * u;
-    }`,
-        }),
-        'gate_up',
-      )
-      const downPipe = this.pipeline(matvecKernel({k: I, n: H, streams: S, rows: outRowsHere, epilogue: 'Y[s * N + row] += v;'}), 'down')
-      for (const w of layers) {
-        this.add(plan, qkvPipe, {0: w.qkvW, 1: this.x, 2: q, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB, 6: w.kc, 7: w.vc, 8: ropeBuffer}, qkvTiles(shape))
-        this.add(plan, attnPipe, {0: q, 1: w.kc, 2: w.vc, 3: this.stepBuffer, 4: attn}, S * c.numHeads)
-        this.add(plan, oPipe, {0: w.wo, 1: attn, 2: this.x, 3: this.stepBuffer}, matvecTiles({n: H, rows: outRowsHere}))
-        this.add(plan, mlpPipe, {0: w.gateUp, 1: this.x, 2: scratch, 3: this.stepBuffer, 4: w.ln2, 6: hidden}, I / h)
-        this.add(plan, downPipe, {0: w.down, 1: hidden, 2: this.x, 3: this.stepBuffer}, matvecTiles({n: H, rows: outRowsHere}))
-      }
-    }
-    planLayers(this.stepPlan, 1, outRows, 4)
-    if (this.promptTokens > 1) planLayers(this.promptPlan, this.promptTokens, 1, 2)
 
     // Embedding table, in chunks a binding can hold; reused as the head when tied.
     const maxBinding = this.gpu.device.limits.maxStorageBufferBindingSize!
     const chunkRows = Math.max(1, Math.floor(maxBinding / (H * 4)))
-    const table = source.read('model.embed_tokens.weight')
-    this.embedChunks.push(...this.chunkRows(table, chunkRows))
+    this.embedChunks.push(...this.chunkRows(source.read('model.embed_tokens.weight'), chunkRows))
     const headChunks = c.tieWordEmbeddings ? this.embedChunks : this.chunkRows(source.read('lm_head.weight'), chunkRows)
 
     // The last token's streams: final norm, aggregation and mixing (P > 1), the head.
     const rows = 4
-    const tail: Dispatch[] = []
     const y = this.buffer(P * H * 4)
-    this.add(tail, this.pipeline(finalNormKernel(H, c.rmsNormEps), 'final_norm'), {0: this.x, 1: this.upload(source.read('model.norm.weight')), 2: y, 3: this.stepBuffer}, P)
+    this.tail.push(this.dispatch(this.pipeline(finalNormKernel(H, c.rmsNormEps), 'final_norm'), {0: this.x, 1: this.upload(source.read('model.norm.weight')), 2: y, 3: this.stepBuffer}, P))
     let headInput = y
     if (P > 1) {
       const a = this.buffer(H * 4)
@@ -292,17 +240,15 @@ export class WgslDecoder {
       // columns from hidden-major (h·P + p) to stream-major (p·H + h), so the input is the normed streams as they lie
       const w0s = new Float32Array(w0.length)
       for (let r = 0; r < H; r++) for (let i = 0; i < H; i++) for (let p = 0; p < P; p++) w0s[r * P * H + p * H + i] = w0[r * P * H + i * P + p]!
-      const agg0Pipe = this.pipeline(matvecKernel({k: P * H, n: H, streams: 1, rows, bias: true, epilogue: 'Y[row] = v / (1.0 + exp(-v));'}), 'aggregate')
-      this.add(tail, agg0Pipe, {0: this.upload(w0s), 1: y, 2: a, 3: this.stepBuffer, 5: this.upload(source.read('model.aggregate_layer.0.bias'))}, matvecTiles({n: H, rows}))
-      this.add(tail, this.pipeline(mixKernel(H, P, c.attnSmooth), 'mix'), {0: a, 1: this.upload(source.read('model.aggregate_layer.2.weight')), 2: this.upload(source.read('model.aggregate_layer.2.bias')), 3: y, 4: mixed, 5: this.streamWeights}, 1)
+      const agg0 = this.pipeline(matvecKernel({k: P * H, n: H, streams: 1, rows, bias: true, epilogue: 'Y[row] = v / (1.0 + exp(-v));'}), 'aggregate')
+      this.tail.push(this.dispatch(agg0, {0: this.upload(w0s), 1: y, 2: a, 3: this.stepBuffer, 5: this.upload(source.read('model.aggregate_layer.0.bias'))}, matvecTiles({n: H, rows})))
+      this.tail.push(this.dispatch(this.pipeline(mixKernel(H, P, c.attnSmooth), 'mix'), {0: a, 1: this.upload(source.read('model.aggregate_layer.2.weight')), 2: this.upload(source.read('model.aggregate_layer.2.bias')), 3: y, 4: mixed, 5: this.streamWeights}, 1))
       headInput = mixed
     }
     for (const chunk of headChunks) {
       const pipe = this.pipeline(matvecKernel({k: H, n: chunk.rows, streams: 1, rows, epilogue: `Y[${chunk.first}u + row] = v;`}), 'lm_head')
-      this.add(tail, pipe, {0: chunk.buffer, 1: headInput, 2: this.logits, 3: this.stepBuffer}, matvecTiles({n: chunk.rows, rows}))
+      this.tail.push(this.dispatch(pipe, {0: chunk.buffer, 1: headInput, 2: this.logits, 3: this.stepBuffer}, matvecTiles({n: chunk.rows, rows})))
     }
-    this.stepPlan.push(...tail)
-    this.promptPlan.push(...tail)
   }
 
   private chunkRows(matrix: Float32Array, chunkRows: number): {buffer: GpuBuffer; first: number; rows: number}[] {
@@ -315,45 +261,124 @@ export class WgslDecoder {
     return out
   }
 
-  /** Forgets the sequence (the prefixes stay in their slots). */
-  reset(): void {
-    this.position = 0
+  /** The kernels that do not depend on the cache, for calls of `tokens` tokens. */
+  private kernelsFor(tokens: number) {
+    let kernels = this.rowKernels.get(tokens)
+    if (!kernels) {
+      const c = this.config
+      const S = c.parallel * tokens
+      const I = c.intermediateSize
+      const outRows = tokens === 1 ? this.outRows : 1
+      const h = tokens === 1 ? 2 : 1 // gate (and up) rows a workgroup
+      kernels = {
+        o: this.pipeline(matvecKernel({k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: outRows, epilogue: 'Y[s * N + row] += v;'}), 'o_proj'),
+        mlp: this.pipeline(
+          matvecKernel({
+            k: c.hiddenSize,
+            n: 2 * I,
+            streams: S,
+            rows: 2 * h,
+            normEps: c.rmsNormEps,
+            rowOf: `select(${I}u + t * ${h}u + r - ${h}u, t * ${h}u + r, r < ${h}u)`,
+            extra: '@group(0) @binding(6) var<storage, read_write> HOUT: array<f32>;',
+            tileEpilogue: `
+    if (li < ${h}u * S) {
+      let j = li / S;
+      let s = li % S;
+      let g = fin(j, s);
+      let u = fin(j + ${h}u, s);
+      HOUT[s * ${I}u + t * ${h}u + j] = g / (1.0 + exp(-g)) * u;
+    }`,
+          }),
+          'gate_up',
+        ),
+        down: this.pipeline(matvecKernel({k: I, n: c.hiddenSize, streams: S, rows: outRows, epilogue: 'Y[s * N + row] += v;'}), 'down'),
+        mlpTiles: I / h,
+        outTiles: matvecTiles({n: c.hiddenSize, rows: outRows}),
+      }
+      this.rowKernels.set(tokens, kernels)
+    }
+    return kernels
   }
 
-  /**
-   * Runs one token through the model at the next position. With `read` the logits of that
-   * position come back (a copy) with the stream weights (P > 1; [1] at P = 1); without, the step
-   * is only submitted (for timing the GPU).
-   */
-  step(token: number, read = true): Promise<StepResult | undefined> {
-    return this.run([token], read)
+  /** q·k·v and attention for a cache of `capacity` slots and calls of `tokens` tokens. */
+  private cacheKernelsFor(capacity: number, tokens: number): CacheKernels {
+    const key = `${capacity}:${tokens}`
+    let kernels = this.cacheKernels.get(key)
+    if (!kernels) {
+      const c = this.config
+      const shape: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale}
+      kernels = {qkv: this.pipeline(qkvKernel(shape), 'qkv'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
+      this.cacheKernels.set(key, kernels)
+    }
+    return kernels
   }
 
-  /**
-   * Runs `tokens` at the next positions, `promptTokens` a call, and returns the last one's
-   * logits and stream weights (with `read`).
-   */
-  async prompt(tokens: readonly number[], read = true): Promise<StepResult | undefined> {
-    if (tokens.length === 0) throw new UserError('a prompt needs at least one token')
-    let out: StepResult | undefined
-    for (let first = 0; first < tokens.length; first += this.promptTokens) {
-      const piece = tokens.slice(first, first + this.promptTokens)
-      out = await this.run(piece, read && first + piece.length === tokens.length)
+  /** A sequence's dispatches over its caches for calls of `tokens` tokens. */
+  plan(caches: {k: GpuBuffer; v: GpuBuffer}[], capacity: number, tokens: number): Dispatch[] {
+    const row = this.kernelsFor(tokens)
+    const cache = this.cacheKernelsFor(capacity, tokens)
+    const S = this.config.parallel * tokens
+    const out: Dispatch[] = []
+    for (const [n, w] of this.layers.entries()) {
+      const {k, v} = caches[n]!
+      out.push(this.dispatch(cache.qkv, {0: w.qkvW, 1: this.x, 2: this.q, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB, 6: k, 7: v, 8: this.rope}, qkvTiles(cache.shape)))
+      out.push(this.dispatch(cache.attention, {0: this.q, 1: k, 2: v, 3: this.stepBuffer, 4: this.attn}, S * this.config.numHeads))
+      out.push(this.dispatch(row.o, {0: w.wo, 1: this.attn, 2: this.x, 3: this.stepBuffer}, row.outTiles))
+      out.push(this.dispatch(row.mlp, {0: w.gateUp, 1: this.x, 2: this.scratch, 3: this.stepBuffer, 4: w.ln2, 6: this.hidden}, row.mlpTiles))
+      out.push(this.dispatch(row.down, {0: w.down, 1: this.hidden, 2: this.x, 3: this.stepBuffer}, row.outTiles))
     }
     return out
   }
 
-  private async run(tokens: readonly number[], read: boolean): Promise<StepResult | undefined> {
+  /** A cache of `capacity` slots per layer and kind, its first slots the prefixes; `from` (a smaller one) copied in. */
+  caches(capacity: number, from?: {caches: {k: GpuBuffer; v: GpuBuffer}[]; capacity: number; slots: number}): {k: GpuBuffer; v: GpuBuffer}[] {
     const c = this.config
+    const blocks = c.parallel * c.numKvHeads
+    const blockBytes = capacity * c.headDim * 4
+    const encoder = this.gpu.device.createCommandEncoder()
+    const out = this.layers.map((w, n) => {
+      const k = this.gpu.device.createBuffer({size: blocks * blockBytes, usage: STORAGE | COPY_DST | COPY_SRC})
+      const v = this.gpu.device.createBuffer({size: blocks * blockBytes, usage: STORAGE | COPY_DST | COPY_SRC})
+      for (let b = 0; b < blocks; b++) {
+        if (from) {
+          const old = from.capacity * c.headDim * 4
+          const used = from.slots * c.headDim * 4
+          encoder.copyBufferToBuffer(from.caches[n]!.k, b * old, k, b * blockBytes, used)
+          encoder.copyBufferToBuffer(from.caches[n]!.v, b * old, v, b * blockBytes, used)
+        } else if (w.prefixK && w.prefixV) {
+          const prefixBytes = c.prefixTokens * c.headDim * 4
+          encoder.copyBufferToBuffer(w.prefixK, b * prefixBytes, k, b * blockBytes, prefixBytes)
+          encoder.copyBufferToBuffer(w.prefixV, b * prefixBytes, v, b * blockBytes, prefixBytes)
+        }
+      }
+      return {k, v}
+    })
+    this.gpu.device.queue.submit([encoder.finish()])
+    return out
+  }
+
+  /** A new, empty sequence with room for `positions` tokens (it grows beyond them when it must). */
+  sequence(positions = POSITION_STEP): WgslSequence {
+    return new WgslSequence(this, positions)
+  }
+
+  /**
+   * Runs `tokens` of `sequence` at its next positions in one call (at most `promptTokens`); with
+   * `read`, the last token's logits and stream weights come back.
+   */
+  async run(sequence: WgslSequence, tokens: readonly number[], read: boolean): Promise<StepResult | undefined> {
+    const c = this.config
+    const T = tokens.length
+    if (T < 1 || T > this.promptTokens) throw new RangeError(`a call runs 1 to ${this.promptTokens} tokens, not ${T}`)
     for (const token of tokens) {
       if (!Number.isInteger(token) || token < 0 || token >= c.vocabSize) throw new UserError(`token id ${token} is outside the vocabulary (0…${c.vocabSize - 1})`)
     }
-    if (this.position + tokens.length > this.positions) throw new UserError(`the cache is full (${this.positions} positions)`)
+    const plan = sequence.planFor(T)
     const device = this.gpu.device
-    const T = tokens.length
-    this.stepData[0] = this.position
-    this.stepData[1] = c.prefixTokens + this.position
-    this.stepData[2] = c.prefixTokens + this.position + 1
+    this.stepData[0] = sequence.length
+    this.stepData[1] = c.prefixTokens + sequence.length
+    this.stepData[2] = c.prefixTokens + sequence.length + 1
     this.stepData[3] = (T - 1) * c.parallel
     this.stepData[4] = T
     device.queue.writeBuffer(this.stepBuffer, 0, this.stepData)
@@ -364,7 +389,12 @@ export class WgslDecoder {
       for (let s = 0; s < c.parallel; s++) encoder.copyBufferToBuffer(chunk.buffer, (token - chunk.first) * rowBytes, this.x, (t * c.parallel + s) * rowBytes, rowBytes)
     }
     const pass = encoder.beginComputePass()
-    for (const d of T === 1 ? this.stepPlan : this.promptPlan) {
+    for (const d of plan) {
+      pass.setPipeline(d.pipeline)
+      pass.setBindGroup(0, d.group)
+      pass.dispatchWorkgroups(d.x, d.y)
+    }
+    for (const d of this.tail) {
       pass.setPipeline(d.pipeline)
       pass.setBindGroup(0, d.group)
       pass.dispatchWorkgroups(d.x, d.y)
@@ -375,7 +405,7 @@ export class WgslDecoder {
       if (this.streamWeights) encoder.copyBufferToBuffer(this.streamWeights, 0, this.readBack, c.vocabSize * 4, c.parallel * 4)
     }
     device.queue.submit([encoder.finish()])
-    this.position += T
+    sequence.advance(T)
     if (!read) return undefined
     await this.readBack.mapAsync(MAP_MODE_READ)
     const bytes = this.readBack.getMappedRange().slice(0, (c.vocabSize + c.parallel) * 4)
@@ -385,14 +415,165 @@ export class WgslDecoder {
     return {logits, streamWeights}
   }
 
-  /** Waits for every submitted step. */
+  /** Waits for every submitted call. */
   async finish(): Promise<void> {
     await this.gpu.device.queue.onSubmittedWorkDone()
   }
 
-  /** Frees the GPU buffers (the device stays for the process). */
+  /** Frees the weights (sequences free their own caches; the device stays for the process). */
   release(): void {
     for (const b of this.buffers) b.destroy()
     this.buffers.length = 0
+  }
+}
+
+/** One sequence's cache on the GPU and its dispatches over it. */
+export class WgslSequence {
+  private caches: {k: GpuBuffer; v: GpuBuffer}[]
+  private positions: number
+  private position = 0
+  private readonly plans = new Map<number, Dispatch[]>()
+
+  constructor(
+    private readonly model: WgslModel,
+    positions: number,
+  ) {
+    this.positions = Math.min(Math.max(1, positions), model.maxPositions)
+    this.caches = model.caches(this.capacity)
+  }
+
+  /** Tokens in the cache. */
+  get length(): number {
+    return this.position
+  }
+
+  /** Tokens the cache holds before it grows. */
+  get room(): number {
+    return this.positions
+  }
+
+  private get capacity(): number {
+    return this.model.config.prefixTokens + this.positions
+  }
+
+  /** The dispatches for a call of `tokens` tokens, after growing the cache if they do not fit. */
+  planFor(tokens: number): Dispatch[] {
+    if (this.position + tokens > this.positions) this.grow(this.position + tokens)
+    const key = tokens === 1 ? 1 : this.model.promptTokens
+    let plan = this.plans.get(key)
+    if (!plan) {
+      plan = this.model.plan(this.caches, this.capacity, key)
+      this.plans.set(key, plan)
+    }
+    return plan
+  }
+
+  /** Makes room for `positions` tokens (in steps of 256), copying the cache over. */
+  grow(positions: number): void {
+    if (positions <= this.positions) return
+    if (positions > this.model.maxPositions) throw new UserError(`the sequence needs ${positions} positions; the hand-written kernels hold ${this.model.maxPositions} at this P`)
+    const next = Math.min(this.model.maxPositions, Math.ceil(positions / POSITION_STEP) * POSITION_STEP)
+    const old = {caches: this.caches, capacity: this.capacity, slots: this.model.config.prefixTokens + this.position}
+    this.positions = next
+    this.caches = this.model.caches(this.capacity, old)
+    for (const c of old.caches) {
+      c.k.destroy()
+      c.v.destroy()
+    }
+    this.plans.clear()
+  }
+
+  advance(tokens: number): void {
+    this.position += tokens
+  }
+
+  /** Forgets the tokens (the prefixes stay in their slots). */
+  reset(): void {
+    this.position = 0
+  }
+
+  release(): void {
+    for (const c of this.caches) {
+      c.k.destroy()
+      c.v.destroy()
+    }
+    this.caches = []
+    this.plans.clear()
+  }
+}
+
+export interface WgslDecoderOptions {
+  /** Token positions the cache holds (the prefix comes on top); more is refused. */
+  positions: number
+}
+
+/** A model with one sequence of a fixed size: what the benchmark and the golden checks drive. */
+export class WgslDecoder {
+  private constructor(
+    readonly model: WgslModel,
+    private readonly sequence: WgslSequence,
+    readonly positions: number,
+  ) {}
+
+  static async open(source: TensorSource, options: WgslDecoderOptions): Promise<WgslDecoder> {
+    if (!Number.isInteger(options.positions) || options.positions < 1) throw new UserError(`the cache needs at least one position (asked for ${options.positions})`)
+    if (options.positions > source.config.maxPositionEmbeddings) throw new UserError(`the cache asks for ${options.positions} positions; the model has ${source.config.maxPositionEmbeddings}`)
+    const model = await WgslModel.open(source)
+    if (options.positions > model.maxPositions) {
+      model.release()
+      throw new UserError(`a cache of ${options.positions} positions does not fit the adapter's workgroup memory (the attention kernel keeps one score per slot; ${model.maxPositions} fit)`)
+    }
+    return new WgslDecoder(model, model.sequence(options.positions), options.positions)
+  }
+
+  get config(): ModelConfig {
+    return this.model.config
+  }
+
+  get dispatchCount(): number {
+    return this.model.dispatchCount
+  }
+
+  get adapterName(): string {
+    return this.model.adapterName
+  }
+
+  get promptTokens(): number {
+    return this.model.promptTokens
+  }
+
+  /** Tokens in the cache. */
+  get length(): number {
+    return this.sequence.length
+  }
+
+  reset(): void {
+    this.sequence.reset()
+  }
+
+  /** One token at the next position; `read`: its logits and stream weights (else only submitted, for timing). */
+  step(token: number, read = true): Promise<StepResult | undefined> {
+    return this.prompt([token], read)
+  }
+
+  /** `tokens` at the next positions, `promptTokens` a call; the last one's logits and stream weights. */
+  async prompt(tokens: readonly number[], read = true): Promise<StepResult | undefined> {
+    if (tokens.length === 0) throw new UserError('a prompt needs at least one token')
+    if (this.sequence.length + tokens.length > this.positions) throw new UserError(`the cache is full (${this.positions} positions)`)
+    let out: StepResult | undefined
+    for (let first = 0; first < tokens.length; first += this.model.promptTokens) {
+      const piece = tokens.slice(first, first + this.model.promptTokens)
+      out = await this.model.run(this.sequence, piece, read && first + piece.length === tokens.length)
+    }
+    return out
+  }
+
+  finish(): Promise<void> {
+    return this.model.finish()
+  }
+
+  release(): void {
+    this.sequence.release()
+    this.model.release()
   }
 }
