@@ -21,10 +21,13 @@ import {GPU_FORM_CALL_TOKENS, gpuFormCallTokens, gpuFormStep, gpuFormSupport, op
 import {KvCache} from './kv-cache.js'
 import {loadStreamWeights, type HostTensor, type StreamWeights} from './stream-weights.js'
 import {CaptureCache, CapturedGpuFormModel, chooseWebGpuRoute, loadCaptureRuntime, type RouteChoice} from './webgpu-capture.js'
+import {WgslCache} from './wgsl-cache.js'
+import {promptTokensAt, WgslModel} from '../wgsl/decoder.js'
+import {packageSource} from '../wgsl/package-source.js'
 import {widenedDecodeGraph} from '../quant/widen.js'
 
 /** A cache of one P: in JavaScript (CPU), in device memory (WebGPU), or per sequence in the GPU form (onnxruntime-node, or the capture route's GPU buffers). */
-export type ModelCache = KvCache | DeviceKvCache | GpuFormCache | CaptureCache
+export type ModelCache = KvCache | DeviceKvCache | GpuFormCache | CaptureCache | WgslCache
 
 /** The capture route's first cache capacity (slots, prefix included): a prompt of 64 and 32 new tokens at a 48-token prefix fit. */
 const CAPTURE_CAPACITY = 256
@@ -100,6 +103,8 @@ export class ParScaleModel implements DeviceCacheHost {
   private readonly gpuFormPrefixes = new Map<number, ReturnType<typeof prefixCache>>()
   /** The capture route's models, one per P (each with its two sessions and bound cache buffers), and the capacity each was asked for. */
   private readonly captureModels = new Map<number, {capacity: number; model: Promise<CapturedGpuFormModel>}>()
+  /** The hand-written kernels' models (PARSCALE_WEBGPU_ROUTE=wgsl), one per P. */
+  private readonly wgslModels = new Map<number, Promise<WgslModel>>()
 
   private constructor(
     /** The package's graph; undefined when the GPU form runs every call. */
@@ -135,6 +140,7 @@ export class ParScaleModel implements DeviceCacheHost {
     if (this.gpuForm) {
       const kernel = this.manifest.quant ? 'MatMulNBits (GPU form)' : 'MatMul (GPU form)'
       if (this.route?.route === 'capture') return {prefill: `${kernel}, onnxruntime-web`, decode: `${kernel}, onnxruntime-web, captured graph replayed`}
+      if (this.route?.route === 'wgsl') return {prefill: 'hand-written WGSL kernels (5 dispatches a layer)', decode: 'hand-written WGSL kernels (5 dispatches a layer)'}
       if (this.route?.fallback) return {prefill: kernel, decode: `${kernel}, not captured: ${this.route.fallback}`}
       return {prefill: kernel, decode: kernel}
     }
@@ -183,7 +189,8 @@ export class ParScaleModel implements DeviceCacheHost {
     // the other needs, so with a decode session both pools sleep when idle.
     const sleeping = {...sessionOptions, extra: {session: {intra_op: {allow_spinning: '0'}}}}
     if (gpuForm) {
-      const route = await chooseWebGpuRoute()
+      let route = await chooseWebGpuRoute()
+      if (route.route === 'wgsl' && manifest.quant) route = {route: 'node', fallback: `the hand-written kernels take float packages, not --quant ${manifest.quant.scheme}`}
       const model = new ParScaleModel(undefined, undefined, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, undefined, adapter, undefined, true, {
         ...(options.profilePrefix ? {profilePrefix: options.profilePrefix} : {}),
       }, route)
@@ -200,7 +207,13 @@ export class ParScaleModel implements DeviceCacheHost {
             model.route = {route: 'node', fallback: `the capture route did not open it: ${(error as Error).message.split('\n')[0]}`}
           })
         }
-        if (model.route?.route !== 'capture') await model.gpuFormSession(P)
+        if (route.route === 'wgsl') {
+          await model.wgslModel(P).catch((error: unknown) => {
+            model.wgslModels.delete(P)
+            model.route = {route: 'node', fallback: `the hand-written kernels did not open it: ${(error as Error).message.split('\n')[0]}`}
+          })
+        }
+        if (model.route?.route !== 'capture' && model.route?.route !== 'wgsl') await model.gpuFormSession(P)
       }
       return model
     }
@@ -261,6 +274,10 @@ export class ParScaleModel implements DeviceCacheHost {
 
   /** An empty cache for sequences at `parallel` streams (`reserve` sizes it). */
   newCache(parallel: number): ModelCache {
+    if (this.gpuForm && this.route?.route === 'wgsl') {
+      const prefixTokens = parallel === 1 ? 0 : selectVariant(this.manifest, parallel, this.packageDir).prefixTokens
+      return new WgslCache(this.shape, parallel, prefixTokens, () => this.wgslModel(parallel))
+    }
     if (this.gpuForm && this.route?.route === 'capture') {
       const prefixTokens = parallel === 1 ? 0 : selectVariant(this.manifest, parallel, this.packageDir).prefixTokens
       return new CaptureCache(this.shape, parallel, prefixTokens, (capacity) => this.captureModel(parallel, capacity))
@@ -292,6 +309,7 @@ export class ParScaleModel implements DeviceCacheHost {
     if (cache instanceof DeviceKvCache) return this.forwardDevice(cache, first, inputIds, numLogitsToKeep)
     if (cache instanceof GpuFormCache) return this.forwardGpuForm(cache, first, inputIds, numLogitsToKeep)
     if (cache instanceof CaptureCache) return this.forwardCapture(cache, first, inputIds, numLogitsToKeep)
+    if (cache instanceof WgslCache) return this.forwardWgsl(cache, first, inputIds, numLogitsToKeep)
     const positions = new BigInt64Array(count * seq)
     const lengths = new BigInt64Array(count)
     for (let r = 0; r < count; r++) {
@@ -398,6 +416,52 @@ export class ParScaleModel implements DeviceCacheHost {
         return out
       }
     })
+  }
+
+  /**
+   * The hand-written kernels (PARSCALE_WEBGPU_ROUTE=wgsl): a row's tokens in calls of several,
+   * one token a call where every position's logits are kept (eval).
+   */
+  private async forwardWgsl(cache: WgslCache, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<ForwardResult> {
+    const P = cache.parallel
+    const V = this.vocabSize
+    return forwardInPieces(inputIds, numLogitsToKeep, V, P, promptTokensAt(P), async (r) => {
+      const slot = first + r
+      const model = await cache.model()
+      const sequence = await cache.sequence(slot)
+      return async (ids, wanted) => {
+        if (wanted === 1) {
+          const out = (await model.run(sequence, ids, true))!
+          cache.update(slot)
+          return out
+        }
+        // every kept position read: the tokens before them in one call, then one a call
+        const logits = new Float32Array(wanted * V)
+        const streamWeights = new Float32Array(wanted * P)
+        const head = ids.length - wanted
+        if (head > 0) await model.run(sequence, ids.slice(0, head), false)
+        for (let i = 0; i < wanted; i++) {
+          const out = (await model.run(sequence, [ids[head + i]!], true))!
+          logits.set(out.logits, i * V)
+          streamWeights.set(out.streamWeights, i * P)
+        }
+        cache.update(slot)
+        return {logits, streamWeights}
+      }
+    })
+  }
+
+  /** The hand-written kernels' model of one P, opened at first use (its weights read from this package). */
+  private wgslModel(parallel: number): Promise<WgslModel> {
+    let model = this.wgslModels.get(parallel)
+    if (!model) {
+      model = WgslModel.open(packageSource(this.packageDir, parallel)).catch((error: unknown) => {
+        if (error instanceof UserError) throw error
+        throw new UserError(`${this.packageDir}: the hand-written kernels cannot run it at P = ${parallel} (${(error as Error).message.split('\n')[0]})`)
+      })
+      this.wgslModels.set(parallel, model)
+    }
+    return model
   }
 
   /**
@@ -510,6 +574,7 @@ export class ParScaleModel implements DeviceCacheHost {
     await this.session?.release()
     for (const session of this.gpuFormSessions.values()) await (await session.catch(() => undefined))?.session.release()
     for (const {model} of this.captureModels.values()) await (await model.catch(() => undefined))?.release()
+    for (const model of this.wgslModels.values()) (await model.catch(() => undefined))?.release()
     await (await this.widened)?.release()
     this.embeddings?.close()
   }

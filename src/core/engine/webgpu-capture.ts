@@ -48,6 +48,7 @@ import type {SequenceCache} from './decoder.js'
 import {checkWebGpu} from './device.js'
 import {GPU_FORM_CALL_TOKENS, GpuFormModel, placePrefix, prefixCache, writeGpuFormGraph, type GpuFormOptions} from './gpu-form.js'
 import {FixedCapacitySlots} from './gpu-form-cache.js'
+import {openWgslDevice} from '../wgsl/dawn.js'
 
 const {onnx} = onnxProto
 
@@ -133,18 +134,23 @@ export interface CaptureRuntime {
   adapter: string
 }
 
-/** Which WebGPU route `--device webgpu` takes: `capture` (onnxruntime-web + Dawn, when both load) or `node` (onnxruntime-node, no capture). */
-export type WebGpuRoute = 'capture' | 'node'
+/**
+ * Which WebGPU route `--device webgpu` takes: `capture` (onnxruntime-web + Dawn, when both load),
+ * `wgsl` (parscale's hand-written kernels on Dawn, src/core/wgsl/, float packages) or `node`
+ * (onnxruntime-node, no capture).
+ */
+export type WebGpuRoute = 'capture' | 'node' | 'wgsl'
 
 /**
- * `PARSCALE_WEBGPU_ROUTE`: `node` (the default) or `capture` (opt-in: where it loads, else node
- * with the reason). Not the default: on an H100 (2026-12-06, 0.5b fp32, prompt 64) capture gained
- * only 1.03–1.12× over the same bindings without it, and onnxruntime-web's decode was slower than
- * onnxruntime-node's GPU form (P = 1 18.8 against 12.45 ms/token, P = 8 37.0 against 13.95).
+ * `PARSCALE_WEBGPU_ROUTE`: `node` (the default), `capture` or `wgsl` (opt-in: where it loads, else
+ * node with the reason). Capture is not the default: on an H100 (2026-12-06, 0.5b fp32, prompt 64)
+ * it gained only 1.03–1.12× over the same bindings without it, and onnxruntime-web's decode was
+ * slower than onnxruntime-node's GPU form (P = 1 18.8 against 12.45 ms/token, P = 8 37.0 against
+ * 13.95). `wgsl` needs Dawn's webgpu package, which is not a dependency (docs/benchmarks.md).
  */
 export function requestedWebGpuRoute(): WebGpuRoute {
   const value = process.env.PARSCALE_WEBGPU_ROUTE ?? 'node'
-  if (value !== 'capture' && value !== 'node') throw new UserError(`PARSCALE_WEBGPU_ROUTE must be capture or node, not "${value}"`)
+  if (value !== 'capture' && value !== 'node' && value !== 'wgsl') throw new UserError(`PARSCALE_WEBGPU_ROUTE must be node, capture or wgsl, not "${value}"`)
   return value
 }
 
@@ -528,7 +534,7 @@ function checkCapacity(capacity: number, prefixTokens: number, positions: number
 /** How a GPU-form runner was chosen: the route taken and, where capture was wanted but not taken, why. */
 export interface RouteChoice {
   route: WebGpuRoute | 'cpu'
-  /** Why the capture route was not taken (one line), when it was wanted. */
+  /** Why the route asked for (capture, wgsl) was not taken (one line). */
   fallback?: string
   adapter?: string
 }
@@ -542,7 +548,9 @@ export async function openGpuFormRunner(packageDir: string, options: GpuFormOpti
   const device = options.device ?? 'cpu'
   if (device === 'cpu') return {runner: await GpuFormModel.open(packageDir, options), choice: {route: 'cpu'}}
   await checkWebGpu() // one line and exit 1 where there is no adapter, as on the node route
-  const choice = await chooseWebGpuRoute()
+  const chosen = await chooseWebGpuRoute()
+  // this runner is ONNX Runtime's GPU form; the hand-written kernels have their own benchmark
+  const choice: RouteChoice = chosen.route === 'wgsl' ? {route: 'node', fallback: 'the GPU form benchmark runs ONNX Runtime (bench:wgsl times the hand-written kernels)'} : chosen
   if (choice.route === 'capture') {
     const rt = (await loadCaptureRuntime()) as CaptureRuntime
     return {runner: await CapturedGpuFormModel.open(packageDir, options, rt), choice}
@@ -550,9 +558,14 @@ export async function openGpuFormRunner(packageDir: string, options: GpuFormOpti
   return {runner: await GpuFormModel.open(packageDir, options), choice}
 }
 
-/** The route `--device webgpu` takes in this process, and why not capture where it is not. */
+/** The route `--device webgpu` takes in this process, and why not the one asked for where it is not. */
 export async function chooseWebGpuRoute(): Promise<RouteChoice> {
-  if (requestedWebGpuRoute() === 'node') return {route: 'node'}
+  const requested = requestedWebGpuRoute()
+  if (requested === 'node') return {route: 'node'}
+  if (requested === 'wgsl') {
+    const device = await openWgslDevice()
+    return typeof device === 'string' ? {route: 'node', fallback: device} : {route: 'wgsl', adapter: device.name}
+  }
   const rt = await loadCaptureRuntime()
   if (typeof rt === 'string') return {route: 'node', fallback: rt}
   return {route: 'capture', adapter: rt.adapter}

@@ -43,6 +43,11 @@ interface LayerWeights {
 
 /** Rows (token · P + stream) a prompt call holds at most: the matvec keeps rows × tile rows accumulators per invocation. */
 const PROMPT_ROWS = 32
+/** Tokens a prompt call holds at P streams. */
+export function promptTokensAt(parallel: number): number {
+  return Math.max(1, Math.floor(PROMPT_ROWS / parallel))
+}
+
 /** Cache positions a new sequence starts with, and the step it grows by. */
 const POSITION_STEP = 256
 
@@ -106,7 +111,7 @@ export class WgslModel {
     private readonly scoreScale: number,
   ) {
     const c = config
-    this.promptTokens = Math.max(1, Math.floor(PROMPT_ROWS / c.parallel))
+    this.promptTokens = promptTokensAt(c.parallel)
     const workgroupBytes = gpu.device.limits.maxComputeWorkgroupStorageSize!
     const slotsThatFit = Math.floor((workgroupBytes - 2 * 256 * 4 - c.headDim * 4) / 4)
     this.maxPositions = Math.min(c.maxPositionEmbeddings, slotsThatFit - c.prefixTokens)
