@@ -12,6 +12,7 @@ import path from 'node:path'
 import {after, before, describe, test} from 'node:test'
 
 import {Checkpoint, expectedTensorShapes} from '../src/core/checkpoint/checkpoint.js'
+import {checkWebGpu} from '../src/core/engine/device.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {resolveModel} from '../src/core/package/resolve.js'
 import {readTensorFloat32} from '../src/core/checkpoint/dtype.js'
@@ -159,6 +160,48 @@ describe('hand-written WebGPU decode step: the default model\'s package against 
       }
     })
   }
+})
+
+describe('PARSCALE_WEBGPU_ROUTE=wgsl: the CLI on the hand-written kernels', () => {
+  const cli = (args: string[], env: Record<string, string>) =>
+    spawnSync(process.execPath, ['bin/run.js', ...args], {encoding: 'utf8', env: {...process.env, ...env}, timeout: 600_000})
+  const route = {PARSCALE_WEBGPU_ROUTE: 'wgsl'}
+
+  test('run at P = 8 gives the CPU graph\'s greedy tokens; eval at P = 1 and 8 its losses', async (t) => {
+    if (unavailable) return t.skip(unavailable)
+    const prompt = ['run', '--prompt', 'def fibonacci(n):', '--max-new-tokens', '24', '-p', '8', '--temperature', '0', '--json']
+    const gpu = cli([...prompt, '--device', 'webgpu'], route)
+    const cpu = cli(prompt, {})
+    assert.equal(gpu.status, 0, gpu.stderr)
+    assert.equal(cpu.status, 0, cpu.stderr)
+    assert.doesNotMatch(gpu.stderr, /not the route/, 'the route was taken')
+    const text = (out: string) => (JSON.parse(out) as {text: string}).text
+    assert.equal(text(gpu.stdout), text(cpu.stdout))
+    const evalArgs = ['eval', '-f', 'fixtures/default-model/heldout.py', '-p', '1,8', '--json']
+    const gpuEval = cli([...evalArgs, '--device', 'webgpu'], route)
+    const cpuEval = cli(evalArgs, {})
+    assert.equal(gpuEval.status, 0, gpuEval.stderr)
+    const losses = (out: string) => (JSON.parse(out) as {results: {mean_nll: number}[]}).results.map((r) => r.mean_nll)
+    const [g, c] = [losses(gpuEval.stdout), losses(cpuEval.stdout)]
+    assert.equal(g.length, 2)
+    for (let i = 0; i < 2; i++) assert.ok(Math.abs(g[i]! - c[i]!) < 1e-5, `P ${i === 0 ? 1 : 8}: ${g[i]} against ${c[i]}`)
+  })
+
+  test('where Dawn is missing, --device webgpu runs the node route and says why in one line', async (t) => {
+    const adapter = await checkWebGpu().then(() => true, () => false)
+    if (!adapter) return t.skip('no WebGPU adapter on this machine')
+    const out = cli(['run', '--prompt', 'def f():', '--max-new-tokens', '4', '-p', '2', '--temperature', '0', '--device', 'webgpu'], {...route, PARSCALE_DAWN: path.join(work, 'no-such-folder')})
+    assert.equal(out.status, 0, out.stderr)
+    const notices = out.stderr.split('\n').filter((line) => /not the route PARSCALE_WEBGPU_ROUTE asks for/.test(line))
+    assert.equal(notices.length, 1, out.stderr)
+    assert.match(notices[0]!, /Dawn's webgpu package is not installed/)
+  })
+
+  test('an unknown route is one line and exit 1', () => {
+    const out = cli(['run', '--prompt', 'x', '--max-new-tokens', '1', '--device', 'webgpu'], {PARSCALE_WEBGPU_ROUTE: 'fast'})
+    assert.equal(out.status, 1)
+    assert.match(out.stderr.trim(), /PARSCALE_WEBGPU_ROUTE must be node, capture or wgsl, not "fast"/)
+  })
 })
 
 test('a package read as tensors equals its checkpoint (q·k·v and gate·up split, 1/√d folded into q, untied head in blocks, fp16 widened)', (t) => {

@@ -81,7 +81,7 @@ export async function openRunContext(modelName: string | undefined, plan: Pick<R
   }
   if (model.status === 'rejected') throw model.reason
   const fallback = model.value.webgpuRoute?.fallback
-  if (fallback) hooks.onNotice?.(`parscale: WebGPU without graph capture (onnxruntime-node's GPU form): ${fallback}`)
+  if (fallback) hooks.onNotice?.(`parscale: WebGPU on onnxruntime-node's GPU form, not the route PARSCALE_WEBGPU_ROUTE asks for: ${fallback}`)
   const {packageDir, ...ctx} = loaded.value
   if (!auto) return {...ctx, model: model.value}
   try {
