@@ -98,7 +98,7 @@ test('PARSCALE_WEBGPU_ROUTE picks the route (node by default); a wrong value is 
     process.env.PARSCALE_WEBGPU_ROUTE = 'node'
     assert.deepEqual(await chooseWebGpuRoute(), {route: 'node'})
     process.env.PARSCALE_WEBGPU_ROUTE = 'fast'
-    await assert.rejects(chooseWebGpuRoute(), /PARSCALE_WEBGPU_ROUTE must be capture or node, not "fast"/)
+    await assert.rejects(chooseWebGpuRoute(), /PARSCALE_WEBGPU_ROUTE must be node, capture or wgsl, not "fast"/)
   } finally {
     if (previous === undefined) delete process.env.PARSCALE_WEBGPU_ROUTE
     else process.env.PARSCALE_WEBGPU_ROUTE = previous
