@@ -53,6 +53,11 @@ export interface MatvecSpec {
   extra?: string
 }
 
+/** `PARSCALE_WGSL_STREAMS_FIRST=1` (for measuring): the first loop order, every stream row held while the weights pass. */
+function streamsFirst(): boolean {
+  return process.env.PARSCALE_WGSL_STREAMS_FIRST === '1'
+}
+
 /** Tiles a kernel of `spec` dispatches (N / R, rounded up). */
 export function matvecTiles(spec: Pick<MatvecSpec, 'n' | 'rows'>): number {
   return Math.ceil(spec.n / spec.rows)
@@ -115,7 +120,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   for (var r = 0u; r < R; r++) { base[r] = min(rowOf(t, r), N - 1u) * K4; }
   for (var i = li; i < K4; i += WG) {
     ${spec.normEps !== undefined ? 'let g = G[i];' : ''}
-    var xs: array<vec4<f32>, ${S}>;
+    ${streamsFirst() ? `var xs: array<vec4<f32>, ${S}>;
     for (var s = 0u; s < S; s++) {
       let x = X[s * K4 + i];
       acc[R * S + s] += dot(x, x);
@@ -124,7 +129,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var r = 0u; r < R; r++) {
       let w = W[base[r] + i];
       for (var s = 0u; s < S; s++) { acc[r * S + s] += dot(w, xs[s]); }
-    }
+    }` : `// the tile's weights in registers, the stream rows one at a time: R + 1 vectors live, not R + S
+    var w: array<vec4<f32>, ${R}>;
+    for (var r = 0u; r < R; r++) { w[r] = W[base[r] + i]; }
+    for (var s = 0u; s < S; s++) {
+      let x = X[s * K4 + i];
+      acc[R * S + s] += dot(x, x);
+      let xg = x${spec.normEps !== undefined ? ' * g' : ''};
+      for (var r = 0u; r < R; r++) { acc[r * S + s] += dot(w[r], xg); }
+    }`}
   }
   let group = li / width;
   for (var v = 0u; v < VALUES; v++) {
