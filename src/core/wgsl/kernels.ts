@@ -12,6 +12,8 @@
  * which makes the RMS norm of the input free (sum of squares in the same loop).
  */
 
+import {UserError} from '../errors.js'
+
 export const WORKGROUP = 256
 
 /**
@@ -53,9 +55,16 @@ export interface MatvecSpec {
   extra?: string
 }
 
-/** `PARSCALE_WGSL_STREAMS_FIRST=1` (for measuring): the first loop order, every stream row held while the weights pass. */
+/**
+ * The matrix-vector kernel's inner loop (`PARSCALE_WGSL_LOOP`): `streams` (the default, measured
+ * on an H100: every stream row of the input held while the tile's weights pass, R + S vectors
+ * live) or `weights` (the tile's weights held and the stream rows taken one at a time, R + 1
+ * vectors live; fewer registers where S is large, not yet timed on a GPU).
+ */
 function streamsFirst(): boolean {
-  return process.env.PARSCALE_WGSL_STREAMS_FIRST === '1'
+  const loop = process.env.PARSCALE_WGSL_LOOP ?? 'streams'
+  if (loop !== 'streams' && loop !== 'weights') throw new UserError(`PARSCALE_WGSL_LOOP must be streams or weights, not "${loop}"`)
+  return loop === 'streams'
 }
 
 /** Tiles a kernel of `spec` dispatches (N / R, rounded up). */
