@@ -10,6 +10,8 @@ import {UsageError, UserError} from '../core/errors.js'
 import {readManifest} from '../core/package/manifest.js'
 import {checkWebGpu, DEVICES, type Device} from '../core/engine/device.js'
 import {gpuDispatches, gpuStepCosts, weightBytesPerParameter} from '../core/bench/gpu-dispatches.js'
+import {openWgslDevice} from '../core/wgsl/dawn.js'
+import {wgslDispatchesPerStep} from '../core/wgsl/decoder.js'
 import {SYNTHETIC_PRESETS} from '../core/checkpoint/synthetic.js'
 import {renderCsv, renderTable, toJson} from '../ui/bench-report.js'
 import {plotTarget, writePlots} from '../ui/bench-plot.js'
@@ -188,8 +190,14 @@ export default class Bench extends BaseCommand {
         // kernel launches per decode step (counted from the graphs) and the adapter's bandwidth floor, per P
         onStatus('counting dispatches per decode step')
         const costs = gpuStepCosts(await gpuDispatches(model, parallel, adapter?.name ?? 'unknown adapter', weightBytesPerParameter(manifest)), report.roofline)
+        // on the hand-written kernels (PARSCALE_WEBGPU_ROUTE=wgsl) a step is their dispatches, not the GPU form's
+        const wgsl = report.results.some((r) => r.kernels?.decode.startsWith('hand-written')) ? await openWgslDevice() : undefined
         report.results = report.results.map((r) => {
           const cost = costs.get(r.parallel)
+          if (cost && wgsl && typeof wgsl !== 'string' && r.kernels?.decode.startsWith('hand-written')) {
+            const count = wgslDispatchesPerStep(model, r.parallel, wgsl.device.limits.maxStorageBufferBindingSize!)
+            return {...r, gpu_step: {...cost, dispatches_per_step: count, kernels_per_step: count}}
+          }
           return cost ? {...r, gpu_step: cost} : r
         })
       }

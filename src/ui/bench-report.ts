@@ -113,7 +113,7 @@ export function gpuStepLine(step: GpuStepCost): string {
   const floor = step.floor_ms_per_token === null || step.bandwidth_bytes_per_s === null
     ? `no floor: bandwidth ${step.bandwidth_source}`
     : `floor = ${(step.weight_bytes_per_step / 1e9).toFixed(2)} GB of weights a step ÷ ${(step.bandwidth_bytes_per_s / 1e9).toFixed(0)} GB/s (${step.bandwidth_source}) = ${floorMs(step.floor_ms_per_token)} ms/token`
-  return `GPU: dispatches/step = nodes launching kernels per decode step in the GPU form (in brackets: the WebGPU graph before fusion), counted from the optimized graphs; ${floor}`
+  return `GPU: dispatches/step = nodes launching kernels per decode step in the GPU form (in brackets: the WebGPU graph before fusion), counted from the optimized graphs, or the hand-written kernels' dispatches where they run (PARSCALE_WEBGPU_ROUTE=wgsl); ${floor}`
 }
 
 export const CONTEXT_COST_TITLE = 'decode against context length (relative to the shortest prompt):'

@@ -43,6 +43,15 @@ interface LayerWeights {
 
 /** Rows (token · P + stream) a prompt call holds at most: the matvec keeps rows × tile rows accumulators per invocation. */
 const PROMPT_ROWS = 32
+/**
+ * Dispatches of a one-token step: five a layer, the final norm, the aggregation's two at P > 1,
+ * and the head in as many pieces as a storage binding of `maxBindingBytes` needs.
+ */
+export function wgslDispatchesPerStep(shape: {numLayers: number; vocabSize: number; hiddenSize: number}, parallel: number, maxBindingBytes: number): number {
+  const chunkRows = Math.max(1, Math.floor(maxBindingBytes / (shape.hiddenSize * 4)))
+  return 5 * shape.numLayers + 1 + (parallel > 1 ? 2 : 0) + Math.ceil(shape.vocabSize / chunkRows)
+}
+
 /** Tokens a prompt call holds at P streams. */
 export function promptTokensAt(parallel: number): number {
   return Math.max(1, Math.floor(PROMPT_ROWS / parallel))
