@@ -1,6 +1,6 @@
 /**
  * WGSL sources of the hand-written decode step (issue 23): a ParScale Qwen2 layer in five
- * dispatches instead of ONNX Runtime's ~13, because on NVIDIA through Vulkan a step costs about
+ * dispatches instead of ONNX Runtime's ~15, because on NVIDIA through Vulkan a step costs about
  * what its dependent dispatches cost (docs/benchmarks.md, "Fourth GPU session").
  *
  * Every kernel is generated for one model shape (sizes are WGSL constants, so loops over streams
