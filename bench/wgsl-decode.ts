@@ -8,6 +8,7 @@
  *   env: BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,2,4,8), BENCH_PROMPT (64), BENCH_NEW (32), BENCH_ROUNDS (3)
  */
 import {syntheticShape, syntheticTensors} from '../src/core/checkpoint/synthetic.js'
+import {shapeParameters} from '../src/core/bench/scaling-law.js'
 import {median} from '../src/core/bench/stats.js'
 import {WgslDecoder} from '../src/core/wgsl/decoder.js'
 
@@ -38,7 +39,7 @@ for (const parallel of parallels) {
   const decoder = await WgslDecoder.open(source, {positions: prompt + 1 + fresh * 2 * rounds})
   const loadS = (performance.now() - t0) / 1000
   const c = source.config
-  const weights = 4 * (c.numLayers * (c.hiddenSize * (c.numHeads + 2 * c.numKvHeads) * c.headDim + c.numHeads * c.headDim * c.hiddenSize + 3 * c.hiddenSize * c.intermediateSize) + c.vocabSize * c.hiddenSize * (c.tieWordEmbeddings ? 1 : 2))
+  const weights = 4 * shapeParameters(shape)
   const token = (i: number) => (i * 7919 + 13) % c.vocabSize
   const promptIds = Array.from({length: prompt}, (_, i) => token(i))
   // the first prompt call compiles nothing more (pipelines are made at open) but warms the path: time the second

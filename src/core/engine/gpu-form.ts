@@ -72,7 +72,7 @@ export function packageFloatWeights(packageDir: string, manifest: PackageManifes
     return floatWeights(g, {
       get: (name, shape) => initializer(shape ? `${name}#${shape.join('x')}` : name),
       rowBlocks: (_name, storedAs) => {
-        const blocks = [...stored.keys()].filter((n) => n.startsWith(`${storedAs}[`)).sort((a, b) => firstRow(a) - firstRow(b))
+        const blocks = rowBlockNames(stored.keys(), storedAs)
         if (blocks.length === 0) throw new Error(`${packageDir}: weight "${storedAs}" is not in ${manifest.webgpuGraph}`)
         return blocks.map(initializer)
       },
@@ -89,6 +89,11 @@ export function packageFloatWeights(packageDir: string, manifest: PackageManifes
 const layoutRequests = new Map<string, LayoutRequest[]>()
 
 const firstRow = (blockName: string) => Number(/\[(\d+):/.exec(blockName)?.[1] ?? 0)
+
+/** The names of a matrix's row blocks (`<storedAs>[first:end]`, as the converter stores a big matrix) among `names`, in row order. */
+export function rowBlockNames(names: Iterable<string>, storedAs: string): string[] {
+  return [...names].filter((n) => n.startsWith(`${storedAs}[`)).sort((a, b) => firstRow(a) - firstRow(b))
+}
 
 /**
  * `PARSCALE_GPU_MATMUL_ACCURACY` (for measuring): the GPU form's MatMulNBits accuracy_level in
@@ -156,7 +161,7 @@ export function packageQuantizedWeights(packageDir: string, manifest: PackageMan
       made.add(g.externalInitializer(part, entry.type, shape, {file: entry.location.file, offset: entry.location.offset + first * rowBytes, length: count * rowBytes}))
       return part
     }
-    const blocksOf = (storedAs: string) => [...matMuls.keys()].filter((c) => c.startsWith(`${storedAs}[`)).sort((a, b) => firstRow(a) - firstRow(b))
+    const blocksOf = (storedAs: string) => rowBlockNames(matMuls.keys(), storedAs)
     return {
       get: initializer,
       project: (x, _parts, storedAs) => matMulNBits(x, `${storedAs}.codes`),
@@ -218,7 +223,7 @@ export function packageLaidOutWeights(packageDir: string, manifest: PackageManif
         return tensor
       },
       rowBlocks: (storedAs) => {
-        const blocks = [...stored.keys()].filter((n) => n.startsWith(`${storedAs}[`)).sort((a, b) => firstRow(a) - firstRow(b))
+        const blocks = rowBlockNames(stored.keys(), storedAs)
         if (blocks.length === 0) throw new Error(`${packageDir}: weight "${storedAs}" is not in ${manifest.webgpuGraph}`)
         return blocks
       },

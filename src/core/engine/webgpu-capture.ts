@@ -35,8 +35,8 @@ import {createHash} from 'node:crypto'
 import {closeSync, existsSync, fstatSync, mkdirSync, openSync, readFileSync, readSync, renameSync, writeFileSync} from 'node:fs'
 import {createRequire} from 'node:module'
 import {tmpdir} from 'node:os'
-import {delimiter, dirname, join} from 'node:path'
-import {fileURLToPath, pathToFileURL} from 'node:url'
+import {dirname, join} from 'node:path'
+import {pathToFileURL} from 'node:url'
 
 import onnxProto from 'onnx-proto'
 
@@ -48,7 +48,7 @@ import type {SequenceCache} from './decoder.js'
 import {checkWebGpu} from './device.js'
 import {GPU_FORM_CALL_TOKENS, GpuFormModel, placePrefix, prefixCache, writeGpuFormGraph, type GpuFormOptions} from './gpu-form.js'
 import {FixedCapacitySlots} from './gpu-form-cache.js'
-import {openWgslDevice} from '../wgsl/dawn.js'
+import {openWgslDevice, runtimeSearchRoots} from '../wgsl/dawn.js'
 
 const {onnx} = onnxProto
 
@@ -154,21 +154,9 @@ export function requestedWebGpuRoute(): WebGpuRoute {
   return value
 }
 
-/**
- * Folders (node_modules or a folder above one) where `webgpu` and `onnxruntime-web` may be
- * resolved from, first match wins: `PARSCALE_ORTWEB` alone when set, else parscale's own
- * node_modules, the working directory, and NODE_PATH's entries.
- */
-function searchRoots(): string[] {
-  if (process.env.PARSCALE_ORTWEB) return [process.env.PARSCALE_ORTWEB]
-  const roots = [dirname(fileURLToPath(import.meta.url)), process.cwd()]
-  for (const entry of (process.env.NODE_PATH ?? '').split(delimiter)) if (entry) roots.push(entry)
-  return roots
-}
-
 /** The two packages' entry files from the first root that has both, or why none has. */
 function resolvePackages(): {dawn: string; ort: string; root: string} | string {
-  for (const root of searchRoots()) {
+  for (const root of runtimeSearchRoots(process.env.PARSCALE_ORTWEB)) {
     // a node_modules folder itself (PARSCALE_ORTWEB, NODE_PATH) or a folder whose node_modules holds them
     const from = createRequire(join(root, 'x.js'))
     try {

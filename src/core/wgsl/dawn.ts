@@ -15,8 +15,13 @@ interface DawnModule {
   globals: Record<string, unknown>
 }
 
-function searchRoots(): string[] {
-  const chosen = process.env.PARSCALE_DAWN ?? process.env.PARSCALE_ORTWEB
+/**
+ * Folders (node_modules or a folder above one) a run-time-only package is resolved from, first
+ * match wins: `chosen` alone when set (an environment variable), else parscale's own
+ * node_modules, the working directory, and NODE_PATH's entries. The capture route's packages are
+ * looked for the same way.
+ */
+export function runtimeSearchRoots(chosen: string | undefined): string[] {
   if (chosen) return [chosen]
   const roots = [dirname(fileURLToPath(import.meta.url)), process.cwd()]
   for (const entry of (process.env.NODE_PATH ?? '').split(delimiter)) if (entry) roots.push(entry)
@@ -24,7 +29,7 @@ function searchRoots(): string[] {
 }
 
 function resolveDawn(): string | undefined {
-  for (const root of searchRoots()) {
+  for (const root of runtimeSearchRoots(process.env.PARSCALE_DAWN ?? process.env.PARSCALE_ORTWEB)) {
     for (const base of [root, join(root, 'node_modules')]) {
       try {
         return createRequire(join(base, 'x.js')).resolve('webgpu')

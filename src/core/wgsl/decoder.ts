@@ -48,8 +48,12 @@ const PROMPT_ROWS = 32
  * and the head in as many pieces as a storage binding of `maxBindingBytes` needs.
  */
 export function wgslDispatchesPerStep(shape: {numLayers: number; vocabSize: number; hiddenSize: number}, parallel: number, maxBindingBytes: number): number {
-  const chunkRows = Math.max(1, Math.floor(maxBindingBytes / (shape.hiddenSize * 4)))
-  return 5 * shape.numLayers + 1 + (parallel > 1 ? 2 : 0) + Math.ceil(shape.vocabSize / chunkRows)
+  return 5 * shape.numLayers + 1 + (parallel > 1 ? 2 : 0) + Math.ceil(shape.vocabSize / rowsPerBinding(shape.hiddenSize, maxBindingBytes))
+}
+
+/** Rows of a float32 [rows, hidden] table (embedding, head) one storage binding holds: the chunks they are uploaded in. */
+function rowsPerBinding(hidden: number, maxBindingBytes: number): number {
+  return Math.max(1, Math.floor(maxBindingBytes / (hidden * 4)))
 }
 
 /** Tokens a prompt call holds at P streams. */
@@ -155,7 +159,7 @@ export class WgslModel {
 
   /** Dispatches a one-token step encodes (kernel launches). */
   get dispatchCount(): number {
-    return 5 * this.config.numLayers + this.tail.length
+    return wgslDispatchesPerStep(this.config, this.config.parallel, this.gpu.device.limits.maxStorageBufferBindingSize!)
   }
 
   /** Uploads one P's weights (from a checkpoint, a package or a generator) and makes its kernels. */
@@ -236,8 +240,7 @@ export class WgslModel {
     }
 
     // Embedding table, in chunks a binding can hold; reused as the head when tied.
-    const maxBinding = this.gpu.device.limits.maxStorageBufferBindingSize!
-    const chunkRows = Math.max(1, Math.floor(maxBinding / (H * 4)))
+    const chunkRows = rowsPerBinding(H, this.gpu.device.limits.maxStorageBufferBindingSize!)
     this.embedChunks.push(...this.chunkRows(source.read('model.embed_tokens.weight'), chunkRows))
     const headChunks = c.tieWordEmbeddings ? this.embedChunks : this.chunkRows(source.read('lm_head.weight'), chunkRows)
 
@@ -403,15 +406,12 @@ export class WgslModel {
       for (let s = 0; s < c.parallel; s++) encoder.copyBufferToBuffer(chunk.buffer, (token - chunk.first) * rowBytes, this.x, (t * c.parallel + s) * rowBytes, rowBytes)
     }
     const pass = encoder.beginComputePass()
-    for (const d of plan) {
-      pass.setPipeline(d.pipeline)
-      pass.setBindGroup(0, d.group)
-      pass.dispatchWorkgroups(d.x, d.y)
-    }
-    for (const d of this.tail) {
-      pass.setPipeline(d.pipeline)
-      pass.setBindGroup(0, d.group)
-      pass.dispatchWorkgroups(d.x, d.y)
+    for (const part of [plan, this.tail]) {
+      for (const d of part) {
+        pass.setPipeline(d.pipeline)
+        pass.setBindGroup(0, d.group)
+        pass.dispatchWorkgroups(d.x, d.y)
+      }
     }
     pass.end()
     if (read) {

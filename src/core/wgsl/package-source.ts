@@ -3,13 +3,11 @@ import {join} from 'node:path'
 
 import type {ModelConfig} from '../checkpoint/config.js'
 import {decodeToFloat32} from '../checkpoint/dtype.js'
-import {storedInitializers, type StoredInitializer} from '../engine/gpu-form.js'
+import {rowBlockNames, storedInitializers, type StoredInitializer} from '../engine/gpu-form.js'
 import {FileFormatError, UserError} from '../errors.js'
 import {readManifest, selectVariant} from '../package/manifest.js'
 import {readAt} from '../read-at.js'
 import type {TensorSource} from './decoder.js'
-
-const firstRow = (name: string) => Number(/\[(\d+):/.exec(name)?.[1] ?? 0)
 
 /**
  * A float package (fp32 or fp16) at one P as the hand-written kernels read it: the backbone from
@@ -47,8 +45,11 @@ export function packageSource(packageDir: string, parallel: number): TensorSourc
     const bytes = readBytes(join(packageDir, entry.location.file), entry.location.offset, entry.location.length, `"${name}"`)
     return entry.half ? decodeToFloat32('F16', bytes) : new Float32Array(bytes.buffer, 0, bytes.byteLength / 4)
   }
+  // q, k and v (gate and up) are asked for one after another: the stacked matrix is read once for them
+  let lastStacked: {name: string; values: Float32Array} | undefined
   const rows = (name: string, first: number, count: number): Float32Array => {
-    const all = initializer(name)
+    if (lastStacked?.name !== name) lastStacked = {name, values: initializer(name)}
+    const all = lastStacked.values
     const width = all.length / (stored.get(name)!.shape[0] ?? 1)
     return all.slice(first * width, (first + count) * width)
   }
@@ -72,7 +73,7 @@ export function packageSource(packageDir: string, parallel: number): TensorSourc
         return rows(`${layer}.self_attn.qkv_proj.${kind}`, first, count)
       }
       if (name === 'lm_head.weight' && !stored.has(name)) {
-        const blocks = [...stored.keys()].filter((n) => n.startsWith('lm_head.weight[')).sort((a, b) => firstRow(a) - firstRow(b))
+        const blocks = rowBlockNames(stored.keys(), 'lm_head.weight')
         if (blocks.length === 0) throw new FileFormatError(join(packageDir, manifest.webgpuGraph!), 'has no lm_head.weight; convert again')
         const out = new Float32Array(shape.vocabSize * shape.hiddenSize)
         let at = 0
