@@ -15,7 +15,7 @@ import {Checkpoint, expectedTensorShapes} from '../src/core/checkpoint/checkpoin
 import {checkWebGpu} from '../src/core/engine/device.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
 import {resolveModel} from '../src/core/package/resolve.js'
-import {readTensorFloat32} from '../src/core/checkpoint/dtype.js'
+import {decodeToFloat32, encodeFloat16, readTensorFloat32} from '../src/core/checkpoint/dtype.js'
 import {syntheticShape, syntheticTensors, writeSyntheticCheckpoint} from '../src/core/checkpoint/synthetic.js'
 import {UserError} from '../src/core/errors.js'
 import {checkpointSource} from '../src/core/wgsl/checkpoint-source.js'
@@ -52,7 +52,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       const decoder = await WgslDecoder.open(checkpointSource(dir), {positions: longest})
       try {
         const layers = decoder.config.numLayers
-        assert.equal(decoder.dispatchCount, 5 * layers + (decoder.config.parallel > 1 ? 4 : 2))
+        assert.equal(decoder.dispatchCount, 5 * layers + (decoder.config.parallel > 1 ? 5 : 3)) // embedding, final norm, (aggregation, mixing,) head
         let worst = 0
         for (const [i, id] of golden.logits.prompt_ids.entries()) {
           const {logits} = (await decoder.step(id))!
@@ -105,6 +105,36 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       other.release()
       model.release()
     }
+  })
+
+  test('half-precision weights: the float32 kernels\' logits for the same (half-representable) values, prompt calls and steps alike', async (t) => {
+    if (unavailable) return t.skip(unavailable)
+    const dir = path.join(goldenRoot, 'tiny-p4')
+    const golden = JSON.parse(fs.readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden
+    const exact = checkpointSource(dir)
+    const halved = {...exact, config: exact.config, read: (name: string) => decodeToFloat32('F16', new Uint8Array(encodeFloat16(exact.read(name)).buffer))}
+    const ids = golden.logits.prompt_ids
+    const logitsOf = async (weights: 'f32' | 'f16') => {
+      const model = await WgslModel.open(halved, {weights})
+      const sequence = model.sequence()
+      try {
+        assert.equal(model.weights, weights)
+        const prompt = (await model.run(sequence, ids.slice(0, -1), true))!.logits
+        const step = (await model.run(sequence, ids.slice(-1), true))!.logits
+        return {prompt, step}
+      } finally {
+        sequence.release()
+        model.release()
+      }
+    }
+    const full = await logitsOf('f32')
+    const half = await logitsOf('f16')
+    let worst = 0
+    for (const [a, b] of [[full.prompt, half.prompt], [full.step, half.step]] as const) for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - b[v]!))
+    assert.ok(worst < 1e-5, `worst |logit diff| f16 vs f32 kernels ${worst}`)
+    let fromGolden = 0
+    for (let v = 0; v < half.step.length; v++) fromGolden = Math.max(fromGolden, Math.abs(half.step[v]! - golden.logits.values.at(-1)![v]!))
+    assert.ok(fromGolden > 0 && fromGolden < 0.05, `half-rounded weights move the last logits by ${fromGolden}`)
   })
 
   test('a token outside the vocabulary and a full cache are refused with one clear line', async (t) => {

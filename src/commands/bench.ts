@@ -195,7 +195,7 @@ export default class Bench extends BaseCommand {
         report.results = report.results.map((r) => {
           const cost = costs.get(r.parallel)
           if (cost && wgsl && typeof wgsl !== 'string' && r.kernels?.decode.startsWith('hand-written')) {
-            const count = wgslDispatchesPerStep(model, r.parallel, wgsl.device.limits.maxStorageBufferBindingSize!)
+            const count = wgslDispatchesPerStep(model, r.parallel, wgsl.device.limits.maxStorageBufferBindingSize!, manifest.dtype === 'fp16' ? 'f16' : 'f32')
             return {...r, gpu_step: {...cost, dispatches_per_step: count, kernels_per_step: count}}
           }
           return cost ? {...r, gpu_step: cost} : r

@@ -15,7 +15,8 @@
 import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
-import {attentionKernel, finalNormKernel, type LayerShape, matvecKernel, matvecTiles, mixKernel, qkvKernel, qkvTiles, STEP_WORDS} from './kernels.js'
+import {encodeFloat16} from '../checkpoint/dtype.js'
+import {attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, type LayerShape, matvecKernel, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS} from './kernels.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
 import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, STORAGE, UNIFORM, type GpuBindGroup, type GpuBuffer, type GpuComputePipeline} from './webgpu-types.js'
 
@@ -25,6 +26,16 @@ export interface TensorSource {
   read(name: string): Float32Array
   /** q_proj's weight and bias already carry attention's 1/√d (a converted package's do), so scores are not scaled again. */
   readonly queryScaled?: boolean
+  /** The matrices are stored in half precision (an fp16 package): kept so on the GPU, nothing lost. */
+  readonly halfWeights?: boolean
+}
+
+/** How the big matrices (q·k·v, o, gate·up, down, embedding and head) lie on the GPU: float32, or half (read into float32 sums). */
+export type WgslWeights = 'f32' | 'f16'
+
+export interface WgslModelOptions {
+  /** Default: f16 where the source stores half precision, else f32. */
+  weights?: WgslWeights
 }
 
 /** One layer's weights on the GPU. */
@@ -41,19 +52,23 @@ interface LayerWeights {
   prefixV?: GpuBuffer
 }
 
-/** Rows (token · P + stream) a prompt call holds at most: the matvec keeps rows × tile rows accumulators per invocation. */
-const PROMPT_ROWS = 32
 /**
- * Dispatches of a one-token step: five a layer, the final norm, the aggregation's two at P > 1,
- * and the head in as many pieces as a storage binding of `maxBindingBytes` needs.
+ * Rows (token · P + stream) a prompt call holds at most: its products are matrix-matrix tiles of
+ * 64 rows, so a call of 64 tokens at P = 8 reads each weight 8 times, not 64.
  */
-export function wgslDispatchesPerStep(shape: {numLayers: number; vocabSize: number; hiddenSize: number}, parallel: number, maxBindingBytes: number): number {
-  return 5 * shape.numLayers + 1 + (parallel > 1 ? 2 : 0) + Math.ceil(shape.vocabSize / rowsPerBinding(shape.hiddenSize, maxBindingBytes))
+const PROMPT_ROWS = 512
+/**
+ * Dispatches of a one-token step: the embedding rows and the head in as many pieces as a storage
+ * binding of `maxBindingBytes` needs, five a layer, the final norm, the aggregation's two at P > 1.
+ */
+export function wgslDispatchesPerStep(shape: {numLayers: number; vocabSize: number; hiddenSize: number}, parallel: number, maxBindingBytes: number, weights: WgslWeights = 'f32'): number {
+  const chunks = Math.ceil(shape.vocabSize / rowsPerBinding(shape.hiddenSize, maxBindingBytes, weights))
+  return chunks + 5 * shape.numLayers + 1 + (parallel > 1 ? 2 : 0) + chunks
 }
 
-/** Rows of a float32 [rows, hidden] table (embedding, head) one storage binding holds: the chunks they are uploaded in. */
-function rowsPerBinding(hidden: number, maxBindingBytes: number): number {
-  return Math.max(1, Math.floor(maxBindingBytes / (hidden * 4)))
+/** Rows of a [rows, hidden] table (embedding, head) one storage binding holds: the chunks they are uploaded in. */
+function rowsPerBinding(hidden: number, maxBindingBytes: number, weights: WgslWeights): number {
+  return Math.max(1, Math.floor(maxBindingBytes / (hidden * (weights === 'f16' ? 2 : 4))))
 }
 
 /** Tokens a prompt call holds at P streams. */
@@ -67,8 +82,8 @@ const POSITION_STEP = 256
 interface Dispatch {
   pipeline: GpuComputePipeline
   group: GpuBindGroup
-  x: number
-  y: number
+  /** Workgroups for a call of `rows` rows (tokens · P). */
+  size: (rows: number) => {x: number; y: number}
 }
 
 const MAX_GROUPS_X = 65535
@@ -91,21 +106,43 @@ interface CacheKernels {
   shape: LayerShape
 }
 
+/** The one-token step's products (matrix-vector), which do not depend on the cache. */
+interface StepKernels {
+  o: GpuComputePipeline
+  mlp: GpuComputePipeline
+  down: GpuComputePipeline
+  mlpTiles: number
+  outTiles: number
+}
+
+/** A prompt call's products (matrix-matrix tiles) and the elementwise kernels between them. */
+interface PromptKernels {
+  qkv: GpuComputePipeline
+  o: GpuComputePipeline
+  gateUp: GpuComputePipeline
+  down: GpuComputePipeline
+  silu: GpuComputePipeline
+}
+
 export class WgslModel {
-  /** The layers' capacity-free kernels per call size (1, promptTokens): o_proj, gate·up, down. */
-  private readonly rowKernels = new Map<number, {o: GpuComputePipeline; mlp: GpuComputePipeline; down: GpuComputePipeline; mlpTiles: number; outTiles: number}>()
+  private stepKernelSet: StepKernels | undefined
+  private promptKernelSet: PromptKernels | undefined
   private readonly cacheKernels = new Map<string, CacheKernels>()
   private readonly layers: LayerWeights[] = []
-  /** Embedding rows: [chunk buffer, first row] so a token's row is one copy. */
-  private readonly embedChunks: {buffer: GpuBuffer; first: number; rows: number}[] = []
   private readonly buffers: GpuBuffer[] = []
   private readonly stepData = new Uint32Array(STEP_WORDS)
+  /** The call's embedding rows, a dispatch per chunk of the table. */
+  private readonly head: Dispatch[] = []
   private readonly tail: Dispatch[] = []
   private readonly readBack: GpuBuffer
+  private readonly ids: GpuBuffer
   private readonly x: GpuBuffer
   private readonly q: GpuBuffer
   private readonly attn: GpuBuffer
   private readonly hidden: GpuBuffer
+  /** A prompt call's raw q·k·v and gate·up products. */
+  private readonly qkvOut: GpuBuffer
+  private readonly gateUpOut: GpuBuffer
   private readonly scratch: GpuBuffer
   private readonly logits: GpuBuffer
   private readonly stepBuffer: GpuBuffer
@@ -113,6 +150,7 @@ export class WgslModel {
   /** ParScale's per-stream weights of the step (P > 1), read back beside the logits. */
   private streamWeights: GpuBuffer | undefined
   private readonly outRows: number
+  private readonly half: boolean
   /** Tokens a prompt call holds. */
   readonly promptTokens: number
   /** Positions a sequence can grow to: the model's, and what the attention kernel's workgroup memory holds. */
@@ -122,8 +160,10 @@ export class WgslModel {
     private readonly gpu: WgslDevice,
     readonly config: ModelConfig,
     private readonly scoreScale: number,
+    readonly weights: WgslWeights,
   ) {
     const c = config
+    this.half = weights === 'f16'
     this.promptTokens = promptTokensAt(c.parallel)
     const workgroupBytes = gpu.device.limits.maxComputeWorkgroupStorageSize!
     const slotsThatFit = Math.floor((workgroupBytes - 2 * 256 * 4 - c.headDim * 4) / 4)
@@ -134,10 +174,13 @@ export class WgslModel {
     if (![1, 2, 4].includes(this.outRows)) throw new UserError(`PARSCALE_WGSL_OUT_ROWS must be 1, 2 or 4, not "${process.env.PARSCALE_WGSL_OUT_ROWS}"`)
     const rows = c.parallel * this.promptTokens
     const qRows = c.numHeads * c.headDim
+    this.ids = this.buffer(this.promptTokens * 4)
     this.x = this.buffer(rows * c.hiddenSize * 4)
     this.q = this.buffer(rows * qRows * 4)
     this.attn = this.buffer(rows * qRows * 4)
     this.hidden = this.buffer(rows * c.intermediateSize * 4)
+    this.qkvOut = this.buffer(rows * (c.numHeads + 2 * c.numKvHeads) * c.headDim * 4)
+    this.gateUpOut = this.buffer(rows * 2 * c.intermediateSize * 4)
     this.scratch = this.buffer(16) // the unused output of kernels that write elsewhere
     this.logits = this.buffer(c.vocabSize * 4)
     this.stepBuffer = this.buffer(STEP_WORDS * 4, UNIFORM | COPY_DST)
@@ -159,11 +202,11 @@ export class WgslModel {
 
   /** Dispatches a one-token step encodes (kernel launches). */
   get dispatchCount(): number {
-    return wgslDispatchesPerStep(this.config, this.config.parallel, this.gpu.device.limits.maxStorageBufferBindingSize!)
+    return this.head.length + 5 * this.layers.length + this.tail.length
   }
 
   /** Uploads one P's weights (from a checkpoint, a package or a generator) and makes its kernels. */
-  static async open(source: TensorSource): Promise<WgslModel> {
+  static async open(source: TensorSource, options: WgslModelOptions = {}): Promise<WgslModel> {
     const gpu = await openWgslDevice()
     if (typeof gpu === 'string') throw new UserError(gpu)
     const c = source.config
@@ -172,10 +215,10 @@ export class WgslModel {
     // Validation errors arrive through the device's uncaptured-error event; one check after building.
     const errors: string[] = []
     gpu.device.onuncapturederror = (event) => errors.push(event.error.message)
-    const model = new WgslModel(gpu, c, source.queryScaled ? 1 : 1 / Math.sqrt(c.headDim))
+    const model = new WgslModel(gpu, c, source.queryScaled ? 1 : 1 / Math.sqrt(c.headDim), options.weights ?? (source.halfWeights ? 'f16' : 'f32'))
     model.uploadWeights(source)
-    model.kernelsFor(1)
-    if (model.promptTokens > 1) model.kernelsFor(model.promptTokens)
+    model.stepKernels()
+    if (model.promptTokens > 1) model.promptKernels()
     await gpu.device.queue.onSubmittedWorkDone()
     if (errors.length > 0) {
       model.release()
@@ -190,10 +233,15 @@ export class WgslModel {
     return b
   }
 
-  private upload(data: Float32Array): GpuBuffer {
+  private upload(data: Float32Array | Uint16Array): GpuBuffer {
     const b = this.buffer(data.byteLength)
     this.gpu.device.queue.writeBuffer(b, 0, data)
     return b
+  }
+
+  /** A big matrix in the model's weight format. */
+  private uploadMatrix(data: Float32Array): GpuBuffer {
+    return this.upload(this.half ? encodeFloat16(data) : data)
   }
 
   private pipeline(code: string, label: string): GpuComputePipeline {
@@ -201,10 +249,12 @@ export class WgslModel {
     return this.gpu.device.createComputePipeline({layout: 'auto', compute: {module, entryPoint: 'main'}, label})
   }
 
-  private dispatch(pipeline: GpuComputePipeline, buffers: Record<number, GpuBuffer>, tiles: number): Dispatch {
+  /** A dispatch of a fixed size (`tiles` workgroups), or one sized by the call's rows. */
+  private dispatch(pipeline: GpuComputePipeline, buffers: Record<number, GpuBuffer>, tiles: number | ((rows: number) => {x: number; y: number})): Dispatch {
     const entries = Object.entries(buffers).map(([binding, buffer]) => ({binding: Number(binding), resource: {buffer}}))
     const group = this.gpu.device.createBindGroup({layout: pipeline.getBindGroupLayout(0), entries})
-    return {pipeline, group, ...grid(tiles)}
+    const fixed = typeof tiles === 'number' ? grid(tiles) : undefined
+    return {pipeline, group, size: typeof tiles === 'number' ? () => fixed! : tiles}
   }
 
   private uploadWeights(source: TensorSource): void {
@@ -228,21 +278,24 @@ export class WgslModel {
       gateUp.set(source.read(`${l}.mlp.gate_proj.weight`), 0)
       gateUp.set(source.read(`${l}.mlp.up_proj.weight`), I * H)
       this.layers.push({
-        qkvW: this.upload(qkvW),
+        qkvW: this.uploadMatrix(qkvW),
         qkvB: this.upload(qkvB),
         ln1: this.upload(source.read(`${l}.input_layernorm.weight`)),
-        wo: this.upload(source.read(`${l}.self_attn.o_proj.weight`)),
+        wo: this.uploadMatrix(source.read(`${l}.self_attn.o_proj.weight`)),
         ln2: this.upload(source.read(`${l}.post_attention_layernorm.weight`)),
-        gateUp: this.upload(gateUp),
-        down: this.upload(source.read(`${l}.mlp.down_proj.weight`)),
+        gateUp: this.uploadMatrix(gateUp),
+        down: this.uploadMatrix(source.read(`${l}.mlp.down_proj.weight`)),
         ...(P > 1 ? {prefixK: this.upload(source.read(`${l}.self_attn.prefix_k`)), prefixV: this.upload(source.read(`${l}.self_attn.prefix_v`))} : {}),
       })
     }
 
-    // Embedding table, in chunks a binding can hold; reused as the head when tied.
-    const chunkRows = rowsPerBinding(H, this.gpu.device.limits.maxStorageBufferBindingSize!)
-    this.embedChunks.push(...this.chunkRows(source.read('model.embed_tokens.weight'), chunkRows))
-    const headChunks = c.tieWordEmbeddings ? this.embedChunks : this.chunkRows(source.read('lm_head.weight'), chunkRows)
+    // Embedding table, in chunks a binding can hold; reused as the head when tied. A token's row is read by the chunk that holds it.
+    const chunkRows = rowsPerBinding(H, this.gpu.device.limits.maxStorageBufferBindingSize!, this.weights)
+    const embedChunks = this.chunkRows(source.read('model.embed_tokens.weight'), chunkRows)
+    for (const chunk of embedChunks) {
+      this.head.push(this.dispatch(this.pipeline(embedKernel(H, P, chunk, this.half), 'embed'), {0: chunk.buffer, 1: this.ids, 2: this.x, 3: this.stepBuffer}, (rows) => grid(rows)))
+    }
+    const headChunks = c.tieWordEmbeddings ? embedChunks : this.chunkRows(source.read('lm_head.weight'), chunkRows)
 
     // The last token's streams: final norm, aggregation and mixing (P > 1), the head.
     const rows = 4
@@ -263,7 +316,7 @@ export class WgslModel {
       headInput = mixed
     }
     for (const chunk of headChunks) {
-      const pipe = this.pipeline(matvecKernel({k: H, n: chunk.rows, streams: 1, rows, epilogue: `Y[${chunk.first}u + row] = v;`}), 'lm_head')
+      const pipe = this.pipeline(matvecKernel({k: H, n: chunk.rows, streams: 1, rows, half: this.half, epilogue: `Y[${chunk.first}u + row] = v;`}), 'lm_head')
       this.tail.push(this.dispatch(pipe, {0: chunk.buffer, 1: headInput, 2: this.logits, 3: this.stepBuffer}, matvecTiles({n: chunk.rows, rows})))
     }
   }
@@ -273,22 +326,20 @@ export class WgslModel {
     const out = []
     for (let first = 0; first < this.config.vocabSize; first += chunkRows) {
       const rowsHere = Math.min(chunkRows, this.config.vocabSize - first)
-      out.push({buffer: this.upload(matrix.subarray(first * H, (first + rowsHere) * H)), first, rows: rowsHere})
+      out.push({buffer: this.uploadMatrix(matrix.subarray(first * H, (first + rowsHere) * H)), first, rows: rowsHere})
     }
     return out
   }
 
-  /** The kernels that do not depend on the cache, for calls of `tokens` tokens. */
-  private kernelsFor(tokens: number) {
-    let kernels = this.rowKernels.get(tokens)
-    if (!kernels) {
+  /** The one-token step's matrix-vector kernels that do not depend on the cache. */
+  private stepKernels(): StepKernels {
+    if (!this.stepKernelSet) {
       const c = this.config
-      const S = c.parallel * tokens
+      const S = c.parallel
       const I = c.intermediateSize
-      const outRows = tokens === 1 ? this.outRows : 1
-      const h = tokens === 1 ? 2 : 1 // gate (and up) rows a workgroup
-      kernels = {
-        o: this.pipeline(matvecKernel({k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: outRows, epilogue: 'Y[s * N + row] += v;'}), 'o_proj'),
+      const h = 2 // gate (and up) rows a workgroup
+      this.stepKernelSet = {
+        o: this.pipeline(matvecKernel({k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: this.outRows, half: this.half, epilogue: 'Y[s * N + row] += v;'}), 'o_proj'),
         mlp: this.pipeline(
           matvecKernel({
             k: c.hiddenSize,
@@ -296,6 +347,7 @@ export class WgslModel {
             streams: S,
             rows: 2 * h,
             normEps: c.rmsNormEps,
+            half: this.half,
             rowOf: `select(${I}u + t * ${h}u + r - ${h}u, t * ${h}u + r, r < ${h}u)`,
             extra: '@group(0) @binding(6) var<storage, read_write> HOUT: array<f32>;',
             tileEpilogue: `
@@ -309,41 +361,77 @@ export class WgslModel {
           }),
           'gate_up',
         ),
-        down: this.pipeline(matvecKernel({k: I, n: c.hiddenSize, streams: S, rows: outRows, epilogue: 'Y[s * N + row] += v;'}), 'down'),
+        down: this.pipeline(matvecKernel({k: I, n: c.hiddenSize, streams: S, rows: this.outRows, half: this.half, epilogue: 'Y[s * N + row] += v;'}), 'down'),
         mlpTiles: I / h,
-        outTiles: matvecTiles({n: c.hiddenSize, rows: outRows}),
+        outTiles: matvecTiles({n: c.hiddenSize, rows: this.outRows}),
       }
-      this.rowKernels.set(tokens, kernels)
     }
-    return kernels
+    return this.stepKernelSet
   }
 
-  /** q·k·v and attention for a cache of `capacity` slots and calls of `tokens` tokens. */
+  /** A prompt call's matrix-matrix kernels and the elementwise ones between them (cache-free). */
+  private promptKernels(): PromptKernels {
+    if (!this.promptKernelSet) {
+      const c = this.config
+      const P = c.parallel
+      const H = c.hiddenSize
+      const I = c.intermediateSize
+      const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
+      this.promptKernelSet = {
+        qkv: this.pipeline(gemmKernel({k: H, n: qkvWidth, streams: P, normEps: c.rmsNormEps, bias: true, half: this.half}), 'qkv_prompt'),
+        o: this.pipeline(gemmKernel({k: c.numHeads * c.headDim, n: H, streams: P, accumulate: true, half: this.half}), 'o_proj_prompt'),
+        gateUp: this.pipeline(gemmKernel({k: H, n: 2 * I, streams: P, normEps: c.rmsNormEps, half: this.half}), 'gate_up_prompt'),
+        down: this.pipeline(gemmKernel({k: I, n: H, streams: P, accumulate: true, half: this.half}), 'down_prompt'),
+        silu: this.pipeline(siluKernel(I, P), 'silu_prompt'),
+      }
+    }
+    return this.promptKernelSet
+  }
+
+  /** The cache kernels (q·k·v or the prompt's rotary writes, and attention) for a cache of `capacity` slots and calls of `tokens` tokens. */
   private cacheKernelsFor(capacity: number, tokens: number): CacheKernels {
     const key = `${capacity}:${tokens}`
     let kernels = this.cacheKernels.get(key)
     if (!kernels) {
       const c = this.config
-      const shape: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale}
-      kernels = {qkv: this.pipeline(qkvKernel(shape), 'qkv'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
+      const shape: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, half: this.half}
+      kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
       this.cacheKernels.set(key, kernels)
     }
     return kernels
   }
 
-  /** A sequence's dispatches over its caches for calls of `tokens` tokens. */
+  /** A sequence's dispatches over its caches for calls of `tokens` tokens: matrix-vector for one, matrix-matrix tiles for a prompt call. */
   plan(caches: {k: GpuBuffer; v: GpuBuffer}[], capacity: number, tokens: number): Dispatch[] {
-    const row = this.kernelsFor(tokens)
+    const c = this.config
     const cache = this.cacheKernelsFor(capacity, tokens)
-    const S = this.config.parallel * tokens
+    const heads = (rows: number) => grid(rows * c.numHeads)
     const out: Dispatch[] = []
+    if (tokens === 1) {
+      const row = this.stepKernels()
+      for (const [n, w] of this.layers.entries()) {
+        const {k, v} = caches[n]!
+        out.push(this.dispatch(cache.qkv, {0: w.qkvW, 1: this.x, 2: this.q, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB, 6: k, 7: v, 8: this.rope}, qkvTiles(cache.shape)))
+        out.push(this.dispatch(cache.attention, {0: this.q, 1: k, 2: v, 3: this.stepBuffer, 4: this.attn}, heads))
+        out.push(this.dispatch(row.o, {0: w.wo, 1: this.attn, 2: this.x, 3: this.stepBuffer}, row.outTiles))
+        out.push(this.dispatch(row.mlp, {0: w.gateUp, 1: this.x, 2: this.scratch, 3: this.stepBuffer, 4: w.ln2, 6: this.hidden}, row.mlpTiles))
+        out.push(this.dispatch(row.down, {0: w.down, 1: this.hidden, 2: this.x, 3: this.stepBuffer}, row.outTiles))
+      }
+      return out
+    }
+    const prompt = this.promptKernels()
+    const tiles = (columns: number) => (rows: number) => ({x: Math.ceil(columns / GEMM_TILE.cols), y: Math.ceil(rows / GEMM_TILE.rows)})
+    const perRow = (rows: number) => grid(rows)
+    const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
     for (const [n, w] of this.layers.entries()) {
       const {k, v} = caches[n]!
-      out.push(this.dispatch(cache.qkv, {0: w.qkvW, 1: this.x, 2: this.q, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB, 6: k, 7: v, 8: this.rope}, qkvTiles(cache.shape)))
-      out.push(this.dispatch(cache.attention, {0: this.q, 1: k, 2: v, 3: this.stepBuffer, 4: this.attn}, S * this.config.numHeads))
-      out.push(this.dispatch(row.o, {0: w.wo, 1: this.attn, 2: this.x, 3: this.stepBuffer}, row.outTiles))
-      out.push(this.dispatch(row.mlp, {0: w.gateUp, 1: this.x, 2: this.scratch, 3: this.stepBuffer, 4: w.ln2, 6: this.hidden}, row.mlpTiles))
-      out.push(this.dispatch(row.down, {0: w.down, 1: this.hidden, 2: this.x, 3: this.stepBuffer}, row.outTiles))
+      out.push(this.dispatch(prompt.qkv, {0: w.qkvW, 1: this.x, 2: this.qkvOut, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB}, tiles(qkvWidth)))
+      out.push(this.dispatch(cache.qkv, {0: this.qkvOut, 1: this.q, 2: k, 3: v, 4: this.rope, 5: this.stepBuffer}, perRow))
+      out.push(this.dispatch(cache.attention, {0: this.q, 1: k, 2: v, 3: this.stepBuffer, 4: this.attn}, heads))
+      out.push(this.dispatch(prompt.o, {0: w.wo, 1: this.attn, 2: this.x, 3: this.stepBuffer}, tiles(c.hiddenSize)))
+      out.push(this.dispatch(prompt.gateUp, {0: w.gateUp, 1: this.x, 2: this.gateUpOut, 3: this.stepBuffer, 4: w.ln2}, tiles(2 * c.intermediateSize)))
+      out.push(this.dispatch(prompt.silu, {0: this.gateUpOut, 1: this.hidden, 2: this.stepBuffer}, perRow))
+      out.push(this.dispatch(prompt.down, {0: w.down, 1: this.hidden, 2: this.x, 3: this.stepBuffer}, tiles(c.hiddenSize)))
     }
     return out
   }
@@ -399,18 +487,16 @@ export class WgslModel {
     this.stepData[3] = (T - 1) * c.parallel
     this.stepData[4] = T
     device.queue.writeBuffer(this.stepBuffer, 0, this.stepData)
+    device.queue.writeBuffer(this.ids, 0, Uint32Array.from(tokens))
     const encoder = device.createCommandEncoder()
-    const rowBytes = c.hiddenSize * 4
-    for (const [t, token] of tokens.entries()) {
-      const chunk = this.embedChunks.find((e) => token < e.first + e.rows)!
-      for (let s = 0; s < c.parallel; s++) encoder.copyBufferToBuffer(chunk.buffer, (token - chunk.first) * rowBytes, this.x, (t * c.parallel + s) * rowBytes, rowBytes)
-    }
     const pass = encoder.beginComputePass()
-    for (const part of [plan, this.tail]) {
+    const rows = T * c.parallel
+    for (const part of [this.head, plan, this.tail]) {
       for (const d of part) {
+        const {x, y} = d.size(rows)
         pass.setPipeline(d.pipeline)
         pass.setBindGroup(0, d.group)
-        pass.dispatchWorkgroups(d.x, d.y)
+        pass.dispatchWorkgroups(x, y)
       }
     }
     pass.end()

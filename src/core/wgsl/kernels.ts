@@ -53,6 +53,21 @@ export interface MatvecSpec {
   tileEpilogue?: string
   /** Extra bindings (declarations from binding 6 on). */
   extra?: string
+  /** The matrix in half precision (pairs packed in u32 words), read into float32: half the bytes. */
+  half?: boolean
+}
+
+/**
+ * The weight matrix's binding and its reader `weight(j)`: the j-th group of four elements as
+ * float32, from float32 storage or from half pairs packed in u32 words (`unpack2x16float` is core
+ * WGSL, so no shader-f16 feature is needed; products and sums stay float32).
+ */
+function weightBinding(half: boolean | undefined): string {
+  return half
+    ? `@group(0) @binding(0) var<storage, read> W: array<vec2<u32>>;
+fn weight(j: u32) -> vec4<f32> { let h = W[j]; return vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y)); }`
+    : `@group(0) @binding(0) var<storage, read> W: array<vec4<f32>>;
+fn weight(j: u32) -> vec4<f32> { return W[j]; }`
 }
 
 /**
@@ -96,7 +111,7 @@ const R = ${R}u;
 const WG = ${WORKGROUP}u;
 const VALUES = ${values}u;
 const TILES = ${Math.ceil(n / R)}u;
-@group(0) @binding(0) var<storage, read> W: array<vec4<f32>>;
+${weightBinding(spec.half)}
 @group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(3) var<uniform> step: Step;
@@ -136,11 +151,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       xs[s] = x${spec.normEps !== undefined ? ' * g' : ''};
     }
     for (var r = 0u; r < R; r++) {
-      let w = W[base[r] + i];
+      let w = weight(base[r] + i);
       for (var s = 0u; s < S; s++) { acc[r * S + s] += dot(w, xs[s]); }
     }` : `// the tile's weights in registers, the stream rows one at a time: R + 1 vectors live, not R + S
     var w: array<vec4<f32>, ${R}>;
-    for (var r = 0u; r < R; r++) { w[r] = W[base[r] + i]; }
+    for (var r = 0u; r < R; r++) { w[r] = weight(base[r] + i); }
     for (var s = 0u; s < S; s++) {
       let x = X[s * K4 + i];
       acc[R * S + s] += dot(x, x);
@@ -181,6 +196,8 @@ export interface LayerShape {
   eps: number
   /** Multiplies q·k (1/√d, or 1 where q's weights carry it). */
   scoreScale: number
+  /** The q·k·v matrix in half precision. */
+  half?: boolean
 }
 
 /**
@@ -203,6 +220,7 @@ export function qkvKernel(l: LayerShape): string {
     rows,
     normEps: l.eps,
     bias: true,
+    half: l.half,
     rowOf: `(t / ${tilesPerHead}u) * ${d}u + (t % ${tilesPerHead}u) * ${pairs}u + (r % ${pairs}u) + (r / ${pairs}u) * ${half}u`,
     extra: `@group(0) @binding(6) var<storage, read_write> KC: array<f32>;
 @group(0) @binding(7) var<storage, read_write> VC: array<f32>;
@@ -425,6 +443,223 @@ fn main(@builtin(local_invocation_index) li: u32, @builtin(subgroup_invocation_i
     var v = 0.0;
     for (var p = 0u; p < P; p++) { v += weights[p] * Y[p * H + i]; }
     M[i] = v;
+  }
+}
+`
+}
+
+export interface GemmSpec {
+  /** Input width (a multiple of 4). */
+  k: number
+  /** Output columns (the matrix's rows). */
+  n: number
+  /** Rows per token (P): the call's rows are step.tokens · streams. */
+  streams: number
+  /** RMS-normalize each input row with a weight vector (binding 4) and this epsilon. */
+  normEps?: number
+  /** Add a bias (binding 5). */
+  bias?: boolean
+  /** `Y[m * N + n] = v` (the default) or `+=` (a residual). */
+  accumulate?: boolean
+  half?: boolean
+}
+
+/** Output rows × columns a thread of the matrix-matrix kernel holds (16 × 16 threads a workgroup). */
+export const GEMM_MICRO = {rows: 4, cols: 4}
+export const GEMM_TILE = {rows: 16 * GEMM_MICRO.rows, cols: 16 * GEMM_MICRO.cols}
+
+/**
+ * A prompt call's products: Y [M, N] = X [M, K] · Wᵀ for M = tokens · P rows, in tiles of
+ * 64 × 64 outputs a workgroup (4 × 4 a thread) over K in slices of 16 staged in workgroup memory,
+ * so each weight element is read once per 64 rows instead of once per row. Grid: (N / 64, M / 64).
+ * The RMS norm's sum of squares comes from the same loads (each tile sees whole input rows).
+ */
+export function gemmKernel(spec: GemmSpec): string {
+  const {k, n, streams} = spec
+  if (k % 4 !== 0) throw new Error(`matrix input width ${k} is not a multiple of 4`)
+  const {rows: TM, cols: TN} = GEMM_MICRO
+  const BM = GEMM_TILE.rows
+  const BN = GEMM_TILE.cols
+  const norm = spec.normEps !== undefined
+  return `${STEP_STRUCT}
+const K4 = ${k / 4}u;
+const N = ${n}u;
+const P = ${streams}u;
+const BM = ${BM}u;
+const BN = ${BN}u;
+const BK4 = 4u; // a slice of 16 inputs: four vec4 a row
+${weightBinding(spec.half)}
+@group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(3) var<uniform> step: Step;
+${norm ? '@group(0) @binding(4) var<storage, read> G: array<vec4<f32>>;' : ''}
+${spec.bias ? '@group(0) @binding(5) var<storage, read> B: array<f32>;' : ''}
+// the slice transposed, [k][row] as vec4 of consecutive rows, so a thread reads its ${TM} rows (${TN} columns) in one load
+var<workgroup> xs: array<vec4<f32>, ${(16 * BM) / 4}>;
+var<workgroup> ws: array<vec4<f32>, ${(16 * BN) / 4}>;
+${norm ? `var<workgroup> squares: array<f32, ${BM * 4}>;` : ''}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+  let M = step.tokens * P;
+  let m0 = wid.y * BM;
+  let n0 = wid.x * BN;
+  if (m0 >= M) { return; }
+  let tx = li % 16u;
+  let ty = li / 16u;
+  var acc: array<vec4<f32>, ${TM * (TN / 4)}>;
+  ${norm ? `var sq: array<f32, ${(BM * 4) / 256}>;` : ''}
+  for (var k0 = 0u; k0 < K4; k0 += BK4) {
+    workgroupBarrier(); // the last slice is used up
+    for (var e = li; e < BM * BK4; e += 256u) {
+      let r = e / BK4;
+      let c = e % BK4;
+      var x = vec4<f32>(0.0);
+      if (m0 + r < M && k0 + c < K4) {
+        x = X[(m0 + r) * K4 + k0 + c];
+        ${norm ? 'sq[e / 256u] += dot(x, x);\n        x = x * G[k0 + c];' : ''}
+      }
+      for (var q = 0u; q < 4u; q++) { xs[(c * 4u + q) * (BM / 4u) + r / 4u][r % 4u] = x[q]; }
+    }
+    for (var e = li; e < BN * BK4; e += 256u) {
+      let r = e / BK4;
+      let c = e % BK4;
+      var w = vec4<f32>(0.0);
+      if (n0 + r < N && k0 + c < K4) { w = weight((n0 + r) * K4 + k0 + c); }
+      for (var q = 0u; q < 4u; q++) { ws[(c * 4u + q) * (BN / 4u) + r / 4u][r % 4u] = w[q]; }
+    }
+    workgroupBarrier();
+    for (var kk = 0u; kk < 16u; kk++) {
+      var a: array<vec4<f32>, ${TM / 4}>;
+      for (var i = 0u; i < ${TM / 4}u; i++) { a[i] = xs[kk * (BM / 4u) + ty * ${TM / 4}u + i]; }
+      for (var j = 0u; j < ${TN / 4}u; j++) {
+        let b = ws[kk * (BN / 4u) + tx * ${TN / 4}u + j];
+        for (var i = 0u; i < ${TM}u; i++) { acc[i * ${TN / 4}u + j] += a[i / 4u][i % 4u] * b; }
+      }
+    }
+  }
+  ${
+    norm
+      ? `for (var e = li; e < BM * BK4; e += 256u) { squares[e] = sq[e / 256u]; }
+  workgroupBarrier();`
+      : ''
+  }
+  for (var i = 0u; i < ${TM}u; i++) {
+    let rl = ty * ${TM}u + i;
+    let m = m0 + rl;
+    if (m >= M) { continue; }
+    ${norm ? `let inv = inverseSqrt((squares[rl * 4u] + squares[rl * 4u + 1u] + squares[rl * 4u + 2u] + squares[rl * 4u + 3u]) / f32(K4 * 4u) + ${spec.normEps!.toExponential()});` : ''}
+    for (var j = 0u; j < ${TN}u; j++) {
+      let col = n0 + tx * ${TN}u + j;
+      if (col >= N) { continue; }
+      var v = acc[i * ${TN / 4}u + j / 4u][j % 4u];
+      ${norm ? 'v = v * inv;' : ''}
+      ${spec.bias ? 'v = v + B[col];' : ''}
+      Y[m * N + col] ${spec.accumulate ? '+=' : '='} v;
+    }
+  }
+}
+`
+}
+
+/**
+ * A prompt call's q·k·v output [M, (heads + 2·kv)·d] into attention's inputs: rotary on q and k,
+ * q to Q [M, heads·d], k and v into the cache at each token's slot. A workgroup per row.
+ */
+export function ropeCacheKernel(l: LayerShape): string {
+  const d = l.headDim
+  const half = d / 2
+  const qRows = l.heads * d
+  const width = (l.heads + 2 * l.kvHeads) * d
+  const rotated = (l.heads + l.kvHeads) * half
+  return `${STEP_STRUCT}
+@group(0) @binding(0) var<storage, read> QKV: array<f32>;
+@group(0) @binding(1) var<storage, read_write> Q: array<f32>;
+@group(0) @binding(2) var<storage, read_write> KC: array<f32>;
+@group(0) @binding(3) var<storage, read_write> VC: array<f32>;
+@group(0) @binding(4) var<storage, read> ROPE: array<f32>;
+@group(0) @binding(5) var<uniform> step: Step;
+@compute @workgroup_size(${WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+  let m = wid.x;
+  let token = m / ${l.streams}u;
+  if (token >= step.tokens) { return; }
+  let p = m % ${l.streams}u;
+  let pos = step.pos + token;
+  let slot = step.slot + token;
+  let row = m * ${width}u;
+  for (var j = li; j < ${rotated + l.kvHeads * d}u; j += ${WORKGROUP}u) {
+    if (j < ${rotated}u) {
+      let head = j / ${half}u;
+      let i = j % ${half}u;
+      let a = QKV[row + head * ${d}u + i];
+      let b = QKV[row + head * ${d}u + i + ${half}u];
+      let c = ROPE[(pos * ${half}u + i) * 2u];
+      let sn = ROPE[(pos * ${half}u + i) * 2u + 1u];
+      let ra = a * c - b * sn;
+      let rb = b * c + a * sn;
+      if (head < ${l.heads}u) {
+        Q[m * ${qRows}u + head * ${d}u + i] = ra;
+        Q[m * ${qRows}u + head * ${d}u + i + ${half}u] = rb;
+      } else {
+        let at = ((p * ${l.kvHeads}u + head - ${l.heads}u) * ${l.capacity}u + slot) * ${d}u + i;
+        KC[at] = ra;
+        KC[at + ${half}u] = rb;
+      }
+    } else {
+      let e = j - ${rotated}u;
+      VC[((p * ${l.kvHeads}u + e / ${d}u) * ${l.capacity}u + slot) * ${d}u + e % ${d}u] = QKV[row + ${(l.heads + l.kvHeads) * d}u + e];
+    }
+  }
+}
+`
+}
+
+/** A prompt call's gate·up output [M, 2I] (gate rows first) into SiLU(gate)·up [M, I]: a workgroup per row. */
+export function siluKernel(intermediate: number, streams: number): string {
+  return `${STEP_STRUCT}
+@group(0) @binding(0) var<storage, read> GU: array<f32>;
+@group(0) @binding(1) var<storage, read_write> HOUT: array<f32>;
+@group(0) @binding(2) var<uniform> step: Step;
+@compute @workgroup_size(${WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+  let m = wid.x;
+  if (m / ${streams}u >= step.tokens) { return; }
+  for (var j = li; j < ${intermediate}u; j += ${WORKGROUP}u) {
+    let g = GU[m * ${2 * intermediate}u + j];
+    HOUT[m * ${intermediate}u + j] = g / (1.0 + exp(-g)) * GU[m * ${2 * intermediate}u + ${intermediate}u + j];
+  }
+}
+`
+}
+
+/**
+ * The call's embedding rows: row m (token m / P, every stream the same) from one chunk of the
+ * table, rows [first, first + rows), float32 or half pairs; tokens outside the chunk are another
+ * dispatch's. Token ids in IDS. A workgroup per row.
+ */
+export function embedKernel(hidden: number, streams: number, chunk: {first: number; rows: number}, half: boolean): string {
+  return `${STEP_STRUCT}
+@group(0) @binding(0) var<storage, read> E: array<${half ? 'u32' : 'f32'}>;
+@group(0) @binding(1) var<storage, read> IDS: array<u32>;
+@group(0) @binding(2) var<storage, read_write> X: array<f32>;
+@group(0) @binding(3) var<uniform> step: Step;
+@compute @workgroup_size(${WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+  let m = wid.x;
+  let token = m / ${streams}u;
+  if (token >= step.tokens) { return; }
+  let id = IDS[token];
+  if (id < ${chunk.first}u || id >= ${chunk.first + chunk.rows}u) { return; }
+  let row = (id - ${chunk.first}u) * ${hidden}u;
+  ${
+    half
+      ? `for (var i = li; i < ${hidden / 2}u; i += ${WORKGROUP}u) {
+    let v = unpack2x16float(E[row / 2u + i]);
+    X[m * ${hidden}u + 2u * i] = v.x;
+    X[m * ${hidden}u + 2u * i + 1u] = v.y;
+  }`
+      : `for (var i = li; i < ${hidden}u; i += ${WORKGROUP}u) { X[m * ${hidden}u + i] = E[row + i]; }`
   }
 }
 `

@@ -59,6 +59,7 @@ export function packageSource(packageDir: string, parallel: number): TensorSourc
   return {
     config,
     queryScaled: true, // the converter folds 1/√d into q_proj (graph v1 on)
+    halfWeights: manifest.dtype === 'fp16',
     read(name: string): Float32Array {
       const tensor = variant.tensors[name]
       if (tensor && variant.weights) {
