@@ -1,19 +1,22 @@
 /**
  * Decode speed of the hand-written WebGPU step (issue 23) on a synthetic shape: for each P, a
- * prompt in calls of several tokens (timed, logits of its last token read back), then timed decode steps with the logits read back (what
+ * prompt in calls of up to 512 rows (tokens · P; timed, logits of its last token read back), then timed decode steps with the logits read back (what
  * generation costs), and the same steps submitted back to back without reading (the GPU's own
  * rate), in alternating rounds. Prints one JSON line per P and a table.
  *
  *   PARSCALE_DAWN=<node_modules with webgpu@0.6.2> node dist/bench/wgsl-decode.js
- *   env: BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,2,4,8), BENCH_PROMPT (64), BENCH_NEW (32), BENCH_ROUNDS (3)
+ *   env: BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,2,4,8), BENCH_WEIGHTS (f32,f16: the matrices' format on
+   the GPU; f16 rounds the synthetic values), BENCH_PROMPT (64), BENCH_NEW (32), BENCH_ROUNDS (3)
  */
 import {syntheticShape, syntheticTensors} from '../src/core/checkpoint/synthetic.js'
 import {shapeParameters} from '../src/core/bench/scaling-law.js'
 import {median} from '../src/core/bench/stats.js'
-import {WgslDecoder} from '../src/core/wgsl/decoder.js'
+import {WgslDecoder, type WgslWeights} from '../src/core/wgsl/decoder.js'
 
 const shapeName = process.env.BENCH_SHAPE ?? '0.5b'
 const parallels = (process.env.BENCH_PARALLEL ?? '1,2,4,8').split(',').map(Number)
+const formats = (process.env.BENCH_WEIGHTS ?? 'f32,f16').split(',') as WgslWeights[]
+for (const f of formats) if (f !== 'f32' && f !== 'f16') throw new Error(`BENCH_WEIGHTS takes f32 and f16, not "${f}"`)
 const prompt = Number(process.env.BENCH_PROMPT ?? 64)
 const fresh = Number(process.env.BENCH_NEW ?? 32)
 const rounds = Number(process.env.BENCH_ROUNDS ?? 3)
@@ -21,6 +24,7 @@ const shape = syntheticShape(shapeName === 'tiny' ? undefined : shapeName)
 
 interface Row {
   shape: string
+  weights: WgslWeights
   parallel: number
   dispatches: number
   promptTokens: number
@@ -33,13 +37,13 @@ interface Row {
 }
 
 const rows: Row[] = []
-for (const parallel of parallels) {
+for (const weights of formats) for (const parallel of parallels) {
   const t0 = performance.now()
   const source = syntheticTensors(shape, {parallel})
-  const decoder = await WgslDecoder.open(source, {positions: prompt + 1 + fresh * 2 * rounds})
+  const decoder = await WgslDecoder.open(source, {positions: prompt + 1 + fresh * 2 * rounds, weights})
   const loadS = (performance.now() - t0) / 1000
   const c = source.config
-  const weights = 4 * shapeParameters(shape)
+  const weightBytes = (weights === 'f16' ? 2 : 4) * shapeParameters(shape)
   const token = (i: number) => (i * 7919 + 13) % c.vocabSize
   const promptIds = Array.from({length: prompt}, (_, i) => token(i))
   // the first prompt call compiles nothing more (pipelines are made at open) but warms the path: time the second
@@ -60,15 +64,17 @@ for (const parallel of parallels) {
     await decoder.finish()
     gpuMs.push((performance.now() - p0) / fresh)
   }
-  const row = {shape: shapeName, parallel, dispatches: decoder.dispatchCount, promptTokens: decoder.promptTokens, weightsGB: weights / 1e9, loadS, prefillMs, readMs, gpuMs, adapter: decoder.adapterName}
+  const row = {shape: shapeName, weights, parallel, dispatches: decoder.dispatchCount, promptTokens: decoder.promptTokens, weightsGB: weightBytes / 1e9, loadS, prefillMs, readMs, gpuMs, adapter: decoder.adapterName}
   console.log(JSON.stringify(row))
   rows.push(row)
   decoder.release()
 }
-console.log(`\n${shapeName} on ${rows[0]?.adapter}: prompt ${prompt} (calls of 32 / P tokens), ${fresh} decode steps, ${rounds} rounds (medians)`)
-console.log('P | dispatches | decode ms/token, logits read | GPU ms/step, nothing read | prompt ms')
-for (const r of rows) console.log(`${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${r.prefillMs.toFixed(0)}`)
-const p1 = rows.find((r) => r.parallel === 1)
-const p8 = rows.find((r) => r.parallel === 8)
-if (p1 && p8) console.log(`P8/P1 ${(median(p8.readMs) / median(p1.readMs)).toFixed(2)}`)
+console.log(`\n${shapeName} on ${rows[0]?.adapter}: prompt ${prompt} (calls of 512 / P tokens), ${fresh} decode steps, ${rounds} rounds (medians)`)
+console.log('weights | P | dispatches | decode ms/token, logits read | GPU ms/step, nothing read | prompt ms')
+for (const r of rows) console.log(`${r.weights} | ${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${r.prefillMs.toFixed(0)}`)
+for (const weights of formats) {
+  const p1 = rows.find((r) => r.weights === weights && r.parallel === 1)
+  const p8 = rows.find((r) => r.weights === weights && r.parallel === 8)
+  if (p1 && p8) console.log(`${weights}: P8/P1 ${(median(p8.readMs) / median(p1.readMs)).toFixed(2)}`)
+}
 process.exit(0)

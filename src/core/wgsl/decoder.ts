@@ -602,7 +602,7 @@ export class WgslSequence {
   }
 }
 
-export interface WgslDecoderOptions {
+export interface WgslDecoderOptions extends WgslModelOptions {
   /** Token positions the cache holds (the prefix comes on top); more is refused. */
   positions: number
 }
@@ -618,7 +618,7 @@ export class WgslDecoder {
   static async open(source: TensorSource, options: WgslDecoderOptions): Promise<WgslDecoder> {
     if (!Number.isInteger(options.positions) || options.positions < 1) throw new UserError(`the cache needs at least one position (asked for ${options.positions})`)
     if (options.positions > source.config.maxPositionEmbeddings) throw new UserError(`the cache asks for ${options.positions} positions; the model has ${source.config.maxPositionEmbeddings}`)
-    const model = await WgslModel.open(source)
+    const model = await WgslModel.open(source, options)
     if (options.positions > model.maxPositions) {
       model.release()
       throw new UserError(`a cache of ${options.positions} positions does not fit the adapter's workgroup memory (the attention kernel keeps one score per slot; ${model.maxPositions} fit)`)
