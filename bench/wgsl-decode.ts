@@ -6,7 +6,8 @@
  *
  *   PARSCALE_DAWN=<node_modules with webgpu@0.6.2> node dist/bench/wgsl-decode.js
  *   env: BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,2,4,8), BENCH_WEIGHTS (f32,f16: the matrices' format on
-   the GPU; f16 rounds the synthetic values), BENCH_PROMPT (64), BENCH_NEW (32), BENCH_ROUNDS (3)
+   the GPU; f16 rounds the synthetic values), BENCH_PROMPT (64), BENCH_NEW (32), BENCH_ROUNDS (3), BENCH_PROFILE (1: GPU
+   time per kernel of a step and a prompt call, where the adapter has timestamps; 0: none)
  */
 import {syntheticShape, syntheticTensors} from '../src/core/checkpoint/synthetic.js'
 import {shapeParameters} from '../src/core/bench/scaling-law.js'
@@ -34,6 +35,8 @@ interface Row {
   readMs: number[]
   gpuMs: number[]
   adapter: string
+  /** GPU ms per kernel name: one decode step, one prompt call. */
+  profile?: {decode: Record<string, number>; prompt: Record<string, number>}
 }
 
 const rows: Row[] = []
@@ -64,7 +67,20 @@ for (const weights of formats) for (const parallel of parallels) {
     await decoder.finish()
     gpuMs.push((performance.now() - p0) / fresh)
   }
-  const row = {shape: shapeName, weights, parallel, dispatches: decoder.dispatchCount, promptTokens: decoder.promptTokens, weightsGB: weightBytes / 1e9, loadS, prefillMs, readMs, gpuMs, adapter: decoder.adapterName}
+  // where the adapter has timestamps: GPU time per kernel of a decode step and of the prompt's call (after the timed rounds)
+  let profile: {decode: Record<string, number>; prompt: Record<string, number>} | undefined
+  if (process.env.BENCH_PROFILE !== '0') {
+    try {
+      decoder.reset()
+      const prompt = Object.fromEntries(await decoder.profile(promptIds.slice(0, decoder.promptTokens)))
+      let decode: Record<string, number> = {}
+      for (let i = 0; i < 3; i++) decode = Object.fromEntries(await decoder.profile([token(i)]))
+      profile = {decode, prompt}
+    } catch (error) {
+      console.error(`no profile: ${(error as Error).message}`)
+    }
+  }
+  const row = {shape: shapeName, weights, parallel, dispatches: decoder.dispatchCount, promptTokens: decoder.promptTokens, weightsGB: weightBytes / 1e9, loadS, prefillMs, readMs, gpuMs, adapter: decoder.adapterName, ...(profile ? {profile} : {})}
   console.log(JSON.stringify(row))
   rows.push(row)
   decoder.release()
@@ -72,6 +88,8 @@ for (const weights of formats) for (const parallel of parallels) {
 console.log(`\n${shapeName} on ${rows[0]?.adapter}: prompt ${prompt} (calls of 512 / P tokens), ${fresh} decode steps, ${rounds} rounds (medians)`)
 console.log('weights | P | dispatches | decode ms/token, logits read | GPU ms/step, nothing read | prompt ms')
 for (const r of rows) console.log(`${r.weights} | ${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${r.prefillMs.toFixed(0)}`)
+const ms = (kernels: Record<string, number>) => Object.entries(kernels).map(([name, t]) => `${name} ${t.toFixed(3)}`).join(', ')
+for (const r of rows) if (r.profile) console.log(`profile ${r.weights} P=${r.parallel} (GPU ms by kernel): decode step: ${ms(r.profile.decode)}; prompt call: ${ms(r.profile.prompt)}`)
 for (const weights of formats) {
   const p1 = rows.find((r) => r.weights === weights && r.parallel === 1)
   const p8 = rows.find((r) => r.weights === weights && r.parallel === 8)

@@ -69,7 +69,8 @@ async function open(): Promise<WgslDevice | string> {
   if (!adapter.features.has('subgroups')) return 'the WebGPU adapter has no subgroups feature, which the hand-written kernels need'
   const l = adapter.limits
   const device = await adapter.requestDevice({
-    requiredFeatures: ['subgroups'],
+    // timestamps where the adapter has them: the per-kernel profile (WgslModel.profile) needs them, nothing else
+    requiredFeatures: adapter.features.has('timestamp-query') ? ['subgroups', 'timestamp-query'] : ['subgroups'],
     requiredLimits: {
       maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
       maxBufferSize: l.maxBufferSize,

@@ -18,7 +18,7 @@ import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
 import {attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, type LayerShape, matvecKernel, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS} from './kernels.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
-import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, STORAGE, UNIFORM, type GpuBindGroup, type GpuBuffer, type GpuComputePipeline} from './webgpu-types.js'
+import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, QUERY_RESOLVE, STORAGE, UNIFORM, type GpuBindGroup, type GpuBuffer, type GpuComputePipeline} from './webgpu-types.js'
 
 /** Where the weights come from: a checkpoint, or a synthetic generator. Tensors by checkpoint name, widened to float32. */
 export interface TensorSource {
@@ -81,6 +81,8 @@ const POSITION_STEP = 256
 
 interface Dispatch {
   pipeline: GpuComputePipeline
+  /** The kernel's name in a profile. */
+  label: string
   group: GpuBindGroup
   /** Workgroups for a call of `rows` rows (tokens · P). */
   size: (rows: number) => {x: number; y: number}
@@ -128,6 +130,7 @@ export class WgslModel {
   private stepKernelSet: StepKernels | undefined
   private promptKernelSet: PromptKernels | undefined
   private readonly cacheKernels = new Map<string, CacheKernels>()
+  private readonly labels = new Map<GpuComputePipeline, string>()
   private readonly layers: LayerWeights[] = []
   private readonly buffers: GpuBuffer[] = []
   private readonly stepData = new Uint32Array(STEP_WORDS)
@@ -246,7 +249,9 @@ export class WgslModel {
 
   private pipeline(code: string, label: string): GpuComputePipeline {
     const module = this.gpu.device.createShaderModule({code, label})
-    return this.gpu.device.createComputePipeline({layout: 'auto', compute: {module, entryPoint: 'main'}, label})
+    const pipeline = this.gpu.device.createComputePipeline({layout: 'auto', compute: {module, entryPoint: 'main'}, label})
+    this.labels.set(pipeline, label)
+    return pipeline
   }
 
   /** A dispatch of a fixed size (`tiles` workgroups), or one sized by the call's rows. */
@@ -254,7 +259,7 @@ export class WgslModel {
     const entries = Object.entries(buffers).map(([binding, buffer]) => ({binding: Number(binding), resource: {buffer}}))
     const group = this.gpu.device.createBindGroup({layout: pipeline.getBindGroupLayout(0), entries})
     const fixed = typeof tiles === 'number' ? grid(tiles) : undefined
-    return {pipeline, group, size: typeof tiles === 'number' ? () => fixed! : tiles}
+    return {pipeline, label: this.labels.get(pipeline) ?? 'kernel', group, size: typeof tiles === 'number' ? () => fixed! : tiles}
   }
 
   private uploadWeights(source: TensorSource): void {
@@ -468,6 +473,26 @@ export class WgslModel {
     return new WgslSequence(this, positions)
   }
 
+  private checkCall(tokens: readonly number[]): void {
+    if (tokens.length < 1 || tokens.length > this.promptTokens) throw new RangeError(`a call runs 1 to ${this.promptTokens} tokens, not ${tokens.length}`)
+    for (const token of tokens) {
+      if (!Number.isInteger(token) || token < 0 || token >= this.config.vocabSize) throw new UserError(`token id ${token} is outside the vocabulary (0…${this.config.vocabSize - 1})`)
+    }
+  }
+
+  /** The call's place (the Step uniform) and its token ids, written before it is encoded. */
+  private writeStep(sequence: WgslSequence, tokens: readonly number[]): void {
+    const c = this.config
+    const T = tokens.length
+    this.stepData[0] = sequence.length
+    this.stepData[1] = c.prefixTokens + sequence.length
+    this.stepData[2] = c.prefixTokens + sequence.length + 1
+    this.stepData[3] = (T - 1) * c.parallel
+    this.stepData[4] = T
+    this.gpu.device.queue.writeBuffer(this.stepBuffer, 0, this.stepData)
+    this.gpu.device.queue.writeBuffer(this.ids, 0, Uint32Array.from(tokens))
+  }
+
   /**
    * Runs `tokens` of `sequence` at its next positions in one call (at most `promptTokens`); with
    * `read`, the last token's logits and stream weights come back.
@@ -475,29 +500,18 @@ export class WgslModel {
   async run(sequence: WgslSequence, tokens: readonly number[], read: boolean): Promise<StepResult | undefined> {
     const c = this.config
     const T = tokens.length
-    if (T < 1 || T > this.promptTokens) throw new RangeError(`a call runs 1 to ${this.promptTokens} tokens, not ${T}`)
-    for (const token of tokens) {
-      if (!Number.isInteger(token) || token < 0 || token >= c.vocabSize) throw new UserError(`token id ${token} is outside the vocabulary (0…${c.vocabSize - 1})`)
-    }
+    this.checkCall(tokens)
     const plan = sequence.planFor(T)
     const device = this.gpu.device
-    this.stepData[0] = sequence.length
-    this.stepData[1] = c.prefixTokens + sequence.length
-    this.stepData[2] = c.prefixTokens + sequence.length + 1
-    this.stepData[3] = (T - 1) * c.parallel
-    this.stepData[4] = T
-    device.queue.writeBuffer(this.stepBuffer, 0, this.stepData)
-    device.queue.writeBuffer(this.ids, 0, Uint32Array.from(tokens))
+    this.writeStep(sequence, tokens)
     const encoder = device.createCommandEncoder()
     const pass = encoder.beginComputePass()
     const rows = T * c.parallel
-    for (const part of [this.head, plan, this.tail]) {
-      for (const d of part) {
-        const {x, y} = d.size(rows)
-        pass.setPipeline(d.pipeline)
-        pass.setBindGroup(0, d.group)
-        pass.dispatchWorkgroups(x, y)
-      }
+    for (const d of [...this.head, ...plan, ...this.tail]) {
+      const {x, y} = d.size(rows)
+      pass.setPipeline(d.pipeline)
+      pass.setBindGroup(0, d.group)
+      pass.dispatchWorkgroups(x, y)
     }
     pass.end()
     if (read) {
@@ -513,6 +527,51 @@ export class WgslModel {
     const logits = new Float32Array(bytes, 0, c.vocabSize)
     const streamWeights = this.streamWeights ? new Float32Array(bytes, c.vocabSize * 4, c.parallel) : new Float32Array([1])
     return {logits, streamWeights}
+  }
+
+  /**
+   * GPU time of each kernel of one call of `tokens` (the sequence advances), from timestamps
+   * around each dispatch in a pass of its own: milliseconds summed by kernel name, in order of
+   * first use. Needs the adapter's timestamp-query feature. The passes add their own gaps, so the
+   * sum is a little above a step's time; the split is what it is for.
+   */
+  async profile(sequence: WgslSequence, tokens: readonly number[]): Promise<Map<string, number>> {
+    const device = this.gpu.device
+    if (!device.features.has('timestamp-query')) throw new UserError(`the WebGPU adapter (${this.gpu.name}) has no timestamp queries, which a per-kernel profile needs`)
+    const c = this.config
+    this.checkCall(tokens)
+    const plan = sequence.planFor(tokens.length)
+    const all = [...this.head, ...plan, ...this.tail]
+    const querySet = device.createQuerySet({type: 'timestamp', count: 2 * all.length})
+    const resolved = device.createBuffer({size: 16 * all.length, usage: QUERY_RESOLVE | COPY_SRC})
+    const read = device.createBuffer({size: 16 * all.length, usage: MAP_READ | COPY_DST})
+    try {
+      this.writeStep(sequence, tokens)
+      const encoder = device.createCommandEncoder()
+      const rows = tokens.length * c.parallel
+      for (const [i, d] of all.entries()) {
+        const pass = encoder.beginComputePass({timestampWrites: {querySet, beginningOfPassWriteIndex: 2 * i, endOfPassWriteIndex: 2 * i + 1}})
+        const {x, y} = d.size(rows)
+        pass.setPipeline(d.pipeline)
+        pass.setBindGroup(0, d.group)
+        pass.dispatchWorkgroups(x, y)
+        pass.end()
+      }
+      encoder.resolveQuerySet(querySet, 0, 2 * all.length, resolved, 0)
+      encoder.copyBufferToBuffer(resolved, 0, read, 0, 16 * all.length)
+      device.queue.submit([encoder.finish()])
+      sequence.advance(tokens.length)
+      await read.mapAsync(MAP_MODE_READ)
+      const stamps = new BigUint64Array(read.getMappedRange().slice(0))
+      read.unmap()
+      const out = new Map<string, number>()
+      for (const [i, d] of all.entries()) out.set(d.label, (out.get(d.label) ?? 0) + Number(stamps[2 * i + 1]! - stamps[2 * i]!) / 1e6)
+      return out
+    } finally {
+      querySet.destroy()
+      resolved.destroy()
+      read.destroy()
+    }
   }
 
   /** Waits for every submitted call. */
@@ -670,6 +729,12 @@ export class WgslDecoder {
 
   finish(): Promise<void> {
     return this.model.finish()
+  }
+
+  /** GPU milliseconds per kernel name of one call of `tokens` at the next positions (see WgslModel.profile). */
+  profile(tokens: readonly number[]): Promise<Map<string, number>> {
+    if (this.sequence.length + tokens.length > this.positions) throw new UserError(`the cache is full (${this.positions} positions)`)
+    return this.model.profile(this.sequence, tokens)
   }
 
   release(): void {

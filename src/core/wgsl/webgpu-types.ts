@@ -22,9 +22,13 @@ export interface GpuComputePass {
   dispatchWorkgroups(x: number, y?: number, z?: number): void
   end(): void
 }
+export interface GpuQuerySet {
+  destroy(): void
+}
 export interface GpuCommandEncoder {
-  beginComputePass(descriptor?: {timestampWrites?: unknown}): GpuComputePass
+  beginComputePass(descriptor?: {timestampWrites?: {querySet: GpuQuerySet; beginningOfPassWriteIndex?: number; endOfPassWriteIndex?: number}}): GpuComputePass
   copyBufferToBuffer(source: GpuBuffer, sourceOffset: number, destination: GpuBuffer, destinationOffset: number, size: number): void
+  resolveQuerySet(querySet: GpuQuerySet, firstQuery: number, queryCount: number, destination: GpuBuffer, destinationOffset: number): void
   finish(): unknown
 }
 export interface GpuQueue {
@@ -44,6 +48,8 @@ export interface GpuDevice {
   createComputePipelineAsync(descriptor: {layout: 'auto'; compute: {module: GpuShaderModule; entryPoint: string}; label?: string}): Promise<GpuComputePipeline>
   createBindGroup(descriptor: {layout: GpuBindGroupLayout; entries: {binding: number; resource: {buffer: GpuBuffer; offset?: number; size?: number}}[]}): GpuBindGroup
   createCommandEncoder(): GpuCommandEncoder
+  createQuerySet(descriptor: {type: 'timestamp'; count: number}): GpuQuerySet
+  readonly features: ReadonlySet<string>
   pushErrorScope(filter: 'validation' | 'out-of-memory' | 'internal'): void
   popErrorScope(): Promise<{message: string} | null>
   destroy(): void
@@ -64,5 +70,6 @@ export const MAP_READ = 0x1
 export const COPY_SRC = 0x4
 export const COPY_DST = 0x8
 export const UNIFORM = 0x40
+export const QUERY_RESOLVE = 0x200
 export const STORAGE = 0x80
 export const MAP_MODE_READ = 0x1
