@@ -32,6 +32,9 @@ interface Row {
   weightsGB: number
   loadS: number
   prefillMs: number
+  prefills: number[]
+  /** Host ms a decode step with its logits read (last round): encoding, Dawn's submit, submit to logits in hand. */
+  hostMs: {encode: number; submit: number; wait: number}
   readMs: number[]
   gpuMs: number[]
   adapter: string
@@ -51,17 +54,26 @@ for (const weights of formats) for (const parallel of parallels) {
   const promptIds = Array.from({length: prompt}, (_, i) => token(i))
   // the first prompt call compiles nothing more (pipelines are made at open) but warms the path: time the second
   await decoder.prompt(promptIds)
-  decoder.reset()
-  let p0 = performance.now()
-  await decoder.prompt(promptIds)
-  const prefillMs = performance.now() - p0
+  const prefills: number[] = []
+  let p0 = 0
+  for (let i = 0; i < 3; i++) {
+    decoder.reset()
+    p0 = performance.now()
+    await decoder.prompt(promptIds)
+    prefills.push(performance.now() - p0)
+  }
+  const prefillMs = median(prefills)
   await decoder.step(token(prompt)) // warm the read path
   const readMs: number[] = []
   const gpuMs: number[] = []
+  const host = decoder.model.hostTimes
+  let hostMs = {encode: 0, submit: 0, wait: 0}
   for (let r = 0; r < rounds; r++) {
+    Object.assign(host, {calls: 0, encodeMs: 0, submitMs: 0, waitMs: 0})
     p0 = performance.now()
     for (let i = 0; i < fresh; i++) await decoder.step(token(i))
     readMs.push((performance.now() - p0) / fresh)
+    hostMs = {encode: host.encodeMs / host.calls, submit: host.submitMs / host.calls, wait: host.waitMs / host.calls}
     p0 = performance.now()
     for (let i = 0; i < fresh; i++) await decoder.step(token(i), false)
     await decoder.finish()
@@ -80,14 +92,14 @@ for (const weights of formats) for (const parallel of parallels) {
       console.error(`no profile: ${(error as Error).message}`)
     }
   }
-  const row = {shape: shapeName, weights, parallel, dispatches: decoder.dispatchCount, promptTokens: decoder.promptTokens, weightsGB: weightBytes / 1e9, loadS, prefillMs, readMs, gpuMs, adapter: decoder.adapterName, ...(profile ? {profile} : {})}
+  const row = {shape: shapeName, weights, parallel, dispatches: decoder.dispatchCount, promptTokens: decoder.promptTokens, weightsGB: weightBytes / 1e9, loadS, prefillMs, prefills, readMs, gpuMs, hostMs, adapter: decoder.adapterName, ...(profile ? {profile} : {})}
   console.log(JSON.stringify(row))
   rows.push(row)
   decoder.release()
 }
 console.log(`\n${shapeName} on ${rows[0]?.adapter}: prompt ${prompt} (calls of 512 / P tokens), ${fresh} decode steps, ${rounds} rounds (medians)`)
-console.log('weights | P | dispatches | decode ms/token, logits read | GPU ms/step, nothing read | prompt ms')
-for (const r of rows) console.log(`${r.weights} | ${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${r.prefillMs.toFixed(0)}`)
+console.log('weights | P | dispatches | decode ms/token, logits read | GPU ms/step, nothing read | host ms a step: encode / submit / wait | prompt ms (median of 3)')
+for (const r of rows) console.log(`${r.weights} | ${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${r.hostMs.encode.toFixed(2)} / ${r.hostMs.submit.toFixed(2)} / ${r.hostMs.wait.toFixed(2)} | ${r.prefillMs.toFixed(0)}`)
 const ms = (kernels: Record<string, number>) => Object.entries(kernels).map(([name, t]) => `${name} ${t.toFixed(3)}`).join(', ')
 for (const r of rows) if (r.profile) console.log(`profile ${r.weights} P=${r.parallel} (GPU ms by kernel): decode step: ${ms(r.profile.decode)}; prompt call: ${ms(r.profile.prompt)}`)
 for (const weights of formats) {

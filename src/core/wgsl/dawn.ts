@@ -48,6 +48,8 @@ export interface WgslDevice {
   adapter: GpuAdapter
   /** Vendor, architecture and description, for reports. */
   name: string
+  /** The adapter's largest subgroup (128, the most WebGPU allows, where it does not say). */
+  subgroupMax: number
 }
 
 let opened: Promise<WgslDevice | string> | undefined
@@ -80,5 +82,5 @@ async function open(): Promise<WgslDevice | string> {
   })
   const info = adapter.info ?? {}
   const name = [info.vendor, info.architecture, info.description || info.device].filter(Boolean).join(' ') || 'unknown adapter'
-  return {gpu, device, adapter, name}
+  return {gpu, device, adapter, name, subgroupMax: info.subgroupMaxSize ?? 128}
 }

@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, type LayerShape, matvecKernel, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS} from './kernels.js'
+import {attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, type LayerShape, matvecKernel, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS} from './kernels.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
 import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, QUERY_RESOLVE, STORAGE, UNIFORM, type GpuBindGroup, type GpuBuffer, type GpuComputePipeline} from './webgpu-types.js'
 
@@ -114,7 +114,8 @@ interface StepKernels {
   mlp: GpuComputePipeline
   down: GpuComputePipeline
   mlpTiles: number
-  outTiles: number
+  oTiles: number
+  downTiles: number
 }
 
 /** A prompt call's products (matrix-matrix tiles) and the elementwise kernels between them. */
@@ -131,6 +132,13 @@ export class WgslModel {
   private promptKernelSet: PromptKernels | undefined
   private readonly cacheKernels = new Map<string, CacheKernels>()
   private readonly labels = new Map<GpuComputePipeline, string>()
+  /**
+   * Host milliseconds the calls spent (summed since the last reset): encoding the dispatches,
+   * Dawn's submit (where it records the Vulkan commands), and from submit to the logits in hand.
+   */
+  readonly hostTimes = {calls: 0, encodeMs: 0, submitMs: 0, waitMs: 0}
+  /** The next decode step's commands, encoded while the last one ran on the GPU (valid for the plan they were made over). */
+  private nextStep: {plan: Dispatch[]; commands: unknown} | undefined
   private readonly layers: LayerWeights[] = []
   private readonly buffers: GpuBuffer[] = []
   private readonly stepData = new Uint32Array(STEP_WORDS)
@@ -242,6 +250,11 @@ export class WgslModel {
     return b
   }
 
+  /** Invocations a matrix-vector tile of input width `k` gets. */
+  private team(k: number): number {
+    return matvecTeam(k, this.gpu.subgroupMax)
+  }
+
   /** A big matrix in the model's weight format. */
   private uploadMatrix(data: Float32Array): GpuBuffer {
     return this.upload(this.half ? encodeFloat16(data) : data)
@@ -315,14 +328,14 @@ export class WgslModel {
       // columns from hidden-major (h·P + p) to stream-major (p·H + h), so the input is the normed streams as they lie
       const w0s = new Float32Array(w0.length)
       for (let r = 0; r < H; r++) for (let i = 0; i < H; i++) for (let p = 0; p < P; p++) w0s[r * P * H + p * H + i] = w0[r * P * H + i * P + p]!
-      const agg0 = this.pipeline(matvecKernel({k: P * H, n: H, streams: 1, rows, bias: true, epilogue: 'Y[row] = v / (1.0 + exp(-v));'}), 'aggregate')
-      this.tail.push(this.dispatch(agg0, {0: this.upload(w0s), 1: y, 2: a, 3: this.stepBuffer, 5: this.upload(source.read('model.aggregate_layer.0.bias'))}, matvecTiles({n: H, rows})))
+      const aggregate = {k: P * H, n: H, streams: 1, rows, bias: true, team: this.team(P * H), epilogue: 'Y[row] = v / (1.0 + exp(-v));'}
+      this.tail.push(this.dispatch(this.pipeline(matvecKernel(aggregate), 'aggregate'), {0: this.upload(w0s), 1: y, 2: a, 3: this.stepBuffer, 5: this.upload(source.read('model.aggregate_layer.0.bias'))}, matvecTiles(aggregate)))
       this.tail.push(this.dispatch(this.pipeline(mixKernel(H, P, c.attnSmooth), 'mix'), {0: a, 1: this.upload(source.read('model.aggregate_layer.2.weight')), 2: this.upload(source.read('model.aggregate_layer.2.bias')), 3: y, 4: mixed, 5: this.streamWeights}, 1))
       headInput = mixed
     }
     for (const chunk of headChunks) {
-      const pipe = this.pipeline(matvecKernel({k: H, n: chunk.rows, streams: 1, rows, half: this.half, epilogue: `Y[${chunk.first}u + row] = v;`}), 'lm_head')
-      this.tail.push(this.dispatch(pipe, {0: chunk.buffer, 1: headInput, 2: this.logits, 3: this.stepBuffer}, matvecTiles({n: chunk.rows, rows})))
+      const head = {k: H, n: chunk.rows, streams: 1, rows, half: this.half, team: this.team(H), epilogue: `Y[${chunk.first}u + row] = v;`}
+      this.tail.push(this.dispatch(this.pipeline(matvecKernel(head), 'lm_head'), {0: chunk.buffer, 1: headInput, 2: this.logits, 3: this.stepBuffer}, matvecTiles(head)))
     }
   }
 
@@ -342,9 +355,12 @@ export class WgslModel {
       const c = this.config
       const S = c.parallel
       const I = c.intermediateSize
-      const h = 2 // gate (and up) rows a workgroup
+      const h = 2 // gate (and up) rows a tile
+      const o = {k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: this.outRows, half: this.half, team: this.team(c.numHeads * c.headDim), epilogue: 'Y[s * N + row] += v;'}
+      const down = {k: I, n: c.hiddenSize, streams: S, rows: this.outRows, half: this.half, team: this.team(I), epilogue: 'Y[s * N + row] += v;'}
+      const mlpTeam = this.team(c.hiddenSize)
       this.stepKernelSet = {
-        o: this.pipeline(matvecKernel({k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: this.outRows, half: this.half, epilogue: 'Y[s * N + row] += v;'}), 'o_proj'),
+        o: this.pipeline(matvecKernel(o), 'o_proj'),
         mlp: this.pipeline(
           matvecKernel({
             k: c.hiddenSize,
@@ -353,6 +369,7 @@ export class WgslModel {
             rows: 2 * h,
             normEps: c.rmsNormEps,
             half: this.half,
+            team: mlpTeam,
             rowOf: `select(${I}u + t * ${h}u + r - ${h}u, t * ${h}u + r, r < ${h}u)`,
             extra: '@group(0) @binding(6) var<storage, read_write> HOUT: array<f32>;',
             tileEpilogue: `
@@ -366,9 +383,10 @@ export class WgslModel {
           }),
           'gate_up',
         ),
-        down: this.pipeline(matvecKernel({k: I, n: c.hiddenSize, streams: S, rows: this.outRows, half: this.half, epilogue: 'Y[s * N + row] += v;'}), 'down'),
-        mlpTiles: I / h,
-        outTiles: matvecTiles({n: c.hiddenSize, rows: this.outRows}),
+        down: this.pipeline(matvecKernel(down), 'down'),
+        mlpTiles: matvecTiles({n: 2 * I, rows: 2 * h, team: mlpTeam}),
+        oTiles: matvecTiles(o),
+        downTiles: matvecTiles(down),
       }
     }
     return this.stepKernelSet
@@ -399,7 +417,7 @@ export class WgslModel {
     let kernels = this.cacheKernels.get(key)
     if (!kernels) {
       const c = this.config
-      const shape: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, half: this.half}
+      const shape: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, half: this.half, team: this.team(c.hiddenSize)}
       kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
       this.cacheKernels.set(key, kernels)
     }
@@ -418,9 +436,9 @@ export class WgslModel {
         const {k, v} = caches[n]!
         out.push(this.dispatch(cache.qkv, {0: w.qkvW, 1: this.x, 2: this.q, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB, 6: k, 7: v, 8: this.rope}, qkvTiles(cache.shape)))
         out.push(this.dispatch(cache.attention, {0: this.q, 1: k, 2: v, 3: this.stepBuffer, 4: this.attn}, heads))
-        out.push(this.dispatch(row.o, {0: w.wo, 1: this.attn, 2: this.x, 3: this.stepBuffer}, row.outTiles))
+        out.push(this.dispatch(row.o, {0: w.wo, 1: this.attn, 2: this.x, 3: this.stepBuffer}, row.oTiles))
         out.push(this.dispatch(row.mlp, {0: w.gateUp, 1: this.x, 2: this.scratch, 3: this.stepBuffer, 4: w.ln2, 6: this.hidden}, row.mlpTiles))
-        out.push(this.dispatch(row.down, {0: w.down, 1: this.hidden, 2: this.x, 3: this.stepBuffer}, row.outTiles))
+        out.push(this.dispatch(row.down, {0: w.down, 1: this.hidden, 2: this.x, 3: this.stepBuffer}, row.downTiles))
       }
       return out
     }
@@ -504,9 +522,40 @@ export class WgslModel {
     const plan = sequence.planFor(T)
     const device = this.gpu.device
     this.writeStep(sequence, tokens)
-    const encoder = device.createCommandEncoder()
+    const t0 = performance.now()
+    // a decode step's commands were encoded while the last step ran, if it was this sequence's with the same plan
+    const ready = this.nextStep
+    this.nextStep = undefined
+    const commands = ready && ready.plan === plan && T === 1 && read ? ready.commands : this.encode(plan, T, read)
+    const t1 = performance.now()
+    device.queue.submit([commands])
+    const t2 = performance.now()
+    this.hostTimes.encodeMs += t1 - t0
+    this.hostTimes.submitMs += t2 - t1
+    this.hostTimes.calls++
+    sequence.advance(T)
+    if (!read) return undefined
+    const mapped = this.readBack.mapAsync(MAP_MODE_READ)
+    // while the GPU runs this step, encode the sequence's next one (its tokens and place are written at submit)
+    if (sequence.length < sequence.room) {
+      const nextPlan = sequence.planFor(1)
+      this.nextStep = {plan: nextPlan, commands: this.encode(nextPlan, 1, true)}
+    }
+    await mapped
+    const bytes = this.readBack.getMappedRange().slice(0, (c.vocabSize + c.parallel) * 4)
+    this.readBack.unmap()
+    this.hostTimes.waitMs += performance.now() - t2
+    const logits = new Float32Array(bytes, 0, c.vocabSize)
+    const streamWeights = this.streamWeights ? new Float32Array(bytes, c.vocabSize * 4, c.parallel) : new Float32Array([1])
+    return {logits, streamWeights}
+  }
+
+  /** The commands of a call of `tokens` tokens over `plan`: the embedding rows, the layers, the tail, and with `read` the copy of the logits. */
+  private encode(plan: Dispatch[], tokens: number, read: boolean): unknown {
+    const c = this.config
+    const encoder = this.gpu.device.createCommandEncoder()
     const pass = encoder.beginComputePass()
-    const rows = T * c.parallel
+    const rows = tokens * c.parallel
     for (const d of [...this.head, ...plan, ...this.tail]) {
       const {x, y} = d.size(rows)
       pass.setPipeline(d.pipeline)
@@ -518,15 +567,7 @@ export class WgslModel {
       encoder.copyBufferToBuffer(this.logits, 0, this.readBack, 0, c.vocabSize * 4)
       if (this.streamWeights) encoder.copyBufferToBuffer(this.streamWeights, 0, this.readBack, c.vocabSize * 4, c.parallel * 4)
     }
-    device.queue.submit([encoder.finish()])
-    sequence.advance(T)
-    if (!read) return undefined
-    await this.readBack.mapAsync(MAP_MODE_READ)
-    const bytes = this.readBack.getMappedRange().slice(0, (c.vocabSize + c.parallel) * 4)
-    this.readBack.unmap()
-    const logits = new Float32Array(bytes, 0, c.vocabSize)
-    const streamWeights = this.streamWeights ? new Float32Array(bytes, c.vocabSize * 4, c.parallel) : new Float32Array([1])
-    return {logits, streamWeights}
+    return encoder.finish()
   }
 
   /**

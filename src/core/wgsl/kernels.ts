@@ -53,6 +53,8 @@ export interface MatvecSpec {
   tileEpilogue?: string
   /** Extra bindings (declarations from binding 6 on). */
   extra?: string
+  /** Invocations a tile of R rows gets (`matvecTeam`); the default, the whole workgroup. */
+  team?: number
   /** The matrix in half precision (pairs packed in u32 words), read into float32: half the bytes. */
   half?: boolean
 }
@@ -82,14 +84,30 @@ function streamsFirst(): boolean {
   return loop === 'streams'
 }
 
-/** Tiles a kernel of `spec` dispatches (N / R, rounded up). */
-export function matvecTiles(spec: Pick<MatvecSpec, 'n' | 'rows'>): number {
-  return Math.ceil(spec.n / spec.rows)
+/**
+ * Invocations that share one tile of rows: enough that each runs at least four groups of the input
+ * (K4 / 4), at least a subgroup (`subgroupMax`, so a subgroup never straddles two tiles and the
+ * tile's sums are subgroup sums), at most the workgroup. A k = 896 product gets tiles of 32
+ * invocations, 8 tiles a workgroup: each invocation runs 7 groups instead of one of 256 running
+ * one (the sums, R·S + S subgroup reductions, then cost a seventh as much per weight read).
+ */
+export function matvecTeam(k: number, subgroupMax: number, unit = 4): number {
+  const floor = Math.min(WORKGROUP, Math.max(32, subgroupMax))
+  let team = floor
+  while (team * 2 <= WORKGROUP && (k / unit) / (team * 2) >= 4) team *= 2
+  return team
+}
+
+/** Workgroups a kernel of `spec` dispatches: N / R tiles, WORKGROUP / team of them a workgroup. */
+export function matvecTiles(spec: Pick<MatvecSpec, 'n' | 'rows' | 'team'>): number {
+  return Math.ceil(Math.ceil(spec.n / spec.rows) / (WORKGROUP / (spec.team ?? WORKGROUP)))
 }
 
 export function matvecKernel(spec: MatvecSpec): string {
   const {k, n, streams: S, rows: R} = spec
+  const team = spec.team ?? WORKGROUP
   if (k % 4 !== 0) throw new Error(`matvec input width ${k} is not a multiple of 4`)
+  if (WORKGROUP % team !== 0) throw new Error(`a tile of ${team} invocations does not divide the workgroup`)
   const values = R * S + S // dot products, then the streams' sums of squares
   const row = spec.rowOf ?? 't * R + r'
   const epilogue = spec.tileEpilogue ?? `
@@ -109,6 +127,8 @@ const N = ${n}u;
 const S = ${S}u;
 const R = ${R}u;
 const WG = ${WORKGROUP}u;
+const TEAM = ${team}u;
+const TEAMS = ${WORKGROUP / team}u;
 const VALUES = ${values}u;
 const TILES = ${Math.ceil(n / R)}u;
 ${weightBinding(spec.half)}
@@ -119,30 +139,34 @@ ${spec.normEps !== undefined ? '@group(0) @binding(4) var<storage, read> G: arra
 ${spec.bias ? '@group(0) @binding(5) var<storage, read> B: array<f32>;' : ''}
 ${spec.extra ?? ''}
 var<workgroup> partial: array<f32, ${(WORKGROUP / 4) * values}>;
-var<workgroup> sums: array<f32, ${values}>;
+var<workgroup> sums: array<f32, ${(WORKGROUP / team) * values}>;
 
 fn rowOf(t: u32, r: u32) -> u32 { return ${row}; }
 
 fn fin(r: u32, s: u32) -> f32 {
-  var v = sums[r * S + s];
-  ${spec.normEps !== undefined ? `v = v * inverseSqrt(sums[R * S + s] / f32(K4 * 4u) + ${spec.normEps.toExponential()});` : ''}
+  var v = sums[team_ * VALUES + r * S + s];
+  ${spec.normEps !== undefined ? `v = v * inverseSqrt(sums[team_ * VALUES + R * S + s] / f32(K4 * 4u) + ${spec.normEps.toExponential()});` : ''}
   ${spec.bias ? 'v = v + B[rowOf(t_, r)];' : ''}
   return v;
 }
 var<private> t_: u32;
+var<private> team_: u32;
 
 @compute @workgroup_size(${WORKGROUP})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32,
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
         @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32) {
-  let t = wid.x + wid.y * 65535u;
+  let team = lid / TEAM;
+  let tl = lid % TEAM;
+  let t = (wid.x + wid.y * 65535u) * TEAMS + team;
   t_ = t;
+  team_ = team;
   _ = step.pos; // every matvec binds the same step uniform, used or not
   _ = &Y;
-  if (t >= TILES) { return; }
   var acc: array<f32, ${values}>;
   var base: array<u32, ${R}>;
-  for (var r = 0u; r < R; r++) { base[r] = min(rowOf(t, r), N - 1u) * K4; }
-  for (var i = li; i < K4; i += WG) {
+  // a tile past the last still runs (its rows clamped) so the workgroup's barriers stay uniform; it writes nothing
+  for (var r = 0u; r < R; r++) { base[r] = min(rowOf(min(t, TILES - 1u), r), N - 1u) * K4; }
+  for (var i = tl; i < K4; i += TEAM) {
     ${spec.normEps !== undefined ? 'let g = G[i];' : ''}
     ${streamsFirst() ? `var xs: array<vec4<f32>, ${S}>;
     for (var s = 0u; s < S; s++) {
@@ -163,20 +187,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       for (var r = 0u; r < R; r++) { acc[r * S + s] += dot(w[r], xg); }
     }`}
   }
-  let group = li / width;
+  let group = lid / width;
   for (var v = 0u; v < VALUES; v++) {
     let total = subgroupAdd(acc[v]);
     if (lane == 0u) { partial[group * VALUES + v] = total; }
   }
   workgroupBarrier();
-  let groups = (WG + width - 1u) / width;
-  if (li < VALUES) {
+  let groups = max(1u, TEAM / width); // subgroups of one tile
+  for (var v = tl; v < VALUES; v += TEAM) {
     var total = 0.0;
-    for (var g2 = 0u; g2 < groups; g2++) { total += partial[g2 * VALUES + li]; }
-    sums[li] = total;
+    for (var g2 = 0u; g2 < groups; g2++) { total += partial[(team * groups + g2) * VALUES + v]; }
+    sums[team * VALUES + v] = total;
   }
   workgroupBarrier();
-  ${epilogue}
+  if (t >= TILES) { return; }
+  for (var li = tl; li < ${values}u; li += TEAM) {
+    ${epilogue}
+  }
 }
 `
 }
@@ -198,6 +225,8 @@ export interface LayerShape {
   scoreScale: number
   /** The q·k·v matrix in half precision. */
   half?: boolean
+  /** Invocations a q·k·v tile gets (`matvecTeam`). */
+  team?: number
 }
 
 /**
@@ -221,6 +250,7 @@ export function qkvKernel(l: LayerShape): string {
     normEps: l.eps,
     bias: true,
     half: l.half,
+    team: l.team,
     rowOf: `(t / ${tilesPerHead}u) * ${d}u + (t % ${tilesPerHead}u) * ${pairs}u + (r % ${pairs}u) + (r / ${pairs}u) * ${half}u`,
     extra: `@group(0) @binding(6) var<storage, read_write> KC: array<f32>;
 @group(0) @binding(7) var<storage, read_write> VC: array<f32>;
@@ -270,7 +300,7 @@ function qkvPairs(l: LayerShape): number {
 }
 
 export function qkvTiles(l: LayerShape): number {
-  return ((l.heads + 2 * l.kvHeads) * l.headDim) / (2 * qkvPairs(l))
+  return Math.ceil(((l.heads + 2 * l.kvHeads) * l.headDim) / (2 * qkvPairs(l)) / (WORKGROUP / (l.team ?? WORKGROUP)))
 }
 
 /**
