@@ -73,7 +73,7 @@ run_step() {
   int4) BENCH_QUANT=int4 step "GPU form 0.5b int4 (builds the package)" 200 node $GF > $OUT/gpuform-int4.txt; cat $OUT/gpuform-int4.txt ;;
   fp16) BENCH_DTYPE=fp16 PARSCALE_GPU_FORM_HALF=1 step "GPU form 0.5b fp16, the half form (builds the package)" 200 node $GF > $OUT/gpuform-fp16.txt; cat $OUT/gpuform-fp16.txt ;;
   fp16w) BENCH_DTYPE=fp16 PARSCALE_GPU_FORM_HALF=0 step "GPU form 0.5b fp16 widened to float32 (PARSCALE_GPU_FORM_HALF=0)" 200 node $GF > $OUT/gpuform-fp16w.txt; cat $OUT/gpuform-fp16w.txt ;;
-  cpu16) step "CPU graph 0.5b, 16 threads (the ratio's base)" 150 node $CLI bench --synthetic 0.5b --parallel 1,8 --threads 16 --repeat 1 --no-roofline --json-file $OUT/bench-cpu16.json ;;
+  cpu16) step "CPU graph 0.5b, 16 threads (the ratio's base)" 300 node $CLI bench --synthetic 0.5b --parallel ${CPU_PARALLEL:-1,8} --threads 16 --repeat 1 --no-roofline --json-file $OUT/bench-cpu16.json ;;
   eval) step "held-out NLL through the GPU form: fp32, int8, int4 at P=1,8" 120 node $EXP gpuform-eval . $OUT/gpuform-eval.json ;;
   evalfp16) step "held-out NLL through the GPU form: fp32, fp16 half, fp16 widened at P=1,8" 120 node $EXP gpuform-eval-fp16 . $OUT/gpuform-eval-fp16.json ;;
   evalacc0) PARSCALE_GPU_MATMUL_ACCURACY=0 step "held-out NLL through the GPU form, MatMulNBits accuracy_level 0" 120 node $EXP gpuform-eval . $OUT/gpuform-eval-acc0.json ;;
