@@ -137,6 +137,36 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     assert.ok(fromGolden > 0 && fromGolden < 0.05, `half-rounded weights move the last logits by ${fromGolden}`)
   })
 
+  for (const parallel of [1, 3]) {
+    test(`P = ${parallel}: a prompt in one call (matrix-matrix tiles, down split along K) gives the logits of one token a step (matrix-vector)`, async (t) => {
+      if (unavailable) return t.skip(unavailable)
+      // intermediate 1100 splits down_proj in two (gemmSplits), 70 tokens × P rows straddle the 64-row tiles, hidden 96 is not a multiple of 64 columns
+      const shape = syntheticShape(undefined, {hiddenSize: 96, numHeads: 6, numKvHeads: 2, intermediateSize: 1100, vocabSize: 300})
+      const source = syntheticTensors(shape, {parallel, prefixTokens: 5, seed: 3})
+      const model = await WgslModel.open(source)
+      const stepped = model.sequence()
+      const called = model.sequence()
+      try {
+        const ids = Array.from({length: 70}, (_, i) => (i * 37 + 11) % 300)
+        let last: Float32Array | undefined
+        for (const id of ids) last = (await model.run(stepped, [id], true))!.logits
+        const prompt = (await model.run(called, ids, true))!.logits
+        let worst = 0
+        for (let v = 0; v < prompt.length; v++) worst = Math.max(worst, Math.abs(prompt[v]! - last![v]!))
+        assert.ok(worst < 1e-4, `worst |logit diff| prompt call vs steps ${worst}`)
+        const next = [5, 6]
+        const a = (await model.run(stepped, next.slice(0, 1), true))!.logits
+        const b = (await model.run(called, next.slice(0, 1), true))!.logits
+        for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - b[v]!))
+        assert.ok(worst < 1e-4, `worst |logit diff| after the prompt ${worst}`)
+      } finally {
+        stepped.release()
+        called.release()
+        model.release()
+      }
+    })
+  }
+
   test('a token outside the vocabulary and a full cache are refused with one clear line', async (t) => {
     if (unavailable) return t.skip(unavailable)
     const decoder = await WgslDecoder.open(checkpointSource(path.join(goldenRoot, 'tiny-p4')), {positions: 2})

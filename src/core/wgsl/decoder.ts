@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, type LayerShape, matvecKernel, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS} from './kernels.js'
+import {attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, splitSumKernel, type LayerShape, matvecKernel, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS} from './kernels.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
 import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, QUERY_RESOLVE, STORAGE, UNIFORM, type GpuBindGroup, type GpuBuffer, type GpuComputePipeline} from './webgpu-types.js'
 
@@ -85,7 +85,7 @@ interface Dispatch {
   label: string
   group: GpuBindGroup
   /** Workgroups for a call of `rows` rows (tokens · P). */
-  size: (rows: number) => {x: number; y: number}
+  size: (rows: number) => {x: number; y: number; z?: number}
 }
 
 const MAX_GROUPS_X = 65535
@@ -121,10 +121,17 @@ interface StepKernels {
 /** A prompt call's products (matrix-matrix tiles) and the elementwise kernels between them. */
 interface PromptKernels {
   qkv: GpuComputePipeline
-  o: GpuComputePipeline
+  /** The residual products, split along K where their input is wide (`splits` partial sums, then `sum` adds them in). */
+  o: SplitProduct
   gateUp: GpuComputePipeline
-  down: GpuComputePipeline
+  down: SplitProduct
   silu: GpuComputePipeline
+}
+
+interface SplitProduct {
+  product: GpuComputePipeline
+  splits: number
+  sum?: GpuComputePipeline
 }
 
 export class WgslModel {
@@ -154,6 +161,8 @@ export class WgslModel {
   /** A prompt call's raw q·k·v and gate·up products. */
   private readonly qkvOut: GpuBuffer
   private readonly gateUpOut: GpuBuffer
+  /** Partial sums of the prompt's residual products split along K. */
+  private readonly partials: GpuBuffer
   private readonly scratch: GpuBuffer
   private readonly logits: GpuBuffer
   private readonly stepBuffer: GpuBuffer
@@ -192,6 +201,7 @@ export class WgslModel {
     this.hidden = this.buffer(rows * c.intermediateSize * 4)
     this.qkvOut = this.buffer(rows * (c.numHeads + 2 * c.numKvHeads) * c.headDim * 4)
     this.gateUpOut = this.buffer(rows * 2 * c.intermediateSize * 4)
+    this.partials = this.buffer(Math.max(gemmSplits(c.intermediateSize), gemmSplits(qRows)) * rows * c.hiddenSize * 4)
     this.scratch = this.buffer(16) // the unused output of kernels that write elsewhere
     this.logits = this.buffer(c.vocabSize * 4)
     this.stepBuffer = this.buffer(STEP_WORDS * 4, UNIFORM | COPY_DST)
@@ -268,7 +278,7 @@ export class WgslModel {
   }
 
   /** A dispatch of a fixed size (`tiles` workgroups), or one sized by the call's rows. */
-  private dispatch(pipeline: GpuComputePipeline, buffers: Record<number, GpuBuffer>, tiles: number | ((rows: number) => {x: number; y: number})): Dispatch {
+  private dispatch(pipeline: GpuComputePipeline, buffers: Record<number, GpuBuffer>, tiles: number | Dispatch['size']): Dispatch {
     const entries = Object.entries(buffers).map(([binding, buffer]) => ({binding: Number(binding), resource: {buffer}}))
     const group = this.gpu.device.createBindGroup({layout: pipeline.getBindGroupLayout(0), entries})
     const fixed = typeof tiles === 'number' ? grid(tiles) : undefined
@@ -402,13 +412,21 @@ export class WgslModel {
       const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
       this.promptKernelSet = {
         qkv: this.pipeline(gemmKernel({k: H, n: qkvWidth, streams: P, normEps: c.rmsNormEps, bias: true, half: this.half}), 'qkv_prompt'),
-        o: this.pipeline(gemmKernel({k: c.numHeads * c.headDim, n: H, streams: P, accumulate: true, half: this.half}), 'o_proj_prompt'),
+        o: this.splitProduct(c.numHeads * c.headDim, 'o_proj_prompt'),
         gateUp: this.pipeline(gemmKernel({k: H, n: 2 * I, streams: P, normEps: c.rmsNormEps, half: this.half}), 'gate_up_prompt'),
-        down: this.pipeline(gemmKernel({k: I, n: H, streams: P, accumulate: true, half: this.half}), 'down_prompt'),
+        down: this.splitProduct(I, 'down_prompt'),
         silu: this.pipeline(siluKernel(I, P), 'silu_prompt'),
       }
     }
     return this.promptKernelSet
+  }
+
+  /** A prompt product into the residual (hidden columns) from inputs `k` wide, split along K where that is wide. */
+  private splitProduct(k: number, label: string): SplitProduct {
+    const c = this.config
+    const splits = gemmSplits(k)
+    const product = this.pipeline(gemmKernel({k, n: c.hiddenSize, streams: c.parallel, accumulate: true, half: this.half, splits}), label)
+    return splits > 1 ? {product, splits, sum: this.pipeline(splitSumKernel(c.hiddenSize, c.parallel, splits), 'split_sum')} : {product, splits}
   }
 
   /** The cache kernels (q·k·v or the prompt's rotary writes, and attention) for a cache of `capacity` slots and calls of `tokens` tokens. */
@@ -443,18 +461,23 @@ export class WgslModel {
       return out
     }
     const prompt = this.promptKernels()
-    const tiles = (columns: number) => (rows: number) => ({x: Math.ceil(columns / GEMM_TILE.cols), y: Math.ceil(rows / GEMM_TILE.rows)})
+    const tiles = (columns: number, splits = 1) => (rows: number) => ({x: Math.ceil(columns / GEMM_TILE.cols), y: Math.ceil(rows / GEMM_TILE.rows), z: splits})
     const perRow = (rows: number) => grid(rows)
+    const intoResidual = (p: SplitProduct, weights: GpuBuffer, input: GpuBuffer) => {
+      if (!p.sum) return out.push(this.dispatch(p.product, {0: weights, 1: input, 2: this.x, 3: this.stepBuffer}, tiles(c.hiddenSize)))
+      out.push(this.dispatch(p.product, {0: weights, 1: input, 2: this.partials, 3: this.stepBuffer}, tiles(c.hiddenSize, p.splits)))
+      return out.push(this.dispatch(p.sum, {0: this.partials, 1: this.x, 2: this.stepBuffer}, perRow))
+    }
     const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
     for (const [n, w] of this.layers.entries()) {
       const {k, v} = caches[n]!
       out.push(this.dispatch(prompt.qkv, {0: w.qkvW, 1: this.x, 2: this.qkvOut, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB}, tiles(qkvWidth)))
       out.push(this.dispatch(cache.qkv, {0: this.qkvOut, 1: this.q, 2: k, 3: v, 4: this.rope, 5: this.stepBuffer}, perRow))
       out.push(this.dispatch(cache.attention, {0: this.q, 1: k, 2: v, 3: this.stepBuffer, 4: this.attn}, heads))
-      out.push(this.dispatch(prompt.o, {0: w.wo, 1: this.attn, 2: this.x, 3: this.stepBuffer}, tiles(c.hiddenSize)))
+      intoResidual(prompt.o, w.wo, this.attn)
       out.push(this.dispatch(prompt.gateUp, {0: w.gateUp, 1: this.x, 2: this.gateUpOut, 3: this.stepBuffer, 4: w.ln2}, tiles(2 * c.intermediateSize)))
       out.push(this.dispatch(prompt.silu, {0: this.gateUpOut, 1: this.hidden, 2: this.stepBuffer}, perRow))
-      out.push(this.dispatch(prompt.down, {0: w.down, 1: this.hidden, 2: this.x, 3: this.stepBuffer}, tiles(c.hiddenSize)))
+      intoResidual(prompt.down, w.down, this.hidden)
     }
     return out
   }
@@ -557,10 +580,10 @@ export class WgslModel {
     const pass = encoder.beginComputePass()
     const rows = tokens * c.parallel
     for (const d of [...this.head, ...plan, ...this.tail]) {
-      const {x, y} = d.size(rows)
+      const {x, y, z} = d.size(rows)
       pass.setPipeline(d.pipeline)
       pass.setBindGroup(0, d.group)
-      pass.dispatchWorkgroups(x, y)
+      pass.dispatchWorkgroups(x, y, z ?? 1)
     }
     pass.end()
     if (read) {
@@ -592,10 +615,10 @@ export class WgslModel {
       const rows = tokens.length * c.parallel
       for (const [i, d] of all.entries()) {
         const pass = encoder.beginComputePass({timestampWrites: {querySet, beginningOfPassWriteIndex: 2 * i, endOfPassWriteIndex: 2 * i + 1}})
-        const {x, y} = d.size(rows)
+        const {x, y, z} = d.size(rows)
         pass.setPipeline(d.pipeline)
         pass.setBindGroup(0, d.group)
-        pass.dispatchWorkgroups(x, y)
+        pass.dispatchWorkgroups(x, y, z ?? 1)
         pass.end()
       }
       encoder.resolveQuerySet(querySet, 0, 2 * all.length, resolved, 0)

@@ -492,6 +492,12 @@ export interface GemmSpec {
   /** `Y[m * N + n] = v` (the default) or `+=` (a residual). */
   accumulate?: boolean
   half?: boolean
+  /**
+   * Workgroups along K (grid z), for products with few output tiles (o_proj and down have only
+   * `hidden` columns): each writes its partial sums to Y as [split, M, N], and `splitSumKernel`
+   * adds them into the residual. Not with a norm or a bias.
+   */
+  splits?: number
 }
 
 /** Output rows × columns a thread of the matrix-matrix kernel holds (16 × 16 threads a workgroup). */
@@ -511,6 +517,10 @@ export function gemmKernel(spec: GemmSpec): string {
   const BM = GEMM_TILE.rows
   const BN = GEMM_TILE.cols
   const norm = spec.normEps !== undefined
+  const splits = spec.splits ?? 1
+  if (splits > 1 && (norm || spec.bias)) throw new Error('a product split along K takes no norm or bias')
+  const slices = Math.ceil(k / 16)
+  const perSplit = Math.ceil(slices / splits) * 4 // vec4 groups of K a split covers
   return `${STEP_STRUCT}
 const K4 = ${k / 4}u;
 const N = ${n}u;
@@ -532,6 +542,8 @@ ${norm ? `var<workgroup> squares: array<f32, ${BM * 4}>;` : ''}
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
   let M = step.tokens * P;
+  let kFirst = wid.z * ${perSplit}u;
+  let kEnd = min(K4, kFirst + ${perSplit}u);
   let m0 = wid.y * BM;
   let n0 = wid.x * BN;
   if (m0 >= M) { return; }
@@ -539,13 +551,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let ty = li / 16u;
   var acc: array<vec4<f32>, ${TM * (TN / 4)}>;
   ${norm ? `var sq: array<f32, ${(BM * 4) / 256}>;` : ''}
-  for (var k0 = 0u; k0 < K4; k0 += BK4) {
+  for (var k0 = kFirst; k0 < kEnd; k0 += BK4) {
     workgroupBarrier(); // the last slice is used up
     for (var e = li; e < BM * BK4; e += 256u) {
       let r = e / BK4;
       let c = e % BK4;
       var x = vec4<f32>(0.0);
-      if (m0 + r < M && k0 + c < K4) {
+      if (m0 + r < M && k0 + c < kEnd) {
         x = X[(m0 + r) * K4 + k0 + c];
         ${norm ? 'sq[e / 256u] += dot(x, x);\n        x = x * G[k0 + c];' : ''}
       }
@@ -555,7 +567,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       let r = e / BK4;
       let c = e % BK4;
       var w = vec4<f32>(0.0);
-      if (n0 + r < N && k0 + c < K4) { w = weight((n0 + r) * K4 + k0 + c); }
+      if (n0 + r < N && k0 + c < kEnd) { w = weight((n0 + r) * K4 + k0 + c); }
       for (var q = 0u; q < 4u; q++) { ws[(c * 4u + q) * (BN / 4u) + r / 4u][r % 4u] = w[q]; }
     }
     workgroupBarrier();
@@ -585,11 +597,36 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       var v = acc[i * ${TN / 4}u + j / 4u][j % 4u];
       ${norm ? 'v = v * inv;' : ''}
       ${spec.bias ? 'v = v + B[col];' : ''}
-      Y[m * N + col] ${spec.accumulate ? '+=' : '='} v;
+      ${splits > 1 ? 'Y[(wid.z * M + m) * N + col] = v;' : `Y[m * N + col] ${spec.accumulate ? '+=' : '='} v;`}
     }
   }
 }
 `
+}
+
+/** The partial sums of a product split along K ([splits, M, N]) added into Y [M, N]: a workgroup per row. */
+export function splitSumKernel(n: number, streams: number, splits: number): string {
+  return `${STEP_STRUCT}
+@group(0) @binding(0) var<storage, read> PART: array<f32>;
+@group(0) @binding(1) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(2) var<uniform> step: Step;
+@compute @workgroup_size(${WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+  let m = wid.x;
+  let M = step.tokens * ${streams}u;
+  if (m >= M) { return; }
+  for (var j = li; j < ${n}u; j += ${WORKGROUP}u) {
+    var v = 0.0;
+    for (var z = 0u; z < ${splits}u; z++) { v += PART[(z * M + m) * ${n}u + j]; }
+    Y[m * ${n}u + j] += v;
+  }
+}
+`
+}
+
+/** Splits along K for a prompt product of input width `k` (at most 8, each at least 512 wide). */
+export function gemmSplits(k: number): number {
+  return Math.max(1, Math.min(8, Math.floor(k / 512)))
 }
 
 /**
