@@ -139,6 +139,8 @@ export class WgslModel {
   private promptKernelSet: PromptKernels | undefined
   private readonly cacheKernels = new Map<string, CacheKernels>()
   private readonly labels = new Map<GpuComputePipeline, string>()
+  /** Bytes written to the GPU since the last wait for it (`drainUploads`). */
+  private stagedBytes = 0
   /**
    * Host milliseconds the calls spent (summed since the last reset): encoding the dispatches,
    * Dawn's submit (where it records the Vulkan commands), and from submit to the logits in hand.
@@ -237,7 +239,7 @@ export class WgslModel {
     const errors: string[] = []
     gpu.device.onuncapturederror = (event) => errors.push(event.error.message)
     const model = new WgslModel(gpu, c, source.queryScaled ? 1 : 1 / Math.sqrt(c.headDim), options.weights ?? (source.halfWeights ? 'f16' : 'f32'))
-    model.uploadWeights(source)
+    await model.uploadWeights(source)
     model.stepKernels()
     if (model.promptTokens > 1) model.promptKernels()
     await gpu.device.queue.onSubmittedWorkDone()
@@ -257,7 +259,20 @@ export class WgslModel {
   private upload(data: Float32Array | Uint16Array): GpuBuffer {
     const b = this.buffer(data.byteLength)
     this.gpu.device.queue.writeBuffer(b, 0, data)
+    this.stagedBytes += data.byteLength
     return b
+  }
+
+  /**
+   * Lets the GPU take what `upload` staged once it passes `threshold` bytes: Dawn copies each write into host
+   * memory of its own until the copy has run, so a model written without a pause held a second copy
+   * of its weights in the process (peak RSS, issue 23).
+   */
+  private async drainUploads(threshold = 256 << 20): Promise<void> {
+    if (this.stagedBytes < threshold) return
+    this.gpu.device.queue.submit([])
+    await this.gpu.device.queue.onSubmittedWorkDone()
+    this.stagedBytes = 0
   }
 
   /** Invocations a matrix-vector tile of input width `k` gets. */
@@ -285,7 +300,7 @@ export class WgslModel {
     return {pipeline, label: this.labels.get(pipeline) ?? 'kernel', group, size: typeof tiles === 'number' ? () => fixed! : tiles}
   }
 
-  private uploadWeights(source: TensorSource): void {
+  private async uploadWeights(source: TensorSource): Promise<void> {
     const c = this.config
     const P = c.parallel
     const H = c.hiddenSize
@@ -315,15 +330,16 @@ export class WgslModel {
         down: this.uploadMatrix(source.read(`${l}.mlp.down_proj.weight`)),
         ...(P > 1 ? {prefixK: this.upload(source.read(`${l}.self_attn.prefix_k`)), prefixV: this.upload(source.read(`${l}.self_attn.prefix_v`))} : {}),
       })
+      await this.drainUploads()
     }
 
     // Embedding table, in chunks a binding can hold; reused as the head when tied. A token's row is read by the chunk that holds it.
     const chunkRows = rowsPerBinding(H, this.gpu.device.limits.maxStorageBufferBindingSize!, this.weights)
-    const embedChunks = this.chunkRows(source.read('model.embed_tokens.weight'), chunkRows)
+    const embedChunks = await this.chunkRows(source.read('model.embed_tokens.weight'), chunkRows)
     for (const chunk of embedChunks) {
       this.head.push(this.dispatch(this.pipeline(embedKernel(H, P, chunk, this.half), 'embed'), {0: chunk.buffer, 1: this.ids, 2: this.x, 3: this.stepBuffer}, (rows) => grid(rows)))
     }
-    const headChunks = c.tieWordEmbeddings ? embedChunks : this.chunkRows(source.read('lm_head.weight'), chunkRows)
+    const headChunks = c.tieWordEmbeddings ? embedChunks : await this.chunkRows(source.read('lm_head.weight'), chunkRows)
 
     // The last token's streams: final norm, aggregation and mixing (P > 1), the head.
     const rows = 4
@@ -349,12 +365,22 @@ export class WgslModel {
     }
   }
 
-  private chunkRows(matrix: Float32Array, chunkRows: number): {buffer: GpuBuffer; first: number; rows: number}[] {
+  private async chunkRows(matrix: Float32Array, chunkRows: number): Promise<{buffer: GpuBuffer; first: number; rows: number}[]> {
     const H = this.config.hiddenSize
     const out = []
     for (let first = 0; first < this.config.vocabSize; first += chunkRows) {
       const rowsHere = Math.min(chunkRows, this.config.vocabSize - first)
-      out.push({buffer: this.uploadMatrix(matrix.subarray(first * H, (first + rowsHere) * H)), first, rows: rowsHere})
+      // a table is most of a small model: written in slices of 64 MB, each let through before the next
+      const rows = matrix.subarray(first * H, (first + rowsHere) * H)
+      const data = this.half ? encodeFloat16(rows) : rows
+      const buffer = this.buffer(data.byteLength)
+      const slice = (64 << 20) / data.BYTES_PER_ELEMENT
+      for (let at = 0; at < data.length; at += slice) {
+        this.gpu.device.queue.writeBuffer(buffer, at * data.BYTES_PER_ELEMENT, data, at, Math.min(slice, data.length - at))
+        this.stagedBytes += Math.min(slice, data.length - at) * data.BYTES_PER_ELEMENT
+        await this.drainUploads(64 << 20)
+      }
+      out.push({buffer, first, rows: rowsHere})
     }
     return out
   }
