@@ -6,7 +6,7 @@
  *
  *   PARSCALE_DAWN=<node_modules with webgpu@0.6.2> node dist/bench/wgsl-decode.js
  *   env: BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,2,4,8), BENCH_WEIGHTS (f32,f16: the matrices' format on
-   the GPU; f16 rounds the synthetic values), BENCH_PROMPT (64), BENCH_NEW (32), BENCH_ROUNDS (3), BENCH_PROFILE (1: GPU
+   the GPU, also q8 and q4; f16 rounds the synthetic values, q8/q4 quantize them as --quant does), BENCH_PROMPT (64), BENCH_NEW (32), BENCH_ROUNDS (3), BENCH_PROFILE (1: GPU
    time per kernel of a step and a prompt call, where the adapter has timestamps; 0: none)
  */
 import {syntheticShape, syntheticTensors} from '../src/core/checkpoint/synthetic.js'
@@ -17,7 +17,7 @@ import {WgslDecoder, type WgslWeights} from '../src/core/wgsl/decoder.js'
 const shapeName = process.env.BENCH_SHAPE ?? '0.5b'
 const parallels = (process.env.BENCH_PARALLEL ?? '1,2,4,8').split(',').map(Number)
 const formats = (process.env.BENCH_WEIGHTS ?? 'f32,f16').split(',') as WgslWeights[]
-for (const f of formats) if (f !== 'f32' && f !== 'f16') throw new Error(`BENCH_WEIGHTS takes f32 and f16, not "${f}"`)
+for (const f of formats) if (!['f32', 'f16', 'q8', 'q4'].includes(f)) throw new Error(`BENCH_WEIGHTS takes f32, f16, q8 and q4, not "${f}"`)
 const prompt = Number(process.env.BENCH_PROMPT ?? 64)
 const fresh = Number(process.env.BENCH_NEW ?? 32)
 const rounds = Number(process.env.BENCH_ROUNDS ?? 3)
@@ -49,7 +49,8 @@ for (const weights of formats) for (const parallel of parallels) {
   const decoder = await WgslDecoder.open(source, {positions: prompt + 1 + fresh * 2 * rounds, weights})
   const loadS = (performance.now() - t0) / 1000
   const c = source.config
-  const weightBytes = (weights === 'f16' ? 2 : 4) * shapeParameters(shape)
+  // bytes a parameter: the codes and, quantized, a float32 scale per block (the converter's default blocks: 256 for q4, 32 for q8)
+  const weightBytes = {f32: 4, f16: 2, q8: 1 + 4 / 32, q4: 0.5 + 4 / 256}[weights] * shapeParameters(shape)
   const token = (i: number) => (i * 7919 + 13) % c.vocabSize
   const promptIds = Array.from({length: prompt}, (_, i) => token(i))
   // the first prompt call compiles nothing more (pipelines are made at open) but warms the path: time the second

@@ -18,6 +18,8 @@ import {resolveModel} from '../src/core/package/resolve.js'
 import {decodeToFloat32, encodeFloat16, readTensorFloat32} from '../src/core/checkpoint/dtype.js'
 import {syntheticShape, syntheticTensors, writeSyntheticCheckpoint} from '../src/core/checkpoint/synthetic.js'
 import {UserError} from '../src/core/errors.js'
+import {dequantizeRows, quantizeRows} from '../src/core/quant/blockwise.js'
+import {blockSizeFor} from '../src/core/quant/scheme.js'
 import {checkpointSource} from '../src/core/wgsl/checkpoint-source.js'
 import {packageSource} from '../src/core/wgsl/package-source.js'
 import {openWgslDevice} from '../src/core/wgsl/dawn.js'
@@ -136,6 +138,45 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     for (let v = 0; v < half.step.length; v++) fromGolden = Math.max(fromGolden, Math.abs(half.step[v]! - golden.logits.values.at(-1)![v]!))
     assert.ok(fromGolden > 0 && fromGolden < 0.05, `half-rounded weights move the last logits by ${fromGolden}`)
   })
+
+  for (const weights of ['q4', 'q8'] as const) {
+    test(`${weights} weights: the float32 kernels' logits for the values their codes stand for, prompt calls and steps alike`, async (t) => {
+      if (unavailable) return t.skip(unavailable)
+      const exact = checkpointSource(path.join(goldenRoot, 'tiny-p4'))
+      const c = exact.config
+      const bits = weights === 'q4' ? 4 : 8
+      const requested = weights === 'q4' ? 256 : 32
+      // every matrix the kernels quantize, quantized and widened back as the converter's rule does it
+      const widths: Record<string, number> = {q_proj: c.hiddenSize, k_proj: c.hiddenSize, v_proj: c.hiddenSize, gate_proj: c.hiddenSize, up_proj: c.hiddenSize, o_proj: c.numHeads * c.headDim, down_proj: c.intermediateSize, embed_tokens: c.hiddenSize, lm_head: c.hiddenSize}
+      const dequantized = {
+        ...exact,
+        config: c,
+        read(name: string) {
+          const values = exact.read(name)
+          const kind = /(?:^|\.)(\w+)\.weight$/.exec(name)?.[1]
+          const k = kind === undefined ? undefined : widths[kind]
+          if (k === undefined) return values
+          const layout = {bits: bits as 4 | 8, blockSize: blockSizeFor(k, requested, name), k}
+          return dequantizeRows(quantizeRows(values, values.length / k, layout), values.length / k, layout)
+        },
+      }
+      const ids = JSON.parse(fs.readFileSync(path.join(goldenRoot, 'tiny-p4', 'golden.json'), 'utf8')).logits.prompt_ids as number[]
+      const logitsOf = async (model: WgslModel) => {
+        const sequence = model.sequence()
+        try {
+          return [(await model.run(sequence, ids.slice(0, -1), true))!.logits, (await model.run(sequence, ids.slice(-1), true))!.logits]
+        } finally {
+          sequence.release()
+          model.release()
+        }
+      }
+      const codes = await logitsOf(await WgslModel.open(exact, {weights}))
+      const floats = await logitsOf(await WgslModel.open(dequantized, {weights: 'f32'}))
+      let worst = 0
+      for (const [i, a] of codes.entries()) for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - floats[i]![v]!))
+      assert.ok(worst < 1e-4, `worst |logit diff| ${weights} codes vs their values in float32 ${worst}`)
+    })
+  }
 
   for (const parallel of [1, 3]) {
     test(`P = ${parallel}: a prompt in one call (matrix-matrix tiles, down split along K) gives the logits of one token a step (matrix-vector)`, async (t) => {

@@ -96,7 +96,7 @@ run_step() {
   capture4) capture_on "$(PKG_INT4)" int4 "8 1" ;;
   # the hand-written WebGPU kernels (src/core/wgsl/, Dawn's webgpu from the carried dawn.txz): golden logits, then decode per P
   wgslgolden) dawn_unpack; step "hand-written kernels: golden logits, every prompt position" 60 node $B/wgsl-golden.js fixtures/golden 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-golden.txt ;;
-  wgsl) dawn_unpack; BENCH_PARALLEL=${WGSL_PARALLEL:-1,2,4,8} step "hand-written kernels: 0.5b decode per P and weight format" 300 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-0.5b.txt ;;
+  wgsl) dawn_unpack; BENCH_WEIGHTS=${WGSL_WEIGHTS:-f32,f16,q4} BENCH_PARALLEL=${WGSL_PARALLEL:-1,2,4,8} step "hand-written kernels: 0.5b decode per P and weight format" 360 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-0.5b.txt ;;
   wgslrows) dawn_unpack; for r in 1 4; do PARSCALE_WGSL_OUT_ROWS=$r BENCH_PARALLEL=1,8 step "hand-written kernels: 0.5b, o_proj/down $r rows a workgroup" 100 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee -a $OUT/wgsl-rows.txt; done ;;
   wgslcli) dawn_unpack; PARSCALE_WEBGPU_ROUTE=wgsl step "bench 0.5b --device webgpu on the hand-written kernels (PARSCALE_WEBGPU_ROUTE=wgsl)" 200 node $CLI bench --synthetic 0.5b --parallel 1,8 --device webgpu --repeat 2 --json-file $OUT/bench-wgsl.json 2>&1 | grep -v '^Warning' ;;
   wgslloop) dawn_unpack; for v in streams weights; do PARSCALE_WGSL_LOOP=$v BENCH_PARALLEL=${WGSL_PARALLEL:-1,8} BENCH_ROUNDS=2 step "hand-written kernels: 0.5b, matvec loop $v" 120 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee -a $OUT/wgsl-loop.txt; done ;;

@@ -16,7 +16,9 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, splitSumKernel, type LayerShape, matvecKernel, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS} from './kernels.js'
+import {attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, splitSumKernel, type LayerShape, matvecKernel, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
+import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
 import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, QUERY_RESOLVE, STORAGE, UNIFORM, type GpuBindGroup, type GpuBuffer, type GpuComputePipeline} from './webgpu-types.js'
 
@@ -28,25 +30,51 @@ export interface TensorSource {
   readonly queryScaled?: boolean
   /** The matrices are stored in half precision (an fp16 package): kept so on the GPU, nothing lost. */
   readonly halfWeights?: boolean
+  /** The matrices are block-quantized (a --quant package): read as stored with `readQuantized`. */
+  readonly quant?: {bits: QuantBits; blockSize: number}
+  /** A quantized matrix's codes ([rows, K·bits/8] bytes) and scales ([rows, K / blockSize]), as the package holds them. */
+  readQuantized?(name: string): QuantizedMatrix
 }
 
-/** How the big matrices (q·k·v, o, gate·up, down, embedding and head) lie on the GPU: float32, or half (read into float32 sums). */
-export type WgslWeights = 'f32' | 'f16'
+export interface QuantizedMatrix {
+  codes: Uint8Array
+  scales: Float32Array
+  blockSize: number
+}
+
+/**
+ * How the big matrices (q·k·v, o, gate·up, down, embedding and head) lie on the GPU: float32,
+ * half, or the packages' 8- and 4-bit block codes; every format is read into float32 sums.
+ */
+export type WgslWeights = 'f32' | 'f16' | 'q8' | 'q4'
 
 export interface WgslModelOptions {
-  /** Default: f16 where the source stores half precision, else f32. */
+  /** Default: the source's own (q4/q8 for a quantized package, f16 for an fp16 one), else f32. */
   weights?: WgslWeights
+  /** Inputs per scale when a float source is quantized here (q4, q8; default the converter's, 256 / 32). */
+  blockSize?: number
+}
+
+/** A matrix on the GPU: its elements (binding 0) and, quantized, its scales (binding 9). */
+interface GpuMatrix {
+  data: GpuBuffer
+  scales?: GpuBuffer
+}
+
+/** A matrix's bindings in a kernel's bind group. */
+function matrixBindings(m: GpuMatrix): Record<number, GpuBuffer> {
+  return m.scales ? {0: m.data, 9: m.scales} : {0: m.data}
 }
 
 /** One layer's weights on the GPU. */
 interface LayerWeights {
-  qkvW: GpuBuffer
+  qkvW: GpuMatrix
   qkvB: GpuBuffer
   ln1: GpuBuffer
-  wo: GpuBuffer
+  wo: GpuMatrix
   ln2: GpuBuffer
-  gateUp: GpuBuffer
-  down: GpuBuffer
+  gateUp: GpuMatrix
+  down: GpuMatrix
   /** [P·kv, prefix, d] keys and values of the prefixes (P > 1), copied into every new cache. */
   prefixK?: GpuBuffer
   prefixV?: GpuBuffer
@@ -68,7 +96,8 @@ export function wgslDispatchesPerStep(shape: {numLayers: number; vocabSize: numb
 
 /** Rows of a [rows, hidden] table (embedding, head) one storage binding holds: the chunks they are uploaded in. */
 function rowsPerBinding(hidden: number, maxBindingBytes: number, weights: WgslWeights): number {
-  return Math.max(1, Math.floor(maxBindingBytes / (hidden * (weights === 'f16' ? 2 : 4))))
+  const bytes = weights === 'f32' ? 4 : weights === 'f16' ? 2 : weights === 'q8' ? 1 : 0.5
+  return Math.max(1, Math.floor(maxBindingBytes / (hidden * bytes)))
 }
 
 /** Tokens a prompt call holds at P streams. */
@@ -172,7 +201,9 @@ export class WgslModel {
   /** ParScale's per-stream weights of the step (P > 1), read back beside the logits. */
   private streamWeights: GpuBuffer | undefined
   private readonly outRows: number
-  private readonly half: boolean
+  /** Quantized formats: the block size of the matrices of each input width, as uploaded. */
+  private readonly blocks = new Map<number, number>()
+  private readonly requestedBlock: number
   /** Tokens a prompt call holds. */
   readonly promptTokens: number
   /** Positions a sequence can grow to: the model's, and what the attention kernel's workgroup memory holds. */
@@ -183,9 +214,10 @@ export class WgslModel {
     readonly config: ModelConfig,
     private readonly scoreScale: number,
     readonly weights: WgslWeights,
+    requestedBlock: number | undefined,
   ) {
     const c = config
-    this.half = weights === 'f16'
+    this.requestedBlock = requestedBlock ?? DEFAULT_BLOCK_SIZES[weights === 'q8' ? 'int8' : 'int4']
     this.promptTokens = promptTokensAt(c.parallel)
     const workgroupBytes = gpu.device.limits.maxComputeWorkgroupStorageSize!
     const slotsThatFit = Math.floor((workgroupBytes - 2 * 256 * 4 - c.headDim * 4) / 4)
@@ -238,7 +270,10 @@ export class WgslModel {
     // Validation errors arrive through the device's uncaptured-error event; one check after building.
     const errors: string[] = []
     gpu.device.onuncapturederror = (event) => errors.push(event.error.message)
-    const model = new WgslModel(gpu, c, source.queryScaled ? 1 : 1 / Math.sqrt(c.headDim), options.weights ?? (source.halfWeights ? 'f16' : 'f32'))
+    const own: WgslWeights = source.quant ? (source.quant.bits === 4 ? 'q4' : 'q8') : source.halfWeights ? 'f16' : 'f32'
+    const weights = options.weights ?? own
+    if (source.quant && weights !== own) throw new UserError(`the package's matrices are ${own} codes; the hand-written kernels read them as they are, not as ${weights}`)
+    const model = new WgslModel(gpu, c, source.queryScaled ? 1 : 1 / Math.sqrt(c.headDim), weights, options.blockSize ?? source.quant?.blockSize)
     await model.uploadWeights(source)
     model.stepKernels()
     if (model.promptTokens > 1) model.promptKernels()
@@ -256,7 +291,7 @@ export class WgslModel {
     return b
   }
 
-  private upload(data: Float32Array | Uint16Array): GpuBuffer {
+  private upload(data: Float32Array | Uint16Array | Uint8Array): GpuBuffer {
     const b = this.buffer(data.byteLength)
     this.gpu.device.queue.writeBuffer(b, 0, data)
     this.stagedBytes += data.byteLength
@@ -280,9 +315,39 @@ export class WgslModel {
     return matvecTeam(k, this.gpu.subgroupMax)
   }
 
-  /** A big matrix in the model's weight format. */
-  private uploadMatrix(data: Float32Array): GpuBuffer {
-    return this.upload(this.half ? encodeFloat16(data) : data)
+  /** How matrices of input width `k` are stored (the quantized formats' block as uploaded). */
+  private format(k: number): WeightFormat {
+    if (this.weights === 'f32' || this.weights === 'f16') return {kind: this.weights}
+    const block = this.blocks.get(k)
+    if (block === undefined) throw new Error(`no quantized matrix of input width ${k} was uploaded`)
+    return {kind: this.weights, block}
+  }
+
+  /**
+   * A big matrix (the rows of `names`, stacked) in the model's weight format: float32 or half from
+   * the source's floats; quantized from the source's codes as stored, or quantized here from its
+   * floats with the converter's rule (the same codes a --quant package of that checkpoint holds).
+   */
+  private uploadMatrix(source: TensorSource, names: string[], k: number): GpuMatrix {
+    if (this.weights === 'f32' || this.weights === 'f16') {
+      const parts = names.map((n) => source.read(n))
+      const values = parts.length === 1 ? parts[0]! : concat(parts)
+      return {data: this.upload(this.weights === 'f16' ? encodeFloat16(values) : values)}
+    }
+    const bits = this.weights === 'q4' ? 4 : 8
+    const parts = names.map((n): QuantizedMatrix => {
+      if (source.readQuantized) return source.readQuantized(n)
+      const values = source.read(n)
+      const blockSize = blockSizeFor(k, this.requestedBlock, n)
+      return {...quantizeRows(values, values.length / k, {bits, blockSize, k}), blockSize}
+    })
+    const block = parts[0]!.blockSize
+    if (parts.some((p) => p.blockSize !== block) || (this.blocks.get(k) ?? block) !== block) throw new UserError(`${names.join(', ')}: quantization blocks differ between matrices of input width ${k}; the hand-written kernels take one block size per width`)
+    if (k % block !== 0) throw new UserError(`${names[0]}: rows of ${k} inputs are not whole blocks of ${block}`)
+    this.blocks.set(k, block)
+    const codes = parts.length === 1 ? parts[0]!.codes : concatBytes(parts.map((p) => p.codes))
+    const scales = parts.length === 1 ? parts[0]!.scales : concat(parts.map((p) => p.scales))
+    return {data: this.upload(codes), scales: this.upload(scales)}
   }
 
   private pipeline(code: string, label: string): GpuComputePipeline {
@@ -309,25 +374,18 @@ export class WgslModel {
     const kvRows = c.numKvHeads * c.headDim
     for (let n = 0; n < c.numLayers; n++) {
       const l = `model.layers.${n}`
-      const qkvW = new Float32Array((qRows + 2 * kvRows) * H)
-      qkvW.set(source.read(`${l}.self_attn.q_proj.weight`), 0)
-      qkvW.set(source.read(`${l}.self_attn.k_proj.weight`), qRows * H)
-      qkvW.set(source.read(`${l}.self_attn.v_proj.weight`), (qRows + kvRows) * H)
       const qkvB = new Float32Array(qRows + 2 * kvRows)
       qkvB.set(source.read(`${l}.self_attn.q_proj.bias`), 0)
       qkvB.set(source.read(`${l}.self_attn.k_proj.bias`), qRows)
       qkvB.set(source.read(`${l}.self_attn.v_proj.bias`), qRows + kvRows)
-      const gateUp = new Float32Array(2 * I * H)
-      gateUp.set(source.read(`${l}.mlp.gate_proj.weight`), 0)
-      gateUp.set(source.read(`${l}.mlp.up_proj.weight`), I * H)
       this.layers.push({
-        qkvW: this.uploadMatrix(qkvW),
+        qkvW: this.uploadMatrix(source, [`${l}.self_attn.q_proj.weight`, `${l}.self_attn.k_proj.weight`, `${l}.self_attn.v_proj.weight`], H),
         qkvB: this.upload(qkvB),
         ln1: this.upload(source.read(`${l}.input_layernorm.weight`)),
-        wo: this.uploadMatrix(source.read(`${l}.self_attn.o_proj.weight`)),
+        wo: this.uploadMatrix(source, [`${l}.self_attn.o_proj.weight`], qRows),
         ln2: this.upload(source.read(`${l}.post_attention_layernorm.weight`)),
-        gateUp: this.uploadMatrix(gateUp),
-        down: this.uploadMatrix(source.read(`${l}.mlp.down_proj.weight`)),
+        gateUp: this.uploadMatrix(source, [`${l}.mlp.gate_proj.weight`, `${l}.mlp.up_proj.weight`], H),
+        down: this.uploadMatrix(source, [`${l}.mlp.down_proj.weight`], I),
         ...(P > 1 ? {prefixK: this.upload(source.read(`${l}.self_attn.prefix_k`)), prefixV: this.upload(source.read(`${l}.self_attn.prefix_v`))} : {}),
       })
       await this.drainUploads()
@@ -335,11 +393,11 @@ export class WgslModel {
 
     // Embedding table, in chunks a binding can hold; reused as the head when tied. A token's row is read by the chunk that holds it.
     const chunkRows = rowsPerBinding(H, this.gpu.device.limits.maxStorageBufferBindingSize!, this.weights)
-    const embedChunks = await this.chunkRows(source.read('model.embed_tokens.weight'), chunkRows)
+    const embedChunks = await this.chunkRows(source, 'model.embed_tokens.weight', chunkRows)
     for (const chunk of embedChunks) {
-      this.head.push(this.dispatch(this.pipeline(embedKernel(H, P, chunk, this.half), 'embed'), {0: chunk.buffer, 1: this.ids, 2: this.x, 3: this.stepBuffer}, (rows) => grid(rows)))
+      this.head.push(this.dispatch(this.pipeline(embedKernel(H, P, chunk, this.format(H)), 'embed'), {...matrixBindings(chunk.matrix), 1: this.ids, 2: this.x, 3: this.stepBuffer}, (rows) => grid(rows)))
     }
-    const headChunks = c.tieWordEmbeddings ? embedChunks : await this.chunkRows(source.read('lm_head.weight'), chunkRows)
+    const headChunks = c.tieWordEmbeddings ? embedChunks : await this.chunkRows(source, 'lm_head.weight', chunkRows)
 
     // The last token's streams: final norm, aggregation and mixing (P > 1), the head.
     const rows = 4
@@ -360,27 +418,55 @@ export class WgslModel {
       headInput = mixed
     }
     for (const chunk of headChunks) {
-      const head = {k: H, n: chunk.rows, streams: 1, rows, half: this.half, team: this.team(H), epilogue: `Y[${chunk.first}u + row] = v;`}
-      this.tail.push(this.dispatch(this.pipeline(matvecKernel(head), 'lm_head'), {0: chunk.buffer, 1: headInput, 2: this.logits, 3: this.stepBuffer}, matvecTiles(head)))
+      const head = {k: H, n: chunk.rows, streams: 1, rows, weights: this.format(H), team: this.team(H), epilogue: `Y[${chunk.first}u + row] = v;`}
+      this.tail.push(this.dispatch(this.pipeline(matvecKernel(head), 'lm_head'), {...matrixBindings(chunk.matrix), 1: headInput, 2: this.logits, 3: this.stepBuffer}, matvecTiles(head)))
     }
   }
 
-  private async chunkRows(matrix: Float32Array, chunkRows: number): Promise<{buffer: GpuBuffer; first: number; rows: number}[]> {
+  /**
+   * A [vocab, hidden] table (embedding, untied head) in chunks of `chunkRows` rows, one binding
+   * each. It is most of a small model: float tables go in slices of 64 MB, each let through before
+   * the next; quantized ones are a quarter or an eighth of that.
+   */
+  private async chunkRows(source: TensorSource, name: string, chunkRows: number): Promise<{matrix: GpuMatrix; first: number; rows: number}[]> {
     const H = this.config.hiddenSize
+    const V = this.config.vocabSize
     const out = []
-    for (let first = 0; first < this.config.vocabSize; first += chunkRows) {
-      const rowsHere = Math.min(chunkRows, this.config.vocabSize - first)
-      // a table is most of a small model: written in slices of 64 MB, each let through before the next
-      const rows = matrix.subarray(first * H, (first + rowsHere) * H)
-      const data = this.half ? encodeFloat16(rows) : rows
-      const buffer = this.buffer(data.byteLength)
-      const slice = (64 << 20) / data.BYTES_PER_ELEMENT
-      for (let at = 0; at < data.length; at += slice) {
-        this.gpu.device.queue.writeBuffer(buffer, at * data.BYTES_PER_ELEMENT, data, at, Math.min(slice, data.length - at))
-        this.stagedBytes += Math.min(slice, data.length - at) * data.BYTES_PER_ELEMENT
-        await this.drainUploads(64 << 20)
+    if (this.weights === 'f32' || this.weights === 'f16') {
+      const table = source.read(name)
+      for (let first = 0; first < V; first += chunkRows) {
+        const rowsHere = Math.min(chunkRows, V - first)
+        const rows = table.subarray(first * H, (first + rowsHere) * H)
+        const data = this.weights === 'f16' ? encodeFloat16(rows) : rows
+        const buffer = this.buffer(data.byteLength)
+        const slice = (64 << 20) / data.BYTES_PER_ELEMENT
+        for (let at = 0; at < data.length; at += slice) {
+          this.gpu.device.queue.writeBuffer(buffer, at * data.BYTES_PER_ELEMENT, data, at, Math.min(slice, data.length - at))
+          this.stagedBytes += Math.min(slice, data.length - at) * data.BYTES_PER_ELEMENT
+          await this.drainUploads(64 << 20)
+        }
+        out.push({matrix: {data: buffer}, first, rows: rowsHere})
       }
-      out.push({buffer, first, rows: rowsHere})
+      return out
+    }
+    // quantized: the whole table's codes, then each chunk's rows of codes and scales
+    const bits = this.weights === 'q4' ? 4 : 8
+    let table: QuantizedMatrix
+    if (source.readQuantized) table = source.readQuantized(name)
+    else {
+      const values = source.read(name)
+      const blockSize = blockSizeFor(H, this.requestedBlock, name)
+      table = {...quantizeRows(values, V, {bits, blockSize, k: H}), blockSize}
+    }
+    if ((this.blocks.get(H) ?? table.blockSize) !== table.blockSize) throw new UserError(`${name}: its quantization block (${table.blockSize}) differs from the other matrices of input width ${H}`)
+    this.blocks.set(H, table.blockSize)
+    const rowBytes = (H * bits) / 8
+    const rowScales = H / table.blockSize
+    for (let first = 0; first < V; first += chunkRows) {
+      const rowsHere = Math.min(chunkRows, V - first)
+      const matrix = {data: this.upload(table.codes.subarray(first * rowBytes, (first + rowsHere) * rowBytes)), scales: this.upload(table.scales.subarray(first * rowScales, (first + rowsHere) * rowScales))}
+      await this.drainUploads()
+      out.push({matrix, first, rows: rowsHere})
     }
     return out
   }
@@ -392,8 +478,8 @@ export class WgslModel {
       const S = c.parallel
       const I = c.intermediateSize
       const h = 2 // gate (and up) rows a tile
-      const o = {k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: this.outRows, half: this.half, team: this.team(c.numHeads * c.headDim), epilogue: 'Y[s * N + row] += v;'}
-      const down = {k: I, n: c.hiddenSize, streams: S, rows: this.outRows, half: this.half, team: this.team(I), epilogue: 'Y[s * N + row] += v;'}
+      const o = {k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: this.outRows, weights: this.format(c.numHeads * c.headDim), team: this.team(c.numHeads * c.headDim), epilogue: 'Y[s * N + row] += v;'}
+      const down = {k: I, n: c.hiddenSize, streams: S, rows: this.outRows, weights: this.format(I), team: this.team(I), epilogue: 'Y[s * N + row] += v;'}
       const mlpTeam = this.team(c.hiddenSize)
       this.stepKernelSet = {
         o: this.pipeline(matvecKernel(o), 'o_proj'),
@@ -404,7 +490,7 @@ export class WgslModel {
             streams: S,
             rows: 2 * h,
             normEps: c.rmsNormEps,
-            half: this.half,
+            weights: this.format(c.hiddenSize),
             team: mlpTeam,
             rowOf: `select(${I}u + t * ${h}u + r - ${h}u, t * ${h}u + r, r < ${h}u)`,
             extra: '@group(0) @binding(6) var<storage, read_write> HOUT: array<f32>;',
@@ -437,9 +523,9 @@ export class WgslModel {
       const I = c.intermediateSize
       const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
       this.promptKernelSet = {
-        qkv: this.pipeline(gemmKernel({k: H, n: qkvWidth, streams: P, normEps: c.rmsNormEps, bias: true, half: this.half}), 'qkv_prompt'),
+        qkv: this.pipeline(gemmKernel({k: H, n: qkvWidth, streams: P, normEps: c.rmsNormEps, bias: true, weights: this.format(H)}), 'qkv_prompt'),
         o: this.splitProduct(c.numHeads * c.headDim, 'o_proj_prompt'),
-        gateUp: this.pipeline(gemmKernel({k: H, n: 2 * I, streams: P, normEps: c.rmsNormEps, half: this.half}), 'gate_up_prompt'),
+        gateUp: this.pipeline(gemmKernel({k: H, n: 2 * I, streams: P, normEps: c.rmsNormEps, weights: this.format(H)}), 'gate_up_prompt'),
         down: this.splitProduct(I, 'down_prompt'),
         silu: this.pipeline(siluKernel(I, P), 'silu_prompt'),
       }
@@ -451,7 +537,7 @@ export class WgslModel {
   private splitProduct(k: number, label: string): SplitProduct {
     const c = this.config
     const splits = gemmSplits(k)
-    const product = this.pipeline(gemmKernel({k, n: c.hiddenSize, streams: c.parallel, accumulate: true, half: this.half, splits}), label)
+    const product = this.pipeline(gemmKernel({k, n: c.hiddenSize, streams: c.parallel, accumulate: true, weights: this.format(k), splits}), label)
     return splits > 1 ? {product, splits, sum: this.pipeline(splitSumKernel(c.hiddenSize, c.parallel, splits), 'split_sum')} : {product, splits}
   }
 
@@ -461,7 +547,7 @@ export class WgslModel {
     let kernels = this.cacheKernels.get(key)
     if (!kernels) {
       const c = this.config
-      const shape: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, half: this.half, team: this.team(c.hiddenSize)}
+      const shape: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize), team: this.team(c.hiddenSize)}
       kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
       this.cacheKernels.set(key, kernels)
     }
@@ -478,30 +564,30 @@ export class WgslModel {
       const row = this.stepKernels()
       for (const [n, w] of this.layers.entries()) {
         const {k, v} = caches[n]!
-        out.push(this.dispatch(cache.qkv, {0: w.qkvW, 1: this.x, 2: this.q, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB, 6: k, 7: v, 8: this.rope}, qkvTiles(cache.shape)))
+        out.push(this.dispatch(cache.qkv, {...matrixBindings(w.qkvW), 1: this.x, 2: this.q, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB, 6: k, 7: v, 8: this.rope}, qkvTiles(cache.shape)))
         out.push(this.dispatch(cache.attention, {0: this.q, 1: k, 2: v, 3: this.stepBuffer, 4: this.attn}, heads))
-        out.push(this.dispatch(row.o, {0: w.wo, 1: this.attn, 2: this.x, 3: this.stepBuffer}, row.oTiles))
-        out.push(this.dispatch(row.mlp, {0: w.gateUp, 1: this.x, 2: this.scratch, 3: this.stepBuffer, 4: w.ln2, 6: this.hidden}, row.mlpTiles))
-        out.push(this.dispatch(row.down, {0: w.down, 1: this.hidden, 2: this.x, 3: this.stepBuffer}, row.downTiles))
+        out.push(this.dispatch(row.o, {...matrixBindings(w.wo), 1: this.attn, 2: this.x, 3: this.stepBuffer}, row.oTiles))
+        out.push(this.dispatch(row.mlp, {...matrixBindings(w.gateUp), 1: this.x, 2: this.scratch, 3: this.stepBuffer, 4: w.ln2, 6: this.hidden}, row.mlpTiles))
+        out.push(this.dispatch(row.down, {...matrixBindings(w.down), 1: this.hidden, 2: this.x, 3: this.stepBuffer}, row.downTiles))
       }
       return out
     }
     const prompt = this.promptKernels()
     const tiles = (columns: number, splits = 1) => (rows: number) => ({x: Math.ceil(columns / GEMM_TILE.cols), y: Math.ceil(rows / GEMM_TILE.rows), z: splits})
     const perRow = (rows: number) => grid(rows)
-    const intoResidual = (p: SplitProduct, weights: GpuBuffer, input: GpuBuffer) => {
-      if (!p.sum) return out.push(this.dispatch(p.product, {0: weights, 1: input, 2: this.x, 3: this.stepBuffer}, tiles(c.hiddenSize)))
-      out.push(this.dispatch(p.product, {0: weights, 1: input, 2: this.partials, 3: this.stepBuffer}, tiles(c.hiddenSize, p.splits)))
+    const intoResidual = (p: SplitProduct, weights: GpuMatrix, input: GpuBuffer) => {
+      if (!p.sum) return out.push(this.dispatch(p.product, {...matrixBindings(weights), 1: input, 2: this.x, 3: this.stepBuffer}, tiles(c.hiddenSize)))
+      out.push(this.dispatch(p.product, {...matrixBindings(weights), 1: input, 2: this.partials, 3: this.stepBuffer}, tiles(c.hiddenSize, p.splits)))
       return out.push(this.dispatch(p.sum, {0: this.partials, 1: this.x, 2: this.stepBuffer}, perRow))
     }
     const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
     for (const [n, w] of this.layers.entries()) {
       const {k, v} = caches[n]!
-      out.push(this.dispatch(prompt.qkv, {0: w.qkvW, 1: this.x, 2: this.qkvOut, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB}, tiles(qkvWidth)))
+      out.push(this.dispatch(prompt.qkv, {...matrixBindings(w.qkvW), 1: this.x, 2: this.qkvOut, 3: this.stepBuffer, 4: w.ln1, 5: w.qkvB}, tiles(qkvWidth)))
       out.push(this.dispatch(cache.qkv, {0: this.qkvOut, 1: this.q, 2: k, 3: v, 4: this.rope, 5: this.stepBuffer}, perRow))
       out.push(this.dispatch(cache.attention, {0: this.q, 1: k, 2: v, 3: this.stepBuffer, 4: this.attn}, heads))
       intoResidual(prompt.o, w.wo, this.attn)
-      out.push(this.dispatch(prompt.gateUp, {0: w.gateUp, 1: this.x, 2: this.gateUpOut, 3: this.stepBuffer, 4: w.ln2}, tiles(2 * c.intermediateSize)))
+      out.push(this.dispatch(prompt.gateUp, {...matrixBindings(w.gateUp), 1: this.x, 2: this.gateUpOut, 3: this.stepBuffer, 4: w.ln2}, tiles(2 * c.intermediateSize)))
       out.push(this.dispatch(prompt.silu, {0: this.gateUpOut, 1: this.hidden, 2: this.stepBuffer}, perRow))
       intoResidual(prompt.down, w.down, this.hidden)
     }
@@ -831,4 +917,24 @@ export class WgslDecoder {
     this.sequence.release()
     this.model.release()
   }
+}
+
+function concat(parts: Float32Array[]): Float32Array {
+  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0))
+  let at = 0
+  for (const p of parts) {
+    out.set(p, at)
+    at += p.length
+  }
+  return out
+}
+
+function concatBytes(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0))
+  let at = 0
+  for (const p of parts) {
+    out.set(p, at)
+    at += p.length
+  }
+  return out
 }

@@ -55,21 +55,50 @@ export interface MatvecSpec {
   extra?: string
   /** Invocations a tile of R rows gets (`matvecTeam`); the default, the whole workgroup. */
   team?: number
-  /** The matrix in half precision (pairs packed in u32 words), read into float32: half the bytes. */
-  half?: boolean
+  /** How the matrix is stored (default float32). */
+  weights?: WeightFormat
 }
 
 /**
- * The weight matrix's binding and its reader `weight(j)`: the j-th group of four elements as
- * float32, from float32 storage or from half pairs packed in u32 words (`unpack2x16float` is core
- * WGSL, so no shader-f16 feature is needed; products and sums stay float32).
+ * How a matrix lies on the GPU: float32; half pairs packed in u32 words; or the packages' block
+ * quantization (symmetric codes of 4 or 8 bits, zero point 2^(bits−1), one float32 scale per
+ * `block` inputs of a row; 4-bit codes two a byte, the lower input in the low nibble: the bytes of
+ * MatMulNBits and GatherBlockQuantized, blockwise.ts).
  */
-function weightBinding(half: boolean | undefined): string {
-  return half
-    ? `@group(0) @binding(0) var<storage, read> W: array<vec2<u32>>;
-fn weight(j: u32) -> vec4<f32> { let h = W[j]; return vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y)); }`
-    : `@group(0) @binding(0) var<storage, read> W: array<vec4<f32>>;
+export type WeightFormat = {kind: 'f32'} | {kind: 'f16'} | {kind: 'q4' | 'q8'; block: number}
+
+/**
+ * The weight matrix's binding (0; the scales of a quantized one at 9) and its reader `weight(j)`:
+ * the j-th group of four elements of the row-major matrix as float32. Half pairs are read with
+ * `unpack2x16float` (core WGSL, no shader-f16 feature); codes are shifted out of u32 words and
+ * scaled by their block's scale (rows are whole blocks, so group j's block is 4j / block).
+ * Products and sums stay float32 in every format.
+ */
+function weightBinding(format: WeightFormat = {kind: 'f32'}): string {
+  switch (format.kind) {
+    case 'f32':
+      return `@group(0) @binding(0) var<storage, read> W: array<vec4<f32>>;
 fn weight(j: u32) -> vec4<f32> { return W[j]; }`
+    case 'f16':
+      return `@group(0) @binding(0) var<storage, read> W: array<vec2<u32>>;
+fn weight(j: u32) -> vec4<f32> { let h = W[j]; return vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y)); }`
+    case 'q4':
+      return `@group(0) @binding(0) var<storage, read> W: array<u32>;
+@group(0) @binding(9) var<storage, read> SC: array<f32>;
+fn weight(j: u32) -> vec4<f32> {
+  let w = W[j >> 1u] >> ((j & 1u) * 16u);
+  let q = vec4<u32>(w, w >> 4u, w >> 8u, w >> 12u) & vec4<u32>(15u);
+  return (vec4<f32>(q) - 8.0) * SC[(j * 4u) / ${format.block}u];
+}`
+    case 'q8':
+      return `@group(0) @binding(0) var<storage, read> W: array<u32>;
+@group(0) @binding(9) var<storage, read> SC: array<f32>;
+fn weight(j: u32) -> vec4<f32> {
+  let w = W[j];
+  let q = vec4<u32>(w, w >> 8u, w >> 16u, w >> 24u) & vec4<u32>(255u);
+  return (vec4<f32>(q) - 128.0) * SC[(j * 4u) / ${format.block}u];
+}`
+  }
 }
 
 /**
@@ -131,7 +160,7 @@ const TEAM = ${team}u;
 const TEAMS = ${WORKGROUP / team}u;
 const VALUES = ${values}u;
 const TILES = ${Math.ceil(n / R)}u;
-${weightBinding(spec.half)}
+${weightBinding(spec.weights)}
 @group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(3) var<uniform> step: Step;
@@ -223,8 +252,8 @@ export interface LayerShape {
   eps: number
   /** Multiplies q·k (1/√d, or 1 where q's weights carry it). */
   scoreScale: number
-  /** The q·k·v matrix in half precision. */
-  half?: boolean
+  /** How the q·k·v matrix is stored. */
+  weights?: WeightFormat
   /** Invocations a q·k·v tile gets (`matvecTeam`). */
   team?: number
 }
@@ -249,7 +278,7 @@ export function qkvKernel(l: LayerShape): string {
     rows,
     normEps: l.eps,
     bias: true,
-    half: l.half,
+    weights: l.weights,
     team: l.team,
     rowOf: `(t / ${tilesPerHead}u) * ${d}u + (t % ${tilesPerHead}u) * ${pairs}u + (r % ${pairs}u) + (r / ${pairs}u) * ${half}u`,
     extra: `@group(0) @binding(6) var<storage, read_write> KC: array<f32>;
@@ -491,7 +520,7 @@ export interface GemmSpec {
   bias?: boolean
   /** `Y[m * N + n] = v` (the default) or `+=` (a residual). */
   accumulate?: boolean
-  half?: boolean
+  weights?: WeightFormat
   /**
    * Workgroups along K (grid z), for products with few output tiles (o_proj and down have only
    * `hidden` columns): each writes its partial sums to Y as [split, M, N], and `splitSumKernel`
@@ -528,7 +557,7 @@ const P = ${streams}u;
 const BM = ${BM}u;
 const BN = ${BN}u;
 const BK4 = 4u; // a slice of 16 inputs: four vec4 a row
-${weightBinding(spec.half)}
+${weightBinding(spec.weights)}
 @group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(3) var<uniform> step: Step;
@@ -702,14 +731,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
 /**
  * The call's embedding rows: row m (token m / P, every stream the same) from one chunk of the
- * table, rows [first, first + rows), float32 or half pairs; tokens outside the chunk are another
- * dispatch's. Token ids in IDS. A workgroup per row.
+ * table, rows [first, first + rows), in the table's format (read as the head reads it); tokens
+ * outside the chunk are another dispatch's. Token ids in IDS. A workgroup per row.
  */
-export function embedKernel(hidden: number, streams: number, chunk: {first: number; rows: number}, half: boolean): string {
+export function embedKernel(hidden: number, streams: number, chunk: {first: number; rows: number}, weights: WeightFormat): string {
   return `${STEP_STRUCT}
-@group(0) @binding(0) var<storage, read> E: array<${half ? 'u32' : 'f32'}>;
+${weightBinding(weights)}
 @group(0) @binding(1) var<storage, read> IDS: array<u32>;
-@group(0) @binding(2) var<storage, read_write> X: array<f32>;
+@group(0) @binding(2) var<storage, read_write> X: array<vec4<f32>>;
 @group(0) @binding(3) var<uniform> step: Step;
 @compute @workgroup_size(${WORKGROUP})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -718,16 +747,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   if (token >= step.tokens) { return; }
   let id = IDS[token];
   if (id < ${chunk.first}u || id >= ${chunk.first + chunk.rows}u) { return; }
-  let row = (id - ${chunk.first}u) * ${hidden}u;
-  ${
-    half
-      ? `for (var i = li; i < ${hidden / 2}u; i += ${WORKGROUP}u) {
-    let v = unpack2x16float(E[row / 2u + i]);
-    X[m * ${hidden}u + 2u * i] = v.x;
-    X[m * ${hidden}u + 2u * i + 1u] = v.y;
-  }`
-      : `for (var i = li; i < ${hidden}u; i += ${WORKGROUP}u) { X[m * ${hidden}u + i] = E[row + i]; }`
-  }
+  let row = (id - ${chunk.first}u) * ${hidden / 4}u;
+  for (var i = li; i < ${hidden / 4}u; i += ${WORKGROUP}u) { X[m * ${hidden / 4}u + i] = weight(row + i); }
 }
 `
 }
