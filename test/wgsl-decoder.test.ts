@@ -288,6 +288,22 @@ describe('PARSCALE_WEBGPU_ROUTE=wgsl: the CLI on the hand-written kernels', () =
     for (let i = 0; i < 2; i++) assert.ok(Math.abs(g[i]! - c[i]!) < 1e-5, `P ${i === 0 ? 1 : 8}: ${g[i]} against ${c[i]}`)
   })
 
+  test('--quant int4 and int8 packages run on the route: eval at P = 1 and 8 within 0.01 of the CPU graph of the same package (its MatMulNBits quantize activations; these kernels do not)', async (t) => {
+    if (unavailable) return t.skip(unavailable)
+    for (const quant of ['int4', 'int8']) {
+      const evalArgs = ['eval', '-f', 'fixtures/default-model/heldout.py', '-p', '1,8', '--quant', quant, '--json']
+      const gpuEval = cli([...evalArgs, '--device', 'webgpu'], route)
+      const cpuEval = cli(evalArgs, {})
+      assert.equal(gpuEval.status, 0, gpuEval.stderr)
+      assert.equal(cpuEval.status, 0, cpuEval.stderr)
+      assert.doesNotMatch(gpuEval.stderr, /not the route/, 'the route was taken')
+      const losses = (out: string) => (JSON.parse(out) as {results: {mean_nll: number}[]}).results.map((r) => r.mean_nll)
+      const [g, c] = [losses(gpuEval.stdout), losses(cpuEval.stdout)]
+      assert.equal(g.length, 2)
+      for (let i = 0; i < 2; i++) assert.ok(Math.abs(g[i]! - c[i]!) < 0.01, `${quant} P ${i === 0 ? 1 : 8}: ${g[i]} on the route against ${c[i]} on the CPU`)
+    }
+  })
+
   test('where Dawn is missing, --device webgpu runs the node route and says why in one line', async (t) => {
     const adapter = await checkWebGpu().then(() => true, () => false)
     if (!adapter) return t.skip('no WebGPU adapter on this machine')

@@ -189,8 +189,7 @@ export class ParScaleModel implements DeviceCacheHost {
     // the other needs, so with a decode session both pools sleep when idle.
     const sleeping = {...sessionOptions, extra: {session: {intra_op: {allow_spinning: '0'}}}}
     if (gpuForm) {
-      let route = await chooseWebGpuRoute()
-      if (route.route === 'wgsl' && manifest.quant) route = {route: 'node', fallback: `the hand-written kernels take float packages, not --quant ${manifest.quant.scheme}`}
+      const route = await chooseWebGpuRoute()
       const model = new ParScaleModel(undefined, undefined, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, undefined, adapter, undefined, true, {
         ...(options.profilePrefix ? {profilePrefix: options.profilePrefix} : {}),
       }, route)

@@ -136,7 +136,7 @@ export interface CaptureRuntime {
 
 /**
  * Which WebGPU route `--device webgpu` takes: `capture` (onnxruntime-web + Dawn, when both load),
- * `wgsl` (parscale's hand-written kernels on Dawn, src/core/wgsl/, float packages) or `node`
+ * `wgsl` (parscale's hand-written kernels on Dawn, src/core/wgsl/; float and quantized packages) or `node`
  * (onnxruntime-node, no capture).
  */
 export type WebGpuRoute = 'capture' | 'node' | 'wgsl'
