@@ -1,16 +1,16 @@
 /**
  * A ParScale Qwen2 decode step in hand-written WebGPU kernels (issue 23's "fewer, larger
- * dispatches"): per layer five dispatches (norm + q·k·v + rotary + cache write; attention;
- * o_proj + residual; norm + gate·up + SiLU·product; down + residual), then the final norm, the
- * stream aggregation and the head: 5·layers + 4 dispatches at P > 1 (5·layers + 2 at P = 1),
- * against ONNX Runtime's ~375 at P = 8 for 24 layers.
+ * dispatches"): the embedding rows, then per layer five dispatches (norm + q·k·v + rotary + cache
+ * write; attention; o_proj + residual; norm + gate·up + SiLU·product; down + residual), then the
+ * final norm, the stream aggregation and the head: 5·layers + 5 dispatches at P > 1 (5·layers + 3
+ * at P = 1, a table in one binding), against ONNX Runtime's ~375 at P = 8 for 24 layers.
  *
- * `WgslModel` holds one P's weights on the GPU (float32 as stored) and the kernels; each
- * `WgslSequence` its own fixed-capacity cache ([P, kv, capacity, d] per layer and kind, the
+ * `WgslModel` holds one P's weights on the GPU (f32, f16, or 8/4-bit block codes) and the kernels;
+ * each `WgslSequence` its own fixed-capacity cache ([P, kv, capacity, d] per layer and kind, the
  * prefixes in its first slots), grown (copied into a bigger one) when it fills. A call runs one
  * sequence; only the logits and stream weights are read back (or nothing, to time the GPU alone).
- * A prompt goes in calls of several tokens (the same kernels over token·P rows, compiled once
- * more for that row count). `WgslDecoder` is a model with one sequence.
+ * A prompt goes in calls of up to 512 rows (tokens · P) through matrix-matrix tiles, seven
+ * dispatches a layer. `WgslDecoder` is a model with one sequence.
  */
 import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'

@@ -4,14 +4,15 @@
  * what its dependent dispatches cost (docs/benchmarks.md, "Fourth GPU session").
  *
  * Every kernel is generated for one model shape (sizes are WGSL constants, so loops over streams
- * and rows unroll). Buffers hold float32; matrices are row-major [out, in] as in the checkpoint.
+ * and rows unroll). Activations are float32; matrices are row-major [out, in] as in the
+ * checkpoint, stored in any `WeightFormat` and read into float32 by one `weight(j)`.
  *
- * The matrix-vector kernel is the workhorse: one workgroup owns R output rows for all P streams,
- * its 256 invocations split the input dimension, so each weight element is read once for all
- * streams (P = 8 costs P = 1's bytes) and the whole input row passes through every workgroup,
- * which makes the RMS norm of the input free (sum of squares in the same loop).
+ * The matrix-vector kernel is the decode step's workhorse: a tile of R output rows for all P
+ * streams, whose invocations split the input dimension, so each weight element is read once for
+ * all streams (P = 8 costs P = 1's bytes) and the whole input row passes through every tile,
+ * which makes the RMS norm of the input free (sum of squares in the same loop). Prompt calls use
+ * the matrix-matrix kernel (`gemmKernel`), whose tiles reuse each weight for 64 rows.
  */
-
 import {UserError} from '../errors.js'
 
 export const WORKGROUP = 256
