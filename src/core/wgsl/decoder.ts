@@ -345,7 +345,7 @@ export class WgslModel {
     if (parts.some((p) => p.blockSize !== block) || (this.blocks.get(k) ?? block) !== block) throw new UserError(`${names.join(', ')}: quantization blocks differ between matrices of input width ${k}; the hand-written kernels take one block size per width`)
     if (k % block !== 0) throw new UserError(`${names[0]}: rows of ${k} inputs are not whole blocks of ${block}`)
     this.blocks.set(k, block)
-    const codes = parts.length === 1 ? parts[0]!.codes : concatBytes(parts.map((p) => p.codes))
+    const codes = parts.length === 1 ? parts[0]!.codes : concat(parts.map((p) => p.codes))
     const scales = parts.length === 1 ? parts[0]!.scales : concat(parts.map((p) => p.scales))
     return {data: this.upload(codes), scales: this.upload(scales)}
   }
@@ -919,18 +919,9 @@ export class WgslDecoder {
   }
 }
 
-function concat(parts: Float32Array[]): Float32Array {
-  const out = new Float32Array(parts.reduce((n, p) => n + p.length, 0))
-  let at = 0
-  for (const p of parts) {
-    out.set(p, at)
-    at += p.length
-  }
-  return out
-}
-
-function concatBytes(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0))
+/** The parts one after another, in an array of their own kind. */
+function concat<T extends Float32Array | Uint8Array>(parts: T[]): T {
+  const out = new (parts[0]!.constructor as new (length: number) => T)(parts.reduce((n, p) => n + p.length, 0))
   let at = 0
   for (const p of parts) {
     out.set(p, at)
