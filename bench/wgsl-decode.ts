@@ -7,11 +7,12 @@
  *   PARSCALE_DAWN=<node_modules with webgpu@0.6.2> node dist/bench/wgsl-decode.js
  *   env: BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,2,4,8), BENCH_WEIGHTS (f32,f16: the matrices' format on
    the GPU, also q8 and q4; f16 rounds the synthetic values, q8/q4 quantize them as --quant does), BENCH_PROMPT (64), BENCH_NEW (32), BENCH_ROUNDS (3), BENCH_PROFILE (1: GPU
-   time per kernel of a step and a prompt call, where the adapter has timestamps; 0: none)
+   time per kernel of a step and a prompt call, where the adapter has timestamps; 0: none), PARSCALE_DAWN_FLAGS (Dawn's toggles, dawn.ts)
  */
 import {syntheticShape, syntheticTensors} from '../src/core/checkpoint/synthetic.js'
 import {shapeParameters} from '../src/core/bench/scaling-law.js'
 import {median} from '../src/core/bench/stats.js'
+import {dawnFlags} from '../src/core/wgsl/dawn.js'
 import {WgslDecoder, type WgslWeights} from '../src/core/wgsl/decoder.js'
 
 const shapeName = process.env.BENCH_SHAPE ?? '0.5b'
@@ -98,7 +99,7 @@ for (const weights of formats) for (const parallel of parallels) {
   rows.push(row)
   decoder.release()
 }
-console.log(`\n${shapeName} on ${rows[0]?.adapter}: prompt ${prompt} (calls of 512 / P tokens), ${fresh} decode steps, ${rounds} rounds (medians)`)
+console.log(`\n${shapeName} on ${rows[0]?.adapter} (Dawn flags: ${dawnFlags().join(' ') || 'none'}): prompt ${prompt} (calls of 512 / P tokens), ${fresh} decode steps, ${rounds} rounds (medians)`)
 console.log('weights | P | dispatches | decode ms/token, logits read | GPU ms/step, nothing read | host ms a step: encode / submit / wait | prompt ms (median of 3)')
 for (const r of rows) console.log(`${r.weights} | ${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${r.hostMs.encode.toFixed(2)} / ${r.hostMs.submit.toFixed(2)} / ${r.hostMs.wait.toFixed(2)} | ${r.prefillMs.toFixed(0)}`)
 const ms = (kernels: Record<string, number>) => Object.entries(kernels).map(([name, t]) => `${name} ${t.toFixed(3)}`).join(', ')

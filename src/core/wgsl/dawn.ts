@@ -54,6 +54,21 @@ export interface WgslDevice {
 
 let opened: Promise<WgslDevice | string> | undefined
 
+/**
+ * Dawn's toggles for this process (`create` flags; names from Dawn's Toggles.cpp). By default the
+ * kernels run as a native program would: no validation of each command (ONNX Runtime GenAI turns
+ * it off too), no bounds clamps added to every array access (every index the kernels form is
+ * bounded by their own shapes and checked on lavapipe), no zeroing of workgroup memory they
+ * write before reading, and timestamps at the GPU's resolution (quantized to 65.5 µs otherwise,
+ * which made single kernels of the profile read 0 or 0.066 ms). `PARSCALE_DAWN_FLAGS`
+ * (space-separated `create` flags; empty for Dawn's defaults) replaces the list.
+ */
+export function dawnFlags(env: NodeJS.ProcessEnv = process.env): string[] {
+  const chosen = env.PARSCALE_DAWN_FLAGS
+  if (chosen !== undefined) return chosen.split(/\s+/).filter(Boolean)
+  return ['enable-dawn-features=skip_validation,disable_robustness,disable_workgroup_init', 'disable-dawn-features=timestamp_quantization']
+}
+
 /** One device per process with subgroups and the adapter's largest limits, or one line saying why not. */
 export function openWgslDevice(): Promise<WgslDevice | string> {
   opened ??= open().catch((error: unknown) => `Dawn's WebGPU did not start (${String((error as Error)?.message ?? error).split('\n')[0]})`)
@@ -65,7 +80,7 @@ async function open(): Promise<WgslDevice | string> {
   if (!entry) return `Dawn's webgpu package is not installed (npm i webgpu@0.6.2 in a folder and set PARSCALE_DAWN to its node_modules)`
   const loaded = (await import(pathToFileURL(entry).href)) as DawnModule | {default: DawnModule}
   const dawn = 'create' in loaded ? loaded : loaded.default
-  const gpu = dawn.create([])
+  const gpu = dawn.create(dawnFlags())
   const adapter = await gpu.requestAdapter({powerPreference: 'high-performance'})
   if (!adapter) return 'Dawn found no WebGPU adapter'
   if (!adapter.features.has('subgroups')) return 'the WebGPU adapter has no subgroups feature, which the hand-written kernels need'
