@@ -1,6 +1,6 @@
 /**
  * Decode speed of the hand-written WebGPU step (issue 23) on a synthetic shape: for each P, a
- * prompt in calls of up to 512 rows (tokens · P; timed, logits of its last token read back), then timed decode steps with the logits read back (what
+ * prompt in calls of up to 512 rows (tokens · P; two untimed, then five timed, logits of its last token read back), then timed decode steps with the logits read back (what
  * generation costs), and the same steps submitted back to back without reading (the GPU's own
  * rate), in alternating rounds. Prints one JSON line per P and a table.
  *
@@ -34,8 +34,8 @@ interface Row {
   loadS: number
   prefillMs: number
   prefills: number[]
-  /** Host ms a decode step with its logits read (last round): encoding, Dawn's submit, submit to logits in hand. */
-  hostMs: {encode: number; submit: number; wait: number}
+  /** Host ms a decode step with its logits read (last round): writing its place, encoding, Dawn's submit, submit to logits mapped, copying them. */
+  hostMs: {write: number; encode: number; submit: number; wait: number; copy: number}
   readMs: number[]
   gpuMs: number[]
   adapter: string
@@ -54,11 +54,15 @@ for (const weights of formats) for (const parallel of parallels) {
   const weightBytes = {f32: 4, f16: 2, q8: 1 + 4 / 32, q4: 0.5 + 4 / 256}[weights] * shapeParameters(shape)
   const token = (i: number) => (i * 7919 + 13) % c.vocabSize
   const promptIds = Array.from({length: prompt}, (_, i) => token(i))
-  // the first prompt call compiles nothing more (pipelines are made at open) but warms the path: time the second
-  await decoder.prompt(promptIds)
+  // pipelines are made at open, but the first calls after the upload run slow (Dawn releasing the upload's
+  // staging, the GPU's clocks): two untimed calls, then five timed
+  for (let i = 0; i < 2; i++) {
+    decoder.reset()
+    await decoder.prompt(promptIds)
+  }
   const prefills: number[] = []
   let p0 = 0
-  for (let i = 0; i < 3; i++) {
+  for (let i = 0; i < 5; i++) {
     decoder.reset()
     p0 = performance.now()
     await decoder.prompt(promptIds)
@@ -69,13 +73,13 @@ for (const weights of formats) for (const parallel of parallels) {
   const readMs: number[] = []
   const gpuMs: number[] = []
   const host = decoder.model.hostTimes
-  let hostMs = {encode: 0, submit: 0, wait: 0}
+  let hostMs = {write: 0, encode: 0, submit: 0, wait: 0, copy: 0}
   for (let r = 0; r < rounds; r++) {
-    Object.assign(host, {calls: 0, encodeMs: 0, submitMs: 0, waitMs: 0})
+    Object.assign(host, {calls: 0, writeMs: 0, encodeMs: 0, submitMs: 0, waitMs: 0, copyMs: 0})
     p0 = performance.now()
     for (let i = 0; i < fresh; i++) await decoder.step(token(i))
     readMs.push((performance.now() - p0) / fresh)
-    hostMs = {encode: host.encodeMs / host.calls, submit: host.submitMs / host.calls, wait: host.waitMs / host.calls}
+    hostMs = {write: host.writeMs / host.calls, encode: host.encodeMs / host.calls, submit: host.submitMs / host.calls, wait: host.waitMs / host.calls, copy: host.copyMs / host.calls}
     p0 = performance.now()
     for (let i = 0; i < fresh; i++) await decoder.step(token(i), false)
     await decoder.finish()
@@ -100,8 +104,9 @@ for (const weights of formats) for (const parallel of parallels) {
   decoder.release()
 }
 console.log(`\n${shapeName} on ${rows[0]?.adapter} (Dawn flags: ${dawnFlags().join(' ') || 'none'}): prompt ${prompt} (calls of 512 / P tokens), ${fresh} decode steps, ${rounds} rounds (medians)`)
-console.log('weights | P | dispatches | decode ms/token, logits read | GPU ms/step, nothing read | host ms a step: encode / submit / wait | prompt ms (median of 3)')
-for (const r of rows) console.log(`${r.weights} | ${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${r.hostMs.encode.toFixed(2)} / ${r.hostMs.submit.toFixed(2)} / ${r.hostMs.wait.toFixed(2)} | ${r.prefillMs.toFixed(0)}`)
+console.log('weights | P | dispatches | decode ms/token, logits read | GPU ms/step, nothing read | host ms a step: write / encode / submit / wait / copy | prompt ms (median of 5, fastest)')
+const fixed = (xs: number[]) => xs.map((x) => x.toFixed(2)).join(' / ')
+for (const r of rows) console.log(`${r.weights} | ${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${fixed([r.hostMs.write, r.hostMs.encode, r.hostMs.submit, r.hostMs.wait, r.hostMs.copy])} | ${r.prefillMs.toFixed(0)} (${Math.min(...r.prefills).toFixed(0)})`)
 const ms = (kernels: Record<string, number>) => Object.entries(kernels).map(([name, t]) => `${name} ${t.toFixed(3)}`).join(', ')
 for (const r of rows) if (r.profile) console.log(`profile ${r.weights} P=${r.parallel} (GPU ms by kernel): decode step: ${ms(r.profile.decode)}; prompt call: ${ms(r.profile.prompt)}`)
 for (const weights of formats) {

@@ -208,6 +208,48 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     })
   }
 
+  test('the matrix-vector tuning knobs (loop order, unrolled input steps past a ragged end, team floor, MLP rows) give the default kernels\' logits', async (t) => {
+    if (unavailable) return t.skip(unavailable)
+    // hidden 96 (24 groups: two steps of a 32-wide team overrun it), intermediate 1100, P = 3
+    const shape = syntheticShape(undefined, {hiddenSize: 96, numHeads: 6, numKvHeads: 2, intermediateSize: 1100, vocabSize: 300})
+    const ids = Array.from({length: 6}, (_, i) => (i * 37 + 11) % 300)
+    const logitsWith = async (knobs: Record<string, string>) => {
+      const saved = {...process.env}
+      Object.assign(process.env, knobs)
+      try {
+        const model = await WgslModel.open(syntheticTensors(shape, {parallel: 3, prefixTokens: 5, seed: 4}))
+        const sequence = model.sequence()
+        try {
+          const out: Float32Array[] = []
+          for (const id of ids) out.push((await model.run(sequence, [id], true))!.logits)
+          return out
+        } finally {
+          sequence.release()
+          model.release()
+        }
+      } finally {
+        for (const key of Object.keys(knobs)) if (saved[key] === undefined) delete process.env[key]
+        else process.env[key] = saved[key]
+      }
+    }
+    const base = await logitsWith({})
+    const variants: Record<string, string>[] = [
+      {PARSCALE_WGSL_LOOP: 'weights'},
+      {PARSCALE_WGSL_LOOP: 'weights', PARSCALE_WGSL_UNROLL: '2'},
+      {PARSCALE_WGSL_LOOP: 'weights', PARSCALE_WGSL_UNROLL: '4', PARSCALE_WGSL_TEAM_MIN: '64'},
+      {PARSCALE_WGSL_MLP_ROWS: '1', PARSCALE_WGSL_OUT_ROWS: '4'},
+      {PARSCALE_WGSL_MLP_ROWS: '4', PARSCALE_WGSL_OUT_ROWS: '1'},
+    ]
+    for (const knobs of variants) {
+      const got = await logitsWith(knobs)
+      let worst = 0
+      for (const [i, a] of got.entries()) for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - base[i]![v]!))
+      assert.ok(worst < 1e-4, `${JSON.stringify(knobs)}: worst |logit diff| ${worst}`)
+    }
+    await assert.rejects(logitsWith({PARSCALE_WGSL_UNROLL: '2'}), /PARSCALE_WGSL_UNROLL needs PARSCALE_WGSL_LOOP=weights/)
+    await assert.rejects(logitsWith({PARSCALE_WGSL_MLP_ROWS: '3'}), /PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4/)
+  })
+
   test('a token outside the vocabulary and a full cache are refused with one clear line', async (t) => {
     if (unavailable) return t.skip(unavailable)
     const decoder = await WgslDecoder.open(checkpointSource(path.join(goldenRoot, 'tiny-p4')), {positions: 2})

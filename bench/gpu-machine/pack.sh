@@ -21,6 +21,7 @@ $esbuild bench/gpu-form-decode.ts $common --banner:js="$banner" --outfile="$out/
 $esbuild bench/gpu-form-memory.ts $common --banner:js="$banner" --outfile="$out/x/y/gpu-memory.js"
 $esbuild test/helpers/gpu-long-call.ts $common --banner:js="$banner" --outfile="$out/x/y/long-call.js"
 $esbuild bench/wgsl-decode.ts $common --banner:js="$banner" --outfile="$out/x/y/wgsl-decode.js"
+$esbuild bench/wgsl-sweep.ts $common --banner:js="$banner" --outfile="$out/x/y/wgsl-sweep.js"
 $esbuild bench/wgsl-golden.ts $common --banner:js="$banner" --outfile="$out/x/y/wgsl-golden.js"
 version=$(node -p "require('./package.json').version")
 cat > "$out/x/y/package.json" <<JSON

@@ -171,10 +171,11 @@ export class WgslModel {
   /** Bytes written to the GPU since the last wait for it (`drainUploads`). */
   private stagedBytes = 0
   /**
-   * Host milliseconds the calls spent (summed since the last reset): encoding the dispatches,
-   * Dawn's submit (where it records the Vulkan commands), and from submit to the logits in hand.
+   * Host milliseconds the calls spent (summed since the last reset): writing the step's place and
+   * tokens, encoding the dispatches, Dawn's submit (where it records the Vulkan commands), from
+   * submit to the logits mapped, and copying them out.
    */
-  readonly hostTimes = {calls: 0, encodeMs: 0, submitMs: 0, waitMs: 0}
+  readonly hostTimes = {calls: 0, writeMs: 0, encodeMs: 0, submitMs: 0, waitMs: 0, copyMs: 0}
   /** The next decode step's commands, encoded while the last one ran on the GPU (valid for the plan they were made over). */
   private nextStep: {plan: Dispatch[]; commands: unknown} | undefined
   private readonly layers: LayerWeights[] = []
@@ -477,7 +478,9 @@ export class WgslModel {
       const c = this.config
       const S = c.parallel
       const I = c.intermediateSize
-      const h = 2 // gate (and up) rows a tile
+      // gate (and up) rows a tile (PARSCALE_WGSL_MLP_ROWS, for GPU sweeps); the tiles must cover the intermediate rows exactly
+      const h = Number(process.env.PARSCALE_WGSL_MLP_ROWS ?? 2)
+      if (![1, 2, 4].includes(h) || I % h !== 0) throw new UserError(`PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4 and divide the intermediate size ${I}, not "${process.env.PARSCALE_WGSL_MLP_ROWS}"`)
       const o = {k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: this.outRows, weights: this.format(c.numHeads * c.headDim), team: this.team(c.numHeads * c.headDim), epilogue: 'Y[s * N + row] += v;'}
       const down = {k: I, n: c.hiddenSize, streams: S, rows: this.outRows, weights: this.format(I), team: this.team(I), epilogue: 'Y[s * N + row] += v;'}
       const mlpTeam = this.team(c.hiddenSize)
@@ -656,8 +659,10 @@ export class WgslModel {
     this.checkCall(tokens)
     const plan = sequence.planFor(T)
     const device = this.gpu.device
+    const tw = performance.now()
     this.writeStep(sequence, tokens)
     const t0 = performance.now()
+    this.hostTimes.writeMs += t0 - tw
     // a decode step's commands were encoded while the last step ran, if it was this sequence's with the same plan
     const ready = this.nextStep
     this.nextStep = undefined
@@ -677,9 +682,11 @@ export class WgslModel {
       this.nextStep = {plan: nextPlan, commands: this.encode(nextPlan, 1, true)}
     }
     await mapped
+    const t3 = performance.now()
     const bytes = this.readBack.getMappedRange().slice(0, (c.vocabSize + c.parallel) * 4)
     this.readBack.unmap()
-    this.hostTimes.waitMs += performance.now() - t2
+    this.hostTimes.waitMs += t3 - t2
+    this.hostTimes.copyMs += performance.now() - t3
     const logits = new Float32Array(bytes, 0, c.vocabSize)
     const streamWeights = this.streamWeights ? new Float32Array(bytes, c.vocabSize * 4, c.parallel) : new Float32Array([1])
     return {logits, streamWeights}

@@ -103,15 +103,74 @@ fn weight(j: u32) -> vec4<f32> {
 }
 
 /**
- * The matrix-vector kernel's inner loop (`PARSCALE_WGSL_LOOP`): `streams` (the default, measured
- * on an H100: every stream row of the input held while the tile's weights pass, R + S vectors
- * live) or `weights` (the tile's weights held and the stream rows taken one at a time, R + 1
- * vectors live; fewer registers where S is large, not yet timed on a GPU).
+ * The matrix-vector kernel's inner loop, tunable for GPU sweeps (bench/gpu-machine/device.sh
+ * `wgslsweep`): `PARSCALE_WGSL_LOOP` `streams` (every stream row of the input held while the
+ * tile's weights pass, R + S vectors live) or `weights` (the tile's weights held and the stream
+ * rows taken one at a time, R + 1 vectors live: fewer registers where S is large), and
+ * `PARSCALE_WGSL_UNROLL` U (`weights` only): the weights of U steps along the input loaded
+ * before any is used, so U loads are in flight where one was (a step's latency is paid K / (team·U)
+ * times, not K / team).
  */
-function streamsFirst(): boolean {
-  const loop = process.env.PARSCALE_WGSL_LOOP ?? 'streams'
-  if (loop !== 'streams' && loop !== 'weights') throw new UserError(`PARSCALE_WGSL_LOOP must be streams or weights, not "${loop}"`)
-  return loop === 'streams'
+export function matvecLoop(env: NodeJS.ProcessEnv = process.env): {order: 'streams' | 'weights'; unroll: number} {
+  const order = env.PARSCALE_WGSL_LOOP ?? 'streams'
+  if (order !== 'streams' && order !== 'weights') throw new UserError(`PARSCALE_WGSL_LOOP must be streams or weights, not "${order}"`)
+  const unroll = Number(env.PARSCALE_WGSL_UNROLL ?? 1)
+  if (![1, 2, 4, 8].includes(unroll)) throw new UserError(`PARSCALE_WGSL_UNROLL must be 1, 2, 4 or 8, not "${env.PARSCALE_WGSL_UNROLL}"`)
+  if (unroll > 1 && order !== 'weights') throw new UserError('PARSCALE_WGSL_UNROLL needs PARSCALE_WGSL_LOOP=weights')
+  return {order, unroll}
+}
+
+/** The smallest team a matrix-vector tile gets (`PARSCALE_WGSL_TEAM_MIN`, 32–256; default: a subgroup). */
+function teamFloor(subgroupMax: number, env: NodeJS.ProcessEnv = process.env): number {
+  const chosen = env.PARSCALE_WGSL_TEAM_MIN
+  if (chosen === undefined) return Math.min(WORKGROUP, Math.max(32, subgroupMax))
+  const team = Number(chosen)
+  if (![32, 64, 128, 256].includes(team) || team < Math.min(WORKGROUP, subgroupMax)) throw new UserError(`PARSCALE_WGSL_TEAM_MIN must be 32, 64, 128 or 256 and at least the adapter's subgroup (${subgroupMax}), not "${chosen}"`)
+  return team
+}
+
+/**
+ * The input loop of a tile: every invocation `tl` of the team takes groups i = tl, tl + TEAM, …
+ * of the input, accumulating the R·S dot products and the streams' sums of squares in `acc`.
+ */
+function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: boolean): string {
+  const {order, unroll: U} = matvecLoop()
+  if (order === 'streams') {
+    return `for (var i = tl; i < K4; i += TEAM) {
+    ${norm ? 'let g = G[i];' : ''}
+    var xs: array<vec4<f32>, ${S}>;
+    for (var s = 0u; s < S; s++) {
+      let x = X[s * K4 + i];
+      acc[R * S + s] += dot(x, x);
+      xs[s] = x${norm ? ' * g' : ''};
+    }
+    for (var r = 0u; r < R; r++) {
+      let w = weight(base[r] + i);
+      for (var s = 0u; s < S; s++) { acc[r * S + s] += dot(w, xs[s]); }
+    }
+  }`
+  }
+  // a step past the input's end (when U·TEAM does not divide it) reads its last group and counts nothing
+  const ragged = k4 % (team * U) !== 0
+  const at = (u: number) => (ragged ? `min(i0 + ${u}u * TEAM, K4 - 1u)` : `i0 + ${u}u * TEAM`)
+  const steps = Array.from({length: U}, (_, u) => u)
+  return `for (var i0 = tl; i0 < K4; i0 += TEAM * ${U}u) {
+    var w: array<vec4<f32>, ${R * U}>;
+    ${steps.map((u) => `for (var r = 0u; r < R; r++) { w[${u * R}u + r] = weight(base[r] + ${at(u)}); }`).join('\n    ')}
+    ${steps.map((u) => `let i${u} = ${at(u)};${ragged ? ` let ok${u} = i0 + ${u}u * TEAM < K4;` : ''}${norm ? ` let g${u} = G[i${u}];` : ''}`).join('\n    ')}
+    for (var s = 0u; s < S; s++) {
+      ${steps
+        .map(
+          (u) => `{
+        let x = ${ragged ? `select(vec4<f32>(0.0), X[s * K4 + i${u}], ok${u})` : `X[s * K4 + i${u}]`};
+        acc[R * S + s] += dot(x, x);
+        let xg = x${norm ? ` * g${u}` : ''};
+        for (var r = 0u; r < R; r++) { acc[r * S + s] += dot(w[${u * R}u + r], xg); }
+      }`,
+        )
+        .join('\n      ')}
+    }
+  }`
 }
 
 /**
@@ -122,8 +181,7 @@ function streamsFirst(): boolean {
  * one (the sums, R·S + S subgroup reductions, then cost a seventh as much per weight read).
  */
 export function matvecTeam(k: number, subgroupMax: number, unit = 4): number {
-  const floor = Math.min(WORKGROUP, Math.max(32, subgroupMax))
-  let team = floor
+  let team = teamFloor(subgroupMax)
   while (team * 2 <= WORKGROUP && (k / unit) / (team * 2) >= 4) team *= 2
   return team
 }
@@ -196,27 +254,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   var base: array<u32, ${R}>;
   // a tile past the last still runs (its rows clamped) so the workgroup's barriers stay uniform; it writes nothing
   for (var r = 0u; r < R; r++) { base[r] = min(rowOf(min(t, TILES - 1u), r), N - 1u) * K4; }
-  for (var i = tl; i < K4; i += TEAM) {
-    ${spec.normEps !== undefined ? 'let g = G[i];' : ''}
-    ${streamsFirst() ? `var xs: array<vec4<f32>, ${S}>;
-    for (var s = 0u; s < S; s++) {
-      let x = X[s * K4 + i];
-      acc[R * S + s] += dot(x, x);
-      xs[s] = x${spec.normEps !== undefined ? ' * g' : ''};
-    }
-    for (var r = 0u; r < R; r++) {
-      let w = weight(base[r] + i);
-      for (var s = 0u; s < S; s++) { acc[r * S + s] += dot(w, xs[s]); }
-    }` : `// the tile's weights in registers, the stream rows one at a time: R + 1 vectors live, not R + S
-    var w: array<vec4<f32>, ${R}>;
-    for (var r = 0u; r < R; r++) { w[r] = weight(base[r] + i); }
-    for (var s = 0u; s < S; s++) {
-      let x = X[s * K4 + i];
-      acc[R * S + s] += dot(x, x);
-      let xg = x${spec.normEps !== undefined ? ' * g' : ''};
-      for (var r = 0u; r < R; r++) { acc[r * S + s] += dot(w[r], xg); }
-    }`}
-  }
+  ${matvecInputLoop(S, R, team, k / 4, spec.normEps !== undefined)}
   let group = lid / width;
   for (var v = 0u; v < VALUES; v++) {
     let total = subgroupAdd(acc[v]);
