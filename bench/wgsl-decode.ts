@@ -1,8 +1,8 @@
 /**
  * Decode speed of the hand-written WebGPU step (issue 23) on a synthetic shape: for each P, a
  * prompt in calls of up to 512 rows (tokens · P; two untimed, then five timed, logits of its last token read back), then timed decode steps with the logits read back (what
- * generation costs), and the same steps submitted back to back without reading (the GPU's own
- * rate), in alternating rounds. Prints one JSON line per P and a table.
+ * generation costs), greedy steps chained on the GPU (argmax there, only token ids read), and the
+ * same steps submitted back to back without reading (the GPU's own rate), in alternating rounds. Prints one JSON line per P and a table.
  *
  *   PARSCALE_DAWN=<node_modules with webgpu@0.6.2> node dist/bench/wgsl-decode.js
  *   env: BENCH_SHAPE (0.5b), BENCH_PARALLEL (1,2,4,8), BENCH_WEIGHTS (f32,f16: the matrices' format on
@@ -38,6 +38,8 @@ interface Row {
   hostMs: {write: number; encode: number; submit: number; wait: number; copy: number}
   readMs: number[]
   gpuMs: number[]
+  /** Greedy decoding chained on the GPU (argmax there, token ids read back 16 at a time): ms/token. */
+  greedyMs: number[]
   adapter: string
   /** GPU ms per kernel name: one decode step, one prompt call. */
   profile?: {decode: Record<string, number>; prompt: Record<string, number>}
@@ -47,7 +49,7 @@ const rows: Row[] = []
 for (const weights of formats) for (const parallel of parallels) {
   const t0 = performance.now()
   const source = syntheticTensors(shape, {parallel})
-  const decoder = await WgslDecoder.open(source, {positions: prompt + 1 + fresh * 2 * rounds, weights})
+  const decoder = await WgslDecoder.open(source, {positions: prompt + 1 + fresh * 3 * rounds, weights})
   const loadS = (performance.now() - t0) / 1000
   const c = source.config
   // bytes a parameter: the codes and, quantized, a float32 scale per block (the converter's default blocks: 256 for q4, 32 for q8)
@@ -72,6 +74,7 @@ for (const weights of formats) for (const parallel of parallels) {
   await decoder.step(token(prompt)) // warm the read path
   const readMs: number[] = []
   const gpuMs: number[] = []
+  const greedyMs: number[] = []
   const host = decoder.model.hostTimes
   let hostMs = {write: 0, encode: 0, submit: 0, wait: 0, copy: 0}
   for (let r = 0; r < rounds; r++) {
@@ -84,6 +87,9 @@ for (const weights of formats) for (const parallel of parallels) {
     for (let i = 0; i < fresh; i++) await decoder.step(token(i), false)
     await decoder.finish()
     gpuMs.push((performance.now() - p0) / fresh)
+    p0 = performance.now()
+    await decoder.greedy(token(0), fresh)
+    greedyMs.push((performance.now() - p0) / fresh)
   }
   // where the adapter has timestamps: GPU time per kernel of a decode step and of the prompt's call (after the timed rounds)
   let profile: {decode: Record<string, number>; prompt: Record<string, number>} | undefined
@@ -98,15 +104,15 @@ for (const weights of formats) for (const parallel of parallels) {
       console.error(`no profile: ${(error as Error).message}`)
     }
   }
-  const row = {shape: shapeName, weights, parallel, dispatches: decoder.dispatchCount, promptTokens: decoder.promptTokens, weightsGB: weightBytes / 1e9, loadS, prefillMs, prefills, readMs, gpuMs, hostMs, adapter: decoder.adapterName, ...(profile ? {profile} : {})}
+  const row = {shape: shapeName, weights, parallel, dispatches: decoder.dispatchCount, promptTokens: decoder.promptTokens, weightsGB: weightBytes / 1e9, loadS, prefillMs, prefills, readMs, gpuMs, greedyMs, hostMs, adapter: decoder.adapterName, ...(profile ? {profile} : {})}
   console.log(JSON.stringify(row))
   rows.push(row)
   decoder.release()
 }
 console.log(`\n${shapeName} on ${rows[0]?.adapter} (Dawn flags: ${dawnFlags().join(' ') || 'none'}): prompt ${prompt} (calls of 512 / P tokens), ${fresh} decode steps, ${rounds} rounds (medians)`)
-console.log('weights | P | dispatches | decode ms/token, logits read | GPU ms/step, nothing read | host ms a step: write / encode / submit / wait / copy | prompt ms (median of 5, fastest)')
+console.log('weights | P | dispatches | decode ms/token, logits read | greedy on the GPU, ids read | GPU ms/step, nothing read | host ms a step: write / encode / submit / wait / copy | prompt ms (median of 5, fastest)')
 const fixed = (xs: number[]) => xs.map((x) => x.toFixed(2)).join(' / ')
-for (const r of rows) console.log(`${r.weights} | ${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${fixed([r.hostMs.write, r.hostMs.encode, r.hostMs.submit, r.hostMs.wait, r.hostMs.copy])} | ${r.prefillMs.toFixed(0)} (${Math.min(...r.prefills).toFixed(0)})`)
+for (const r of rows) console.log(`${r.weights} | ${r.parallel} | ${r.dispatches} | ${median(r.readMs).toFixed(2)} | ${median(r.greedyMs).toFixed(2)} | ${median(r.gpuMs).toFixed(2)} | ${fixed([r.hostMs.write, r.hostMs.encode, r.hostMs.submit, r.hostMs.wait, r.hostMs.copy])} | ${r.prefillMs.toFixed(0)} (${Math.min(...r.prefills).toFixed(0)})`)
 const ms = (kernels: Record<string, number>) => Object.entries(kernels).map(([name, t]) => `${name} ${t.toFixed(3)}`).join(', ')
 for (const r of rows) if (r.profile) console.log(`profile ${r.weights} P=${r.parallel} (GPU ms by kernel): decode step: ${ms(r.profile.decode)}; prompt call: ${ms(r.profile.prompt)}`)
 for (const weights of formats) {

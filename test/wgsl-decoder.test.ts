@@ -208,6 +208,42 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     })
   }
 
+  for (const name of ['tiny-p1', 'tiny-p4']) {
+    test(`${name}: greedy decoding chained on the GPU (argmax there, ids read in chunks) gives the reference's tokens; a stop takes back the steps sent past it`, async (t) => {
+      if (unavailable) return t.skip(unavailable)
+      const dir = path.join(goldenRoot, name)
+      const golden = JSON.parse(fs.readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden
+      const model = await WgslModel.open(checkpointSource(dir))
+      const sequence = model.sequence()
+      try {
+        for (const g of golden.greedy.filter((g) => g.new_ids.length >= 3)) {
+          sequence.reset()
+          const first = argmax((await model.run(sequence, g.prompt_ids, true))!.logits)
+          assert.equal(first, g.new_ids[0])
+          // chunks of 2: the second chunk is sent before the first is read
+          const rest = await model.greedy(sequence, first, g.new_ids.length - 1, undefined, 2)
+          assert.deepEqual([first, ...rest], g.new_ids)
+          assert.equal(sequence.length, g.prompt_ids.length + g.new_ids.length - 1)
+          // stop at the reference's third token: two tokens made, the sequence holds the inputs up to the stop, and going on from there is the reference again
+          sequence.reset()
+          await model.run(sequence, g.prompt_ids, false)
+          const stopAt = g.new_ids[2]!
+          const made = await model.greedy(sequence, first, g.new_ids.length - 1, (id) => id === stopAt, 2)
+          assert.deepEqual(made, g.new_ids.slice(1, 1 + made.length))
+          assert.equal(made.at(-1), stopAt)
+          assert.equal(sequence.length, g.prompt_ids.length + made.length)
+          if (g.new_ids.length > made.length + 1) {
+            const next = argmax((await model.run(sequence, [stopAt], true))!.logits)
+            assert.equal(next, g.new_ids[made.length + 1])
+          }
+        }
+      } finally {
+        sequence.release()
+        model.release()
+      }
+    })
+  }
+
   test('the matrix-vector tuning knobs (loop order, unrolled input steps past a ragged end, team floor, MLP rows) give the default kernels\' logits', async (t) => {
     if (unavailable) return t.skip(unavailable)
     // hidden 96 (24 groups: two steps of a 32-wide team overrun it), intermediate 1100, P = 3

@@ -16,11 +16,11 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, splitSumKernel, type LayerShape, matvecKernel, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, splitSumKernel, type LayerShape, matvecKernel, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
 import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
 import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
-import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, QUERY_RESOLVE, STORAGE, UNIFORM, type GpuBindGroup, type GpuBuffer, type GpuComputePipeline} from './webgpu-types.js'
+import {COPY_DST, COPY_SRC, MAP_MODE_READ, MAP_READ, QUERY_RESOLVE, STORAGE, UNIFORM, type GpuBindGroup, type GpuBuffer, type GpuCommandEncoder, type GpuComputePipeline} from './webgpu-types.js'
 
 /** Where the weights come from: a checkpoint, or a synthetic generator. Tensors by checkpoint name, widened to float32. */
 export interface TensorSource {
@@ -138,6 +138,14 @@ interface CacheKernels {
 }
 
 /** The one-token step's products (matrix-vector), which do not depend on the cache. */
+/** Greedy decoding on the GPU: the argmax dispatch, the tokens it wrote by position, two buffers their chunks are read through. */
+interface GreedyParts {
+  argmax: Dispatch
+  tokens: GpuBuffer
+  reads: GpuBuffer[]
+  chunk: number
+}
+
 interface StepKernels {
   o: GpuComputePipeline
   mlp: GpuComputePipeline
@@ -178,6 +186,9 @@ export class WgslModel {
   readonly hostTimes = {calls: 0, writeMs: 0, encodeMs: 0, submitMs: 0, waitMs: 0, copyMs: 0}
   /** The next decode step's commands, encoded while the last one ran on the GPU (valid for the plan they were made over). */
   private nextStep: {plan: Dispatch[]; commands: unknown} | undefined
+  private greedyParts: GreedyParts | undefined
+  /** The last call's settling (`exclusive`). */
+  private turn: Promise<unknown> = Promise.resolve()
   private readonly layers: LayerWeights[] = []
   private readonly buffers: GpuBuffer[] = []
   private readonly stepData = new Uint32Array(STEP_WORDS)
@@ -637,23 +648,38 @@ export class WgslModel {
   }
 
   /** The call's place (the Step uniform) and its token ids, written before it is encoded. */
-  private writeStep(sequence: WgslSequence, tokens: readonly number[]): void {
+  private writeStep(sequence: WgslSequence, tokens: readonly number[] | undefined): void {
     const c = this.config
-    const T = tokens.length
+    const T = tokens?.length ?? 1
     this.stepData[0] = sequence.length
     this.stepData[1] = c.prefixTokens + sequence.length
     this.stepData[2] = c.prefixTokens + sequence.length + 1
     this.stepData[3] = (T - 1) * c.parallel
     this.stepData[4] = T
     this.gpu.device.queue.writeBuffer(this.stepBuffer, 0, this.stepData)
-    this.gpu.device.queue.writeBuffer(this.ids, 0, Uint32Array.from(tokens))
+    // without tokens the call's input is what the last one's argmax left in IDS (greedy, chained on the GPU)
+    if (tokens) this.gpu.device.queue.writeBuffer(this.ids, 0, Uint32Array.from(tokens))
   }
 
   /**
    * Runs `tokens` of `sequence` at its next positions in one call (at most `promptTokens`); with
    * `read`, the last token's logits and stream weights come back.
    */
-  async run(sequence: WgslSequence, tokens: readonly number[], read: boolean): Promise<StepResult | undefined> {
+  run(sequence: WgslSequence, tokens: readonly number[], read: boolean): Promise<StepResult | undefined> {
+    return this.exclusive(() => this.runNow(sequence, tokens, read))
+  }
+
+  /**
+   * One call at a time on the model: a call's step place, token ids and read-back buffer are the
+   * model's, and greedy decoding keeps its next input in the ids buffer between submits.
+   */
+  private exclusive<T>(call: () => Promise<T>): Promise<T> {
+    const result = this.turn.then(call)
+    this.turn = result.catch(() => undefined)
+    return result
+  }
+
+  private async runNow(sequence: WgslSequence, tokens: readonly number[], read: boolean): Promise<StepResult | undefined> {
     const c = this.config
     const T = tokens.length
     this.checkCall(tokens)
@@ -666,7 +692,7 @@ export class WgslModel {
     // a decode step's commands were encoded while the last step ran, if it was this sequence's with the same plan
     const ready = this.nextStep
     this.nextStep = undefined
-    const commands = ready && ready.plan === plan && T === 1 && read ? ready.commands : this.encode(plan, T, read)
+    const commands = ready && ready.plan === plan && T === 1 && read ? ready.commands : this.encode(plan, T, read).finish()
     const t1 = performance.now()
     device.queue.submit([commands])
     const t2 = performance.now()
@@ -679,7 +705,7 @@ export class WgslModel {
     // while the GPU runs this step, encode the sequence's next one (its tokens and place are written at submit)
     if (sequence.length < sequence.room) {
       const nextPlan = sequence.planFor(1)
-      this.nextStep = {plan: nextPlan, commands: this.encode(nextPlan, 1, true)}
+      this.nextStep = {plan: nextPlan, commands: this.encode(nextPlan, 1, true).finish()}
     }
     await mapped
     const t3 = performance.now()
@@ -693,12 +719,12 @@ export class WgslModel {
   }
 
   /** The commands of a call of `tokens` tokens over `plan`: the embedding rows, the layers, the tail, and with `read` the copy of the logits. */
-  private encode(plan: Dispatch[], tokens: number, read: boolean): unknown {
+  private encode(plan: Dispatch[], tokens: number, read: boolean, after: Dispatch[] = []): GpuCommandEncoder {
     const c = this.config
     const encoder = this.gpu.device.createCommandEncoder()
     const pass = encoder.beginComputePass()
     const rows = tokens * c.parallel
-    for (const d of [...this.head, ...plan, ...this.tail]) {
+    for (const d of [...this.head, ...plan, ...this.tail, ...after]) {
       const {x, y, z} = d.size(rows)
       pass.setPipeline(d.pipeline)
       pass.setBindGroup(0, d.group)
@@ -709,7 +735,73 @@ export class WgslModel {
       encoder.copyBufferToBuffer(this.logits, 0, this.readBack, 0, c.vocabSize * 4)
       if (this.streamWeights) encoder.copyBufferToBuffer(this.streamWeights, 0, this.readBack, c.vocabSize * 4, c.parallel * 4)
     }
-    return encoder.finish()
+    return encoder
+  }
+
+  /** The argmax kernel and the record of greedy tokens by position, with two buffers to read chunks of it back (made at first use). */
+  private greedyKernels(chunk: number): GreedyParts {
+    if (!this.greedyParts || this.greedyParts.chunk < chunk) {
+      for (const b of this.greedyParts?.reads ?? []) b.destroy()
+      const tokens = this.greedyParts?.tokens ?? this.buffer(this.maxPositions * 4)
+      const argmax = this.greedyParts?.argmax ?? this.dispatch(this.pipeline(argmaxKernel(this.config.vocabSize), 'argmax'), {0: this.logits, 1: this.ids, 2: tokens, 3: this.stepBuffer}, 1)
+      const reads = [0, 1].map(() => this.gpu.device.createBuffer({size: Math.ceil(chunk / 4) * 16, usage: MAP_READ | COPY_DST}))
+      this.greedyParts = {argmax, tokens, reads, chunk}
+    }
+    return this.greedyParts
+  }
+
+  /**
+   * Greedy decoding chained on the GPU: `count` tokens after `token` (the sequence's next input),
+   * each step's argmax the next step's input, so steps go to the GPU back to back and only token
+   * ids come back, `chunk` at a time while the next chunk runs. The first token for which `stop`
+   * says yes ends it: the steps sent past it are taken back (the sequence rewinds), so the
+   * sequence holds the inputs up to it and the returned tokens end with it, unfed, as after
+   * `run`. Ties go to the lowest id, as the host's argmax.
+   */
+  greedy(sequence: WgslSequence, token: number, count: number, stop?: (token: number) => boolean, chunk = 16): Promise<number[]> {
+    return this.exclusive(() => this.greedyNow(sequence, token, count, stop, chunk))
+  }
+
+  private async greedyNow(sequence: WgslSequence, token: number, count: number, stop: ((token: number) => boolean) | undefined, chunk: number): Promise<number[]> {
+    this.checkCall([token])
+    if (!Number.isInteger(count) || count < 1) throw new RangeError(`greedy decoding makes at least one token, not ${count}`)
+    if (sequence.length + count > this.maxPositions) throw new UserError(`the sequence needs ${sequence.length + count} positions; the hand-written kernels hold ${this.maxPositions} at this P`)
+    const parts = this.greedyKernels(chunk)
+    this.nextStep = undefined
+    const device = this.gpu.device
+    const out: number[] = []
+    let sent = 0
+    const send = (n: number, read: GpuBuffer): {first: number; n: number; read: GpuBuffer; mapped: Promise<void>} => {
+      const first = sequence.length
+      for (let i = 0; i < n; i++) {
+        const plan = sequence.planFor(1)
+        this.writeStep(sequence, sent === 0 ? [token] : undefined)
+        const encoder = this.encode(plan, 1, false, [parts.argmax])
+        if (i === n - 1) encoder.copyBufferToBuffer(parts.tokens, first * 4, read, 0, n * 4)
+        device.queue.submit([encoder.finish()])
+        sequence.advance(1)
+        sent++
+      }
+      return {first, n, read, mapped: read.mapAsync(MAP_MODE_READ)}
+    }
+    let pending = send(Math.min(chunk, count), parts.reads[0]!)
+    for (let k = 1; ; k++) {
+      const left = count - sent
+      const next = left > 0 ? send(Math.min(chunk, left), parts.reads[k % 2]!) : undefined
+      await pending.mapped
+      const ids = new Uint32Array(pending.read.getMappedRange().slice(0, pending.n * 4))
+      pending.read.unmap()
+      for (const id of ids) {
+        out.push(id)
+        if (stop?.(id)) {
+          if (next) await next.mapped.then(() => next.read.unmap())
+          sequence.rewind(sent - out.length)
+          return out
+        }
+      }
+      if (!next) return out
+      pending = next
+    }
   }
 
   /**
@@ -829,6 +921,12 @@ export class WgslSequence {
     this.position += tokens
   }
 
+  /** Takes back the last `tokens` (their cache slots are written over by the next ones). */
+  rewind(tokens: number): void {
+    if (tokens < 0 || tokens > this.position) throw new RangeError(`cannot take back ${tokens} of ${this.position} tokens`)
+    this.position -= tokens
+  }
+
   /** Forgets the tokens (the prefixes stay in their slots). */
   reset(): void {
     this.position = 0
@@ -908,6 +1006,12 @@ export class WgslDecoder {
       out = await this.model.run(this.sequence, piece, read && first + piece.length === tokens.length)
     }
     return out
+  }
+
+  /** `count` greedy tokens after `token`, chained on the GPU (see WgslModel.greedy). */
+  greedy(token: number, count: number, stop?: (token: number) => boolean): Promise<number[]> {
+    if (this.sequence.length + count > this.positions) throw new UserError(`the cache is full (${this.positions} positions)`)
+    return this.model.greedy(this.sequence, token, count, stop)
   }
 
   finish(): Promise<void> {

@@ -791,3 +791,44 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 `
 }
+
+/**
+ * Greedy decoding on the GPU: the index of the largest logit (the first of equals, as the host's
+ * argmax picks), written as the next call's token id (IDS[0]) and kept at TOKENS[step.pos], so
+ * decode steps can follow one another without the logits coming back. One workgroup.
+ */
+export function argmaxKernel(vocab: number): string {
+  return `enable subgroups;
+${STEP_STRUCT}
+@group(0) @binding(0) var<storage, read> LOGITS: array<f32>;
+@group(0) @binding(1) var<storage, read_write> IDS: array<u32>;
+@group(0) @binding(2) var<storage, read_write> TOKENS: array<u32>;
+@group(0) @binding(3) var<uniform> step: Step;
+var<workgroup> values: array<f32, ${WORKGROUP}>;
+var<workgroup> indices: array<u32, ${WORKGROUP}>;
+@compute @workgroup_size(${WORKGROUP})
+fn main(@builtin(local_invocation_index) li: u32) {
+  var best = -3.4e38;
+  var at = 0xffffffffu;
+  for (var i = li; i < ${vocab}u; i += ${WORKGROUP}u) {
+    let v = LOGITS[i];
+    if (v > best) { best = v; at = i; }
+  }
+  values[li] = best;
+  indices[li] = at;
+  workgroupBarrier();
+  for (var half = ${WORKGROUP / 2}u; half > 0u; half >>= 1u) {
+    if (li < half) {
+      let v = values[li + half];
+      let j = indices[li + half];
+      if (v > values[li] || (v == values[li] && j < indices[li])) { values[li] = v; indices[li] = j; }
+    }
+    workgroupBarrier();
+  }
+  if (li == 0u) {
+    IDS[0] = indices[0];
+    TOKENS[step.pos] = indices[0];
+  }
+}
+`
+}
