@@ -270,7 +270,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     }
     const base = await logitsWith({})
     const variants: Record<string, string>[] = [
-      {PARSCALE_WGSL_LOOP: 'weights'},
+      {PARSCALE_WGSL_LOOP: 'streams', PARSCALE_WGSL_TEAM_RULE: 'width'},
       {PARSCALE_WGSL_LOOP: 'weights', PARSCALE_WGSL_UNROLL: '2'},
       {PARSCALE_WGSL_LOOP: 'weights', PARSCALE_WGSL_UNROLL: '4', PARSCALE_WGSL_TEAM_MIN: '64'},
       {PARSCALE_WGSL_MLP_ROWS: '1', PARSCALE_WGSL_OUT_ROWS: '4'},
@@ -282,7 +282,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       for (const [i, a] of got.entries()) for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - base[i]![v]!))
       assert.ok(worst < 1e-4, `${JSON.stringify(knobs)}: worst |logit diff| ${worst}`)
     }
-    await assert.rejects(logitsWith({PARSCALE_WGSL_UNROLL: '2'}), /PARSCALE_WGSL_UNROLL needs PARSCALE_WGSL_LOOP=weights/)
+    await assert.rejects(logitsWith({PARSCALE_WGSL_LOOP: 'streams', PARSCALE_WGSL_UNROLL: '2'}), /PARSCALE_WGSL_UNROLL needs PARSCALE_WGSL_LOOP=weights/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_MLP_ROWS: '3'}), /PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4/)
   })
 

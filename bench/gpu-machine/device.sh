@@ -105,7 +105,7 @@ run_step() {
   wgslrows) dawn_unpack; for r in 1 4; do PARSCALE_WGSL_OUT_ROWS=$r BENCH_PARALLEL=1,8 step "hand-written kernels: 0.5b, o_proj/down $r rows a workgroup" 100 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee -a $OUT/wgsl-rows.txt; done ;;
   wgslcli) dawn_unpack; PARSCALE_WEBGPU_ROUTE=wgsl step "bench 0.5b --device webgpu on the hand-written kernels (PARSCALE_WEBGPU_ROUTE=wgsl)" 200 node $CLI bench --synthetic 0.5b --parallel 1,8 --device webgpu --repeat 2 --json-file $OUT/bench-wgsl.json 2>&1 | grep -v '^Warning' ;;
   wgslloop) dawn_unpack; for v in streams weights; do PARSCALE_WGSL_LOOP=$v BENCH_PARALLEL=${WGSL_PARALLEL:-1,8} BENCH_ROUNDS=2 step "hand-written kernels: 0.5b, matvec loop $v" 120 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee -a $OUT/wgsl-loop.txt; done ;;
-  wgsl18) dawn_unpack; BENCH_SHAPE=1.8b BENCH_PARALLEL=1,8 step "hand-written kernels: 1.8b decode, P=1,8" 200 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-1.8b.txt ;;
+  wgsl18) dawn_unpack; BENCH_SHAPE=1.8b BENCH_PARALLEL=1,8 BENCH_WEIGHTS=${WGSL18_WEIGHTS:-f32,f16} step "hand-written kernels: 1.8b decode, P=1,8" 200 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-1.8b.txt ;;
   *) stamp "unknown step $1" ;;
   esac
 }

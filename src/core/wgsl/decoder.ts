@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, splitSumKernel, type LayerShape, matvecKernel, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, splitSumKernel, type LayerShape, matvecKernel, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
 import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
 import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
@@ -322,9 +322,9 @@ export class WgslModel {
     this.stagedBytes = 0
   }
 
-  /** Invocations a matrix-vector tile of input width `k` gets. */
-  private team(k: number): number {
-    return matvecTeam(k, this.gpu.subgroupMax)
+  /** Invocations a matrix-vector tile gets in a product of input width `k` and `tiles` tiles. */
+  private team(k: number, tiles: number): number {
+    return matvecTeam(k, tiles, this.gpu.subgroupMax)
   }
 
   /** How matrices of input width `k` are stored (the quantized formats' block as uploaded). */
@@ -424,13 +424,13 @@ export class WgslModel {
       // columns from hidden-major (h·P + p) to stream-major (p·H + h), so the input is the normed streams as they lie
       const w0s = new Float32Array(w0.length)
       for (let r = 0; r < H; r++) for (let i = 0; i < H; i++) for (let p = 0; p < P; p++) w0s[r * P * H + p * H + i] = w0[r * P * H + i * P + p]!
-      const aggregate = {k: P * H, n: H, streams: 1, rows, bias: true, team: this.team(P * H), epilogue: 'Y[row] = v / (1.0 + exp(-v));'}
+      const aggregate = {k: P * H, n: H, streams: 1, rows, bias: true, team: this.team(P * H, Math.ceil(H / rows)), epilogue: 'Y[row] = v / (1.0 + exp(-v));'}
       this.tail.push(this.dispatch(this.pipeline(matvecKernel(aggregate), 'aggregate'), {0: this.upload(w0s), 1: y, 2: a, 3: this.stepBuffer, 5: this.upload(source.read('model.aggregate_layer.0.bias'))}, matvecTiles(aggregate)))
       this.tail.push(this.dispatch(this.pipeline(mixKernel(H, P, c.attnSmooth), 'mix'), {0: a, 1: this.upload(source.read('model.aggregate_layer.2.weight')), 2: this.upload(source.read('model.aggregate_layer.2.bias')), 3: y, 4: mixed, 5: this.streamWeights}, 1))
       headInput = mixed
     }
     for (const chunk of headChunks) {
-      const head = {k: H, n: chunk.rows, streams: 1, rows, weights: this.format(H), team: this.team(H), epilogue: `Y[${chunk.first}u + row] = v;`}
+      const head = {k: H, n: chunk.rows, streams: 1, rows, weights: this.format(H), team: this.team(H, Math.ceil(chunk.rows / rows)), epilogue: `Y[${chunk.first}u + row] = v;`}
       this.tail.push(this.dispatch(this.pipeline(matvecKernel(head), 'lm_head'), {...matrixBindings(chunk.matrix), 1: headInput, 2: this.logits, 3: this.stepBuffer}, matvecTiles(head)))
     }
   }
@@ -489,12 +489,13 @@ export class WgslModel {
       const c = this.config
       const S = c.parallel
       const I = c.intermediateSize
-      // gate (and up) rows a tile (PARSCALE_WGSL_MLP_ROWS, for GPU sweeps); the tiles must cover the intermediate rows exactly
-      const h = Number(process.env.PARSCALE_WGSL_MLP_ROWS ?? 2)
+      // gate (and up) rows a tile (PARSCALE_WGSL_MLP_ROWS, for GPU sweeps; 1: at P = 8 gate·up took 0.98 ms a step against
+      // 1.25 with 2, fewer sums live); the tiles must cover the intermediate rows exactly
+      const h = Number(process.env.PARSCALE_WGSL_MLP_ROWS ?? 1)
       if (![1, 2, 4].includes(h) || I % h !== 0) throw new UserError(`PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4 and divide the intermediate size ${I}, not "${process.env.PARSCALE_WGSL_MLP_ROWS}"`)
-      const o = {k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: this.outRows, weights: this.format(c.numHeads * c.headDim), team: this.team(c.numHeads * c.headDim), epilogue: 'Y[s * N + row] += v;'}
-      const down = {k: I, n: c.hiddenSize, streams: S, rows: this.outRows, weights: this.format(I), team: this.team(I), epilogue: 'Y[s * N + row] += v;'}
-      const mlpTeam = this.team(c.hiddenSize)
+      const o = {k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: this.outRows, weights: this.format(c.numHeads * c.headDim), team: this.team(c.numHeads * c.headDim, Math.ceil(c.hiddenSize / this.outRows)), epilogue: 'Y[s * N + row] += v;'}
+      const down = {k: I, n: c.hiddenSize, streams: S, rows: this.outRows, weights: this.format(I), team: this.team(I, Math.ceil(c.hiddenSize / this.outRows)), epilogue: 'Y[s * N + row] += v;'}
+      const mlpTeam = this.team(c.hiddenSize, Math.ceil(I / h))
       this.stepKernelSet = {
         o: this.pipeline(matvecKernel(o), 'o_proj'),
         mlp: this.pipeline(
@@ -561,7 +562,8 @@ export class WgslModel {
     let kernels = this.cacheKernels.get(key)
     if (!kernels) {
       const c = this.config
-      const shape: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize), team: this.team(c.hiddenSize)}
+      const base: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize)}
+      const shape: LayerShape = {...base, team: this.team(c.hiddenSize, qkvTileCount(base))}
       kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
       this.cacheKernels.set(key, kernels)
     }

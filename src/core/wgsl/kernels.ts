@@ -106,13 +106,14 @@ fn weight(j: u32) -> vec4<f32> {
  * The matrix-vector kernel's inner loop, tunable for GPU sweeps (bench/gpu-machine/device.sh
  * `wgslsweep`): `PARSCALE_WGSL_LOOP` `streams` (every stream row of the input held while the
  * tile's weights pass, R + S vectors live) or `weights` (the tile's weights held and the stream
- * rows taken one at a time, R + 1 vectors live: fewer registers where S is large), and
+ * rows taken one at a time, R + 1 vectors live: fewer registers where S is large; the default,
+ * q·k·v at P = 8 0.63 ms a step against 0.73 on an H100, equal at P = 1), and
  * `PARSCALE_WGSL_UNROLL` U (`weights` only): the weights of U steps along the input loaded
  * before any is used, so U loads are in flight where one was (a step's latency is paid K / (team·U)
  * times, not K / team).
  */
 export function matvecLoop(env: NodeJS.ProcessEnv = process.env): {order: 'streams' | 'weights'; unroll: number} {
-  const order = env.PARSCALE_WGSL_LOOP ?? 'streams'
+  const order = env.PARSCALE_WGSL_LOOP ?? 'weights'
   if (order !== 'streams' && order !== 'weights') throw new UserError(`PARSCALE_WGSL_LOOP must be streams or weights, not "${order}"`)
   const unroll = Number(env.PARSCALE_WGSL_UNROLL ?? 1)
   if (![1, 2, 4, 8].includes(unroll)) throw new UserError(`PARSCALE_WGSL_UNROLL must be 1, 2, 4 or 8, not "${env.PARSCALE_WGSL_UNROLL}"`)
@@ -174,15 +175,25 @@ function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: b
 }
 
 /**
- * Invocations that share one tile of rows: enough that each runs at least four groups of the input
- * (K4 / 4), at least a subgroup (`subgroupMax`, so a subgroup never straddles two tiles and the
- * tile's sums are subgroup sums), at most the workgroup. A k = 896 product gets tiles of 32
- * invocations, 8 tiles a workgroup: each invocation runs 7 groups instead of one of 256 running
- * one (the sums, R·S + S subgroup reductions, then cost a seventh as much per weight read).
+ * Invocations that share one tile of rows, between a subgroup (`subgroupMax`, so a subgroup never
+ * straddles two tiles and the tile's sums are subgroup sums) and the workgroup. The default rule
+ * (`PARSCALE_WGSL_TEAM_RULE=tiles`) sizes the team by the product's tiles, about 2^16 invocations
+ * in all: a product of few tiles (q·k·v: 288 at 0.5b, o_proj and down: 448) gets 128 invocations a
+ * tile to keep the GPU busy, one of many (gate·up: 4864, the head: 37984) a subgroup, whose tiles
+ * then cost the fewest sums. Measured on an H100 (docs/benchmarks.md, the sweep of session 40):
+ * q·k·v at P = 8 0.51 ms a step with 128 against 0.73 with 32, gate·up 0.98 with 32 against 1.60
+ * with 128. The older rule (`width`): enough that each invocation runs at least four groups of
+ * the input.
  */
-export function matvecTeam(k: number, subgroupMax: number, unit = 4): number {
-  let team = teamFloor(subgroupMax)
-  while (team * 2 <= WORKGROUP && (k / unit) / (team * 2) >= 4) team *= 2
+export function matvecTeam(k: number, tiles: number, subgroupMax: number, env: NodeJS.ProcessEnv = process.env): number {
+  const rule = env.PARSCALE_WGSL_TEAM_RULE ?? 'tiles'
+  if (rule !== 'tiles' && rule !== 'width') throw new UserError(`PARSCALE_WGSL_TEAM_RULE must be tiles or width, not "${rule}"`)
+  let team = teamFloor(subgroupMax, env)
+  if (rule === 'width') {
+    while (team * 2 <= WORKGROUP && k / 4 / (team * 2) >= 4) team *= 2
+  } else {
+    while (team * 2 <= WORKGROUP && tiles * team * 2 <= 1 << 16) team *= 2
+  }
   return team
 }
 
@@ -367,8 +378,13 @@ function qkvPairs(l: LayerShape): number {
   return half % 2 === 0 && l.streams * l.tokens <= 8 ? 2 : 1
 }
 
+/** Tiles (rotary pairs of rows) of a step's q·k·v product. */
+export function qkvTileCount(l: LayerShape): number {
+  return Math.ceil(((l.heads + 2 * l.kvHeads) * l.headDim) / (2 * qkvPairs(l)))
+}
+
 export function qkvTiles(l: LayerShape): number {
-  return Math.ceil(((l.heads + 2 * l.kvHeads) * l.headDim) / (2 * qkvPairs(l)) / (WORKGROUP / (l.team ?? WORKGROUP)))
+  return Math.ceil(qkvTileCount(l) / (WORKGROUP / (l.team ?? WORKGROUP)))
 }
 
 /**
