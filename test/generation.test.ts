@@ -7,7 +7,7 @@ import {ChatSession} from '../src/core/run/chat.js'
 import {fitToContext, type GenerationOptions, type GenerationRequest} from '../src/core/generation/generation.js'
 import {StopStringMatcher} from '../src/core/generation/stop-strings.js'
 import type {ChatMessage} from '../src/core/generation/tokenizer.js'
-import {ALPHABET, charTokenizer, END, FakeDecoder} from './helpers/fake-decoder.js'
+import {ALPHABET, ChainingFakeDecoder, charTokenizer, END, FakeDecoder} from './helpers/fake-decoder.js'
 
 const V = 40 // larger than the alphabet, like the real models: ids past it decode to ''
 const opts: GenerationOptions = {eosTokenIds: [END], decode: charTokenizer.decode}
@@ -181,6 +181,54 @@ describe('generation', () => {
     }
     assert.ok(decoder.calls.some((c) => c.seq === 1 && c.rows === 2 && c.parallel === 4), 'the two P = 4 requests decode together')
     await assert.rejects(generateAll(decoder, [greedy(enc('a'), 2, {parallel: 8})], 1, opts), /no P = 8; available: 1, 2, 4/)
+  })
+})
+
+describe('greedy steps chained on the device (decodeGreedy)', () => {
+  const script = (h: number[]) => (h.length === 9 ? END : undefined) // an end token at the 9th position
+  it('a lone greedy request runs on the chain and gives the tokens, text, stops and stream weights of step-by-step decoding', async () => {
+    for (const request of [greedy(enc('ab'), 20), greedy(enc('abc'), 4), greedy(enc('s'), 30, {stop: ['q']}), greedy(enc('ab'), 5, {parallel: 4})]) {
+      const parallel = [request.parallel]
+      const events: string[] = []
+      const options = {...opts, collectStreamWeights: true, onToken: (e: {tokenId: number; text: string; streamWeights?: Float32Array}) => events.push(`${e.tokenId}:${e.text}:${e.streamWeights?.length}`)}
+      const stepped = await one(new FakeDecoder(V, script, parallel), request, options)
+      const steppedEvents = events.splice(0)
+      const chain = new ChainingFakeDecoder(V, script, parallel)
+      const chained = await one(chain, request, options)
+      assert.deepEqual({...chained, ttftMs: 0, decodeTokensPerS: 0}, {...stepped, ttftMs: 0, decodeTokensPerS: 0})
+      assert.deepEqual(events, steppedEvents)
+      assert.equal(chain.chainedTokens, stepped.generatedTokens - 1, 'every token after the first came from the chain')
+      assert.ok(chain.calls.every((c) => c.rows === 1))
+    }
+  })
+
+  it('sampling, a repetition penalty, or a second sequence decoding beside it keep to one step at a time', async () => {
+    const sampled = new ChainingFakeDecoder(V)
+    await one(sampled, {promptIds: enc('abc'), maxNewTokens: 8, sampling: {temperature: 1, seed: 3}, parallel: 1})
+    const penalized = new ChainingFakeDecoder(V)
+    await one(penalized, greedy(enc('abc'), 8, {sampling: {temperature: 0, repetitionPenalty: 1.3}}))
+    assert.equal(sampled.chainedRuns + penalized.chainedRuns, 0)
+    const pair = new ChainingFakeDecoder(V)
+    const alone = await Promise.all([one(new FakeDecoder(V), greedy(enc('hello'), 6)), one(new FakeDecoder(V), greedy(enc('ab'), 14))])
+    const both = await generateAll(pair, [greedy(enc('hello'), 6), greedy(enc('ab'), 14)], 2, opts)
+    assert.deepEqual(both.map((r) => r.tokenIds), alone.map((r) => r.tokenIds))
+    assert.ok(pair.calls.some((c) => c.rows === 2), 'the two decoded together')
+    // the longer one's 13 tokens after its first: those made beside the other one stepped, the rest chained
+    const together = pair.calls.filter((c) => c.rows === 2).length
+    assert.equal(pair.chainedTokens, 13 - together, 'the chain took over once the longer one was alone')
+  })
+
+  it('the chat session\'s answer runs on the chain too', async () => {
+    const stepped = new ChatSession(new FakeDecoder(V, answerOk), 1, toyFormat, {...opts})
+    const chain = new ChainingFakeDecoder(V, answerOk)
+    const chained = new ChatSession(chain, 1, toyFormat, {...opts})
+    for (const question of ['hi', 'more']) {
+      const a = await stepped.send(question, {maxNewTokens: 10, sampling: {temperature: 0}})
+      const b = await chained.send(question, {maxNewTokens: 10, sampling: {temperature: 0}})
+      assert.deepEqual(b.tokenIds, a.tokenIds)
+      assert.equal(chained.stats.cachedTokens, stepped.stats.cachedTokens)
+    }
+    assert.ok(chain.chainedTokens > 0)
   })
 })
 

@@ -208,8 +208,9 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     })
   }
 
+  const decoderParallel = (name: string) => Number(/-p(\d+)/.exec(name)![1])
   for (const name of ['tiny-p1', 'tiny-p4']) {
-    test(`${name}: greedy decoding chained on the GPU (argmax there, ids read in chunks) gives the reference's tokens; a stop takes back the steps sent past it`, async (t) => {
+    test(`${name}: greedy decoding chained on the GPU (argmax there, ids and stream weights read in chunks) gives the reference's tokens and the stepped run's weights; a stop takes back the steps sent past it`, async (t) => {
       if (unavailable) return t.skip(unavailable)
       const dir = path.join(goldenRoot, name)
       const golden = JSON.parse(fs.readFileSync(path.join(dir, 'golden.json'), 'utf8')) as Golden
@@ -221,9 +222,18 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
           const first = argmax((await model.run(sequence, g.prompt_ids, true))!.logits)
           assert.equal(first, g.new_ids[0])
           // chunks of 2: the second chunk is sent before the first is read
-          const rest = await model.greedy(sequence, first, g.new_ids.length - 1, undefined, 2)
+          const chainedWeights: number[][] = []
+          const rest = await model.greedy(sequence, first, g.new_ids.length - 1, (_, w) => (chainedWeights.push(Array.from(w)), false), 2)
           assert.deepEqual([first, ...rest], g.new_ids)
           assert.equal(sequence.length, g.prompt_ids.length + g.new_ids.length - 1)
+          // the stream weights of each chained step are those of the same step run with its logits read
+          sequence.reset()
+          await model.run(sequence, g.prompt_ids, false)
+          for (const [i, id] of g.new_ids.slice(0, -1).entries()) {
+            const {streamWeights} = (await model.run(sequence, [id], true))!
+            assert.equal(streamWeights.length, decoderParallel(name))
+            for (const [p, w] of streamWeights.entries()) assert.ok(Math.abs(w - chainedWeights[i]![p]!) < 1e-6, `step ${i} stream ${p}: ${w} vs ${chainedWeights[i]![p]}`)
+          }
           // stop at the reference's third token: two tokens made, the sequence holds the inputs up to the stop, and going on from there is the reference again
           sequence.reset()
           await model.run(sequence, g.prompt_ids, false)

@@ -122,3 +122,27 @@ export function charTokenizerOf(alphabet: string) {
 }
 
 export const charTokenizer = charTokenizerOf(ALPHABET)
+
+/**
+ * A FakeDecoder that also chains greedy steps "on its device" (`decodeGreedy`), as the
+ * hand-written WebGPU kernels do: each step's argmax is the next input, tokens go to `accept`
+ * one at a time, and the inputs past a stop are never fed. Counts the tokens made that way.
+ */
+export class ChainingFakeDecoder extends FakeDecoder {
+  chainedTokens = 0
+  chainedRuns = 0
+
+  async decodeGreedy(cache: FakeCache, slot: number, token: number, count: number, accept: (token: number, streamWeights: Float32Array) => boolean): Promise<boolean> {
+    this.chainedRuns++
+    let input = token
+    for (let i = 0; i < count; i++) {
+      const out = await this.forward(cache, slot, [[input]], 1)
+      let best = 0
+      for (let v = 1; v < this.vocab; v++) if (out.logits[v]! > out.logits[best]!) best = v
+      this.chainedTokens++
+      if (accept(best, out.streamWeights!.subarray(0, cache.parallel))) return true
+      input = best
+    }
+    return true
+  }
+}

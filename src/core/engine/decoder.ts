@@ -38,4 +38,12 @@ export interface Decoder<C extends SequenceCache> {
   prefillChunk(parallel: number, capacity: number, logitsForEveryToken?: boolean): number
   /** Runs equally long `inputIds` for slots first … first+rows−1, appending to their cache. */
   forward(cache: C, first: number, inputIds: number[][], numLogitsToKeep: number): Promise<DecoderOutput>
+  /**
+   * Greedy tokens of one slot chained on the device, without the logits coming back (the
+   * hand-written WebGPU kernels; optional): up to `count` tokens after `token`, each handed to
+   * `accept` in order with its stream weights, which says whether to stop there. The slot then
+   * holds the inputs up to the last token accepted, which is not yet fed, as after `forward`.
+   * Resolves false, having done nothing, where this cache's device cannot.
+   */
+  decodeGreedy?(cache: C, slot: number, token: number, count: number, accept: (token: number, streamWeights: Float32Array) => boolean): Promise<boolean>
 }

@@ -450,6 +450,19 @@ export class ParScaleModel implements DeviceCacheHost {
     })
   }
 
+  /**
+   * Greedy tokens chained on the GPU (the hand-written kernels' argmax; only ids and stream
+   * weights come back); false on every other cache, which then decodes through `forward`.
+   */
+  async decodeGreedy(cache: ModelCache, slot: number, token: number, count: number, accept: (token: number, streamWeights: Float32Array) => boolean): Promise<boolean> {
+    if (!(cache instanceof WgslCache)) return false
+    const model = await cache.model()
+    const sequence = await cache.sequence(slot)
+    await model.greedy(sequence, token, count, accept)
+    cache.update(slot)
+    return true
+  }
+
   /** The hand-written kernels' model of one P, opened at first use (its weights read from this package). */
   private wgslModel(parallel: number): Promise<WgslModel> {
     let model = this.wgslModels.get(parallel)

@@ -7,7 +7,10 @@
  */
 import {UserError} from '../errors.js'
 import type {Decoder, DecoderOutput, SequenceCache} from '../engine/decoder.js'
-import {checkRequest, lastPosition, Row, type GenerationOptions, type GenerationRequest, type GenerationResult, type TokenEvent} from './generation.js'
+import {checkRequest, decodeGreedyBurst, lastPosition, Row, type GenerationOptions, type GenerationRequest, type GenerationResult, type TokenEvent} from './generation.js'
+
+/** Tokens a lone greedy sequence runs on the device before the batcher looks for new requests again. */
+const GREEDY_BURST = 32
 
 export interface SubmitHooks {
   onToken?: (event: Omit<TokenEvent, 'index'>) => void
@@ -175,15 +178,22 @@ export class ContinuousBatcher<C extends SequenceCache> {
     else group.decoding.push(entry)
   }
 
-  /** One token for every decoding sequence of the group; finished ones leave. */
+  /**
+   * One token for every decoding sequence of the group; finished ones leave. A sequence alone
+   * (nothing prefilling or waiting) that takes the argmax, on a decoder that chains greedy steps on
+   * its device, runs up to GREEDY_BURST tokens at once instead.
+   */
   private async decodeStep(group: Group<C>): Promise<void> {
     if (group.decoding.length === 0) return
     const prefillSlot = group.decoding.length
-    const out = await this.decoder.forward(group.cache, 0, group.decoding.map(({row}) => [row.lastToken]), 1)
-    group.decoding.forEach(({row, job}, b) => {
-      if (job.hooks.signal?.aborted) row.finish('abort', performance.now())
-      else this.advance(row, out, b)
-    })
+    const alone = group.decoding.length === 1 && !group.prefilling && this.waiting.length === 0 ? group.decoding[0] : undefined
+    if (!(alone && (await decodeGreedyBurst(this.decoder, group.cache, 0, alone.row, GREEDY_BURST, alone.job.hooks.signal)))) {
+      const out = await this.decoder.forward(group.cache, 0, group.decoding.map(({row}) => [row.lastToken]), 1)
+      group.decoding.forEach(({row, job}, b) => {
+        if (job.hooks.signal?.aborted) row.finish('abort', performance.now())
+        else this.advance(row, out, b)
+      })
+    }
     for (let b = group.decoding.length - 1; b >= 0; b--) {
       if (!group.decoding[b].row.done) continue
       this.finish(group.decoding[b])

@@ -100,7 +100,16 @@ export class Row {
 
   /** Picks the next token from its logits (and keeps the stream weights behind them). */
   step(logits: Float32Array, now: number, streamWeights?: Float32Array): void {
-    const id = this.sampler.next(logits, this.request.sampling.repetitionPenalty ? this.seen : [])
+    this.accept(this.sampler.next(logits, this.request.sampling.repetitionPenalty ? this.seen : []), now, streamWeights)
+  }
+
+  /** Whether the next tokens are the logits' argmax alone (what a device can pick without sending them back). */
+  get argmaxOnly(): boolean {
+    return this.sampler.greedy && (this.request.sampling.repetitionPenalty ?? 1) === 1
+  }
+
+  /** Takes `id` as the next token (picked here by `step`, or on the device): stop checks, text, events. */
+  accept(id: number, now: number, streamWeights?: Float32Array): void {
     if (this.generated.length === 0) this.firstAt = now
     this.generated.push(id)
     this.seen.push(id)
@@ -186,8 +195,30 @@ export async function generateSequence<C extends SequenceCache>(decoder: Decoder
     const last = lastPosition(out, 0)
     row.step(last.logits, now, last.streamWeights)
     if (row.done) return
+    await decodeGreedyBurst(decoder, cache, 0, row, row.request.maxNewTokens, signal)
+    if (row.done) return
     out = await decoder.forward(cache, 0, [[row.lastToken]], 1)
   }
+}
+
+/**
+ * Where the decoder chains greedy steps on its device and the row takes the argmax alone: up to
+ * `count` tokens of the row in one run (each accepted as it arrives; an abort stops at the next
+ * token). Resolves whether it ran (the row is then done, or `count` tokens further on).
+ */
+export async function decodeGreedyBurst<C extends SequenceCache>(decoder: Decoder<C>, cache: C, slot: number, row: Row, count: number, signal?: AbortSignal): Promise<boolean> {
+  if (!decoder.decodeGreedy || !row.argmaxOnly) return false
+  const left = Math.min(count, row.request.maxNewTokens - row.generated.length)
+  if (left < 1) return false
+  return decoder.decodeGreedy(cache, slot, row.lastToken, left, (id, streamWeights) => {
+    const now = performance.now()
+    if (signal?.aborted) {
+      row.finish('abort', now)
+      return true
+    }
+    row.accept(id, now, streamWeights)
+    return row.done
+  })
 }
 
 function promptTooLong(tokens: number, contextLength: number): UserError {

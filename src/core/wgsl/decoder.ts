@@ -142,6 +142,8 @@ interface CacheKernels {
 interface GreedyParts {
   argmax: Dispatch
   tokens: GpuBuffer
+  /** Stream weights by position (P > 1). */
+  weights: GpuBuffer | undefined
   reads: GpuBuffer[]
   chunk: number
 }
@@ -740,62 +742,78 @@ export class WgslModel {
     return encoder
   }
 
-  /** The argmax kernel and the record of greedy tokens by position, with two buffers to read chunks of it back (made at first use). */
+  /** The argmax kernel, the record of greedy tokens (and stream weights) by position, and two buffers to read chunks of it back (made at first use). */
   private greedyKernels(chunk: number): GreedyParts {
-    if (!this.greedyParts || this.greedyParts.chunk < chunk) {
-      for (const b of this.greedyParts?.reads ?? []) b.destroy()
-      const tokens = this.greedyParts?.tokens ?? this.buffer(this.maxPositions * 4)
-      const argmax = this.greedyParts?.argmax ?? this.dispatch(this.pipeline(argmaxKernel(this.config.vocabSize), 'argmax'), {0: this.logits, 1: this.ids, 2: tokens, 3: this.stepBuffer}, 1)
-      const reads = [0, 1].map(() => this.gpu.device.createBuffer({size: Math.ceil(chunk / 4) * 16, usage: MAP_READ | COPY_DST}))
-      this.greedyParts = {argmax, tokens, reads, chunk}
+    const P = this.config.parallel
+    if (!this.greedyParts) {
+      const tokens = this.buffer(this.maxPositions * 4)
+      const weights = P > 1 ? this.buffer(this.maxPositions * P * 4) : undefined
+      const bindings: Record<number, GpuBuffer> = {0: this.logits, 1: this.ids, 2: tokens, 3: this.stepBuffer}
+      if (weights && this.streamWeights) Object.assign(bindings, {4: this.streamWeights, 5: weights})
+      const argmax = this.dispatch(this.pipeline(argmaxKernel(this.config.vocabSize, P), 'argmax'), bindings, 1)
+      this.greedyParts = {argmax, tokens, weights, reads: [], chunk: 0}
     }
-    return this.greedyParts
+    const parts = this.greedyParts
+    if (parts.chunk < chunk) {
+      for (const b of parts.reads) b.destroy()
+      // a chunk's ids, then (P > 1) its stream weights
+      parts.reads = [0, 1].map(() => this.gpu.device.createBuffer({size: Math.ceil((chunk * (1 + (P > 1 ? P : 0))) / 4) * 16, usage: MAP_READ | COPY_DST}))
+      parts.chunk = chunk
+    }
+    return parts
   }
 
   /**
    * Greedy decoding chained on the GPU: `count` tokens after `token` (the sequence's next input),
    * each step's argmax the next step's input, so steps go to the GPU back to back and only token
-   * ids come back, `chunk` at a time while the next chunk runs. The first token for which `stop`
-   * says yes ends it: the steps sent past it are taken back (the sequence rewinds), so the
-   * sequence holds the inputs up to it and the returned tokens end with it, unfed, as after
-   * `run`. Ties go to the lowest id, as the host's argmax.
+   * ids (and stream weights) come back, `chunk` at a time while the next chunk runs. `stop` sees
+   * each token in order with the step's stream weights; the first for which it says yes ends it:
+   * the steps sent past it are taken back (the sequence rewinds), so the sequence holds the inputs
+   * up to it and the returned tokens end with it, unfed, as after `run`. Ties go to the lowest id,
+   * as the host's argmax.
    */
-  greedy(sequence: WgslSequence, token: number, count: number, stop?: (token: number) => boolean, chunk = 16): Promise<number[]> {
+  greedy(sequence: WgslSequence, token: number, count: number, stop?: (token: number, streamWeights: Float32Array) => boolean, chunk = 16): Promise<number[]> {
     return this.exclusive(() => this.greedyNow(sequence, token, count, stop, chunk))
   }
 
-  private async greedyNow(sequence: WgslSequence, token: number, count: number, stop: ((token: number) => boolean) | undefined, chunk: number): Promise<number[]> {
+  private async greedyNow(sequence: WgslSequence, token: number, count: number, stop: ((token: number, streamWeights: Float32Array) => boolean) | undefined, chunk: number): Promise<number[]> {
     this.checkCall([token])
     if (!Number.isInteger(count) || count < 1) throw new RangeError(`greedy decoding makes at least one token, not ${count}`)
     if (sequence.length + count > this.maxPositions) throw new UserError(`the sequence needs ${sequence.length + count} positions; the hand-written kernels hold ${this.maxPositions} at this P`)
+    const P = this.config.parallel
     const parts = this.greedyKernels(chunk)
     this.nextStep = undefined
     const device = this.gpu.device
     const out: number[] = []
     let sent = 0
-    const send = (n: number, read: GpuBuffer): {first: number; n: number; read: GpuBuffer; mapped: Promise<void>} => {
+    const send = (n: number, read: GpuBuffer): {n: number; read: GpuBuffer; mapped: Promise<void>} => {
       const first = sequence.length
       for (let i = 0; i < n; i++) {
         const plan = sequence.planFor(1)
         this.writeStep(sequence, sent === 0 ? [token] : undefined)
         const encoder = this.encode(plan, 1, false, [parts.argmax])
-        if (i === n - 1) encoder.copyBufferToBuffer(parts.tokens, first * 4, read, 0, n * 4)
+        if (i === n - 1) {
+          encoder.copyBufferToBuffer(parts.tokens, first * 4, read, 0, n * 4)
+          if (parts.weights) encoder.copyBufferToBuffer(parts.weights, first * P * 4, read, n * 4, n * P * 4)
+        }
         device.queue.submit([encoder.finish()])
         sequence.advance(1)
         sent++
       }
-      return {first, n, read, mapped: read.mapAsync(MAP_MODE_READ)}
+      return {n, read, mapped: read.mapAsync(MAP_MODE_READ)}
     }
     let pending = send(Math.min(chunk, count), parts.reads[0]!)
     for (let k = 1; ; k++) {
       const left = count - sent
       const next = left > 0 ? send(Math.min(chunk, left), parts.reads[k % 2]!) : undefined
       await pending.mapped
-      const ids = new Uint32Array(pending.read.getMappedRange().slice(0, pending.n * 4))
+      const bytes = pending.read.getMappedRange().slice(0, pending.n * (1 + (parts.weights ? P : 0)) * 4)
       pending.read.unmap()
-      for (const id of ids) {
+      const ids = new Uint32Array(bytes, 0, pending.n)
+      for (const [i, id] of ids.entries()) {
         out.push(id)
-        if (stop?.(id)) {
+        const weights = parts.weights ? new Float32Array(bytes, (pending.n + i * P) * 4, P) : new Float32Array([1])
+        if (stop?.(id, weights)) {
           if (next) await next.mapped.then(() => next.read.unmap())
           sequence.rewind(sent - out.length)
           return out
@@ -1011,7 +1029,7 @@ export class WgslDecoder {
   }
 
   /** `count` greedy tokens after `token`, chained on the GPU (see WgslModel.greedy). */
-  greedy(token: number, count: number, stop?: (token: number) => boolean): Promise<number[]> {
+  greedy(token: number, count: number, stop?: (token: number, streamWeights: Float32Array) => boolean): Promise<number[]> {
     if (this.sequence.length + count > this.positions) throw new UserError(`the cache is full (${this.positions} positions)`)
     return this.model.greedy(this.sequence, token, count, stop)
   }

@@ -810,16 +810,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
 /**
  * Greedy decoding on the GPU: the index of the largest logit (the first of equals, as the host's
- * argmax picks), written as the next call's token id (IDS[0]) and kept at TOKENS[step.pos], so
- * decode steps can follow one another without the logits coming back. One workgroup.
+ * argmax picks), written as the next call's token id (IDS[0]) and kept at TOKENS[step.pos], and
+ * with P > 1 the step's stream weights kept at WREC[step.pos · P …], so decode steps can follow
+ * one another without the logits coming back. One workgroup.
  */
-export function argmaxKernel(vocab: number): string {
-  return `enable subgroups;
-${STEP_STRUCT}
+export function argmaxKernel(vocab: number, streams: number): string {
+  return `${STEP_STRUCT}
 @group(0) @binding(0) var<storage, read> LOGITS: array<f32>;
 @group(0) @binding(1) var<storage, read_write> IDS: array<u32>;
 @group(0) @binding(2) var<storage, read_write> TOKENS: array<u32>;
 @group(0) @binding(3) var<uniform> step: Step;
+${streams > 1 ? `@group(0) @binding(4) var<storage, read> SW: array<f32>;
+@group(0) @binding(5) var<storage, read_write> WREC: array<f32>;` : ''}
 var<workgroup> values: array<f32, ${WORKGROUP}>;
 var<workgroup> indices: array<u32, ${WORKGROUP}>;
 @compute @workgroup_size(${WORKGROUP})
@@ -845,6 +847,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
     IDS[0] = indices[0];
     TOKENS[step.pos] = indices[0];
   }
+  ${streams > 1 ? `if (li < ${streams}u) { WREC[step.pos * ${streams}u + li] = SW[li]; }` : ''}
 }
 `
 }
