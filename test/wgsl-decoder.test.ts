@@ -392,6 +392,25 @@ describe('PARSCALE_WEBGPU_ROUTE=wgsl: the CLI on the hand-written kernels', () =
     }
   })
 
+  test('bench --profile on the route: GPU ms per kernel of a prompt call and of decode steps, written to PREFIX-wgsl-p{P}.json and printed', async (t) => {
+    if (unavailable) return t.skip(unavailable)
+    const prefix = path.join(work, 'profile', 'p')
+    fs.mkdirSync(path.dirname(prefix), {recursive: true})
+    const shape = ['--synthetic', '0.5b', '--hidden', '64', '--heads', '4', '--kv-heads', '2', '--intermediate', '128', '--layers', '2', '--vocab', '300']
+    const out = cli(['bench', ...shape, '--device', 'webgpu', '--parallel', '2', '--prompt-len', '16', '-n', '3', '--repeat', '1', '--no-roofline', '--profile', prefix], route)
+    assert.equal(out.status, 0, out.stderr)
+    assert.match(out.stdout, /the hand-written kernels' profile/)
+    const written = fs.readdirSync(path.dirname(prefix)).filter((f) => f.endsWith('-wgsl-p2.json'))
+    assert.equal(written.length, 1, `written: ${fs.readdirSync(path.dirname(prefix)).join(', ')}`)
+    const calls = JSON.parse(fs.readFileSync(path.join(path.dirname(prefix), written[0]!), 'utf8')) as {tokens: number; gpu_ms: Record<string, number>; dispatches: Record<string, number>}[]
+    assert.deepEqual(calls.map((c) => c.tokens), [16, 1, 1, 1, 1, 1, 1, 1, 1])
+    const step = calls[1]!
+    // a decode step: embedding, five kernels a layer, final norm, aggregation, mixing, head
+    assert.equal(Object.values(step.dispatches).reduce((a, b) => a + b, 0), 1 + 5 * 2 + 4)
+    for (const kernel of ['qkv', 'attention', 'o_proj', 'gate_up', 'down', 'lm_head']) assert.ok(step.gpu_ms[kernel]! > 0, `${kernel}: ${step.gpu_ms[kernel]}`)
+    assert.match(out.stdout, /\| gate_up \| [\d.]+ \| 2 \|/)
+  })
+
   test('where Dawn is missing, --device webgpu runs the node route and says why in one line', async (t) => {
     const adapter = await checkWebGpu().then(() => true, () => false)
     if (!adapter) return t.skip('no WebGPU adapter on this machine')

@@ -94,7 +94,8 @@ export function renderTable(report: BenchReport): string {
   if (widened.length) lines.push(`P = ${[...new Set(widened.map((r) => r.parallel))].join(', ')}: decode steps ran on ${widened[0]!.kernels!.decode}, prompts on ${widened[0]!.kernels!.prefill}`)
   for (const r of report.results) {
     if (!r.profile) continue
-    lines.push('', `P=${r.parallel}, batch ${r.batch}, prompt ${r.prompt_length}: ONNX Runtime's profile${r.profile.length === 1 ? '' : 's'}`)
+    const whose = r.profile[0]?.clock === 'hand-written kernels' ? "the hand-written kernels' profile" : `ONNX Runtime's profile${r.profile.length === 1 ? '' : 's'}`
+    lines.push('', `P=${r.parallel}, batch ${r.batch}, prompt ${r.prompt_length}: ${whose}`)
     if (r.profile.length === 0) lines.push('no profile file was written')
     for (const summary of r.profile) lines.push(...describeProfile(summary))
   }

@@ -50,7 +50,7 @@ export interface ProfileRunGroup {
 export interface ProfileSummary {
   file: string
   /** Which clock the operator times are: the CPU provider's kernels, or the WebGPU provider's GPU timestamps. */
-  clock: 'cpu kernels' | 'gpu kernels' | 'cpu side of gpu nodes'
+  clock: 'cpu kernels' | 'gpu kernels' | 'cpu side of gpu nodes' | 'hand-written kernels'
   /** Events in the file by category (Session, Node, Api, …). */
   event_categories: Record<string, number>
   groups: ProfileRunGroup[]
@@ -174,10 +174,51 @@ function summarizeGroup(tokens: number, runs: Run[], withCpu: boolean): ProfileR
   return {tokens, runs: runs.length, run_ms: run.dur / 1000, kernel_ms: totalUs / 1000, kernels, ops}
 }
 
+/** One call of the hand-written WebGPU kernels as profiled (`WgslModel.profile`): GPU ms and dispatches by kernel, and the call's wall time. */
+export interface KernelCallProfile {
+  tokens: number
+  wallMs: number
+  ms: Map<string, number>
+  dispatches: Map<string, number>
+}
+
+/**
+ * The hand-written kernels' profiles (PARSCALE_WEBGPU_ROUTE=wgsl, `bench --profile`) as a summary of
+ * the same shape as ONNX Runtime's: calls grouped by the tokens they fed, the median call of each
+ * (by its kernels' summed time), its kernels by GPU time.
+ */
+export function summarizeKernelCalls(file: string, calls: readonly KernelCallProfile[]): ProfileSummary {
+  const groups = [...new Set(calls.map((c) => c.tokens))].map((tokens): ProfileRunGroup => {
+    const runs = calls.filter((c) => c.tokens === tokens)
+    const total = (c: KernelCallProfile) => [...c.ms.values()].reduce((a, b) => a + b, 0)
+    const median = [...runs].sort((a, b) => total(a) - total(b))[runs.length >> 1]!
+    const kernelMs = total(median)
+    const ops = [...median.ms]
+      .sort((a, b) => b[1] - a[1])
+      .map(([op, ms]): OperatorTime => ({op, ms, kernels: median.dispatches.get(op) ?? 0, share: kernelMs > 0 ? ms / kernelMs : 0}))
+    return {tokens, runs: runs.length, run_ms: median.wallMs, kernel_ms: kernelMs, kernels: [...median.dispatches.values()].reduce((a, b) => a + b, 0), ops}
+  })
+  return {file, clock: 'hand-written kernels', event_categories: {}, groups}
+}
+
 /** The summary as lines of text: a heading per group and a Markdown table of its operators. */
 export function describeProfile(summary: ProfileSummary): string[] {
-  const lines = [`profile ${summary.file} (${summary.clock === 'gpu kernels' ? 'GPU time per kernel, the WebGPU provider\'s timestamps' : summary.clock === 'cpu kernels' ? 'CPU kernel time' : 'CPU time of each node'})`]
+  const clocks: Record<ProfileSummary['clock'], string> = {
+    'gpu kernels': "GPU time per kernel, the WebGPU provider's timestamps",
+    'cpu kernels': 'CPU kernel time',
+    'cpu side of gpu nodes': 'CPU time of each node',
+    'hand-written kernels': 'GPU time per kernel of the hand-written WGSL kernels, timestamps around each dispatch in a pass of its own',
+  }
+  const lines = [`profile ${summary.file} (${clocks[summary.clock]})`]
   if (summary.note) lines.push(`note: ${summary.note}`)
+  if (summary.clock === 'hand-written kernels') {
+    for (const group of summary.groups) {
+      lines.push(`${group.tokens} token${group.tokens === 1 ? '' : 's'} per call: median of ${group.runs} calls, ${group.run_ms.toFixed(2)} ms per call (its own passes), ${group.kernel_ms.toFixed(2)} ms in ${group.kernels} dispatches`)
+      lines.push('| kernel | GPU ms | dispatches | share |', '|---|---|---|---|')
+      for (const o of group.ops) lines.push(`| ${o.op} | ${o.ms.toFixed(3)} | ${o.kernels} | ${(o.share * 100).toFixed(0)} % |`)
+    }
+    return lines
+  }
   const gpu = summary.clock === 'gpu kernels'
   for (const group of summary.groups) {
     if (group.kernels === 0) {

@@ -1,13 +1,13 @@
 // Child-process entry of `parscale bench`: measures one configuration (or the roofline
 // probes) and prints one JSON line, so each measurement's peak RSS is its own.
-import {readSync} from 'node:fs'
+import {readSync, writeFileSync} from 'node:fs'
 
 import {variantConfig, selectVariant} from '../package/manifest.js'
 import {generateAll} from '../generation/batcher.js'
 import {prefill} from '../generation/generation.js'
 import {ParScaleModel} from '../engine/model.js'
 import {kvCacheBytes, prefillFlops, weightBytes} from './model-cost.js'
-import {profileFiles, summarizeProfile} from './profile-summary.js'
+import {profileFiles, summarizeKernelCalls, summarizeProfile} from './profile-summary.js'
 import {runProbes} from './roofline.js'
 import {summarize} from './stats.js'
 import type {MixedResult, MixedSpec, RunResult, RunSpec, WorkerSpec} from './types.js'
@@ -82,8 +82,16 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
     cacheBytes = cache.bytes
     cache.dispose()
   }
+  // the hand-written kernels profile themselves (timestamps per dispatch); their calls go to PREFIX-wgsl-p{P}.json
+  const kernelCalls = spec.profilePrefix ? await model.kernelProfile(parallel, prompt[0]!, 8) : undefined
   await model.release() // ONNX Runtime writes the profiles now
-  const profile = spec.profilePrefix ? profileFiles(spec.profilePrefix).map(summarizeProfile) : undefined
+  let profile = spec.profilePrefix ? profileFiles(spec.profilePrefix).map(summarizeProfile) : undefined
+  if (spec.profilePrefix && kernelCalls) {
+    const file = `${spec.profilePrefix}-wgsl-p${parallel}.json`
+    const plain = kernelCalls.map((c) => ({tokens: c.tokens, wall_ms: c.wallMs, gpu_ms: Object.fromEntries(c.ms), dispatches: Object.fromEntries(c.dispatches)}))
+    writeFileSync(file, JSON.stringify(plain, null, 1))
+    profile = [summarizeKernelCalls(file, kernelCalls)]
+  }
   const config = variantConfig(model.manifest, selectVariant(model.manifest, parallel, spec.packageDir))
   const decodeSummary = summarize(decode)
   return {

@@ -22,6 +22,7 @@ import {KvCache} from './kv-cache.js'
 import {loadStreamWeights, type HostTensor, type StreamWeights} from './stream-weights.js'
 import {CaptureCache, CapturedGpuFormModel, chooseWebGpuRoute, loadCaptureRuntime, type RouteChoice} from './webgpu-capture.js'
 import {WgslCache} from './wgsl-cache.js'
+import type {KernelCallProfile} from '../bench/profile-summary.js'
 import {promptTokensAt, WgslModel} from '../wgsl/decoder.js'
 import {packageSource} from '../wgsl/package-source.js'
 import {widenedDecodeGraph} from '../quant/widen.js'
@@ -461,6 +462,33 @@ export class ParScaleModel implements DeviceCacheHost {
     await model.greedy(sequence, token, count, accept)
     cache.update(slot)
     return true
+  }
+
+  /**
+   * On the hand-written kernels (PARSCALE_WEBGPU_ROUTE=wgsl), `bench --profile`'s calls: a fresh
+   * sequence of P streams takes the prompt in one call (as many tokens as a call holds) and then
+   * `steps` decode steps, each profiled (GPU ms per kernel from timestamps, its wall time);
+   * undefined on every other route, whose profiles are ONNX Runtime's own files.
+   */
+  async kernelProfile(parallel: number, prompt: number[], steps: number): Promise<KernelCallProfile[] | undefined> {
+    if (!(this.gpuForm && this.route?.route === 'wgsl')) return undefined
+    const model = await this.wgslModel(parallel)
+    const ids = prompt.slice(0, model.promptTokens)
+    const sequence = model.sequence(ids.length + steps)
+    try {
+      const calls: KernelCallProfile[] = []
+      let next = ids
+      for (let i = 0; i <= steps; i++) {
+        const dispatches = new Map<string, number>()
+        const t0 = performance.now()
+        const ms = await model.profile(sequence, next, dispatches)
+        calls.push({tokens: next.length, wallMs: performance.now() - t0, ms, dispatches})
+        next = [(ids[i % ids.length]! + i) % this.vocabSize]
+      }
+      return calls
+    } finally {
+      sequence.release()
+    }
   }
 
   /** The hand-written kernels' model of one P, opened at first use (its weights read from this package). */

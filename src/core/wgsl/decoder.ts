@@ -827,10 +827,10 @@ export class WgslModel {
   /**
    * GPU time of each kernel of one call of `tokens` (the sequence advances), from timestamps
    * around each dispatch in a pass of its own: milliseconds summed by kernel name, in order of
-   * first use. Needs the adapter's timestamp-query feature. The passes add their own gaps, so the
+   * first use (and into `dispatches`, how many there were of each). Needs the adapter's timestamp-query feature. The passes add their own gaps, so the
    * sum is a little above a step's time; the split is what it is for.
    */
-  async profile(sequence: WgslSequence, tokens: readonly number[]): Promise<Map<string, number>> {
+  async profile(sequence: WgslSequence, tokens: readonly number[], dispatches?: Map<string, number>): Promise<Map<string, number>> {
     const device = this.gpu.device
     if (!device.features.has('timestamp-query')) throw new UserError(`the WebGPU adapter (${this.gpu.name}) has no timestamp queries, which a per-kernel profile needs`)
     const c = this.config
@@ -860,7 +860,10 @@ export class WgslModel {
       const stamps = new BigUint64Array(read.getMappedRange().slice(0))
       read.unmap()
       const out = new Map<string, number>()
-      for (const [i, d] of all.entries()) out.set(d.label, (out.get(d.label) ?? 0) + Number(stamps[2 * i + 1]! - stamps[2 * i]!) / 1e6)
+      for (const [i, d] of all.entries()) {
+        out.set(d.label, (out.get(d.label) ?? 0) + Number(stamps[2 * i + 1]! - stamps[2 * i]!) / 1e6)
+        dispatches?.set(d.label, (dispatches.get(d.label) ?? 0) + 1)
+      }
       return out
     } finally {
       querySet.destroy()
