@@ -459,7 +459,10 @@ export class ParScaleModel implements DeviceCacheHost {
     if (!(cache instanceof WgslCache)) return false
     const model = await cache.model()
     const sequence = await cache.sequence(slot)
-    await model.greedy(sequence, token, count, accept)
+    // no further than the kernels' positions: past them `forward` says so, if the sequence gets there
+    const room = Math.min(count, model.maxPositions - sequence.length)
+    if (room < 1) return false
+    await model.greedy(sequence, token, room, accept)
     cache.update(slot)
     return true
   }
