@@ -246,6 +246,13 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
             const next = argmax((await model.run(sequence, [stopAt], true))!.logits)
             assert.equal(next, g.new_ids[made.length + 1])
           }
+          // a stop that throws: the error comes through, the chunk in flight is let go, and the model goes on
+          const before = sequence.length
+          await assert.rejects(model.greedy(sequence, first, 6, () => {
+            throw new Error('listener failed')
+          }, 2), /listener failed/)
+          assert.equal(sequence.length, before + 1)
+          assert.equal((await model.greedy(sequence, first, 3, undefined, 2)).length, 3)
         }
       } finally {
         sequence.release()

@@ -813,15 +813,27 @@ export class WgslModel {
       for (const [i, id] of ids.entries()) {
         out.push(id)
         const weights = parts.weights ? new Float32Array(bytes, (pending.n + i * P) * 4, P) : new Float32Array([1])
-        if (stop?.(id, weights)) {
-          if (next) await next.mapped.then(() => next.read.unmap())
-          sequence.rewind(sent - out.length)
+        let stopped: boolean
+        try {
+          stopped = stop?.(id, weights) ?? false
+        } catch (error) {
+          await this.settleGreedy(sequence, next, sent - out.length)
+          throw error
+        }
+        if (stopped) {
+          await this.settleGreedy(sequence, next, sent - out.length)
           return out
         }
       }
       if (!next) return out
       pending = next
     }
+  }
+
+  /** After a stop: the chunk in flight read and let go (its buffer is mapped again next time), the steps past the stop taken back. */
+  private async settleGreedy(sequence: WgslSequence, next: {read: GpuBuffer; mapped: Promise<void>} | undefined, past: number): Promise<void> {
+    if (next) await next.mapped.then(() => next.read.unmap())
+    sequence.rewind(past)
   }
 
   /**
