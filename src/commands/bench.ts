@@ -115,7 +115,7 @@ export default class Bench extends BaseCommand {
       description: 'also draw charts to FILE.svg, or FILE.html (charts and table in one offline page); repeat for both',
       helpValue: 'FILE.svg|FILE.html',
     }),
-    profile: Flags.string({description: 'write ONNX Runtime profiles with this file prefix'}),
+    profile: Flags.string({description: 'write ONNX Runtime profiles with this file prefix (on the hand-written WebGPU kernels, PARSCALE_WEBGPU_ROUTE=wgsl: GPU time per kernel from timestamps, PREFIX-wgsl-p{P}.json) and print where the time went'}),
     'save-profile': Flags.boolean({description: 'measure the cost profile --parallel auto predicts from (decode step by rows, prefill) afresh for these --threads and --device, save it beside the package, print it; nothing else is measured'}),
     concurrency: Flags.string({description: 'serve under load instead: `parscale serve` children at fixed smallest P, fixed largest P and --parallel auto, each loaded by N clients at once (a list: each N), every client sending --repeat requests of --max-new-tokens one after another; tokens/s, latency and the P the answers got (--plot charts them)', helpValue: 'LIST'}),
     'auto-budget': Flags.string({description: 'with --concurrency: the auto server\'s --auto-budget', helpValue: 'X'}),
