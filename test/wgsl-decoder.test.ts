@@ -36,6 +36,9 @@ const work = fs.mkdtempSync(path.join(os.tmpdir(), 'parscale-wgsl-'))
 after(() => fs.rmSync(work, {recursive: true, force: true}))
 
 let unavailable: string | undefined
+// the kernels as they run (no bounds clamps, no workgroup zeroing) but with Dawn's validation on, so a
+// binding or a command that WebGPU would refuse fails here instead of going unnoticed (dawn.ts skips it)
+process.env.PARSCALE_DAWN_FLAGS ??= 'enable-dawn-features=disable_robustness,disable_workgroup_init disable-dawn-features=timestamp_quantization'
 before(async () => {
   process.env.PARSCALE_CACHE ??= path.join(work, 'cache')
   const device = await openWgslDevice()
