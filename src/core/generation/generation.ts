@@ -204,7 +204,8 @@ export async function generateSequence<C extends SequenceCache>(decoder: Decoder
 /**
  * Where the decoder chains greedy steps on its device and the row takes the argmax alone: up to
  * `count` tokens of the row in one run (each accepted as it arrives; an abort stops at the next
- * token). Resolves whether it ran (the row is then done, or `count` tokens further on).
+ * token). Resolves whether it ran (the row is then done, or further on by up to `count` tokens:
+ * fewer where the device's positions end first).
  */
 export async function decodeGreedyBurst<C extends SequenceCache>(decoder: Decoder<C>, cache: C, slot: number, row: Row, count: number, signal?: AbortSignal): Promise<boolean> {
   if (!decoder.decodeGreedy || !row.argmaxOnly) return false

@@ -813,17 +813,13 @@ export class WgslModel {
       for (const [i, id] of ids.entries()) {
         out.push(id)
         const weights = parts.weights ? new Float32Array(bytes, (pending.n + i * P) * 4, P) : new Float32Array([1])
-        let stopped: boolean
+        let stopped = true // a listener that throws stops it here too
         try {
           stopped = stop?.(id, weights) ?? false
-        } catch (error) {
-          await this.settleGreedy(sequence, next, sent - out.length)
-          throw error
+        } finally {
+          if (stopped) await this.settleGreedy(sequence, next, sent - out.length)
         }
-        if (stopped) {
-          await this.settleGreedy(sequence, next, sent - out.length)
-          return out
-        }
+        if (stopped) return out
       }
       if (!next) return out
       pending = next
@@ -839,8 +835,9 @@ export class WgslModel {
   /**
    * GPU time of each kernel of one call of `tokens` (the sequence advances), from timestamps
    * around each dispatch in a pass of its own: milliseconds summed by kernel name, in order of
-   * first use (and into `dispatches`, how many there were of each). Needs the adapter's timestamp-query feature. The passes add their own gaps, so the
-   * sum is a little above a step's time; the split is what it is for.
+   * first use (and into `dispatches`, how many there were of each). Needs the adapter's
+   * timestamp-query feature. The passes add their own gaps, so the sum is a little above a step's
+   * time; the split is what it is for.
    */
   async profile(sequence: WgslSequence, tokens: readonly number[], dispatches?: Map<string, number>): Promise<Map<string, number>> {
     const device = this.gpu.device

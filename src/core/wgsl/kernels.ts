@@ -156,9 +156,9 @@ function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: b
   const at = (u: number) => (ragged ? `min(i0 + ${u}u * TEAM, K4 - 1u)` : `i0 + ${u}u * TEAM`)
   const steps = Array.from({length: U}, (_, u) => u)
   return `for (var i0 = tl; i0 < K4; i0 += TEAM * ${U}u) {
-    var w: array<vec4<f32>, ${R * U}>;
-    ${steps.map((u) => `for (var r = 0u; r < R; r++) { w[${u * R}u + r] = weight(base[r] + ${at(u)}); }`).join('\n    ')}
     ${steps.map((u) => `let i${u} = ${at(u)};${ragged ? ` let ok${u} = i0 + ${u}u * TEAM < K4;` : ''}${norm ? ` let g${u} = G[i${u}];` : ''}`).join('\n    ')}
+    var w: array<vec4<f32>, ${R * U}>;
+    ${steps.map((u) => `for (var r = 0u; r < R; r++) { w[${u * R}u + r] = weight(base[r] + i${u}); }`).join('\n    ')}
     for (var s = 0u; s < S; s++) {
       ${steps
         .map(
