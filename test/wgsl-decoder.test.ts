@@ -295,6 +295,10 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       {PARSCALE_WGSL_LOOP: 'weights', PARSCALE_WGSL_UNROLL: '4', PARSCALE_WGSL_TEAM_MIN: '64'},
       {PARSCALE_WGSL_MLP_ROWS: '1', PARSCALE_WGSL_OUT_ROWS: '4'},
       {PARSCALE_WGSL_MLP_ROWS: '4', PARSCALE_WGSL_OUT_ROWS: '1'},
+      // rows owned by invocations over interleaved matrices: slices ragged against K (1100 / 4 = 275 groups), unrolled or not
+      {PARSCALE_WGSL_MATVEC: 'columns'},
+      {PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '1', PARSCALE_WGSL_COLUMN_THREADS: '16384'},
+      {PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '8', PARSCALE_WGSL_COLUMN_THREADS: '262144'},
     ]
     for (const knobs of variants) {
       const got = await logitsWith(knobs)
@@ -304,6 +308,42 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     }
     await assert.rejects(logitsWith({PARSCALE_WGSL_LOOP: 'streams', PARSCALE_WGSL_UNROLL: '2'}), /PARSCALE_WGSL_UNROLL needs PARSCALE_WGSL_LOOP=weights/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_MLP_ROWS: '3'}), /PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4/)
+    await assert.rejects(logitsWith({PARSCALE_WGSL_MATVEC: 'cols'}), /PARSCALE_WGSL_MATVEC must be rows or columns, not "cols"/)
+    await assert.rejects(logitsWith({PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '3'}), /PARSCALE_WGSL_COLUMN_UNROLL must be 1, 2, 4 or 8/)
+  })
+
+  test('the columns kernel reads interleaved half and quantized matrices as the row tiles read them: equal logits, prompt call and steps', async (t) => {
+    if (unavailable) return t.skip(unavailable)
+    // quantized rows are whole blocks: every input width a multiple of 32
+    const shape = syntheticShape(undefined, {hiddenSize: 96, numHeads: 6, numKvHeads: 2, intermediateSize: 1088, vocabSize: 300})
+    const ids = [11, 48, 85, 122, 159]
+    const logitsOf = async (weights: 'f16' | 'q8' | 'q4', matvec: string) => {
+      const saved = process.env.PARSCALE_WGSL_MATVEC
+      process.env.PARSCALE_WGSL_MATVEC = matvec
+      try {
+        const model = await WgslModel.open(syntheticTensors(shape, {parallel: 3, prefixTokens: 5, seed: 9}), {weights})
+        const sequence = model.sequence()
+        try {
+          const out = [(await model.run(sequence, ids.slice(0, 3), true))!.logits]
+          for (const id of ids.slice(3)) out.push((await model.run(sequence, [id], true))!.logits)
+          return out
+        } finally {
+          sequence.release()
+          model.release()
+        }
+      } finally {
+        if (saved === undefined) delete process.env.PARSCALE_WGSL_MATVEC
+        else process.env.PARSCALE_WGSL_MATVEC = saved
+      }
+    }
+    for (const weights of ['f16', 'q8', 'q4'] as const) {
+      const rows = await logitsOf(weights, 'rows')
+      const columns = await logitsOf(weights, 'columns')
+      let worst = 0
+      for (const [i, a] of columns.entries()) for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - rows[i]![v]!))
+      assert.ok(worst < 1e-4, `${weights}: worst |logit diff| ${worst}`)
+      assert.ok(rows[0]!.some((v) => v !== 0), `${weights}: logits are not all zero`)
+    }
   })
 
   test('a token outside the vocabulary and a full cache are refused with one clear line', async (t) => {

@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, splitSumKernel, type LayerShape, matvecKernel, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, matvecColumnsBytes, matvecKernel, matvecLayout, matvecSlices, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
 import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
 import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
@@ -215,6 +215,8 @@ export class WgslModel {
   /** ParScale's per-stream weights of the step (P > 1), read back beside the logits. */
   private streamWeights: GpuBuffer | undefined
   private readonly outRows: number
+  /** The layer matrices interleaved over their rows for the columns matrix-vector kernel (`PARSCALE_WGSL_MATVEC`). */
+  private readonly columns: boolean
   /** Quantized formats: the block size of the matrices of each input width, as uploaded. */
   private readonly blocks = new Map<number, number>()
   private readonly requestedBlock: number
@@ -240,6 +242,10 @@ export class WgslModel {
     // The residual products (o_proj, down) have only `hidden` rows: fewer rows a workgroup keeps more workgroups in flight.
     this.outRows = Number(process.env.PARSCALE_WGSL_OUT_ROWS ?? 2)
     if (![1, 2, 4].includes(this.outRows)) throw new UserError(`PARSCALE_WGSL_OUT_ROWS must be 1, 2 or 4, not "${process.env.PARSCALE_WGSL_OUT_ROWS}"`)
+    this.columns = matvecLayout() === 'columns'
+    // the columns kernel's largest tile: a rotary pair or a gate and an up row, for every stream
+    const columnsBytes = matvecColumnsBytes({streams: c.parallel, rows: 2})
+    if (this.columns && columnsBytes > workgroupBytes) throw new UserError(`PARSCALE_WGSL_MATVEC=columns needs ${columnsBytes} bytes of workgroup memory at P = ${c.parallel}; the adapter has ${workgroupBytes}`)
     const rows = c.parallel * this.promptTokens
     const qRows = c.numHeads * c.headDim
     this.ids = this.buffer(this.promptTokens * 4)
@@ -305,7 +311,7 @@ export class WgslModel {
     return b
   }
 
-  private upload(data: Float32Array | Uint16Array | Uint8Array): GpuBuffer {
+  private upload(data: Float32Array | Uint16Array | Uint8Array | Uint32Array): GpuBuffer {
     const b = this.buffer(data.byteLength)
     this.gpu.device.queue.writeBuffer(b, 0, data)
     this.stagedBytes += data.byteLength
@@ -329,12 +335,16 @@ export class WgslModel {
     return matvecTeam(k, tiles, this.gpu.subgroupMax)
   }
 
-  /** How matrices of input width `k` are stored (the quantized formats' block as uploaded). */
-  private format(k: number): WeightFormat {
-    if (this.weights === 'f32' || this.weights === 'f16') return {kind: this.weights}
+  /**
+   * How matrices of input width `k` are stored (the quantized formats' block as uploaded); `rows`,
+   * a layer matrix's rows, where the columns kernel's layout interleaves them.
+   */
+  private format(k: number, rows?: number): WeightFormat {
+    const columns = this.columns && rows !== undefined ? {columns: rows} : {}
+    if (this.weights === 'f32' || this.weights === 'f16') return {kind: this.weights, ...columns}
     const block = this.blocks.get(k)
     if (block === undefined) throw new Error(`no quantized matrix of input width ${k} was uploaded`)
-    return {kind: this.weights, block}
+    return {kind: this.weights, block, ...columns}
   }
 
   /**
@@ -343,10 +353,12 @@ export class WgslModel {
    * floats with the converter's rule (the same codes a --quant package of that checkpoint holds).
    */
   private uploadMatrix(source: TensorSource, names: string[], k: number): GpuMatrix {
+    // the columns kernel's layout: each row's units side by side with its neighbours' (`interleaveRows`)
+    const laid = (data: Float32Array | Uint16Array | Uint8Array, elements: number) => (this.columns ? interleaveRows(data, elements / k, interleaveUnitWords(this.weights)) : data)
     if (this.weights === 'f32' || this.weights === 'f16') {
       const parts = names.map((n) => source.read(n))
       const values = parts.length === 1 ? parts[0]! : concat(parts)
-      return {data: this.upload(this.weights === 'f16' ? encodeFloat16(values) : values)}
+      return {data: this.upload(laid(this.weights === 'f16' ? encodeFloat16(values) : values, values.length))}
     }
     const bits = this.weights === 'q4' ? 4 : 8
     const parts = names.map((n): QuantizedMatrix => {
@@ -361,7 +373,7 @@ export class WgslModel {
     this.blocks.set(k, block)
     const codes = parts.length === 1 ? parts[0]!.codes : concat(parts.map((p) => p.codes))
     const scales = parts.length === 1 ? parts[0]!.scales : concat(parts.map((p) => p.scales))
-    return {data: this.upload(codes), scales: this.upload(scales)}
+    return {data: this.upload(laid(codes, (codes.length * 8) / bits)), scales: this.upload(scales)}
   }
 
   private pipeline(code: string, label: string): GpuComputePipeline {
@@ -493,11 +505,15 @@ export class WgslModel {
       const I = c.intermediateSize
       // gate (and up) rows a tile (PARSCALE_WGSL_MLP_ROWS, for GPU sweeps; 1: at P = 8 gate·up took 0.98 ms a step against
       // 1.25 with 2, fewer sums live); the tiles must cover the intermediate rows exactly
-      const h = Number(process.env.PARSCALE_WGSL_MLP_ROWS ?? 1)
+      // (the columns kernel: one gate and one up row, one residual row an invocation)
+      const h = this.columns ? 1 : Number(process.env.PARSCALE_WGSL_MLP_ROWS ?? 1)
       if (![1, 2, 4].includes(h) || I % h !== 0) throw new UserError(`PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4 and divide the intermediate size ${I}, not "${process.env.PARSCALE_WGSL_MLP_ROWS}"`)
-      const o = {k: c.numHeads * c.headDim, n: c.hiddenSize, streams: S, rows: this.outRows, weights: this.format(c.numHeads * c.headDim), team: this.team(c.numHeads * c.headDim, Math.ceil(c.hiddenSize / this.outRows)), epilogue: 'Y[s * N + row] += v;'}
-      const down = {k: I, n: c.hiddenSize, streams: S, rows: this.outRows, weights: this.format(I), team: this.team(I, Math.ceil(c.hiddenSize / this.outRows)), epilogue: 'Y[s * N + row] += v;'}
-      const mlpTeam = this.team(c.hiddenSize, Math.ceil(I / h))
+      const outRows = this.columns ? 1 : this.outRows
+      const qRows = c.numHeads * c.headDim
+      const split = (k: number, tiles: number) => (this.columns ? {slices: matvecSlices(k, tiles)} : {team: this.team(k, tiles)})
+      const o = {k: qRows, n: c.hiddenSize, streams: S, rows: outRows, weights: this.format(qRows, c.hiddenSize), ...split(qRows, Math.ceil(c.hiddenSize / outRows)), epilogue: 'Y[s * N + row] += v;'}
+      const down = {k: I, n: c.hiddenSize, streams: S, rows: outRows, weights: this.format(I, c.hiddenSize), ...split(I, Math.ceil(c.hiddenSize / outRows)), epilogue: 'Y[s * N + row] += v;'}
+      const mlpSplit = split(c.hiddenSize, Math.ceil(I / h))
       this.stepKernelSet = {
         o: this.pipeline(matvecKernel(o), 'o_proj'),
         mlp: this.pipeline(
@@ -507,8 +523,8 @@ export class WgslModel {
             streams: S,
             rows: 2 * h,
             normEps: c.rmsNormEps,
-            weights: this.format(c.hiddenSize),
-            team: mlpTeam,
+            weights: this.format(c.hiddenSize, 2 * I),
+            ...mlpSplit,
             rowOf: `select(${I}u + t * ${h}u + r - ${h}u, t * ${h}u + r, r < ${h}u)`,
             extra: '@group(0) @binding(6) var<storage, read_write> HOUT: array<f32>;',
             tileEpilogue: `
@@ -523,7 +539,7 @@ export class WgslModel {
           'gate_up',
         ),
         down: this.pipeline(matvecKernel(down), 'down'),
-        mlpTiles: matvecTiles({n: 2 * I, rows: 2 * h, team: mlpTeam}),
+        mlpTiles: matvecTiles({n: 2 * I, rows: 2 * h, ...mlpSplit}),
         oTiles: matvecTiles(o),
         downTiles: matvecTiles(down),
       }
@@ -540,9 +556,9 @@ export class WgslModel {
       const I = c.intermediateSize
       const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
       this.promptKernelSet = {
-        qkv: this.pipeline(gemmKernel({k: H, n: qkvWidth, streams: P, normEps: c.rmsNormEps, bias: true, weights: this.format(H)}), 'qkv_prompt'),
+        qkv: this.pipeline(gemmKernel({k: H, n: qkvWidth, streams: P, normEps: c.rmsNormEps, bias: true, weights: this.format(H, qkvWidth)}), 'qkv_prompt'),
         o: this.splitProduct(c.numHeads * c.headDim, 'o_proj_prompt'),
-        gateUp: this.pipeline(gemmKernel({k: H, n: 2 * I, streams: P, normEps: c.rmsNormEps, weights: this.format(H)}), 'gate_up_prompt'),
+        gateUp: this.pipeline(gemmKernel({k: H, n: 2 * I, streams: P, normEps: c.rmsNormEps, weights: this.format(H, 2 * I)}), 'gate_up_prompt'),
         down: this.splitProduct(I, 'down_prompt'),
         silu: this.pipeline(siluKernel(I, P), 'silu_prompt'),
       }
@@ -554,7 +570,7 @@ export class WgslModel {
   private splitProduct(k: number, label: string): SplitProduct {
     const c = this.config
     const splits = gemmSplits(k)
-    const product = this.pipeline(gemmKernel({k, n: c.hiddenSize, streams: c.parallel, accumulate: true, weights: this.format(k), splits}), label)
+    const product = this.pipeline(gemmKernel({k, n: c.hiddenSize, streams: c.parallel, accumulate: true, weights: this.format(k, c.hiddenSize), splits}), label)
     return splits > 1 ? {product, splits, sum: this.pipeline(splitSumKernel(c.hiddenSize, c.parallel, splits), 'split_sum')} : {product, splits}
   }
 
@@ -564,8 +580,10 @@ export class WgslModel {
     let kernels = this.cacheKernels.get(key)
     if (!kernels) {
       const c = this.config
-      const base: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize)}
-      const shape: LayerShape = {...base, team: this.team(c.hiddenSize, qkvTileCount(base))}
+      const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
+      const base: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize, qkvWidth)}
+      const shape: LayerShape = this.columns ? {...base, slices: 1} : {...base, team: this.team(c.hiddenSize, qkvTileCount(base))}
+      if (this.columns) shape.slices = matvecSlices(c.hiddenSize, qkvTileCount(shape))
       kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
       this.cacheKernels.set(key, kernels)
     }

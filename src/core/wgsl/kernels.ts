@@ -58,6 +58,11 @@ export interface MatvecSpec {
   team?: number
   /** How the matrix is stored (default float32). */
   weights?: WeightFormat
+  /**
+   * Rows owned by invocations, the input split into this many slices (`matvecColumnsKernel`;
+   * the matrix interleaved over its rows); absent, tiles of rows shared by a team.
+   */
+  slices?: number
 }
 
 /**
@@ -66,7 +71,14 @@ export interface MatvecSpec {
  * `block` inputs of a row; 4-bit codes two a byte, the lower input in the low nibble: the bytes of
  * MatMulNBits and GatherBlockQuantized, blockwise.ts).
  */
-export type WeightFormat = {kind: 'f32'} | {kind: 'f16'} | {kind: 'q4' | 'q8'; block: number}
+export type WeightFormat = ({kind: 'f32'} | {kind: 'f16'} | {kind: 'q4' | 'q8'; block: number}) & {
+  /**
+   * Rows of a matrix stored column-interleaved (`interleaveRows`): group i of every row, then
+   * group i + 1, … (a q4 word, two groups, is the unit), so invocations that own consecutive rows
+   * read consecutive words. Absent: row-major, as in the checkpoint.
+   */
+  columns?: number
+}
 
 /**
  * The weight matrix's binding (0; the scales of a quantized one at 9) and its reader `weight(j)`:
@@ -75,7 +87,64 @@ export type WeightFormat = {kind: 'f32'} | {kind: 'f16'} | {kind: 'q4' | 'q8'; b
  * scaled by their block's scale (rows are whole blocks, so group j's block is 4j / block).
  * Products and sums stay float32 in every format.
  */
-function weightBinding(format: WeightFormat = {kind: 'f32'}): string {
+function weightBinding(format: WeightFormat = {kind: 'f32'}, k?: number): string {
+  return `${weightReader(format)}\n${k === undefined ? '' : weightAtReader(format, k)}`
+}
+
+/**
+ * `weightAt(row, i)`: group i of a row of a matrix `k` inputs wide, in either layout. Row-major
+ * reads through `weight(j)`; the interleaved layout finds the group's unit by column first.
+ */
+function weightAtReader(format: WeightFormat, k: number): string {
+  const n = format.columns
+  if (n === undefined) return `fn weightAt(row: u32, i: u32) -> vec4<f32> { return weight(row * ${k / 4}u + i); }`
+  switch (format.kind) {
+    case 'f32':
+    case 'f16':
+      return `fn weightAt(row: u32, i: u32) -> vec4<f32> { return weight(i * ${n}u + row); }`
+    case 'q8':
+      return `fn weightAt(row: u32, i: u32) -> vec4<f32> {
+  let w = W[i * ${n}u + row];
+  let q = vec4<u32>(w, w >> 8u, w >> 16u, w >> 24u) & vec4<u32>(255u);
+  return (vec4<f32>(q) - 128.0) * SC[row * ${k / format.block}u + (i * 4u) / ${format.block}u];
+}`
+    case 'q4':
+      return `fn weightAt(row: u32, i: u32) -> vec4<f32> {
+  let w = W[(i >> 1u) * ${n}u + row] >> ((i & 1u) * 16u);
+  let q = vec4<u32>(w, w >> 4u, w >> 8u, w >> 12u) & vec4<u32>(15u);
+  return (vec4<f32>(q) - 8.0) * SC[row * ${k / format.block}u + (i * 4u) / ${format.block}u];
+}`
+  }
+}
+
+/**
+ * A row-major matrix's words ([rows][units], `unitWords` u32 words a unit: a group of four
+ * inputs, or a q4 word of two) reordered column-interleaved ([units][rows]), as `weightAt` reads
+ * `WeightFormat.columns` matrices.
+ */
+export function interleaveRows(data: Float32Array | Uint16Array | Uint8Array, rows: number, unitWords: number): Uint32Array {
+  const aligned = data.byteOffset % 4 === 0 ? data : data.slice()
+  const words = new Uint32Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 4)
+  const rowWords = words.length / rows
+  if (!Number.isInteger(rowWords) || rowWords % unitWords !== 0) throw new Error(`a matrix of ${words.length} words does not split into ${rows} rows of ${unitWords}-word units`)
+  const units = rowWords / unitWords
+  const out = new Uint32Array(words.length)
+  for (let r = 0; r < rows; r++) {
+    for (let u = 0; u < units; u++) {
+      const from = (r * units + u) * unitWords
+      const to = (u * rows + r) * unitWords
+      for (let w = 0; w < unitWords; w++) out[to + w] = words[from + w]!
+    }
+  }
+  return out
+}
+
+/** u32 words in a unit of the interleaved layout: a group of four inputs, or a q4 word (two groups). */
+export function interleaveUnitWords(kind: WeightFormat['kind']): number {
+  return kind === 'f32' ? 4 : kind === 'f16' ? 2 : 1
+}
+
+function weightReader(format: WeightFormat): string {
   switch (format.kind) {
     case 'f32':
       return `@group(0) @binding(0) var<storage, read> W: array<vec4<f32>>;
@@ -119,6 +188,17 @@ export function matvecLoop(env: NodeJS.ProcessEnv = process.env): {order: 'strea
   if (![1, 2, 4, 8].includes(unroll)) throw new UserError(`PARSCALE_WGSL_UNROLL must be 1, 2, 4 or 8, not "${env.PARSCALE_WGSL_UNROLL}"`)
   if (unroll > 1 && order !== 'weights') throw new UserError('PARSCALE_WGSL_UNROLL needs PARSCALE_WGSL_LOOP=weights')
   return {order, unroll}
+}
+
+/**
+ * The decode step's matrix-vector kernel (`PARSCALE_WGSL_MATVEC`): `rows` (tiles of rows shared
+ * by a team of invocations, `matvecKernel`; row-major matrices) or `columns` (rows owned by
+ * invocations over slices of the input, `matvecColumnsKernel`; the layer matrices interleaved).
+ */
+export function matvecLayout(env: NodeJS.ProcessEnv = process.env): 'rows' | 'columns' {
+  const layout = env.PARSCALE_WGSL_MATVEC ?? 'rows'
+  if (layout !== 'rows' && layout !== 'columns') throw new UserError(`PARSCALE_WGSL_MATVEC must be rows or columns, not "${layout}"`)
+  return layout
 }
 
 /** The smallest team a matrix-vector tile gets (`PARSCALE_WGSL_TEAM_MIN`, 32–256; default: a subgroup). */
@@ -198,7 +278,8 @@ export function matvecTeam(k: number, tiles: number, subgroupMax: number, env: N
 }
 
 /** Workgroups a kernel of `spec` dispatches: N / R tiles, WORKGROUP / team of them a workgroup. */
-export function matvecTiles(spec: Pick<MatvecSpec, 'n' | 'rows' | 'team'>): number {
+export function matvecTiles(spec: Pick<MatvecSpec, 'n' | 'rows' | 'team' | 'slices'>): number {
+  if (spec.slices !== undefined) return Math.ceil(Math.ceil(spec.n / spec.rows) / (WORKGROUP / spec.slices))
   return Math.ceil(Math.ceil(spec.n / spec.rows) / (WORKGROUP / (spec.team ?? WORKGROUP)))
 }
 
@@ -207,18 +288,10 @@ export function matvecKernel(spec: MatvecSpec): string {
   const team = spec.team ?? WORKGROUP
   if (k % 4 !== 0) throw new Error(`matvec input width ${k} is not a multiple of 4`)
   if (WORKGROUP % team !== 0) throw new Error(`a tile of ${team} invocations does not divide the workgroup`)
+  if (spec.slices !== undefined) return matvecColumnsKernel(spec, spec.slices)
   const values = R * S + S // dot products, then the streams' sums of squares
   const row = spec.rowOf ?? 't * R + r'
-  const epilogue = spec.tileEpilogue ?? `
-    if (li < R * S) {
-      let r = li / S;
-      let s = li % S;
-      let row = rowOf(t, r);
-      if (row < N) {
-        let v = fin(r, s);
-        ${spec.epilogue ?? 'Y[s * N + row] = v;'}
-      }
-    }`
+  const epilogue = tileEpilogue(spec)
   return `enable subgroups;
 ${STEP_STRUCT}
 const K4 = ${k / 4}u;
@@ -287,6 +360,178 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 `
 }
 
+/** What a tile does with its R·S results: the spec's own, or each written by `epilogue` (default `Y[s * N + row] = v`). */
+function tileEpilogue(spec: MatvecSpec): string {
+  return (
+    spec.tileEpilogue ??
+    `
+    if (li < R * S) {
+      let r = li / S;
+      let s = li % S;
+      let row = rowOf(t, r);
+      if (row < N) {
+        let v = fin(r, s);
+        ${spec.epilogue ?? 'Y[s * N + row] = v;'}
+      }
+    }`
+  )
+}
+
+/**
+ * Slices of the input a columns kernel splits a product into (`PARSCALE_WGSL_COLUMN_THREADS`,
+ * default 2^16 invocations a product): a power of two up to the workgroup, with each slice at
+ * least eight groups of four inputs long.
+ */
+export function matvecSlices(k: number, tiles: number, env: NodeJS.ProcessEnv = process.env): number {
+  const target = Number(env.PARSCALE_WGSL_COLUMN_THREADS ?? 1 << 16)
+  if (![1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18].includes(target)) throw new UserError(`PARSCALE_WGSL_COLUMN_THREADS must be a power of two from 16384 to 262144, not "${env.PARSCALE_WGSL_COLUMN_THREADS}"`)
+  let slices = 1
+  while (slices * 2 <= WORKGROUP && tiles * slices * 2 <= target && k / 4 / (slices * 2) >= 8) slices *= 2
+  return slices
+}
+
+/** Steps along the input a columns kernel loads ahead (`PARSCALE_WGSL_COLUMN_UNROLL`: 1, 2, 4 or 8; default 4). */
+export function columnUnroll(env: NodeJS.ProcessEnv = process.env): number {
+  const unroll = Number(env.PARSCALE_WGSL_COLUMN_UNROLL ?? 4)
+  if (![1, 2, 4, 8].includes(unroll)) throw new UserError(`PARSCALE_WGSL_COLUMN_UNROLL must be 1, 2, 4 or 8, not "${env.PARSCALE_WGSL_COLUMN_UNROLL}"`)
+  return unroll
+}
+
+/** Workgroup memory (bytes) a columns kernel of `spec` declares. */
+export function matvecColumnsBytes(spec: Pick<MatvecSpec, 'streams' | 'rows'>): number {
+  return 4 * (WORKGROUP * spec.rows * spec.streams + (WORKGROUP / 4) * spec.streams + spec.streams)
+}
+
+/**
+ * The matrix-vector product with rows owned by invocations (`MatvecSpec.slices`): a tile is R
+ * rows of one invocation, a workgroup holds 256 / slices tiles side by side times `slices`
+ * slices of the input. Invocations that own consecutive rows read consecutive words of a
+ * column-interleaved matrix, and every one of a slice reads the same input group, which the
+ * cache serves once to the whole subgroup: at P = 8 the row-tiled kernel reads each input group
+ * once per tile (8× the weights' bytes through the cache) and sums R·S + S values across its team,
+ * where this one sums R·S across slices once, through workgroup memory. An RMS norm's sums of
+ * squares are the workgroup's own pass over the input rows.
+ */
+function matvecColumnsKernel(spec: MatvecSpec, slices: number): string {
+  const {k, n, streams: S, rows: R} = spec
+  if (spec.weights?.columns !== n) throw new Error(`a columns matrix-vector kernel reads a matrix interleaved over its ${n} rows`)
+  const norm = spec.normEps !== undefined
+  const WR = WORKGROUP / slices
+  const k4 = k / 4
+  const U = columnUnroll()
+  const chunk = Math.ceil(k4 / slices / U) * U
+  // a slice's end short of a whole step (the last slice, or K4 not a multiple of U): steps past it read K4's last group and count nothing
+  const ragged = chunk * slices !== k4
+  const steps = Array.from({length: U}, (_, u) => u)
+  return `enable subgroups;
+${STEP_STRUCT}
+const K4 = ${k4}u;
+const N = ${n}u;
+const S = ${S}u;
+const R = ${R}u;
+const RS = ${R * S}u;
+const WG = ${WORKGROUP}u;
+const SL = ${slices}u;
+const WR = ${WR}u;
+const CHUNK = ${chunk}u;
+const TILES = ${Math.ceil(n / R)}u;
+${weightBinding(spec.weights, k)}
+@group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(3) var<uniform> step: Step;
+${norm ? '@group(0) @binding(4) var<storage, read> G: array<vec4<f32>>;' : ''}
+${spec.bias ? '@group(0) @binding(5) var<storage, read> B: array<f32>;' : ''}
+${spec.extra ?? ''}
+// [slice][value][tile]: consecutive invocations write consecutive words; the slices' totals go to slice 0's place
+var<workgroup> partial: array<f32, ${WORKGROUP * R * S}>;
+${norm ? `var<workgroup> sqpart: array<f32, ${(WORKGROUP / 4) * S}>;
+var<workgroup> ssq: array<f32, ${S}>;` : ''}
+
+fn rowOf(t: u32, r: u32) -> u32 { return ${spec.rowOf ?? 't * R + r'}; }
+
+fn fin(r: u32, s: u32) -> f32 {
+  var v = partial[(r * S + s) * WR + team_];
+  ${norm ? `v = v * inverseSqrt(ssq[s] / f32(K4 * 4u) + ${spec.normEps!.toExponential()});` : ''}
+  ${spec.bias ? 'v = v + B[rowOf(t_, r)];' : ''}
+  return v;
+}
+var<private> t_: u32;
+var<private> team_: u32;
+
+@compute @workgroup_size(${WORKGROUP})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
+        @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) width: u32) {
+  _ = step.pos; // every matvec binds the same step uniform, used or not
+  _ = &Y;
+  let t0 = (wid.x + wid.y * 65535u) * WR;
+  let q = lid / WR;
+  let mine = t0 + lid % WR;
+  var rows: array<u32, ${R}>;
+  // a tile past the last still runs (its rows clamped) so the workgroup's barriers stay uniform; it writes nothing
+  for (var r = 0u; r < R; r++) { rows[r] = min(rowOf(min(mine, TILES - 1u), r), N - 1u); }
+  ${
+    norm
+      ? `var sq: array<f32, ${S}>;
+  for (var s = 0u; s < S; s++) {
+    for (var i = lid; i < K4; i += WG) { let x = X[s * K4 + i]; sq[s] += dot(x, x); }
+  }
+  for (var s = 0u; s < S; s++) {
+    let total = subgroupAdd(sq[s]);
+    if (lane == 0u) { sqpart[(lid / width) * S + s] = total; }
+  }`
+      : ''
+  }
+  var acc: array<f32, ${R * S}>;
+  let end = min(q * CHUNK + CHUNK, K4);
+  for (var i0 = q * CHUNK; i0 < end; i0 += ${U}u) {
+    // U steps' weights loaded before any is used, so U loads are in flight where one was
+    ${steps.map((u) => `let i${u} = ${ragged ? `min(i0 + ${u}u, K4 - 1u)` : `i0 + ${u}u`};`).join(' ')}
+    var w: array<vec4<f32>, ${R * U}>;
+    ${steps.map((u) => `for (var r = 0u; r < R; r++) { w[${u * R}u + r] = weightAt(rows[r], i${u}); }`).join('\n    ')}
+    ${norm ? steps.map((u) => `let g${u} = G[i${u}];`).join(' ') : ''}
+    for (var s = 0u; s < S; s++) {
+      ${steps
+        .map(
+          (u) => `{
+        let x = ${ragged ? `select(vec4<f32>(0.0), X[s * K4 + i${u}], i0 + ${u}u < end)` : `X[s * K4 + i${u}]`}${norm ? ` * g${u}` : ''};
+        for (var r = 0u; r < R; r++) { acc[r * S + s] += dot(w[${u * R}u + r], x); }
+      }`,
+        )
+        .join('\n      ')}
+    }
+  }
+  for (var v = 0u; v < RS; v++) { partial[(q * RS + v) * WR + lid % WR] = acc[v]; }
+  workgroupBarrier();
+  ${
+    norm
+      ? `if (lid < S) {
+    var total = 0.0;
+    for (var g = 0u; g < (WG + width - 1u) / width; g++) { total += sqpart[g * S + lid]; }
+    ssq[lid] = total;
+  }`
+      : ''
+  }
+  for (var e = lid; e < WR * RS; e += WG) {
+    let v = e / WR;
+    let tile = e % WR;
+    var total = 0.0;
+    for (var q2 = 0u; q2 < SL; q2++) { total += partial[(q2 * RS + v) * WR + tile]; }
+    partial[v * WR + tile] = total; // only this invocation reads or writes (v, tile)
+  }
+  workgroupBarrier();
+  // the epilogue: SL invocations a tile
+  let team = lid / SL;
+  let t = t0 + team;
+  t_ = t;
+  team_ = team;
+  if (t >= TILES) { return; }
+  for (var li = lid % SL; li < RS; li += SL) {
+    ${tileEpilogue(spec)}
+  }
+}
+`
+}
+
 export interface LayerShape {
   hidden: number
   intermediate: number
@@ -306,6 +551,8 @@ export interface LayerShape {
   weights?: WeightFormat
   /** Invocations a q·k·v tile gets (`matvecTeam`). */
   team?: number
+  /** q·k·v by the columns kernel in this many input slices (`MatvecSpec.slices`; one rotary pair a tile). */
+  slices?: number
 }
 
 /**
@@ -330,6 +577,7 @@ export function qkvKernel(l: LayerShape): string {
     bias: true,
     weights: l.weights,
     team: l.team,
+    slices: l.slices,
     rowOf: `(t / ${tilesPerHead}u) * ${d}u + (t % ${tilesPerHead}u) * ${pairs}u + (r % ${pairs}u) + (r / ${pairs}u) * ${half}u`,
     extra: `@group(0) @binding(6) var<storage, read_write> KC: array<f32>;
 @group(0) @binding(7) var<storage, read_write> VC: array<f32>;
@@ -375,7 +623,8 @@ export function qkvKernel(l: LayerShape): string {
  */
 function qkvPairs(l: LayerShape): number {
   const half = l.headDim / 2
-  return half % 2 === 0 && l.streams * l.tokens <= 8 ? 2 : 1
+  // the columns kernel: a tile is one invocation's rows, so one pair keeps its accumulators few
+  return l.slices === undefined && half % 2 === 0 && l.streams * l.tokens <= 8 ? 2 : 1
 }
 
 /** Tiles (rotary pairs of rows) of a step's q·k·v product. */
@@ -384,7 +633,7 @@ export function qkvTileCount(l: LayerShape): number {
 }
 
 export function qkvTiles(l: LayerShape): number {
-  return Math.ceil(qkvTileCount(l) / (WORKGROUP / (l.team ?? WORKGROUP)))
+  return Math.ceil(qkvTileCount(l) / (WORKGROUP / (l.slices === undefined ? (l.team ?? WORKGROUP) : WORKGROUP / l.slices)))
 }
 
 /**
@@ -612,7 +861,7 @@ const P = ${streams}u;
 const BM = ${BM}u;
 const BN = ${BN}u;
 const BK4 = 4u; // a slice of 16 inputs: four vec4 a row
-${weightBinding(spec.weights)}
+${weightBinding(spec.weights, k)}
 @group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(3) var<uniform> step: Step;
@@ -648,10 +897,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
       for (var q = 0u; q < 4u; q++) { xs[(c * 4u + q) * (BM / 4u) + r / 4u][r % 4u] = x[q]; }
     }
     for (var e = li; e < BN * BK4; e += 256u) {
-      let r = e / BK4;
-      let c = e % BK4;
+      ${spec.weights?.columns === undefined ? 'let r = e / BK4; let c = e % BK4;' : 'let r = e % BN; let c = e / BN; // interleaved: neighbours take neighbouring rows of one group'}
       var w = vec4<f32>(0.0);
-      if (n0 + r < N && k0 + c < kEnd) { w = weight((n0 + r) * K4 + k0 + c); }
+      if (n0 + r < N && k0 + c < kEnd) { w = weightAt(n0 + r, k0 + c); }
       for (var q = 0u; q < 4u; q++) { ws[(c * 4u + q) * (BN / 4u) + r / 4u][r % 4u] = w[q]; }
     }
     workgroupBarrier();
