@@ -297,8 +297,8 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       {PARSCALE_WGSL_MLP_ROWS: '4', PARSCALE_WGSL_OUT_ROWS: '1'},
       // rows owned by invocations over interleaved matrices: slices ragged against K (1100 / 4 = 275 groups), unrolled or not
       {PARSCALE_WGSL_MATVEC: 'columns'},
-      {PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '1', PARSCALE_WGSL_COLUMN_THREADS: '16384'},
-      {PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '8', PARSCALE_WGSL_COLUMN_THREADS: '262144'},
+      {PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '1', PARSCALE_WGSL_COLUMN_THREADS: '16384', PARSCALE_WGSL_COLUMN_ROWS: '2'},
+      {PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '8', PARSCALE_WGSL_COLUMN_THREADS: '262144', PARSCALE_WGSL_COLUMN_SPAN: '2'},
     ]
     for (const knobs of variants) {
       const got = await logitsWith(knobs)

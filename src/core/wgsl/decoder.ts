@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, matvecColumnsBytes, matvecKernel, matvecLayout, matvecSlices, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecLayout, matvecSlices, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
 import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
 import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
@@ -508,7 +508,7 @@ export class WgslModel {
       // (the columns kernel: one gate and one up row, one residual row an invocation)
       const h = this.columns ? 1 : Number(process.env.PARSCALE_WGSL_MLP_ROWS ?? 1)
       if (![1, 2, 4].includes(h) || I % h !== 0) throw new UserError(`PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4 and divide the intermediate size ${I}, not "${process.env.PARSCALE_WGSL_MLP_ROWS}"`)
-      const outRows = this.columns ? 1 : this.outRows
+      const outRows = this.columns ? columnRows() : this.outRows
       const qRows = c.numHeads * c.headDim
       const split = (k: number, tiles: number) => (this.columns ? {slices: matvecSlices(k, tiles)} : {team: this.team(k, tiles)})
       const o = {k: qRows, n: c.hiddenSize, streams: S, rows: outRows, weights: this.format(qRows, c.hiddenSize), ...split(qRows, Math.ceil(c.hiddenSize / outRows)), epilogue: 'Y[s * N + row] += v;'}

@@ -380,13 +380,15 @@ function tileEpilogue(spec: MatvecSpec): string {
 /**
  * Slices of the input a columns kernel splits a product into (`PARSCALE_WGSL_COLUMN_THREADS`,
  * default 2^16 invocations a product): a power of two up to the workgroup, with each slice at
- * least eight groups of four inputs long.
+ * least `PARSCALE_WGSL_COLUMN_SPAN` (default 8) groups of four inputs long.
  */
 export function matvecSlices(k: number, tiles: number, env: NodeJS.ProcessEnv = process.env): number {
   const target = Number(env.PARSCALE_WGSL_COLUMN_THREADS ?? 1 << 16)
   if (![1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18].includes(target)) throw new UserError(`PARSCALE_WGSL_COLUMN_THREADS must be a power of two from 16384 to 262144, not "${env.PARSCALE_WGSL_COLUMN_THREADS}"`)
+  const span = Number(env.PARSCALE_WGSL_COLUMN_SPAN ?? 8)
+  if (![2, 4, 8, 16, 32].includes(span)) throw new UserError(`PARSCALE_WGSL_COLUMN_SPAN must be 2, 4, 8, 16 or 32, not "${env.PARSCALE_WGSL_COLUMN_SPAN}"`)
   let slices = 1
-  while (slices * 2 <= WORKGROUP && tiles * slices * 2 <= target && k / 4 / (slices * 2) >= 8) slices *= 2
+  while (slices * 2 <= WORKGROUP && tiles * slices * 2 <= target && k / 4 / (slices * 2) >= span) slices *= 2
   return slices
 }
 
@@ -395,6 +397,13 @@ export function columnUnroll(env: NodeJS.ProcessEnv = process.env): number {
   const unroll = Number(env.PARSCALE_WGSL_COLUMN_UNROLL ?? 4)
   if (![1, 2, 4, 8].includes(unroll)) throw new UserError(`PARSCALE_WGSL_COLUMN_UNROLL must be 1, 2, 4 or 8, not "${env.PARSCALE_WGSL_COLUMN_UNROLL}"`)
   return unroll
+}
+
+/** Rows an invocation owns in the columns kernel's residual products, o_proj and down (`PARSCALE_WGSL_COLUMN_ROWS`: 1 or 2; default 1). */
+export function columnRows(env: NodeJS.ProcessEnv = process.env): number {
+  const rows = Number(env.PARSCALE_WGSL_COLUMN_ROWS ?? 1)
+  if (rows !== 1 && rows !== 2) throw new UserError(`PARSCALE_WGSL_COLUMN_ROWS must be 1 or 2, not "${env.PARSCALE_WGSL_COLUMN_ROWS}"`)
+  return rows
 }
 
 /** Workgroup memory (bytes) a columns kernel of `spec` declares. */
@@ -447,7 +456,8 @@ var<workgroup> partial: array<f32, ${WORKGROUP * R * S}>;
 ${norm ? `var<workgroup> sqpart: array<f32, ${(WORKGROUP / 4) * S}>;
 var<workgroup> ssq: array<f32, ${S}>;` : ''}
 
-fn rowOf(t: u32, r: u32) -> u32 { return ${spec.rowOf ?? 't * R + r'}; }
+// by default a tile's rows lie TILES apart, so neighbouring invocations own neighbouring rows
+fn rowOf(t: u32, r: u32) -> u32 { return ${spec.rowOf ?? 't + r * TILES'}; }
 
 fn fin(r: u32, s: u32) -> f32 {
   var v = partial[(r * S + s) * WR + team_];
