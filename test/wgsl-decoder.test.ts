@@ -297,6 +297,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       {PARSCALE_WGSL_MLP_ROWS: '4', PARSCALE_WGSL_OUT_ROWS: '1'},
       // rows owned by invocations over interleaved matrices: slices ragged against K (1100 / 4 = 275 groups), unrolled or not
       {PARSCALE_WGSL_MATVEC: 'columns'},
+      {PARSCALE_WGSL_MATVEC: 'gate_up,o_proj'},
       {PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '1', PARSCALE_WGSL_COLUMN_THREADS: '16384', PARSCALE_WGSL_COLUMN_ROWS: '2'},
       {PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '8', PARSCALE_WGSL_COLUMN_THREADS: '262144', PARSCALE_WGSL_COLUMN_SPAN: '2'},
     ]
@@ -308,7 +309,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     }
     await assert.rejects(logitsWith({PARSCALE_WGSL_LOOP: 'streams', PARSCALE_WGSL_UNROLL: '2'}), /PARSCALE_WGSL_UNROLL needs PARSCALE_WGSL_LOOP=weights/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_MLP_ROWS: '3'}), /PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4/)
-    await assert.rejects(logitsWith({PARSCALE_WGSL_MATVEC: 'cols'}), /PARSCALE_WGSL_MATVEC must be rows or columns, not "cols"/)
+    await assert.rejects(logitsWith({PARSCALE_WGSL_MATVEC: 'cols'}), /PARSCALE_WGSL_MATVEC must be rows, columns or a comma list of qkv, o_proj, gate_up, down, not "cols"/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '3'}), /PARSCALE_WGSL_COLUMN_UNROLL must be 1, 2, 4 or 8/)
   })
 

@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecLayout, matvecSlices, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
 import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
 import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
@@ -215,8 +215,8 @@ export class WgslModel {
   /** ParScale's per-stream weights of the step (P > 1), read back beside the logits. */
   private streamWeights: GpuBuffer | undefined
   private readonly outRows: number
-  /** The layer matrices interleaved over their rows for the columns matrix-vector kernel (`PARSCALE_WGSL_MATVEC`). */
-  private readonly columns: boolean
+  /** The layer products whose matrices are interleaved over their rows for the columns matrix-vector kernel (`PARSCALE_WGSL_MATVEC`). */
+  private readonly columns: Set<LayerProduct>
   /** Quantized formats: the block size of the matrices of each input width, as uploaded. */
   private readonly blocks = new Map<number, number>()
   private readonly requestedBlock: number
@@ -242,10 +242,10 @@ export class WgslModel {
     // The residual products (o_proj, down) have only `hidden` rows: fewer rows a workgroup keeps more workgroups in flight.
     this.outRows = Number(process.env.PARSCALE_WGSL_OUT_ROWS ?? 2)
     if (![1, 2, 4].includes(this.outRows)) throw new UserError(`PARSCALE_WGSL_OUT_ROWS must be 1, 2 or 4, not "${process.env.PARSCALE_WGSL_OUT_ROWS}"`)
-    this.columns = matvecLayout() === 'columns'
+    this.columns = matvecColumns()
     // the columns kernel's largest tile: a rotary pair or a gate and an up row, for every stream
     const columnsBytes = matvecColumnsBytes({streams: c.parallel, rows: 2})
-    if (this.columns && columnsBytes > workgroupBytes) throw new UserError(`PARSCALE_WGSL_MATVEC=columns needs ${columnsBytes} bytes of workgroup memory at P = ${c.parallel}; the adapter has ${workgroupBytes}`)
+    if (this.columns.size > 0 && columnsBytes > workgroupBytes) throw new UserError(`PARSCALE_WGSL_MATVEC=${process.env.PARSCALE_WGSL_MATVEC} needs ${columnsBytes} bytes of workgroup memory at P = ${c.parallel}; the adapter has ${workgroupBytes}`)
     const rows = c.parallel * this.promptTokens
     const qRows = c.numHeads * c.headDim
     this.ids = this.buffer(this.promptTokens * 4)
@@ -339,8 +339,8 @@ export class WgslModel {
    * How matrices of input width `k` are stored (the quantized formats' block as uploaded); `rows`,
    * a layer matrix's rows, where the columns kernel's layout interleaves them.
    */
-  private format(k: number, rows?: number): WeightFormat {
-    const columns = this.columns && rows !== undefined ? {columns: rows} : {}
+  private format(k: number, product?: {name: LayerProduct; rows: number}): WeightFormat {
+    const columns = product && this.columns.has(product.name) ? {columns: product.rows} : {}
     if (this.weights === 'f32' || this.weights === 'f16') return {kind: this.weights, ...columns}
     const block = this.blocks.get(k)
     if (block === undefined) throw new Error(`no quantized matrix of input width ${k} was uploaded`)
@@ -352,9 +352,9 @@ export class WgslModel {
    * the source's floats; quantized from the source's codes as stored, or quantized here from its
    * floats with the converter's rule (the same codes a --quant package of that checkpoint holds).
    */
-  private uploadMatrix(source: TensorSource, names: string[], k: number): GpuMatrix {
+  private uploadMatrix(source: TensorSource, names: string[], k: number, product: LayerProduct): GpuMatrix {
     // the columns kernel's layout: each row's units side by side with its neighbours' (`interleaveRows`)
-    const laid = (data: Float32Array | Uint16Array | Uint8Array, elements: number) => (this.columns ? interleaveRows(data, elements / k, interleaveUnitWords(this.weights)) : data)
+    const laid = (data: Float32Array | Uint16Array | Uint8Array, elements: number) => (this.columns.has(product) ? interleaveRows(data, elements / k, interleaveUnitWords(this.weights)) : data)
     if (this.weights === 'f32' || this.weights === 'f16') {
       const parts = names.map((n) => source.read(n))
       const values = parts.length === 1 ? parts[0]! : concat(parts)
@@ -405,13 +405,13 @@ export class WgslModel {
       qkvB.set(source.read(`${l}.self_attn.k_proj.bias`), qRows)
       qkvB.set(source.read(`${l}.self_attn.v_proj.bias`), qRows + kvRows)
       this.layers.push({
-        qkvW: this.uploadMatrix(source, [`${l}.self_attn.q_proj.weight`, `${l}.self_attn.k_proj.weight`, `${l}.self_attn.v_proj.weight`], H),
+        qkvW: this.uploadMatrix(source, [`${l}.self_attn.q_proj.weight`, `${l}.self_attn.k_proj.weight`, `${l}.self_attn.v_proj.weight`], H, 'qkv'),
         qkvB: this.upload(qkvB),
         ln1: this.upload(source.read(`${l}.input_layernorm.weight`)),
-        wo: this.uploadMatrix(source, [`${l}.self_attn.o_proj.weight`], qRows),
+        wo: this.uploadMatrix(source, [`${l}.self_attn.o_proj.weight`], qRows, 'o_proj'),
         ln2: this.upload(source.read(`${l}.post_attention_layernorm.weight`)),
-        gateUp: this.uploadMatrix(source, [`${l}.mlp.gate_proj.weight`, `${l}.mlp.up_proj.weight`], H),
-        down: this.uploadMatrix(source, [`${l}.mlp.down_proj.weight`], I),
+        gateUp: this.uploadMatrix(source, [`${l}.mlp.gate_proj.weight`, `${l}.mlp.up_proj.weight`], H, 'gate_up'),
+        down: this.uploadMatrix(source, [`${l}.mlp.down_proj.weight`], I, 'down'),
         ...(P > 1 ? {prefixK: this.upload(source.read(`${l}.self_attn.prefix_k`)), prefixV: this.upload(source.read(`${l}.self_attn.prefix_v`))} : {}),
       })
       await this.drainUploads()
@@ -506,14 +506,18 @@ export class WgslModel {
       // gate (and up) rows a tile (PARSCALE_WGSL_MLP_ROWS, for GPU sweeps; 1: at P = 8 gate·up took 0.98 ms a step against
       // 1.25 with 2, fewer sums live); the tiles must cover the intermediate rows exactly
       // (the columns kernel: one gate and one up row, one residual row an invocation)
-      const h = this.columns ? 1 : Number(process.env.PARSCALE_WGSL_MLP_ROWS ?? 1)
+      const h = this.columns.has('gate_up') ? 1 : Number(process.env.PARSCALE_WGSL_MLP_ROWS ?? 1)
       if (![1, 2, 4].includes(h) || I % h !== 0) throw new UserError(`PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4 and divide the intermediate size ${I}, not "${process.env.PARSCALE_WGSL_MLP_ROWS}"`)
-      const outRows = this.columns ? columnRows() : this.outRows
+      const outRows = (product: LayerProduct) => (this.columns.has(product) ? columnRows() : this.outRows)
       const qRows = c.numHeads * c.headDim
-      const split = (k: number, tiles: number) => (this.columns ? {slices: matvecSlices(k, tiles)} : {team: this.team(k, tiles)})
-      const o = {k: qRows, n: c.hiddenSize, streams: S, rows: outRows, weights: this.format(qRows, c.hiddenSize), ...split(qRows, Math.ceil(c.hiddenSize / outRows)), epilogue: 'Y[s * N + row] += v;'}
-      const down = {k: I, n: c.hiddenSize, streams: S, rows: outRows, weights: this.format(I, c.hiddenSize), ...split(I, Math.ceil(c.hiddenSize / outRows)), epilogue: 'Y[s * N + row] += v;'}
-      const mlpSplit = split(c.hiddenSize, Math.ceil(I / h))
+      const split = (product: LayerProduct, k: number, tiles: number) => (this.columns.has(product) ? {slices: matvecSlices(k, tiles)} : {team: this.team(k, tiles)})
+      const residual = (product: 'o_proj' | 'down', k: number) => {
+        const rows = outRows(product)
+        return {k, n: c.hiddenSize, streams: S, rows, weights: this.format(k, {name: product, rows: c.hiddenSize}), ...split(product, k, Math.ceil(c.hiddenSize / rows)), epilogue: 'Y[s * N + row] += v;'}
+      }
+      const o = residual('o_proj', qRows)
+      const down = residual('down', I)
+      const mlpSplit = split('gate_up', c.hiddenSize, Math.ceil(I / h))
       this.stepKernelSet = {
         o: this.pipeline(matvecKernel(o), 'o_proj'),
         mlp: this.pipeline(
@@ -523,7 +527,7 @@ export class WgslModel {
             streams: S,
             rows: 2 * h,
             normEps: c.rmsNormEps,
-            weights: this.format(c.hiddenSize, 2 * I),
+            weights: this.format(c.hiddenSize, {name: 'gate_up', rows: 2 * I}),
             ...mlpSplit,
             rowOf: `select(${I}u + t * ${h}u + r - ${h}u, t * ${h}u + r, r < ${h}u)`,
             extra: '@group(0) @binding(6) var<storage, read_write> HOUT: array<f32>;',
@@ -556,10 +560,10 @@ export class WgslModel {
       const I = c.intermediateSize
       const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
       this.promptKernelSet = {
-        qkv: this.pipeline(gemmKernel({k: H, n: qkvWidth, streams: P, normEps: c.rmsNormEps, bias: true, weights: this.format(H, qkvWidth)}), 'qkv_prompt'),
-        o: this.splitProduct(c.numHeads * c.headDim, 'o_proj_prompt'),
-        gateUp: this.pipeline(gemmKernel({k: H, n: 2 * I, streams: P, normEps: c.rmsNormEps, weights: this.format(H, 2 * I)}), 'gate_up_prompt'),
-        down: this.splitProduct(I, 'down_prompt'),
+        qkv: this.pipeline(gemmKernel({k: H, n: qkvWidth, streams: P, normEps: c.rmsNormEps, bias: true, weights: this.format(H, {name: 'qkv', rows: qkvWidth})}), 'qkv_prompt'),
+        o: this.splitProduct(c.numHeads * c.headDim, 'o_proj'),
+        gateUp: this.pipeline(gemmKernel({k: H, n: 2 * I, streams: P, normEps: c.rmsNormEps, weights: this.format(H, {name: 'gate_up', rows: 2 * I})}), 'gate_up_prompt'),
+        down: this.splitProduct(I, 'down'),
         silu: this.pipeline(siluKernel(I, P), 'silu_prompt'),
       }
     }
@@ -567,10 +571,10 @@ export class WgslModel {
   }
 
   /** A prompt product into the residual (hidden columns) from inputs `k` wide, split along K where that is wide. */
-  private splitProduct(k: number, label: string): SplitProduct {
+  private splitProduct(k: number, name: 'o_proj' | 'down'): SplitProduct {
     const c = this.config
     const splits = gemmSplits(k)
-    const product = this.pipeline(gemmKernel({k, n: c.hiddenSize, streams: c.parallel, accumulate: true, weights: this.format(k, c.hiddenSize), splits}), label)
+    const product = this.pipeline(gemmKernel({k, n: c.hiddenSize, streams: c.parallel, accumulate: true, weights: this.format(k, {name, rows: c.hiddenSize}), splits}), `${name}_prompt`)
     return splits > 1 ? {product, splits, sum: this.pipeline(splitSumKernel(c.hiddenSize, c.parallel, splits), 'split_sum')} : {product, splits}
   }
 
@@ -581,9 +585,9 @@ export class WgslModel {
     if (!kernels) {
       const c = this.config
       const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
-      const base: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize, qkvWidth)}
-      const shape: LayerShape = this.columns ? {...base, slices: 1} : {...base, team: this.team(c.hiddenSize, qkvTileCount(base))}
-      if (this.columns) shape.slices = matvecSlices(c.hiddenSize, qkvTileCount(shape))
+      const base: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize, {name: 'qkv', rows: qkvWidth})}
+      const shape: LayerShape = this.columns.has('qkv') ? {...base, slices: 1} : {...base, team: this.team(c.hiddenSize, qkvTileCount(base))}
+      if (this.columns.has('qkv')) shape.slices = matvecSlices(c.hiddenSize, qkvTileCount(shape))
       kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
       this.cacheKernels.set(key, kernels)
     }

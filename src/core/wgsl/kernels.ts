@@ -190,15 +190,24 @@ export function matvecLoop(env: NodeJS.ProcessEnv = process.env): {order: 'strea
   return {order, unroll}
 }
 
+/** A layer's products, as the columns layout can be chosen for each. */
+export const LAYER_PRODUCTS = ['qkv', 'o_proj', 'gate_up', 'down'] as const
+export type LayerProduct = (typeof LAYER_PRODUCTS)[number]
+
 /**
- * The decode step's matrix-vector kernel (`PARSCALE_WGSL_MATVEC`): `rows` (tiles of rows shared
- * by a team of invocations, `matvecKernel`; row-major matrices) or `columns` (rows owned by
- * invocations over slices of the input, `matvecColumnsKernel`; the layer matrices interleaved).
+ * The layer products whose decode step runs the columns kernel (`PARSCALE_WGSL_MATVEC`): `rows`
+ * (none: tiles of rows shared by a team of invocations, `matvecKernel`, row-major matrices),
+ * `columns` (all: rows owned by invocations over slices of the input, `matvecColumnsKernel`, the
+ * matrices interleaved), or a comma list of products (`gate_up,o_proj`).
  */
-export function matvecLayout(env: NodeJS.ProcessEnv = process.env): 'rows' | 'columns' {
-  const layout = env.PARSCALE_WGSL_MATVEC ?? 'rows'
-  if (layout !== 'rows' && layout !== 'columns') throw new UserError(`PARSCALE_WGSL_MATVEC must be rows or columns, not "${layout}"`)
-  return layout
+export function matvecColumns(env: NodeJS.ProcessEnv = process.env): Set<LayerProduct> {
+  const chosen = env.PARSCALE_WGSL_MATVEC ?? 'rows'
+  if (chosen === 'rows') return new Set()
+  if (chosen === 'columns') return new Set(LAYER_PRODUCTS)
+  const products = chosen.split(',')
+  const unknown = products.find((p) => !(LAYER_PRODUCTS as readonly string[]).includes(p))
+  if (unknown !== undefined) throw new UserError(`PARSCALE_WGSL_MATVEC must be rows, columns or a comma list of ${LAYER_PRODUCTS.join(', ')}, not "${chosen}"`)
+  return new Set(products as LayerProduct[])
 }
 
 /** The smallest team a matrix-vector tile gets (`PARSCALE_WGSL_TEAM_MIN`, 32–256; default: a subgroup). */
