@@ -24,6 +24,7 @@ import {checkpointSource} from '../src/core/wgsl/checkpoint-source.js'
 import {packageSource} from '../src/core/wgsl/package-source.js'
 import {openWgslDevice} from '../src/core/wgsl/dawn.js'
 import {WgslDecoder, WgslModel} from '../src/core/wgsl/decoder.js'
+import {matvecColumns} from '../src/core/wgsl/kernels.js'
 
 interface Golden {
   greedy: {prompt_ids: number[]; new_ids: number[]}[]
@@ -318,11 +319,12 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     // quantized rows are whole blocks: every input width a multiple of 32
     const shape = syntheticShape(undefined, {hiddenSize: 96, numHeads: 6, numKvHeads: 2, intermediateSize: 1088, vocabSize: 300})
     const ids = [11, 48, 85, 122, 159]
-    const logitsOf = async (weights: 'f16' | 'q8' | 'q4', matvec: string) => {
+    const logitsOf = async (weights: 'f16' | 'q8' | 'q4', matvec: string | undefined, parallel = 3) => {
       const saved = process.env.PARSCALE_WGSL_MATVEC
-      process.env.PARSCALE_WGSL_MATVEC = matvec
+      if (matvec === undefined) delete process.env.PARSCALE_WGSL_MATVEC
+      else process.env.PARSCALE_WGSL_MATVEC = matvec
       try {
-        const model = await WgslModel.open(syntheticTensors(shape, {parallel: 3, prefixTokens: 5, seed: 9}), {weights})
+        const model = await WgslModel.open(syntheticTensors(shape, {parallel, prefixTokens: 5, seed: 9}), {weights})
         const sequence = model.sequence()
         try {
           const out = [(await model.run(sequence, ids.slice(0, 3), true))!.logits]
@@ -345,6 +347,23 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       assert.ok(worst < 1e-4, `${weights}: worst |logit diff| ${worst}`)
       assert.ok(rows[0]!.some((v) => v !== 0), `${weights}: logits are not all zero`)
     }
+    // the default at P = 8 (gate·up and o_proj by the columns kernel) against row tiles everywhere
+    const rows = await logitsOf('f16', 'rows', 8)
+    const chosen = await logitsOf('f16', undefined, 8)
+    let worst = 0
+    for (const [i, a] of chosen.entries()) for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - rows[i]![v]!))
+    assert.ok(worst < 1e-4, `P = 8 default: worst |logit diff| ${worst}`)
+  })
+
+  test('the columns kernel is the default for gate·up and o_proj from 8 streams, row tiles below; a list picks products', () => {
+    assert.deepEqual([...matvecColumns(1, {})], [])
+    assert.deepEqual([...matvecColumns(4, {})], [])
+    assert.deepEqual([...matvecColumns(8, {})].sort(), ['gate_up', 'o_proj'])
+    assert.deepEqual([...matvecColumns(16, {})].sort(), ['gate_up', 'o_proj'])
+    assert.deepEqual([...matvecColumns(8, {PARSCALE_WGSL_MATVEC: 'rows'})], [])
+    assert.deepEqual([...matvecColumns(1, {PARSCALE_WGSL_MATVEC: 'columns'})].sort(), ['down', 'gate_up', 'o_proj', 'qkv'])
+    assert.deepEqual([...matvecColumns(2, {PARSCALE_WGSL_MATVEC: 'down,qkv'})].sort(), ['down', 'qkv'])
+    assert.throws(() => matvecColumns(8, {PARSCALE_WGSL_MATVEC: 'gate_up,mlp'}), /PARSCALE_WGSL_MATVEC must be rows, columns or a comma list of qkv, o_proj, gate_up, down, not "gate_up,mlp"/)
   })
 
   test('a token outside the vocabulary and a full cache are refused with one clear line', async (t) => {

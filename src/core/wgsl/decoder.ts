@@ -242,10 +242,13 @@ export class WgslModel {
     // The residual products (o_proj, down) have only `hidden` rows: fewer rows a workgroup keeps more workgroups in flight.
     this.outRows = Number(process.env.PARSCALE_WGSL_OUT_ROWS ?? 2)
     if (![1, 2, 4].includes(this.outRows)) throw new UserError(`PARSCALE_WGSL_OUT_ROWS must be 1, 2 or 4, not "${process.env.PARSCALE_WGSL_OUT_ROWS}"`)
-    this.columns = matvecColumns()
-    // the columns kernel's largest tile: a rotary pair or a gate and an up row, for every stream
+    // the columns kernel's largest tile (a rotary pair, or a gate and an up row, for every stream) must fit the
+    // workgroup's memory: the default falls back to row tiles where it does not, a layout asked for is refused
+    const columns = matvecColumns(c.parallel)
     const columnsBytes = matvecColumnsBytes({streams: c.parallel, rows: 2})
-    if (this.columns.size > 0 && columnsBytes > workgroupBytes) throw new UserError(`PARSCALE_WGSL_MATVEC=${process.env.PARSCALE_WGSL_MATVEC} needs ${columnsBytes} bytes of workgroup memory at P = ${c.parallel}; the adapter has ${workgroupBytes}`)
+    const asked = process.env.PARSCALE_WGSL_MATVEC
+    if (columns.size > 0 && columnsBytes > workgroupBytes && asked !== undefined) throw new UserError(`PARSCALE_WGSL_MATVEC=${asked} needs ${columnsBytes} bytes of workgroup memory at P = ${c.parallel}; the adapter has ${workgroupBytes}`)
+    this.columns = columnsBytes > workgroupBytes ? new Set() : columns
     const rows = c.parallel * this.promptTokens
     const qRows = c.numHeads * c.headDim
     this.ids = this.buffer(this.promptTokens * 4)

@@ -198,10 +198,13 @@ export type LayerProduct = (typeof LAYER_PRODUCTS)[number]
  * The layer products whose decode step runs the columns kernel (`PARSCALE_WGSL_MATVEC`): `rows`
  * (none: tiles of rows shared by a team of invocations, `matvecKernel`, row-major matrices),
  * `columns` (all: rows owned by invocations over slices of the input, `matvecColumnsKernel`, the
- * matrices interleaved), or a comma list of products (`gate_up,o_proj`).
+ * matrices interleaved), or a comma list of products (`gate_up,o_proj`). The default depends on
+ * the streams, as measured on an H100 (docs/benchmarks.md, session 41): from 8 streams gate·up and
+ * o_proj (gate·up 0.90 → 0.67 ms a step, o_proj 0.42 → 0.38, f16), below them none (at P = 1 the
+ * row tiles are faster in every product, at P = 4 in gate·up too).
  */
-export function matvecColumns(env: NodeJS.ProcessEnv = process.env): Set<LayerProduct> {
-  const chosen = env.PARSCALE_WGSL_MATVEC ?? 'rows'
+export function matvecColumns(streams: number, env: NodeJS.ProcessEnv = process.env): Set<LayerProduct> {
+  const chosen = env.PARSCALE_WGSL_MATVEC ?? (streams >= 8 ? 'gate_up,o_proj' : 'rows')
   if (chosen === 'rows') return new Set()
   if (chosen === 'columns') return new Set(LAYER_PRODUCTS)
   const products = chosen.split(',')
@@ -389,12 +392,13 @@ function tileEpilogue(spec: MatvecSpec): string {
 /**
  * Slices of the input a columns kernel splits a product into (`PARSCALE_WGSL_COLUMN_THREADS`,
  * default 2^16 invocations a product): a power of two up to the workgroup, with each slice at
- * least `PARSCALE_WGSL_COLUMN_SPAN` (default 8) groups of four inputs long.
+ * least `PARSCALE_WGSL_COLUMN_SPAN` (default 4) groups of four inputs long.
  */
 export function matvecSlices(k: number, tiles: number, env: NodeJS.ProcessEnv = process.env): number {
   const target = Number(env.PARSCALE_WGSL_COLUMN_THREADS ?? 1 << 16)
   if (![1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18].includes(target)) throw new UserError(`PARSCALE_WGSL_COLUMN_THREADS must be a power of two from 16384 to 262144, not "${env.PARSCALE_WGSL_COLUMN_THREADS}"`)
-  const span = Number(env.PARSCALE_WGSL_COLUMN_SPAN ?? 8)
+  // 4: o_proj at P = 8 0.37 ms a step against 0.49 with 8, gate·up equal (H100, f16)
+  const span = Number(env.PARSCALE_WGSL_COLUMN_SPAN ?? 4)
   if (![2, 4, 8, 16, 32].includes(span)) throw new UserError(`PARSCALE_WGSL_COLUMN_SPAN must be 2, 4, 8, 16 or 32, not "${env.PARSCALE_WGSL_COLUMN_SPAN}"`)
   let slices = 1
   while (slices * 2 <= WORKGROUP && tiles * slices * 2 <= target && k / 4 / (slices * 2) >= span) slices *= 2
