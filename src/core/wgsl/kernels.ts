@@ -92,6 +92,19 @@ function weightBinding(format: WeightFormat = {kind: 'f32'}, k?: number): string
 }
 
 /**
+ * A product's bindings: its matrix (0, scales 9; `weightAt` where `k` is given), the input rows X
+ * (1), the output Y (2), the step (3), the norm's weights G (4) and the bias B (5) where asked for.
+ */
+function productBindings(spec: {weights?: WeightFormat; normEps?: number; bias?: boolean}, k?: number): string {
+  return `${weightBinding(spec.weights, k)}
+@group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
+@group(0) @binding(3) var<uniform> step: Step;
+${spec.normEps !== undefined ? '@group(0) @binding(4) var<storage, read> G: array<vec4<f32>>;' : ''}
+${spec.bias ? '@group(0) @binding(5) var<storage, read> B: array<f32>;' : ''}`
+}
+
+/**
  * `weightAt(row, i)`: group i of a row of a matrix `k` inputs wide, in either layout. Row-major
  * reads through `weight(j)`; the interleaved layout finds the group's unit by column first.
  */
@@ -315,26 +328,12 @@ const TEAM = ${team}u;
 const TEAMS = ${WORKGROUP / team}u;
 const VALUES = ${values}u;
 const TILES = ${Math.ceil(n / R)}u;
-${weightBinding(spec.weights)}
-@group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
-@group(0) @binding(3) var<uniform> step: Step;
-${spec.normEps !== undefined ? '@group(0) @binding(4) var<storage, read> G: array<vec4<f32>>;' : ''}
-${spec.bias ? '@group(0) @binding(5) var<storage, read> B: array<f32>;' : ''}
+${productBindings(spec)}
 ${spec.extra ?? ''}
 var<workgroup> partial: array<f32, ${(WORKGROUP / 4) * values}>;
 var<workgroup> sums: array<f32, ${(WORKGROUP / team) * values}>;
 
-fn rowOf(t: u32, r: u32) -> u32 { return ${row}; }
-
-fn fin(r: u32, s: u32) -> f32 {
-  var v = sums[team_ * VALUES + r * S + s];
-  ${spec.normEps !== undefined ? `v = v * inverseSqrt(sums[team_ * VALUES + R * S + s] / f32(K4 * 4u) + ${spec.normEps.toExponential()});` : ''}
-  ${spec.bias ? 'v = v + B[rowOf(t_, r)];' : ''}
-  return v;
-}
-var<private> t_: u32;
-var<private> team_: u32;
+${tileResults(spec, row, 'sums[team_ * VALUES + r * S + s]', 'sums[team_ * VALUES + R * S + s]')}
 
 @compute @workgroup_size(${WORKGROUP})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
@@ -370,6 +369,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   }
 }
 `
+}
+
+/**
+ * A tile's rows (`rowOf(t, r)`) and its finished results (`fin(r, s)`: the dot product read from
+ * `valueAt`, normalized by the stream's sum of squares at `squaresAt`, biased), for the tile `t_`
+ * held at place `team_` of the workgroup.
+ */
+function tileResults(spec: MatvecSpec, rowOf: string, valueAt: string, squaresAt: string): string {
+  return `fn rowOf(t: u32, r: u32) -> u32 { return ${rowOf}; }
+
+fn fin(r: u32, s: u32) -> f32 {
+  var v = ${valueAt};
+  ${spec.normEps !== undefined ? `v = v * inverseSqrt(${squaresAt} / f32(K4 * 4u) + ${spec.normEps.toExponential()});` : ''}
+  ${spec.bias ? 'v = v + B[rowOf(t_, r)];' : ''}
+  return v;
+}
+var<private> t_: u32;
+var<private> team_: u32;`
 }
 
 /** What a tile does with its R·S results: the spec's own, or each written by `epilogue` (default `Y[s * N + row] = v`). */
@@ -457,12 +474,7 @@ const SL = ${slices}u;
 const WR = ${WR}u;
 const CHUNK = ${chunk}u;
 const TILES = ${Math.ceil(n / R)}u;
-${weightBinding(spec.weights, k)}
-@group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
-@group(0) @binding(3) var<uniform> step: Step;
-${norm ? '@group(0) @binding(4) var<storage, read> G: array<vec4<f32>>;' : ''}
-${spec.bias ? '@group(0) @binding(5) var<storage, read> B: array<f32>;' : ''}
+${productBindings(spec, k)}
 ${spec.extra ?? ''}
 // [slice][value][tile]: consecutive invocations write consecutive words; the slices' totals go to slice 0's place
 var<workgroup> partial: array<f32, ${WORKGROUP * R * S}>;
@@ -470,16 +482,7 @@ ${norm ? `var<workgroup> sqpart: array<f32, ${(WORKGROUP / 4) * S}>;
 var<workgroup> ssq: array<f32, ${S}>;` : ''}
 
 // by default a tile's rows lie TILES apart, so neighbouring invocations own neighbouring rows
-fn rowOf(t: u32, r: u32) -> u32 { return ${spec.rowOf ?? 't + r * TILES'}; }
-
-fn fin(r: u32, s: u32) -> f32 {
-  var v = partial[(r * S + s) * WR + team_];
-  ${norm ? `v = v * inverseSqrt(ssq[s] / f32(K4 * 4u) + ${spec.normEps!.toExponential()});` : ''}
-  ${spec.bias ? 'v = v + B[rowOf(t_, r)];' : ''}
-  return v;
-}
-var<private> t_: u32;
-var<private> team_: u32;
+${tileResults(spec, spec.rowOf ?? 't + r * TILES', 'partial[(r * S + s) * WR + team_]', 'ssq[s]')}
 
 @compute @workgroup_size(${WORKGROUP})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32,
@@ -884,12 +887,7 @@ const P = ${streams}u;
 const BM = ${BM}u;
 const BN = ${BN}u;
 const BK4 = 4u; // a slice of 16 inputs: four vec4 a row
-${weightBinding(spec.weights, k)}
-@group(0) @binding(1) var<storage, read> X: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> Y: array<f32>;
-@group(0) @binding(3) var<uniform> step: Step;
-${norm ? '@group(0) @binding(4) var<storage, read> G: array<vec4<f32>>;' : ''}
-${spec.bias ? '@group(0) @binding(5) var<storage, read> B: array<f32>;' : ''}
+${productBindings(spec, k)}
 // the slice transposed, [k][row] as vec4 of consecutive rows, so a thread reads its ${TM} rows (${TN} columns) in one load
 var<workgroup> xs: array<vec4<f32>, ${(16 * BM) / 4}>;
 var<workgroup> ws: array<vec4<f32>, ${(16 * BN) / 4}>;
