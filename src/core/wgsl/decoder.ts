@@ -339,8 +339,8 @@ export class WgslModel {
   }
 
   /**
-   * How matrices of input width `k` are stored (the quantized formats' block as uploaded); `rows`,
-   * a layer matrix's rows, where the columns kernel's layout interleaves them.
+   * How matrices of input width `k` are stored (the quantized formats' block as uploaded); a layer
+   * `product`'s matrix of `rows` rows is interleaved where the columns kernel runs that product.
    */
   private format(k: number, product?: {name: LayerProduct; rows: number}): WeightFormat {
     const columns = product && this.columns.has(product.name) ? {columns: product.rows} : {}
