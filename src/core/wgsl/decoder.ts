@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, tuningKnob, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
 import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
 import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
@@ -240,8 +240,7 @@ export class WgslModel {
     this.maxPositions = Math.min(c.maxPositionEmbeddings, slotsThatFit - c.prefixTokens)
     if (this.maxPositions < 1) throw new UserError(`the adapter's ${workgroupBytes} bytes of workgroup memory hold no cache beyond the ${c.prefixTokens} prefix slots`)
     // The residual products (o_proj, down) have only `hidden` rows: fewer rows a workgroup keeps more workgroups in flight.
-    this.outRows = Number(process.env.PARSCALE_WGSL_OUT_ROWS ?? 2)
-    if (![1, 2, 4].includes(this.outRows)) throw new UserError(`PARSCALE_WGSL_OUT_ROWS must be 1, 2 or 4, not "${process.env.PARSCALE_WGSL_OUT_ROWS}"`)
+    this.outRows = tuningKnob('PARSCALE_WGSL_OUT_ROWS', [1, 2, 4], 2)
     // the columns kernel's largest tile (a rotary pair, or a gate and an up row, for every stream) must fit the
     // workgroup's memory: the default falls back to row tiles where it does not, a layout asked for is refused
     const columns = matvecColumns(c.parallel)
@@ -509,8 +508,8 @@ export class WgslModel {
       // gate (and up) rows a tile (PARSCALE_WGSL_MLP_ROWS, for GPU sweeps; 1: at P = 8 gate·up took 0.98 ms a step against
       // 1.25 with 2, fewer sums live); the tiles must cover the intermediate rows exactly
       // (the columns kernel: one gate and one up row, one residual row an invocation)
-      const h = this.columns.has('gate_up') ? 1 : Number(process.env.PARSCALE_WGSL_MLP_ROWS ?? 1)
-      if (![1, 2, 4].includes(h) || I % h !== 0) throw new UserError(`PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4 and divide the intermediate size ${I}, not "${process.env.PARSCALE_WGSL_MLP_ROWS}"`)
+      const h = this.columns.has('gate_up') ? 1 : tuningKnob('PARSCALE_WGSL_MLP_ROWS', [1, 2, 4], 1)
+      if (I % h !== 0) throw new UserError(`PARSCALE_WGSL_MLP_ROWS must divide the intermediate size ${I}, not "${h}"`)
       const outRows = (product: LayerProduct) => (this.columns.has(product) ? columnRows() : this.outRows)
       const qRows = c.numHeads * c.headDim
       const split = (product: LayerProduct, k: number, tiles: number) => (this.columns.has(product) ? {slices: matvecSlices(k, tiles)} : {team: this.team(k, tiles)})
@@ -589,8 +588,8 @@ export class WgslModel {
       const c = this.config
       const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
       const base: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize, {name: 'qkv', rows: qkvWidth})}
-      const shape: LayerShape = this.columns.has('qkv') ? {...base, slices: 1} : {...base, team: this.team(c.hiddenSize, qkvTileCount(base))}
-      if (this.columns.has('qkv')) shape.slices = matvecSlices(c.hiddenSize, qkvTileCount(shape))
+      // the columns kernel's tiles are one rotary pair each (any `slices` counts them so)
+      const shape: LayerShape = this.columns.has('qkv') ? {...base, slices: matvecSlices(c.hiddenSize, qkvTileCount({...base, slices: 1}))} : {...base, team: this.team(c.hiddenSize, qkvTileCount(base))}
       kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
       this.cacheKernels.set(key, kernels)
     }

@@ -116,17 +116,9 @@ function weightAtReader(format: WeightFormat, k: number): string {
     case 'f16':
       return `fn weightAt(row: u32, i: u32) -> vec4<f32> { return weight(i * ${n}u + row); }`
     case 'q8':
-      return `fn weightAt(row: u32, i: u32) -> vec4<f32> {
-  let w = W[i * ${n}u + row];
-  let q = vec4<u32>(w, w >> 8u, w >> 16u, w >> 24u) & vec4<u32>(255u);
-  return (vec4<f32>(q) - 128.0) * SC[row * ${k / format.block}u + (i * 4u) / ${format.block}u];
-}`
+      return `fn weightAt(row: u32, i: u32) -> vec4<f32> { return codes(W[i * ${n}u + row], SC[row * ${k / format.block}u + (i * 4u) / ${format.block}u]); }`
     case 'q4':
-      return `fn weightAt(row: u32, i: u32) -> vec4<f32> {
-  let w = W[(i >> 1u) * ${n}u + row] >> ((i & 1u) * 16u);
-  let q = vec4<u32>(w, w >> 4u, w >> 8u, w >> 12u) & vec4<u32>(15u);
-  return (vec4<f32>(q) - 8.0) * SC[row * ${k / format.block}u + (i * 4u) / ${format.block}u];
-}`
+      return `fn weightAt(row: u32, i: u32) -> vec4<f32> { return codes(W[(i >> 1u) * ${n}u + row] >> ((i & 1u) * 16u), SC[row * ${k / format.block}u + (i * 4u) / ${format.block}u]); }`
   }
 }
 
@@ -168,19 +160,21 @@ fn weight(j: u32) -> vec4<f32> { let h = W[j]; return vec4<f32>(unpack2x16float(
     case 'q4':
       return `@group(0) @binding(0) var<storage, read> W: array<u32>;
 @group(0) @binding(9) var<storage, read> SC: array<f32>;
-fn weight(j: u32) -> vec4<f32> {
-  let w = W[j >> 1u] >> ((j & 1u) * 16u);
+// four codes from the low 16 bits of w, times their block's scale
+fn codes(w: u32, scale: f32) -> vec4<f32> {
   let q = vec4<u32>(w, w >> 4u, w >> 8u, w >> 12u) & vec4<u32>(15u);
-  return (vec4<f32>(q) - 8.0) * SC[(j * 4u) / ${format.block}u];
-}`
+  return (vec4<f32>(q) - 8.0) * scale;
+}
+fn weight(j: u32) -> vec4<f32> { return codes(W[j >> 1u] >> ((j & 1u) * 16u), SC[(j * 4u) / ${format.block}u]); }`
     case 'q8':
       return `@group(0) @binding(0) var<storage, read> W: array<u32>;
 @group(0) @binding(9) var<storage, read> SC: array<f32>;
-fn weight(j: u32) -> vec4<f32> {
-  let w = W[j];
+// the four codes of w, times their block's scale
+fn codes(w: u32, scale: f32) -> vec4<f32> {
   let q = vec4<u32>(w, w >> 8u, w >> 16u, w >> 24u) & vec4<u32>(255u);
-  return (vec4<f32>(q) - 128.0) * SC[(j * 4u) / ${format.block}u];
-}`
+  return (vec4<f32>(q) - 128.0) * scale;
+}
+fn weight(j: u32) -> vec4<f32> { return codes(W[j], SC[(j * 4u) / ${format.block}u]); }`
   }
 }
 
@@ -197,10 +191,21 @@ fn weight(j: u32) -> vec4<f32> {
 export function matvecLoop(env: NodeJS.ProcessEnv = process.env): {order: 'streams' | 'weights'; unroll: number} {
   const order = env.PARSCALE_WGSL_LOOP ?? 'weights'
   if (order !== 'streams' && order !== 'weights') throw new UserError(`PARSCALE_WGSL_LOOP must be streams or weights, not "${order}"`)
-  const unroll = Number(env.PARSCALE_WGSL_UNROLL ?? 1)
-  if (![1, 2, 4, 8].includes(unroll)) throw new UserError(`PARSCALE_WGSL_UNROLL must be 1, 2, 4 or 8, not "${env.PARSCALE_WGSL_UNROLL}"`)
+  const unroll = tuningKnob('PARSCALE_WGSL_UNROLL', [1, 2, 4, 8], 1, env)
   if (unroll > 1 && order !== 'weights') throw new UserError('PARSCALE_WGSL_UNROLL needs PARSCALE_WGSL_LOOP=weights')
   return {order, unroll}
+}
+
+/**
+ * A numeric tuning variable (`PARSCALE_WGSL_*`, for GPU sweeps): its value if it is one of
+ * `allowed`, `fallback` where unset; anything else is one line naming the variable.
+ */
+export function tuningKnob(name: string, allowed: readonly number[], fallback: number, env: NodeJS.ProcessEnv = process.env): number {
+  const raw = env[name]
+  if (raw === undefined) return fallback
+  const value = Number(raw)
+  if (!allowed.includes(value)) throw new UserError(`${name} must be ${allowed.slice(0, -1).join(', ')} or ${allowed.at(-1)}, not "${raw}"`)
+  return value
 }
 
 /** A layer's products, as the columns layout can be chosen for each. */
@@ -228,10 +233,8 @@ export function matvecColumns(streams: number, env: NodeJS.ProcessEnv = process.
 
 /** The smallest team a matrix-vector tile gets (`PARSCALE_WGSL_TEAM_MIN`, 32–256; default: a subgroup). */
 function teamFloor(subgroupMax: number, env: NodeJS.ProcessEnv = process.env): number {
-  const chosen = env.PARSCALE_WGSL_TEAM_MIN
-  if (chosen === undefined) return Math.min(WORKGROUP, Math.max(32, subgroupMax))
-  const team = Number(chosen)
-  if (![32, 64, 128, 256].includes(team) || team < Math.min(WORKGROUP, subgroupMax)) throw new UserError(`PARSCALE_WGSL_TEAM_MIN must be 32, 64, 128 or 256 and at least the adapter's subgroup (${subgroupMax}), not "${chosen}"`)
+  const team = tuningKnob('PARSCALE_WGSL_TEAM_MIN', [32, 64, 128, 256], Math.min(WORKGROUP, Math.max(32, subgroupMax)), env)
+  if (team < Math.min(WORKGROUP, subgroupMax)) throw new UserError(`PARSCALE_WGSL_TEAM_MIN must be at least the adapter's subgroup (${subgroupMax}), not "${team}"`)
   return team
 }
 
@@ -412,11 +415,9 @@ function tileEpilogue(spec: MatvecSpec): string {
  * least `PARSCALE_WGSL_COLUMN_SPAN` (default 4) groups of four inputs long.
  */
 export function matvecSlices(k: number, tiles: number, env: NodeJS.ProcessEnv = process.env): number {
-  const target = Number(env.PARSCALE_WGSL_COLUMN_THREADS ?? 1 << 16)
-  if (![1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18].includes(target)) throw new UserError(`PARSCALE_WGSL_COLUMN_THREADS must be a power of two from 16384 to 262144, not "${env.PARSCALE_WGSL_COLUMN_THREADS}"`)
+  const target = tuningKnob('PARSCALE_WGSL_COLUMN_THREADS', [1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18], 1 << 16, env)
   // 4: o_proj at P = 8 0.37 ms a step against 0.49 with 8, gate·up equal (H100, f16)
-  const span = Number(env.PARSCALE_WGSL_COLUMN_SPAN ?? 4)
-  if (![2, 4, 8, 16, 32].includes(span)) throw new UserError(`PARSCALE_WGSL_COLUMN_SPAN must be 2, 4, 8, 16 or 32, not "${env.PARSCALE_WGSL_COLUMN_SPAN}"`)
+  const span = tuningKnob('PARSCALE_WGSL_COLUMN_SPAN', [2, 4, 8, 16, 32], 4, env)
   let slices = 1
   while (slices * 2 <= WORKGROUP && tiles * slices * 2 <= target && k / 4 / (slices * 2) >= span) slices *= 2
   return slices
@@ -424,16 +425,12 @@ export function matvecSlices(k: number, tiles: number, env: NodeJS.ProcessEnv = 
 
 /** Steps along the input a columns kernel loads ahead (`PARSCALE_WGSL_COLUMN_UNROLL`: 1, 2, 4 or 8; default 4). */
 export function columnUnroll(env: NodeJS.ProcessEnv = process.env): number {
-  const unroll = Number(env.PARSCALE_WGSL_COLUMN_UNROLL ?? 4)
-  if (![1, 2, 4, 8].includes(unroll)) throw new UserError(`PARSCALE_WGSL_COLUMN_UNROLL must be 1, 2, 4 or 8, not "${env.PARSCALE_WGSL_COLUMN_UNROLL}"`)
-  return unroll
+  return tuningKnob('PARSCALE_WGSL_COLUMN_UNROLL', [1, 2, 4, 8], 4, env)
 }
 
 /** Rows an invocation owns in the columns kernel's residual products, o_proj and down (`PARSCALE_WGSL_COLUMN_ROWS`: 1 or 2; default 1). */
 export function columnRows(env: NodeJS.ProcessEnv = process.env): number {
-  const rows = Number(env.PARSCALE_WGSL_COLUMN_ROWS ?? 1)
-  if (rows !== 1 && rows !== 2) throw new UserError(`PARSCALE_WGSL_COLUMN_ROWS must be 1 or 2, not "${env.PARSCALE_WGSL_COLUMN_ROWS}"`)
-  return rows
+  return tuningKnob('PARSCALE_WGSL_COLUMN_ROWS', [1, 2], 1, env)
 }
 
 /** Workgroup memory (bytes) a columns kernel of `spec` declares. */
@@ -659,7 +656,7 @@ export function qkvTileCount(l: LayerShape): number {
 }
 
 export function qkvTiles(l: LayerShape): number {
-  return Math.ceil(qkvTileCount(l) / (WORKGROUP / (l.slices === undefined ? (l.team ?? WORKGROUP) : WORKGROUP / l.slices)))
+  return matvecTiles({n: qkvTileCount(l), rows: 1, team: l.team, slices: l.slices})
 }
 
 /**
