@@ -13,8 +13,9 @@
 import {syntheticShape, syntheticTensors} from '../src/core/checkpoint/synthetic.js'
 import {median} from '../src/core/bench/stats.js'
 import {WgslDecoder, type WgslWeights} from '../src/core/wgsl/decoder.js'
+import {TUNING_KNOBS} from '../src/core/wgsl/kernels.js'
 
-const KNOBS = ['LOOP', 'UNROLL', 'TEAM_MIN', 'TEAM_RULE', 'MLP_ROWS', 'OUT_ROWS', 'MATVEC', 'COLUMN_THREADS', 'COLUMN_UNROLL', 'COLUMN_SPAN', 'COLUMN_ROWS']
+const KNOBS: readonly string[] = TUNING_KNOBS
 const variants = (process.env.BENCH_VARIANTS ?? 'base:').split(';').filter(Boolean).map((entry) => {
   const [name, settings = ''] = entry.split(':')
   const env: Record<string, string> = {}

@@ -24,7 +24,8 @@ import {checkpointSource} from '../src/core/wgsl/checkpoint-source.js'
 import {packageSource} from '../src/core/wgsl/package-source.js'
 import {openWgslDevice} from '../src/core/wgsl/dawn.js'
 import {WgslDecoder, WgslModel} from '../src/core/wgsl/decoder.js'
-import {matvecColumns} from '../src/core/wgsl/kernels.js'
+import {matvecColumns, subgroupReduction, TUNING_KNOBS} from '../src/core/wgsl/kernels.js'
+import {REPO_ROOT} from './helpers/cli.js'
 
 interface Golden {
   greedy: {prompt_ids: number[]; new_ids: number[]}[]
@@ -301,6 +302,9 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       {PARSCALE_WGSL_MATVEC: 'gate_up,o_proj'},
       {PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '1', PARSCALE_WGSL_COLUMN_THREADS: '16384', PARSCALE_WGSL_COLUMN_ROWS: '2'},
       {PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '8', PARSCALE_WGSL_COLUMN_THREADS: '262144', PARSCALE_WGSL_COLUMN_SPAN: '2'},
+      // the row tiles' sums: one subgroupAdd a value against the butterfly (the default where the adapter's subgroups have one width), one rotary pair a q·k·v tile
+      {PARSCALE_WGSL_REDUCE: 'add'},
+      {PARSCALE_WGSL_REDUCE: 'butterfly', PARSCALE_WGSL_QKV_PAIRS: '1', PARSCALE_WGSL_MLP_ROWS: '4'},
     ]
     for (const knobs of variants) {
       const got = await logitsWith(knobs)
@@ -312,6 +316,8 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     await assert.rejects(logitsWith({PARSCALE_WGSL_MLP_ROWS: '3'}), /PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_MATVEC: 'cols'}), /PARSCALE_WGSL_MATVEC must be rows, columns or a comma list of qkv, o_proj, gate_up, down, not "cols"/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '3'}), /PARSCALE_WGSL_COLUMN_UNROLL must be 1, 2, 4 or 8/)
+    await assert.rejects(logitsWith({PARSCALE_WGSL_REDUCE: 'tree'}), /PARSCALE_WGSL_REDUCE must be auto, add or butterfly, not "tree"/)
+    await assert.rejects(logitsWith({PARSCALE_WGSL_QKV_PAIRS: '3'}), /PARSCALE_WGSL_QKV_PAIRS must be 1 or 2, not "3"/)
   })
 
   test('the columns kernel reads interleaved half and quantized matrices as the row tiles read them: equal logits, prompt call and steps', async (t) => {
@@ -353,6 +359,28 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     let worst = 0
     for (const [i, a] of chosen.entries()) for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - rows[i]![v]!))
     assert.ok(worst < 1e-4, `P = 8 default: worst |logit diff| ${worst}`)
+  })
+
+  test('every PARSCALE_WGSL_ variable the kernels read is in TUNING_KNOBS, so the sweep can set and clear it', () => {
+    const read = new Set<string>()
+    for (const file of fs.readdirSync(path.join(REPO_ROOT, 'src/core/wgsl'))) {
+      for (const match of fs.readFileSync(path.join(REPO_ROOT, 'src/core/wgsl', file), 'utf8').matchAll(/PARSCALE_WGSL_([A-Z_]+[A-Z])/g)) read.add(match[1]!)
+    }
+    assert.ok(read.size >= 10, `found ${read.size} variables`)
+    assert.deepEqual([...read].filter((name) => !(TUNING_KNOBS as readonly string[]).includes(name)), [])
+  })
+
+  test('the butterfly sums a row tile where it takes fewer shuffles than one subgroupAdd a value, on subgroups of one width only', () => {
+    // q·k·v at P = 8 on 32-wide subgroups: 4 rows × 8 streams + 8 sums of squares = 40 values → 64 padded, 62 shuffles against 200
+    assert.deepEqual(subgroupReduction(40, 32, {}), {width: 32, padded: 64})
+    // down at P = 8, two rows a tile, no norm: 16 values
+    assert.deepEqual(subgroupReduction(16, 32, {}), {width: 32, padded: 32})
+    // P = 1: 3 values cost 15 shuffles added, 31 as a butterfly
+    assert.equal(subgroupReduction(3, 32, {}), undefined)
+    assert.deepEqual(subgroupReduction(3, 32, {PARSCALE_WGSL_REDUCE: 'butterfly'}), {width: 32, padded: 32})
+    assert.equal(subgroupReduction(40, undefined, {PARSCALE_WGSL_REDUCE: 'butterfly'}), undefined)
+    assert.equal(subgroupReduction(40, 32, {PARSCALE_WGSL_REDUCE: 'add'}), undefined)
+    assert.throws(() => subgroupReduction(40, 32, {PARSCALE_WGSL_REDUCE: 'tree'}), /PARSCALE_WGSL_REDUCE must be auto, add or butterfly, not "tree"/)
   })
 
   test('the columns kernel is the default for gate·up and o_proj from 8 streams, row tiles below; a list picks products', () => {

@@ -50,6 +50,8 @@ export interface WgslDevice {
   name: string
   /** The adapter's largest subgroup (128, the most WebGPU allows, where it does not say). */
   subgroupMax: number
+  /** The adapter's subgroup width where all its subgroups have one (NVIDIA 32, lavapipe 8). */
+  subgroupWidth: number | undefined
 }
 
 let opened: Promise<WgslDevice | string> | undefined
@@ -97,5 +99,6 @@ async function open(): Promise<WgslDevice | string> {
   })
   const info = adapter.info ?? {}
   const name = [info.vendor, info.architecture, info.description || info.device].filter(Boolean).join(' ') || 'unknown adapter'
-  return {gpu, device, adapter, name, subgroupMax: info.subgroupMaxSize ?? 128}
+  const subgroupWidth = info.subgroupMinSize !== undefined && info.subgroupMinSize === info.subgroupMaxSize ? info.subgroupMinSize : undefined
+  return {gpu, device, adapter, name, subgroupMax: info.subgroupMaxSize ?? 128, subgroupWidth}
 }

@@ -58,6 +58,8 @@ export interface MatvecSpec {
   team?: number
   /** How the matrix is stored (default float32). */
   weights?: WeightFormat
+  /** The adapter's subgroup width where it has only one (the row tiles' butterfly sums, `subgroupReduction`). */
+  subgroup?: number
   /**
    * Rows owned by invocations, the input split into this many slices (`matvecColumnsKernel`;
    * the matrix interleaved over its rows); absent, tiles of rows shared by a team.
@@ -196,6 +198,9 @@ export function matvecLoop(env: NodeJS.ProcessEnv = process.env): {order: 'strea
   return {order, unroll}
 }
 
+/** Every `PARSCALE_WGSL_*` tuning variable of the hand-written kernels, less the prefix (bench/wgsl-sweep.ts sets them per variant). */
+export const TUNING_KNOBS = ['LOOP', 'UNROLL', 'TEAM_MIN', 'TEAM_RULE', 'MLP_ROWS', 'OUT_ROWS', 'MATVEC', 'COLUMN_THREADS', 'COLUMN_UNROLL', 'COLUMN_SPAN', 'COLUMN_ROWS', 'REDUCE', 'QKV_PAIRS'] as const
+
 /**
  * A numeric tuning variable (`PARSCALE_WGSL_*`, for GPU sweeps): its value if it is one of
  * `allowed`, `fallback` where unset; anything else is one line naming the variable.
@@ -250,7 +255,7 @@ function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: b
     var xs: array<vec4<f32>, ${S}>;
     for (var s = 0u; s < S; s++) {
       let x = X[s * K4 + i];
-      acc[R * S + s] += dot(x, x);
+      ${norm ? 'acc[R * S + s] += dot(x, x);' : ''}
       xs[s] = x${norm ? ' * g' : ''};
     }
     for (var r = 0u; r < R; r++) {
@@ -272,7 +277,7 @@ function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: b
         .map(
           (u) => `{
         let x = ${ragged ? `select(vec4<f32>(0.0), X[s * K4 + i${u}], ok${u})` : `X[s * K4 + i${u}]`};
-        acc[R * S + s] += dot(x, x);
+        ${norm ? 'acc[R * S + s] += dot(x, x);' : ''}
         let xg = x${norm ? ` * g${u}` : ''};
         for (var r = 0u; r < R; r++) { acc[r * S + s] += dot(w[${u * R}u + r], xg); }
       }`,
@@ -317,7 +322,8 @@ export function matvecKernel(spec: MatvecSpec): string {
   if (k % 4 !== 0) throw new Error(`matvec input width ${k} is not a multiple of 4`)
   if (WORKGROUP % team !== 0) throw new Error(`a tile of ${team} invocations does not divide the workgroup`)
   if (spec.slices !== undefined) return matvecColumnsKernel(spec, spec.slices)
-  const values = R * S + S // dot products, then the streams' sums of squares
+  const values = R * S + (spec.normEps !== undefined ? S : 0) // dot products, then the streams' sums of squares where the input is normalized
+  const butterfly = subgroupReduction(values, spec.subgroup)
   const row = spec.rowOf ?? 't * R + r'
   const epilogue = tileEpilogue(spec)
   return `enable subgroups;
@@ -348,15 +354,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   team_ = team;
   _ = step.pos; // every matvec binds the same step uniform, used or not
   _ = &Y;
-  var acc: array<f32, ${values}>;
+  var acc: array<f32, ${butterfly?.padded ?? values}>;
   var base: array<u32, ${R}>;
   // a tile past the last still runs (its rows clamped) so the workgroup's barriers stay uniform; it writes nothing
   for (var r = 0u; r < R; r++) { base[r] = min(rowOf(min(t, TILES - 1u), r), N - 1u) * K4; }
   ${matvecInputLoop(S, R, team, k / 4, spec.normEps !== undefined)}
   let group = lid / width;
-  for (var v = 0u; v < VALUES; v++) {
+  ${
+    butterfly
+      ? butterflySums(butterfly, values)
+      : `for (var v = 0u; v < VALUES; v++) {
     let total = subgroupAdd(acc[v]);
     if (lane == 0u) { partial[group * VALUES + v] = total; }
+  }`
   }
   workgroupBarrier();
   let groups = max(1u, TEAM / width); // subgroups of one tile
@@ -372,6 +382,40 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   }
 }
 `
+}
+
+/**
+ * How a row tile's V values are summed across a subgroup (`PARSCALE_WGSL_REDUCE`): `add`, one
+ * `subgroupAdd` a value (V · log2 W shuffles); `butterfly`, a reduce-scatter where each of log2 W
+ * exchanges halves the values a lane holds (V padded to a multiple of W, then V − V/W shuffles
+ * in all), leaving lane l the sums of values l·V/W … l·V/W + V/W − 1. The butterfly's indices
+ * are fixed when the kernel is generated, so it needs an adapter whose subgroups have one size;
+ * by default (`auto`) it is taken where it needs fewer shuffles (at P = 8: q·k·v's 40 values,
+ * 63 shuffles against 200).
+ */
+export function subgroupReduction(values: number, width: number | undefined, env: NodeJS.ProcessEnv = process.env): {width: number; padded: number} | undefined {
+  const chosen = env.PARSCALE_WGSL_REDUCE ?? 'auto'
+  if (chosen !== 'auto' && chosen !== 'add' && chosen !== 'butterfly') throw new UserError(`PARSCALE_WGSL_REDUCE must be auto, add or butterfly, not "${chosen}"`)
+  if (chosen === 'add' || width === undefined || width < 2) return undefined
+  const padded = Math.ceil(values / width) * width
+  const shuffles = padded - padded / width
+  if (chosen === 'auto' && shuffles >= values * Math.log2(width)) return undefined
+  return {width, padded}
+}
+
+/** The butterfly's WGSL (`subgroupReduction`): `acc` reduce-scattered across the subgroup, each lane's sums written to `partial`. */
+function butterflySums({width, padded}: {width: number; padded: number}, values: number): string {
+  const lines: string[] = []
+  for (let offset = width / 2, held = padded; offset >= 1; offset /= 2, held /= 2) {
+    const half = held / 2
+    lines.push(`{ let up = (lane & ${offset}u) != 0u;`)
+    // the lower lane of a pair keeps the first half of what it holds and sends the second; the upper the reverse
+    for (let v = 0; v < half; v++) lines.push(`  acc[${v}] = select(acc[${v}], acc[${v + half}], up) + subgroupShuffleXor(select(acc[${v + half}], acc[${v}], up), ${offset}u);`)
+    lines.push('}')
+  }
+  const each = padded / width
+  for (let j = 0; j < each; j++) lines.push(`if (lane * ${each}u + ${j}u < ${values}u) { partial[group * VALUES + lane * ${each}u + ${j}u] = acc[${j}]; }`)
+  return lines.join('\n  ')
 }
 
 /**
@@ -576,6 +620,8 @@ export interface LayerShape {
   team?: number
   /** q·k·v by the columns kernel in this many input slices (`MatvecSpec.slices`; one rotary pair a tile). */
   slices?: number
+  /** `MatvecSpec.subgroup`. */
+  subgroup?: number
 }
 
 /**
@@ -601,6 +647,7 @@ export function qkvKernel(l: LayerShape): string {
     weights: l.weights,
     team: l.team,
     slices: l.slices,
+    subgroup: l.subgroup,
     rowOf: `(t / ${tilesPerHead}u) * ${d}u + (t % ${tilesPerHead}u) * ${pairs}u + (r % ${pairs}u) + (r / ${pairs}u) * ${half}u`,
     extra: `@group(0) @binding(6) var<storage, read_write> KC: array<f32>;
 @group(0) @binding(7) var<storage, read_write> VC: array<f32>;
@@ -644,10 +691,14 @@ export function qkvKernel(l: LayerShape): string {
  * Rotary pairs per qkv tile: 2 (4 rows) for a decode step, 1 when a call holds many rows (a
  * prompt's tokens), so the accumulators (rows × stream rows) stay in registers.
  */
-function qkvPairs(l: LayerShape): number {
+function qkvPairs(l: LayerShape, env: NodeJS.ProcessEnv = process.env): number {
   const half = l.headDim / 2
   // the columns kernel: a tile is one invocation's rows, so one pair keeps its accumulators few
-  return l.slices === undefined && half % 2 === 0 && l.streams * l.tokens <= 8 ? 2 : 1
+  const fallback = l.slices === undefined && half % 2 === 0 && l.streams * l.tokens <= 8 ? 2 : 1
+  // PARSCALE_WGSL_QKV_PAIRS (row tiles, for GPU sweeps): twice the tiles with half the sums each
+  const pairs = l.slices === undefined ? tuningKnob('PARSCALE_WGSL_QKV_PAIRS', [1, 2], fallback, env) : fallback
+  if (half % pairs !== 0) throw new UserError(`PARSCALE_WGSL_QKV_PAIRS must divide half the head size ${half}, not "${pairs}"`)
+  return pairs
 }
 
 /** Tiles (rotary pairs of rows) of a step's q·k·v product. */

@@ -56,7 +56,7 @@ export interface GpuDevice {
   onuncapturederror: ((event: {error: {message: string}}) => void) | null
 }
 export interface GpuAdapter {
-  readonly info?: {vendor?: string; architecture?: string; device?: string; description?: string; subgroupMaxSize?: number}
+  readonly info?: {vendor?: string; architecture?: string; device?: string; description?: string; subgroupMinSize?: number; subgroupMaxSize?: number}
   readonly features: ReadonlySet<string>
   readonly limits: Readonly<Record<string, number>>
   requestDevice(descriptor?: {requiredFeatures?: string[]; requiredLimits?: Record<string, number>}): Promise<GpuDevice>
