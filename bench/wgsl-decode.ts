@@ -12,6 +12,7 @@
 import {syntheticShape, syntheticTensors} from '../src/core/checkpoint/synthetic.js'
 import {shapeParameters} from '../src/core/bench/scaling-law.js'
 import {median} from '../src/core/bench/stats.js'
+import {decodeRound} from './wgsl-timing.js'
 import {dawnFlags} from '../src/core/wgsl/dawn.js'
 import {WgslDecoder, type WgslWeights} from '../src/core/wgsl/decoder.js'
 
@@ -79,14 +80,11 @@ for (const weights of formats) for (const parallel of parallels) {
   let hostMs = {write: 0, encode: 0, submit: 0, wait: 0, copy: 0}
   for (let r = 0; r < rounds; r++) {
     Object.assign(host, {calls: 0, writeMs: 0, encodeMs: 0, submitMs: 0, waitMs: 0, copyMs: 0})
-    p0 = performance.now()
-    for (let i = 0; i < fresh; i++) await decoder.step(token(i))
-    readMs.push((performance.now() - p0) / fresh)
-    hostMs = {write: host.writeMs / host.calls, encode: host.encodeMs / host.calls, submit: host.submitMs / host.calls, wait: host.waitMs / host.calls, copy: host.copyMs / host.calls}
-    p0 = performance.now()
-    for (let i = 0; i < fresh; i++) await decoder.step(token(i), false)
-    await decoder.finish()
-    gpuMs.push((performance.now() - p0) / fresh)
+    const round = await decodeRound(decoder, token, fresh, () => {
+      hostMs = {write: host.writeMs / host.calls, encode: host.encodeMs / host.calls, submit: host.submitMs / host.calls, wait: host.waitMs / host.calls, copy: host.copyMs / host.calls}
+    })
+    readMs.push(round.readMs)
+    gpuMs.push(round.gpuMs)
     p0 = performance.now()
     await decoder.greedy(token(0), fresh)
     greedyMs.push((performance.now() - p0) / fresh)

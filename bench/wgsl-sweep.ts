@@ -12,6 +12,7 @@
  */
 import {syntheticShape, syntheticTensors} from '../src/core/checkpoint/synthetic.js'
 import {median} from '../src/core/bench/stats.js'
+import {decodeRound} from './wgsl-timing.js'
 import {WgslDecoder, type WgslWeights} from '../src/core/wgsl/decoder.js'
 import {TUNING_KNOBS} from '../src/core/wgsl/kernels.js'
 
@@ -57,13 +58,9 @@ for (const variant of variants) {
       const reads: number[] = []
       const gpus: number[] = []
       for (let r = 0; r < rounds; r++) {
-        let t0 = performance.now()
-        for (let i = 0; i < fresh; i++) await decoder.step(token(i))
-        reads.push((performance.now() - t0) / fresh)
-        t0 = performance.now()
-        for (let i = 0; i < fresh; i++) await decoder.step(token(i), false)
-        await decoder.finish()
-        gpus.push((performance.now() - t0) / fresh)
+        const round = await decodeRound(decoder, token, fresh)
+        reads.push(round.readMs)
+        gpus.push(round.gpuMs)
       }
       const profiles: Map<string, number>[] = []
       for (let i = 0; i < 5; i++) profiles.push(await decoder.profile([token(i)]))
