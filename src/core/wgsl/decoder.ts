@@ -241,13 +241,10 @@ export class WgslModel {
     if (this.maxPositions < 1) throw new UserError(`the adapter's ${workgroupBytes} bytes of workgroup memory hold no cache beyond the ${c.prefixTokens} prefix slots`)
     // The residual products (o_proj, down) have only `hidden` rows: fewer rows a workgroup keeps more workgroups in flight.
     this.outRows = tuningKnob('PARSCALE_WGSL_OUT_ROWS', [1, 2, 4], 2)
-    // the columns kernel's largest tile (a rotary pair, or a gate and an up row, for every stream) must fit the
-    // workgroup's memory: the default falls back to row tiles where it does not, a layout asked for is refused
-    const columns = matvecColumns(c.parallel)
+    // the columns kernel's largest tile (a rotary pair, or a gate and an up row, for every stream) must fit the workgroup's memory
+    this.columns = matvecColumns()
     const columnsBytes = matvecColumnsBytes({streams: c.parallel, rows: 2})
-    const asked = process.env.PARSCALE_WGSL_MATVEC
-    if (columns.size > 0 && columnsBytes > workgroupBytes && asked !== undefined) throw new UserError(`PARSCALE_WGSL_MATVEC=${asked} needs ${columnsBytes} bytes of workgroup memory at P = ${c.parallel}; the adapter has ${workgroupBytes}`)
-    this.columns = columnsBytes > workgroupBytes ? new Set() : columns
+    if (this.columns.size > 0 && columnsBytes > workgroupBytes) throw new UserError(`PARSCALE_WGSL_MATVEC=${process.env.PARSCALE_WGSL_MATVEC} needs ${columnsBytes} bytes of workgroup memory at P = ${c.parallel}; the adapter has ${workgroupBytes}`)
     const rows = c.parallel * this.promptTokens
     const qRows = c.numHeads * c.headDim
     this.ids = this.buffer(this.promptTokens * 4)

@@ -219,15 +219,16 @@ export type LayerProduct = (typeof LAYER_PRODUCTS)[number]
 
 /**
  * The layer products whose decode step runs the columns kernel (`PARSCALE_WGSL_MATVEC`): `rows`
- * (none: tiles of rows shared by a team of invocations, `matvecKernel`, row-major matrices),
- * `columns` (all: rows owned by invocations over slices of the input, `matvecColumnsKernel`, the
- * matrices interleaved), or a comma list of products (`gate_up,o_proj`). The default depends on
- * the streams, as measured on an H100 (docs/benchmarks.md, session 41): from 8 streams gate·up and
- * o_proj (gate·up 0.90 → 0.67 ms a step, o_proj 0.42 → 0.38, f16), below them none (at P = 1 the
- * row tiles are faster in every product, at P = 4 in gate·up too).
+ * (none: tiles of rows shared by a team of invocations, `matvecKernel`, row-major matrices; the
+ * default at every P), `columns` (all: rows owned by invocations over slices of the input,
+ * `matvecColumnsKernel`, the matrices interleaved), or a comma list of products (`gate_up,o_proj`).
+ * Why rows: once a row tile's sums went through the butterfly (`subgroupReduction`), the row tiles
+ * beat the columns kernel at P = 8 too (H100, f16, docs/benchmarks.md, session 42: o_proj 0.27
+ * against 0.37 ms a step, gate·up 0.60 against 0.66); at P = 1 they were already faster in every
+ * product (session 41).
  */
-export function matvecColumns(streams: number, env: NodeJS.ProcessEnv = process.env): Set<LayerProduct> {
-  const chosen = env.PARSCALE_WGSL_MATVEC ?? (streams >= 8 ? 'gate_up,o_proj' : 'rows')
+export function matvecColumns(env: NodeJS.ProcessEnv = process.env): Set<LayerProduct> {
+  const chosen = env.PARSCALE_WGSL_MATVEC ?? 'rows'
   if (chosen === 'rows') return new Set()
   if (chosen === 'columns') return new Set(LAYER_PRODUCTS)
   const products = chosen.split(',')
