@@ -329,9 +329,12 @@ export class WgslModel {
     this.stagedBytes = 0
   }
 
-  /** Invocations a matrix-vector tile gets in a product of input width `k` and `tiles` tiles. */
-  private team(k: number, tiles: number): number {
-    return matvecTeam(k, tiles, this.gpu.subgroupMax)
+  /**
+   * How a row-tile product of input width `k` and `tiles` tiles is run: the invocations a tile gets,
+   * and the adapter's one subgroup width where it has one (the tile's butterfly sums).
+   */
+  private rowTiles(k: number, tiles: number): {team: number; subgroup: number | undefined} {
+    return {team: matvecTeam(k, tiles, this.gpu.subgroupMax), subgroup: this.gpu.subgroupWidth}
   }
 
   /**
@@ -437,13 +440,13 @@ export class WgslModel {
       // columns from hidden-major (h·P + p) to stream-major (p·H + h), so the input is the normed streams as they lie
       const w0s = new Float32Array(w0.length)
       for (let r = 0; r < H; r++) for (let i = 0; i < H; i++) for (let p = 0; p < P; p++) w0s[r * P * H + p * H + i] = w0[r * P * H + i * P + p]!
-      const aggregate = {k: P * H, n: H, streams: 1, rows, bias: true, team: this.team(P * H, Math.ceil(H / rows)), subgroup: this.gpu.subgroupWidth, epilogue: 'Y[row] = v / (1.0 + exp(-v));'}
+      const aggregate = {k: P * H, n: H, streams: 1, rows, bias: true, ...this.rowTiles(P * H, Math.ceil(H / rows)), epilogue: 'Y[row] = v / (1.0 + exp(-v));'}
       this.tail.push(this.dispatch(this.pipeline(matvecKernel(aggregate), 'aggregate'), {0: this.upload(w0s), 1: y, 2: a, 3: this.stepBuffer, 5: this.upload(source.read('model.aggregate_layer.0.bias'))}, matvecTiles(aggregate)))
       this.tail.push(this.dispatch(this.pipeline(mixKernel(H, P, c.attnSmooth), 'mix'), {0: a, 1: this.upload(source.read('model.aggregate_layer.2.weight')), 2: this.upload(source.read('model.aggregate_layer.2.bias')), 3: y, 4: mixed, 5: this.streamWeights}, 1))
       headInput = mixed
     }
     for (const chunk of headChunks) {
-      const head = {k: H, n: chunk.rows, streams: 1, rows, weights: this.format(H), team: this.team(H, Math.ceil(chunk.rows / rows)), subgroup: this.gpu.subgroupWidth, epilogue: `Y[${chunk.first}u + row] = v;`}
+      const head = {k: H, n: chunk.rows, streams: 1, rows, weights: this.format(H), ...this.rowTiles(H, Math.ceil(chunk.rows / rows)), epilogue: `Y[${chunk.first}u + row] = v;`}
       this.tail.push(this.dispatch(this.pipeline(matvecKernel(head), 'lm_head'), {...matrixBindings(chunk.matrix), 1: headInput, 2: this.logits, 3: this.stepBuffer}, matvecTiles(head)))
     }
   }
@@ -509,10 +512,10 @@ export class WgslModel {
       if (I % h !== 0) throw new UserError(`PARSCALE_WGSL_MLP_ROWS must divide the intermediate size ${I}, not "${h}"`)
       const outRows = (product: LayerProduct) => (this.columns.has(product) ? columnRows() : this.outRows)
       const qRows = c.numHeads * c.headDim
-      const split = (product: LayerProduct, k: number, tiles: number) => (this.columns.has(product) ? {slices: matvecSlices(k, tiles)} : {team: this.team(k, tiles)})
+      const split = (product: LayerProduct, k: number, tiles: number) => (this.columns.has(product) ? {slices: matvecSlices(k, tiles)} : this.rowTiles(k, tiles))
       const residual = (product: 'o_proj' | 'down', k: number) => {
         const rows = outRows(product)
-        return {k, n: c.hiddenSize, streams: S, rows, weights: this.format(k, {name: product, rows: c.hiddenSize}), ...split(product, k, Math.ceil(c.hiddenSize / rows)), subgroup: this.gpu.subgroupWidth, epilogue: 'Y[s * N + row] += v;'}
+        return {k, n: c.hiddenSize, streams: S, rows, weights: this.format(k, {name: product, rows: c.hiddenSize}), ...split(product, k, Math.ceil(c.hiddenSize / rows)), epilogue: 'Y[s * N + row] += v;'}
       }
       const o = residual('o_proj', qRows)
       const down = residual('down', I)
@@ -528,7 +531,6 @@ export class WgslModel {
             normEps: c.rmsNormEps,
             weights: this.format(c.hiddenSize, {name: 'gate_up', rows: 2 * I}),
             ...mlpSplit,
-            subgroup: this.gpu.subgroupWidth,
             rowOf: `select(${I}u + t * ${h}u + r - ${h}u, t * ${h}u + r, r < ${h}u)`,
             extra: '@group(0) @binding(6) var<storage, read_write> HOUT: array<f32>;',
             tileEpilogue: `
@@ -585,9 +587,9 @@ export class WgslModel {
     if (!kernels) {
       const c = this.config
       const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
-      const base: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, subgroup: this.gpu.subgroupWidth, weights: this.format(c.hiddenSize, {name: 'qkv', rows: qkvWidth})}
+      const base: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize, {name: 'qkv', rows: qkvWidth})}
       // the columns kernel's tiles are one rotary pair each (any `slices` counts them so)
-      const shape: LayerShape = this.columns.has('qkv') ? {...base, slices: matvecSlices(c.hiddenSize, qkvTileCount({...base, slices: 1}))} : {...base, team: this.team(c.hiddenSize, qkvTileCount(base))}
+      const shape: LayerShape = this.columns.has('qkv') ? {...base, slices: matvecSlices(c.hiddenSize, qkvTileCount({...base, slices: 1}))} : {...base, ...this.rowTiles(c.hiddenSize, qkvTileCount(base))}
       kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
       this.cacheKernels.set(key, kernels)
     }
