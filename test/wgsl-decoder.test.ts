@@ -266,11 +266,13 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     })
   }
 
-  test('the matrix-vector tuning knobs (loop order, unrolled input steps past a ragged end, team floor, MLP rows) give the default kernels\' logits', async (t) => {
+  test('the tuning knobs (loop order, unrolled input steps past a ragged end, team floor, MLP rows, the attention\'s value chains) give the default kernels\' logits', async (t) => {
     if (unavailable) return t.skip(unavailable)
     // hidden 96 (24 groups: two steps of a 32-wide team overrun it), intermediate 1100, P = 3
     const shape = syntheticShape(undefined, {hiddenSize: 96, numHeads: 6, numKvHeads: 2, intermediateSize: 1100, vocabSize: 300})
     const ids = Array.from({length: 6}, (_, i) => (i * 37 + 11) % 300)
+    // the steps attend over 5 prefix and 121+ cache positions: with 16 value groups (head size 16), 8 chains of the attention's value sum run whole, then a ragged rest
+    const prompt = Array.from({length: 121}, (_, i) => (i * 53 + 7) % 300)
     const logitsWith = async (knobs: Record<string, string>) => {
       const saved = {...process.env}
       Object.assign(process.env, knobs)
@@ -279,6 +281,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
         const sequence = model.sequence()
         try {
           const out: Float32Array[] = []
+          for (let at = 0; at < prompt.length; at += model.promptTokens) out.push((await model.run(sequence, prompt.slice(at, at + model.promptTokens), true))!.logits)
           for (const id of ids) out.push((await model.run(sequence, [id], true))!.logits)
           return out
         } finally {
@@ -305,6 +308,10 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       // the row tiles' sums: one subgroupAdd a value against the butterfly (the default where the adapter's subgroups have one width), one rotary pair a q·k·v tile
       {PARSCALE_WGSL_REDUCE: 'add'},
       {PARSCALE_WGSL_REDUCE: 'butterfly', PARSCALE_WGSL_QKV_PAIRS: '1', PARSCALE_WGSL_MLP_ROWS: '4'},
+      // the attention's value sum in 2, 4 and 8 chains (prompt calls and steps)
+      {PARSCALE_WGSL_ATTENTION_UNROLL: '2'},
+      {PARSCALE_WGSL_ATTENTION_UNROLL: '4'},
+      {PARSCALE_WGSL_ATTENTION_UNROLL: '8'},
     ]
     for (const knobs of variants) {
       const got = await logitsWith(knobs)
@@ -318,6 +325,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     await assert.rejects(logitsWith({PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '3'}), /PARSCALE_WGSL_COLUMN_UNROLL must be 1, 2, 4 or 8/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_REDUCE: 'tree'}), /PARSCALE_WGSL_REDUCE must be auto, add or butterfly, not "tree"/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_QKV_PAIRS: '3'}), /PARSCALE_WGSL_QKV_PAIRS must be 1 or 2, not "3"/)
+    await assert.rejects(logitsWith({PARSCALE_WGSL_ATTENTION_UNROLL: '3'}), /PARSCALE_WGSL_ATTENTION_UNROLL must be 1, 2, 4 or 8, not "3"/)
   })
 
   test('the columns kernel reads interleaved half and quantized matrices as the row tiles read them: equal logits, prompt call and steps', async (t) => {

@@ -199,7 +199,7 @@ export function matvecLoop(env: NodeJS.ProcessEnv = process.env): {order: 'strea
 }
 
 /** Every `PARSCALE_WGSL_*` tuning variable of the hand-written kernels, less the prefix (bench/wgsl-sweep.ts sets them per variant). */
-export const TUNING_KNOBS = ['LOOP', 'UNROLL', 'TEAM_MIN', 'TEAM_RULE', 'MLP_ROWS', 'OUT_ROWS', 'MATVEC', 'COLUMN_THREADS', 'COLUMN_UNROLL', 'COLUMN_SPAN', 'COLUMN_ROWS', 'REDUCE', 'QKV_PAIRS'] as const
+export const TUNING_KNOBS = ['LOOP', 'UNROLL', 'TEAM_MIN', 'TEAM_RULE', 'MLP_ROWS', 'OUT_ROWS', 'MATVEC', 'COLUMN_THREADS', 'COLUMN_UNROLL', 'COLUMN_SPAN', 'COLUMN_ROWS', 'REDUCE', 'QKV_PAIRS', 'ATTENTION_UNROLL'] as const
 
 /**
  * A numeric tuning variable (`PARSCALE_WGSL_*`, for GPU sweeps): its value if it is one of
@@ -712,14 +712,40 @@ export function qkvTiles(l: LayerShape): number {
 }
 
 /**
+ * Positions of the attention's value sum an invocation takes at once (`PARSCALE_WGSL_ATTENTION_UNROLL`,
+ * for GPU sweeps; default 1): the sum over positions j, j + GROUPS, … is a chain of dependent adds,
+ * each waiting on its cache load, so a short context pays one load's latency a position
+ * (WORKGROUP / head size = 4 groups share the positions). U accumulators put U loads in flight.
+ */
+export function attentionUnroll(env: NodeJS.ProcessEnv = process.env): number {
+  return tuningKnob('PARSCALE_WGSL_ATTENTION_UNROLL', [1, 2, 4, 8], 1, env)
+}
+
+/** The value sum of the attention kernel: o = Σ scores[j] · V[j] over this invocation's positions, in `unroll` chains. */
+function attentionValueSum(unroll: number): string {
+  const term = (offset: string) => `scores[j${offset}] * VC[(base + j${offset}) * D + e]`
+  if (unroll === 1) return `var o = 0.0;
+  for (var j = g; j < n; j += GROUPS) { o += ${term('')}; }`
+  const chains = Array.from({length: unroll}, (_, u) => u)
+  return `${chains.map((u) => `var o${u} = 0.0;`).join(' ')}
+  var j = g;
+  for (; j + ${unroll - 1}u * GROUPS < n; j += ${unroll}u * GROUPS) {
+    ${chains.map((u) => `o${u} += ${term(u === 0 ? '' : ` + ${u}u * GROUPS`)};`).join('\n    ')}
+  }
+  for (; j < n; j += GROUPS) { o0 += ${term('')}; }
+  let o = ${chains.map((u) => `o${u}`).join(' + ')};`
+}
+
+/**
  * Attention of one step: a workgroup per (stream, query head) over the prefix and the cache
  * [0, length), scores held in workgroup memory, softmax in float32, grouped query heads reading
  * their kv head. Out: [streams, heads·d].
  */
-export function attentionKernel(l: LayerShape): string {
+export function attentionKernel(l: LayerShape, env: NodeJS.ProcessEnv = process.env): string {
   const d = l.headDim
   const groups = WORKGROUP / d
   if (!Number.isInteger(groups)) throw new Error(`head size ${d} does not divide ${WORKGROUP}`)
+  const unroll = attentionUnroll(env)
   return `enable subgroups;
 ${STEP_STRUCT}
 const D = ${d}u;
@@ -790,8 +816,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   total = reduceSum(total, li, lane, width);
   let e = li % D;
   let g = li / D;
-  var o = 0.0;
-  for (var j = g; j < n; j += GROUPS) { o += scores[j] * VC[(base + j) * D + e]; }
+  ${attentionValueSum(unroll)}
   outs[li] = o;
   workgroupBarrier();
   if (li < D) {
