@@ -5,6 +5,7 @@ import fs from 'node:fs'
 import path from 'node:path'
 import {after, describe, test} from 'node:test'
 
+import onnxProto from 'onnx-proto'
 import type OpenAI from 'openai'
 
 import {convertCheckpoints} from '../src/core/package/convert.js'
@@ -107,6 +108,11 @@ describe('quantized packages', () => {
     assert.match(widened.kernels(8).decode, /DynamicQuantizeMatMul/)
     assert.equal(widened.kernels(2).decode, 'MatMulNBits', 'chosen per P: P = 2 stays on the stored graph')
     assert.ok(fs.existsSync(path.join(dir, WIDENED_GRAPH)) && fs.existsSync(path.join(dir, WIDENED_WEIGHTS)))
+    // the layers' products widened; the LM head (one row a token after the mix) keeps its 4-bit codes
+    const nodes = onnxProto.onnx.ModelProto.decode(fs.readFileSync(path.join(dir, WIDENED_GRAPH))).graph!.node!
+    const headCodes = nodes.filter((n) => n.opType === 'MatMulNBits').map((n) => n.input![1]!)
+    assert.ok(headCodes.length > 0 && headCodes.every((name) => name.startsWith('lm_head.weight')), `MatMulNBits left: ${headCodes.join(', ')}`)
+    assert.equal(nodes.filter((n) => n.opType === 'DynamicQuantizeMatMul').length, 4 * readManifest(dir).model.numLayers)
     const weightsTime = fs.statSync(path.join(dir, WIDENED_WEIGHTS)).mtimeMs
     const prompt = [10, 200, 3000, 45, 7, 99]
     let maxDiff = 0

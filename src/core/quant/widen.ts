@@ -1,7 +1,7 @@
 /**
  * The decode graph of a quantized package for processes that run many rows per step (P ≥ 4):
- * every `MatMulNBits` replaced by `DynamicQuantizeMatMul` over int8 weights with one scale per
- * output, widened from the package's block codes. On this kind of CPU (x86, AVX2, no VNNI)
+ * every layer's `MatMulNBits` replaced by `DynamicQuantizeMatMul` over int8 weights with one scale
+ * per output, widened from the package's block codes (the LM head, one row a token, keeps its codes). On this kind of CPU (x86, AVX2, no VNNI)
  * ONNX Runtime's block-quantized kernel re-unpacks the 4-bit codes for every row, while the
  * int8 GEMM shares that work between rows: at 8 rows per token the int8 path decodes faster,
  * at one row slower (docs/benchmarks.md has the A/B). Activations are quantized per call
@@ -27,8 +27,8 @@ const {onnx} = onnxProto
 export const WIDENED_GRAPH = 'decode-int8.onnx'
 export const WIDENED_WEIGHTS = 'decode-int8.weights'
 const WIDENED_STAMP = 'decode-int8.json'
-/** Bumped when the widened graph changes for the same package. */
-const WIDEN_VERSION = 1
+/** Bumped when the widened graph changes for the same package (2: the head keeps its block codes). */
+const WIDEN_VERSION = 2
 
 /** Rows dequantized at a time while widening (float32, a few MB). */
 const ROWS_PER_CHUNK = 2048
@@ -74,12 +74,21 @@ export function widenedDecodeGraph(packageDir: string, manifest: PackageManifest
 
 type Initializer = onnxProto.onnx.ITensorProto
 
-/** Replaces each MatMulNBits node of `graph` by DynamicQuantizeMatMul over widened weights. */
+/**
+ * Whether a MatMulNBits node is the LM head's (a vocabulary block of `lm_head.weight`, tied or not).
+ * The head runs after the streams are mixed, one row a token at any P, where the block codes read
+ * half the bytes of widened int8 and the int8 GEMM has no rows to share its work between.
+ */
+function isHead(codesName: string): boolean {
+  return codesName.startsWith('lm_head.weight')
+}
+
+/** Replaces each MatMulNBits node of `graph` but the head's by DynamicQuantizeMatMul over widened weights. */
 function widenGraph(graph: onnxProto.onnx.IGraphProto, backbone: number, out: ExternalDataFile): void {
   const initializers = new Map((graph.initializer ?? []).map((t) => [t.name!, t]))
   const replaced = new Set<string>()
   for (const node of graph.node ?? []) {
-    if (node.opType !== 'MatMulNBits') continue
+    if (node.opType !== 'MatMulNBits' || isHead(node.input![1]!)) continue
     const attribute = (name: string) => Number(node.attribute!.find((a) => a.name === name)!.i)
     const [x, codesName, scalesName, , , bias] = node.input!
     const k = attribute('K')
