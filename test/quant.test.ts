@@ -12,7 +12,7 @@ import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest, variantConfig} from '../src/core/package/manifest.js'
 import {weightBytes} from '../src/core/bench/model-cost.js'
 import {quantScheme} from '../src/core/quant/scheme.js'
-import {WIDENED_GRAPH, WIDENED_WEIGHTS} from '../src/core/quant/widen.js'
+import {WIDENED_GRAPH, WIDENED_WEIGHTS, widenedDecodeGraph} from '../src/core/quant/widen.js'
 import {checkWebGpu} from '../src/core/engine/device.js'
 import {gpuFormSupport} from '../src/core/engine/gpu-form.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
@@ -88,6 +88,16 @@ describe('quantized packages', () => {
       () => convertCheckpoints({sources: [path.join(family, 'p1'), other], outDir: path.join(work, 'never-family'), dtype: 'fp32', quant: quantScheme('int4')}),
       /model\.layers\.2\.mlp\.gate_up_proj" differs from the backbone already in the package/,
     )
+  })
+
+  test('an int8 package\'s widened decode graph takes the LM head too (8-bit codes read as many bytes as int8)', () => {
+    const family = path.join(REPO_ROOT, 'fixtures', 'default-model')
+    const dir = path.join(work, 'widen-int8')
+    convertCheckpoints({sources: [path.join(family, 'p8')], outDir: dir, dtype: 'fp32', quant: quantScheme('int8')})
+    const graph = widenedDecodeGraph(dir, readManifest(dir))!
+    const ops = onnxProto.onnx.ModelProto.decode(fs.readFileSync(graph)).graph!.node!.map((n) => n.opType)
+    assert.equal(ops.filter((op) => op === 'MatMulNBits').length, 0)
+    assert.ok(ops.filter((op) => op === 'DynamicQuantizeMatMul').length > 4 * readManifest(dir).model.numLayers, 'the layers and the head')
   })
 
   test('opened for P ≥ 4, a quantized package decodes on int8 widened once into its folder; logits stay close', async () => {

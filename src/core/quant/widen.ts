@@ -1,7 +1,7 @@
 /**
  * The decode graph of a quantized package for processes that run many rows per step (P ≥ 4):
  * every layer's `MatMulNBits` replaced by `DynamicQuantizeMatMul` over int8 weights with one scale
- * per output, widened from the package's block codes (the LM head, one row a token, keeps its codes). On this kind of CPU (x86, AVX2, no VNNI)
+ * per output, widened from the package's block codes (a 4-bit LM head, one row a sequence, keeps its codes). On this kind of CPU (x86, AVX2, no VNNI)
  * ONNX Runtime's block-quantized kernel re-unpacks the 4-bit codes for every row, while the
  * int8 GEMM shares that work between rows: at 8 rows per token the int8 path decodes faster,
  * at one row slower (docs/benchmarks.md has the A/B). Activations are quantized per call
@@ -27,7 +27,7 @@ const {onnx} = onnxProto
 export const WIDENED_GRAPH = 'decode-int8.onnx'
 export const WIDENED_WEIGHTS = 'decode-int8.weights'
 const WIDENED_STAMP = 'decode-int8.json'
-/** Bumped when the widened graph changes for the same package (2: the head keeps its block codes). */
+/** Bumped when the widened graph changes for the same package (2: a 4-bit head keeps its block codes). */
 const WIDEN_VERSION = 2
 
 /** Rows dequantized at a time while widening (float32, a few MB). */
@@ -75,25 +75,29 @@ export function widenedDecodeGraph(packageDir: string, manifest: PackageManifest
 type Initializer = onnxProto.onnx.ITensorProto
 
 /**
- * Whether a MatMulNBits node is the LM head's (a vocabulary block of `lm_head.weight`, tied or not).
- * The head runs after the streams are mixed, one row a token at any P, where the block codes read
- * half the bytes of widened int8 and the int8 GEMM has no rows to share its work between.
+ * Whether a MatMulNBits node keeps its block codes: the LM head's (a vocabulary block of
+ * `lm_head.weight`, tied or not) at 4 bits. The head runs after the streams are mixed, one row a
+ * sequence at any P, where 4-bit codes read half the bytes of int8 and beat the int8 GEMM until
+ * about 8 sequences share a step; 8-bit codes read as many bytes as int8 and lose to it at any
+ * rows (docs/benchmarks.md, "the LM head keeps its 4-bit codes").
  */
-function isHead(codesName: string): boolean {
-  return codesName.startsWith('lm_head.weight')
+function keepsCodes(codesName: string, bits: number): boolean {
+  return bits < 8 && codesName.startsWith('lm_head.weight')
 }
 
-/** Replaces each MatMulNBits node of `graph` but the head's by DynamicQuantizeMatMul over widened weights. */
+/** Replaces each MatMulNBits node of `graph` (but a 4-bit head's) by DynamicQuantizeMatMul over widened weights. */
 function widenGraph(graph: onnxProto.onnx.IGraphProto, backbone: number, out: ExternalDataFile): void {
   const initializers = new Map((graph.initializer ?? []).map((t) => [t.name!, t]))
   const replaced = new Set<string>()
   for (const node of graph.node ?? []) {
-    if (node.opType !== 'MatMulNBits' || isHead(node.input![1]!)) continue
+    if (node.opType !== 'MatMulNBits') continue
     const attribute = (name: string) => Number(node.attribute!.find((a) => a.name === name)!.i)
     const [x, codesName, scalesName, , , bias] = node.input!
+    const bits = attribute('bits') as QuantBits
+    if (keepsCodes(codesName!, bits)) continue
     const k = attribute('K')
     const n = attribute('N')
-    const layout: BlockLayout = {bits: attribute('bits') as QuantBits, blockSize: attribute('block_size'), k}
+    const layout: BlockLayout = {bits, blockSize: attribute('block_size'), k}
     const codes = readExternal(backbone, initializers.get(codesName!)!)
     const scales = new Float32Array(readExternal(backbone, initializers.get(scalesName!)!).buffer)
     const widened = widenMatrix(codes, scales, n, layout)
