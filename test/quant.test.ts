@@ -12,7 +12,7 @@ import {convertCheckpoints} from '../src/core/package/convert.js'
 import {readManifest, variantConfig} from '../src/core/package/manifest.js'
 import {weightBytes} from '../src/core/bench/model-cost.js'
 import {quantScheme} from '../src/core/quant/scheme.js'
-import {WIDENED_GRAPH, WIDENED_WEIGHTS, widenedDecodeGraph} from '../src/core/quant/widen.js'
+import {cpuHasInt8DotProduct, decodeRowsOnCodes, WIDENED_GRAPH, WIDENED_WEIGHTS, widenedDecodeGraph} from '../src/core/quant/widen.js'
 import {checkWebGpu} from '../src/core/engine/device.js'
 import {gpuFormSupport} from '../src/core/engine/gpu-form.js'
 import {ParScaleModel} from '../src/core/engine/model.js'
@@ -114,7 +114,8 @@ describe('quantized packages', () => {
     await p1.release()
     assert.equal(fs.existsSync(path.join(dir, WIDENED_GRAPH)), false, 'P = 1 widens nothing')
     const stored = await ParScaleModel.open(dir, {widenDecode: false})
-    const widened = await ParScaleModel.open(dir, {parallel: [8]})
+    // decodeRowsOnCodes 0: every step at P ≥ 4 widened, whatever this CPU would choose (the next test has the other choice)
+    const widened = await ParScaleModel.open(dir, {parallel: [8], decodeRowsOnCodes: 0})
     assert.match(widened.kernels(8).decode, /DynamicQuantizeMatMul/)
     assert.equal(widened.kernels(2).decode, 'MatMulNBits', 'chosen per P: P = 2 stays on the stored graph')
     assert.ok(fs.existsSync(path.join(dir, WIDENED_GRAPH)) && fs.existsSync(path.join(dir, WIDENED_WEIGHTS)))
@@ -144,9 +145,51 @@ describe('quantized packages', () => {
     }
     assert.ok(maxDiff > 0 && maxDiff < 0.05 * maxLogit, `decode logits differ by ${maxDiff} (largest ${maxLogit})`)
     await Promise.all([stored.release(), widened.release()])
-    const again = await ParScaleModel.open(dir, {parallel: [4, 8]})
+    const again = await ParScaleModel.open(dir, {parallel: [4, 8], decodeRowsOnCodes: 0})
     assert.equal(fs.statSync(path.join(dir, WIDENED_WEIGHTS)).mtimeMs, weightsTime, 'made once, then reused')
     await again.release()
+  })
+
+  test('with int8 dot products (decodeRowsOnCodes 8), a lone sequence at P = 8 decodes on the 4-bit codes and two sequences on the widened graph', async () => {
+    const family = path.join(REPO_ROOT, 'fixtures', 'default-model')
+    const dir = path.join(work, 'widen-rows')
+    convertCheckpoints({sources: [path.join(family, 'p8')], outDir: dir, dtype: 'fp32', quant: quantScheme('int4')})
+    const stored = await ParScaleModel.open(dir, {widenDecode: false})
+    const model = await ParScaleModel.open(dir, {parallel: [8], decodeRowsOnCodes: 8})
+    assert.match(model.kernels(8).decode, /^MatMulNBits \(steps of more than 8 rows: DynamicQuantizeMatMul/)
+    assert.equal(fs.existsSync(path.join(dir, WIDENED_GRAPH)), false, 'one sequence at P = 8 needs no widened graph: not made at open')
+    const prompts = [[10, 200, 3000, 45], [7, 99, 5, 17]]
+    const decode = async (m: ParScaleModel, sequences: number) => {
+      const cache = m.newCache(8)
+      cache.reserve(sequences, 8)
+      for (let slot = 0; slot < sequences; slot++) cache.reset(slot)
+      await m.forward(cache, 0, prompts.slice(0, sequences), 1)
+      return (await m.forward(cache, 0, [[400], [401]].slice(0, sequences), 1)).logits
+    }
+    assert.deepEqual(await decode(model, 1), await decode(stored, 1), 'a lone step runs the stored graph')
+    assert.equal(fs.existsSync(path.join(dir, WIDENED_GRAPH)), false)
+    const [pair, storedPair] = [await decode(model, 2), await decode(stored, 2)]
+    assert.ok(fs.existsSync(path.join(dir, WIDENED_GRAPH)), '16 rows: the widened graph, made at first need')
+    let maxDiff = 0
+    for (let i = 0; i < pair.length; i++) maxDiff = Math.max(maxDiff, Math.abs(pair[i]! - storedPair[i]!))
+    assert.ok(maxDiff > 0 && maxDiff < 1, `two sequences ran widened: logits differ from the stored graph's by ${maxDiff}`)
+    await Promise.all([stored.release(), model.release()])
+    // a process that will put two sequences in a step (serve: its batch limit) makes the widened session at open
+    fs.rmSync(path.join(dir, WIDENED_GRAPH))
+    const serving = await ParScaleModel.open(dir, {parallel: [8], sequences: 2, decodeRowsOnCodes: 8})
+    assert.ok(fs.existsSync(path.join(dir, WIDENED_GRAPH)))
+    await serving.release()
+  })
+
+  test('the rows a P ≥ 4 step keeps on the stored codes: up to 8 for 4-bit codes on a CPU with AVX512-VNNI, else none', () => {
+    assert.equal(decodeRowsOnCodes(4, true), 8)
+    assert.equal(decodeRowsOnCodes(8, true), 0)
+    assert.equal(decodeRowsOnCodes(4, false), 0)
+    const cpuinfo = (flags: string) => `processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: ${flags}\nbugs\t\t: sysret_ss_attrs\n`
+    assert.equal(cpuHasInt8DotProduct(cpuinfo('fpu sse2 avx2 avx512f avx512_vnni avx512_bf16')), true)
+    assert.equal(cpuHasInt8DotProduct(cpuinfo('fpu sse2 avx2 fma')), false)
+    assert.equal(cpuHasInt8DotProduct(cpuinfo('avx512_vnnix')), false, 'whole flags only')
+    assert.equal(cpuHasInt8DotProduct(''), false)
   })
 
   test('an unknown --quant is a usage error; --block-size needs --quant', async () => {

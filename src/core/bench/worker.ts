@@ -40,8 +40,10 @@ async function measureRun(spec: RunSpec): Promise<RunResult> {
   const model = await ParScaleModel.open(spec.packageDir, {
     threads: spec.threads,
     device: spec.device,
-    // PARSCALE_WIDEN=0 keeps a quantized package on its stored graph at every P (the A/B in docs/benchmarks.md)
-    ...(process.env.PARSCALE_WIDEN === '0' ? {widenDecode: false} : {parallel: [spec.parallel]}),
+    // the A/Bs in docs/benchmarks.md: PARSCALE_WIDEN=0 keeps a quantized package on its stored graph at
+    // every P, PARSCALE_WIDEN=1 widens every step at P ≥ 4 whatever this CPU would choose (decodeRowsOnCodes)
+    ...(process.env.PARSCALE_WIDEN === '0' ? {widenDecode: false} : {parallel: [spec.parallel], sequences: spec.batch}),
+    ...(process.env.PARSCALE_WIDEN === '1' ? {decodeRowsOnCodes: 0} : {}),
     ...(spec.profilePrefix ? {profilePrefix: spec.profilePrefix} : {}),
   })
   const loadMs = performance.now() - loadStart

@@ -25,7 +25,7 @@ import {WgslCache} from './wgsl-cache.js'
 import type {KernelCallProfile} from '../bench/profile-summary.js'
 import {promptTokensAt, WgslModel} from '../wgsl/decoder.js'
 import {packageSource} from '../wgsl/package-source.js'
-import {widenedDecodeGraph} from '../quant/widen.js'
+import {cpuHasInt8DotProduct, decodeRowsOnCodes, widenedDecodeGraph} from '../quant/widen.js'
 
 /** A cache of one P: in JavaScript (CPU), in device memory (WebGPU), or per sequence in the GPU form (onnxruntime-node, or the capture route's GPU buffers). */
 export type ModelCache = KvCache | DeviceKvCache | GpuFormCache | CaptureCache | WgslCache
@@ -43,8 +43,20 @@ export interface ModelOptions {
    * (and both sessions' threads sleep when idle); otherwise the first step at such a P makes it.
    */
   parallel?: readonly number[]
+  /**
+   * The most sequences one step will hold (default 1; `serve`: its batch limit). With the P
+   * named above it says whether the widened graph will be needed (see `decodeRowsOnCodes`), so
+   * that it is made at open rather than in the middle of the first crowded step.
+   */
+  sequences?: number
   /** false keeps a quantized package on its stored graph at every P (for A/B measurements). */
   widenDecode?: boolean
+  /**
+   * The most rows (sequences × P) a decode call at P ≥ 4 runs on the stored codes before the
+   * widened graph takes over; default `decodeRowsOnCodes` for the package's bits and this CPU
+   * (tests set it to check either choice on any machine).
+   */
+  decodeRowsOnCodes?: number
   /** Write an ONNX Runtime profile (JSON) with this file prefix. */
   profilePrefix?: string
   /** Most tokens per prefill call (default MAX_PREFILL_CHUNK; smaller in tests of chunking). */
@@ -112,6 +124,8 @@ export class ParScaleModel implements DeviceCacheHost {
     private readonly session: ort.InferenceSession | undefined,
     /** Options of the widened decode session; undefined where there is none (not quantized, WebGPU). */
     private readonly widenedOptions: ort.InferenceSession.SessionOptions | undefined,
+    /** The most rows a decode call at P ≥ 4 runs on the stored graph (`decodeRowsOnCodes`). */
+    private readonly rowsOnCodes: number,
     readonly packageDir: string,
     readonly manifest: PackageManifest,
     private readonly maxPrefillChunk: number,
@@ -146,12 +160,14 @@ export class ParScaleModel implements DeviceCacheHost {
       return {prefill: kernel, decode: kernel}
     }
     if (!this.manifest.quant) return {prefill: 'Gemm', decode: 'Gemm'}
-    return {prefill: 'MatMulNBits', decode: this.widensAt(parallel) ? 'DynamicQuantizeMatMul (int8 widened at load)' : 'MatMulNBits'}
+    if (this.widensAt(parallel, parallel)) return {prefill: 'MatMulNBits', decode: 'DynamicQuantizeMatMul (int8 widened at load)'}
+    if (this.widensAt(parallel, Number.MAX_SAFE_INTEGER)) return {prefill: 'MatMulNBits', decode: `MatMulNBits (steps of more than ${this.rowsOnCodes} rows: DynamicQuantizeMatMul, int8 widened)`}
+    return {prefill: 'MatMulNBits', decode: 'MatMulNBits'}
   }
 
-  /** Whether one-token steps at `parallel` run on the widened int8 graph. */
-  private widensAt(parallel: number): boolean {
-    return this.widenedOptions !== undefined && parallel >= WIDENED_DECODE_FROM_PARALLEL
+  /** Whether a one-token step of `rows` rows (sequences × P) at `parallel` runs on the widened int8 graph. */
+  private widensAt(parallel: number, rows: number): boolean {
+    return this.widenedOptions !== undefined && parallel >= WIDENED_DECODE_FROM_PARALLEL && rows > this.rowsOnCodes
   }
 
   static async open(packageDir: string, options: ModelOptions = {}): Promise<ParScaleModel> {
@@ -185,13 +201,15 @@ export class ParScaleModel implements DeviceCacheHost {
     }
     // Only the CPU form of a quantized package has a widened twin (webgpu ones have no quant).
     const widenable = form === 'cpu' && manifest.quant !== undefined && options.widenDecode !== false && Math.max(...manifest.parallel) >= WIDENED_DECODE_FROM_PARALLEL
-    const preload = widenable && Math.max(0, ...(options.parallel ?? [])) >= WIDENED_DECODE_FROM_PARALLEL
+    const rowsOnCodes = options.decodeRowsOnCodes ?? (manifest.quant ? decodeRowsOnCodes(manifest.quant.bits, cpuHasInt8DotProduct()) : 0)
+    const mostRows = Math.max(0, ...(options.parallel ?? []).filter((p) => p >= WIDENED_DECODE_FROM_PARALLEL)) * (options.sequences ?? 1)
+    const preload = widenable && mostRows > rowsOnCodes
     // Two sessions mean two thread pools: threads left spinning by one would take the cores
     // the other needs, so with a decode session both pools sleep when idle.
     const sleeping = {...sessionOptions, extra: {session: {intra_op: {allow_spinning: '0'}}}}
     if (gpuForm) {
       const route = await chooseWebGpuRoute()
-      const model = new ParScaleModel(undefined, undefined, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, undefined, adapter, undefined, true, {
+      const model = new ParScaleModel(undefined, undefined, 0, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, undefined, adapter, undefined, true, {
         ...(options.profilePrefix ? {profilePrefix: options.profilePrefix} : {}),
       }, route)
       // One P named (run, eval, bench): its graph is built and loaded now, so failures and load
@@ -224,19 +242,21 @@ export class ParScaleModel implements DeviceCacheHost {
       ? await DeviceOps.create(manifest.model.numLayers, {...base, ...(device === 'webgpu' ? {preferredOutputLocation: 'gpu-buffer'} : {})})
       : undefined
     const embeddings = form === 'cpu' ? new EmbeddingRows(packageDir, manifest.embedding) : undefined
-    const model = new ParScaleModel(session, widenedOptions, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter, embeddings, false, {})
-    if (preload) await model.decodeSession(WIDENED_DECODE_FROM_PARALLEL)
+    const model = new ParScaleModel(session, widenedOptions, rowsOnCodes, packageDir, manifest, options.maxPrefillChunk ?? MAX_PREFILL_CHUNK, device, deviceOps, adapter, embeddings, false, {})
+    if (preload) await model.decodeSession(WIDENED_DECODE_FROM_PARALLEL, Number.MAX_SAFE_INTEGER)
     return model
   }
 
   /**
-   * The session for one-token steps at `parallel` when it is not the stored graph's: a quantized
-   * package's int8-widened graph at P ≥ 4, made on first need. Chosen per P, not per process, so
-   * the same P gives the same answers in every command (run, serve, worker).
+   * The session for one-token steps of `rows` rows at `parallel` when it is not the stored
+   * graph's: a quantized package's int8-widened graph at P ≥ 4 beyond `rowsOnCodes` rows, made on
+   * first need. Chosen per call from P and the rows, not per process, so a lone sequence at one P
+   * gives the same answers in every command (run, serve, worker); sequences that share a step on
+   * the widened graph share its activations' int8 scale as well.
    */
-  private decodeSession(parallel: number): Promise<ort.InferenceSession | undefined> {
+  private decodeSession(parallel: number, rows: number): Promise<ort.InferenceSession | undefined> {
     const options = this.widenedOptions
-    if (!options || !this.widensAt(parallel)) return Promise.resolve(undefined)
+    if (!options || !this.widensAt(parallel, rows)) return Promise.resolve(undefined)
     this.widened ??= (async () => {
       const graph = widenedDecodeGraph(this.packageDir, this.manifest)
       return graph ? createSession(graph, options) : undefined // a read-only folder keeps the stored graph
@@ -337,7 +357,7 @@ export class ParScaleModel implements DeviceCacheHost {
       feeds[io.pastKey(layer)] = new ort.Tensor('float32', views.keys[layer], views.dims.keys)
       feeds[io.pastValue(layer)] = new ort.Tensor('float32', views.values[layer], views.dims.values)
     }
-    const decode = seq === 1 ? await this.decodeSession(cache.parallel) : undefined
+    const decode = seq === 1 ? await this.decodeSession(cache.parallel, count * cache.parallel) : undefined
     const out = await (decode ?? this.session!).run(feeds)
     const layers = Array.from({length: this.shape.numLayers}, (_, layer) => layer)
     cache.append(

@@ -1,12 +1,13 @@
 /**
  * The decode graph of a quantized package for processes that run many rows per step (P ≥ 4):
- * every layer's `MatMulNBits` replaced by `DynamicQuantizeMatMul` over int8 weights with one scale
- * per output, widened from the package's block codes (a 4-bit LM head, one row a sequence, keeps its codes). On this kind of CPU (x86, AVX2, no VNNI)
- * ONNX Runtime's block-quantized kernel re-unpacks the 4-bit codes for every row, while the
- * int8 GEMM shares that work between rows: at 8 rows per token the int8 path decodes faster,
- * at one row slower (docs/benchmarks.md has the A/B). Activations are quantized per call
- * (one scale for the call's rows), so the graph serves decode steps only, whose rows are the
- * streams of one token each; prompts still run through the package's own graph.
+ * every layer's `MatMulNBits` replaced by `DynamicQuantizeMatMul` over int8 weights with one
+ * scale per output, widened from the package's block codes (a 4-bit LM head, one row a sequence,
+ * keeps its codes). On x86 without VNNI ONNX Runtime's block-quantized kernel re-unpacks the
+ * 4-bit codes for every row, while the int8 GEMM shares that work between rows: at 8 rows per
+ * token the int8 path decodes faster, at one row slower; with VNNI the 4-bit kernel keeps up to
+ * 8 rows (`decodeRowsOnCodes`; docs/benchmarks.md has the A/Bs). Activations are quantized per
+ * call (one scale for the call's rows), so the graph serves decode steps only, whose rows are
+ * the streams of one token each; prompts still run through the package's own graph.
  *
  * Written once into the package folder (weights, graph, then a stamp naming the backbone
  * they were made from) and memory-mapped by later processes.
@@ -29,6 +30,43 @@ export const WIDENED_WEIGHTS = 'decode-int8.weights'
 const WIDENED_STAMP = 'decode-int8.json'
 /** Bumped when the widened graph changes for the same package (2: a 4-bit head keeps its block codes). */
 const WIDEN_VERSION = 2
+
+/**
+ * The most rows (sequences × P) a decode call of a 4-bit package runs on its own codes on a CPU
+ * with int8 dot products (x86 AVX512-VNNI): there ONNX Runtime's 4-bit kernel beats the widened
+ * int8 GEMM at 8 rows (a lone sequence at P = 8: 23.2 against 26.6 ms a step) and loses from 16
+ * (gate·up 1.21×, down 1.05× slower; 8 sequences at P = 8: 159 against 101 ms a step), measured
+ * in docs/benchmarks.md ("int4 at P ≥ 4 on a CPU with VNNI").
+ */
+const ROWS_ON_4BIT_CODES = 8
+
+/**
+ * The most rows a decode call at P ≥ 4 runs on the package's stored codes before the widened
+ * int8 graph takes over: 0 (always widened) for 8-bit codes, which read as many bytes as int8 and
+ * lose to its GEMM at any rows, and on CPUs without int8 dot products, where the 4-bit kernel
+ * unpacks the codes again for every row.
+ */
+export function decodeRowsOnCodes(bits: number, int8DotProduct: boolean): number {
+  return bits < 8 && int8DotProduct ? ROWS_ON_4BIT_CODES : 0
+}
+
+/**
+ * Whether this CPU has the int8 dot products ONNX Runtime's 4-bit kernels use at several rows:
+ * x86's AVX512-VNNI, read from /proc/cpuinfo's flags (Linux). False where it cannot tell (other
+ * systems, other instruction sets): those keep the widened graph that was measured before.
+ */
+export function cpuHasInt8DotProduct(cpuinfo: string | undefined = readCpuinfo()): boolean {
+  const flags = cpuinfo && /^flags\s*:\s*(.*)$/m.exec(cpuinfo)?.[1]
+  return flags ? flags.split(/\s+/).includes('avx512_vnni') : false
+}
+
+function readCpuinfo(): string | undefined {
+  try {
+    return readFileSync('/proc/cpuinfo', 'utf8')
+  } catch {
+    return undefined
+  }
+}
 
 /** Rows dequantized at a time while widening (float32, a few MB). */
 const ROWS_PER_CHUNK = 2048

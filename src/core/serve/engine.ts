@@ -133,9 +133,9 @@ export class ServeEngine {
     const [tokenizer, defaults, model] = await Promise.all([
       TextTokenizer.load(resolved.packageDir),
       readGenerationDefaults(resolved.packageDir),
-      // Any P the package has may be asked for: a quantized model makes its P ≥ 4 decode graph now,
-      // not in the middle of the first such request.
-      ParScaleModel.open(resolved.packageDir, {threads: options.threads, device: options.device ?? 'cpu', parallel: readManifest(resolved.packageDir).parallel}),
+      // Any P the package has may be asked for, by up to maxBatch sequences a step: a quantized model
+      // makes its P ≥ 4 decode graph now, not in the middle of the first such step.
+      ParScaleModel.open(resolved.packageDir, {threads: options.threads, device: options.device ?? 'cpu', parallel: readManifest(resolved.packageDir).parallel, sequences: options.maxBatch}),
     ])
     const served: ServedModel = {
       id: servedModelId(modelName),
