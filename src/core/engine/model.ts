@@ -39,8 +39,9 @@ export interface ModelOptions {
   /**
    * The P values this process expects to run. A quantized package decodes at P ≥ 4 through a
    * graph of its own (int8 weights widened at first use, `quant/widen.ts`): faster at many rows
-   * per step, slower at one, and more memory. Naming such a P here makes that graph at open
-   * (and both sessions' threads sleep when idle); otherwise the first step at such a P makes it.
+   * per step, slower at one, and more memory. Naming such a P here (with `sequences`) makes that
+   * graph at open where a step will run on it (and both sessions' threads sleep when idle);
+   * otherwise the first step that needs it makes it.
    */
   parallel?: readonly number[]
   /**

@@ -68,12 +68,14 @@ async function loadRequestModel(resolved: ResolvedModel, {options, numbers}: Pic
   }
 }
 
-export async function openRunContext(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers'>, hooks: LoadHooks = {}): Promise<RunContext> {
+export async function openRunContext(modelName: string | undefined, plan: Pick<RunPlan, 'options' | 'numbers' | 'mode'>, hooks: LoadHooks = {}): Promise<RunContext> {
   const resolved = resolveModel(modelName, {parallel: plan.numbers.parallel, quant: plan.options.quant, onProgress: hooks.onProgress, onNotice: hooks.onNotice})
   hooks.onLoading?.()
   const auto = plan.numbers.autoParallel === true
   const expected = auto ? readManifest(resolved.packageDir).parallel : [resolved.parallel]
-  const opening = ParScaleModel.open(resolved.packageDir, {threads: plan.numbers.threads, device: plan.options.device ?? 'cpu', parallel: expected})
+  // a batch file puts up to batch-size sequences in a step; a prompt or a chat one
+  const sequences = plan.mode === 'batch' ? plan.numbers.batchSize : 1
+  const opening = ParScaleModel.open(resolved.packageDir, {threads: plan.numbers.threads, device: plan.options.device ?? 'cpu', parallel: expected, sequences})
   const [loaded, model] = await Promise.allSettled([loadRequestModel(resolved, plan), opening])
   if (loaded.status === 'rejected') {
     if (model.status === 'fulfilled') await model.value.release()
