@@ -715,9 +715,10 @@ export function qkvTiles(l: LayerShape): number {
  * Positions of the attention's value sum an invocation takes at once (`PARSCALE_WGSL_ATTENTION_UNROLL`,
  * for GPU sweeps; default 1): the sum over positions j, j + GROUPS, … is a chain of dependent adds,
  * each waiting on its cache load, so a short context pays one load's latency a position
- * (WORKGROUP / head size = 4 groups share the positions). U accumulators put U loads in flight.
+ * (WORKGROUP / head size groups share the positions: 4 at head size 64). U accumulators put U
+ * loads in flight.
  */
-export function attentionUnroll(env: NodeJS.ProcessEnv = process.env): number {
+function attentionUnroll(env: NodeJS.ProcessEnv = process.env): number {
   return tuningKnob('PARSCALE_WGSL_ATTENTION_UNROLL', [1, 2, 4, 8], 1, env)
 }
 
