@@ -10,6 +10,11 @@
 //   values-in-blocks: as cache-first, values stored [C / 64, d, 64] (a sum over blocks of Vᵀ·pᵀ)
 //   values-rows:     as cache-first, values stored in rows [C, d] like the keys; Vᵀ·pᵀ through transA
 //                    (MLAS transposes A's blocks into its own panel as it goes: the cache read in rows)
+//   graph10:         the decode branch as shipped (blocks.ts attentionCore): cache first, results
+//                    turned to rows by I·Xᵀ, the mask added, the new token's score concatenated, softmax,
+//                    two slices, the new token's value added
+//   graph10-reduce:  the same products, the softmax taken apart so nothing of [g, C] is concatenated
+//                    or sliced: max over the cache and the new token, exp, sums, one division of [g, d]
 import os from 'node:os'
 
 import ort from 'onnxruntime-node'
@@ -30,7 +35,7 @@ const rounds = Number(process.env.BENCH_ROUNDS ?? 5)
 const steps = Number(process.env.BENCH_STEPS ?? 20)
 const threads = Number(process.env.BENCH_THREADS ?? 2)
 
-type Layout = 'keys-transposed' | 'cache-first' | 'rows-per-head' | 'hybrid' | 'values-in-blocks' | 'values-rows'
+type Layout = 'keys-transposed' | 'cache-first' | 'rows-per-head' | 'hybrid' | 'values-in-blocks' | 'values-rows' | 'graph10' | 'graph10-reduce'
 const layouts: Layout[] = (process.env.BENCH_LAYOUTS?.split(',') as Layout[] | undefined) ?? ['keys-transposed', 'cache-first', 'rows-per-head', 'hybrid', 'values-in-blocks', 'values-rows']
 /** Positions per block of the blocked value layout [C / block, d, block]. */
 const block = 64
@@ -39,7 +44,7 @@ function cacheDims(layout: Layout, capacity: number | string): [(number | string
   const rowsOf = [rows, kv, capacity, d]
   const transposed = [rows, kv, d, capacity]
   if (layout === 'keys-transposed') return [transposed, rowsOf]
-  if (layout === 'cache-first' || layout === 'hybrid') return [rowsOf, transposed]
+  if (layout === 'cache-first' || layout === 'hybrid' || layout === 'graph10' || layout === 'graph10-reduce') return [rowsOf, transposed]
   if (layout === 'values-in-blocks') return [rowsOf, [rows, kv, typeof capacity === 'number' ? capacity / block : 'blocks', d, block]]
   return [rowsOf, rowsOf]
 }
@@ -50,6 +55,13 @@ function build(layout: Layout): Uint8Array {
   const ops = new Ops(g)
   const transB = (a: string, b: string) => g.node('FusedMatMul', [a, b], {transB: 1}, 'com.microsoft')
   const q = g.input('q', 'float32', [rows, kv, group, d])
+  // the shipped decode branch's other inputs: the new token's key and value, the cache mask
+  const shipped = layout === 'graph10' || layout === 'graph10-reduce'
+  const newKey = shipped ? g.input('newKey', 'float32', [rows, kv, 1, d]) : ''
+  const newValue = shipped ? g.input('newValue', 'float32', [rows, kv, d, 1]) : ''
+  const mask = shipped ? g.input('mask', 'float32', [rows, 1, 1, 'C']) : ''
+  const identity = g.float(Array.from({length: group * group}, (_, i) => (i % (group + 1) === 0 ? 1 : 0)), [group, group])
+  const toRows = (x: string) => transB(identity, x)
   const outs: string[] = []
   for (let layer = 0; layer < layers; layer++) {
     const [keyShape, valueShape] = cacheDims(layout, 'C')
@@ -63,6 +75,20 @@ function build(layout: Layout): Uint8Array {
       // K·qᵀ turned to rows for the softmax, Vᵀ·pᵀ turned back
       const probs = ops.softmax(ops.transpose(transB(k, q), [0, 1, 3, 2]), -1) // [rows, kv, g, C]
       context = ops.transpose(transB(v, probs), [0, 1, 3, 2])
+    } else if (layout === 'graph10') {
+      const scores = ops.add(toRows(transB(k, q)), mask) // [rows, kv, g, C]
+      const probs = ops.softmax(ops.concat([scores, transB(q, newKey)], 3), -1)
+      const onCache = ops.slice(probs, g.int64([0]), g.int64([-1]), 3)
+      const onNew = ops.slice(probs, g.int64([-1]), g.int64([Number.MAX_SAFE_INTEGER]), 3)
+      context = ops.add(toRows(transB(v, onCache)), transB(onNew, newValue))
+    } else if (layout === 'graph10-reduce') {
+      const scores = ops.add(toRows(transB(k, q)), mask) // [rows, kv, g, C]
+      const own = transB(q, newKey) // [rows, kv, g, 1]
+      const top = g.node('Max', [g.node('ReduceMax', [scores], {axes: [-1], keepdims: 1}), own])
+      const weights = g.node('Exp', [ops.sub(scores, top)])
+      const ownWeight = g.node('Exp', [ops.sub(own, top)])
+      const total = ops.add(ops.reduceSum(weights, [-1]), ownWeight)
+      context = ops.div(ops.add(toRows(transB(v, weights)), transB(ownWeight, newValue)), total)
     } else if (layout === 'values-rows') {
       // as cache-first, values in rows [C, d]: Vᵀ·pᵀ with transA (MLAS transposes blocks of A as it reads them)
       const probs = ops.softmax(ops.transpose(transB(k, q), [0, 1, 3, 2]), -1) // [rows, kv, g, C]
@@ -98,11 +124,15 @@ for (const layout of layouts) {
   sessions.set(layout, await ort.InferenceSession.create(build(layout), {graphOptimizationLevel: 'all', executionMode: 'sequential', intraOpNumThreads: threads, interOpNumThreads: 1}))
 }
 const q = new ort.Tensor('float32', random(rows * kv * group * d), [rows, kv, group, d])
+const newKey = new ort.Tensor('float32', random(rows * kv * d), [rows, kv, 1, d])
+const newValue = new ort.Tensor('float32', random(rows * kv * d), [rows, kv, d, 1])
 console.log(`attention core, ${layers} layers, rows ${rows}, kv ${kv}, group ${group}, d ${d}, ${threads} threads; ${rounds} rounds × ${steps} runs; load ${os.loadavg()[0]!.toFixed(2)}`)
 for (const capacity of capacities) {
   const feeds = new Map<Layout, Record<string, ort.Tensor>>()
   for (const layout of layouts) {
     const f: Record<string, ort.Tensor> = {q}
+    // the decode branch's extra inputs (the last 32 positions empty, as a cache with room left)
+    if (layout === 'graph10' || layout === 'graph10-reduce') Object.assign(f, {newKey, newValue, mask: new ort.Tensor('float32', Float32Array.from({length: rows * capacity}, (_, i) => (i % capacity < capacity - 32 ? 0 : -1e30)), [rows, 1, 1, capacity])})
     for (let layer = 0; layer < layers; layer++) {
       const [keyDims, valueDims] = cacheDims(layout, capacity) as [number[], number[]]
       if (capacity % block !== 0) throw new Error(`capacity ${capacity} is not a multiple of ${block}`)

@@ -3,8 +3,12 @@
 // decode step on each in turn (BENCH_STEPS turns, default 40). Each turn gives one ratio; the
 // target is judged on their median, printed with the quartiles and the load average.
 // BENCH_PROMPTS (default "64,1024") and BENCH_PARALLEL (default 8) pick other shapes;
+// BENCH_GRAPH=FILE.onnx runs another graph over the same package (A/B of graph versions);
 // BENCH_PROFILE=PREFIX writes an ONNX Runtime profile and prints kernel ms per step by operator
 // (an If's time includes its branch's kernels, which are listed too).
+import {copyFileSync, rmSync} from 'node:fs'
+import path from 'node:path'
+
 import {interleavedDecode, medianWithQuartiles} from '../src/core/bench/interleaved-decode.js'
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import {median} from '../src/core/bench/stats.js'
@@ -17,7 +21,13 @@ const prompts = (process.env.BENCH_PROMPTS ?? '64,1024').split(',').map(Number)
 const log = (t: string) => process.stderr.write(`${t}\n`)
 const packageDir = ensureSyntheticPackage(SYNTHETIC_PRESETS['0.5b']!, {parallel: [1, parallel], onProgress: log})
 const profilePrefix = process.env.BENCH_PROFILE
-const result = await interleavedDecode({packageDir, parallel, prompts, steps, threads, onStatus: log, ...(profilePrefix ? {profilePrefix} : {})})
+// BENCH_GRAPH=FILE.onnx: that graph over the package's weights instead of its own (an older GRAPH_VERSION's
+// model.onnx of the same package, for an A/B), copied next to it so its external weights resolve
+const otherGraph = process.env.BENCH_GRAPH
+const graphFile = otherGraph ? 'model.context-steps-other.onnx' : undefined
+if (otherGraph) copyFileSync(otherGraph, path.join(packageDir, graphFile!))
+const result = await interleavedDecode({packageDir, parallel, prompts, steps, threads, onStatus: log, ...(profilePrefix ? {profilePrefix} : {}), ...(graphFile ? {graphFile} : {})})
+if (graphFile) rmSync(path.join(packageDir, graphFile), {force: true})
 
 console.log(`0.5b synthetic fp32, P = ${parallel}, ${threads} threads, ${steps} interleaved decode steps per prompt; load ${result.load[0].toFixed(2)} → ${result.load[1].toFixed(2)}`)
 console.log('')

@@ -20,7 +20,7 @@ function layerKernelsPerRun(file: string, layer: number): string[][] {
 }
 
 for (const name of ['tiny-p1', 'tiny-p4']) {
-  test(`${name}: a decode step runs at most 30 kernels in a layer and no Transpose, its logits as golden`, async () => {
+  test(`${name}: a decode step runs at most 35 kernels in a layer and no Transpose, its logits as golden`, async () => {
     const out = path.join(work, name)
     convertCheckpoints({sources: [goldenDir(name)], outDir: out, dtype: 'fp32'})
     const golden = JSON.parse(fs.readFileSync(path.join(goldenDir(name), 'golden.json'), 'utf8')) as {logits: {prompt_ids: number[]; values: number[][]}}
@@ -48,8 +48,10 @@ for (const name of ['tiny-p1', 'tiny-p4']) {
     const decodeRuns = runs.slice(-steps)
     assert.equal(decodeRuns.length, steps)
     for (const ops of decodeRuns) {
-      // graph 9 ran 34 per layer at 0.5b (q, k, v and the context transposed); graph 10 runs 30
-      assert.ok(ops.length <= 30, `${ops.length} kernels in a layer: ${ops.join(' ')}`)
+      // graph 9 ran 34 per layer at 0.5b (q, k, v and the context transposed); graph 10 ran 30; graph 11
+      // runs 35: its decode softmax, taken apart, trades Concat, Softmax and two Slices of the
+      // [group, capacity] scores for nine kernels that make fewer passes over them (docs/benchmarks.md)
+      assert.ok(ops.length <= 35, `${ops.length} kernels in a layer: ${ops.join(' ')}`)
       assert.ok(!ops.includes('Transpose'), `a decode step transposes in its layers: ${ops.join(' ')}`)
     }
   })

@@ -20,6 +20,8 @@ export interface InterleavedOptions {
   threads: number
   /** Writes an ONNX Runtime profile (`<prefix>_<time>.json`) and sums its kernels per prompt (`opMs`). */
   profilePrefix?: string
+  /** Another graph file in the package's folder over the same weights (A/B of graph versions). */
+  graphFile?: string
   onStatus?: (line: string) => void
 }
 
@@ -41,7 +43,12 @@ export interface InterleavedResult {
  */
 export async function interleavedDecode(options: InterleavedOptions): Promise<InterleavedResult> {
   const {parallel, prompts, steps} = options
-  const model = await ParScaleModel.open(options.packageDir, {threads: options.threads, parallel: [parallel], ...(options.profilePrefix ? {profilePrefix: options.profilePrefix} : {})})
+  const model = await ParScaleModel.open(options.packageDir, {
+    threads: options.threads,
+    parallel: [parallel],
+    ...(options.profilePrefix ? {profilePrefix: options.profilePrefix} : {}),
+    ...(options.graphFile ? {graphFile: options.graphFile} : {}),
+  })
   const runOrder: number[] = [] // the prompt of every timed step, in the order they ran
   let result: Omit<InterleavedResult, 'opMs'>
   try {

@@ -8,7 +8,7 @@ import type {WeightProvider} from './weights.js'
  * Bumped whenever the graph a conversion writes changes (ops, inputs, layout of stored
  * weights), so packages cached by an older parscale are converted again instead of reused.
  */
-export const GRAPH_VERSION = 10
+export const GRAPH_VERSION = 11
 
 /** Names of the decoder's inputs and outputs. */
 export const io = {
