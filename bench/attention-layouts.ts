@@ -37,6 +37,8 @@ const threads = Number(process.env.BENCH_THREADS ?? 2)
 
 type Layout = 'keys-transposed' | 'cache-first' | 'rows-per-head' | 'hybrid' | 'values-in-blocks' | 'values-rows' | 'graph10' | 'graph10-reduce'
 const layouts: Layout[] = (process.env.BENCH_LAYOUTS?.split(',') as Layout[] | undefined) ?? ['keys-transposed', 'cache-first', 'rows-per-head', 'hybrid', 'values-in-blocks', 'values-rows']
+/** The layouts of graph 10's decode branch and its taken-apart softmax, which also read the new token's key and value and the mask. */
+const decodeBranch = (layout: Layout) => layout === 'graph10' || layout === 'graph10-reduce'
 /** Positions per block of the blocked value layout [C / block, d, block]. */
 const block = 64
 /** Each layout's cache shapes [keys, values] for capacity C. */
@@ -44,7 +46,7 @@ function cacheDims(layout: Layout, capacity: number | string): [(number | string
   const rowsOf = [rows, kv, capacity, d]
   const transposed = [rows, kv, d, capacity]
   if (layout === 'keys-transposed') return [transposed, rowsOf]
-  if (layout === 'cache-first' || layout === 'hybrid' || layout === 'graph10' || layout === 'graph10-reduce') return [rowsOf, transposed]
+  if (layout === 'cache-first' || layout === 'hybrid' || decodeBranch(layout)) return [rowsOf, transposed]
   if (layout === 'values-in-blocks') return [rowsOf, [rows, kv, typeof capacity === 'number' ? capacity / block : 'blocks', d, block]]
   return [rowsOf, rowsOf]
 }
@@ -56,7 +58,7 @@ function build(layout: Layout): Uint8Array {
   const transB = (a: string, b: string) => g.node('FusedMatMul', [a, b], {transB: 1}, 'com.microsoft')
   const q = g.input('q', 'float32', [rows, kv, group, d])
   // the shipped decode branch's other inputs: the new token's key and value, the cache mask
-  const shipped = layout === 'graph10' || layout === 'graph10-reduce'
+  const shipped = decodeBranch(layout)
   const newKey = shipped ? g.input('newKey', 'float32', [rows, kv, 1, d]) : ''
   const newValue = shipped ? g.input('newValue', 'float32', [rows, kv, d, 1]) : ''
   const mask = shipped ? g.input('mask', 'float32', [rows, 1, 1, 'C']) : ''
@@ -132,7 +134,7 @@ for (const capacity of capacities) {
   for (const layout of layouts) {
     const f: Record<string, ort.Tensor> = {q}
     // the decode branch's extra inputs (the last 32 positions empty, as a cache with room left)
-    if (layout === 'graph10' || layout === 'graph10-reduce') Object.assign(f, {newKey, newValue, mask: new ort.Tensor('float32', Float32Array.from({length: rows * capacity}, (_, i) => (i % capacity < capacity - 32 ? 0 : -1e30)), [rows, 1, 1, capacity])})
+    if (decodeBranch(layout)) Object.assign(f, {newKey, newValue, mask: new ort.Tensor('float32', Float32Array.from({length: rows * capacity}, (_, i) => (i % capacity < capacity - 32 ? 0 : -1e30)), [rows, 1, 1, capacity])})
     for (let layer = 0; layer < layers; layer++) {
       const [keyDims, valueDims] = cacheDims(layout, capacity) as [number[], number[]]
       if (capacity % block !== 0) throw new Error(`capacity ${capacity} is not a multiple of ${block}`)

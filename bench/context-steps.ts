@@ -9,7 +9,7 @@
 import {copyFileSync, rmSync} from 'node:fs'
 import path from 'node:path'
 
-import {interleavedDecode, medianWithQuartiles} from '../src/core/bench/interleaved-decode.js'
+import {interleavedDecode, medianWithQuartiles, type InterleavedResult} from '../src/core/bench/interleaved-decode.js'
 import {ensureSyntheticPackage} from '../src/core/bench/synthetic-package.js'
 import {median} from '../src/core/bench/stats.js'
 import {SYNTHETIC_PRESETS} from '../src/core/checkpoint/synthetic.js'
@@ -26,8 +26,12 @@ const profilePrefix = process.env.BENCH_PROFILE
 const otherGraph = process.env.BENCH_GRAPH
 const graphFile = otherGraph ? 'model.context-steps-other.onnx' : undefined
 if (otherGraph) copyFileSync(otherGraph, path.join(packageDir, graphFile!))
-const result = await interleavedDecode({packageDir, parallel, prompts, steps, threads, onStatus: log, ...(profilePrefix ? {profilePrefix} : {}), ...(graphFile ? {graphFile} : {})})
-if (graphFile) rmSync(path.join(packageDir, graphFile), {force: true})
+let result: InterleavedResult
+try {
+  result = await interleavedDecode({packageDir, parallel, prompts, steps, threads, onStatus: log, ...(profilePrefix ? {profilePrefix} : {}), ...(graphFile ? {graphFile} : {})})
+} finally {
+  if (graphFile) rmSync(path.join(packageDir, graphFile), {force: true})
+}
 
 console.log(`0.5b synthetic fp32, P = ${parallel}, ${threads} threads, ${steps} interleaved decode steps per prompt; load ${result.load[0].toFixed(2)} → ${result.load[1].toFixed(2)}`)
 console.log('')

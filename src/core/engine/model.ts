@@ -202,7 +202,8 @@ export class ParScaleModel implements DeviceCacheHost {
     }
     // Only the CPU form of a quantized package has a widened twin (webgpu ones have no quant).
     const widenable = form === 'cpu' && manifest.quant !== undefined && options.widenDecode !== false && Math.max(...manifest.parallel) >= WIDENED_DECODE_FROM_PARALLEL
-    const rowsOnCodes = options.decodeRowsOnCodes ?? (manifest.quant ? decodeRowsOnCodes(manifest.quant.bits, cpuHasInt8DotProduct()) : 0)
+    // the CPU is asked (reading /proc/cpuinfo) only where a widened graph may run at all
+    const rowsOnCodes = widenable ? (options.decodeRowsOnCodes ?? decodeRowsOnCodes(manifest.quant!.bits, cpuHasInt8DotProduct())) : 0
     const mostRows = Math.max(0, ...(options.parallel ?? []).filter((p) => p >= WIDENED_DECODE_FROM_PARALLEL)) * (options.sequences ?? 1)
     const preload = widenable && mostRows > rowsOnCodes
     // Two sessions mean two thread pools: threads left spinning by one would take the cores
