@@ -24,7 +24,7 @@ import {checkpointSource} from '../src/core/wgsl/checkpoint-source.js'
 import {packageSource} from '../src/core/wgsl/package-source.js'
 import {openWgslDevice} from '../src/core/wgsl/dawn.js'
 import {WgslDecoder, WgslModel} from '../src/core/wgsl/decoder.js'
-import {matvecColumns, subgroupReduction, TUNING_KNOBS} from '../src/core/wgsl/kernels.js'
+import {matvecColumns, mlpTileRows, residualTileRows, subgroupReduction, TUNING_KNOBS} from '../src/core/wgsl/kernels.js'
 import {REPO_ROOT} from './helpers/cli.js'
 
 interface Golden {
@@ -298,7 +298,8 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       {PARSCALE_WGSL_LOOP: 'streams', PARSCALE_WGSL_TEAM_RULE: 'width'},
       {PARSCALE_WGSL_LOOP: 'weights', PARSCALE_WGSL_UNROLL: '2'},
       {PARSCALE_WGSL_LOOP: 'weights', PARSCALE_WGSL_UNROLL: '4', PARSCALE_WGSL_TEAM_MIN: '64'},
-      {PARSCALE_WGSL_MLP_ROWS: '1', PARSCALE_WGSL_OUT_ROWS: '4'},
+      // the tiles' rows: the defaults before session 44 (1 and 2), and the other ends (P = 3 defaults to 2 and 4)
+      {PARSCALE_WGSL_MLP_ROWS: '1', PARSCALE_WGSL_OUT_ROWS: '2'},
       {PARSCALE_WGSL_MLP_ROWS: '4', PARSCALE_WGSL_OUT_ROWS: '1'},
       // rows owned by invocations over interleaved matrices: slices ragged against K (1100 / 4 = 275 groups), unrolled or not
       {PARSCALE_WGSL_MATVEC: 'columns'},
@@ -389,6 +390,18 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     assert.equal(subgroupReduction(40, undefined, {PARSCALE_WGSL_REDUCE: 'butterfly'}), undefined)
     assert.equal(subgroupReduction(40, 32, {PARSCALE_WGSL_REDUCE: 'add'}), undefined)
     assert.throws(() => subgroupReduction(40, 32, {PARSCALE_WGSL_REDUCE: 'tree'}), /PARSCALE_WGSL_REDUCE must be auto, add or butterfly, not "tree"/)
+  })
+
+  test('tiles take two gate rows where there are several streams and an even intermediate size, and four residual rows', () => {
+    assert.equal(mlpTileRows(1, 4864, {}), 1)
+    assert.equal(mlpTileRows(2, 4864, {}), 2)
+    assert.equal(mlpTileRows(8, 4864, {}), 2)
+    assert.equal(mlpTileRows(8, 1101, {}), 1)
+    assert.equal(mlpTileRows(8, 4864, {PARSCALE_WGSL_MLP_ROWS: '4'}), 4)
+    assert.throws(() => mlpTileRows(8, 1102, {PARSCALE_WGSL_MLP_ROWS: '4'}), /PARSCALE_WGSL_MLP_ROWS must divide the intermediate size 1102, not "4"/)
+    assert.throws(() => mlpTileRows(8, 4864, {PARSCALE_WGSL_MLP_ROWS: '3'}), /PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4, not "3"/)
+    assert.equal(residualTileRows({}), 4)
+    assert.equal(residualTileRows({PARSCALE_WGSL_OUT_ROWS: '1'}), 1)
   })
 
   test('row tiles are the default for every product; columns or a list picks the columns kernel', () => {

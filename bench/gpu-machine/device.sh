@@ -4,7 +4,7 @@
 # most 600 s: steps run in the order given, each under its own limit and the call's deadline
 # (BUDGET seconds from the start, default 570); a step that would not fit is skipped and said so.
 # Usage: bash .carry/pscale/device.sh STEPS (comma list, run in that order) ; results under $OUT.
-# Steps (issue 23): wgslgolden wgsl wgslsafe wgslsweep wgslsweep2 wgslrows wgslloop wgsl18 wgslcli (hand-written kernels; need .carry/dawn.txz from pack.sh with DAWN=) probe longcall run golden gpuform int4 int4acc0 fp16 fp16w cpu16 eval evalfp16 evalacc0 synth18 profile gpubench gpuprofile oldgolden rss
+# Steps (issue 23): wgslgolden wgsl wgslalt wgslsafe wgslsweep wgslsweep2 wgslrows wgslloop wgsl18 wgslcli (hand-written kernels; need .carry/dawn.txz from pack.sh with DAWN=) probe longcall run golden gpuform int4 int4acc0 fp16 fp16w cpu16 eval evalfp16 evalacc0 synth18 profile gpubench gpuprofile oldgolden rss
 #   (fp16: the half GPU form of an fp16 package; fp16w: the same package widened to float32, PARSCALE_GPU_FORM_HALF=0)
 #   capture (needs .carry/ortweb.txz: onnxruntime-web + Dawn's webgpu, see ortweb-capture.mjs; after gpuform/int4 built the packages)
 #   gfcapture (the same ortweb.txz: the engine's capture route, PARSCALE_WEBGPU_ROUTE=capture, through bench/gpu-form-decode.ts)
@@ -98,6 +98,8 @@ run_step() {
   wgslgolden) dawn_unpack; step "hand-written kernels: golden logits, every prompt position" 60 node $B/wgsl-golden.js fixtures/golden 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-golden.txt ;;
   wgsl) dawn_unpack; BENCH_WEIGHTS=${WGSL_WEIGHTS:-f32,f16,q4} BENCH_PARALLEL=${WGSL_PARALLEL:-1,2,4,8} step "hand-written kernels: 0.5b decode per P and weight format" 360 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-0.5b.txt ;;
   # Dawn's defaults (validation, bounds clamps, workgroup zeroing, quantized timestamps) against dawn.ts's flags, same call
+  # the same end to end with other knob values (WGSL_ALT: VAR=value pairs, e.g. "PARSCALE_WGSL_MLP_ROWS=2 PARSCALE_WGSL_OUT_ROWS=4")
+  wgslalt) dawn_unpack; BENCH_WEIGHTS=${WGSL_ALT_WEIGHTS:-f16} BENCH_PARALLEL=${WGSL_PARALLEL:-1,2,4,8} step "hand-written kernels: 0.5b decode with ${WGSL_ALT:-the defaults}" 200 env ${WGSL_ALT:-} node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-alt.txt ;;
   wgslsafe) dawn_unpack; PARSCALE_DAWN_FLAGS= BENCH_WEIGHTS=${WGSL_WEIGHTS:-f16} BENCH_PARALLEL=1,8 step "hand-written kernels: 0.5b with Dawn's default toggles (PARSCALE_DAWN_FLAGS=)" 120 node $B/wgsl-decode.js 2>&1 | grep -v '^Warning' | tee $OUT/wgsl-safe.txt ;;
   # the matrix-vector knobs (bench/wgsl-sweep.ts): GPU ms per kernel at P = 1 and 8 per variant
   wgslsweep) dawn_unpack; BENCH_VARIANTS=${SWEEP_VARIANTS:-base:} BENCH_WEIGHTS=${SWEEP_WEIGHTS:-f32} step "hand-written kernels: 0.5b ${SWEEP_WEIGHTS:-f32}, a sweep of the matrix-vector knobs" ${SWEEP_LIMIT:-300} node $B/wgsl-sweep.js 2>&1 | grep -v '^Warning' | tee -a $OUT/wgsl-sweep.txt ;;

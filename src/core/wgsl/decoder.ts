@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, tuningKnob, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, mlpTileRows, residualTileRows, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
 import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
 import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
@@ -239,8 +239,7 @@ export class WgslModel {
     const slotsThatFit = Math.floor((workgroupBytes - 2 * 256 * 4 - c.headDim * 4) / 4)
     this.maxPositions = Math.min(c.maxPositionEmbeddings, slotsThatFit - c.prefixTokens)
     if (this.maxPositions < 1) throw new UserError(`the adapter's ${workgroupBytes} bytes of workgroup memory hold no cache beyond the ${c.prefixTokens} prefix slots`)
-    // The residual products (o_proj, down) have only `hidden` rows: fewer rows a workgroup keeps more workgroups in flight.
-    this.outRows = tuningKnob('PARSCALE_WGSL_OUT_ROWS', [1, 2, 4], 2)
+    this.outRows = residualTileRows()
     // the columns kernel's largest tile (a rotary pair, or a gate and an up row, for every stream) must fit the workgroup's memory
     this.columns = matvecColumns()
     const columnsBytes = matvecColumnsBytes({streams: c.parallel, rows: 2})
@@ -505,11 +504,8 @@ export class WgslModel {
       const c = this.config
       const S = c.parallel
       const I = c.intermediateSize
-      // gate (and up) rows a tile (PARSCALE_WGSL_MLP_ROWS, for GPU sweeps; 1: at P = 8 gate·up took 0.98 ms a step against
-      // 1.25 with 2, fewer sums live); the tiles must cover the intermediate rows exactly
       // (the columns kernel: one gate and one up row, one residual row an invocation)
-      const h = this.columns.has('gate_up') ? 1 : tuningKnob('PARSCALE_WGSL_MLP_ROWS', [1, 2, 4], 1)
-      if (I % h !== 0) throw new UserError(`PARSCALE_WGSL_MLP_ROWS must divide the intermediate size ${I}, not "${h}"`)
+      const h = this.columns.has('gate_up') ? 1 : mlpTileRows(S, I)
       const outRows = (product: LayerProduct) => (this.columns.has(product) ? columnRows() : this.outRows)
       const qRows = c.numHeads * c.headDim
       const split = (product: LayerProduct, k: number, tiles: number) => (this.columns.has(product) ? {slices: matvecSlices(k, tiles)} : this.rowTiles(k, tiles))

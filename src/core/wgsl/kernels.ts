@@ -213,6 +213,29 @@ export function tuningKnob(name: string, allowed: readonly number[], fallback: n
   return value
 }
 
+/**
+ * Gate (and as many up) rows a gate·up row tile takes (`PARSCALE_WGSL_MLP_ROWS`, 1, 2 or 4).
+ * A tile reads every stream's input row once for all its rows, so more rows a tile divide the
+ * input bytes read per weight byte; the default is 2 where there are several streams, 1 for one.
+ * Measured on an H100 (docs/benchmarks.md, session 44): gate·up at P = 8 0.564 ms a step with 2
+ * against 0.598 with 1 (f16), 0.584 against 0.598 (q4); at P = 1 2 loses (q4 0.428 against 0.370).
+ * The tiles must cover the intermediate rows exactly, so an odd size keeps 1.
+ */
+export function mlpTileRows(streams: number, intermediate: number, env: NodeJS.ProcessEnv = process.env): number {
+  const rows = tuningKnob('PARSCALE_WGSL_MLP_ROWS', [1, 2, 4], streams > 1 && intermediate % 2 === 0 ? 2 : 1, env)
+  if (intermediate % rows !== 0) throw new UserError(`PARSCALE_WGSL_MLP_ROWS must divide the intermediate size ${intermediate}, not "${rows}"`)
+  return rows
+}
+
+/**
+ * Rows a residual product's tile takes (o_proj, down; `PARSCALE_WGSL_OUT_ROWS`, 1, 2 or 4; a
+ * last tile past the hidden size writes only its rows). Default 4: on an H100 (session 44) down at
+ * P = 8 took 0.366 ms a step against 0.425 with 2 (f16) and 0.367 against 0.517 (q4), equal at P = 1.
+ */
+export function residualTileRows(env: NodeJS.ProcessEnv = process.env): number {
+  return tuningKnob('PARSCALE_WGSL_OUT_ROWS', [1, 2, 4], 4, env)
+}
+
 /** A layer's products, as the columns layout can be chosen for each. */
 export const LAYER_PRODUCTS = ['qkv', 'o_proj', 'gate_up', 'down'] as const
 export type LayerProduct = (typeof LAYER_PRODUCTS)[number]
