@@ -24,6 +24,9 @@ const SHIPPED_RESULTS = 'training/run-dynamic/attempts/run7-highp-long/small/res
 const PER_FILE = 'training/run-dynamic/per-file-eval.jsonl'
 // Whether each file's steps between P are resolved at all (per_file_eval.py --stats-out: paired per-token differences).
 const PER_FILE_STEPS = 'training/run-dynamic/per-file-steps.json'
+// The same records for 36 files of Python the corpus never drew from (Google Cloud SDK core, GYP; per_file_eval.py --text).
+const OTHER_PER_FILE = 'training/run-dynamic/other-python/per-file-eval.jsonl'
+const OTHER_PER_FILE_STEPS = 'training/run-dynamic/other-python/per-file-steps.json'
 const FAMILY = [1, 2, 4, 8] as const
 const log = (t: string) => process.stderr.write(`${t}\n`)
 
@@ -91,26 +94,29 @@ for (const [name, key] of [['held-out set 1 (record)', 'heldout'], ['held-out se
 }
 console.log(`${mark(strictlyFalling(excerptNll))} heldout.py (measured, ${path.relative(REPO_ROOT, CLI)} eval): the same order: ${fixed(excerptNll)}`)
 console.log(`       its steps (eval --parallel ${FAMILY.join(',')}, 95 % block bootstrap): ${excerptEval.steps.map((s) => `P${s.from}→P${s.to} ${s.gain >= 0 ? '+' : '−'}${Math.abs(s.gain).toFixed(4)} ${s.verdict}`).join(', ')}`)
-const perFilePath = path.join(REPO_ROOT, PER_FILE)
-if (fs.existsSync(perFilePath)) {
+/** One per-file record's count of files in order, and its steps' verdicts where the record has them. */
+function perFileReport(what: string, record: string, stepsRecord: string): void {
+  const recordPath = path.join(REPO_ROOT, record)
+  if (!fs.existsSync(recordPath)) return
   const byFile = new Map<string, Map<number, number>>()
-  for (const line of fs.readFileSync(perFilePath, 'utf8').split('\n').filter(Boolean)) {
+  for (const line of fs.readFileSync(recordPath, 'utf8').split('\n').filter(Boolean)) {
     const row = JSON.parse(line) as {file: string; parallel: number; r: {mean_nll: number}}
     byFile.set(row.file, (byFile.get(row.file) ?? new Map<number, number>()).set(row.parallel, row.r.mean_nll))
   }
   const held = [...byFile.values()].filter((nll) => strictlyFalling(FAMILY.map((p) => nll.get(p) ?? Number.NaN)))
-  console.log(`${mark(held.length === byFile.size)} every held-out file (record ${PER_FILE}): the same order in ${held.length} of ${byFile.size}`)
-  const stepsPath = path.join(REPO_ROOT, PER_FILE_STEPS)
-  if (fs.existsSync(stepsPath)) {
-    interface Steps {files: Record<string, {steps: Record<string, {verdict: StepVerdict}>}>; sets: Record<string, {expected_strict_order_by_noise: number}>}
-    const steps = JSON.parse(fs.readFileSync(stepsPath, 'utf8')) as Steps
-    const verdicts = Object.values(steps.files).flatMap((file) => Object.values(file.steps).map((step) => step.verdict))
-    const count = (verdict: StepVerdict) => verdicts.filter((v) => v === verdict).length
-    const expected = Object.values(steps.sets).reduce((sum, set) => sum + set.expected_strict_order_by_noise, 0)
-    console.log(`       of their ${verdicts.length} steps between P (record ${PER_FILE_STEPS}, 95 % block bootstrap): ${count('in order')} in order, ${count('reversed')} reversed, ${count('within noise')} within noise;` +
-      ` files in order expected from noise alone at this model's pooled steps: ${expected.toFixed(1)}`)
-  }
+  console.log(`${mark(held.length === byFile.size)} ${what} (record ${record}): the same order in ${held.length} of ${byFile.size}`)
+  const stepsPath = path.join(REPO_ROOT, stepsRecord)
+  if (!fs.existsSync(stepsPath)) return
+  interface Steps {files: Record<string, {steps: Record<string, {verdict: StepVerdict}>}>; sets: Record<string, {expected_strict_order_by_noise: number}>}
+  const steps = JSON.parse(fs.readFileSync(stepsPath, 'utf8')) as Steps
+  const verdicts = Object.values(steps.files).flatMap((file) => Object.values(file.steps).map((step) => step.verdict))
+  const count = (verdict: StepVerdict) => verdicts.filter((v) => v === verdict).length
+  const expected = Object.values(steps.sets).reduce((sum, set) => sum + set.expected_strict_order_by_noise, 0)
+  console.log(`       of their ${verdicts.length} steps between P (record ${stepsRecord}, 95 % block bootstrap): ${count('in order')} in order, ${count('reversed')} reversed, ${count('within noise')} within noise;` +
+    ` files in order expected from noise alone at this model's pooled steps: ${expected.toFixed(1)}`)
 }
+perFileReport('every held-out file', PER_FILE, PER_FILE_STEPS)
+perFileReport('Python from outside the corpus (docs/default-model.md, "Other held-out Python")', OTHER_PER_FILE, OTHER_PER_FILE_STEPS)
 console.log(`${mark(bytes <= PACKAGE_LIMIT_BYTES)} package ≤ ${PACKAGE_LIMIT_BYTES / 1e6} MB: ${(bytes / 1e6).toFixed(1)} MB`)
 console.log(`${mark(firstS.median <= FIRST_RUN_LIMIT_S)} first run on an empty cache ≤ ${FIRST_RUN_LIMIT_S} s: median ${firstS.median.toFixed(2)} s (${firstS.min.toFixed(2)}–${firstS.max.toFixed(2)})`)
 console.log(`${mark(warmS.median <= WARM_RUN_LIMIT_S)} the run after it ≤ ${WARM_RUN_LIMIT_S} s: median ${warmS.median.toFixed(2)} s (${warmS.min.toFixed(2)}–${warmS.max.toFixed(2)})`)
