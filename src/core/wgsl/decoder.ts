@@ -504,7 +504,7 @@ export class WgslModel {
       const c = this.config
       const S = c.parallel
       const I = c.intermediateSize
-      // (the columns kernel: one gate and one up row, one residual row an invocation)
+      // gate (and up) rows a row tile takes (mlpTileRows); the columns kernel owns one gate and one up row, one residual row an invocation
       const h = this.columns.has('gate_up') ? 1 : mlpTileRows(S, I)
       const outRows = (product: LayerProduct) => (this.columns.has(product) ? columnRows() : this.outRows)
       const qRows = c.numHeads * c.headDim
