@@ -106,6 +106,11 @@ const MIN_PREFILL_CHUNK = 16
 /** Widened int8 decoding pays off from this many streams per token (docs/benchmarks.md). */
 export const WIDENED_DECODE_FROM_PARALLEL = 4
 
+/** Whether a one-token step of `rows` rows (sequences × P) at `parallel` leaves the stored codes for the widened graph. */
+function stepWidens(parallel: number, rows: number, rowsOnCodes: number): boolean {
+  return parallel >= WIDENED_DECODE_FROM_PARALLEL && rows > rowsOnCodes
+}
+
 export class ParScaleModel implements DeviceCacheHost {
   private readonly streamCache = new Map<number, StreamWeights>()
   /** Per P, the aggregation head and the initial cache as device tensors (WebGPU form). */
@@ -168,7 +173,7 @@ export class ParScaleModel implements DeviceCacheHost {
 
   /** Whether a one-token step of `rows` rows (sequences × P) at `parallel` runs on the widened int8 graph. */
   private widensAt(parallel: number, rows: number): boolean {
-    return this.widenedOptions !== undefined && parallel >= WIDENED_DECODE_FROM_PARALLEL && rows > this.rowsOnCodes
+    return this.widenedOptions !== undefined && stepWidens(parallel, rows, this.rowsOnCodes)
   }
 
   static async open(packageDir: string, options: ModelOptions = {}): Promise<ParScaleModel> {
@@ -204,8 +209,7 @@ export class ParScaleModel implements DeviceCacheHost {
     const widenable = form === 'cpu' && manifest.quant !== undefined && options.widenDecode !== false && Math.max(...manifest.parallel) >= WIDENED_DECODE_FROM_PARALLEL
     // the CPU is asked (reading /proc/cpuinfo) only where a widened graph may run at all
     const rowsOnCodes = widenable ? (options.decodeRowsOnCodes ?? decodeRowsOnCodes(manifest.quant!.bits, cpuHasInt8DotProduct())) : 0
-    const mostRows = Math.max(0, ...(options.parallel ?? []).filter((p) => p >= WIDENED_DECODE_FROM_PARALLEL)) * (options.sequences ?? 1)
-    const preload = widenable && mostRows > rowsOnCodes
+    const preload = widenable && (options.parallel ?? []).some((p) => stepWidens(p, p * (options.sequences ?? 1), rowsOnCodes))
     // Two sessions mean two thread pools: threads left spinning by one would take the cores
     // the other needs, so with a decode session both pools sleep when idle.
     const sleeping = {...sessionOptions, extra: {session: {intra_op: {allow_spinning: '0'}}}}
