@@ -23,7 +23,11 @@ import {copyCheckpointWith, goldenDir, makeTempDir, rewriteSafetensors} from './
 const work = makeTempDir()
 after(() => fs.rmSync(work, {recursive: true, force: true}))
 const env = {PARSCALE_CACHE: path.join(work, 'cache'), HF_HUB_OFFLINE: '1'}
-const heldOut = path.join(REPO_ROOT, 'fixtures', 'default-model', 'heldout.py')
+// the embedded default model's family (p1, p8 checkpoints) and its held-out excerpt
+const family = path.join(REPO_ROOT, 'fixtures', 'default-model')
+const heldOut = path.join(family, 'heldout.py')
+/** The nodes of an ONNX graph file. */
+const graphNodes = (file: string) => onnxProto.onnx.ModelProto.decode(fs.readFileSync(file)).graph!.node!
 
 /** Greedy ids (plain argmax, no penalty) from `prompt`, at most `count`, ending at an id in `stop`. */
 async function greedy(model: ParScaleModel, prompt: number[], count: number, stop: number[]): Promise<number[]> {
@@ -74,7 +78,6 @@ describe('quantized packages', () => {
   })
 
   test('P variants share one quantized backbone, checked against their own source bytes', async () => {
-    const family = path.join(REPO_ROOT, 'fixtures', 'default-model')
     const manifest = convertCheckpoints({sources: [path.join(family, 'p1'), path.join(family, 'p8')], outDir: path.join(work, 'family-int4'), dtype: 'fp32', quant: quantScheme('int4')})
     assert.deepEqual(manifest.parallel, [1, 8])
     const single = convertCheckpoints({sources: [path.join(family, 'p8')], outDir: path.join(work, 'p8-int4'), dtype: 'fp32', quant: quantScheme('int4')})
@@ -91,17 +94,15 @@ describe('quantized packages', () => {
   })
 
   test('an int8 package\'s widened decode graph takes the LM head too (8-bit codes read as many bytes as int8)', () => {
-    const family = path.join(REPO_ROOT, 'fixtures', 'default-model')
     const dir = path.join(work, 'widen-int8')
     convertCheckpoints({sources: [path.join(family, 'p8')], outDir: dir, dtype: 'fp32', quant: quantScheme('int8')})
     const graph = widenedDecodeGraph(dir, readManifest(dir))!
-    const ops = onnxProto.onnx.ModelProto.decode(fs.readFileSync(graph)).graph!.node!.map((n) => n.opType)
+    const ops = graphNodes(graph).map((n) => n.opType)
     assert.equal(ops.filter((op) => op === 'MatMulNBits').length, 0)
     assert.ok(ops.filter((op) => op === 'DynamicQuantizeMatMul').length > 4 * readManifest(dir).model.numLayers, 'the layers and the head')
   })
 
   test('opened for P ≥ 4, a quantized package decodes on int8 widened once into its folder; logits stay close', async () => {
-    const family = path.join(REPO_ROOT, 'fixtures', 'default-model')
     const dir = path.join(work, 'widen-int4')
     convertCheckpoints({sources: [path.join(family, 'p1'), path.join(family, 'p8')], outDir: dir, dtype: 'fp32', quant: quantScheme('int4')})
     const p1 = await ParScaleModel.open(dir, {parallel: [1]})
@@ -120,7 +121,7 @@ describe('quantized packages', () => {
     assert.equal(widened.kernels(2).decode, 'MatMulNBits', 'chosen per P: P = 2 stays on the stored graph')
     assert.ok(fs.existsSync(path.join(dir, WIDENED_GRAPH)) && fs.existsSync(path.join(dir, WIDENED_WEIGHTS)))
     // the layers' products widened; the LM head (one row a token after the mix) keeps its 4-bit codes
-    const nodes = onnxProto.onnx.ModelProto.decode(fs.readFileSync(path.join(dir, WIDENED_GRAPH))).graph!.node!
+    const nodes = graphNodes(path.join(dir, WIDENED_GRAPH))
     const headCodes = nodes.filter((n) => n.opType === 'MatMulNBits').map((n) => n.input![1]!)
     assert.ok(headCodes.length > 0 && headCodes.every((name) => name.startsWith('lm_head.weight')), `MatMulNBits left: ${headCodes.join(', ')}`)
     assert.equal(nodes.filter((n) => n.opType === 'DynamicQuantizeMatMul').length, 4 * readManifest(dir).model.numLayers)
@@ -151,7 +152,6 @@ describe('quantized packages', () => {
   })
 
   test('with int8 dot products (decodeRowsOnCodes 8), a lone sequence at P = 8 decodes on the 4-bit codes and two sequences on the widened graph', async () => {
-    const family = path.join(REPO_ROOT, 'fixtures', 'default-model')
     const dir = path.join(work, 'widen-rows')
     convertCheckpoints({sources: [path.join(family, 'p8')], outDir: dir, dtype: 'fp32', quant: quantScheme('int4')})
     const stored = await ParScaleModel.open(dir, {widenDecode: false})
