@@ -266,7 +266,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     })
   }
 
-  test('the tuning knobs (loop order, unrolled input steps past a ragged end, team floor, MLP rows, the attention\'s value chains) give the default kernels\' logits', async (t) => {
+  test('the tuning knobs (loop order, unrolled input steps past a ragged end, team floor, MLP rows, the attention\'s value chains, the input staged in workgroup memory) give the default kernels\' logits', async (t) => {
     if (unavailable) return t.skip(unavailable)
     // hidden 96 (24 groups: two steps of a 32-wide team overrun it), intermediate 1100, P = 3
     const shape = syntheticShape(undefined, {hiddenSize: 96, numHeads: 6, numKvHeads: 2, intermediateSize: 1100, vocabSize: 300})
@@ -313,6 +313,10 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       {PARSCALE_WGSL_ATTENTION_UNROLL: '2'},
       {PARSCALE_WGSL_ATTENTION_UNROLL: '4'},
       {PARSCALE_WGSL_ATTENTION_UNROLL: '8'},
+      // the input staged in workgroup memory, under both loop orders and past a ragged end
+      {PARSCALE_WGSL_STAGE: 'f32'},
+      {PARSCALE_WGSL_STAGE: 'f32', PARSCALE_WGSL_LOOP: 'streams'},
+      {PARSCALE_WGSL_STAGE: 'f16', PARSCALE_WGSL_UNROLL: '4', PARSCALE_WGSL_MLP_ROWS: '1'},
     ]
     for (const knobs of variants) {
       const got = await logitsWith(knobs)
@@ -326,6 +330,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     await assert.rejects(logitsWith({PARSCALE_WGSL_MATVEC: 'columns', PARSCALE_WGSL_COLUMN_UNROLL: '3'}), /PARSCALE_WGSL_COLUMN_UNROLL must be 1, 2, 4 or 8/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_REDUCE: 'tree'}), /PARSCALE_WGSL_REDUCE must be auto, add or butterfly, not "tree"/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_QKV_PAIRS: '3'}), /PARSCALE_WGSL_QKV_PAIRS must be 1 or 2, not "3"/)
+    await assert.rejects(logitsWith({PARSCALE_WGSL_STAGE: 'half'}), /PARSCALE_WGSL_STAGE must be off, f32 or f16, not "half"/)
     await assert.rejects(logitsWith({PARSCALE_WGSL_ATTENTION_UNROLL: '3'}), /PARSCALE_WGSL_ATTENTION_UNROLL must be 1, 2, 4 or 8, not "3"/)
   })
 
@@ -368,6 +373,42 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     let worst = 0
     for (const [i, a] of mixed.entries()) for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - rows[i]![v]!))
     assert.ok(worst < 1e-4, `P = 8, gate_up,o_proj: worst |logit diff| ${worst}`)
+  })
+
+  test('the input staged as half pairs (PARSCALE_WGSL_STAGE=f16): half and q4 weights at P = 8 within half rounding of the buffer route; float32 weights keep float32', async (t) => {
+    if (unavailable) return t.skip(unavailable)
+    const shape = syntheticShape(undefined, {hiddenSize: 96, numHeads: 6, numKvHeads: 2, intermediateSize: 1088, vocabSize: 300})
+    const ids = [11, 48, 85, 122, 159]
+    const logitsOf = async (weights: 'f32' | 'f16' | 'q4', stage: string) => {
+      const saved = process.env.PARSCALE_WGSL_STAGE
+      process.env.PARSCALE_WGSL_STAGE = stage
+      try {
+        const model = await WgslModel.open(syntheticTensors(shape, {parallel: 8, prefixTokens: 5, seed: 9}), {weights})
+        const sequence = model.sequence()
+        try {
+          const out = [(await model.run(sequence, ids.slice(0, 3), true))!.logits]
+          for (const id of ids.slice(3)) out.push((await model.run(sequence, [id], true))!.logits)
+          return out
+        } finally {
+          sequence.release()
+          model.release()
+        }
+      } finally {
+        if (saved === undefined) delete process.env.PARSCALE_WGSL_STAGE
+        else process.env.PARSCALE_WGSL_STAGE = saved
+      }
+    }
+    const worstOf = (a: Float32Array[], b: Float32Array[]) => {
+      let worst = 0
+      for (const [i, x] of a.entries()) for (let v = 0; v < x.length; v++) worst = Math.max(worst, Math.abs(x[v]! - b[i]![v]!))
+      return worst
+    }
+    for (const weights of ['f16', 'q4'] as const) {
+      const worst = worstOf(await logitsOf(weights, 'f16'), await logitsOf(weights, 'off'))
+      // the steps' inputs rounded to half: the logits move, by about half's rounding of the products
+      assert.ok(worst > 0 && worst < 2e-2, `${weights}: worst |logit diff| ${worst}`)
+    }
+    assert.ok(worstOf(await logitsOf('f32', 'f16'), await logitsOf('f32', 'off')) < 1e-4)
   })
 
   test('every PARSCALE_WGSL_ variable the kernels read is in TUNING_KNOBS, so the sweep can set and clear it', () => {

@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {argmaxKernel, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, mlpTileRows, residualTileRows, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {argmaxKernel, inputStaging, qkvPairs, type MatvecSpec, matvecWorkgroupBytes, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, mlpTileRows, residualTileRows, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
 import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
 import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
@@ -336,6 +336,13 @@ export class WgslModel {
     return {team: matvecTeam(k, tiles, this.gpu.subgroupMax), subgroup: this.gpu.subgroupWidth}
   }
 
+  /** A layer product's decode row kernel with its input staged in workgroup memory where asked for (`inputStaging`) and where the copy fits. */
+  private staged<T extends Pick<MatvecSpec, 'k' | 'streams' | 'rows' | 'normEps' | 'team' | 'slices'>>(spec: T): T & {stage?: MatvecSpec['stage']} {
+    const stage = inputStaging(this.weights === 'f32' ? 'f32' : this.weights)
+    if (stage === undefined || spec.slices !== undefined) return spec
+    return matvecWorkgroupBytes({...spec, stage}) <= this.gpu.device.limits.maxComputeWorkgroupStorageSize! ? {...spec, stage} : spec
+  }
+
   /**
    * How matrices of input width `k` are stored (the quantized formats' block as uploaded); a layer
    * `product`'s matrix of `rows` rows is interleaved where the columns kernel runs that product.
@@ -511,7 +518,7 @@ export class WgslModel {
       const split = (product: LayerProduct, k: number, tiles: number) => (this.columns.has(product) ? {slices: matvecSlices(k, tiles)} : this.rowTiles(k, tiles))
       const residual = (product: 'o_proj' | 'down', k: number) => {
         const rows = outRows(product)
-        return {k, n: c.hiddenSize, streams: S, rows, weights: this.format(k, {name: product, rows: c.hiddenSize}), ...split(product, k, Math.ceil(c.hiddenSize / rows)), epilogue: 'Y[s * N + row] += v;'}
+        return this.staged({k, n: c.hiddenSize, streams: S, rows, weights: this.format(k, {name: product, rows: c.hiddenSize}), ...split(product, k, Math.ceil(c.hiddenSize / rows)), epilogue: 'Y[s * N + row] += v;'})
       }
       const o = residual('o_proj', qRows)
       const down = residual('down', I)
@@ -520,13 +527,9 @@ export class WgslModel {
         o: this.pipeline(matvecKernel(o), 'o_proj'),
         mlp: this.pipeline(
           matvecKernel({
-            k: c.hiddenSize,
+            ...this.staged({k: c.hiddenSize, streams: S, rows: 2 * h, normEps: c.rmsNormEps, ...mlpSplit}),
             n: 2 * I,
-            streams: S,
-            rows: 2 * h,
-            normEps: c.rmsNormEps,
             weights: this.format(c.hiddenSize, {name: 'gate_up', rows: 2 * I}),
-            ...mlpSplit,
             rowOf: `select(${I}u + t * ${h}u + r - ${h}u, t * ${h}u + r, r < ${h}u)`,
             extra: '@group(0) @binding(6) var<storage, read_write> HOUT: array<f32>;',
             tileEpilogue: `
@@ -585,7 +588,11 @@ export class WgslModel {
       const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
       const base: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize, {name: 'qkv', rows: qkvWidth})}
       // the columns kernel's tiles are one rotary pair each (any `slices` counts them so)
-      const shape: LayerShape = this.columns.has('qkv') ? {...base, slices: matvecSlices(c.hiddenSize, qkvTileCount({...base, slices: 1}))} : {...base, ...this.rowTiles(c.hiddenSize, qkvTileCount(base))}
+      const rowShape = (): LayerShape => {
+        const tiled = {...base, ...this.rowTiles(c.hiddenSize, qkvTileCount(base))}
+        return tokens === 1 ? {...tiled, ...this.staged({k: c.hiddenSize, streams: c.parallel, rows: 2 * qkvPairs(tiled), normEps: c.rmsNormEps, team: tiled.team})} : tiled
+      }
+      const shape: LayerShape = this.columns.has('qkv') ? {...base, slices: matvecSlices(c.hiddenSize, qkvTileCount({...base, slices: 1}))} : rowShape()
       kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
       this.cacheKernels.set(key, kernels)
     }

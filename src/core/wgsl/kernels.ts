@@ -65,7 +65,14 @@ export interface MatvecSpec {
    * the matrix interleaved over its rows); absent, tiles of rows shared by a team.
    */
   slices?: number
+  /**
+   * The input rows copied into workgroup memory once a workgroup before its tiles' loops
+   * (`inputStaging`), as float32 or as half pairs; absent, every tile reads them from the buffer.
+   */
+  stage?: InputStage
 }
+
+export type InputStage = 'f32' | 'f16'
 
 /**
  * How a matrix lies on the GPU: float32; half pairs packed in u32 words; or the packages' block
@@ -199,7 +206,7 @@ export function matvecLoop(env: NodeJS.ProcessEnv = process.env): {order: 'strea
 }
 
 /** Every `PARSCALE_WGSL_*` tuning variable of the hand-written kernels, less the prefix (bench/wgsl-sweep.ts sets them per variant). */
-export const TUNING_KNOBS = ['LOOP', 'UNROLL', 'TEAM_MIN', 'TEAM_RULE', 'MLP_ROWS', 'OUT_ROWS', 'MATVEC', 'COLUMN_THREADS', 'COLUMN_UNROLL', 'COLUMN_SPAN', 'COLUMN_ROWS', 'REDUCE', 'QKV_PAIRS', 'ATTENTION_UNROLL'] as const
+export const TUNING_KNOBS = ['LOOP', 'UNROLL', 'TEAM_MIN', 'TEAM_RULE', 'MLP_ROWS', 'OUT_ROWS', 'MATVEC', 'COLUMN_THREADS', 'COLUMN_UNROLL', 'COLUMN_SPAN', 'COLUMN_ROWS', 'REDUCE', 'QKV_PAIRS', 'ATTENTION_UNROLL', 'STAGE'] as const
 
 /**
  * A numeric tuning variable (`PARSCALE_WGSL_*`, for GPU sweeps): its value if it is one of
@@ -278,7 +285,7 @@ function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: b
     ${norm ? 'let g = G[i];' : ''}
     var xs: array<vec4<f32>, ${S}>;
     for (var s = 0u; s < S; s++) {
-      let x = X[s * K4 + i];
+      let x = xin(s * K4 + i);
       ${norm ? 'acc[R * S + s] += dot(x, x);' : ''}
       xs[s] = x${norm ? ' * g' : ''};
     }
@@ -300,7 +307,7 @@ function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: b
       ${steps
         .map(
           (u) => `{
-        let x = ${ragged ? `select(vec4<f32>(0.0), X[s * K4 + i${u}], ok${u})` : `X[s * K4 + i${u}]`};
+        let x = ${ragged ? `select(vec4<f32>(0.0), xin(s * K4 + i${u}), ok${u})` : `xin(s * K4 + i${u})`};
         ${norm ? 'acc[R * S + s] += dot(x, x);' : ''}
         let xg = x${norm ? ` * g${u}` : ''};
         for (var r = 0u; r < R; r++) { acc[r * S + s] += dot(w[${u * R}u + r], xg); }
@@ -365,6 +372,7 @@ ${productBindings(spec)}
 ${spec.extra ?? ''}
 var<workgroup> partial: array<f32, ${(WORKGROUP / 4) * values}>;
 var<workgroup> sums: array<f32, ${(WORKGROUP / team) * values}>;
+${stagedInput(spec.stage, S * (k / 4)).declarations}
 
 ${tileResults(spec, row, 'sums[team_ * VALUES + r * S + s]', 'sums[team_ * VALUES + R * S + s]')}
 
@@ -378,6 +386,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   team_ = team;
   _ = step.pos; // every matvec binds the same step uniform, used or not
   _ = &Y;
+  ${stagedInput(spec.stage, S * (k / 4)).copy}
   var acc: array<f32, ${butterfly?.padded ?? values}>;
   var base: array<u32, ${R}>;
   // a tile past the last still runs (its rows clamped) so the workgroup's barriers stay uniform; it writes nothing
@@ -406,6 +415,54 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   }
 }
 `
+}
+
+/**
+ * Where a row kernel's tiles read their input rows (`xin(j)`: group j of the S·K4 groups of four):
+ * from the storage buffer, or from a copy in workgroup memory made once a workgroup (float32, or
+ * half pairs packed in u32 words as the f16 matrices are). A workgroup's tiles all read every
+ * stream's whole input, so at P = 8 the buffer route passes 8 input bytes per weight byte (f16)
+ * through the caches; the copy passes them once a workgroup.
+ */
+function stagedInput(stage: InputStage | undefined, groups: number): {declarations: string; copy: string} {
+  if (stage === undefined) return {declarations: 'fn xin(j: u32) -> vec4<f32> { return X[j]; }', copy: ''}
+  const loop = `for (var j = lid; j < ${groups}u; j += WG) {`
+  if (stage === 'f32') {
+    return {
+      declarations: `var<workgroup> XS: array<vec4<f32>, ${groups}>;
+fn xin(j: u32) -> vec4<f32> { return XS[j]; }`,
+      copy: `${loop} XS[j] = X[j]; }
+  workgroupBarrier();`,
+    }
+  }
+  return {
+    declarations: `var<workgroup> XS: array<vec2<u32>, ${groups}>;
+fn xin(j: u32) -> vec4<f32> { let h = XS[j]; return vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y)); }`,
+    copy: `${loop} let x = X[j]; XS[j] = vec2<u32>(pack2x16float(x.xy), pack2x16float(x.zw)); }
+  workgroupBarrier();`,
+  }
+}
+
+/** Bytes of workgroup memory a row kernel of `spec` declares (its sums, and the staged input where asked for). */
+export function matvecWorkgroupBytes(spec: Pick<MatvecSpec, 'k' | 'streams' | 'rows' | 'normEps' | 'team' | 'stage'>): number {
+  const values = spec.rows * spec.streams + (spec.normEps !== undefined ? spec.streams : 0)
+  const sums = 4 * values * (WORKGROUP / 4 + WORKGROUP / (spec.team ?? WORKGROUP))
+  const staged = spec.stage === undefined ? 0 : spec.streams * spec.k * (spec.stage === 'f32' ? 4 : 2)
+  return sums + staged
+}
+
+/**
+ * How the layer products' row kernels read their input (`PARSCALE_WGSL_STAGE`): `off` (default,
+ * from the storage buffer), `f32` (a float32 copy in workgroup memory a workgroup), or `f16` (a
+ * half copy where the weights are half or codes, float32 where they are float32, so float32
+ * weights keep float32 arithmetic). A product whose copy does not fit the adapter's workgroup
+ * memory reads from the buffer.
+ */
+export function inputStaging(weights: WeightFormat['kind'], env: NodeJS.ProcessEnv = process.env): InputStage | undefined {
+  const chosen = env.PARSCALE_WGSL_STAGE ?? 'off'
+  if (chosen !== 'off' && chosen !== 'f32' && chosen !== 'f16') throw new UserError(`PARSCALE_WGSL_STAGE must be off, f32 or f16, not "${chosen}"`)
+  if (chosen === 'off') return undefined
+  return chosen === 'f16' && weights !== 'f32' ? 'f16' : 'f32'
 }
 
 /**
@@ -646,6 +703,8 @@ export interface LayerShape {
   slices?: number
   /** `MatvecSpec.subgroup`. */
   subgroup?: number
+  /** `MatvecSpec.stage` (decode steps). */
+  stage?: InputStage
 }
 
 /**
@@ -672,6 +731,7 @@ export function qkvKernel(l: LayerShape): string {
     team: l.team,
     slices: l.slices,
     subgroup: l.subgroup,
+    stage: l.stage,
     rowOf: `(t / ${tilesPerHead}u) * ${d}u + (t % ${tilesPerHead}u) * ${pairs}u + (r % ${pairs}u) + (r / ${pairs}u) * ${half}u`,
     extra: `@group(0) @binding(6) var<storage, read_write> KC: array<f32>;
 @group(0) @binding(7) var<storage, read_write> VC: array<f32>;
@@ -715,7 +775,7 @@ export function qkvKernel(l: LayerShape): string {
  * Rotary pairs per qkv tile: 2 (4 rows) for a decode step, 1 when a call holds many rows (a
  * prompt's tokens), so the accumulators (rows × stream rows) stay in registers.
  */
-function qkvPairs(l: LayerShape, env: NodeJS.ProcessEnv = process.env): number {
+export function qkvPairs(l: LayerShape, env: NodeJS.ProcessEnv = process.env): number {
   const half = l.headDim / 2
   // the columns kernel: a tile is one invocation's rows, so one pair keeps its accumulators few
   const fallback = l.slices === undefined && half % 2 === 0 && l.streams * l.tokens <= 8 ? 2 : 1
