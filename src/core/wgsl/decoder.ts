@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {argmaxKernel, inputStaging, qkvPairs, type MatvecSpec, matvecWorkgroupBytes, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, mlpTileRows, residualTileRows, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {argmaxKernel, inputStaging, WORKGROUP, qkvPairs, type MatvecSpec, matvecWorkgroupBytes, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, mlpTileRows, residualTileRows, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
 import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
 import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
@@ -336,10 +336,14 @@ export class WgslModel {
     return {team: matvecTeam(k, tiles, this.gpu.subgroupMax), subgroup: this.gpu.subgroupWidth}
   }
 
-  /** A layer product's decode row kernel with its input staged in workgroup memory where asked for (`inputStaging`) and where the copy fits. */
+  /**
+   * A layer product's decode row kernel with its input staged in workgroup memory where asked for
+   * (`inputStaging`), where a workgroup holds several tiles to share the copy (at 0.5b: gate·up 8,
+   * q·k·v 2; o_proj and down one, which would only pay the copy), and where the copy fits.
+   */
   private staged<T extends Pick<MatvecSpec, 'k' | 'streams' | 'rows' | 'normEps' | 'team' | 'slices'>>(spec: T): T & {stage?: MatvecSpec['stage']} {
     const stage = inputStaging(this.weights === 'f32' ? 'f32' : this.weights)
-    if (stage === undefined || spec.slices !== undefined) return spec
+    if (stage === undefined || spec.slices !== undefined || WORKGROUP / (spec.team ?? WORKGROUP) < 2) return spec
     return matvecWorkgroupBytes({...spec, stage}) <= this.gpu.device.limits.maxComputeWorkgroupStorageSize! ? {...spec, stage} : spec
   }
 
