@@ -24,7 +24,7 @@ import {checkpointSource} from '../src/core/wgsl/checkpoint-source.js'
 import {packageSource} from '../src/core/wgsl/package-source.js'
 import {openWgslDevice} from '../src/core/wgsl/dawn.js'
 import {WgslDecoder, WgslModel} from '../src/core/wgsl/decoder.js'
-import {matvecColumns, mlpTileRows, residualTileRows, subgroupReduction, TUNING_KNOBS} from '../src/core/wgsl/kernels.js'
+import {inputStaging, matvecColumns, matvecWorkgroupBytes, mlpTileRows, residualTileRows, subgroupReduction, TUNING_KNOBS} from '../src/core/wgsl/kernels.js'
 import {REPO_ROOT} from './helpers/cli.js'
 
 interface Golden {
@@ -301,6 +301,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       // the tiles' rows: the defaults before session 44 (1 and 2), and the other ends (P = 3 defaults to 2 and 4)
       {PARSCALE_WGSL_MLP_ROWS: '1', PARSCALE_WGSL_OUT_ROWS: '2'},
       {PARSCALE_WGSL_MLP_ROWS: '4', PARSCALE_WGSL_OUT_ROWS: '1'},
+      {PARSCALE_WGSL_OUT_ROWS: '8'},
       // rows owned by invocations over interleaved matrices: slices ragged against K (1100 / 4 = 275 groups), unrolled or not
       {PARSCALE_WGSL_MATVEC: 'columns'},
       {PARSCALE_WGSL_MATVEC: 'gate_up,o_proj'},
@@ -443,6 +444,22 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     assert.throws(() => mlpTileRows(8, 4864, {PARSCALE_WGSL_MLP_ROWS: '3'}), /PARSCALE_WGSL_MLP_ROWS must be 1, 2 or 4, not "3"/)
     assert.equal(residualTileRows({}), 4)
     assert.equal(residualTileRows({PARSCALE_WGSL_OUT_ROWS: '1'}), 1)
+    assert.equal(residualTileRows({PARSCALE_WGSL_OUT_ROWS: '8'}), 8)
+    assert.throws(() => residualTileRows({PARSCALE_WGSL_OUT_ROWS: '3'}), /PARSCALE_WGSL_OUT_ROWS must be 1, 2, 4 or 8, not "3"/)
+  })
+
+  test('the input is staged only where asked for: half pairs over half or coded weights, float32 over float32', () => {
+    assert.equal(inputStaging('f16', {}), undefined)
+    assert.equal(inputStaging('f16', {PARSCALE_WGSL_STAGE: 'off'}), undefined)
+    assert.equal(inputStaging('q4', {PARSCALE_WGSL_STAGE: 'f16'}), 'f16')
+    assert.equal(inputStaging('f32', {PARSCALE_WGSL_STAGE: 'f16'}), 'f32')
+    assert.equal(inputStaging('f16', {PARSCALE_WGSL_STAGE: 'f32'}), 'f32')
+    assert.throws(() => inputStaging('f16', {PARSCALE_WGSL_STAGE: 'on'}), /PARSCALE_WGSL_STAGE must be off, f32 or f16, not "on"/)
+    // gate·up at 0.5b, P = 8, two gate rows a tile, a 32-invocation team: 40 sums a tile, then 8 streams × 896 inputs
+    const gateUp = {k: 896, streams: 8, rows: 4, normEps: 1e-6, team: 32}
+    assert.equal(matvecWorkgroupBytes(gateUp), 4 * 40 * (64 + 8))
+    assert.equal(matvecWorkgroupBytes({...gateUp, stage: 'f32'}), 4 * 40 * (64 + 8) + 8 * 896 * 4)
+    assert.equal(matvecWorkgroupBytes({...gateUp, stage: 'f16'}), 4 * 40 * (64 + 8) + 8 * 896 * 2)
   })
 
   test('row tiles are the default for every product; columns or a list picks the columns kernel', () => {

@@ -235,12 +235,12 @@ export function mlpTileRows(streams: number, intermediate: number, env: NodeJS.P
 }
 
 /**
- * Rows a residual product's tile takes (o_proj, down; `PARSCALE_WGSL_OUT_ROWS`, 1, 2 or 4; a
+ * Rows a residual product's tile takes (o_proj, down; `PARSCALE_WGSL_OUT_ROWS`, 1, 2, 4 or 8; a
  * last tile past the hidden size writes only its rows). Default 4: on an H100 (session 44) down at
  * P = 8 took 0.366 ms a step against 0.425 with 2 (f16) and 0.367 against 0.517 (q4), equal at P = 1.
  */
 export function residualTileRows(env: NodeJS.ProcessEnv = process.env): number {
-  return tuningKnob('PARSCALE_WGSL_OUT_ROWS', [1, 2, 4], 4, env)
+  return tuningKnob('PARSCALE_WGSL_OUT_ROWS', [1, 2, 4, 8], 4, env)
 }
 
 /** A layer's products, as the columns layout can be chosen for each. */
