@@ -23,8 +23,8 @@ import {blockSizeFor} from '../src/core/quant/scheme.js'
 import {checkpointSource} from '../src/core/wgsl/checkpoint-source.js'
 import {packageSource} from '../src/core/wgsl/package-source.js'
 import {openWgslDevice} from '../src/core/wgsl/dawn.js'
-import {WgslDecoder, WgslModel} from '../src/core/wgsl/decoder.js'
-import {inputStaging, matvecColumns, matvecWorkgroupBytes, mlpTileRows, residualTileRows, subgroupReduction, TUNING_KNOBS} from '../src/core/wgsl/kernels.js'
+import {WgslDecoder, WgslModel, type WgslWeights} from '../src/core/wgsl/decoder.js'
+import {inputStaging, matvecColumns, matvecWorkgroupBytes, mlpTileRows, stagedChunk, residualTileRows, subgroupReduction, TUNING_KNOBS} from '../src/core/wgsl/kernels.js'
 import {REPO_ROOT} from './helpers/cli.js'
 
 interface Golden {
@@ -48,6 +48,41 @@ before(async () => {
 })
 
 const argmax = (xs: Float32Array) => xs.reduce((best, x, i) => (x > xs[best]! ? i : best), 0)
+
+/**
+ * A synthetic model's logits with `knobs` (PARSCALE_WGSL_* variables) set while it opens and
+ * runs: a prompt call of the first three ids, then a step for each of the rest.
+ */
+async function syntheticLogits(shape: ReturnType<typeof syntheticShape>, options: {parallel: number; seed: number; weights?: WgslWeights; knobs?: Record<string, string | undefined>}, ids = [11, 48, 85, 122, 159]): Promise<Float32Array[]> {
+  const knobs = options.knobs ?? {}
+  const saved = Object.fromEntries(Object.keys(knobs).map((key) => [key, process.env[key]]))
+  const set = (values: Record<string, string | undefined>) => {
+    for (const [key, value] of Object.entries(values)) if (value === undefined) delete process.env[key]
+    else process.env[key] = value
+  }
+  set(knobs)
+  try {
+    const model = await WgslModel.open(syntheticTensors(shape, {parallel: options.parallel, prefixTokens: 5, seed: options.seed}), {weights: options.weights})
+    const sequence = model.sequence()
+    try {
+      const out = [(await model.run(sequence, ids.slice(0, 3), true))!.logits]
+      for (const id of ids.slice(3)) out.push((await model.run(sequence, [id], true))!.logits)
+      return out
+    } finally {
+      sequence.release()
+      model.release()
+    }
+  } finally {
+    set(saved)
+  }
+}
+
+/** The largest |difference| between two runs' logits. */
+function worstLogitDiff(a: Float32Array[], b: Float32Array[]): number {
+  let worst = 0
+  for (const [i, x] of a.entries()) for (let v = 0; v < x.length; v++) worst = Math.max(worst, Math.abs(x[v]! - b[i]![v]!))
+  return worst
+}
 
 describe('hand-written WebGPU decode step: the golden checkpoints', () => {
   for (const name of cases) {
@@ -339,77 +374,48 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     if (unavailable) return t.skip(unavailable)
     // quantized rows are whole blocks: every input width a multiple of 32
     const shape = syntheticShape(undefined, {hiddenSize: 96, numHeads: 6, numKvHeads: 2, intermediateSize: 1088, vocabSize: 300})
-    const ids = [11, 48, 85, 122, 159]
-    const logitsOf = async (weights: 'f16' | 'q8' | 'q4', matvec: string | undefined, parallel = 3) => {
-      const saved = process.env.PARSCALE_WGSL_MATVEC
-      if (matvec === undefined) delete process.env.PARSCALE_WGSL_MATVEC
-      else process.env.PARSCALE_WGSL_MATVEC = matvec
-      try {
-        const model = await WgslModel.open(syntheticTensors(shape, {parallel, prefixTokens: 5, seed: 9}), {weights})
-        const sequence = model.sequence()
-        try {
-          const out = [(await model.run(sequence, ids.slice(0, 3), true))!.logits]
-          for (const id of ids.slice(3)) out.push((await model.run(sequence, [id], true))!.logits)
-          return out
-        } finally {
-          sequence.release()
-          model.release()
-        }
-      } finally {
-        if (saved === undefined) delete process.env.PARSCALE_WGSL_MATVEC
-        else process.env.PARSCALE_WGSL_MATVEC = saved
-      }
-    }
+    const logitsOf = (weights: WgslWeights, matvec: string | undefined, parallel = 3) => syntheticLogits(shape, {parallel, seed: 9, weights, knobs: {PARSCALE_WGSL_MATVEC: matvec}})
     for (const weights of ['f16', 'q8', 'q4'] as const) {
       const rows = await logitsOf(weights, 'rows')
-      const columns = await logitsOf(weights, 'columns')
-      let worst = 0
-      for (const [i, a] of columns.entries()) for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - rows[i]![v]!))
+      const worst = worstLogitDiff(await logitsOf(weights, 'columns'), rows)
       assert.ok(worst < 1e-4, `${weights}: worst |logit diff| ${worst}`)
       assert.ok(rows[0]!.some((v) => v !== 0), `${weights}: logits are not all zero`)
     }
     // at P = 8 (the butterfly's largest tiles): gate·up and o_proj by the columns kernel against the default, row tiles everywhere
-    const rows = await logitsOf('f16', undefined, 8)
-    const mixed = await logitsOf('f16', 'gate_up,o_proj', 8)
-    let worst = 0
-    for (const [i, a] of mixed.entries()) for (let v = 0; v < a.length; v++) worst = Math.max(worst, Math.abs(a[v]! - rows[i]![v]!))
+    const worst = worstLogitDiff(await logitsOf('f16', 'gate_up,o_proj', 8), await logitsOf('f16', undefined, 8))
     assert.ok(worst < 1e-4, `P = 8, gate_up,o_proj: worst |logit diff| ${worst}`)
   })
 
   test('the input staged as half pairs (PARSCALE_WGSL_STAGE=f16): half and q4 weights at P = 8 within half rounding of the buffer route; float32 weights keep float32', async (t) => {
     if (unavailable) return t.skip(unavailable)
     const shape = syntheticShape(undefined, {hiddenSize: 96, numHeads: 6, numKvHeads: 2, intermediateSize: 1088, vocabSize: 300})
-    const ids = [11, 48, 85, 122, 159]
-    const logitsOf = async (weights: 'f32' | 'f16' | 'q4', stage: string) => {
-      const saved = process.env.PARSCALE_WGSL_STAGE
-      process.env.PARSCALE_WGSL_STAGE = stage
-      try {
-        const model = await WgslModel.open(syntheticTensors(shape, {parallel: 8, prefixTokens: 5, seed: 9}), {weights})
-        const sequence = model.sequence()
-        try {
-          const out = [(await model.run(sequence, ids.slice(0, 3), true))!.logits]
-          for (const id of ids.slice(3)) out.push((await model.run(sequence, [id], true))!.logits)
-          return out
-        } finally {
-          sequence.release()
-          model.release()
-        }
-      } finally {
-        if (saved === undefined) delete process.env.PARSCALE_WGSL_STAGE
-        else process.env.PARSCALE_WGSL_STAGE = saved
-      }
-    }
-    const worstOf = (a: Float32Array[], b: Float32Array[]) => {
-      let worst = 0
-      for (const [i, x] of a.entries()) for (let v = 0; v < x.length; v++) worst = Math.max(worst, Math.abs(x[v]! - b[i]![v]!))
-      return worst
-    }
+    const logitsOf = (weights: WgslWeights, stage: string) => syntheticLogits(shape, {parallel: 8, seed: 9, weights, knobs: {PARSCALE_WGSL_STAGE: stage}})
     for (const weights of ['f16', 'q4'] as const) {
-      const worst = worstOf(await logitsOf(weights, 'f16'), await logitsOf(weights, 'off'))
+      const worst = worstLogitDiff(await logitsOf(weights, 'f16'), await logitsOf(weights, 'off'))
       // the steps' inputs rounded to half: the logits move, by about half's rounding of the products
       assert.ok(worst > 0 && worst < 2e-2, `${weights}: worst |logit diff| ${worst}`)
     }
-    assert.ok(worstOf(await logitsOf('f32', 'f16'), await logitsOf('f32', 'off')) < 1e-4)
+    assert.ok(worstLogitDiff(await logitsOf('f32', 'f16'), await logitsOf('f32', 'off')) < 1e-4)
+  })
+
+  test('the input staged in chunks narrower than the row (PARSCALE_WGSL_STAGE_KB): the buffer route\'s logits, under both loop orders and a ragged last chunk', async (t) => {
+    if (unavailable) return t.skip(unavailable)
+    // hidden 320 (80 groups), intermediate 2176: gate·up has 1,088 tiles, a 32-invocation team each, 8 a workgroup;
+    // at P = 3 a 2 KB copy holds 42 groups a stream, so chunks of 32, 32 and 16 (64 and 16 with two steps unrolled)
+    const shape = syntheticShape(undefined, {hiddenSize: 320, numHeads: 10, numKvHeads: 2, intermediateSize: 2176, vocabSize: 300})
+    const logitsWith = (knobs: Record<string, string>, weights: WgslWeights = 'f32') => syntheticLogits(shape, {parallel: 3, seed: 6, weights, knobs})
+    const base = await logitsWith({})
+    const chunked: Record<string, string>[] = [
+      {PARSCALE_WGSL_STAGE: 'f32', PARSCALE_WGSL_STAGE_KB: '2'},
+      {PARSCALE_WGSL_STAGE: 'f32', PARSCALE_WGSL_STAGE_KB: '4', PARSCALE_WGSL_UNROLL: '2'},
+      {PARSCALE_WGSL_STAGE: 'f32', PARSCALE_WGSL_STAGE_KB: '2', PARSCALE_WGSL_LOOP: 'streams'},
+    ]
+    for (const knobs of chunked) {
+      const worst = worstLogitDiff(await logitsWith(knobs), base)
+      assert.ok(worst < 1e-4, `${JSON.stringify(knobs)}: worst |logit diff| ${worst}`)
+    }
+    const half = worstLogitDiff(await logitsWith({PARSCALE_WGSL_STAGE: 'f16', PARSCALE_WGSL_STAGE_KB: '2'}, 'f16'), await logitsWith({}, 'f16'))
+    assert.ok(half > 0 && half < 2e-2, `f16 in chunks: worst |logit diff| ${half}`)
   })
 
   test('every PARSCALE_WGSL_ variable the kernels read is in TUNING_KNOBS, so the sweep can set and clear it', () => {
@@ -455,11 +461,23 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     assert.equal(inputStaging('f32', {PARSCALE_WGSL_STAGE: 'f16'}), 'f32')
     assert.equal(inputStaging('f16', {PARSCALE_WGSL_STAGE: 'f32'}), 'f32')
     assert.throws(() => inputStaging('f16', {PARSCALE_WGSL_STAGE: 'on'}), /PARSCALE_WGSL_STAGE must be off, f32 or f16, not "on"/)
-    // gate·up at 0.5b, P = 8, two gate rows a tile, a 32-invocation team: 40 sums a tile, then 8 streams × 896 inputs
+    // gate·up at 0.5b, P = 8, two gate rows a tile, a 32-invocation team: 40 sums a tile (11,520 bytes), then 8 streams × 896 inputs
     const gateUp = {k: 896, streams: 8, rows: 4, normEps: 1e-6, team: 32}
-    assert.equal(matvecWorkgroupBytes(gateUp), 4 * 40 * (64 + 8))
-    assert.equal(matvecWorkgroupBytes({...gateUp, stage: 'f32'}), 4 * 40 * (64 + 8) + 8 * 896 * 4)
-    assert.equal(matvecWorkgroupBytes({...gateUp, stage: 'f16'}), 4 * 40 * (64 + 8) + 8 * 896 * 2)
+    const sums = 4 * 40 * (64 + 8)
+    assert.equal(matvecWorkgroupBytes(gateUp), sums)
+    assert.equal(matvecWorkgroupBytes({...gateUp, stage: {kind: 'f32', groups: 224}}), sums + 8 * 896 * 4)
+    assert.equal(matvecWorkgroupBytes({...gateUp, stage: {kind: 'f16', groups: 224}}), sums + 8 * 896 * 2)
+    // NVIDIA's 48 KB: 0.5b's row fits whole in either form
+    assert.deepEqual(stagedChunk(gateUp, 'f32', 49152, {}), {kind: 'f32', groups: 224})
+    // 1.8b (hidden 2048, 512 groups): f16 whole (32 KB), f32 in chunks of whole 32-group steps (37,632 bytes of room: 294 groups → 288)
+    const wide = {...gateUp, k: 2048}
+    assert.deepEqual(stagedChunk(wide, 'f16', 49152, {}), {kind: 'f16', groups: 512})
+    assert.deepEqual(stagedChunk(wide, 'f32', 49152, {}), {kind: 'f32', groups: 288})
+    assert.deepEqual(stagedChunk(wide, 'f32', 49152, {PARSCALE_WGSL_UNROLL: '4'}), {kind: 'f32', groups: 256})
+    assert.deepEqual(stagedChunk(wide, 'f16', 49152, {PARSCALE_WGSL_STAGE_KB: '8'}), {kind: 'f16', groups: 128})
+    // not one step fits
+    assert.equal(stagedChunk(wide, 'f32', sums + 8 * 16 * 31, {}), undefined)
+    assert.throws(() => stagedChunk(wide, 'f32', 49152, {PARSCALE_WGSL_STAGE_KB: '3'}), /PARSCALE_WGSL_STAGE_KB must be 2, 4, 8, 16, 32 or 64, not "3"/)
   })
 
   test('row tiles are the default for every product; columns or a list picks the columns kernel', () => {

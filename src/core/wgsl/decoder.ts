@@ -16,7 +16,7 @@ import {rotaryTables} from '../onnx/blocks.js'
 import type {ModelConfig} from '../checkpoint/config.js'
 import {UserError} from '../errors.js'
 import {encodeFloat16} from '../checkpoint/dtype.js'
-import {argmaxKernel, inputStaging, WORKGROUP, qkvPairs, type MatvecSpec, matvecWorkgroupBytes, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, mlpTileRows, residualTileRows, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
+import {argmaxKernel, inputStaging, type InputStage, stagedChunk, WORKGROUP, qkvPairs, type MatvecSpec, attentionKernel, embedKernel, finalNormKernel, GEMM_TILE, gemmKernel, gemmSplits, interleaveRows, interleaveUnitWords, splitSumKernel, type LayerShape, columnRows, matvecColumnsBytes, matvecKernel, matvecColumns, matvecSlices, type LayerProduct, matvecTeam, matvecTiles, mixKernel, qkvKernel, mlpTileRows, residualTileRows, qkvTileCount, qkvTiles, ropeCacheKernel, siluKernel, STEP_WORDS, type WeightFormat} from './kernels.js'
 import {quantizeRows, type QuantBits} from '../quant/blockwise.js'
 import {blockSizeFor, DEFAULT_BLOCK_SIZES} from '../quant/scheme.js'
 import {openWgslDevice, type WgslDevice} from './dawn.js'
@@ -339,12 +339,13 @@ export class WgslModel {
   /**
    * A layer product's decode row kernel with its input staged in workgroup memory where asked for
    * (`inputStaging`), where a workgroup holds several tiles to share the copy (at 0.5b: gate·up 8,
-   * q·k·v 2; o_proj and down one, which would only pay the copy), and where the copy fits.
+   * q·k·v 2; o_proj and down one, which would only pay the copy), in chunks that fit (`stagedChunk`).
    */
-  private staged<T extends Pick<MatvecSpec, 'k' | 'streams' | 'rows' | 'normEps' | 'team' | 'slices'>>(spec: T): T & {stage?: MatvecSpec['stage']} {
-    const stage = inputStaging(this.weights === 'f32' ? 'f32' : this.weights)
-    if (stage === undefined || spec.slices !== undefined || WORKGROUP / (spec.team ?? WORKGROUP) < 2) return spec
-    return matvecWorkgroupBytes({...spec, stage}) <= this.gpu.device.limits.maxComputeWorkgroupStorageSize! ? {...spec, stage} : spec
+  private withStagedInput<T extends Pick<MatvecSpec, 'k' | 'streams' | 'rows' | 'normEps' | 'team' | 'slices'>>(spec: T): T & {stage?: InputStage} {
+    const kind = inputStaging(this.weights === 'f32' ? 'f32' : this.weights)
+    if (kind === undefined || spec.slices !== undefined || WORKGROUP / (spec.team ?? WORKGROUP) < 2) return spec
+    const stage = stagedChunk(spec, kind, this.gpu.device.limits.maxComputeWorkgroupStorageSize!)
+    return stage === undefined ? spec : {...spec, stage}
   }
 
   /**
@@ -522,7 +523,7 @@ export class WgslModel {
       const split = (product: LayerProduct, k: number, tiles: number) => (this.columns.has(product) ? {slices: matvecSlices(k, tiles)} : this.rowTiles(k, tiles))
       const residual = (product: 'o_proj' | 'down', k: number) => {
         const rows = outRows(product)
-        return this.staged({k, n: c.hiddenSize, streams: S, rows, weights: this.format(k, {name: product, rows: c.hiddenSize}), ...split(product, k, Math.ceil(c.hiddenSize / rows)), epilogue: 'Y[s * N + row] += v;'})
+        return this.withStagedInput({k, n: c.hiddenSize, streams: S, rows, weights: this.format(k, {name: product, rows: c.hiddenSize}), ...split(product, k, Math.ceil(c.hiddenSize / rows)), epilogue: 'Y[s * N + row] += v;'})
       }
       const o = residual('o_proj', qRows)
       const down = residual('down', I)
@@ -531,7 +532,7 @@ export class WgslModel {
         o: this.pipeline(matvecKernel(o), 'o_proj'),
         mlp: this.pipeline(
           matvecKernel({
-            ...this.staged({k: c.hiddenSize, streams: S, rows: 2 * h, normEps: c.rmsNormEps, ...mlpSplit}),
+            ...this.withStagedInput({k: c.hiddenSize, streams: S, rows: 2 * h, normEps: c.rmsNormEps, ...mlpSplit}),
             n: 2 * I,
             weights: this.format(c.hiddenSize, {name: 'gate_up', rows: 2 * I}),
             rowOf: `select(${I}u + t * ${h}u + r - ${h}u, t * ${h}u + r, r < ${h}u)`,
@@ -594,7 +595,7 @@ export class WgslModel {
       // the columns kernel's tiles are one rotary pair each (any `slices` counts them so)
       const rowShape = (): LayerShape => {
         const tiled = {...base, ...this.rowTiles(c.hiddenSize, qkvTileCount(base))}
-        return tokens === 1 ? {...tiled, ...this.staged({k: c.hiddenSize, streams: c.parallel, rows: 2 * qkvPairs(tiled), normEps: c.rmsNormEps, team: tiled.team})} : tiled
+        return tokens === 1 ? {...tiled, ...this.withStagedInput({k: c.hiddenSize, streams: c.parallel, rows: 2 * qkvPairs(tiled), normEps: c.rmsNormEps, team: tiled.team})} : tiled
       }
       const shape: LayerShape = this.columns.has('qkv') ? {...base, slices: matvecSlices(c.hiddenSize, qkvTileCount({...base, slices: 1}))} : rowShape()
       kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}

@@ -66,13 +66,17 @@ export interface MatvecSpec {
    */
   slices?: number
   /**
-   * The input rows copied into workgroup memory once a workgroup before its tiles' loops
-   * (`inputStaging`), as float32 or as half pairs; absent, every tile reads them from the buffer.
+   * The input rows copied into workgroup memory a workgroup at a time before its tiles read them
+   * (`stagedChunk`); absent, every tile reads them from the buffer.
    */
   stage?: InputStage
 }
 
-export type InputStage = 'f32' | 'f16'
+/** How a row kernel's input is staged: float32 or half pairs, `groups` groups of four inputs of every stream a chunk (K/4: all at once). */
+export interface InputStage {
+  kind: 'f32' | 'f16'
+  groups: number
+}
 
 /**
  * How a matrix lies on the GPU: float32; half pairs packed in u32 words; or the packages' block
@@ -206,7 +210,7 @@ export function matvecLoop(env: NodeJS.ProcessEnv = process.env): {order: 'strea
 }
 
 /** Every `PARSCALE_WGSL_*` tuning variable of the hand-written kernels, less the prefix (bench/wgsl-sweep.ts sets them per variant). */
-export const TUNING_KNOBS = ['LOOP', 'UNROLL', 'TEAM_MIN', 'TEAM_RULE', 'MLP_ROWS', 'OUT_ROWS', 'MATVEC', 'COLUMN_THREADS', 'COLUMN_UNROLL', 'COLUMN_SPAN', 'COLUMN_ROWS', 'REDUCE', 'QKV_PAIRS', 'ATTENTION_UNROLL', 'STAGE'] as const
+export const TUNING_KNOBS = ['LOOP', 'UNROLL', 'TEAM_MIN', 'TEAM_RULE', 'MLP_ROWS', 'OUT_ROWS', 'MATVEC', 'COLUMN_THREADS', 'COLUMN_UNROLL', 'COLUMN_SPAN', 'COLUMN_ROWS', 'REDUCE', 'QKV_PAIRS', 'ATTENTION_UNROLL', 'STAGE', 'STAGE_KB'] as const
 
 /**
  * A numeric tuning variable (`PARSCALE_WGSL_*`, for GPU sweeps): its value if it is one of
@@ -275,17 +279,19 @@ function teamFloor(subgroupMax: number, env: NodeJS.ProcessEnv = process.env): n
 }
 
 /**
- * The input loop of a tile: every invocation `tl` of the team takes groups i = tl, tl + TEAM, …
- * of the input, accumulating the R·S dot products and the streams' sums of squares in `acc`.
+ * The input loop of a tile over groups `from` … `to` (WGSL expressions; a staged chunk, or the whole
+ * row): every invocation `tl` of the team takes groups i = from + tl, from + tl + TEAM, …,
+ * accumulating the R·S dot products and the streams' sums of squares in `acc`. A chunk short of the
+ * row's end is a whole number of the loop's steps, so only the row's last chunk is ragged.
  */
-function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: boolean): string {
+function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: boolean, from = '0u', to = 'K4'): string {
   const {order, unroll: U} = matvecLoop()
   if (order === 'streams') {
-    return `for (var i = tl; i < K4; i += TEAM) {
+    return `for (var i = ${from} + tl; i < ${to}; i += TEAM) {
     ${norm ? 'let g = G[i];' : ''}
     var xs: array<vec4<f32>, ${S}>;
     for (var s = 0u; s < S; s++) {
-      let x = xin(s * K4 + i);
+      let x = xin(s, i);
       ${norm ? 'acc[R * S + s] += dot(x, x);' : ''}
       xs[s] = x${norm ? ' * g' : ''};
     }
@@ -299,7 +305,7 @@ function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: b
   const ragged = k4 % (team * U) !== 0
   const at = (u: number) => (ragged ? `min(i0 + ${u}u * TEAM, K4 - 1u)` : `i0 + ${u}u * TEAM`)
   const steps = Array.from({length: U}, (_, u) => u)
-  return `for (var i0 = tl; i0 < K4; i0 += TEAM * ${U}u) {
+  return `for (var i0 = ${from} + tl; i0 < ${to}; i0 += TEAM * ${U}u) {
     ${steps.map((u) => `let i${u} = ${at(u)};${ragged ? ` let ok${u} = i0 + ${u}u * TEAM < K4;` : ''}${norm ? ` let g${u} = G[i${u}];` : ''}`).join('\n    ')}
     var w: array<vec4<f32>, ${R * U}>;
     ${steps.map((u) => `for (var r = 0u; r < R; r++) { w[${u * R}u + r] = weight(base[r] + i${u}); }`).join('\n    ')}
@@ -307,7 +313,7 @@ function matvecInputLoop(S: number, R: number, team: number, k4: number, norm: b
       ${steps
         .map(
           (u) => `{
-        let x = ${ragged ? `select(vec4<f32>(0.0), xin(s * K4 + i${u}), ok${u})` : `xin(s * K4 + i${u})`};
+        let x = ${ragged ? `select(vec4<f32>(0.0), xin(s, i${u}), ok${u})` : `xin(s, i${u})`};
         ${norm ? 'acc[R * S + s] += dot(x, x);' : ''}
         let xg = x${norm ? ` * g${u}` : ''};
         for (var r = 0u; r < R; r++) { acc[r * S + s] += dot(w[${u * R}u + r], xg); }
@@ -372,7 +378,7 @@ ${productBindings(spec)}
 ${spec.extra ?? ''}
 var<workgroup> partial: array<f32, ${(WORKGROUP / 4) * values}>;
 var<workgroup> sums: array<f32, ${(WORKGROUP / team) * values}>;
-${stagedInput(spec.stage, S * (k / 4)).declarations}
+${stagedDeclarations(spec.stage, S)}
 
 ${tileResults(spec, row, 'sums[team_ * VALUES + r * S + s]', 'sums[team_ * VALUES + R * S + s]')}
 
@@ -386,12 +392,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   team_ = team;
   _ = step.pos; // every matvec binds the same step uniform, used or not
   _ = &Y;
-  ${stagedInput(spec.stage, S * (k / 4)).copy}
   var acc: array<f32, ${butterfly?.padded ?? values}>;
   var base: array<u32, ${R}>;
   // a tile past the last still runs (its rows clamped) so the workgroup's barriers stay uniform; it writes nothing
   for (var r = 0u; r < R; r++) { base[r] = min(rowOf(min(t, TILES - 1u), r), N - 1u) * K4; }
-  ${matvecInputLoop(S, R, team, k / 4, spec.normEps !== undefined)}
+  ${stagedLoop(spec.stage, k / 4, (from, to) => matvecInputLoop(S, R, team, k / 4, spec.normEps !== undefined, from, to))}
   let group = lid / width;
   ${
     butterfly
@@ -418,51 +423,74 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 
 /**
- * Where a row kernel's tiles read their input rows (`xin(j)`: group j of the S·K4 groups of four):
- * from the storage buffer, or from a copy in workgroup memory made once a workgroup (float32, or
- * half pairs packed in u32 words as the f16 matrices are). A workgroup's tiles all read every
- * stream's whole input, so at P = 8 the buffer route passes 8 input bytes per weight byte (f16)
- * through the caches; the copy passes them once a workgroup.
+ * Where a row kernel's tiles read their input rows (`xin(s, i)`: group i of stream s): from the
+ * storage buffer, or from a copy in workgroup memory (float32, or half pairs packed in u32 words as
+ * the f16 matrices are) of `groups` groups of every stream, made by the whole workgroup a chunk at a
+ * time. A workgroup's tiles all read every stream's whole input, so at P = 8 the buffer route
+ * passes 8 input bytes per weight byte (f16) through the caches for every tile; the copy passes
+ * them once a workgroup.
  */
-function stagedInput(stage: InputStage | undefined, groups: number): {declarations: string; copy: string} {
-  if (stage === undefined) return {declarations: 'fn xin(j: u32) -> vec4<f32> { return X[j]; }', copy: ''}
-  const loop = `for (var j = lid; j < ${groups}u; j += WG) {`
-  if (stage === 'f32') {
-    return {
-      declarations: `var<workgroup> XS: array<vec4<f32>, ${groups}>;
-fn xin(j: u32) -> vec4<f32> { return XS[j]; }`,
-      copy: `${loop} XS[j] = X[j]; }
-  workgroupBarrier();`,
-    }
-  }
-  return {
-    declarations: `var<workgroup> XS: array<vec2<u32>, ${groups}>;
-fn xin(j: u32) -> vec4<f32> { let h = XS[j]; return vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y)); }`,
-    copy: `${loop} let x = X[j]; XS[j] = vec2<u32>(pack2x16float(x.xy), pack2x16float(x.zw)); }
-  workgroupBarrier();`,
-  }
+function stagedDeclarations(stage: InputStage | undefined, S: number): string {
+  if (stage === undefined) return 'fn xin(s: u32, i: u32) -> vec4<f32> { return X[s * K4 + i]; }'
+  const read = stage.kind === 'f32' ? 'XS[s * CH + i - chunk0]' : 'vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y))'
+  return `const CH = ${stage.groups}u;
+var<workgroup> XS: array<${stage.kind === 'f32' ? 'vec4<f32>' : 'vec2<u32>'}, ${S * stage.groups}>;
+var<private> chunk0: u32; // the first group of the chunk in XS
+fn xin(s: u32, i: u32) -> vec4<f32> { ${stage.kind === 'f32' ? `return ${read};` : `let h = XS[s * CH + i - chunk0]; return ${read};`} }`
 }
 
-/** Bytes of workgroup memory a row kernel of `spec` declares (its sums, and the staged input where asked for). */
-export function matvecWorkgroupBytes(spec: Pick<MatvecSpec, 'k' | 'streams' | 'rows' | 'normEps' | 'team' | 'stage'>): number {
+/** The tiles' input loop (`loop(from, to)`), over the whole row, or chunk by chunk after the workgroup has staged each. */
+function stagedLoop(stage: InputStage | undefined, k4: number, loop: (from: string, to: string) => string): string {
+  if (stage === undefined) return loop('0u', 'K4')
+  const store = stage.kind === 'f32' ? 'XS[j] = x;' : 'XS[j] = vec2<u32>(pack2x16float(x.xy), pack2x16float(x.zw));'
+  const chunks = Math.ceil(k4 / stage.groups)
+  return `for (var c0 = 0u; c0 < K4; c0 += CH) {
+    ${chunks > 1 ? "workgroupBarrier(); // every tile is done with the last chunk" : ''}
+    for (var j = lid; j < S * CH; j += WG) {
+      let i = c0 + j % CH;
+      if (i < K4) { let x = X[(j / CH) * K4 + i]; ${store} }
+    }
+    workgroupBarrier();
+    chunk0 = c0;
+    ${loop('c0', chunks > 1 ? 'min(c0 + CH, K4)' : 'K4')}
+  }`
+}
+
+/** Bytes of workgroup memory a row kernel of `spec` declares (its sums, and the staged chunk where there is one). */
+export function matvecWorkgroupBytes(spec: Pick<MatvecSpec, 'streams' | 'rows' | 'normEps' | 'team' | 'stage'>): number {
   const values = spec.rows * spec.streams + (spec.normEps !== undefined ? spec.streams : 0)
   const sums = 4 * values * (WORKGROUP / 4 + WORKGROUP / (spec.team ?? WORKGROUP))
-  const staged = spec.stage === undefined ? 0 : spec.streams * spec.k * (spec.stage === 'f32' ? 4 : 2)
-  return sums + staged
+  return sums + (spec.stage === undefined ? 0 : spec.streams * spec.stage.groups * (spec.stage.kind === 'f32' ? 16 : 8))
 }
 
 /**
  * How the layer products' row kernels read their input (`PARSCALE_WGSL_STAGE`): `off` (default,
  * from the storage buffer), `f32` (a float32 copy in workgroup memory a workgroup), or `f16` (a
  * half copy where the weights are half or codes, float32 where they are float32, so float32
- * weights keep float32 arithmetic). A product whose copy does not fit the adapter's workgroup
- * memory reads from the buffer.
+ * weights keep float32 arithmetic).
  */
-export function inputStaging(weights: WeightFormat['kind'], env: NodeJS.ProcessEnv = process.env): InputStage | undefined {
+export function inputStaging(weights: WeightFormat['kind'], env: NodeJS.ProcessEnv = process.env): InputStage['kind'] | undefined {
   const chosen = env.PARSCALE_WGSL_STAGE ?? 'off'
   if (chosen !== 'off' && chosen !== 'f32' && chosen !== 'f16') throw new UserError(`PARSCALE_WGSL_STAGE must be off, f32 or f16, not "${chosen}"`)
   if (chosen === 'off') return undefined
   return chosen === 'f16' && weights !== 'f32' ? 'f16' : 'f32'
+}
+
+/**
+ * The chunk a row kernel of `spec` stages in `kind`: the whole row where it fits the adapter's
+ * `workgroupBytes` beside the kernel's sums (and `PARSCALE_WGSL_STAGE_KB`, a cap for sweeps:
+ * a smaller copy leaves room for more workgroups an SM), else the most whole steps of the input
+ * loop that fit; none where not one step fits.
+ */
+export function stagedChunk(spec: Pick<MatvecSpec, 'k' | 'streams' | 'rows' | 'normEps' | 'team'>, kind: InputStage['kind'], workgroupBytes: number, env: NodeJS.ProcessEnv = process.env): InputStage | undefined {
+  const k4 = spec.k / 4
+  const cap = tuningKnob('PARSCALE_WGSL_STAGE_KB', [2, 4, 8, 16, 32, 64], Infinity, env) * 1024
+  const room = Math.min(cap, workgroupBytes - matvecWorkgroupBytes(spec))
+  const fits = Math.floor(room / (spec.streams * (kind === 'f32' ? 16 : 8)))
+  if (fits >= k4) return {kind, groups: k4}
+  const step = (spec.team ?? WORKGROUP) * matvecLoop(env).unroll
+  const groups = Math.floor(fits / step) * step
+  return groups > 0 ? {kind, groups} : undefined
 }
 
 /**
