@@ -432,11 +432,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
  */
 function stagedDeclarations(stage: InputStage | undefined, S: number): string {
   if (stage === undefined) return 'fn xin(s: u32, i: u32) -> vec4<f32> { return X[s * K4 + i]; }'
-  const read = stage.kind === 'f32' ? 'XS[s * CH + i - chunk0]' : 'vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y))'
+  const read = stage.kind === 'f32' ? 'return XS[s * CH + i - chunk0];' : 'let h = XS[s * CH + i - chunk0]; return vec4<f32>(unpack2x16float(h.x), unpack2x16float(h.y));'
   return `const CH = ${stage.groups}u;
 var<workgroup> XS: array<${stage.kind === 'f32' ? 'vec4<f32>' : 'vec2<u32>'}, ${S * stage.groups}>;
 var<private> chunk0: u32; // the first group of the chunk in XS
-fn xin(s: u32, i: u32) -> vec4<f32> { ${stage.kind === 'f32' ? `return ${read};` : `let h = XS[s * CH + i - chunk0]; return ${read};`} }`
+fn xin(s: u32, i: u32) -> vec4<f32> { ${read} }`
 }
 
 /** The tiles' input loop (`loop(from, to)`), over the whole row, or chunk by chunk after the workgroup has staged each. */
