@@ -186,13 +186,15 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
       const c = exact.config
       const bits = weights === 'q4' ? 4 : 8
       const requested = weights === 'q4' ? 256 : 32
-      // every matrix the kernels quantize, quantized and widened back as the converter's rule does it
+      // every matrix the kernels quantize, quantized and widened back as the converter's rule does it; the
+      // aggregation's first matrix rounded to half, as the kernels keep it beside codes
       const widths: Record<string, number> = {q_proj: c.hiddenSize, k_proj: c.hiddenSize, v_proj: c.hiddenSize, gate_proj: c.hiddenSize, up_proj: c.hiddenSize, o_proj: c.numHeads * c.headDim, down_proj: c.intermediateSize, embed_tokens: c.hiddenSize, lm_head: c.hiddenSize}
       const dequantized = {
         ...exact,
         config: c,
         read(name: string) {
           const values = exact.read(name)
+          if (name === 'model.aggregate_layer.0.weight') return decodeToFloat32('F16', new Uint8Array(encodeFloat16(values).buffer))
           const kind = /(?:^|\.)(\w+)\.weight$/.exec(name)?.[1]
           const k = kind === undefined ? undefined : widths[kind]
           if (k === undefined) return values

@@ -451,8 +451,11 @@ export class WgslModel {
       // columns from hidden-major (h·P + p) to stream-major (p·H + h), so the input is the normed streams as they lie
       const w0s = new Float32Array(w0.length)
       for (let r = 0; r < H; r++) for (let i = 0; i < H; i++) for (let p = 0; p < P; p++) w0s[r * P * H + p * H + i] = w0[r * P * H + i * P + p]!
-      const aggregate = {k: P * H, n: H, streams: 1, rows, bias: true, ...this.rowTiles(P * H, Math.ceil(H / rows)), epilogue: 'Y[row] = v / (1.0 + exp(-v));'}
-      this.tail.push(this.dispatch(this.pipeline(matvecKernel(aggregate), 'aggregate'), {0: this.upload(w0s), 1: y, 2: a, 3: this.stepBuffer, 5: this.upload(source.read('model.aggregate_layer.0.bias'))}, matvecTiles(aggregate)))
+      // half pairs wherever the layers are not float32: the step's largest matrix after the head (H × P·H,
+      // 25.7 MB in float32 at 0.5b and P = 8), read only where P > 1, so its bytes are P = 8's own cost
+      const half = this.weights !== 'f32'
+      const aggregate = {k: P * H, n: H, streams: 1, rows, bias: true, weights: {kind: half ? 'f16' : 'f32'} as const, ...this.rowTiles(P * H, Math.ceil(H / rows)), epilogue: 'Y[row] = v / (1.0 + exp(-v));'}
+      this.tail.push(this.dispatch(this.pipeline(matvecKernel(aggregate), 'aggregate'), {0: this.upload(half ? encodeFloat16(w0s) : w0s), 1: y, 2: a, 3: this.stepBuffer, 5: this.upload(source.read('model.aggregate_layer.0.bias'))}, matvecTiles(aggregate)))
       this.tail.push(this.dispatch(this.pipeline(mixKernel(H, P, c.attnSmooth), 'mix'), {0: a, 1: this.upload(source.read('model.aggregate_layer.2.weight')), 2: this.upload(source.read('model.aggregate_layer.2.bias')), 3: y, 4: mixed, 5: this.streamWeights}, 1))
       headInput = mixed
     }
