@@ -14,19 +14,9 @@ import {syntheticShape, syntheticTensors} from '../src/core/checkpoint/synthetic
 import {median} from '../src/core/bench/stats.js'
 import {decodeRound} from './wgsl-timing.js'
 import {WgslDecoder, type WgslWeights} from '../src/core/wgsl/decoder.js'
-import {TUNING_KNOBS} from '../src/core/wgsl/kernels.js'
+import {knobVariants, useVariant} from './wgsl-variants.js'
 
-const KNOBS: readonly string[] = TUNING_KNOBS
-const variants = (process.env.BENCH_VARIANTS ?? 'base:').split(';').filter(Boolean).map((entry) => {
-  const [name, settings = ''] = entry.split(':')
-  const env: Record<string, string> = {}
-  for (const pair of settings.split('+').filter(Boolean)) {
-    const [key, value] = pair.split('=')
-    if (!key || value === undefined || !KNOBS.includes(key)) throw new Error(`BENCH_VARIANTS: "${pair}" is not KEY=VALUE with KEY one of ${KNOBS.join(', ')}`)
-    env[`PARSCALE_WGSL_${key}`] = value
-  }
-  return {name: name!, env}
-})
+const variants = knobVariants()
 const parallels = (process.env.BENCH_PARALLEL ?? '1,8').split(',').map(Number)
 const weights = (process.env.BENCH_WEIGHTS ?? 'f32') as WgslWeights
 const fresh = Number(process.env.BENCH_NEW ?? 24)
@@ -44,8 +34,7 @@ interface Result {
 
 const results: Result[] = []
 for (const variant of variants) {
-  for (const key of KNOBS) delete process.env[`PARSCALE_WGSL_${key}`]
-  Object.assign(process.env, variant.env)
+  useVariant(variant)
   for (const parallel of parallels) {
     let decoder: WgslDecoder | undefined
     try {
