@@ -50,11 +50,11 @@ before(async () => {
 const argmax = (xs: Float32Array) => xs.reduce((best, x, i) => (x > xs[best]! ? i : best), 0)
 
 /**
- * A synthetic model's logits with `knobs` (PARSCALE_WGSL_* variables) set while it opens and
- * runs: a prompt call of the first three ids, then a step for each of the rest.
+ * A synthetic model's logits with `knobs` (PARSCALE_WGSL_* variables; undefined: unset) set while it
+ * opens and runs: the prompt in calls of `promptTokens`, then a step for each id of `steps`.
  */
-async function syntheticLogits(shape: ReturnType<typeof syntheticShape>, options: {parallel: number; seed: number; weights?: WgslWeights; knobs?: Record<string, string | undefined>}, ids = [11, 48, 85, 122, 159]): Promise<Float32Array[]> {
-  const knobs = options.knobs ?? {}
+async function syntheticLogits(shape: ReturnType<typeof syntheticShape>, options: {parallel: number; seed: number; weights?: WgslWeights; knobs?: Record<string, string | undefined>; prompt?: number[]; steps?: number[]}): Promise<Float32Array[]> {
+  const {prompt = [11, 48, 85], steps = [122, 159], knobs = {}} = options
   const saved = Object.fromEntries(Object.keys(knobs).map((key) => [key, process.env[key]]))
   const set = (values: Record<string, string | undefined>) => {
     for (const [key, value] of Object.entries(values)) if (value === undefined) delete process.env[key]
@@ -65,8 +65,9 @@ async function syntheticLogits(shape: ReturnType<typeof syntheticShape>, options
     const model = await WgslModel.open(syntheticTensors(shape, {parallel: options.parallel, prefixTokens: 5, seed: options.seed}), {weights: options.weights})
     const sequence = model.sequence()
     try {
-      const out = [(await model.run(sequence, ids.slice(0, 3), true))!.logits]
-      for (const id of ids.slice(3)) out.push((await model.run(sequence, [id], true))!.logits)
+      const out: Float32Array[] = []
+      for (let at = 0; at < prompt.length; at += model.promptTokens) out.push((await model.run(sequence, prompt.slice(at, at + model.promptTokens), true))!.logits)
+      for (const id of steps) out.push((await model.run(sequence, [id], true))!.logits)
       return out
     } finally {
       sequence.release()
@@ -310,26 +311,7 @@ describe('hand-written WebGPU decode step: the golden checkpoints', () => {
     const ids = Array.from({length: 6}, (_, i) => (i * 37 + 11) % 300)
     // the steps attend over 5 prefix and 121+ cache positions: with 16 value groups (head size 16), 8 chains of the attention's value sum run whole, then a ragged rest
     const prompt = Array.from({length: 121}, (_, i) => (i * 53 + 7) % 300)
-    const logitsWith = async (knobs: Record<string, string>) => {
-      const saved = {...process.env}
-      Object.assign(process.env, knobs)
-      try {
-        const model = await WgslModel.open(syntheticTensors(shape, {parallel: 3, prefixTokens: 5, seed: 4}))
-        const sequence = model.sequence()
-        try {
-          const out: Float32Array[] = []
-          for (let at = 0; at < prompt.length; at += model.promptTokens) out.push((await model.run(sequence, prompt.slice(at, at + model.promptTokens), true))!.logits)
-          for (const id of ids) out.push((await model.run(sequence, [id], true))!.logits)
-          return out
-        } finally {
-          sequence.release()
-          model.release()
-        }
-      } finally {
-        for (const key of Object.keys(knobs)) if (saved[key] === undefined) delete process.env[key]
-        else process.env[key] = saved[key]
-      }
-    }
+    const logitsWith = (knobs: Record<string, string>) => syntheticLogits(shape, {parallel: 3, seed: 4, knobs, prompt, steps: ids})
     const base = await logitsWith({})
     const variants: Record<string, string>[] = [
       {PARSCALE_WGSL_LOOP: 'streams', PARSCALE_WGSL_TEAM_RULE: 'width'},

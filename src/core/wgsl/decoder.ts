@@ -342,7 +342,7 @@ export class WgslModel {
    * q·k·v 2; o_proj and down one, which would only pay the copy), in chunks that fit (`stagedChunk`).
    */
   private withStagedInput<T extends Pick<MatvecSpec, 'k' | 'streams' | 'rows' | 'normEps' | 'team' | 'slices'>>(spec: T): T & {stage?: InputStage} {
-    const kind = inputStaging(this.weights === 'f32' ? 'f32' : this.weights)
+    const kind = inputStaging(this.weights)
     if (kind === undefined || spec.slices !== undefined || WORKGROUP / (spec.team ?? WORKGROUP) < 2) return spec
     const stage = stagedChunk(spec, kind, this.gpu.device.limits.maxComputeWorkgroupStorageSize!)
     return stage === undefined ? spec : {...spec, stage}
@@ -596,11 +596,13 @@ export class WgslModel {
       const qkvWidth = (c.numHeads + 2 * c.numKvHeads) * c.headDim
       const base: LayerShape = {hidden: c.hiddenSize, intermediate: c.intermediateSize, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim, streams: c.parallel, tokens, prefix: c.prefixTokens, capacity, eps: c.rmsNormEps, scoreScale: this.scoreScale, weights: this.format(c.hiddenSize, {name: 'qkv', rows: qkvWidth})}
       // the columns kernel's tiles are one rotary pair each (any `slices` counts them so)
-      const rowShape = (): LayerShape => {
-        const tiled = {...base, ...this.rowTiles(c.hiddenSize, qkvTileCount(base))}
-        return tokens === 1 ? {...tiled, ...this.withStagedInput({k: c.hiddenSize, streams: c.parallel, rows: 2 * qkvPairs(tiled), normEps: c.rmsNormEps, team: tiled.team})} : tiled
+      let shape: LayerShape
+      if (this.columns.has('qkv')) shape = {...base, slices: matvecSlices(c.hiddenSize, qkvTileCount({...base, slices: 1}))}
+      else {
+        shape = {...base, ...this.rowTiles(c.hiddenSize, qkvTileCount(base))}
+        // a decode step's q·k·v may stage its input (a prompt call's rotary kernel reads no matrix)
+        if (tokens === 1) shape = {...shape, ...this.withStagedInput({k: c.hiddenSize, streams: c.parallel, rows: 2 * qkvPairs(shape), normEps: c.rmsNormEps, team: shape.team})}
       }
-      const shape: LayerShape = this.columns.has('qkv') ? {...base, slices: matvecSlices(c.hiddenSize, qkvTileCount({...base, slices: 1}))} : rowShape()
       kernels = {qkv: this.pipeline(tokens === 1 ? qkvKernel(shape) : ropeCacheKernel(shape), tokens === 1 ? 'qkv' : 'rope_cache'), attention: this.pipeline(attentionKernel(shape), 'attention'), shape}
       this.cacheKernels.set(key, kernels)
     }
